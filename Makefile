@@ -1,0 +1,45 @@
+# Two entry points for a fresh machine:  `make run` (whole pipeline on the embedded default)
+# and `make test` (the test suite). Both create .venv and install what they need.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch lies on this disk; pinning it keeps pip from pulling a CUDA build.
+PIP    := $(BIN)/pip install --disable-pip-version-check -q
+
+.PHONY: run test setup setup-dev sysdeps bench serve-mlflow clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(PIP) -e '.[dev]'
+	touch $@
+
+# System packages the pipeline needs (git for git sources); installed when we can (root + apt).
+sysdeps:
+	@command -v git >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -q && apt-get install -y -q git) || echo "please install: git"; }
+
+setup: sysdeps $(VENV)/.installed
+setup-dev: sysdeps $(VENV)/.installed-dev
+
+run: setup
+	$(BIN)/codeworld pipeline
+
+test: setup-dev
+	$(BIN)/pytest -q
+
+bench: setup
+	$(PIP) -e '.[bench]'
+	$(BIN)/python bench/dedup.py
+
+serve-mlflow: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf data metrics/*.json mlflow.db mlruns

@@ -1,0 +1,128 @@
+"""`codeworld`: one console script, a subcommand per stage.
+
+    codeworld stage NAME            run a dvc.yaml stage from params.yaml (what DVC calls)
+    codeworld pipeline              run the whole pipeline as a Prefect flow (dvc repro per stage)
+    codeworld corpus SRC... OUT     ad hoc: ingest folders / JSONL / git@commit / s3:// into shards
+    codeworld dedup IN OUT          ad hoc: dedup JSONL ({"id","text"} lines) or a shard dataset
+    codeworld check-params          validate params.yaml and print the resolved config
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from codeworld.config import ConfigError, load_params
+
+EXIT_BAD_INPUT = 2
+EXIT_TRANSIENT = 75  # EX_TEMPFAIL: the flow retries these
+
+
+def _stage(args: argparse.Namespace) -> int:
+    params = load_params(args.params)
+    if args.name == "corpus":
+        from stages import corpus
+
+        m = corpus.run(params, track=not args.no_track)
+    elif args.name == "dedup":
+        from stages import dedup
+
+        m = dedup.run(params, track=not args.no_track)
+    else:
+        raise ConfigError(f"unknown stage {args.name!r} (known: corpus, dedup)")
+    print(json.dumps({"stage": args.name, "records": m["records"], "shards": len(m["shards"])}))
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from flows.pipeline import pipeline
+
+    pipeline(stages=args.stage or None, force=args.force)
+    return 0
+
+
+def _corpus(args: argparse.Namespace) -> int:
+    from stages.adhoc import corpus_adhoc
+
+    m = corpus_adhoc(args.sources, args.out, extensions=args.ext, max_bytes=args.max_bytes,
+                     workers=args.workers)
+    print(json.dumps({"records": m["records"], "shards": len(m["shards"]),
+                      "counts": m["stats"]["counts"]}))
+    return 0
+
+
+def _dedup(args: argparse.Namespace) -> int:
+    from stages.adhoc import dedup_adhoc
+
+    report = dedup_adhoc(args.input, args.output, report_path=args.report,
+                         threshold=args.threshold, workers=args.workers)
+    print(json.dumps({k: report["stats"][k] for k in ("documents", "kept", "removed_exact", "removed_near")}
+                     | {"bad_records": len(report.get("bad_records", [])), "report": report["path"]}))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    print(json.dumps(load_params(args.params).model_dump(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="codeworld", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("stage", help="run one dvc.yaml stage from params.yaml")
+    s.add_argument("name")
+    s.add_argument("--params", default="params.yaml")
+    s.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    s.set_defaults(fn=_stage)
+
+    s = sub.add_parser("pipeline", help="run the pipeline as a Prefect flow")
+    s.add_argument("--stage", action="append", help="only these stages (and what they need)")
+    s.add_argument("--force", action="store_true", help="rerun stages even if unchanged")
+    s.set_defaults(fn=_pipeline)
+
+    s = sub.add_parser("corpus", help="ingest sources into a shard dataset (ad hoc)")
+    s.add_argument("sources", nargs="+", help="folder, FILE.jsonl, REPO@COMMIT, s3://prefix or a shard dataset")
+    s.add_argument("out", help="output dataset folder or s3:// prefix")
+    s.add_argument("--ext", action="append", help="extensions to keep (default .py)")
+    s.add_argument("--max-bytes", type=int, default=1_000_000)
+    s.add_argument("--workers", type=int, default=2)
+    s.set_defaults(fn=_corpus)
+
+    s = sub.add_parser("dedup", help="exact + near dedup of JSONL or a shard dataset (ad hoc)")
+    s.add_argument("input", help="IN.jsonl ({\"id\", \"text\"} per line) or a shard dataset")
+    s.add_argument("output", help="OUT.jsonl, or a dataset folder when IN is a dataset")
+    s.add_argument("--report", help="report path (default: OUT + .report.json)")
+    s.add_argument("--threshold", type=float, default=0.7)
+    s.add_argument("--workers", type=int, default=2)
+    s.set_defaults(fn=_dedup)
+
+    s = sub.add_parser("check-params", help="validate params.yaml")
+    s.add_argument("--params", default="params.yaml")
+    s.set_defaults(fn=_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "alembic", "botocore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    from codeworld.shards import ShardError
+    from stages.corpus_sources import SourceError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, ShardError, SourceError) as err:
+        print(f"codeworld {args.cmd}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ConnectionError, TimeoutError) as err:
+        print(f"codeworld {args.cmd}: transient error (retry): {err}", file=sys.stderr)
+        return EXIT_TRANSIENT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The stages on plain files, outside the DAG: `codeworld corpus` and `codeworld dedup`.
+
+Both reuse the stages' own code paths; JSONL input is staged as a temporary shard dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+from pathlib import Path
+
+from codeworld.config import CorpusConfig, DedupConfig, Params, StorageConfig
+from codeworld.shards import MANIFEST, Dataset, DatasetWriter, dumps, fingerprint
+from codeworld.storage import Storage, filesystem, write_atomic
+from stages import corpus, dedup
+
+
+def _split(out: str) -> tuple[str, str]:
+    out = out.rstrip("/")
+    join = posixpath if out.startswith("s3://") else os.path
+    parent, name = join.split(out)
+    return parent or ".", name
+
+
+def _source_spec(arg: str, i: int) -> dict:
+    name = f"src{i}"
+    if arg.startswith("s3://"):
+        return {"kind": "s3", "url": arg, "name": name}
+    if arg.endswith(".jsonl"):
+        return {"kind": "jsonl", "path": arg, "name": name}
+    if "@" in arg and not Path(arg).exists():
+        path, commit = arg.rsplit("@", 1)
+        return {"kind": "git", "path": path, "commit": commit, "name": name}
+    if (Path(arg) / MANIFEST).exists():
+        return {"kind": "shards", "path": arg, "name": name}
+    return {"kind": "dir", "path": arg, "name": Path(arg).resolve().name or name}
+
+
+def corpus_adhoc(sources: list[str], out: str, *, extensions: list[str] | None = None,
+                 max_bytes: int = 1_000_000, workers: int = 2) -> dict:
+    specs = [_source_spec(a, i) for i, a in enumerate(sources)]
+    names = [s["name"] for s in specs]
+    for i, s in enumerate(specs):  # two folders with one basename: keep names unique
+        if names.count(s["name"]) > 1:
+            s["name"] = f"{s['name']}{i}"
+    parent, name = _split(out)
+    params = Params(storage=StorageConfig(root=parent),
+                    corpus=CorpusConfig.model_validate({"sources": specs, "extensions": extensions or [".py"],
+                                                        "max_bytes": max_bytes, "workers": workers}))
+    return corpus.run(params, track=False, metrics_path=None, output=name)
+
+
+def _read_jsonl(path: str) -> tuple[list[dict], list[str]]:
+    records, bad, seen = [], [], set()
+    with filesystem(path).open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except (ValueError, UnicodeDecodeError) as err:
+                bad.append(f"{where}: not JSON: {err}"[:300])
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) or "id" not in rec:
+                bad.append(f"{where}: needs string field 'text' and field 'id'")
+            elif str(rec["id"]) in seen:
+                bad.append(f"{where}: duplicate id {rec['id']!r} (first one kept)")
+            else:
+                seen.add(str(rec["id"]))
+                records.append(rec)
+    return records, bad
+
+
+def dedup_adhoc(inp: str, out: str, *, report_path: str | None = None, threshold: float = 0.7,
+                workers: int = 2, shard_records: int = 1000) -> dict:
+    cfg = DedupConfig(threshold=threshold, workers=workers)
+    report_path = report_path or f"{out.rstrip('/')}.report.json"
+    fs = filesystem(inp)
+    if fs.exists(posixpath.join(inp, MANIFEST) if inp.startswith("s3://") else os.path.join(inp, MANIFEST)):
+        source = Dataset.open(inp)
+        parent, name = _split(out)
+        fp = fingerprint("dedup", 1, cfg.model_dump(exclude={"workers"}), source.manifest["fingerprint"])
+        manifest = dedup.dedup_dataset(source, DatasetWriter(Storage(parent), name, fp), cfg)
+        report = json.loads(Storage(parent).sub(name).read_bytes(dedup.REPORT))
+        bad: list[str] = []
+    else:
+        records, bad = _read_jsonl(inp)
+        with tempfile.TemporaryDirectory(prefix="codeworld-dedup-") as tmp:
+            staged = DatasetWriter(Storage(tmp), "input", fingerprint("adhoc-input", inp))
+            staged.prepare()
+            infos = [staged.write(i // shard_records, records[i:i + shard_records])
+                     for i in range(0, len(records), shard_records)]
+            staged.finish(infos)
+            source = Dataset(Storage(tmp).sub("input"))
+            fp = fingerprint("dedup", 1, cfg.model_dump(exclude={"workers"}), source.manifest["fingerprint"])
+            dedup.dedup_dataset(source, DatasetWriter(Storage(tmp), "output", fp), cfg)
+            kept = Dataset(Storage(tmp).sub("output"))
+            body = b"".join(dumps(r) + b"\n" for r in kept)
+            write_atomic(filesystem(out), out, body)
+            report = json.loads(Storage(tmp).sub("output").read_bytes(dedup.REPORT))
+    report["bad_records"] = bad
+    report["input"] = inp
+    report["output"] = out
+    write_atomic(filesystem(report_path), report_path, json.dumps(report, indent=1).encode() + b"\n")
+    report["path"] = report_path
+    return report

@@ -1,0 +1,163 @@
+"""Stage `corpus`: ingest source files into shards, one record per file with its provenance.
+
+Record: {id, text, source, path, size, language, sha256, license}. Candidates are listed in a
+fixed order and cut into groups of `shard_files` before filtering, so shard i always holds the
+same files: each group is an independent unit that workers build in parallel and a killed run
+resumes. Binary, non-UTF-8, unreadable and out-of-size files are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from codeworld.config import LANGUAGES, CorpusConfig, Params
+from codeworld.progress import progress
+from codeworld.shards import DatasetWriter, ShardInfo, fingerprint
+from codeworld.storage import Storage
+from codeworld.tracking import StageRun
+from stages.corpus_sources import Candidate, GitReader, SourceError, list_candidates, read_bytes
+
+MAX_EXAMPLES = 20
+
+
+@dataclass(frozen=True)
+class Group:
+    writer: DatasetWriter
+    index: int
+    candidates: list[Candidate]
+    min_bytes: int
+    max_bytes: int
+    endpoint: str | None
+    languages: frozenset[str]
+
+
+def _skip(counts: Counter, examples: list, reason: str, c: Candidate, detail: str = "") -> None:
+    counts[f"skipped_{reason}"] += 1
+    if len(examples) < MAX_EXAMPLES:
+        examples.append({"reason": reason, "source": c.source, "path": c.path, "detail": detail})
+
+
+def _language(c: Candidate) -> str | None:
+    return dict(c.extra).get("language") or LANGUAGES.get(PurePosixPath(c.path).suffix)
+
+
+def _record(c: Candidate, text: str, raw: bytes) -> dict:
+    return {
+        "id": f"{c.source}/{c.path}",
+        "text": text,
+        "source": c.source,
+        "path": c.path,
+        "size": len(raw),
+        "language": _language(c),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "license": c.license,
+    }
+
+
+def ingest_group(g: Group) -> tuple[ShardInfo, dict]:
+    counts: Counter = Counter()
+    examples: list[dict] = []
+    records = []
+    git = GitReader()
+    try:
+        for c in g.candidates:
+            counts["candidates"] += 1
+            if _language(c) not in g.languages:  # records (JSONL, shards) carry their own
+                _skip(counts, examples, "language", c, str(_language(c)))
+                continue
+            if c.size > g.max_bytes:  # known from the listing: never read a huge file
+                _skip(counts, examples, "too_large", c, f"{c.size} bytes")
+                continue
+            if c.text is not None:
+                raw = c.text.encode("utf-8", "surrogatepass")
+            else:
+                try:
+                    raw = read_bytes(c, git, g.endpoint)
+                except OSError as err:
+                    _skip(counts, examples, "unreadable", c, str(err)[:200])
+                    continue
+            if len(raw) > g.max_bytes:
+                _skip(counts, examples, "too_large", c, f"{len(raw)} bytes")
+            elif len(raw) < g.min_bytes:
+                _skip(counts, examples, "too_small", c, f"{len(raw)} bytes")
+            elif b"\0" in raw[:8192]:
+                _skip(counts, examples, "binary", c)
+            else:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    _skip(counts, examples, "non_utf8", c, str(err)[:200])
+                    continue
+                counts["kept"] += 1
+                counts["kept_bytes"] += len(raw)
+                records.append(_record(c, text, raw))
+    finally:
+        git.close()
+    meta = {"counts": dict(counts), "examples": examples}
+    return g.writer.write(g.index, records, meta), meta
+
+
+def run(params: Params, *, track: bool = True, metrics_path: str | None = "metrics/corpus.json",
+        output: str = "corpus") -> dict:
+    cfg: CorpusConfig = params.corpus
+    storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
+    with StageRun("corpus", params.model_dump(include={"storage", "corpus"}),
+                  params.tracking.experiment, metrics_path, track) as run_:
+        with run_.timed("listing"):
+            candidates, bad = list_candidates(cfg, params.storage.s3_endpoint_url)
+        if not candidates:
+            raise SourceError("corpus: the sources hold no file with extensions "
+                              f"{cfg.extensions}: nothing to ingest")
+        fp = fingerprint("corpus", 1, cfg.model_dump(exclude={"workers"}), [(c.source, c.path, c.size, c.locator)
+                                                           for c in candidates])
+        writer = DatasetWriter(storage, output, fp)
+        finished = writer.prepare()
+        if finished is not None:  # same inputs and params as a finished run: nothing to redo
+            run_.log(records=finished["records"], shards=len(finished["shards"]),
+                     **finished["stats"]["counts"])
+            return finished
+        n = cfg.shard_files
+        languages = frozenset(LANGUAGES[e] for e in cfg.extensions)
+        groups = [Group(writer, i // n, candidates[i:i + n], cfg.min_bytes, cfg.max_bytes,
+                        params.storage.s3_endpoint_url, languages)
+                  for i in range(0, len(candidates), n)]
+        with run_.timed("ingest"):
+            results = _build(groups, cfg.workers)
+        counts: Counter = Counter()
+        examples: list = []
+        for _, meta in results:
+            counts.update(meta["counts"])
+            examples += meta["examples"]
+        counts["bad_records"] = len(bad)
+        stats = {"counts": dict(sorted(counts.items())), "examples": examples[:MAX_EXAMPLES],
+                 "bad_records": bad[:MAX_EXAMPLES],
+                 "sources": dict(sorted(Counter(c.source for c in candidates).items()))}
+        manifest = writer.finish([info for info, _ in results], {"stats": stats})
+        run_.log(records=manifest["records"], shards=len(manifest["shards"]), **counts)
+        run_.artifact(stats, "corpus_report.json")
+        return manifest
+
+
+def _build(groups: list[Group], workers: int) -> list[tuple[ShardInfo, dict]]:
+    """Build every group's shard, reusing shards an interrupted run already finished."""
+    results: dict[int, tuple[ShardInfo, dict]] = {}
+    todo = []
+    for g in groups:
+        done = g.writer.completed(g.index)
+        if done:
+            results[g.index] = done
+        else:
+            todo.append(g)
+    if todo:
+        if workers > 1 and len(todo) > 1:
+            with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+                for info, meta in progress(pool.imap_unordered(ingest_group, todo), len(todo), "corpus"):
+                    results[int(info.name[6:11])] = (info, meta)
+        else:
+            for g in progress(todo, len(todo), "corpus"):
+                results[g.index] = ingest_group(g)
+    return [results[g.index] for g in groups]

@@ -1,0 +1,48 @@
+import pytest
+
+from codeworld.config import ConfigError, load_params, parse_params
+
+
+def test_defaults_are_the_embedded_pipeline():
+    p = parse_params({})
+    assert p.corpus.sources[0].kind == "stdlib"
+    assert (p.dedup.ngram, p.dedup.num_perm, p.dedup.threshold) == (5, 256, 0.7)
+
+
+def test_repo_params_file_is_valid():
+    p = load_params("params.yaml")
+    assert p.storage.root == "data"
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"dedup": {"treshold": 0.7}}, "dedup.treshold: Extra inputs are not permitted"),
+    ({"dedup": {"num_perm": "many"}}, "dedup.num_perm: Input should be a valid integer"),
+    ({"dedup": {"threshold": 1.5}}, "dedup.threshold: Input should be less than or equal to 1"),
+    ({"corpus": {"extensions": ["py"]}}, "corpus.extensions: Value error, 'py' is not a known extension"),
+    ({"corpus": {"sources": [{"kind": "git", "path": "x", "commit": "main"}]}},
+     "is not a commit hash"),
+    ({"corpus": {"sources": [{"kind": "dir"}]}}, "corpus.sources.0.dir.path: Field required"),
+    ({"corpus": {"sources": [{"kind": "ftp", "path": "x"}]}}, "corpus.sources.0"),
+    ({"storage": {"root": "gs://bucket"}}, "storage.root"),
+    ({"corpus": {"min_bytes": 10, "max_bytes": 5}}, "min_bytes (10) > max_bytes (5)"),
+    ({"dedup": {"bands": 30, "rows": 10}}, "bands*rows = 300 exceeds num_perm = 256"),
+    ({"nonsense": {}}, "nonsense: Extra inputs are not permitted"),
+])
+def test_bad_params_name_the_key_and_reason(data, needle):
+    with pytest.raises(ConfigError) as err:
+        parse_params(data, "params.yaml")
+    assert str(err.value).startswith("params.yaml: invalid parameters")
+    assert needle in str(err.value)
+
+
+def test_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read params file"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("corpus: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_params(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_params(listy)

@@ -1,0 +1,117 @@
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from codeworld.config import load_params
+from codeworld.shards import Dataset
+from stages import corpus
+from stages.corpus_sources import SourceError
+from tests.helpers import make_tree, write_params
+
+CLI = [sys.executable, "-m", "codeworld.cli"]
+
+
+def run_corpus(tmp_path, sources, **over):
+    params = load_params(write_params(tmp_path / "params.yaml", tmp_path / "data", sources, **over))
+    return corpus.run(params, track=False, metrics_path=str(tmp_path / "metrics.json"))
+
+
+def test_dir_source_records_and_counts(tmp_path):
+    src = make_tree(tmp_path)
+    m = run_corpus(tmp_path, [{"kind": "dir", "path": str(src), "name": "t"}])
+    counts = m["stats"]["counts"]
+    assert counts["skipped_non_utf8"] == 1
+    assert counts["skipped_binary"] == 1
+    assert counts["skipped_too_large"] == 1
+    assert "notes.txt" not in json.dumps(m)  # other extensions are not candidates
+    recs = list(Dataset.open(str(tmp_path / "data" / "corpus")))
+    assert len(recs) == m["records"] == counts["kept"]
+    by_path = {r["path"]: r for r in recs}
+    r = by_path["json/decoder.py"]
+    assert r["id"] == "t/json/decoder.py" and r["language"] == "python" and r["license"] == "MIT"
+    assert r["text"] == (src / "json" / "decoder.py").read_text()
+    assert r["size"] == len(r["text"].encode())
+    assert [r["path"] for r in recs] == sorted(by_path)  # deterministic order
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["kept"] == m["records"] and metrics["skipped_binary"] == 1
+
+
+def test_git_source_reads_the_pinned_commit(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+    (repo / "a.py").write_text("def a():\n    return 1\n")
+    (repo / "LICENSE").write_text("Apache License\nVersion 2.0\n")
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "one"], check=True)
+    commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (repo / "a.py").write_text("def a():\n    return 2\n")  # work tree differs from the commit
+    (repo / "b.py").write_text("x = 1\n")
+    m = run_corpus(tmp_path, [{"kind": "git", "path": str(repo), "commit": commit}])
+    recs = list(Dataset.open(str(tmp_path / "data" / "corpus")))
+    assert [(r["path"], r["text"], r["license"]) for r in recs] == [("a.py", "def a():\n    return 1\n", "Apache-2.0")]
+    assert m["records"] == 1
+    with pytest.raises(SourceError, match="git cat-file -e failed"):
+        run_corpus(tmp_path, [{"kind": "git", "path": str(repo), "commit": "deadbeef"}])
+
+
+def test_jsonl_source_counts_bad_lines(tmp_path):
+    lines = [json.dumps({"id": "x", "text": "print(1)\n", "path": "x.py"}), "{not json",
+             json.dumps({"id": "y"}), json.dumps({"id": "z", "text": "a b", "language": "text"})]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    m = run_corpus(tmp_path, [{"kind": "jsonl", "path": str(tmp_path / "in.jsonl"), "name": "j"}])
+    assert m["records"] == 1
+    assert m["stats"]["counts"]["bad_records"] == 2
+    assert m["stats"]["counts"]["skipped_language"] == 1
+    assert "in.jsonl:2" in m["stats"]["bad_records"][0]
+
+
+def test_missing_and_empty_sources_fail_clearly(tmp_path):
+    with pytest.raises(SourceError, match="is not a directory"):
+        run_corpus(tmp_path, [{"kind": "dir", "path": str(tmp_path / "nope")}])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="nothing to ingest"):
+        run_corpus(tmp_path, [{"kind": "dir", "path": str(tmp_path / "empty")}])
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_parallel_and_serial_runs_are_byte_identical(tmp_path):
+    src = make_tree(tmp_path)
+    a = write_params(tmp_path / "a.yaml", tmp_path / "A", [{"kind": "dir", "path": str(src)}],
+                     corpus={"workers": 1, "shard_files": 15})
+    b = write_params(tmp_path / "b.yaml", tmp_path / "B", [{"kind": "dir", "path": str(src)}],
+                     corpus={"workers": 2, "shard_files": 15})
+    for p in (a, b):
+        subprocess.run(CLI + ["stage", "corpus", "--params", str(p), "--no-track"], cwd=tmp_path, check=True,
+                       capture_output=True)
+    assert _files(tmp_path / "A" / "corpus") == _files(tmp_path / "B" / "corpus")
+
+
+@pytest.mark.parametrize("stage", ["corpus", "dedup"])
+def test_killed_stage_resumes_to_identical_output(tmp_path, stage):
+    src = make_tree(tmp_path)
+    params = write_params(tmp_path / "params.yaml", tmp_path / "data", [{"kind": "dir", "path": str(src)}],
+                          corpus={"shard_files": 4})
+    cmd = CLI + ["stage", stage, "--params", str(params), "--no-track"]
+    if stage == "dedup":
+        subprocess.run(CLI + ["stage", "corpus", "--params", str(params), "--no-track"], cwd=tmp_path, check=True)
+    subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
+    reference = _files(tmp_path / "data" / stage)
+    for delay in (0.8, 1.2, 1.6, 2.0):  # kill at several moments of the run
+        # without its manifest the dataset is unfinished: the stage must redo (or resume) it
+        (tmp_path / "data" / stage / "manifest.json").unlink(missing_ok=True)
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
+        assert _files(tmp_path / "data" / stage) == reference
+        assert not (tmp_path / "data" / ".work" / stage).exists()

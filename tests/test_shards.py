@@ -1,0 +1,111 @@
+import hashlib
+import json
+import os
+
+import pytest
+
+from codeworld.shards import Dataset, DatasetWriter, ShardError, decode_shard, encode_shard
+from codeworld.storage import Storage
+
+RECORDS = [{"id": f"r{i}", "text": f"def f{i}():\n    return {i}\n", "ünï": "çödé"} for i in range(25)]
+
+
+def write(root, name="ds", fp="fp1", chunks=(10, 10, 5)):
+    w = DatasetWriter(Storage(str(root)), name, fp)
+    assert w.prepare() is None
+    infos, start = [], 0
+    for i, n in enumerate(chunks):
+        infos.append(w.write(i, RECORDS[start:start + n], {"n": n}))
+        start += n
+    return w.finish(infos)
+
+
+def test_roundtrip_and_manifest(tmp_path):
+    m = write(tmp_path)
+    assert m["records"] == 25 and len(m["shards"]) == 3
+    ds = Dataset.open(str(tmp_path / "ds"))
+    assert list(ds) == RECORDS and len(ds) == 25
+    # no temp files or work area left behind
+    assert sorted(os.listdir(tmp_path / "ds")) == ["manifest.json", "shard-00000.tar",
+                                                   "shard-00001.tar", "shard-00002.tar"]
+    assert not (tmp_path / ".work" / "ds").exists()
+
+
+def test_shards_are_webdataset_tars_and_byte_identical(tmp_path):
+    write(tmp_path / "a")
+    write(tmp_path / "b")
+    for name in ("shard-00000.tar", "manifest.json"):
+        assert (tmp_path / "a/ds" / name).read_bytes() == (tmp_path / "b/ds" / name).read_bytes()
+    import webdataset as wds
+    samples = list(wds.WebDataset(str(tmp_path / "a/ds/shard-00001.tar"), shardshuffle=False))
+    assert [json.loads(s["json"])["id"] for s in samples] == [f"r{i}" for i in range(10, 20)]
+
+
+def test_corrupt_shard_is_named(tmp_path):
+    write(tmp_path)
+    shard = tmp_path / "ds" / "shard-00001.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    ds = Dataset.open(str(tmp_path / "ds"))
+    assert ds.read_shard(ds.shards[0])  # the others still read
+    with pytest.raises(ShardError, match=r"shard-00001.tar: checksum mismatch"):
+        list(ds)
+
+
+def test_missing_shard_and_missing_manifest(tmp_path):
+    write(tmp_path)
+    (tmp_path / "ds" / "shard-00002.tar").unlink()
+    with pytest.raises(ShardError, match="shard-00002.tar: listed in the manifest but missing"):
+        list(Dataset.open(str(tmp_path / "ds")))
+    (tmp_path / "ds" / "manifest.json").unlink()
+    with pytest.raises(ShardError, match="manifest.json: missing: the stage writing"):
+        Dataset.open(str(tmp_path / "ds"))
+
+
+def test_garbage_shard_with_matching_checksum_is_named(tmp_path):
+    with pytest.raises(ShardError, match="x.tar: corrupt shard"):
+        decode_shard(b"not a tar file at all" * 40, "x.tar")
+
+
+def test_resume_reuses_finished_shards_and_drops_other_params(tmp_path):
+    st = Storage(str(tmp_path))
+    w = DatasetWriter(st, "ds", "fp1")
+    w.prepare()
+    w.write(0, RECORDS[:10], {"n": 10})
+    # a "killed" run: shard 0 finished, shard 1 never written
+    w2 = DatasetWriter(st, "ds", "fp1")
+    assert w2.prepare() is None
+    info, meta = w2.completed(0)
+    assert meta == {"n": 10} and info.records == 10
+    assert w2.completed(1) is None
+    # a damaged finished shard is not reused
+    (tmp_path / "ds" / "shard-00000.tar").write_bytes(b"junk")
+    assert w2.completed(0) is None
+    # other params: the earlier run's work is discarded
+    w3 = DatasetWriter(st, "ds", "fp2")
+    w3.prepare()
+    assert w3.completed(0) is None
+
+
+def test_finished_dataset_with_same_fingerprint_is_not_rebuilt(tmp_path):
+    m = write(tmp_path)
+    w = DatasetWriter(Storage(str(tmp_path)), "ds", "fp1")
+    assert w.prepare() == m
+    # a new fingerprint removes the manifest first: the dataset reads as unfinished
+    DatasetWriter(Storage(str(tmp_path)), "ds", "fp2").prepare()
+    with pytest.raises(ShardError, match="missing"):
+        Dataset.open(str(tmp_path / "ds"))
+
+
+def test_finish_removes_stale_shards(tmp_path):
+    write(tmp_path, chunks=(10, 10, 5))
+    m = write(tmp_path, fp="fp2", chunks=(25,))
+    assert [s["name"] for s in m["shards"]] == ["shard-00000.tar"]
+    assert sorted(os.listdir(tmp_path / "ds")) == ["manifest.json", "shard-00000.tar"]
+
+
+def test_encode_is_deterministic():
+    a, n = encode_shard(RECORDS, 3)
+    b, _ = encode_shard(list(RECORDS), 3)
+    assert n == 25 and hashlib.sha256(a).digest() == hashlib.sha256(b).digest()
