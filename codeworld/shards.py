@@ -99,6 +99,7 @@ class DatasetWriter:
         manifest = _read_manifest(self.out)
         if manifest is not None and manifest.get("fingerprint") == self.fingerprint:
             if not self.work.exists("fingerprint"):
+                self.work.remove("")  # leftovers of a run killed while cleaning up
                 return manifest
         if manifest is not None:
             # Outputs of other params: the dataset is unfinished from here on.
@@ -116,6 +117,8 @@ class DatasetWriter:
         if not self.work.exists(side):
             return None
         done = json.loads(self.work.read_bytes(side))
+        if done.get("fingerprint") != self.fingerprint:  # left by a run with other params
+            return None
         info = ShardInfo(**done["shard"])
         try:
             data = self.out.read_bytes(info.name)
@@ -131,7 +134,8 @@ class DatasetWriter:
         data, count = encode_shard(records, index)
         info = ShardInfo(shard_name(index), hashlib.sha256(data).hexdigest(), count, len(data))
         self.out.write_bytes(info.name, data)
-        self.work.write_bytes(f"{info.name}.json", dumps({"shard": asdict(info), "meta": meta or {}}))
+        self.work.write_bytes(f"{info.name}.json", dumps({"shard": asdict(info), "meta": meta or {},
+                                                          "fingerprint": self.fingerprint}))
         return info
 
     def finish(self, infos: list[ShardInfo], extra: dict | None = None) -> dict:

@@ -9,6 +9,7 @@ resumes. Binary, non-UTF-8, unreadable and out-of-size files are skipped and cou
 from __future__ import annotations
 
 import hashlib
+import logging
 import multiprocessing as mp
 from collections import Counter
 from dataclasses import dataclass
@@ -19,7 +20,10 @@ from codeworld.progress import progress
 from codeworld.shards import DatasetWriter, ShardInfo, fingerprint
 from codeworld.storage import Storage
 from codeworld.tracking import StageRun
-from stages.corpus_sources import Candidate, GitReader, SourceError, list_candidates, read_bytes
+from stages.corpus_sources import (Candidate, GitReader, SourceError, list_candidates, read_bytes,
+                                   source_name)
+
+log = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 20
 
@@ -133,9 +137,15 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
             counts.update(meta["counts"])
             examples += meta["examples"]
         counts["bad_records"] = len(bad)
+        per_source = Counter(c.source for c in candidates)
+        sources = {name: per_source.get(name, 0) for name in (source_name(s) for s in cfg.sources)}
+        # An empty source is not fatal when others have files, but it is reported.
+        empty = sorted(n for n, k in sources.items() if k == 0)
+        counts["empty_sources"] = len(empty)
+        for name in empty:
+            log.warning("corpus: source %r has no file with extensions %s", name, cfg.extensions)
         stats = {"counts": dict(sorted(counts.items())), "examples": examples[:MAX_EXAMPLES],
-                 "bad_records": bad[:MAX_EXAMPLES],
-                 "sources": dict(sorted(Counter(c.source for c in candidates).items()))}
+                 "bad_records": bad[:MAX_EXAMPLES], "sources": sources, "empty_sources": empty}
         manifest = writer.finish([info for info, _ in results], {"stats": stats})
         run_.log(records=manifest["records"], shards=len(manifest["shards"]), **counts)
         run_.artifact(stats, "corpus_report.json")

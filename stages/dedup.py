@@ -48,11 +48,17 @@ class ShardJob:
     work: Storage
     index: int
     cfg: NearDedupConfig
+    fingerprint: str
+
+    @property
+    def sig_name(self) -> str:
+        # The fingerprint in the name: a leftover of a run with other params is never reused.
+        return f"sig-{self.fingerprint[:16]}-{self.index:05d}.npz"
 
 
 def sign_shard(job: ShardJob) -> int:
     """Exact keys and MinHash signatures of one shard, saved in the work area (resume unit)."""
-    name = f"sig-{job.index:05d}.npz"
+    name = job.sig_name
     if job.work.exists(name):
         return job.index
     records = Dataset(job.dataset).read_shard(job.info)
@@ -104,9 +110,10 @@ def dedup_dataset(source: Dataset, writer: DatasetWriter, cfg: DedupConfig) -> d
     if finished is not None:
         return finished
     work = writer.work
-    jobs = [ShardJob(source.storage, info, work, i, ncfg) for i, info in enumerate(source.shards)]
+    jobs = [ShardJob(source.storage, info, work, i, ncfg, writer.fingerprint)
+            for i, info in enumerate(source.shards)]
     _pool_map(sign_shard, jobs, cfg.workers, "dedup: signatures")
-    parts = [np.load(io.BytesIO(work.read_bytes(f"sig-{j.index:05d}.npz"))) for j in jobs]
+    parts = [np.load(io.BytesIO(work.read_bytes(j.sig_name))) for j in jobs]
     keys = np.concatenate([p["keys"] for p in parts]) if parts else np.zeros(0, "S32")
     sigs = np.concatenate([p["sigs"] for p in parts]) if parts else np.zeros((0, ncfg.num_perm), np.uint32)
     offsets = np.cumsum([0] + [len(p["keys"]) for p in parts])

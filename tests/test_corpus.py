@@ -79,6 +79,27 @@ def test_missing_and_empty_sources_fail_clearly(tmp_path):
         run_corpus(tmp_path, [{"kind": "dir", "path": str(tmp_path / "empty")}])
 
 
+def test_empty_source_beside_others_is_counted(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.py").write_text("x = 1\n")
+    m = run_corpus(tmp_path, [{"kind": "dir", "path": str(tmp_path / "empty")},
+                              {"kind": "dir", "path": str(tmp_path / "one")}])
+    assert m["records"] == 1
+    assert m["stats"]["empty_sources"] == ["empty"] and m["stats"]["counts"]["empty_sources"] == 1
+
+
+def test_a_1gb_file_is_skipped_without_being_read(tmp_path):
+    d = tmp_path / "big"
+    d.mkdir()
+    with open(d / "huge.py", "wb") as fh:  # sparse: 1 GB on paper, nothing on disk
+        fh.truncate(1 << 30)
+    (d / "ok.py").write_text("y = 2\n")
+    m = run_corpus(tmp_path, [{"kind": "dir", "path": str(d)}])
+    assert m["records"] == 1 and m["stats"]["counts"]["skipped_too_large"] == 1
+    assert m["stats"]["examples"][0]["detail"] == f"{1 << 30} bytes"
+
+
 def _files(d: Path) -> dict[str, bytes]:
     return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 

@@ -1,0 +1,73 @@
+import json
+import subprocess
+import sys
+
+from codeworld.config import load_params
+from codeworld.shards import Dataset
+from stages import corpus, dedup
+from tests.helpers import STDLIB, make_tree, write_params
+
+
+def build(tmp_path, name="data", **over):
+    src = tmp_path / "tree"
+    if not src.exists():
+        make_tree(tmp_path)
+    (src / "empties").mkdir(exist_ok=True)
+    for i in range(3):  # empty files: exact dedup keeps one
+        (src / "empties" / f"e{i}.py").write_text("" if i else "\n\n")
+    params = load_params(write_params(tmp_path / f"{name}.yaml", tmp_path / name,
+                                      [{"kind": "dir", "path": str(src), "name": "t"}], **over))
+    corpus.run(params, track=False, metrics_path=None)
+    return dedup.run(params, track=False, metrics_path=str(tmp_path / f"{name}-metrics.json"))
+
+
+def test_exact_and_near_duplicates_removed_with_report(tmp_path):
+    m = build(tmp_path)
+    report = json.loads((tmp_path / "data" / "dedup" / "report.json").read_text())
+    removed = {r["id"]: r for r in report["removed"]}
+    assert removed["t/json/decoder.py"] == {"id": "t/json/decoder.py", "step": "exact",
+                                            "representative": "t/copies/decoder_copy.py"}
+    assert removed["t/json/encoder.py"]["step"] == "exact"  # CRLF copy sorts first
+    assert removed["t/json/encoder.py"]["representative"] == "t/copies/encoder_crlf.py"
+    near = removed["t/copies/encoder_edit.py"]
+    assert near["step"] == "near" and near["representative"] == "t/copies/encoder_crlf.py"
+    assert 0.7 <= near["jaccard"] < 1.0
+    # empty files: one survives, the rest are exact duplicates of it
+    kept_ids = {r["id"] for r in Dataset.open(str(tmp_path / "data" / "dedup"))}
+    empties = {f"t/empties/e{i}.py" for i in range(3)} | {"t/copies/__init__.py"}
+    assert len(empties & kept_ids) == 1
+    assert "t/json/scanner.py" in kept_ids
+    stats = m["stats"]
+    assert stats["documents"] == stats["kept"] + stats["removed_exact"] + stats["removed_near"]
+    assert stats["removed_near"] >= 1 and stats["near_clusters"]["largest"]["size"] >= 2
+    assert set(removed) & kept_ids == set()
+    metrics = json.loads((tmp_path / "data-metrics.json").read_text())
+    assert metrics["kept"] == m["records"]
+
+
+def test_dedup_is_deterministic_across_workers(tmp_path):
+    build(tmp_path, "a", dedup={"workers": 1})
+    build(tmp_path, "b", dedup={"workers": 2})
+    for f in ("manifest.json", "report.json", "shard-00000.tar"):
+        assert (tmp_path / "a/dedup" / f).read_bytes() == (tmp_path / "b/dedup" / f).read_bytes()
+
+
+def test_adhoc_cli_on_jsonl(tmp_path):
+    texts = {name: (STDLIB / "json" / name).read_text() for name in ("decoder.py", "encoder.py", "scanner.py")}
+    rows = [{"id": "dec", "text": texts["decoder.py"]},
+            {"id": "enc", "text": texts["encoder.py"]},
+            {"id": "enc2", "text": texts["encoder.py"].replace("Encoder", "Coder", 3)},
+            {"id": "dec-copy", "text": texts["decoder.py"] + "\n\n"},
+            {"id": "scan", "text": texts["scanner.py"], "extra": [1, 2]}]
+    lines = [json.dumps(r) for r in rows] + ["{broken", json.dumps({"id": "dec", "text": "dup id"})]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    out = subprocess.run([sys.executable, "-m", "codeworld.cli", "dedup", "in.jsonl", "out.jsonl"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    kept = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [k["id"] for k in kept] == ["dec", "enc", "scan"]
+    assert kept[2]["extra"] == [1, 2]  # other fields pass through
+    report = json.loads((tmp_path / "out.jsonl.report.json").read_text())
+    assert {(r["id"], r["representative"], r["step"]) for r in report["removed"]} == {
+        ("enc2", "enc", "near"), ("dec-copy", "dec", "exact")}
+    assert len(report["bad_records"]) == 2 and "in.jsonl:6" in report["bad_records"][0]
