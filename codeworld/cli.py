@@ -32,6 +32,10 @@ def _stage(args: argparse.Namespace) -> int:
         m = dedup.run(params, track=not args.no_track)
     else:
         raise ConfigError(f"unknown stage {args.name!r} (known: corpus, dedup)")
+    from codeworld.shards import pin_manifest
+    from codeworld.storage import Storage
+
+    pin_manifest(Storage(params.storage.root, params.storage.s3_endpoint_url), args.name, m)
     print(json.dumps({"stage": args.name, "records": m["records"], "shards": len(m["shards"])}))
     return 0
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator
 
 import webdataset as wds
 
-from codeworld.storage import Storage
+from codeworld.storage import Storage, filesystem, write_atomic
 
 FORMAT = "codeworld-shards/1"
 MANIFEST = "manifest.json"
@@ -209,3 +210,14 @@ class Dataset:
     def __iter__(self) -> Iterator[dict]:
         for info in self.shards:
             yield from self.read_shard(info)
+
+
+def pin_manifest(storage: Storage, name: str, manifest: dict, local_root: str = "data") -> None:
+    """DVC tracks `data/NAME` (dvc.yaml). When the storage root is elsewhere (S3, another disk),
+    a copy of the manifest there pins the dataset's exact content by its shards' sha256, so
+    `dvc repro` still sees each stage's output change exactly when the data does."""
+    local = os.path.abspath(os.path.join(local_root, name))
+    if not storage.is_s3 and os.path.abspath(storage.path(name)) == local:
+        return
+    pinned = {**manifest, "location": storage.path(name)}
+    write_atomic(filesystem(local), os.path.join(local, MANIFEST), dumps(pinned) + b"\n")

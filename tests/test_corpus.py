@@ -136,3 +136,15 @@ def test_killed_stage_resumes_to_identical_output(tmp_path, stage):
         subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
         assert _files(tmp_path / "data" / stage) == reference
         assert not (tmp_path / "data" / ".work" / stage).exists()
+
+
+def test_stage_with_root_elsewhere_pins_manifest_for_dvc(tmp_path):
+    src = make_tree(tmp_path)
+    params = write_params(tmp_path / "params.yaml", tmp_path / "elsewhere", [{"kind": "dir", "path": str(src)}])
+    subprocess.run(CLI + ["stage", "corpus", "--params", str(params), "--no-track"], cwd=tmp_path,
+                   check=True, capture_output=True)
+    pinned = json.loads((tmp_path / "data" / "corpus" / "manifest.json").read_text())
+    real = json.loads((tmp_path / "elsewhere" / "corpus" / "manifest.json").read_text())
+    assert pinned.pop("location") == str(tmp_path / "elsewhere" / "corpus")
+    assert pinned == real
+    assert sorted(p.name for p in (tmp_path / "data" / "corpus").iterdir()) == ["manifest.json"]
