@@ -20,10 +20,15 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	$(PIP) -e '.[dev]'
 	touch $@
 
-# System packages the pipeline needs (git for git sources); installed when we can (root + apt).
+# System packages the pipeline needs: git (git sources) and bubblewrap (the sandbox that runs
+# untrusted code). Installed with apt when we are root; otherwise we say what to install.
 sysdeps:
-	@command -v git >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  (apt-get update -q && apt-get install -y -q git) || echo "please install: git"; }
+	@missing=""; command -v git >/dev/null || missing="$$missing git"; \
+	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	  else echo "please install:$$missing (e.g. sudo apt-get install -y$$missing)"; exit 1; fi; fi
 
 setup: sysdeps $(VENV)/.installed
 setup-dev: sysdeps $(VENV)/.installed-dev

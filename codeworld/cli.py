@@ -4,6 +4,7 @@
     codeworld pipeline              run the whole pipeline as a Prefect flow (dvc repro per stage)
     codeworld corpus SRC... OUT     ad hoc: ingest folders / JSONL / git@commit / s3:// into shards
     codeworld dedup IN OUT          ad hoc: dedup JSONL ({"id","text"} lines) or a shard dataset
+    codeworld trace IN OUT          ad hoc: trace JSONL programs in the sandbox (CWM format)
     codeworld check-params          validate params.yaml and print the resolved config
 """
 
@@ -30,8 +31,12 @@ def _stage(args: argparse.Namespace) -> int:
         from stages import dedup
 
         m = dedup.run(params, track=not args.no_track)
+    elif args.name == "traces":
+        from stages import traces
+
+        m = traces.run(params, track=not args.no_track)
     else:
-        raise ConfigError(f"unknown stage {args.name!r} (known: corpus, dedup)")
+        raise ConfigError(f"unknown stage {args.name!r} (known: corpus, dedup, traces)")
     from codeworld.shards import pin_manifest
     from codeworld.storage import Storage
 
@@ -64,6 +69,15 @@ def _dedup(args: argparse.Namespace) -> int:
                          threshold=args.threshold, workers=args.workers)
     print(json.dumps({k: report["stats"][k] for k in ("documents", "kept", "removed_exact", "removed_near")}
                      | {"bad_records": len(report.get("bad_records", [])), "report": report["path"]}))
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from stages.adhoc import trace_adhoc
+
+    counts = trace_adhoc(args.input, args.output, workers=args.workers,
+                         wall_seconds=args.timeout, max_events=args.max_events)
+    print(json.dumps(counts))
     return 0
 
 
@@ -104,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(fn=_dedup)
 
+    s = sub.add_parser("trace", help="trace programs in the sandbox, CWM format (ad hoc)")
+    s.add_argument("input", help='IN.jsonl: {"id", "code", "input"[, "entry"]} or {"id", "code", "call"}')
+    s.add_argument("output", help='OUT.jsonl: {"id", "trace", "result", "error", "status"} per line, same order')
+    s.add_argument("--workers", type=int, default=0, help="fork servers (default: every core)")
+    s.add_argument("--timeout", type=float, default=2.0, help="wall seconds per program")
+    s.add_argument("--max-events", type=int, default=10_000)
+    s.set_defaults(fn=_trace)
+
     s = sub.add_parser("check-params", help="validate params.yaml")
     s.add_argument("--params", default="params.yaml")
     s.set_defaults(fn=_check)
@@ -115,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "alembic", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    from codeworld.sandbox import SandboxUnavailable
     from codeworld.shards import ShardError
     from stages.corpus_sources import SourceError
 
     try:
         return args.fn(args)
-    except (ConfigError, ShardError, SourceError) as err:
+    except (ConfigError, ShardError, SourceError, SandboxUnavailable) as err:
         print(f"codeworld {args.cmd}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (ConnectionError, TimeoutError) as err:

@@ -162,11 +162,37 @@ class DedupConfig(Section):
         return self
 
 
+class TraceLimitsConfig(Section):
+    """Per program: sandbox rlimits and the tracer's own limits (CWM dropped traces over 10k
+    events or 1 MB)."""
+
+    wall_seconds: float = Field(default=2.0, gt=0)
+    cpu_seconds: float = Field(default=2.0, gt=0)
+    memory_mb: int = Field(default=512, ge=64)
+    max_events: int = Field(default=10_000, ge=10)
+    max_bytes: int = Field(default=1_000_000, ge=1000)
+
+
+class TracesConfig(Section):
+    seed: int = 1234
+    max_functions_per_module: int = Field(default=10, ge=1)
+    max_inputs_per_function: int = Field(default=4, ge=1)
+    # Cap on traced programs (0 = no cap): the embedded default stays a few minutes on 2 cores.
+    max_programs: int = Field(default=6000, ge=0)
+    programs_per_shard: int = Field(default=2000, ge=1)
+    # Programs per forked child in the sandbox: 1 isolates every program in its own process;
+    # larger batches amortise the fork (~1-4 ms here) and reach the throughput target.
+    batch_size: int = Field(default=16, ge=1, le=256)
+    limits: TraceLimitsConfig = TraceLimitsConfig()
+    workers: int = Field(default=0, ge=0, le=256)  # 0 = every core
+
+
 class Params(Section):
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
     corpus: CorpusConfig = CorpusConfig()
     dedup: DedupConfig = DedupConfig()
+    traces: TracesConfig = TracesConfig()
 
 
 def _format(err: ValidationError, origin: str) -> str:

@@ -107,3 +107,35 @@ def dedup_adhoc(inp: str, out: str, *, report_path: str | None = None, threshold
     write_atomic(filesystem(report_path), report_path, json.dumps(report, indent=1).encode() + b"\n")
     report["path"] = report_path
     return report
+
+
+def trace_adhoc(inp: str, out: str, *, workers: int = 0, wall_seconds: float = 2.0,
+                max_events: int = 10_000) -> dict:
+    """`codeworld trace`: one output line per input line, in order; a bad line becomes a record
+    with status "invalid" and never stops the batch."""
+    from codeworld.config import TraceLimitsConfig
+    from stages.trace_runner import trace_requests
+
+    requests: list = []
+    with filesystem(inp).open(inp, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                req = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                req = {"id": f"{inp}:{lineno}", "_bad": "not JSON"}
+            requests.append(req if isinstance(req, dict) else {"id": f"{inp}:{lineno}"})
+    limits = TraceLimitsConfig(wall_seconds=wall_seconds, cpu_seconds=wall_seconds, max_events=max_events)
+    results = trace_requests(requests, limits, workers)
+    fields = ("id", "trace", "result", "error", "status")
+    # A trace is only complete when execution left main (a return or an exception); partial
+    # text of a too_long or killed program is not emitted.
+    rows = [{k: (r.get(k) if k != "trace" or r["status"] in ("ok", "exception") else None)
+             for k in fields} for r in results]
+    body = b"".join(dumps(row) + b"\n" for row in rows)
+    write_atomic(filesystem(out), out, body)
+    counts: dict = {}
+    for r in results:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return {"records": len(results), "statuses": dict(sorted(counts.items())), "output": out}

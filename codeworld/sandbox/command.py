@@ -1,0 +1,147 @@
+"""One-shot sandboxed command: ``run_command`` (e.g. ``python -m pytest`` in a repo copy)."""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+from .bwrap import LAUNCH_ENV, Bind, SandboxError, build_argv, ensure_available, \
+    host_pidns, python_install, sandbox_env, sandbox_uid
+from .forkserver import _SERVER_SOURCE, _as_bind, _kill
+from .limits import Limits
+
+WORKDIR = "/work"
+
+
+@dataclass
+class CommandResult:
+    returncode: int  # -N when killed by signal N (timeout: -9)
+    stdout: str
+    stderr: str
+    timed_out: bool
+    killed_by_signal: int | None
+    stdout_truncated: bool
+    wall_seconds: float
+    stderr_truncated: bool = False
+
+
+def _give_to_sandbox(path: str) -> None:
+    """As root, the sandbox runs as an unprivileged uid: it can only write what it owns."""
+    uid = sandbox_uid()
+    if uid is None:
+        return
+    os.lchown(path, uid, uid)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.lchown(os.path.join(root, name), uid, uid)
+
+
+class _Capture:
+    def __init__(self, cap: int):
+        self.cap, self.data, self.total = cap, bytearray(), 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        if len(self.data) < self.cap:
+            self.data += chunk[: self.cap - len(self.data)]
+
+
+def run_command(argv: Sequence[str], *, workdir: str | os.PathLike | None = None,
+                writable_workdir: bool = False, limits: Limits | None = None,
+                extra_ro_binds: Iterable = (), env: Mapping[str, str] | None = None,
+                bwrap: str | os.PathLike | None = None) -> CommandResult:
+    """Run ``argv`` once in a fresh sandbox; ``workdir`` is bound at /work (the cwd).
+
+    ``writable_workdir=True`` binds it read-write; as root this chowns the tree to the
+    sandbox uid first (the sandbox cannot write root-owned files otherwise).
+    ``extra_ro_binds``: host paths (bound at the same path) or (host, sandbox) pairs.
+    ``env``: extra variables on top of the allow-list (nothing is inherited).
+    A program killed by signal N is reported through bwrap's exit status 128+N.
+    """
+    if not argv:
+        raise ValueError("empty argv")
+    limits = limits or Limits()
+    ensure_available(bwrap)
+    exe, binds = python_install()
+    chdir = "/tmp"
+    if workdir is not None:
+        wd = os.path.realpath(workdir)
+        if not os.path.isdir(wd):
+            raise SandboxError(f"workdir {wd} is not a directory")
+        if writable_workdir:
+            _give_to_sandbox(wd)
+        binds.append(Bind(wd, WORKDIR, writable_workdir))
+        chdir = WORKDIR
+    binds += [_as_bind(b) for b in extra_ro_binds]
+    launcher = [exe, "-I", "-S", "-c", _SERVER_SOURCE, "launch",
+                json.dumps({**limits.to_dict(), "host_pidns": host_pidns()}), "--",
+                *map(str, argv)]
+    r_status, w_status = os.pipe()
+    try:
+        full = build_argv(launcher, binds=binds, env=sandbox_env(env), chdir=chdir,
+                          tmpfs_bytes=limits.tmpfs_bytes, bwrap=bwrap, status_fd=w_status)
+        t0 = time.monotonic()
+        proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, pass_fds=(w_status,), bufsize=0,
+                                start_new_session=True, env=LAUNCH_ENV)
+    except BaseException:
+        os.close(r_status)
+        raise
+    finally:
+        os.close(w_status)
+    out, err, status = (_Capture(limits.output_bytes), _Capture(limits.output_bytes),
+                        _Capture(1 << 16))
+    caps = {proc.stdout.fileno(): out, proc.stderr.fileno(): err, r_status: status}
+    deadline = t0 + limits.wall_seconds
+    timed_out = False
+    try:
+        open_fds = set(caps)
+        while open_fds:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and not timed_out:
+                timed_out = True
+                _kill(proc)  # outer bwrap dies -> its pid namespace and everything in it
+                deadline = time.monotonic() + 10.0  # grace to drain the pipes
+                continue
+            if remaining <= 0:
+                raise SandboxError("sandboxed command still holds its pipes after SIGKILL")
+            poller = select.poll()
+            for fd in open_fds:
+                poller.register(fd, select.POLLIN)
+            for fd, _ev in poller.poll(max(1, int(remaining * 1000))):
+                chunk = os.read(fd, 1 << 16)
+                if chunk:
+                    caps[fd].feed(chunk)
+                else:
+                    open_fds.discard(fd)
+        rc = proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            _kill(proc)
+        proc.stdout.close(), proc.stderr.close()
+        os.close(r_status)
+    wall = time.monotonic() - t0
+    status_text = bytes(status.data).decode("utf-8", "replace")
+    if not timed_out and '"child-pid"' not in status_text:
+        raise SandboxError(f"bubblewrap could not set up the sandbox (exit {rc}): "
+                           f"{bytes(err.data).decode('utf-8', 'replace').strip()[-2000:]}")
+    for line in status_text.splitlines():
+        try:
+            rc = int(json.loads(line).get("exit-code", rc))
+        except (ValueError, AttributeError):
+            pass
+    sig = None
+    if timed_out:
+        rc, sig = -signal.SIGKILL, int(signal.SIGKILL)
+    elif rc > 128 and (rc - 128) < signal.NSIG:
+        sig = rc - 128
+        rc = -sig
+    return CommandResult(returncode=rc, stdout=bytes(out.data).decode("utf-8", "replace"),
+                         stderr=bytes(err.data).decode("utf-8", "replace"), timed_out=timed_out,
+                         killed_by_signal=sig, stdout_truncated=out.total > out.cap,
+                         wall_seconds=wall, stderr_truncated=err.total > err.cap)

@@ -1,0 +1,397 @@
+"""Host side of the fork server: ``ForkServer`` and ``map_requests``.
+
+A long-lived Python inside bubblewrap (``server.py``) imports the handler once and forks
+one child per request; see ``server.py`` for the protocol and ``bwrap.py`` for the
+isolation. A request can kill the server (e.g. ``os.kill(os.getppid(), 9)``): that request
+is recorded as ``killed`` and the next call starts a new server transparently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import select
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .bwrap import Bind, SandboxError, SandboxUnavailable, build_argv, ensure_available, \
+    LAUNCH_ENV, host_pidns, python_install, sandbox_env
+from .limits import Limits
+
+_REQ = struct.Struct(">I")
+_RESP = struct.Struct(">IIII")
+_SERVER_SOURCE = (Path(__file__).with_name("server.py")).read_text()
+STATUSES = ("ok", "timeout", "killed", "error", "too_large")
+
+
+@dataclass
+class SandboxResult:
+    status: str  # one of STATUSES
+    response: Any = None  # the handler's return value when status == "ok"
+    error: dict | None = None  # {"type", "message", "traceback"} for error/killed/too_large
+    signal: int | None = None  # signal that killed the program (status "killed")
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    wall_seconds: float = 0.0
+    server_restarted: bool = field(default=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def _interpret(header: dict, out: bytes, err: bytes, body: bytes) -> SandboxResult:
+    res = _base_result(header, out, err)
+    if res.status == "error":  # the child exited by itself: its envelope decides
+        try:
+            envelope = json.loads(body) if body else None
+        except ValueError:
+            envelope = None
+        _apply_envelope(res, envelope, header, len(body))
+    return res
+
+
+def _base_result(header: dict, out: bytes, err: bytes) -> SandboxResult:
+    """Status from the frame header (timeout / too_large / killed), else "error"."""
+    res = SandboxResult(status="error", stdout=out.decode("utf-8", "replace"),
+                        stderr=err.decode("utf-8", "replace"),
+                        stdout_truncated=bool(header.get("stdout_truncated")),
+                        stderr_truncated=bool(header.get("stderr_truncated")),
+                        wall_seconds=float(header.get("wall_seconds") or 0.0))
+    sig = header.get("signal")
+    if header.get("timed_out"):
+        res.status, res.signal = "timeout", 9
+        res.error = {"type": "Timeout", "message": "wall-clock limit exceeded"}
+    elif header.get("too_large"):
+        res.status = "too_large"
+        res.error = {"type": "ResponseTooLarge",
+                     "message": f"response of {header.get('response_bytes')} bytes over the cap"}
+    elif sig is not None:
+        res.status, res.signal = "killed", int(sig)
+        res.error = {"type": "Killed", "message": f"killed by signal {sig}"}
+    return res
+
+
+def _apply_envelope(res: SandboxResult, envelope: Any, header: dict, size: int) -> bool:
+    """Fill ``res`` from ``{"ok": value}`` / ``{"error": {...}}``; False if malformed."""
+    if isinstance(envelope, dict) and set(envelope) == {"ok"}:
+        res.status, res.response = "ok", envelope["ok"]
+        return True
+    if isinstance(envelope, dict) and isinstance(envelope.get("error"), dict):
+        res.error = {k: str(envelope["error"].get(k, "")) for k in
+                     ("type", "message", "traceback")}
+        return True
+    res.error = {"type": "NoResponse",
+                 "message": f"exited with code {header.get('exit_code')} without a "
+                            f"valid response ({size} bytes)"}
+    return False
+
+
+class ForkServer:
+    """A sandboxed fork server running ``handler`` ("pkg.mod:func") on JSON requests.
+
+    ``code_dirs`` maps sandbox paths to host directories (or single files), bound
+    read-only (e.g. ``{"/sandbox/lib/pkg": Path("stages/pkg")}``: never bind the whole
+    repository); ``sys_path`` lists sandbox paths put in
+    front of sys.path (default ``/sandbox/lib``). ``extra_ro_binds``: host paths, or
+    (host, sandbox) pairs, also bound read-only. ``env``: extra environment variables.
+    """
+
+    def __init__(self, handler: str, code_dirs: Mapping[str, str | os.PathLike] | None = None,
+                 limits: Limits | None = None, *, sys_path: Iterable[str] = ("/sandbox/lib",),
+                 extra_ro_binds: Iterable = (), env: Mapping[str, str] | None = None,
+                 seed: int = 0, bwrap: str | os.PathLike | None = None,
+                 startup_timeout: float = 60.0):
+        if ":" not in handler:
+            raise ValueError("handler must look like 'package.module:function'")
+        self.handler, self.limits = handler, limits or Limits()
+        self.startup_timeout, self.bwrap = startup_timeout, bwrap
+        self.restarts = 0  # servers started after the first one
+        exe, binds = python_install()
+        binds += [Bind(os.fspath(src), dest) for dest, src in (code_dirs or {}).items()]
+        binds += [_as_bind(b) for b in extra_ro_binds]
+        cfg = {"handler": handler, "sys_path": list(sys_path), "limits": self.limits.to_dict(),
+               "seed": seed, "host_pidns": host_pidns()}
+        self._command = [exe, "-s", "-c", _SERVER_SOURCE, "serve", json.dumps(cfg)]
+        self._binds, self._env = binds, sandbox_env(env)
+        self._proc: subprocess.Popen | None = None
+        self._log = None
+        self._started = 0
+        self._lock = threading.Lock()
+        self._finalizer = None
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> "ForkServer":
+        with self._lock:
+            if self._proc is None:
+                self._start()
+        return self
+
+    def _start(self) -> None:
+        ensure_available(self.bwrap)
+        argv = build_argv(self._command, binds=self._binds, env=self._env,
+                          tmpfs_bytes=self.limits.tmpfs_bytes, bwrap=self.bwrap)
+        self._log = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._log, bufsize=0, start_new_session=True,
+                                      env=LAUNCH_ENV)
+        self._finalizer = weakref.finalize(self, _kill, self._proc)
+        if self._started:
+            self.restarts += 1
+        self._started += 1
+        try:
+            frame = self._recv(time.monotonic() + self.startup_timeout)
+        except SandboxError:
+            frame = None
+        header = frame[0] if frame else {}
+        if header.get("ready"):
+            return
+        log = self._log_tail()
+        self._stop(kill=True)
+        if header.get("fatal"):
+            raise SandboxError(f"fork server could not load {self.handler}: {header['fatal']}\n"
+                               f"{header.get('traceback', '')}")
+        if "bwrap" in log:
+            raise SandboxUnavailable(f"bubblewrap failed to start the fork server: {log}")
+        raise SandboxError(f"fork server failed to start: {log or 'no output'}")
+
+    def _log_tail(self) -> str:
+        if self._log is None:
+            return ""
+        self._log.seek(0, os.SEEK_END)
+        self._log.seek(max(0, self._log.tell() - 4000))
+        return self._log.read().decode("utf-8", "replace").strip()
+
+    def _stop(self, kill: bool) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if kill:
+                _kill(proc)
+            else:
+                try:
+                    proc.stdin.close()
+                    proc.wait(timeout=self.limits.wall_seconds + 5)
+                except (OSError, subprocess.TimeoutExpired):
+                    _kill(proc)
+            for pipe in (proc.stdin, proc.stdout):
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop(kill=False)
+
+    def __enter__(self) -> "ForkServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- requests --------------------------------------------------------------
+    def call(self, request: Any) -> SandboxResult:
+        """Run the handler on ``request`` in a fresh fork of the server."""
+        payload = json.dumps({"one": request}, ensure_ascii=False).encode()
+        with self._lock:
+            got = self._exchange(payload)
+        if isinstance(got, SandboxResult):
+            return got
+        frame, restarted = got
+        res = _interpret(*frame)
+        res.server_restarted = restarted
+        return res
+
+    def call_batch(self, requests: Sequence[Any]) -> list[SandboxResult]:
+        """Run several requests in ONE fork, one after the other: saves the per-request
+        fork (the dominant cost for small requests) at the price of isolation between
+        the requests of a batch (they share the process, its rlimits, its wall-clock
+        budget, module state; random is reseeded before each). If the batch as a whole
+        fails (timeout, killed, too large, server died, malformed), each request is run
+        again alone with ``call``, so a bad request only costs its batch a retry.
+        stdout/stderr/wall_seconds of a successful batch are the whole batch's, reported
+        on each of its results."""
+        requests = list(requests)
+        if len(requests) <= 1:
+            return [self.call(r) for r in requests]
+        payload = json.dumps({"batch": requests}, ensure_ascii=False).encode()
+        with self._lock:
+            got = self._exchange(payload)
+        if not isinstance(got, SandboxResult):
+            (header, out, err, body), restarted = got
+            base = _base_result(header, out, err)
+            try:
+                envelopes = json.loads(body)["batch"] if base.status == "error" else None
+            except (ValueError, TypeError, KeyError):
+                envelopes = None
+            if isinstance(envelopes, list) and len(envelopes) == len(requests):
+                results = []
+                for envelope in envelopes:
+                    res = dataclasses.replace(base, server_restarted=restarted)
+                    if not _apply_envelope(res, envelope, header, len(body)):
+                        break
+                    results.append(res)
+                else:
+                    return results
+        return [self.call(r) for r in requests]  # isolate the culprit(s)
+
+    def _exchange(self, payload: bytes):
+        """Send one request frame; ((header, out, err, body), restarted) or, when the
+        server died or misbehaved, the final SandboxResult. Caller holds the lock."""
+        restarted = False
+        for attempt in range(2):
+            if self._proc is None or self._proc.poll() is not None:
+                restarted = self._proc is not None or self._started > 0
+                self._stop(kill=True)
+                self._start()
+            try:
+                self._proc.stdin.write(_REQ.pack(len(payload)) + payload)
+                break
+            except (BrokenPipeError, ConnectionResetError, ValueError):
+                self._stop(kill=True)  # died between requests: retry on a new one
+                if attempt:
+                    raise SandboxError("fork server keeps dying before requests")
+        t0 = time.monotonic()
+        status, why = "killed", "fork server died during the request"
+        try:
+            frame = self._recv(t0 + self.limits.wall_seconds + 10.0)
+        except SandboxError as exc:
+            frame, why = None, str(exc)
+            status = "timeout" if isinstance(exc, _Deadline) else "error"
+        if frame is None:
+            self._stop(kill=True)  # the request killed it: a new one starts next call
+            return SandboxResult(status=status, wall_seconds=time.monotonic() - t0,
+                                 error={"type": "ServerDied", "message": why},
+                                 server_restarted=restarted)
+        if frame[0].get("server_exiting"):
+            self._stop(kill=False)  # it could not clean up: the next call starts afresh
+        return frame, restarted
+
+    def _recv(self, deadline: float):
+        """One response frame; None on EOF; SandboxError on timeout or a bad frame."""
+        fd = self._proc.stdout.fileno()
+        head = _read_exact(fd, _RESP.size, deadline)
+        if head is None:
+            return None
+        lens = _RESP.unpack(head)
+        lim = self.limits
+        caps = (1 << 20, lim.output_bytes, lim.output_bytes, lim.response_bytes)
+        if any(n > cap for n, cap in zip(lens, caps)):
+            raise SandboxError(f"protocol violation: frame lengths {lens}")
+        blobs = []
+        for n in lens:
+            blob = _read_exact(fd, n, deadline)
+            if blob is None:
+                return None
+            blobs.append(blob)
+        try:
+            header = json.loads(blobs[0])
+        except ValueError as exc:
+            raise SandboxError("protocol violation: bad header") from exc
+        return (header, *blobs[1:])
+
+
+class _Deadline(SandboxError):
+    pass
+
+
+def _read_exact(fd: int, n: int, deadline: float) -> bytes | None:
+    buf = bytearray()
+    poller = None
+    while len(buf) < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Deadline("no answer from the fork server before the deadline")
+        if poller is None:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+        if not poller.poll(max(1, int(remaining * 1000))):
+            continue
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the outer bwrap: its pid namespace, hence every sandboxed process, dies."""
+    try:
+        proc.kill()
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _as_bind(b) -> Bind:
+    if isinstance(b, Bind):
+        return b
+    if isinstance(b, (tuple, list)):
+        return Bind(os.fspath(b[0]), os.fspath(b[1]))
+    return Bind(os.fspath(b), os.path.abspath(os.fspath(b)))
+
+
+def map_requests(requests: Iterable[Any], handler: str, workers: int | None = None, *,
+                 batch_size: int = 1, **server_kwargs) -> list[SandboxResult]:
+    """Run every request through ``workers`` fork servers in parallel; results in input order.
+
+    ``batch_size`` > 1 sends consecutive requests ``batch_size`` at a time through
+    ``ForkServer.call_batch`` (one fork per batch; see there for what that shares). The
+    batches depend only on the input order, never on scheduling: results are
+    deterministic for any ``workers``. ``server_kwargs`` go to ``ForkServer``
+    (code_dirs, limits, env, ...).
+    """
+    reqs = list(requests)
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    if not reqs:
+        return []
+    starts = range(0, len(reqs), batch_size)
+    n = max(1, min(workers or os.cpu_count() or 1, len(starts)))
+    results: list[SandboxResult | None] = [None] * len(reqs)
+    ensure_available(server_kwargs.get("bwrap"))
+    next_start = iter(starts)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with ForkServer(handler, **server_kwargs) as server:
+                while not errors:
+                    with lock:
+                        i = next(next_start, None)
+                    if i is None:
+                        return
+                    if batch_size == 1:
+                        results[i] = server.call(reqs[i])
+                    else:
+                        results[i:i + batch_size] = server.call_batch(reqs[i:i + batch_size])
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, name=f"forkserver-{k}", daemon=True)
+               for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results  # type: ignore[return-value]

@@ -1,0 +1,433 @@
+"""In-sandbox side of the sandbox: the fork server loop and the one-shot launcher.
+
+This file runs INSIDE bubblewrap. It is deliberately self-contained (stdlib only, no
+package-relative imports): the host passes its source with ``python -c`` so that no
+directory of the repository has to be bound into the sandbox.
+
+Protocol (over the server's original stdin/stdout, which are moved off fds 0/1 first):
+  host -> server: ``>I`` length + UTF-8 JSON ``{"one": request}`` or ``{"batch": [...]}``
+  (parsed by the child only).
+  server -> host: ``>IIII`` (header, stdout, stderr, response) lengths, then the four
+  blobs. The header is small JSON; stdout/stderr are raw bytes (capped); the response
+  is the child's raw JSON envelope ``{"ok": value}`` or ``{"error": {...}}`` (a batch:
+  ``{"batch": [envelope, ...]}``), parsed (and validated) by the host.
+
+Killing. Nothing here ever calls ``kill(-1)``. Both modes first check that they run in
+a pid namespace of their own, with its own /proc (``check_private_pidns``: the host sends
+the inode of its own pid namespace; same inode, or no way to tell -> refuse to run). The
+server is a child subreaper and kills what a request leaves behind by pid, within its
+own subtree only: the request's process group on timeout, then every descendant
+(``_kill_descendants``). If anything else shows up in the namespace, or the subtree will
+not die, the server exits and the host SIGKILLs the outer bwrap, which tears the whole
+pid namespace down.
+"""
+import gc
+import json
+import math
+import os
+import resource
+import select
+import signal
+import struct
+import sys
+import time
+import traceback
+
+REQ_HEADER = struct.Struct(">I")
+RESP_HEADER = struct.Struct(">IIII")
+INFRA_PROCS_SERVER = 2  # bwrap's pid-1 reaper + the fork server itself
+INFRA_PROCS_LAUNCHER = 1  # bwrap's pid-1 reaper
+_DUMPABLE_RESET = False  # set once the server made itself non-dumpable
+_MEMORY_ERROR = b'{"error": {"type": "MemoryError", "message": "", "traceback": ""}}'
+
+
+def apply_rlimits(lim, infra_procs):
+    """Lower this process's rlimits (never raises a hard limit; clamps to it)."""
+
+    def lower(res, soft, hard=None):
+        cur_soft, cur_hard = resource.getrlimit(res)
+        hard = soft if hard is None else hard
+        if cur_hard != resource.RLIM_INFINITY:
+            hard = min(hard, cur_hard)
+        resource.setrlimit(res, (min(soft, hard), hard))
+
+    cpu = max(1, int(math.ceil(lim["cpu_seconds"])))
+    lower(resource.RLIMIT_CPU, cpu, cpu + 1)  # SIGXCPU first, SIGKILL one second later
+    lower(resource.RLIMIT_AS, int(lim["memory_bytes"]))
+    lower(resource.RLIMIT_FSIZE, int(lim["file_size_bytes"]))
+    lower(resource.RLIMIT_NOFILE, int(lim["open_files"]))
+    # RLIMIT_NPROC counts the tasks of this uid in this (bwrap) user namespace, i.e. of
+    # this sandbox only; it is enforced because the kernel uid is not 0.
+    lower(resource.RLIMIT_NPROC, int(lim["max_processes"]) + infra_procs)
+    lower(resource.RLIMIT_CORE, 0)
+
+
+def _read_exact(fd, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _stat_ppid(pid):
+    """Parent pid of ``pid`` from /proc, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()  # after "pid (comm) "
+    return int(fields[1]) if len(fields) > 1 else None
+
+
+def _scan(root):
+    """(descendants of ``root``, all other pids) among the live processes in /proc."""
+    children, pids = {}, []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            ppid = _stat_ppid(name)
+            if ppid is not None:
+                children.setdefault(ppid, []).append(int(name))
+                pids.append(int(name))
+    out, todo = [], [root]
+    while todo:
+        for kid in children.get(todo.pop(), ()):
+            out.append(kid)
+            todo.append(kid)
+    inside = set(out)
+    return out, [p for p in pids if p != root and p not in inside]
+
+
+def _reap():
+    """Reap every exited child (orphans are reparented to us: we are a subreaper)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if not pid:
+            return
+
+
+def _kill_descendants(budget=2.0):
+    """SIGKILL every descendant of this server, by pid, until none is left.
+
+    No ``kill(-1)`` and no process outside our own subtree is ever signalled: the server
+    is a child subreaper, so what a request leaves behind (daemons, fork bombs, processes
+    that setsid'ed away from its process group) is reparented to us and stays in our
+    subtree. Returns True when the subtree is empty (zombies reaped) and nothing but
+    bwrap's pid 1 and us is left in the namespace: anything else escaped our subtree, and
+    the server then exits so that the host tears the whole sandbox down. (/proc was
+    verified at startup to be this namespace's own, see ``check_private_pidns``.)"""
+    me = os.getpid()
+    deadline = time.monotonic() + budget
+    while True:
+        _reap()
+        pids, others = _scan(me)
+        if not pids:
+            return not [p for p in others if p != 1]
+        if time.monotonic() > deadline:
+            return False
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.0005)
+
+
+_LIBC = []
+
+
+def _prctl(option, value):
+    import ctypes
+
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    if _LIBC[0].prctl(option, ctypes.c_ulong(value), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
+
+
+PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def check_private_pidns(host_pidns):
+    """Refuse to run anywhere but in a pid namespace of our own, with its own /proc.
+
+    ``host_pidns`` is the inode of the host's /proc/self/ns/pid, sent by the host. If we
+    are in the host's namespace, or cannot tell, we stop: this code signals processes by
+    pid and must never do so among the host's processes."""
+    try:
+        mine = os.stat("/proc/self/ns/pid").st_ino
+        proc_is_ours = os.readlink("/proc/self") == str(os.getpid())
+    except OSError as exc:
+        raise RuntimeError(f"cannot verify the pid namespace: {exc}") from exc
+    if not host_pidns or mine == int(host_pidns):
+        raise RuntimeError("not inside a private pid namespace: refusing to run")
+    if not proc_is_ours:
+        raise RuntimeError("/proc is not this pid namespace's: refusing to run")
+
+
+def _clean_dir(path):
+    """Remove what a request left in a writable tmpfs (next request starts pristine)."""
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return
+    if not names:
+        return
+    import shutil
+
+    def onerror(func, p, _exc):
+        os.chmod(os.path.dirname(p), 0o700)
+        func(p)
+
+    os.chmod(path, 0o1777)
+    for name in names:
+        p = os.path.join(path, name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            os.chmod(p, 0o700)
+            shutil.rmtree(p, onerror=onerror)
+        else:
+            os.unlink(p)
+
+
+def _envelope(handler, request):
+    """Run the handler on one request: JSON bytes of ``{"ok": value}`` or ``{"error": ...}``."""
+    try:
+        return json.dumps({"ok": handler(request)}, ensure_ascii=False).encode()
+    except MemoryError:
+        return _MEMORY_ERROR
+    except BaseException as exc:  # noqa: BLE001 - the program may raise anything
+        try:
+            tb = traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next)
+            err = {"type": type(exc).__name__, "message": str(exc)[:4000],
+                   "traceback": "".join(tb)[-8000:]}
+            return json.dumps({"error": err}, ensure_ascii=False).encode()
+        except BaseException:  # noqa: BLE001
+            return json.dumps({"error": {"type": type(exc).__name__, "message": "",
+                                         "traceback": ""}}).encode()
+
+
+def _child(handler, payload, w_resp, w_out, w_err, close_fds, lim, seed):
+    """Runs in the forked child: never returns.
+
+    ``payload`` is ``{"one": request}`` or ``{"batch": [request, ...]}``; a batch runs the
+    requests one after the other in this one child (random reseeded before each)."""
+    try:
+        os.setsid()  # own session and process group
+        if _DUMPABLE_RESET:
+            _prctl(PR_SET_DUMPABLE, 1)  # the program may inspect itself; not the server
+        os.dup2(w_out, 1)
+        os.dup2(w_err, 2)
+        for fd in (w_out, w_err, *close_fds):
+            os.close(fd)
+        apply_rlimits(lim, INFRA_PROCS_SERVER)
+        seed_random = sys.modules["random"].seed
+        msg = json.loads(payload)
+        if "batch" in msg:
+            parts = []
+            for request in msg["batch"]:
+                seed_random(seed)  # same seed for every request: deterministic
+                parts.append(_envelope(handler, request))
+            body = b'{"batch": [' + b", ".join(parts) + b"]}"
+        else:
+            seed_random(seed)
+            body = _envelope(handler, msg["one"])
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:  # noqa: BLE001
+                pass
+        _write_all(w_resp, body)
+    finally:
+        os._exit(0)
+
+
+class _Capture:
+    __slots__ = ("cap", "data", "total")
+
+    def __init__(self, cap):
+        self.cap, self.data, self.total = cap, bytearray(), 0
+
+    def feed(self, chunk):
+        self.total += len(chunk)
+        room = self.cap - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]
+
+
+def _run_one(handler, payload, lim, seed, proto_fds):
+    out_cap, resp_cap = int(lim["output_bytes"]), int(lim["response_bytes"])
+    r_out, w_out = os.pipe()
+    r_err, w_err = os.pipe()
+    r_resp, w_resp = os.pipe()
+    t0 = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r_out), os.close(r_err), os.close(r_resp)
+        _child(handler, payload, w_resp, w_out, w_err, proto_fds, lim, seed)
+    for fd in (w_out, w_err, w_resp):
+        os.close(fd)
+    caps = {r_out: _Capture(out_cap), r_err: _Capture(out_cap), r_resp: _Capture(resp_cap + 1)}
+    poller = select.poll()
+    for fd in caps:
+        poller.register(fd, select.POLLIN)
+    try:
+        pidfd = os.pidfd_open(pid)
+        poller.register(pidfd, select.POLLIN)
+    except (AttributeError, OSError):
+        pidfd = None
+    deadline = t0 + float(lim["wall_seconds"])
+    open_fds, timed_out, status = set(caps), False, None
+    while status is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            timed_out = True
+            break
+        wait_ms = remaining * 1000 if pidfd is not None else min(remaining * 1000, 5)
+        exited = pidfd is None
+        for fd, _ev in poller.poll(max(1, int(math.ceil(wait_ms)))):
+            if fd == pidfd:
+                exited = True
+            elif fd in open_fds:
+                chunk = os.read(fd, 1 << 16)
+                if chunk:
+                    caps[fd].feed(chunk)
+                else:
+                    poller.unregister(fd)
+                    open_fds.discard(fd)
+        if exited:
+            wpid, st = os.waitpid(pid, os.WNOHANG)
+            if wpid:
+                status = st
+    wall = time.monotonic() - t0
+    if status is None:  # timeout: kill its process group (it setsid'ed), then itself
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(pid, signal.SIGKILL)  # pid == its pgid: only ever our own child's
+            except (ProcessLookupError, PermissionError):
+                pass
+        status = os.waitpid(pid, 0)[1]
+    clean = _kill_descendants()  # whatever it left behind, by pid, within our subtree
+    for fd in open_fds:  # every writer is dead now: drain what is buffered
+        os.set_blocking(fd, False)
+        try:
+            while True:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    break
+                caps[fd].feed(chunk)
+        except BlockingIOError:
+            pass
+    for fd in caps:
+        os.close(fd)
+    if pidfd is not None:
+        os.close(pidfd)
+    out, err, resp = caps[r_out], caps[r_err], caps[r_resp]
+    header = {
+        "timed_out": timed_out,
+        "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+        "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+        "stdout_truncated": out.total > out_cap, "stderr_truncated": err.total > out_cap,
+        "response_bytes": resp.total, "too_large": resp.total > resp_cap,
+        "wall_seconds": wall, "clean": clean,
+    }
+    body = b"" if header["too_large"] else bytes(resp.data)
+    return header, bytes(out.data), bytes(err.data), body
+
+
+def serve(cfg):
+    proto_in, proto_out = os.dup(0), os.dup(1)  # non-inheritable copies
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)  # stray prints can never corrupt the protocol
+    os.close(devnull)
+
+    def send(header, out=b"", err=b"", resp=b""):
+        h = json.dumps(header).encode()
+        _write_all(proto_out, RESP_HEADER.pack(len(h), len(out), len(err), len(resp))
+                   + h + out + err + resp)
+
+    try:
+        check_private_pidns(cfg.get("host_pidns"))
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of requests stay in our subtree
+        global _DUMPABLE_RESET
+        _prctl(PR_SET_DUMPABLE, 0)  # requests (same uid) cannot ptrace the server
+        _DUMPABLE_RESET = True
+        while sys.path and sys.path[0] in ("", os.getcwd()):
+            del sys.path[0]
+        sys.path[:0] = list(cfg["sys_path"])
+        mod_name, _, func_name = cfg["handler"].partition(":")
+        import importlib
+
+        handler = importlib.import_module(mod_name)
+        for part in func_name.split("."):
+            handler = getattr(handler, part)
+        if not callable(handler):
+            raise TypeError(f"{cfg['handler']} is not callable")
+    except BaseException as exc:  # noqa: BLE001
+        send({"fatal": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        return 3
+    import random  # noqa: F401 - imported here so that every child can reseed it
+
+    lim, seed = cfg["limits"], cfg.get("seed", 0)
+    gc.collect()
+    gc.freeze()  # keep the imported heap shared copy-on-write with the children
+    send({"ready": True, "pid": os.getpid()})
+    while True:
+        head = _read_exact(proto_in, REQ_HEADER.size)
+        if head is None:
+            return 0
+        payload = _read_exact(proto_in, REQ_HEADER.unpack(head)[0])
+        if payload is None:
+            return 0
+        sys.stdout.flush(), sys.stderr.flush()
+        header, out, err, resp = _run_one(handler, payload, lim, seed, (proto_in, proto_out))
+        clean = header.pop("clean")
+        try:
+            for tmp in ("/tmp", "/dev/shm"):
+                _clean_dir(tmp)
+        except OSError:
+            clean = False
+        header["server_exiting"] = not clean
+        send(header, out, err, resp)
+        if not clean:
+            return 4  # could not restore a pristine sandbox: the host starts a new one
+
+
+def launch(lim, argv):
+    """One-shot mode: check the namespace, apply the rlimits, then become the command."""
+    try:
+        check_private_pidns(lim.get("host_pidns"))
+    except RuntimeError as exc:
+        os.write(2, f"sandbox: {exc}\n".encode())
+        os._exit(126)
+    apply_rlimits(lim, INFRA_PROCS_LAUNCHER)
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        os.write(2, f"sandbox: cannot execute {argv[0]!r}: {exc}\n".encode())
+        os._exit(127)
+
+
+def main(args):
+    if args[0] == "serve":
+        sys.exit(serve(json.loads(args[1])))
+    if args[0] == "launch":
+        launch(json.loads(args[1]), args[3:] if args[2] == "--" else args[2:])
+    sys.exit(f"sandbox runtime: unknown mode {args[0]!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

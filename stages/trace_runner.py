@@ -1,0 +1,70 @@
+"""Tracing programs in the sandbox: requests in, CWM trace records out, in input order.
+
+The tracer package (stages/tracer) is bound read-only into the sandbox as `cwtrace`, and a fork
+server per worker runs `cwtrace.worker:handle` on each request, so a program pays a fork, not an
+interpreter start. Every program is untrusted: it runs only there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from codeworld.config import TraceLimitsConfig
+from codeworld.sandbox import Limits, SandboxResult, map_requests
+
+TRACER_DIR = Path(__file__).resolve().parent / "tracer"
+HANDLER = "cwtrace.worker:handle"
+STATUSES = ("ok", "exception", "timeout", "killed", "too_long", "invalid")
+
+
+def sandbox_limits(cfg: TraceLimitsConfig) -> Limits:
+    return Limits(wall_seconds=cfg.wall_seconds, cpu_seconds=cfg.cpu_seconds,
+                  memory_bytes=cfg.memory_mb << 20, max_processes=8,
+                  response_bytes=max(4 * cfg.max_bytes, 1 << 20))
+
+
+def _failure(req: dict, status: str, error: str) -> dict:
+    return {"id": req.get("id"), "trace": None, "result": None, "error": error, "status": status,
+            "events": 0, "prompt": None, "frames": None}
+
+
+def interpret(req: dict, res: SandboxResult) -> dict:
+    """One sandbox result as a trace record (status ok / exception / timeout / killed /
+    too_long / invalid)."""
+    if res.status == "ok" and isinstance(res.response, dict):
+        out = dict(res.response)
+        out.setdefault("frames", None)
+        return out
+    if res.status == "timeout":
+        return _failure(req, "timeout", "Timeout: wall-clock limit exceeded")
+    if res.status == "too_large":
+        return _failure(req, "too_long", "TooLong: trace response over the size cap")
+    err = res.error or {}
+    what = f"{err.get('type', 'Killed')}: {err.get('message', '')}".rstrip(": ")
+    if res.status == "killed" and res.signal:
+        what = f"Killed: signal {res.signal}" + (f" ({what})" if err else "")
+    return _failure(req, "killed", what)
+
+
+def trace_requests(requests: list[dict], limits: TraceLimitsConfig, workers: int = 0,
+                   batch_size: int = 16, frames: bool = False) -> list[dict]:
+    """Trace each request ({"id", "code", "call"} or {"id", "code", "input", "entry"}) in the
+    sandbox; one record per request, in order. Malformed requests become status "invalid"."""
+    todo, out = [], [None] * len(requests)
+    for i, req in enumerate(requests):
+        if not isinstance(req, dict) or not isinstance(req.get("code"), str) or not (
+                isinstance(req.get("call"), str) or isinstance(req.get("input"), str)):
+            out[i] = _failure(req if isinstance(req, dict) else {}, "invalid",
+                              "Invalid: needs string fields 'code' and 'call' (or 'input')")
+        else:
+            todo.append(i)
+    bounds = {"max_events": limits.max_events, "max_bytes": limits.max_bytes}
+    payloads = [{**requests[i], "limits": bounds, "frames": frames} for i in todo]
+    results = map_requests(payloads, HANDLER, workers=workers or os.cpu_count() or 1,
+                           batch_size=batch_size,
+                           code_dirs={"/sandbox/lib/cwtrace": TRACER_DIR},
+                           limits=sandbox_limits(limits))
+    for i, req, res in zip(todo, payloads, results):
+        out[i] = interpret(req, res)
+    return out  # type: ignore[return-value]

@@ -1,0 +1,508 @@
+"""The tracer: run ``main()`` of a compiled program and record CWM frames.
+
+Two backends give the same frames (checked by the tests):
+
+* Python 3.12+: ``sys.monitoring``. Line/call/return/jump events are switched on only for the
+  program's own code objects (``set_local_events``), so library code costs nothing; exception
+  events (RAISE, PY_UNWIND, PY_THROW) can only be global and are filtered by a dict lookup.
+  Line events follow ``sys.settrace`` semantics (CWM's): a LINE event, plus one for every backward
+  jump (a loop iterating on one line), forward jumps being DISABLEd at their first firing.
+* Python 3.11: ``sys.settrace``; the global trace function returns None for every frame that is
+  not program code, so those frames are never traced line by line.
+
+Only code objects compiled from the program are traced; a library calling back into program code
+(a ``key=`` function given to ``sorted``) is traced, since the callback's code is the program's.
+
+Events -> frames:
+* call: a scope is entered (its ``def`` line) or a generator is resumed (the line it resumes at);
+* line: before a line runs (the text writes ``..`` for unchanged values, the structured frame
+  keeps full reprs). Locals are in the order of 3.11's ``f_locals`` dict (a name keeps its place
+  while bound; a new or re-bound one goes last), emulated on 3.13 where that order changed;
+* return: a return, or a generator's ``yield`` (VALUE = the yielded value; the scope stays alive
+  and its next ``next()`` emits a call frame again);
+* exception: an exception is raised in, or propagates into, a scope; VALUE = ``repr(exc)``,
+  e.g. ``"ZeroDivisionError('division by zero')"``. A scope left by an exception gets no return
+  frame; a re-raise at the end of a ``finally`` emits nothing either (as in Python 3.11).
+
+Limits: when a frame would exceed ``max_events`` or ``max_bytes``, that frame is dropped and an
+internal ``_TraceStop`` (a BaseException) is raised inside the program to unwind it; the partial
+frames and text are kept but the status is "too_long" (CWM dropped such traces: so must the
+caller). With ``sys.monitoring`` the stop is raised again at each later line if the program
+swallows it with a bare ``except``; ``sys.settrace`` turns itself off when a tracer raises, so on
+3.11 such a program runs on untraced until it ends or the sandbox kills it.
+
+Untraceable runs get status "invalid" ("untraceable: ..." in ``error``): a RecursionError during
+the traced call (the depth where it strikes depends on the tracer's own stack use, so the trace
+would not show what the program does untraced; on 3.11 the tracer itself can be the frame that
+overflows, and CPython then drops it silently), or a program that removes the tracer
+(``sys.settrace``) or frees its ``sys.monitoring`` tool id.
+
+Threads started by the program run untraced (only the calling thread is traced).
+"""
+
+from __future__ import annotations
+
+import builtins
+import dis
+import sys
+import threading
+
+from .frames import (_KEYS, _SAME, ACTION_SEP, ARG_SEP, CALL, CALL_SEP, EXCEPTION, EXCEPTION_SEP,
+                     FRAME_SEP, LINE, LINE_SEP, RETURN, RETURN_SEP, TraceLimits, TraceResult, _enc,
+                     _key, prompt_for)
+from .program import ITER_NAME, InvalidProgram, Program, compile_program
+from .reprs import _ADDRESS, _PLAIN, error_text, exception_repr, repr_failed, safe_repr
+
+HAS_MONITORING = hasattr(sys, "monitoring")
+_OP = dis.opmap
+_RETURN_OPS = frozenset(_OP[n] for n in ("RETURN_VALUE", "RETURN_CONST") if n in _OP)
+# 3.13's settrace reports a yield at the RESUME that follows YIELD_VALUE.
+_YIELD_OPS = frozenset(_OP[n] for n in ("YIELD_VALUE", "RESUME") if n in _OP)
+# A ``yield from``/``await`` whose sub-iterator finished: 3.11 (SEND) and 3.12+'s settrace
+# (END_SEND) report its internal StopIteration as an exception event; sys.monitoring does not.
+_SEND_OPS = frozenset(_OP[n] for n in ("SEND", "END_SEND") if n in _OP)
+_NO_INTERRUPT = _OP.get("JUMP_BACKWARD_NO_INTERRUPT", -1)
+_TOOL_NAME = "codeworld-tracer"
+# 3.11/3.12 keep one f_locals dict per frame: a name keeps its place while bound, a new or
+# re-bound one goes last. 3.13 (PEP 667) gives a view in slot order: the recorder emulates the
+# former so that the same program gives the same text on every version.
+_EMULATE_ORDER = sys.version_info >= (3, 13)
+_TOO_DEEP = ("RecursionError: the recursion limit was reached while tracing (where it is reached "
+             "depends on the tracer's own stack use, so the trace would not be the program's)")
+
+
+class _TraceStop(BaseException):
+    """Raised inside the traced program to unwind it once a limit is hit."""
+
+
+def _snapshot(items, prev: dict[str, str] | None, limit: int) -> tuple[dict[str, str], str]:
+    """Reprs of a frame's locals and their LOCALS text: ``json.dumps({name: repr})`` where a value
+    equal to its repr in ``prev`` is written ``".."``. The hot loop of the tracer: the repr
+    rules of :func:`.reprs.safe_repr` and the JSON of :func:`.frames.render_locals` are inlined
+    (the tests check both give the same text)."""
+    loc = {}
+    out = []
+    keys = _KEYS
+    plain = _PLAIN
+    for name, value in items:
+        try:
+            text = repr(value)
+        except Exception as exc:  # a user __repr__, or an int over the str-conversion limit
+            text = repr_failed(value, exc)
+        else:
+            if type(value) not in plain:
+                if " at 0x" in text:
+                    text = _ADDRESS.sub("", text)
+                if "str_ascii_iterator" in text:
+                    text = text.replace("str_ascii_iterator", "str_iterator")
+            if len(text) > limit:
+                text = f"{text[:limit]}...<truncated {len(text) - limit} chars>"
+        loc[name] = text
+        if prev is not None and prev.get(name) == text:
+            out.append((keys.get(name) or _key(name)) + _SAME)
+        else:
+            out.append((keys.get(name) or _key(name)) + _enc(text))
+    return loc, "{" + ", ".join(out) + "}"
+
+
+class _Recorder:
+    """Turns tracer events into frame records and their CWM text, as they happen.
+
+    A record is ``(kind, scope, line, locals, value)`` (``TraceResult.frames`` makes Frame
+    objects of them on demand); the text of every record but the first (main's call frame) is
+    appended to ``parts``. ``last_scope``/``last_locals`` are the ``..`` rule's state (see
+    :class:`.frames.Renderer`, which renders the same text from Frame objects).
+    """
+
+    __slots__ = ("lines", "nlines", "infos", "max_events", "max_bytes", "max_repr", "recs", "parts",
+                 "nbytes", "scopes", "orders", "next_scope", "last_scope", "last_locals", "active",
+                 "too_long", "broken", "jump", "mark")
+
+    def __init__(self, prog: Program, limits: TraceLimits) -> None:
+        self.lines = prog.lines
+        self.nlines = len(prog.lines)
+        self.infos = prog.infos
+        self.max_events = limits.max_events
+        self.max_bytes = limits.max_bytes
+        self.max_repr = limits.max_repr
+        self.recs: list[tuple] = []
+        self.parts: list[str] = []
+        self.nbytes = 0  # UTF-8 size of parts
+        self.scopes: dict[object, int] = {}  # live frame object -> scope id
+        self.orders: dict[int, tuple] = {}  # scope -> (emulated, slot) order of its locals (3.13+)
+        self.next_scope = 0
+        self.last_scope = -1  # scope of the last record
+        self.last_locals: dict[str, str] | None = None  # its locals if a call/line record
+        self.active = True  # False once main has finished, a limit was hit or tracing failed
+        self.too_long = False
+        self.broken: str | None = None  # why the trace cannot be trusted
+        self.jump: tuple[object, int] | None = None  # (frame, dest) of the last backward jump
+        self.mark: tuple | None = None  # state before the last scope entry (generator closing)
+
+    def fail(self, reason: str) -> None:
+        self.active = False
+        if self.broken is None:
+            self.broken = reason
+
+    def push(self, rec: tuple, piece: str) -> None:
+        recs = self.recs
+        if recs:
+            size = len(piece) if piece.isascii() else len(piece.encode("utf-8", "surrogatepass"))
+            if len(recs) >= self.max_events or self.nbytes + size > self.max_bytes:
+                self.active = False
+                self.too_long = True
+                raise _TraceStop
+            self.nbytes += size
+            self.parts.append(piece)
+        recs.append(rec)
+
+    def items(self, frame, scope: int):
+        """The frame's locals in 3.11's order (3.13+ only, see ``_EMULATE_ORDER``)."""
+        cur = frame.f_locals
+        names = list(cur)  # slot order
+        state = self.orders.get(scope)
+        if state is None:
+            self.orders[scope] = (names, names)
+            return cur.items()
+        order, last = state
+        if names != last:  # some name was bound or unbound since the last snapshot
+            kept = [k for k in order if k in cur]
+            seen = set(kept)
+            order = kept + [k for k in names if k not in seen]
+            self.orders[scope] = (order, names)
+        if order == names:
+            return cur.items()
+        return [(k, cur[k]) for k in order]
+
+    def new_scope(self, frame) -> int:
+        scope = self.scopes[frame] = self.next_scope
+        self.next_scope += 1
+        return scope
+
+    def line(self, frame, line: int) -> None:
+        scope = self.scopes.get(frame)
+        if scope is None:
+            scope = self.new_scope(frame)
+        prev = self.last_locals if self.last_scope == scope else None
+        loc, js = _snapshot(self.items(frame, scope) if _EMULATE_ORDER else frame.f_locals.items(),
+                            prev, self.max_repr)
+        self.last_scope = scope
+        self.last_locals = loc
+        self.push((LINE, scope, line, loc, None),
+                  LINE_SEP + js + ACTION_SEP
+                  + (self.lines[line - 1] if 0 < line <= self.nlines else "\n") + FRAME_SEP)
+
+    def enter(self, frame, info) -> None:
+        """A scope is entered (call frame at its def line) or a generator resumed (call frame at
+        the line it resumes at)."""
+        self.mark = (frame, len(self.recs), len(self.parts), self.nbytes, self.last_scope,
+                     self.last_locals, self.next_scope)
+        scope = self.scopes.get(frame)
+        if scope is None:
+            line = info.def_line
+            scope = self.new_scope(frame)
+        else:
+            line = frame.f_lineno
+        loc, js = _snapshot(self.items(frame, scope) if _EMULATE_ORDER else frame.f_locals.items(),
+                            None, self.max_repr)
+        self.last_scope = scope
+        self.last_locals = loc
+        self.push((CALL, scope, line, loc, None),
+                  CALL_SEP + js + ACTION_SEP
+                  + (self.lines[line - 1] if 0 < line <= self.nlines else "\n") + FRAME_SEP)
+
+    def _value_frame(self, kind: str, sep: str, scope: int, line: int, value: str) -> None:
+        if self.last_scope != scope:
+            self.last_scope = scope
+            self.last_locals = None
+        self.push((kind, scope, line, None, value),
+                  sep + ACTION_SEP + (self.lines[line - 1] if 0 < line <= self.nlines else "\n")
+                  + ARG_SEP + _enc(value) + FRAME_SEP)
+
+    def leave(self, frame, value, yielded: bool) -> None:
+        """A return, or a generator's yield (the scope stays alive)."""
+        if yielded:
+            scope = self.scopes.get(frame, -1)
+        else:
+            scope = self.scopes.pop(frame, -1)
+            if _EMULATE_ORDER:
+                self.orders.pop(scope, None)
+            if scope == 0:
+                self.active = False  # main returned: nothing after its return frame
+        self._value_frame(RETURN, RETURN_SEP, scope, frame.f_lineno,
+                          safe_repr(value, self.max_repr))
+
+    def exception(self, frame, exc) -> None:
+        if isinstance(exc, RecursionError):
+            self.fail(_TOO_DEEP)
+            return
+        scope = self.scopes.get(frame)
+        if scope is None:
+            scope = self.new_scope(frame)
+        self._value_frame(EXCEPTION, EXCEPTION_SEP, scope, frame.f_lineno,
+                          exception_repr(exc, self.max_repr))
+
+    def unwind(self, frame) -> None:
+        """The frame is left by an exception (its exception frame was already recorded)."""
+        scope = self.scopes.pop(frame, -1)
+        if _EMULATE_ORDER:
+            self.orders.pop(scope, None)
+        if scope == 0:
+            self.active = False
+        mark = self.mark
+        if mark is not None and mark[0] is frame and len(self.recs) == mark[1] + 2:
+            # A generator closed (GeneratorExit thrown in at its yield, or before it started)
+            # that ran no line: newer CPythons do not even run such a frame, so drop it.
+            rec = self.recs[-1]
+            if rec[0] == EXCEPTION and rec[4].startswith("GeneratorExit("):
+                del self.recs[mark[1]:], self.parts[mark[2]:]
+                self.nbytes = mark[3]
+                self.last_scope, self.last_locals = mark[4], mark[5]
+                self.next_scope = mark[6]
+        self.mark = None
+
+
+# --------------------------------------------------------------------------- sys.settrace
+
+
+def _run_settrace(rec: _Recorder, main):
+    infos = rec.infos
+    line = rec.line
+    raised: set = set()  # frames with an exception event and no line event since
+
+    def local(frame, event, arg):
+        if not rec.active:
+            return None
+        try:
+            if event == "line":
+                if raised:
+                    raised.discard(frame)
+                line(frame, frame.f_lineno)
+            elif event == "return":
+                op = infos[id(frame.f_code)].code_bytes[frame.f_lasti]
+                if frame in raised:  # leaving by an exception (its frame is already recorded)
+                    raised.discard(frame)
+                    if op not in _RETURN_OPS:
+                        rec.unwind(frame)
+                        return local
+                if op in _RETURN_OPS:
+                    rec.leave(frame, arg, False)
+                elif op in _YIELD_OPS:
+                    rec.leave(frame, arg, True)
+                else:  # unwinding after a re-raise (end of a finally block)
+                    rec.unwind(frame)
+            elif event == "exception":
+                if arg[0] is StopIteration and \
+                        infos[id(frame.f_code)].code_bytes[frame.f_lasti] in _SEND_OPS:
+                    return local  # the sub-iterator of a ``yield from``/``await`` finished
+                raised.add(frame)
+                rec.exception(frame, arg[1])
+        except RecursionError:  # no stack left for the tracer itself
+            rec.fail(_TOO_DEEP)
+            return None
+        return local
+
+    def glob(frame, event, arg):
+        if event != "call" or not rec.active:
+            return None
+        info = infos.get(id(frame.f_code))
+        if info is None:
+            return None  # not the program's code: not traced, nor anything it calls directly
+        try:
+            rec.enter(frame, info)
+        except RecursionError:
+            rec.fail(_TOO_DEEP)
+            return None
+        return local
+
+    previous = sys.gettrace()
+    sys.settrace(glob)
+    try:
+        return main()
+    finally:
+        # CPython drops a trace function that raised (our _TraceStop); anything else that
+        # removed it is the program (sys.settrace): the rest of its run went unrecorded.
+        if sys.gettrace() is not glob and not rec.too_long and rec.active:
+            rec.fail("the program replaced the tracer (sys.settrace)")
+        sys.settrace(previous)
+
+
+# --------------------------------------------------------------------------- sys.monitoring
+
+
+def _acquire_tool() -> int | None:
+    mon = sys.monitoring
+    for tool in (3, 4, 5, 2, 1, 0):  # unnamed ids first (0/1/2/5: debugger/coverage/profiler/opt)
+        if mon.get_tool(tool) is None:
+            try:
+                mon.use_tool_id(tool, _TOOL_NAME)
+            except ValueError:
+                continue
+            return tool
+    return None
+
+
+def _run_monitoring(rec: _Recorder, main, prog: Program, tool: int):
+    mon = sys.monitoring
+    ev = mon.events
+    DISABLE = mon.DISABLE
+    infos = rec.infos
+    getframe = sys._getframe
+    get_ident = threading.get_ident
+    tid = get_ident()
+    line = rec.line
+
+    def on_start(code, offset):
+        if rec.active and get_ident() == tid:
+            try:
+                rec.enter(getframe(1), infos[id(code)])
+            except RecursionError:
+                rec.fail(_TOO_DEEP)
+
+    def on_throw(code, offset, exc):
+        info = infos.get(id(code))
+        if info is not None and rec.active and get_ident() == tid:
+            try:
+                rec.enter(getframe(1), info)
+            except RecursionError:
+                rec.fail(_TOO_DEEP)
+
+    def on_return(code, offset, value):
+        if rec.active and get_ident() == tid:
+            try:
+                rec.leave(getframe(1), value, False)
+            except RecursionError:
+                rec.fail(_TOO_DEEP)
+
+    def on_yield(code, offset, value):
+        if rec.active and get_ident() == tid:
+            try:
+                rec.leave(getframe(1), value, True)
+            except RecursionError:
+                rec.fail(_TOO_DEEP)
+
+    def on_line(code, lineno):
+        if not rec.active or get_ident() != tid:
+            # (never DISABLE here: the program's code objects are cached and reused)
+            if rec.too_long and get_ident() == tid:
+                raise _TraceStop  # the program swallowed the first one
+            return None
+        frame = getframe(1)
+        jump = rec.jump
+        if jump is not None:
+            rec.jump = None
+            if jump[0] is frame and frame.f_lasti == jump[1]:
+                return None  # already recorded for the backward jump that led here
+        try:
+            line(frame, lineno)
+        except RecursionError:
+            rec.fail(_TOO_DEEP)
+
+    def on_jump(code, src, dest):
+        if dest > src:
+            return DISABLE
+        info = infos[id(code)]
+        if info.code_bytes[src] == _NO_INTERRUPT:  # yield-from/await loop: no line (as 3.11)
+            return DISABLE
+        if rec.active and get_ident() == tid:
+            frame = getframe(1)
+            try:
+                line(frame, info.line_of(dest))
+            except RecursionError:
+                rec.fail(_TOO_DEEP)
+                return None
+            rec.jump = (frame, dest)
+        return None
+
+    def on_raise(code, offset, exc):
+        if rec.active and id(code) in infos and get_ident() == tid:
+            try:
+                rec.exception(getframe(1), exc)
+            except RecursionError:
+                rec.fail(_TOO_DEEP)
+
+    def on_unwind(code, offset, exc):
+        if rec.active and id(code) in infos and get_ident() == tid:
+            rec.unwind(getframe(1))
+
+    callbacks = {ev.PY_START: on_start, ev.PY_RESUME: on_start, ev.PY_RETURN: on_return,
+                 ev.PY_YIELD: on_yield, ev.LINE: on_line, ev.JUMP: on_jump,
+                 ev.RAISE: on_raise, ev.PY_UNWIND: on_unwind, ev.PY_THROW: on_throw}
+    local = ev.PY_START | ev.PY_RESUME | ev.PY_RETURN | ev.PY_YIELD | ev.LINE | ev.JUMP
+    try:
+        for event, cb in callbacks.items():
+            mon.register_callback(tool, event, cb)
+        for code in prog.codes:
+            mon.set_local_events(tool, code, local)
+        # exception events cannot be local: filtered by the ``id(code) in infos`` checks
+        mon.set_events(tool, ev.RAISE | ev.PY_UNWIND | ev.PY_THROW)
+        return main()
+    finally:
+        if mon.get_tool(tool) == _TOOL_NAME:  # (unless the program freed it)
+            mon.set_events(tool, 0)
+            for code in prog.codes:
+                mon.set_local_events(tool, code, 0)
+            for event in callbacks:
+                mon.register_callback(tool, event, None)
+            mon.free_tool_id(tool)
+        else:
+            rec.fail("the program released the tracer's sys.monitoring tool id")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def trace_call(code: str, call: str, *, entry_filename: str = "<program>",
+               limits: TraceLimits = TraceLimits(), module_name: str = "__main__",
+               backend: str | None = None) -> TraceResult:
+    """Trace ``main()`` where ``main`` returns ``call`` evaluated after ``code``'s module body.
+
+    The module body runs untraced, as ``module_name`` (``if __name__ == "__main__":`` blocks
+    run too: pass another name to skip them). ``backend`` is "monitoring" (3.12+ default) or
+    "settrace" (3.11 default; also usable on 3.12+, for comparison).
+    """
+    try:
+        prog = compile_program(code, call, entry_filename)
+    except InvalidProgram as exc:
+        return TraceResult(status="invalid", error=str(exc))
+    result = TraceResult(status="ok", prompt=prompt_for(prog.context))
+    namespace = {"__name__": module_name, "__builtins__": builtins}
+    if prog.rewritten:
+        namespace[ITER_NAME] = iter
+    try:
+        for module in prog.modules:
+            exec(module, namespace)
+    except (Exception, SystemExit, GeneratorExit) as exc:
+        result.status, result.error = "invalid", "module body raised " + error_text(exc)
+        return result
+    main = namespace.get("main")
+    if getattr(main, "__code__", None) is not prog.main_code:
+        result.status, result.error = "invalid", "the module body rebound 'main'"
+        return result
+
+    rec = _Recorder(prog, limits)
+    if backend is None:
+        backend = "monitoring" if HAS_MONITORING else "settrace"
+    tool = _acquire_tool() if backend == "monitoring" else None
+    try:
+        if tool is not None:
+            value = _run_monitoring(rec, main, prog, tool)
+        else:
+            value = _run_settrace(rec, main)
+        result.result = safe_repr(value, limits.max_repr)
+    except _TraceStop:
+        pass
+    except (Exception, SystemExit, GeneratorExit) as exc:  # (KeyboardInterrupt goes through)
+        result.status, result.error = "exception", error_text(exc)
+    if rec.too_long:
+        result.status, result.result = "too_long", None
+        result.error = (f"trace over its limits (max_events={limits.max_events}, "
+                        f"max_bytes={limits.max_bytes})")
+    elif rec.broken is not None:
+        result.status, result.result = "invalid", None
+        result.error = "untraceable: " + rec.broken
+    result._records = rec.recs
+    result._lines = rec.lines
+    result.events = len(rec.recs)
+    result.text = "".join(rec.parts)
+    return result

@@ -1,0 +1,146 @@
+"""Trace frames and their CWM text rendering (BRIEF.md, "The CWM trace format").
+
+call / line:        <|call_sep|>LOCALS<|action_sep|>SOURCE<|frame_sep|>   (line: state before it runs)
+return / exception: <|return_sep|><|action_sep|>SOURCE<|arg_sep|>VALUE<|frame_sep|>
+
+LOCALS is ``json.dumps({name: repr})`` and VALUE ``json.dumps(repr)``. We build the JSON by hand
+with the encoder ``json.dumps`` itself uses for strings (same bytes, a few times faster).
+
+The ``..`` rule (see :class:`Renderer`): in a line frame, a local whose repr equals its repr in the
+previous frame is ``".."`` -- but only when that previous frame belongs to the same scope (one
+activation of a code object). When any other scope emitted a frame in between (a nested call, a
+comprehension, a callback from a library, an exception coming up from a callee), the next frame of
+the scope repeats every local in full, as CWM's own generations do; then ``..`` resumes. Call
+frames (entering or resuming a scope) are always written in full.
+
+The recorder (``core._Recorder``) applies the same rules inline while tracing, for speed; the
+tests check that :func:`render` of its frames gives back its text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as _enc
+
+TRACE_CONTEXT_START = "<|trace_context_start|>"
+FRAME_SEP = "<|frame_sep|>"
+CALL_SEP = "<|call_sep|>"
+LINE_SEP = "<|line_sep|>"
+RETURN_SEP = "<|return_sep|>"
+EXCEPTION_SEP = "<|exception_sep|>"
+ACTION_SEP = "<|action_sep|>"
+ARG_SEP = "<|arg_sep|>"
+
+CALL, LINE, RETURN, EXCEPTION = "call", "line", "return", "exception"
+_SEP = {CALL: CALL_SEP, LINE: LINE_SEP, RETURN: RETURN_SEP, EXCEPTION: EXCEPTION_SEP}
+_SAME = '"' + '..' + '"'
+
+
+@dataclass(slots=True)
+class Frame:
+    """One trace event. ``locals`` holds full reprs (``..`` is applied only when rendering);
+    it is None for return/exception frames, ``value`` is None for call/line frames."""
+
+    kind: str  # "call" | "line" | "return" | "exception"
+    scope: int  # activation id: 0 is main, then numbered in order of first entry
+    line: int  # 1-based line in the context
+    source: str  # that physical line, indentation and trailing newline included
+    locals: dict[str, str] | None = None
+    value: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TraceLimits:
+    """CWM dropped traces over 10k events or 1 MB; ``max_repr`` bounds one value's repr."""
+
+    max_events: int = 10_000  # frames recorded, main's call frame included
+    max_bytes: int = 1_000_000  # UTF-8 bytes of ``text``
+    max_repr: int = 200  # chars kept of one repr before "...<truncated N chars>"
+
+
+@dataclass(slots=True)
+class TraceResult:
+    status: str  # "ok" | "exception" | "too_long" | "invalid"
+    prompt: str = ""  # <|trace_context_start|> + context + <|frame_sep|>
+    text: str = ""  # frames after main's call frame through main's return/exception frame
+    result: str | None = None  # repr of main's return value ("ok" only)
+    error: str | None = None  # "TypeName: message", or why the trace is too_long / invalid
+    events: int = 0  # len(frames), main's call frame included
+    # The recorder keeps plain tuples; :attr:`frames` builds Frame objects on first use (a fork
+    # server that only ships ``text`` never pays for them).
+    _records: list = field(default_factory=list, repr=False, compare=False)
+    _lines: list = field(default_factory=list, repr=False, compare=False)
+    _frames: list | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def frames(self) -> list[Frame]:
+        """Structured frames, main's call frame first (``render(frames[1:]) == text``)."""
+        if self._frames is None:
+            lines, n = self._lines, len(self._lines)
+            self._frames = [Frame(kind, scope, line, lines[line - 1] if 0 < line <= n else "\n",
+                                  loc, value)
+                            for kind, scope, line, loc, value in self._records]
+        return self._frames
+
+
+_KEYS: dict[str, str] = {}  # local name -> '"name": ' (names repeat across frames)
+
+
+def _key(name: str) -> str:
+    if len(_KEYS) > 100_000:
+        _KEYS.clear()
+    key = _KEYS[name] = _enc(name) + ": "
+    return key
+
+
+def render_locals(loc: dict[str, str], prev: dict[str, str] | None) -> str:
+    """``json.dumps(loc)`` with ``".."`` for values equal to those in ``prev``."""
+    if not loc:
+        return "{}"
+    keys = _KEYS
+    if prev is None:
+        return "{" + ", ".join([(keys.get(k) or _key(k)) + _enc(v) for k, v in loc.items()]) + "}"
+    get = prev.get
+    return "{" + ", ".join([(keys.get(k) or _key(k)) + (_SAME if get(k) == v else _enc(v))
+                            for k, v in loc.items()]) + "}"
+
+
+class Renderer:
+    """Incremental frame -> text, keeping the state the ``..`` rule needs: only the locals of
+    the scope that emitted the last frame can be referenced, so one snapshot is enough."""
+
+    __slots__ = ("_scope", "_prev")
+
+    def __init__(self) -> None:
+        self._scope: int | None = None
+        self._prev: dict[str, str] | None = None
+
+    def state(self) -> tuple:
+        return self._scope, self._prev
+
+    def restore(self, state: tuple) -> None:
+        self._scope, self._prev = state
+
+    def add(self, fr: Frame) -> str:
+        kind = fr.kind
+        if kind == LINE:
+            prev = self._prev if self._scope == fr.scope else None
+            self._scope, self._prev = fr.scope, fr.locals
+            return LINE_SEP + render_locals(fr.locals, prev) + ACTION_SEP + fr.source + FRAME_SEP
+        if kind == CALL:
+            self._scope, self._prev = fr.scope, fr.locals
+            return CALL_SEP + render_locals(fr.locals, None) + ACTION_SEP + fr.source + FRAME_SEP
+        if self._scope != fr.scope:
+            self._scope, self._prev = fr.scope, None
+        return (_SEP[kind] + ACTION_SEP + fr.source + ARG_SEP + _enc(fr.value)
+                + FRAME_SEP)
+
+
+def render(frames: list[Frame]) -> str:
+    """CWM text of ``frames`` (pass ``result.frames[1:]`` to get ``result.text``)."""
+    r = Renderer()
+    return "".join([r.add(f) for f in frames])
+
+
+def prompt_for(context: str) -> str:
+    return TRACE_CONTEXT_START + context + FRAME_SEP

@@ -1,0 +1,81 @@
+"""Reprs for trace frames: address-free, never raising, bounded in length.
+
+A trace is training data, so the same program must give the same text on every run and every
+machine. Three things in a plain ``repr`` break that or blow up the size:
+
+* memory addresses (``<foo.Bar object at 0x7f3a...>``): every `` at 0x<hex>`` followed by
+  ``>``, ``;``, ``:``, ``,`` or ``)`` is removed, giving ``<foo.Bar object>``, ``<function f>``,
+  ``<list_iterator object>``, ``<generator object gen>``, ``<weakref; to 'A'>``;
+* Python 3.11+'s ``str_ascii_iterator`` (an implementation detail of ASCII strings): written
+  ``str_iterator``, the name CWM's own traces use for iterating a ``str``;
+* very long values: the first ``limit`` characters are kept and ``...<truncated N chars>`` is
+  appended, N being how many characters were cut. The full repr is computed to know N, so a huge
+  value still costs its repr at every frame; the sandbox's time limit bounds that.
+
+A ``__repr__`` that raises gives ``<repr of TypeName raised ExcName>`` instead of failing the
+trace. A top-level str or bytes is never scrubbed (its text is the user's data); inside a
+container only text matching the address pattern above would be.
+"""
+
+from __future__ import annotations
+
+import re
+
+DEFAULT_MAX_REPR = 200
+
+# " at 0x7f3a..." before the end of a repr or a separator: <f at 0x..>, <weakref at 0x..; to ..>,
+# <cell at 0x..: int object at 0x..>. Not before a quote, so a str inside a list stays as it is.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+(?=[>;:,)])")
+# Types whose repr never carries an address: skip the scrub checks for them.
+_PLAIN = frozenset({int, float, bool, complex, type(None), str, bytes})
+
+
+def truncate(text: str, limit: int = DEFAULT_MAX_REPR) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...<truncated {len(text) - limit} chars>"
+
+
+def repr_failed(value: object, exc: BaseException) -> str:
+    """Placeholder for a ``__repr__`` that raised (also: an int too long for ``str``)."""
+    return f"<repr of {type(value).__qualname__} raised {type(exc).__name__}>"
+
+
+def scrub(text: str) -> str:
+    """Remove memory addresses and version-specific iterator names from a repr."""
+    if " at 0x" in text:
+        text = _ADDRESS.sub("", text)
+    if "str_ascii_iterator" in text:
+        text = text.replace("str_ascii_iterator", "str_iterator")
+    return text
+
+
+def safe_repr(value: object, limit: int = DEFAULT_MAX_REPR) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:  # a user __repr__ (or int > sys.get_int_max_str_digits()) failed
+        return repr_failed(value, exc)
+    if type(value) not in _PLAIN:
+        text = scrub(text)
+    if len(text) > limit:
+        return f"{text[:limit]}...<truncated {len(text) - limit} chars>"
+    return text
+
+
+def exception_repr(exc: BaseException, limit: int = DEFAULT_MAX_REPR) -> str:
+    """The VALUE of an exception frame: the exception's repr, e.g.
+    ``ZeroDivisionError('division by zero')`` (same rules as :func:`safe_repr`)."""
+    return safe_repr(exc, limit)
+
+
+def error_text(exc: BaseException, limit: int = 1000) -> str:
+    """``TypeName: message`` (just ``TypeName`` when the message is empty), as the last line of
+    a traceback; a message over ``limit`` characters is truncated like a repr."""
+    name = type(exc).__name__
+    try:
+        msg = str(exc)
+    except Exception:
+        msg = ""
+    if not msg.isascii():  # no lone surrogates in JSON responses
+        msg = msg.encode("utf-8", "backslashreplace").decode("utf-8")
+    return f"{name}: {truncate(scrub(msg), limit)}" if msg else name

@@ -1,0 +1,479 @@
+"""The sandbox (codeworld.sandbox) against hostile programs.
+
+Safety: every hostile program below runs only through the sandbox, only after the
+session fixture ``probe`` verified (with harmless code) that the sandbox has its own pid
+namespace, a non-root uid and working rlimits; and each hostile snippet starts with
+``GUARD``, which re-checks the pid namespace inside the sandbox and refuses to go on in
+the host's. Fork-bomb limits are tiny (16 processes, 2 s).
+"""
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from codeworld.sandbox import (INSTALL_HINT, CommandResult, ForkServer, Limits, SandboxError,
+                               SandboxUnavailable, map_requests, run_command)
+
+REPO = Path(__file__).resolve().parents[1]
+HANDLERS = {"/sandbox/lib/sandbox_handlers.py": str(REPO / "tests" / "sandbox_handlers.py")}
+RUN_CODE = "sandbox_handlers:run_code"
+HOST_PIDNS = os.stat("/proc/self/ns/pid").st_ino
+GUARD = (f"import os\nif os.stat('/proc/self/ns/pid').st_ino == {HOST_PIDNS}:\n"
+         f"    raise SystemExit('not sandboxed: refusing')\n")
+SMALL = Limits(wall_seconds=5, cpu_seconds=5, memory_bytes=512 << 20, max_processes=16,
+               output_bytes=64 << 10)
+
+# In CI the sandbox must be there (make test installs it): a missing bwrap fails, not skips.
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None and not os.environ.get("CI"),
+                                reason=f"bubblewrap is not installed: {INSTALL_HINT}")
+
+
+def hostile(code: str) -> dict:
+    return {"code": GUARD + textwrap.dedent(code)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def sentinel():
+    """A host process of ours that nothing in the sandbox may touch."""
+    proc = subprocess.Popen(["sleep", "600"])
+    yield proc
+    assert _alive(proc.pid), "the host sentinel process was killed"
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="session")
+def probe(sentinel):
+    """Harmless checks that must hold before any hostile program runs."""
+    code = textwrap.dedent("""
+        import os, resource
+        result = {"ns": os.stat("/proc/self/ns/pid").st_ino, "pid": os.getpid(),
+                  "uid": os.getuid(), "proc_self": os.readlink("/proc/self"),
+                  "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+                  "nproc": resource.getrlimit(resource.RLIMIT_NPROC),
+                  "as": resource.getrlimit(resource.RLIMIT_AS)}
+    """)
+    with ForkServer(RUN_CODE, HANDLERS, SMALL) as server:
+        res = server.call({"code": code})
+    assert res.ok, res
+    got = res.response["result"]
+    if got["ns"] == HOST_PIDNS or got["pid"] > 50 or got["proc_self"] != str(got["pid"]):
+        pytest.exit(f"sandbox has no private pid namespace: {got}", returncode=3)
+    if got["uid"] == 0 or got["nproc"][0] > 64 or got["as"][0] != SMALL.memory_bytes:
+        pytest.exit(f"sandbox rlimits/uid not applied: {got}", returncode=3)
+    return got
+
+
+@pytest.fixture(scope="module")
+def server(probe):
+    with ForkServer(RUN_CODE, HANDLERS, SMALL) as srv:
+        yield srv
+
+
+def _pids_after(server) -> list[int]:
+    """Pids of the sandbox's namespace seen by a fresh request: must be bwrap + server + it."""
+    res = server.call({"code": "import os\nresult = sorted(int(p) for p in os.listdir('/proc')"
+                               " if p.isdigit())"})
+    assert res.ok, res
+    return res.response["result"]
+
+
+def _assert_healthy(server, sentinel):
+    assert len(_pids_after(server)) == 3, "something survived the previous request"
+    assert server.call({"code": "result = 6 * 7"}).response == {"result": 42}
+    assert _alive(sentinel.pid)
+
+
+# -- isolation -------------------------------------------------------------------------------
+
+def test_probe_isolation(probe, server):
+    assert probe["uid"] != 0 and probe["nproc"][0] == SMALL.max_processes + 2
+    res = server.call({"code": "import os\nresult = sorted(os.listdir('/'))"})
+    assert set(res.response["result"]) <= {"bin", "dev", "etc", "lib", "lib32", "lib64",
+                                            "libx32", "proc", "root", "sandbox", "sbin",
+                                            "tmp", "usr"}
+    res = server.call({"code": "import os\nresult = sorted(os.listdir('/etc'))"})
+    assert res.response["result"] == ["ld.so.cache"]
+
+
+def test_writes_outside_tmp_fail(server, sentinel, tmp_path):
+    target = REPO / "PWNED_BY_SANDBOX"
+    for path in ("/etc/passwd", "/etc/x", "/usr/x", str(target), "/sandbox/lib/x",
+                 sys.base_prefix + "/x", "/x"):
+        res = server.call(hostile(f"open({path!r}, 'w').write('x')"))
+        assert res.status == "error" and res.error["type"] in (
+            "OSError", "PermissionError", "FileNotFoundError"), (path, res)
+    assert not target.exists()
+    # /tmp is private, writable, and pristine again for the next request
+    assert server.call({"code": "open('/tmp/f', 'w').write('x')\nresult = 1"}).ok
+    assert server.call({"code": "import os\nresult = os.listdir('/tmp')"}).response == {
+        "result": []}
+    _assert_healthy(server, sentinel)
+
+
+def test_reads_of_secrets_fail(server, sentinel, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("topsecret")
+    for path in ("/etc/shadow", str(secret), str(REPO / "pyproject.toml"),
+                 str(REPO / "tests" / "test_sandbox.py"), "/root/.bash_history",
+                 os.path.expanduser("~/.ssh/id_rsa")):
+        res = server.call(hostile(f"result = open({path!r}).read()"))
+        assert res.status == "error" and res.error["type"] in (
+            "FileNotFoundError", "PermissionError"), (path, res)
+    res = server.call({"code": "import os\nresult = os.listdir('/root')"})
+    assert res.response["result"] == [".pyenv"]  # only the path to the Python install
+
+
+def test_environment_is_scrubbed(probe, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "topsecret")
+    code = """
+        import glob
+        seen = dict(os.environ)
+        blobs = []
+        for name in glob.glob('/proc/[0-9]*/environ') + glob.glob('/proc/[0-9]*/cmdline'):
+            try:
+                blobs.append(open(name, 'rb').read().decode('utf-8', 'replace'))
+            except OSError:
+                pass
+        result = {'env': seen, 'proc': blobs}
+    """
+    with ForkServer(RUN_CODE, HANDLERS, SMALL, env={"EXTRA": "1"}) as srv:
+        res = srv.call(hostile(code))
+    assert res.ok, res
+    env = res.response["result"]["env"]
+    assert "AWS_SECRET_ACCESS_KEY" not in env and env["EXTRA"] == "1"
+    assert not any("topsecret" in b for b in res.response["result"]["proc"])
+    assert set(env) <= {"PATH", "LANG", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE",
+                        "PYTHONNOUSERSITE", "HOME", "TMPDIR", "PWD", "EXTRA"}
+    r = run_command(["sh", "-c", "env; cat /proc/[0-9]*/environ"])
+    assert r.returncode == 0 and "topsecret" not in r.stdout
+
+
+def test_no_network(server, sentinel):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    try:
+        res = server.call(hostile(f"""
+            import socket
+            s = socket.create_connection(('127.0.0.1', {port}), timeout=2)
+            result = 'connected'
+        """))
+        assert res.status == "error" and res.error["type"] == "ConnectionRefusedError", res
+        res = server.call(hostile("""
+            import socket
+            s = socket.create_connection(('1.1.1.1', 53), timeout=2)
+            result = 'connected'
+        """))
+        assert res.status == "error", res  # no route: the namespace has only "lo"
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing ever reached the host's loopback
+    finally:
+        listener.close()
+    res = server.call({"code": "import socket\nresult = [n for _, n in "
+                               "socket.if_nameindex()]"})
+    assert res.response["result"] == ["lo"]
+    _assert_healthy(server, sentinel)
+
+
+# -- resource exhaustion ---------------------------------------------------------------------
+
+def test_fork_bomb_is_contained(server, sentinel):
+    # RLIMIT_NPROC bounds what a program may have alive at once (itself included)...
+    res = server.call(hostile("""
+        import time
+        kids, failures = [], 0
+        for _ in range(40):
+            try:
+                pid = os.fork()
+            except OSError:
+                failures += 1
+                continue
+            if pid == 0:
+                time.sleep(0.5)
+                os._exit(0)
+            kids.append(pid)
+        for pid in kids:
+            os.waitpid(pid, 0)
+        result = [len(kids), failures]
+    """))
+    assert res.ok, res
+    assert res.response["result"] == [SMALL.max_processes - 1, 40 - SMALL.max_processes + 1]
+    # ... so a real fork bomb stalls, then the wall clock kills all of it
+    t0 = time.monotonic()
+    bomb = ForkServer(RUN_CODE, HANDLERS, SMALL.replace(wall_seconds=2))
+    with bomb:
+        res = bomb.call(hostile("""
+            while True:
+                try:
+                    os.fork()
+                except OSError:
+                    pass
+        """))
+        assert res.status in ("timeout", "killed"), res
+        _assert_healthy(bomb, sentinel)
+    assert time.monotonic() - t0 < 15
+
+
+def test_memory_bomb(server, sentinel):
+    res = server.call(hostile("x = bytearray(4 << 30)"))
+    assert res.status == "error" and res.error["type"] == "MemoryError", res
+    res = server.call(hostile("""
+        hog = []
+        while True:
+            hog.append(bytearray(16 << 20))
+    """))
+    assert res.status in ("error", "killed") and res.status != "ok", res
+    # filling the private tmpfs /tmp ends at its size (or RLIMIT_FSIZE), not in host RAM
+    small = ForkServer(RUN_CODE, HANDLERS, SMALL.replace(tmpfs_bytes=8 << 20))
+    with small:
+        res = small.call(hostile("""
+            with open('/tmp/fill', 'wb') as f:
+                while True:
+                    f.write(b'x' * (1 << 20))
+        """))
+        assert res.status in ("error", "killed"), res
+        _assert_healthy(small, sentinel)
+    _assert_healthy(server, sentinel)
+
+
+def test_infinite_loop_times_out(sentinel, probe):
+    with ForkServer(RUN_CODE, HANDLERS, SMALL.replace(wall_seconds=1)) as srv:
+        t0 = time.monotonic()
+        res = srv.call(hostile("while True: pass"))
+        assert res.status == "timeout" and time.monotonic() - t0 < 5, res
+        res = srv.call(hostile("import time\nif os.fork() == 0:\n    os.setsid()\n"
+                               "time.sleep(60)"))
+        assert res.status == "timeout", res
+        _assert_healthy(srv, sentinel)
+    with ForkServer(RUN_CODE, HANDLERS, SMALL.replace(cpu_seconds=1, wall_seconds=10)) as srv:
+        res = srv.call(hostile("while True: pass"))
+        assert res.status == "killed" and res.signal in (signal.SIGXCPU, signal.SIGKILL), res
+
+
+def test_killing_the_parent_and_kill_all(server, sentinel):
+    res = server.call(hostile("os.kill(os.getppid(), 9)\nimport time\ntime.sleep(5)"))
+    assert res.status == "killed", res
+    res = server.call({"code": "result = 1"})
+    assert res.ok and res.server_restarted
+    # kill(-1) INSIDE the sandbox: only its own pid namespace (GUARD checked it) is hit
+    res = server.call(hostile("os.kill(-1, 9)\nimport time\ntime.sleep(5)"))
+    assert res.status == "killed", res
+    _assert_healthy(server, sentinel)
+    r = run_command(["python3", "-c", GUARD + "import subprocess, time\n"
+                     "p = subprocess.Popen(['sleep', '30'])\ntime.sleep(0.2)\n"
+                     "os.kill(-1, 9)\nprint(p.wait())"], limits=SMALL)
+    assert r.returncode == 0 and r.stdout == "-9\n", r  # (kill(-1) spares the caller)
+    assert _alive(sentinel.pid) and _alive(os.getpid())
+
+
+def test_left_behind_daemons_are_killed(server, sentinel):
+    res = server.call(hostile("""
+        import time
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                time.sleep(60)
+            os._exit(0)
+        result = 'bye'
+    """))
+    assert res.ok, res
+    _assert_healthy(server, sentinel)
+
+
+def test_output_floods_are_capped(server, sentinel):
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    flood = ForkServer(RUN_CODE, HANDLERS, SMALL.replace(wall_seconds=30))
+    with flood:
+        res = flood.call(hostile("""
+            block = b'x' * (1 << 20)
+            for _ in range(2048):            # 2 GiB on stdout
+                os.write(1, block)
+            for _ in range(256):             # and some on stderr, with prints too
+                print('y' * 4096, file=__import__('sys').stderr)
+            result = 'done'
+        """))
+        assert res.ok, res
+        assert res.stdout_truncated and len(res.stdout) == SMALL.output_bytes
+        assert res.stderr_truncated and len(res.stderr) == SMALL.output_bytes
+        # prints to the protocol's old fds cannot corrupt it
+        res = flood.call({"code": "import sys\nprint('hello')\nsys.stdout.flush()\n"
+                                  "result = 5"})
+        assert res.ok and res.stdout == "hello\n" and res.response == {"result": 5}
+        if os.geteuid() == 0:  # the host's pipes (owned by root) cannot be reopened
+            res = flood.call(hostile("""
+                for fd in os.listdir('/proc/1/fd'):
+                    try:
+                        os.open(f'/proc/1/fd/{fd}', os.O_WRONLY)
+                    except OSError:
+                        continue
+                    raise SystemExit(f'reopened bwrap fd {fd}')
+                result = 'none'
+            """))
+            assert res.ok and res.response == {"result": "none"}, res
+        res = flood.call({"code": f"result = 'z' * {SMALL.response_bytes + 10}"})
+        assert res.status == "too_large", res
+        _assert_healthy(flood, sentinel)
+    r = run_command(["python3", "-c", "import os\nb = b'x' * (1 << 20)\n"
+                                      "for _ in range(1024): os.write(1, b)"],
+                    limits=SMALL.replace(wall_seconds=30))
+    assert r.returncode == 0 and r.stdout_truncated and len(r.stdout) == SMALL.output_bytes
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 200 * 1024  # KiB
+
+
+# -- run_command -----------------------------------------------------------------------------
+
+def test_run_command_basics(probe, tmp_path):
+    r = run_command(["python3", "-c", "import os, sys; print(os.getcwd(), os.getuid());"
+                                      "sys.exit(3)"], limits=SMALL)
+    assert isinstance(r, CommandResult) and r.returncode == 3 and r.stdout.split()[0] == "/tmp"
+    assert r.stdout.split()[1] != "0" and not r.timed_out and r.killed_by_signal is None
+    r = run_command(["sh", "-c", "kill -TERM $$"], limits=SMALL)
+    assert r.returncode == -signal.SIGTERM and r.killed_by_signal == signal.SIGTERM
+    r = run_command(["sh", "-c", "sleep 30 & sleep 30"], limits=SMALL.replace(wall_seconds=1))
+    assert r.timed_out and r.killed_by_signal == signal.SIGKILL and r.wall_seconds < 5
+    r = run_command(["sh", "-c", "sleep 60 & echo started"], limits=SMALL)  # leftovers die
+    assert r.returncode == 0 and r.stdout == "started\n" and r.wall_seconds < 4
+    r = run_command(["/nonexistent-program"], limits=SMALL)
+    assert r.returncode == 127 and "cannot execute" in r.stderr
+    r = run_command(["sh", "-c", "echo $FOO"], env={"FOO": "bar"}, limits=SMALL)
+    assert r.stdout == "bar\n"
+
+
+def test_run_command_workdir(probe, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "data.txt").write_text("hello")
+    r = run_command(["sh", "-c", "pwd; cat data.txt; echo x > new.txt"], workdir=repo,
+                    limits=SMALL)
+    assert r.stdout.startswith("/work\nhello") and r.returncode != 0
+    assert not (repo / "new.txt").exists()
+    r = run_command(["sh", "-c", "echo x > new.txt && ls /"], workdir=repo,
+                    writable_workdir=True, limits=SMALL)
+    assert r.returncode == 0 and (repo / "new.txt").read_text() == "x\n"
+    assert "main" not in r.stdout.split()
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "f").write_text("ro")
+    r = run_command(["sh", "-c", "cat /opt/extra/f; echo y > /opt/extra/g"],
+                    extra_ro_binds=[(extra, "/opt/extra")], limits=SMALL)
+    assert r.stdout == "ro" and r.returncode != 0 and not (extra / "g").exists()
+
+
+def test_run_command_pytest_in_repo_copy(probe, tmp_path):
+    """The agent stage's use: ``python -m pytest`` in a writable copy bound at /work."""
+    import pytest as _pytest
+
+    site = Path(_pytest.__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    (repo / "tests").mkdir(parents=True)
+    (repo / "mod.py").write_text("def add(a, b):\n    return a + b\n")
+    (repo / "tests" / "test_mod.py").write_text(
+        "from mod import add\n\ndef test_ok():\n    assert add(1, 2) == 3\n\n"
+        "def test_bad():\n    assert add(1, 2) == 4\n")
+    r = run_command(["python3", "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+                    workdir=repo, writable_workdir=True,
+                    extra_ro_binds=[(site, "/opt/site-packages")],
+                    env={"PYTHONPATH": "/work:/opt/site-packages"},
+                    limits=SMALL.replace(wall_seconds=60))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "1 failed, 1 passed" in r.stdout
+
+
+# -- unavailable sandbox, errors, map_requests ----------------------------------------------
+
+def test_sandbox_unavailable(tmp_path, monkeypatch):
+    for bw in (str(tmp_path / "no-bwrap"),):
+        with pytest.raises(SandboxUnavailable, match="apt-get install -y bubblewrap"):
+            run_command(["true"], bwrap=bw)
+        with pytest.raises(SandboxUnavailable, match="apt-get install -y bubblewrap"):
+            ForkServer(RUN_CODE, HANDLERS, bwrap=bw).start()
+        with pytest.raises(SandboxUnavailable, match="apt-get install -y bubblewrap"):
+            map_requests([{"code": "result = 1"}], RUN_CODE, code_dirs=HANDLERS, bwrap=bw)
+    broken = tmp_path / "bwrap"  # present but cannot create a sandbox
+    broken.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\n"
+                      "exit 1\n")
+    broken.chmod(0o755)
+    with pytest.raises(SandboxUnavailable, match="No permissions"):
+        run_command(["true"], bwrap=broken)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CODEWORLD_BWRAP", raising=False)
+    with pytest.raises(SandboxUnavailable, match="not found"):
+        ForkServer(RUN_CODE, HANDLERS).start()
+
+
+def test_call_batch(server, sentinel):
+    res = server.call_batch([{"code": "print('a')\nresult = 1"},
+                             {"code": "raise ValueError('x')"},
+                             {"code": "import random\nresult = random.random()"},
+                             {"code": "import random\nresult = random.random()"}])
+    assert [r.status for r in res] == ["ok", "error", "ok", "ok"]
+    assert res[0].response == {"result": 1} and res[1].error["type"] == "ValueError"
+    assert res[2].response == res[3].response  # reseeded before each request
+    assert res[0].stdout == "a\n"
+    res = server.call_batch([{"code": "result = 1"}, hostile("os._exit(3)")])
+    assert [r.status for r in res] == ["ok", "error"]  # re-run alone after the bad batch
+    assert res[1].error["type"] == "NoResponse"
+    _assert_healthy(server, sentinel)
+
+
+def test_handler_errors(server, probe):
+    res = server.call({"code": "raise ValueError('boom')"})
+    assert res.status == "error" and res.error["type"] == "ValueError"
+    assert "boom" in res.error["message"] and "ValueError" in res.error["traceback"]
+    res = server.call({"code": "import sys\nsys.exit(0)"})
+    assert res.status == "error" and res.error["type"] == "SystemExit"
+    res = server.call({"code": "import os\nos._exit(0)"})
+    assert res.status == "error" and res.error["type"] == "NoResponse"
+    with pytest.raises(SandboxError, match="could not load"):
+        ForkServer("sandbox_handlers:missing", HANDLERS, SMALL).start()
+
+
+def test_map_requests_order_and_determinism(probe):
+    reqs = [{"code": f"import random, time\ntime.sleep({(i * 7) % 5} / 200)\n"
+                     f"result = [{i}, random.random(), hash('abc')]"} for i in range(30)]
+    first = map_requests(reqs, RUN_CODE, workers=2, code_dirs=HANDLERS, limits=SMALL)
+    again = map_requests(reqs, RUN_CODE, workers=3, code_dirs=HANDLERS, limits=SMALL)
+    assert [r.response["result"][0] for r in first] == list(range(30))
+    assert [r.response for r in first] == [r.response for r in again]
+    mixed = map_requests([{"code": "result = 1"}, hostile("os.kill(os.getppid(), 9)"),
+                          {"code": "result = 3"}, {"code": "while True: pass"},
+                          {"code": "result = 5"}], RUN_CODE, workers=2, code_dirs=HANDLERS,
+                         limits=SMALL.replace(wall_seconds=1))
+    assert [r.status for r in mixed] == ["ok", "killed", "ok", "timeout", "ok"]
+    # batches: one fork per batch, same results; a failing batch is re-run item by item
+    batched = map_requests(reqs, RUN_CODE, workers=2, batch_size=7, code_dirs=HANDLERS,
+                           limits=SMALL)
+    assert [r.response for r in batched] == [r.response for r in first]
+    mixed_b = map_requests([{"code": "result = 1"}, hostile("os.kill(os.getppid(), 9)"),
+                            {"code": "result = 3"}, {"code": "while True: pass"},
+                            {"code": "result = 5"}, {"code": "raise KeyError(6)"}],
+                           RUN_CODE, workers=2, batch_size=3, code_dirs=HANDLERS,
+                           limits=SMALL.replace(wall_seconds=1))
+    assert [r.status for r in mixed_b] == ["ok", "killed", "ok", "timeout", "ok", "error"]
+    assert [r.response for r in mixed_b[::2]] == [{"result": 1}, {"result": 3},
+                                                  {"result": 5}]
+    assert map_requests([], RUN_CODE, code_dirs=HANDLERS) == []
+    res = map_requests([{"xs": [1, 2, 3], "id": 7}], "sandbox_handlers:total",
+                       code_dirs=HANDLERS)
+    assert res[0].response == {"sum": 6, "id": 7}

@@ -1,0 +1,492 @@
+"""CWM trace format (BRIEF.md) produced by stages.tracer. Runs on 3.11 (sys.settrace) and on
+3.12+ (sys.monitoring; there the settrace backend is also checked to give the same frames)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages import tracer
+from stages.tracer import HAS_MONITORING, TraceLimits, render, safe_repr
+from stages.tracer.worker import handle
+
+F = "<|frame_sep|>"
+TRACER_DIR = Path(tracer.__file__).parent
+
+
+def trace_call(code: str, call: str, **kw) -> tracer.TraceResult:
+    """``tracer.trace_call``, checking that the text the recorder renders while tracing equals
+    ``render`` of its structured frames (two implementations of the ``..`` rule)."""
+    r = tracer.trace_call(code, call, **kw)
+    if r.frames:
+        assert render(r.frames[1:]) == r.text
+    return r
+
+
+def frames_of(text: str) -> list[str]:
+    assert text.endswith(F)
+    return [p + F for p in text.split(F)[:-1]]
+
+
+def locals_of(piece: str) -> dict:
+    m = re.match(r"<\|(?:call|line)_sep\|>(.*?)<\|action_sep\|>", piece, re.S)
+    return json.loads(m.group(1))
+
+
+def test_brief_example_byte_exact():
+    code = "def f(nums, i):\n    nums.pop(i)\n    return nums\n"
+    r = trace_call(code, "f([35, 45, 3], 0)")
+    assert r.status == "ok" and r.result == "[45, 3]" and r.error is None
+    assert r.prompt == ("<|trace_context_start|>def f(nums, i):\n    nums.pop(i)\n    return nums\n"
+                        "\ndef main():  # << START_OF_TRACE\n    return f([35, 45, 3], 0)\n"
+                        "<|frame_sep|>")
+    assert r.text == (
+        '<|line_sep|>{}<|action_sep|>    return f([35, 45, 3], 0)\n'
+        '<|frame_sep|><|call_sep|>{"nums": "[35, 45, 3]", "i": "0"}<|action_sep|>def f(nums, i):\n'
+        '<|frame_sep|><|line_sep|>{"nums": "..", "i": ".."}<|action_sep|>    nums.pop(i)\n'
+        '<|frame_sep|><|line_sep|>{"nums": "[45, 3]", "i": ".."}<|action_sep|>    return nums\n'
+        '<|frame_sep|><|return_sep|><|action_sep|>    return nums\n'
+        '<|arg_sep|>"[45, 3]"<|frame_sep|><|return_sep|><|action_sep|>    return f([35, 45, 3], 0)\n'
+        '<|arg_sep|>"[45, 3]"<|frame_sep|>')
+    # structured frames: main's call frame first (not in the text), then one per text frame
+    main_call = r.frames[0]
+    assert (main_call.kind, main_call.scope, main_call.locals) == ("call", 0, {})
+    assert main_call.source == "def main():  # << START_OF_TRACE\n"
+    assert [f.kind for f in r.frames[1:]] == ["line", "call", "line", "line", "return", "return"]
+    assert r.frames[3].locals == {"nums": "[35, 45, 3]", "i": "0"}  # full reprs kept
+    assert r.events == len(r.frames) == 7
+    assert render(r.frames[1:]) == r.text
+
+
+def test_loop_uses_dots_for_unchanged_locals():
+    r = trace_call("def total(xs):\n    s = 0\n    for x in xs:\n        s += x\n    return s\n",
+                   "total([1, 2])")
+    assert frames_of(r.text)[2:9] == [
+        '<|line_sep|>{"xs": ".."}<|action_sep|>    s = 0\n' + F,
+        '<|line_sep|>{"xs": "..", "s": "0"}<|action_sep|>    for x in xs:\n' + F,
+        '<|line_sep|>{"xs": "..", "s": "..", "x": "1"}<|action_sep|>        s += x\n' + F,
+        '<|line_sep|>{"xs": "..", "s": "1", "x": ".."}<|action_sep|>    for x in xs:\n' + F,
+        '<|line_sep|>{"xs": "..", "s": "..", "x": "2"}<|action_sep|>        s += x\n' + F,
+        '<|line_sep|>{"xs": "..", "s": "3", "x": ".."}<|action_sep|>    for x in xs:\n' + F,
+        '<|line_sep|>{"xs": "..", "s": "..", "x": ".."}<|action_sep|>    return s\n' + F,
+    ]
+    assert r.result == "3"
+
+
+def test_one_line_loop_gets_a_line_frame_per_iteration():
+    r = trace_call("def f(n):\n    i = 0\n    while i < n: i += 1\n    return i\n", "f(3)")
+    loop = [p for p in frames_of(r.text) if "while" in p and "line_sep" in p]
+    assert len(loop) == 3  # one per iteration: a line event per backward jump, as on 3.11
+
+
+def test_full_locals_after_nested_call_returns():
+    code = ("def double(a):\n    return a * 2\n\n"
+            "def f(x):\n    y = double(x)\n    z = y + 1\n    return z\n")
+    r = trace_call(code, "f(3)")
+    assert frames_of(r.text)[2:8] == [
+        '<|line_sep|>{"x": ".."}<|action_sep|>    y = double(x)\n' + F,
+        '<|call_sep|>{"a": "3"}<|action_sep|>def double(a):\n' + F,
+        '<|line_sep|>{"a": ".."}<|action_sep|>    return a * 2\n' + F,
+        '<|return_sep|><|action_sep|>    return a * 2\n<|arg_sep|>"6"' + F,
+        '<|line_sep|>{"x": "3", "y": "6"}<|action_sep|>    z = y + 1\n' + F,  # full again
+        '<|line_sep|>{"x": "..", "y": "..", "z": "7"}<|action_sep|>    return z\n' + F,
+    ]
+
+
+def test_recursion_has_one_scope_per_activation():
+    code = "def fact(n):\n    if n <= 1:\n        return 1\n    return n * fact(n - 1)\n"
+    r = trace_call(code, "fact(3)")
+    assert r.status == "ok" and r.result == "6"
+    calls = [f for f in r.frames if f.kind == "call"]
+    assert [f.locals for f in calls[1:]] == [{"n": "3"}, {"n": "2"}, {"n": "1"}]
+    assert len({f.scope for f in calls}) == 4
+    returns = [f.value for f in r.frames if f.kind == "return"]
+    assert returns == ["1", "2", "6", "6"]
+    # each activation's first line frame uses '..' against its own call frame, not its caller's
+    assert frames_of(r.text)[-5] == '<|line_sep|>{"n": ".."}<|action_sep|>        return 1\n' + F
+
+
+def test_list_comprehension_has_its_own_scope():
+    r = trace_call("def f(xs):\n    ys = [x * 2 for x in xs]\n    return ys\n", "f([1, 2])")
+    line = "    ys = [x * 2 for x in xs]\n"
+    assert frames_of(r.text)[3:9] == [
+        '<|call_sep|>{".0": "<list_iterator object>"}<|action_sep|>' + line + F,
+        '<|line_sep|>{".0": ".."}<|action_sep|>' + line + F,
+        '<|line_sep|>{".0": "..", "x": "1"}<|action_sep|>' + line + F,
+        '<|line_sep|>{".0": "..", "x": "2"}<|action_sep|>' + line + F,
+        '<|return_sep|><|action_sep|>' + line + '<|arg_sep|>"[2, 4]"' + F,
+        '<|line_sep|>{"xs": "[1, 2]", "ys": "[2, 4]"}<|action_sep|>    return ys\n' + F,
+    ]
+
+
+def test_set_dict_and_nested_comprehensions():
+    code = ("def f(m):\n    s = {c for c in 'ab'}\n    d = {k: 1 for k in range(1)}\n"
+            "    return [[y for y in row] for row in m]\n")
+    r = trace_call(code, "f([[1], [2]])")
+    assert r.result == "[[1], [2]]"
+    calls = [f.locals for f in r.frames if f.kind == "call"]
+    assert calls[2] == {".0": "<str_iterator object>"}  # not str_ascii_iterator (3.11+)
+    assert calls[3] == {".0": "<range_iterator object>"}
+    assert calls[4] == {".0": "<list_iterator object>"}  # outer list comprehension
+    assert calls[5] == {".0": "<list_iterator object>"}  # inner one, once per row
+    assert len(calls) == 7
+
+
+def test_generator_expression_yields_and_resumes():
+    r = trace_call("def f(xs):\n    return sum(x for x in xs)\n", "f([1, 2])")
+    line = "    return sum(x for x in xs)\n"
+    genexp = [p for p in frames_of(r.text)[3:-2]]
+    assert genexp == [
+        '<|call_sep|>{".0": "<list_iterator object>"}<|action_sep|>' + line + F,
+        '<|line_sep|>{".0": ".."}<|action_sep|>' + line + F,
+        '<|return_sep|><|action_sep|>' + line + '<|arg_sep|>"1"' + F,
+        '<|call_sep|>{".0": "<list_iterator object>", "x": "1"}<|action_sep|>' + line + F,
+        '<|line_sep|>{".0": "..", "x": ".."}<|action_sep|>' + line + F,
+        '<|return_sep|><|action_sep|>' + line + '<|arg_sep|>"2"' + F,
+        '<|call_sep|>{".0": "<list_iterator object>", "x": "2"}<|action_sep|>' + line + F,
+        '<|line_sep|>{".0": "..", "x": ".."}<|action_sep|>' + line + F,
+        '<|return_sep|><|action_sep|>' + line + '<|arg_sep|>"None"' + F,
+    ]
+    assert r.result == "3"
+
+
+def test_generator_function_yield_is_a_return_and_resume_a_call():
+    code = "def count(n):\n    i = 0\n    while i < n:\n        yield i\n        i += 1\n"
+    r = trace_call(code, "list(count(2))")
+    assert frames_of(r.text)[4:8] == [
+        '<|line_sep|>{"n": "..", "i": ".."}<|action_sep|>        yield i\n' + F,
+        '<|return_sep|><|action_sep|>        yield i\n<|arg_sep|>"0"' + F,
+        '<|call_sep|>{"n": "2", "i": "0"}<|action_sep|>        yield i\n' + F,  # resumes here
+        '<|line_sep|>{"n": "..", "i": ".."}<|action_sep|>        i += 1\n' + F,
+    ]
+    gen_scopes = {f.scope for f in r.frames if f.scope != 0}
+    assert len(gen_scopes) == 1  # one generator, one scope across its resumptions
+    assert r.frames[-2].kind == "return" and r.frames[-2].value == "None"
+    assert r.result == "[0, 1]"
+
+
+def test_yield_from_and_await_show_no_internal_stop_iteration():
+    # 3.11's settrace reports the StopIteration ending a ``yield from``/``await`` as an
+    # exception; sys.monitoring does not: dropped so that every version gives the same text
+    code = ("def sub():\n    yield 1\n    return 3\n\n"
+            "def gen():\n    r = yield from sub()\n    yield r\n")
+    r = trace_call(code, "list(gen())")
+    assert r.result == "[1, 3]" and "StopIteration" not in r.text
+    assert '<|line_sep|>{"r": "3"}<|action_sep|>    yield r\n' in r.text
+    code = ("import asyncio\n\nasync def g(x):\n    await asyncio.sleep(0)\n    return x * 2\n\n"
+            "async def f(x):\n    y = await g(x)\n    return y\n")
+    r = trace_call(code, "asyncio.run(f(2))")
+    assert r.result == "4" and "StopIteration" not in r.text and "exception_sep" not in r.text
+
+
+def test_closed_generator_leaves_no_frames():
+    # any() stops early; closing the suspended genexpr runs no line (3.13 does not run it at all)
+    r = trace_call("def f(xs):\n    return any(x > 1 for x in xs)\n", "f([1, 2, 3])")
+    assert "GeneratorExit" not in r.text
+    assert r.text.endswith('<|return_sep|><|action_sep|>    return any(x > 1 for x in xs)\n'
+                           '<|arg_sep|>"True"<|frame_sep|><|return_sep|><|action_sep|>'
+                           '    return f([1, 2, 3])\n<|arg_sep|>"True"<|frame_sep|>')
+
+
+def test_exception_caught_inside_function():
+    code = ("def safe_div(a, b):\n    try:\n        return a / b\n"
+            "    except ZeroDivisionError:\n        return None\n")
+    r = trace_call(code, "safe_div(1, 0)")
+    assert r.status == "ok" and r.result == "None" and r.error is None
+    assert frames_of(r.text)[4:6] == [
+        "<|exception_sep|><|action_sep|>        return a / b\n"
+        "<|arg_sep|>\"ZeroDivisionError('division by zero')\"" + F,
+        '<|line_sep|>{"a": "..", "b": ".."}<|action_sep|>    except ZeroDivisionError:\n' + F,
+    ]
+
+
+def test_exception_propagating_out_of_main():
+    code = "def inv(x):\n    return 1 / x\n\ndef f(x):\n    y = inv(x)\n    return y\n"
+    r = trace_call(code, "f(0)")
+    assert r.status == "exception" and r.result is None
+    assert r.error == "ZeroDivisionError: division by zero"
+    value = "<|arg_sep|>\"ZeroDivisionError('division by zero')\"" + F
+    assert frames_of(r.text)[-3:] == [
+        "<|exception_sep|><|action_sep|>    return 1 / x\n" + value,
+        "<|exception_sep|><|action_sep|>    y = inv(x)\n" + value,
+        "<|exception_sep|><|action_sep|>    return f(0)\n" + value,  # main's: the last frame
+    ]
+    assert not any(f.kind == "return" for f in r.frames)
+
+
+def test_reraise_from_finally_and_error_without_message():
+    code = ("def g():\n    try:\n        raise KeyError\n    finally:\n        z = 1\n\n"
+            "def f():\n    g()\n")
+    r = trace_call(code, "f()")
+    assert r.status == "exception" and r.error == "KeyError"
+    kinds = [(f.kind, f.line) for f in r.frames if f.scope == 2]
+    assert kinds == [("call", 1), ("line", 2), ("line", 3), ("exception", 3), ("line", 5)]
+
+
+def test_callback_from_stdlib_into_program_code():
+    code = "def key(p):\n    return -p\n\ndef f(xs):\n    return sorted(xs, key=key)\n"
+    r = trace_call(code, "f([1, 2])")
+    assert r.result == "[2, 1]"
+    assert [f.locals for f in r.frames if f.kind == "call"][2:] == [{"p": "1"}, {"p": "2"}]
+    # stdlib internals are not traced: every frame's source is a line of the context
+    context = r.prompt[len("<|trace_context_start|>"):-len(F)]
+    assert all(f.source in context for f in r.frames)
+    r = trace_call("def f(xs):\n    return sorted(xs, key=lambda v: -v)\n", "f([1, 2])")
+    lam = [fr for fr in r.frames if fr.kind == "call"][2:]
+    assert [(fr.locals, fr.source) for fr in lam] == [
+        ({"v": "1"}, "    return sorted(xs, key=lambda v: -v)\n"),
+        ({"v": "2"}, "    return sorted(xs, key=lambda v: -v)\n")]
+    r = trace_call("import heapq\n\ndef f(xs):\n    return heapq.nsmallest(1, xs)\n", "f([3, 1])")
+    assert r.result == "[1]" and {f.scope for f in r.frames} == {0, 1}
+
+
+def test_reprs_have_no_addresses():
+    code = ("class Foo:\n    pass\n\n"
+            "def gen():\n    yield 1\n\n"
+            "def f():\n    o = Foo()\n    it = iter([1])\n    s = iter('ab')\n    fn = f\n"
+            "    g = gen()\n    lam = lambda: 0\n    return o\n")
+    r = trace_call(code, "f()")
+    last = r.frames[-3].locals
+    assert last == {"o": "<__main__.Foo object>", "it": "<list_iterator object>",
+                    "s": "<str_iterator object>", "fn": "<function f>",
+                    "g": "<generator object gen>", "lam": "<function f.<locals>.<lambda>>"}
+    assert r.result == "<__main__.Foo object>"
+    assert " at 0x" not in r.text
+    # a plain string that happens to look like an address is user data, kept verbatim
+    assert safe_repr("<x at 0x1234>") == "'<x at 0x1234>'"
+
+
+def test_repr_errors_and_user_reprs():
+    code = ("class P:\n    def __repr__(self):\n        return 'P!'\n\n"
+            "class Bad:\n    def __repr__(self):\n        raise ValueError('no')\n\n"
+            "def f():\n    p = P()\n    b = Bad()\n    return 1\n")
+    r = trace_call(code, "f()")
+    assert r.frames[-3].locals == {"p": "P!", "b": "<repr of Bad raised ValueError>"}
+    # the user's __repr__ runs inside the tracer, untraced: no frame from its lines
+    assert not any(f.line in (2, 3, 6, 7) for f in r.frames)
+
+
+def test_long_values_are_truncated_with_marker():
+    r = trace_call("def f(n):\n    xs = list(range(n))\n    return len(xs)\n", "f(1000)")
+    xs = r.frames[-3].locals["xs"]
+    full = repr(list(range(1000)))
+    assert xs == full[:200] + f"...<truncated {len(full) - 200} chars>"
+    r = trace_call("def f(n):\n    xs = list(range(n))\n    return len(xs)\n", "f(1000)",
+                   limits=TraceLimits(max_repr=10))
+    assert r.frames[-3].locals["xs"] == full[:10] + f"...<truncated {len(full) - 10} chars>"
+
+
+def test_infinite_loop_is_too_long():
+    r = trace_call("def f():\n    i = 0\n    while True:\n        i += 1\n", "f()",
+                   limits=TraceLimits(max_events=100))
+    assert r.status == "too_long" and r.events == 100 and r.result is None
+    assert len(frames_of(r.text)) == 99  # partial trace kept (main's call frame is not text)
+    r = trace_call("def f():\n    s = ''\n    while True:\n        s += 'x'\n", "f()",
+                   limits=TraceLimits(max_bytes=5_000))
+    assert r.status == "too_long" and 4_000 < len(r.text.encode()) <= 5_000
+    assert sys.gettrace() is None
+
+
+def test_program_swallowing_the_stop_still_ends_too_long():
+    code = ("def f():\n    n = 0\n    while n < 1000:\n        try:\n            n += 1\n"
+            "        except BaseException:\n            n = 1000\n    return n\n")
+    r = trace_call(code, "f()", limits=TraceLimits(max_events=30))
+    assert r.status == "too_long"
+
+
+@pytest.mark.parametrize("code, call", [
+    ("def f(:\n    pass\n", "f()"),  # syntax error in the code
+    ("def f():\n    return 1\n", "f("),  # call does not parse
+    ("def f():\n    return 1\n", "f(); f()"),  # two statements
+    ("def f():\n    return 1\n", "x = f()"),  # a statement, not an expression
+    ("def f():\n    return 1\n", "  "),
+    ("def f():\n    return 1\n", "main()"),  # would recurse into the entry point
+    ("def main():\n    return 1\n", "main()"),  # the program's main would be shadowed
+    ("import sys\nsys.exit(3)\n", "0"),  # module body fails
+])
+def test_invalid(code, call):
+    r = trace_call(code, call)
+    assert r.status == "invalid" and r.error and r.text == "" and r.frames == []
+
+
+def test_valid_edge_inputs():
+    r = trace_call("def f(a):\n    return a\n", "f(\n    [1,\n     2],\n)")  # multi-line call
+    assert r.status == "ok" and "    return f([1, 2])\n" in r.prompt
+    r = trace_call("class C:\n    def main(self):\n        return 5\n", "C().main()")
+    assert r.result == "5"  # a method called main is fine
+    r = trace_call("def f(s):\n    return s + ';'\n", "f('a;b')")
+    assert r.result == "'a;b;'"
+    r = trace_call("", "len([1, 2])")  # no program: only main is traced
+    assert r.status == "ok" and r.result == "2" and r.prompt.startswith(
+        "<|trace_context_start|>def main():")
+    r = trace_call("def f(x):\r\n    return x\r\n", "f(1)")
+    assert "\r" not in r.prompt and r.result == "1"
+
+
+def test_decorated_function_call_frame_shows_def_line():
+    code = "import functools\n\n@functools.lru_cache(None)\ndef fib(n):\n    return n\n"
+    r = trace_call(code, "fib(4)")
+    assert r.frames[2].kind == "call" and r.frames[2].source == "def fib(n):\n"
+
+
+def test_non_ascii_and_json_locals():
+    r = trace_call("def f(s):\n    t = s + 'é'  # café\n    return t\n", "f('\"x')")
+    assert "    t = s + 'é'  # café\n" in r.text
+    for piece in frames_of(r.text):
+        if piece.startswith(("<|call_sep|>", "<|line_sep|>")):
+            locals_of(piece)  # valid JSON
+    assert r.result == "'\"xé'"
+
+
+def test_tracer_state_restored_and_reusable():
+    def previous(frame, event, arg):
+        return None
+
+    before = {t: sys.monitoring.get_tool(t) for t in range(6)} if HAS_MONITORING else {}
+    for i in range(500):  # a fork server's parent, or an in-process loop, calls it many times
+        assert trace_call("def f(x):\n    return 1 / x\n", "f(0)").status == "exception"
+        assert trace_call(f"def f(x):\n    return x + {i}\n", "f(1)").result == str(i + 1)
+    for code, call, status in [
+            ("def f():\n    while True:\n        pass\n", "f()", "too_long"),
+            ("def r(n):\n    return r(n + 1)\n", "r(0)", "invalid"),
+            ("def f(:\n", "f()", "invalid")]:
+        r = trace_call(code, call, limits=TraceLimits(max_events=3000))
+        assert r.status == status
+        assert sys.gettrace() is None
+    assert sys.gettrace() is None
+    if HAS_MONITORING:
+        assert {t: sys.monitoring.get_tool(t) for t in range(6)} == before
+    else:  # 3.11: a tracer installed before is put back
+        sys.settrace(previous)
+        try:
+            assert trace_call("def f():\n    return 2\n", "f()").result == "2"
+            assert sys.gettrace() is previous
+        finally:
+            sys.settrace(None)
+
+
+@pytest.mark.skipif(not HAS_MONITORING, reason="sys.monitoring needs Python 3.12+")
+def test_monitoring_and_settrace_backends_agree():
+    cases = [
+        ("def total(xs):\n    s = 0\n    for x in xs: s += x\n    return s\n", "total([1, 2])"),
+        ("def f(xs):\n    return [x for x in xs if x], {x: 1 for x in xs}\n", "f([0, 1])"),
+        ("def g():\n    yield 1\n    yield 2\n\ndef f():\n    return list(g())\n", "f()"),
+        ("def f(a):\n    try:\n        return 1 / a\n    except ZeroDivisionError:\n"
+         "        return 0\n", "f(0)"),
+        ("def f(x):\n    return sorted(x, key=lambda v: -v)\n", "f([1, 3, 2])"),
+        ("def f(x):\n    return 1 / x\n", "f(0)"),
+    ]
+    for code, call in cases:
+        a = trace_call(code, call, backend="monitoring")
+        b = trace_call(code, call, backend="settrace")
+        assert (a.status, a.text, a.result) == (b.status, b.text, b.result), code
+    assert all(sys.monitoring.get_tool(t) != "codeworld-tracer" for t in range(6))
+
+
+def test_locals_keep_their_place_while_bound():
+    # 3.11/3.12 order (one f_locals dict per frame); emulated on 3.13, whose order changed
+    code = ("def f(flag):\n    if flag:\n        a = 1\n    b = 2\n    a = 3\n    del b\n"
+            "    b = 4\n    return a\n")
+    r = trace_call(code, "f(False)")
+    orders = [list(f.locals) for f in r.frames if f.kind == "line" and f.scope == 1]
+    assert orders == [["flag"], ["flag"], ["flag", "b"], ["flag", "b", "a"], ["flag", "a"],
+                      ["flag", "a", "b"]]
+
+
+def test_recursion_error_is_untraceable():
+    # where the limit strikes depends on the tracer's own frames: not the program's behaviour
+    for code in ["def r(n):\n    return r(n + 1)\n",
+                 "def r(n):\n    try:\n        return r(n + 1)\n    except RecursionError:\n"
+                 "        return n\n"]:
+        r = trace_call(code, "r(0)")
+        assert r.status == "invalid" and r.error.startswith("untraceable: RecursionError")
+        assert r.result is None and sys.gettrace() is None
+
+
+@pytest.mark.skipif(HAS_MONITORING, reason="only sys.settrace can be removed by the program")
+def test_program_removing_the_tracer_is_untraceable():
+    r = trace_call("import sys\n\ndef f():\n    sys.settrace(None)\n    return 1\n", "f()")
+    assert r.status == "invalid" and "sys.settrace" in r.error
+
+
+def test_more_address_free_reprs():
+    code = ("import weakref\n\nclass A:\n    def m(self):\n        return 1\n\n"
+            "def f():\n    a = A()\n    w = weakref.ref(a)\n    m = a.m\n    p = [].append\n"
+            "    return 0\n")
+    loc = trace_call(code, "f()").frames[-3].locals
+    assert loc["w"] in ("<weakref; to 'A'>", "<weakref; to '__main__.A'>")  # 3.11 / 3.12+
+    assert loc["m"] == "<bound method A.m of <__main__.A object>>"
+    assert loc["p"] == "<built-in method append of list object>"
+    assert "0x" not in "".join(loc.values())
+
+
+def test_comprehension_scope_whatever_its_layout():
+    # a comprehension whose ``for`` starts a line, and one in the call expression: both get
+    # their own scope on every version (3.12+ outlines them, see program.py)
+    code = "def f(xs):\n    return [x + 1\n            for x in xs]\n"
+    r = trace_call(code, "f([1])")
+    assert [f.locals for f in r.frames if f.kind == "call"][2] == {".0": "<list_iterator object>"}
+    r = trace_call("def f(xs):\n    return xs\n", "f([y for y in range(2)])")
+    assert r.result == "[0, 1]"
+    assert r.frames[2].kind == "call" and r.frames[2].locals == {".0": "<range_iterator object>"}
+    assert r.frames[2].source == "    return f([y for y in range(2)])\n"
+
+
+def test_worker_handle_round_trip():
+    code = "def f(nums, i):\n    nums.pop(i)\n    return nums\n"
+    direct = trace_call(code, "f([35, 45, 3], 0)")
+    by_call = handle({"id": 7, "code": code, "call": "f([35, 45, 3], 0)"})
+    by_input = handle({"id": "x", "code": code, "input": "[35, 45, 3], 0"})  # entry: f
+    assert by_call == {"id": 7, "trace": direct.text, "result": "[45, 3]", "error": None,
+                       "status": "ok", "events": 7, "prompt": direct.prompt}
+    assert {**by_input, "id": 7} == by_call
+    assert json.loads(json.dumps(by_call)) == by_call
+    r = handle({"id": 1, "code": "def g(x):\n    return 1 // x\n", "input": "0", "entry": "g"})
+    assert r["status"] == "exception"
+    assert r["error"] == "ZeroDivisionError: integer division or modulo by zero"
+    r = handle({"id": 2, "code": "def f():\n    while True:\n        pass\n", "call": "f()",
+                "limits": {"max_events": 20}})
+    assert r["status"] == "too_long" and r["events"] == 20 and r["result"] is None
+    for bad in [{"id": 3, "code": "x = 1\n"}, {"id": 3, "code": 5, "call": "f()"},
+                {"id": 3, "code": "", "call": "f()", "limits": {"max_events": -1}}]:
+        r = handle(bad)
+        assert r["id"] == 3 and r["status"] == "invalid" and r["error"].startswith("bad request")
+
+
+def test_worker_imports_as_a_standalone_package(tmp_path):
+    # in the sandbox only stages/tracer is bound, e.g. as top-level ``cwtrace``
+    import shutil
+    shutil.copytree(TRACER_DIR, tmp_path / "cwtrace", ignore=shutil.ignore_patterns("__pycache__"))
+    script = ("import json, sys\n"
+              f"sys.path[:0] = [{str(tmp_path)!r}]\n"
+              "from cwtrace.worker import handle\n"
+              "r = handle({'id': 1, 'code': 'def f(x):\\n    return x * 2\\n', 'input': '21'})\n"
+              "assert not any(m == 'stages' or m.startswith('stages.') for m in sys.modules)\n"
+              "print(json.dumps(r))\n")
+    out = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert (r["status"], r["result"], r["events"]) == ("ok", "42", 6)
+
+
+def test_program_cache_gives_the_same_traces():
+    # first sight: program and entry point compiled as one module; then the cached program
+    # with a separately compiled entry point (another call) or the cached whole (same call)
+    code = "def inc_cached(x):\n    y = x + 1\n    return y\n"
+    first = trace_call(code, "inc_cached(1)")
+    other = trace_call(code, "inc_cached(2)")
+    again = trace_call(code, "inc_cached(1)")
+    fresh = trace_call(code + "\n\n", "inc_cached(2)")  # same context, not cached yet
+    assert (first.result, other.result) == ("2", "3")
+    assert (again.text, again.prompt) == (first.text, first.prompt)
+    assert (fresh.text, fresh.prompt) == (other.text, other.prompt)
+    assert trace_call("def g(:\n", "g()").error.startswith("SyntaxError")
+    bad_call = trace_call(code, "inc_cached(")
+    assert bad_call.status == "invalid" and bad_call.error.startswith("call is not an expression")
+    assert trace_call(code, "inc_cached(1)\rimport os").status == "invalid"

@@ -1,0 +1,91 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from codeworld.config import load_params
+from codeworld.shards import Dataset
+from stages import corpus, dedup, traces
+from tests.helpers import STDLIB, write_params
+
+pytestmark = pytest.mark.skipif(__import__("shutil").which("bwrap") is None
+                                and not __import__("os").environ.get("CI"), reason="needs bubblewrap")
+
+MODULES = ("colorsys.py", "bisect.py", "heapq.py", "textwrap.py", "fnmatch.py")
+
+
+def build(tmp_path, name: str, **traces_over):
+    src = tmp_path / "src"
+    if not src.exists():
+        src.mkdir()
+        for m in MODULES:
+            (src / m).write_text((STDLIB / m).read_text())
+    over = {"max_programs": 120, "programs_per_shard": 50, "workers": 2, **traces_over}
+    params = load_params(write_params(tmp_path / f"{name}.yaml", tmp_path / name,
+                                      [{"kind": "dir", "path": str(src), "name": "lib"}], traces=over))
+    corpus.run(params, track=False, metrics_path=None)
+    dedup.run(params, track=False, metrics_path=None)
+    return traces.run(params, track=False, metrics_path=str(tmp_path / f"{name}-traces.json"))
+
+
+def test_stage_traces_corpus_functions_deterministically(tmp_path):
+    m = build(tmp_path, "a")
+    recs = list(Dataset.open(str(tmp_path / "a" / "traces")))
+    assert m["records"] == len(recs) > 20
+    stats = m["stats"]["metrics"]
+    assert 50 < stats["programs"] <= 120 and stats["kept"] == len(recs)
+    assert sum(v for k, v in stats.items() if k.startswith("status_")) == stats["programs"]
+    for r in recs:
+        assert r["status"] in ("ok", "exception")
+        assert r["trace"].startswith("<|line_sep|>{}<|action_sep|>    return ")
+        assert r["trace"].endswith("<|frame_sep|>")
+        assert r["prompt"].startswith("<|trace_context_start|>") and "# << START_OF_TRACE" in r["prompt"]
+        assert r["provenance"]["corpus_id"].startswith("lib/")
+        assert r["provenance"]["generator"] in ("function", "doctest")
+        assert r["provenance"]["input_source"]
+    # no two kept traces share a behaviour
+    sigs = [traces.behaviour(r, f"{r['provenance']['corpus_id']}:{r['provenance']['qualname']}") for r in recs]
+    assert len(set(sigs)) == len(sigs)
+    metrics = json.loads((tmp_path / "a-traces.json").read_text())
+    assert metrics["traces_per_second"] > 0 and metrics["kept"] == len(recs)
+    # same params and seed, other workers: byte-identical data
+    build(tmp_path, "b", workers=1)
+    for shard in sorted(p.name for p in (tmp_path / "a" / "traces").iterdir()):
+        assert (tmp_path / "a/traces" / shard).read_bytes() == (tmp_path / "b/traces" / shard).read_bytes()
+
+
+def test_trace_cli_keeps_order_and_survives_hostile_programs(tmp_path):
+    rows = [
+        {"id": "pop", "code": "def f(nums, i):\n    nums.pop(i)\n    return nums\n", "input": "[35, 45, 3], 0"},
+        {"id": "loop", "code": "def f():\n    while True:\n        pass\n", "call": "f()"},
+        "not an object",
+        {"id": "secret", "code": "def g():\n    return open('/etc/shadow').read()\n", "call": "g()"},
+        {"id": "env", "code": "import os\ndef g():\n    return os.environ.get('AWS_SECRET_ACCESS_KEY')\n", "call": "g()"},
+        {"id": "bomb", "code": "def g():\n    x = []\n    while True:\n        x.append(' ' * 10**7)\n", "call": "g()"},
+        {"id": "net", "code": "import socket\ndef g():\n    socket.create_connection(('127.0.0.1', 22), 1)\n", "call": "g()"},
+        {"id": "noise", "code": "def g():\n    for _ in range(10**6):\n        print('x' * 1000)\n", "call": "g()"},
+        {"id": "div", "code": "def f(x):\n    return 1 / x\n", "input": "0"},
+    ]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    env = {**__import__("os").environ, "AWS_SECRET_ACCESS_KEY": "topsecret"}
+    res = subprocess.run([sys.executable, "-m", "codeworld.cli", "trace", str(inp), str(tmp_path / "out.jsonl"),
+                          "--timeout", "3"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(out) == len(rows) + 1
+    by = {o["id"]: o for o in out}
+    assert [o["id"] for o in out][:2] == ["pop", "loop"]
+    assert by["pop"]["status"] == "ok" and by["pop"]["result"] == "[45, 3]"
+    assert by["pop"]["trace"].endswith('<|arg_sep|>"[45, 3]"<|frame_sep|>')
+    assert set(out[0]) == {"id", "trace", "result", "error", "status"}
+    assert by["loop"]["status"] in ("too_long", "timeout") and by["loop"]["trace"] is None
+    assert out[2]["status"] == "invalid" and out[-1]["status"] == "invalid"
+    assert by["secret"]["status"] == "exception" and by["secret"]["error"].split(":")[0] in (
+        "FileNotFoundError", "PermissionError")
+    assert by["env"]["status"] == "ok" and by["env"]["result"] == "None"
+    assert by["bomb"]["status"] in ("exception", "killed", "timeout", "too_long")
+    assert by["net"]["status"] == "exception" and "OSError" in by["net"]["error"] or "Error" in by["net"]["error"]
+    assert by["noise"]["status"] in ("ok", "too_long", "timeout", "killed")
+    assert by["div"]["status"] == "exception" and by["div"]["error"] == "ZeroDivisionError: division by zero"
