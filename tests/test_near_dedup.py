@@ -306,3 +306,59 @@ def test_choose_bands_matches_datasketch():
         for k in (128, 256):
             for w in ((0.5, 0.5), (0.1, 0.9)):
                 assert choose_bands(t, k, *w) == lsh._optimal_param(t, k, *w)
+
+
+# ------------------------------------------------------------------ helpers added for speed
+def test_unique_sorted_matches_np_unique():
+    rng = np.random.default_rng(1)
+    for x in (np.zeros(0, np.uint64), np.array([5], np.uint64),
+              rng.integers(0, 50, 1000).astype(np.uint64),
+              rng.integers(0, 2**63, 1000, dtype=np.int64)):
+        assert np.array_equal(nd.unique_sorted(x), np.unique(x))
+
+
+def test_capped_triu_matches_triu_indices():
+    for size in (2, 3, 7, 70):
+        for cap in (1, 2, 5, 64, 256):
+            iu, ju = nd._capped_triu(size, cap)
+            ti, tj = np.triu_indices(size, 1)
+            keep = ti < cap
+            assert np.array_equal(iu, ti[keep]) and np.array_equal(ju, tj[keep]), (size, cap)
+
+
+def test_bucket_over_default_cap_keeps_lowest_index_stars(sources):
+    texts = [sources["heapq.py"]] * 70 + [sources["csv.py"]]
+    pairs = candidate_pairs(signatures(texts, CFG), CFG)
+    assert len(pairs) == sum(70 - 1 - i for i in range(64))  # rows 0..63 of the 70-clique
+    assert pairs[:, 0].max() == 63 and pairs[:, 1].max() == 69
+    res = near_dedup(texts, CFG)
+    assert res.rep[:70].tolist() == [0] * 70 and res.rep[70] == 70
+
+
+# ------------------------------------------------------------------ bench ground truth
+def _load_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_dedup", os.path.join(REPO, "bench", "dedup.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_ground_truth_is_all_pairs_exact(sources):
+    pytest.importorskip("scipy")
+    bench = _load_bench()
+    lines = sources["argparse.py"].splitlines()
+    texts = ["\n".join(lines[k:k + 400]) for k in range(0, 1200, 60)]  # overlapping windows
+    texts += [edit_lines(t, e, seed=e) for t in list(sources.values())[:3] for e in (2, 5, 30)]
+    texts += ["", "a b", "a b", "+-"]
+    sets = shingle_sets(texts, 5)
+    n = len(texts)
+    brute = sorted(i * n + j for i in range(n) for j in range(i + 1, n)
+                   if jaccard(sets[i], sets[j]) >= 0.7)
+    assert 5 < len(brute) < n * (n - 1) // 2
+    got = bench.ground_truth(sets, 0.7, block=7)
+    assert got.tolist() == brute
+    labels = np.array([0, 0, 2, 0, 4], dtype=np.int64)
+    valid = np.array([True, True, True, False, True])
+    assert bench.cluster_pairs(labels, valid).tolist() == [0 * 5 + 1]
