@@ -173,6 +173,30 @@ class TraceLimitsConfig(Section):
     max_bytes: int = Field(default=1_000_000, ge=1000)
 
 
+class RepositoryConfig(Section):
+    """A repository whose own test suite is traced: a PyPI sdist pinned by version and sha256
+    (fetched once), or a local source tree."""
+
+    name: str
+    version: str | None = None
+    sha256: str | None = None
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RepositoryConfig":
+        pypi = self.version is not None and self.sha256 is not None
+        if pypi == (self.path is not None):
+            raise ValueError("give either version + sha256 (a PyPI sdist) or path (a local tree)")
+        if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ValueError(f"sha256 {self.sha256!r} is not 64 hex digits")
+        return self
+
+
+DEFAULT_REPOSITORIES = [RepositoryConfig(
+    name="more-itertools", version="10.5.0",
+    sha256="5482bfef7849c25dc3c6dd53a6173ae4795da2a41a80faea6700d9f5846c5da6")]
+
+
 class TracesConfig(Section):
     seed: int = 1234
     max_functions_per_module: int = Field(default=10, ge=1)
@@ -185,6 +209,11 @@ class TracesConfig(Section):
     batch_size: int = Field(default=16, ge=1, le=256)
     limits: TraceLimitsConfig = TraceLimitsConfig()
     workers: int = Field(default=0, ge=0, le=256)  # 0 = every core
+    # Repository level: each repository's test suite runs under the tracer in the sandbox.
+    repositories: list[RepositoryConfig] = Field(default_factory=lambda: list(DEFAULT_REPOSITORIES))
+    repo_max_traces: int = Field(default=500, ge=0)
+    repo_max_per_function: int = Field(default=5, ge=1)
+    repo_wall_seconds: float = Field(default=120.0, gt=0)
 
 
 class Params(Section):

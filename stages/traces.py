@@ -14,6 +14,7 @@ import itertools
 import statistics
 import time
 from collections import Counter
+from pathlib import Path
 
 from codeworld.config import Params, TracesConfig
 from codeworld.progress import progress
@@ -24,6 +25,7 @@ from stages.programs import harvest_corpus, iter_programs
 from stages.trace_runner import trace_requests
 
 KEEP = ("ok", "exception")
+REPO_CACHE = ".cache/repos"  # fetched sdists (pinned by sha256), outside the DVC outputs
 
 
 def behaviour(rec: dict, qualname: str) -> str:
@@ -45,6 +47,19 @@ def _groups(cases, size: int):
     it = iter(cases)
     while chunk := list(itertools.islice(it, size)):
         yield chunk
+
+
+def _reproducible(kept: list[dict], cfg: TracesConfig, counts: Counter) -> list[dict]:
+    """Trace every kept program a second time (another process, another address layout) and
+    drop the ones whose trace differs: values that depend on addresses, clocks or the host
+    are not facts about the code, and outputs must be byte-identical run after run. (Programs
+    reading clocks or entropy are already excluded statically by stages.programs.)"""
+    again = trace_requests([{"id": r["id"], "code": r["code"], "call": r["call"]} for r in kept],
+                           cfg.limits, cfg.workers, cfg.batch_size)
+    same = [r for r, a in zip(kept, again)
+            if (a.get("trace"), a.get("result"), a.get("status")) == (r["trace"], r["result"], r["status"])]
+    counts["nondeterministic"] = len(kept) - len(same)
+    return same
 
 
 def trace_group(cases: list, cfg: TracesConfig, seen: set[str]) -> tuple[list[dict], dict]:
@@ -71,10 +86,48 @@ def trace_group(cases: list, cfg: TracesConfig, seen: set[str]) -> tuple[list[di
         kept.append({"id": case.id, "code": case.code, "call": case.call, "prompt": res.get("prompt"),
                      "trace": res.get("trace"), "frames": res.get("frames"), "result": res.get("result"),
                      "error": res.get("error"), "status": status, "events": res.get("events"),
-                     "provenance": case.provenance})
+                     "provenance": case.provenance, "_sig": sig})
+    kept = _reproducible(kept, cfg, counts)
+    # `sigs` keeps the dropped ones too: `seen` must be rebuilt identically on resume
+    events = [int(r.get("events") or 0) for r in kept]
+    for r in kept:
+        del r["_sig"]
     counts["kept"] = len(kept)
     meta = {"counts": dict(counts), "failures": dict(failures), "signatures": sigs, "events": events,
             "seconds": round(time.perf_counter() - t0, 3)}
+    return kept, meta
+
+
+def trace_repo_group(repo, cfg: TracesConfig) -> tuple[list[dict], dict]:
+    """One repository's traces (one shard). The suite runs twice; a trace is kept only when
+    both runs agree (e.g. hash(None) is an address on 3.11)."""
+    from stages.repo_traces import fetch_pypi_sdist, trace_repository
+    from stages.tracer.frames import TraceLimits
+
+    t0 = time.perf_counter()
+    tree = Path(repo.path) if repo.path else fetch_pypi_sdist(repo.name, repo.version, repo.sha256, REPO_CACHE)
+    limits = TraceLimits(max_events=cfg.limits.max_events, max_bytes=cfg.limits.max_bytes)
+    runs = [trace_repository(tree, max_traces=cfg.repo_max_traces, max_per_function=cfg.repo_max_per_function,
+                             limits=limits, wall_seconds=cfg.repo_wall_seconds, repo=repo.name,
+                             version=repo.version, sha256=repo.sha256) for _ in range(2)]
+    (first, stats), (second, _) = runs
+    twin = {r["id"]: r for r in second}
+    counts: Counter = Counter()
+    failures: Counter = Counter()
+    kept = []
+    for r in first:
+        counts[f"status_{r['status']}"] += 1
+        counts["generator_repository"] += 1
+        if r["status"] not in KEEP:
+            failures[(r.get("error") or r["status"]).split(":")[0]] += 1
+        elif twin.get(r["id"]) != r:
+            counts["nondeterministic"] += 1
+        else:
+            kept.append(r)
+    counts["kept"] = len(kept)
+    counts["repo_tests_run"] = int(stats.get("tests_run", 0) or 0)
+    meta = {"counts": dict(counts), "failures": dict(failures), "signatures": [],
+            "events": [int(r.get("events") or 0) for r in kept], "seconds": round(time.perf_counter() - t0, 3)}
     return kept, meta
 
 
@@ -104,6 +157,17 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
             else:
                 info, meta = done
                 seen.update(meta["signatures"])
+            traced_seconds += meta["seconds"]
+            infos.append(info)
+            metas.append(meta)
+        first = len(infos)
+        for k, repo in enumerate(cfg.repositories):
+            done = writer.completed(first + k)
+            if done is None:
+                kept, meta = trace_repo_group(repo, cfg)
+                info = writer.write(first + k, kept, meta)
+            else:
+                info, meta = done
             traced_seconds += meta["seconds"]
             infos.append(info)
             metas.append(meta)

@@ -21,7 +21,7 @@ def build(tmp_path, name: str, **traces_over):
         src.mkdir()
         for m in MODULES:
             (src / m).write_text((STDLIB / m).read_text())
-    over = {"max_programs": 120, "programs_per_shard": 50, "workers": 2, **traces_over}
+    over = {"max_programs": 120, "programs_per_shard": 50, "workers": 2, "repositories": [], **traces_over}
     params = load_params(write_params(tmp_path / f"{name}.yaml", tmp_path / name,
                                       [{"kind": "dir", "path": str(src), "name": "lib"}], traces=over))
     corpus.run(params, track=False, metrics_path=None)
@@ -89,3 +89,29 @@ def test_trace_cli_keeps_order_and_survives_hostile_programs(tmp_path):
     assert by["net"]["status"] == "exception" and "OSError" in by["net"]["error"] or "Error" in by["net"]["error"]
     assert by["noise"]["status"] in ("ok", "too_long", "timeout", "killed")
     assert by["div"]["status"] == "exception" and by["div"]["error"] == "ZeroDivisionError: division by zero"
+
+
+def test_stage_traces_a_local_repository_test_suite(tmp_path):
+    tree = tmp_path / "repo"
+    (tree / "calc").mkdir(parents=True)
+    (tree / "tests").mkdir()
+    (tree / "calc" / "__init__.py").write_text(
+        "def add(a, b):\n    total = a + b\n    return total\n\n"
+        "def ratio(a, b):\n    return a / b\n")
+    (tree / "tests" / "__init__.py").write_text("")
+    (tree / "tests" / "test_calc.py").write_text(
+        "import unittest\nfrom calc import add, ratio\n\n"
+        "class T(unittest.TestCase):\n"
+        "    def test_add(self):\n        self.assertEqual(add(2, 3), 5)\n\n"
+        "    def test_ratio(self):\n        with self.assertRaises(ZeroDivisionError):\n            ratio(1, 0)\n")
+    for p in [tmp_path, *tmp_path.rglob("*")]:  # readable by the sandbox's unprivileged uid
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    m = build(tmp_path, "r", max_programs=10, repositories=[{"name": "calc", "path": str(tree)}])
+    recs = [r for r in Dataset.open(str(tmp_path / "r" / "traces"))
+            if r["provenance"].get("generator") == "repository"]
+    funcs = {r["function"]: r for r in recs}
+    assert set(funcs) == {"add", "ratio"}
+    assert funcs["add"]["status"] == "ok" and funcs["add"]["result"] == "5"
+    assert funcs["add"]["trace"].startswith('<|call_sep|>{"a": "2", "b": "3"}<|action_sep|>def add(a, b):')
+    assert funcs["ratio"]["status"] == "exception" and "ZeroDivisionError" in funcs["ratio"]["error"]
+    assert m["stats"]["metrics"]["generator_repository"] == 2

@@ -28,6 +28,7 @@ RESERVED_NAMES = frozenset({"main"})
 BANNED_BUILTINS = frozenset({
     "open", "input", "exit", "quit", "eval", "exec", "compile", "__import__", "globals", "locals",
     "vars", "breakpoint", "help", "copyright", "credits", "license",
+    "id",  # an address: differs from run to run
 })
 SAFE_BUILTINS = frozenset(
     n for n in dir(builtins)
@@ -45,6 +46,8 @@ BANNED_MODULES = frozenset({
     "readline", "rlcompleter", "builtins", "gc", "wave", "sched", "syslog", "pipes", "mailbox",
     "fileinput", "filecmp", "netrc", "ensurepip", "venv", "zipapp", "idlelib", "tkinter", "turtle",
     "turtledemo", "this", "antigravity", "__main__", "pydoc", "doctest", "unittest", "test",
+    # clocks and entropy: traces must be reproducible, byte for byte, run after run
+    "time", "timeit", "secrets", "uuid",
 })
 # Attribute names that mean I/O / process control whatever module they come from.
 BANNED_ATTRS = frozenset({
@@ -52,6 +55,9 @@ BANNED_ATTRS = frozenset({
     "putenv", "environ", "environb", "stdin", "stdout", "stderr", "__stdin__", "__stdout__",
     "__stderr__", "_getframe", "settrace", "setprofile", "setrecursionlimit", "open", "open_code",
     "input", "setlocale", "getnode", "uuid1", "FileIO",
+    # clocks, entropy and process identity: values would differ between runs
+    "now", "today", "utcnow", "urandom", "getpid", "getppid", "perf_counter", "monotonic",
+    "process_time", "time_ns", "localtime", "gmtime", "ctime",
 })
 # Dotted prefixes that open files or devices although their module is otherwise pure.
 BANNED_DOTTED = frozenset({

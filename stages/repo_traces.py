@@ -1,0 +1,314 @@
+"""Repository-level traces: a repository's own test suite run under the tracer, its functions
+traced as the tests call them (CWM's "repository" traces).
+
+* :func:`fetch_pypi_sdist` downloads one sdist from PyPI at a pinned version, checks its pinned
+  sha256 and extracts it (``tarfile`` with the "data" filter: no links out, no absolute paths)
+  under a cache directory; a later call reuses the extracted tree. The download is a plain
+  HTTPS GET (the sdist link of the package's page on PyPI's simple index, chosen by its
+  pinned sha256) rather than ``pip download``: pip prepares an
+  sdist's metadata by running its build backend (``setup.py`` for many projects), i.e. the
+  repository's code would run on the host, outside the sandbox.
+* :func:`trace_repository` runs the repository's unittest suite (``unittest`` discovery of
+  ``test*.py``, plus module-level ``test_*`` functions without parameters, pytest style) in one
+  sandbox (``codeworld.sandbox.run_command``: the tree bound read-only at /work, no network,
+  a private /tmp, wall/CPU/memory limits), with ``stages/tracer_repo/runner.py`` hooking the
+  tracer in: each call made by *test* code into a function of the repository's *package* files
+  is one trace, from that function's call frame to its return or exception frame, nested calls
+  into other repository functions included (see the runner's docstring). Frames, ``..`` rule,
+  reprs and limits are those of ``stages.tracer``.
+
+Records, sorted by (test id, call order within the test)::
+
+    {"id", "repo", "function", "module", "test", "trace", "result", "error", "status",
+     "events", "provenance": {"repo", "version", "sha256", "generator": "repository"}}
+
+``status`` is "ok" / "exception" (training data), "too_long" (over ``TraceLimits``: dropped by
+CWM) or "invalid" (untraceable, e.g. a generator the test never exhausted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from codeworld.sandbox import Limits, run_command
+from codeworld.sandbox.bwrap import python_install
+from stages.tracer import TraceLimits
+
+STAGES_DIR = Path(__file__).resolve().parent
+TRACER_DIR = STAGES_DIR / "tracer"
+RUNNER_DIR = STAGES_DIR / "tracer_repo"
+PYPI_SIMPLE_URL = "https://pypi.org/simple"
+KEEP = ("ok", "exception")
+STATUSES = ("ok", "exception", "too_long", "invalid")
+
+
+@dataclass(frozen=True)
+class PinnedRepo:
+    name: str
+    version: str
+    sha256: str
+
+
+# The default repository: a small pure-Python project whose sdist carries a unittest suite
+# (~1000 tests, plus the doctests of its recipes module) that runs on the bare interpreter.
+DEFAULT_REPOS = (
+    PinnedRepo("more-itertools", "10.5.0",
+               "5482bfef7849c25dc3c6dd53a6173ae4795da2a41a80faea6700d9f5846c5da6"),
+)
+
+# Not part of a repository's package: tests, docs, build scripts.
+_TEST_DIRS = frozenset({"test", "tests", "testing", "unittests"})
+_SKIP_DIRS = frozenset({"docs", "doc", "examples", "example", "benchmarks", "bench", "build",
+                        "dist", "site-packages", "node_modules", "__pycache__"})
+_ROOT_SCRIPTS = frozenset({"setup.py", "conftest.py", "noxfile.py", "tasks.py", "fabfile.py",
+                           "docs.py", "bootstrap.py"})
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def _sdist_name(name: str, version: str) -> str:
+    return f"{name}-{version}.tar.gz"
+
+
+def _sdist_url(name: str, version: str, sha256: str, index_url: str, timeout: float) -> str:
+    """The sdist's URL on the package's page of the simple index (PEP 503, what pip reads):
+    the ``.tar.gz`` link of that version whose ``#sha256=`` is the pinned one."""
+    norm = re.sub(r"[-_.]+", "-", name).lower()
+    page_url = f"{index_url.rstrip('/')}/{norm}/"
+    with urllib.request.urlopen(page_url, timeout=timeout) as r:
+        page = r.read().decode("utf-8", "replace")
+    for href in re.findall(r'href="([^"]+)"', page):
+        href = html.unescape(href)
+        base, _, frag = href.partition("#")
+        fname = base.rsplit("/", 1)[-1]
+        if frag == f"sha256={sha256}" and fname.endswith(".tar.gz") and \
+                re.sub(r"[-_.]+", "-", fname[:-len(".tar.gz")]).lower() == \
+                re.sub(r"[-_.]+", "-", f"{norm}-{version}").lower():
+            return urllib.parse.urljoin(page_url, base)
+    raise ValueError(f"{page_url}: no sdist {name}=={version} with sha256 {sha256}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_pypi_sdist(name: str, version: str, sha256: str, cache_dir: str | os.PathLike, *,
+                     index_url: str = PYPI_SIMPLE_URL, timeout: float = 60.0) -> Path:
+    """The extracted source tree of ``name==version``'s sdist (``.tar.gz``), downloaded once
+    into ``cache_dir`` and checked against ``sha256`` (a mismatch raises ValueError and keeps
+    nothing). Nothing of the package runs here."""
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    dest = cache / f"{name}-{version}"
+    marker = dest / ".codeworld-sha256"
+    if marker.is_file() and marker.read_text().strip() == sha256:
+        return _tree_root(dest)
+    archive = cache / _sdist_name(name, version)
+    if not archive.is_file() or _sha256(archive) != sha256:
+        url = _sdist_url(name, version, sha256, index_url, timeout)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+                shutil.copyfileobj(r, f)
+            got = _sha256(Path(tmp))
+            if got != sha256:
+                raise ValueError(f"{url}: sha256 {got} != pinned {sha256}")
+            os.replace(tmp, archive)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    work = Path(tempfile.mkdtemp(dir=cache, prefix=".extract-"))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(work, filter="data")
+        for p in [work, *work.rglob("*")]:  # readable by the sandbox's unprivileged uid
+            if not p.is_symlink():
+                p.chmod((p.stat().st_mode | 0o444 | (0o111 if p.is_dir() else 0)) & 0o7755)
+        (work / ".codeworld-sha256").write_text(sha256 + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(work, dest)
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
+    return _tree_root(dest)
+
+
+def _tree_root(dest: Path) -> Path:
+    """An sdist holds one top directory ``name-version/``: that is the tree."""
+    subs = [p for p in dest.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return subs[0] if len(subs) == 1 and not (dest / "setup.py").exists() else dest
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def _is_test_file(rel: Path) -> bool:
+    n = rel.name
+    return (any(part in _TEST_DIRS for part in rel.parts[:-1]) or n.startswith("test_")
+            or n.endswith("_test.py") or n == "conftest.py" or n == "tests.py")
+
+
+def repo_layout(tree: Path) -> dict:
+    """Package files, test files, sys.path entries and discovery roots of a source tree
+    (paths relative to the tree; only regular files, no symlinks)."""
+    pkg, tests = [], []
+    for dirpath, dirnames, filenames in os.walk(tree):
+        rel_dir = Path(dirpath).relative_to(tree)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and d not in _SKIP_DIRS and not d.endswith(".egg-info")
+                             and not os.path.islink(os.path.join(dirpath, d)))
+        for fn in sorted(filenames):
+            full = os.path.join(dirpath, fn)
+            if not fn.endswith(".py") or os.path.islink(full):
+                continue
+            rel = rel_dir / fn
+            if _is_test_file(rel):
+                tests.append(rel.as_posix())
+            elif not (len(rel.parts) == 1 and fn in _ROOT_SCRIPTS):
+                pkg.append(rel.as_posix())
+    sys_path = ["/work"]
+    if (tree / "src").is_dir():
+        sys_path.insert(0, "/work/src")
+    starts = [["/work", "/work"]]
+    for name in ("tests", "test"):  # a test directory that is not a package: its own root
+        d = tree / name
+        if d.is_dir() and not d.is_symlink() and not (d / "__init__.py").exists():
+            starts.append([f"/work/{name}", f"/work/{name}"])
+    return {"pkg_files": pkg, "test_files": tests, "sys_path": sys_path, "start_dirs": starts}
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+def _record_id(repo: str, version: str | None, rec: dict) -> str:
+    key = json.dumps([repo, version, rec["test"], rec["seq"], rec["module"], rec["function"]])
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def trace_repository(tree: str | os.PathLike, *, max_traces: int = 500,
+                     max_per_function: int = 5, limits: TraceLimits = TraceLimits(),
+                     wall_seconds: float = 60.0, memory_mb: int = 2048,
+                     repo: str | None = None, version: str | None = None,
+                     sha256: str | None = None) -> tuple[list[dict], dict]:
+    """Run ``tree``'s test suite in the sandbox under the tracer: (records, stats).
+
+    At most ``max_per_function`` traces per function (the first calls, in test order) and
+    ``max_traces`` in all; the whole run is bounded by ``wall_seconds`` (CPU the same), after
+    which the traces finished so far are kept and ``stats["timed_out"]`` is True.
+    Deterministic for the same tree and parameters."""
+    tree = Path(tree).resolve()
+    if not tree.is_dir():
+        raise NotADirectoryError(tree)
+    repo = repo or tree.name
+    layout = repo_layout(tree)
+    spec = {**layout, "max_traces": max_traces, "max_per_function": max_per_function,
+            "limits": {"max_events": limits.max_events, "max_bytes": limits.max_bytes,
+                       "max_repr": limits.max_repr}}
+    out_cap = min(max(64 << 20, 2 * max_traces * limits.max_bytes), 1 << 30)
+    sb_limits = Limits(wall_seconds=wall_seconds, cpu_seconds=wall_seconds,
+                       memory_bytes=memory_mb << 20, output_bytes=out_cap, max_processes=32)
+    exe = python_install()[0]
+    boot = ("import sys; sys.path.insert(0, '/sandbox/lib'); "
+            "from cwrepo.runner import main; main()")
+    t0 = time.perf_counter()
+    # The spec (file lists) goes in a file, not argv: one argument is capped at 128 KiB.
+    with tempfile.TemporaryDirectory(prefix="cw-repo-spec-") as spec_dir:
+        os.chmod(spec_dir, 0o755)  # readable by the sandbox's unprivileged uid
+        spec_file = Path(spec_dir) / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        spec_file.chmod(0o644)
+        # not -I/-E: they would ignore the sandbox's PYTHONHASHSEED=0 (set and dict orders
+        # of str keys would change from run to run); the sandbox's environment is an
+        # allow-list.
+        res = run_command([exe, "-s", "-P", "-c", boot, "/sandbox/spec/spec.json"],
+                          workdir=tree, limits=sb_limits,
+                          extra_ro_binds=[(TRACER_DIR, "/sandbox/lib/cwtrace"),
+                                          (RUNNER_DIR, "/sandbox/lib/cwrepo"),
+                                          (spec_dir, "/sandbox/spec")])
+    seconds = time.perf_counter() - t0
+    recs, summary, bad_lines = [], None, 0
+    lines = res.stdout.splitlines()
+    if res.stdout_truncated and lines:
+        lines = lines[:-1]  # the last line may be cut
+    for line in lines:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            bad_lines += 1
+            continue
+        if isinstance(obj, dict) and set(obj) == {"summary"} and isinstance(obj["summary"], dict):
+            summary = obj["summary"]
+        elif isinstance(obj, dict) and isinstance(obj.get("test"), str) \
+                and isinstance(obj.get("seq"), int) and obj.get("status") in STATUSES:
+            recs.append(obj)
+        else:
+            bad_lines += 1
+    recs.sort(key=lambda r: (r["test"], r["seq"]))
+    provenance = {"repo": repo, "version": version, "sha256": sha256, "generator": "repository"}
+    records = [{"id": _record_id(repo, version, r), "repo": repo, "function": r.get("function"),
+                "module": r.get("module"), "test": r["test"], "trace": r.get("trace"),
+                "result": r.get("result"), "error": r.get("error"), "status": r["status"],
+                "events": r.get("events"), "provenance": dict(provenance)} for r in recs]
+    summary = summary or {}
+    by_status = Counter(r["status"] for r in records)
+    stats = {"repo": repo, "version": version,
+             "tests_run": summary.get("tests_run"), "tests_passed": summary.get("tests_passed"),
+             "tests_failed": summary.get("tests_failed"),
+             "tests_errors": summary.get("tests_errors"),
+             "tests_skipped": summary.get("tests_skipped"),
+             "load_errors": summary.get("load_errors", []),
+             "functions_seen": len(summary.get("functions_seen", [])),
+             "functions_traced": len({(r["module"], r["function"]) for r in records}),
+             "traces": len(records),
+             "traces_by_status": {s: by_status.get(s, 0) for s in STATUSES},
+             "completed": summary != {}, "timed_out": res.timed_out,
+             "returncode": res.returncode, "bad_lines": bad_lines,
+             "package_files": len(layout["pkg_files"]), "test_files": len(layout["test_files"]),
+             "seconds": round(seconds, 2)}
+    if not stats["completed"]:
+        stats["stderr_tail"] = res.stderr[-2000:]
+    return records, stats
+
+
+def trace_default_repositories(cache_dir: str | os.PathLike = "data/.cache/repos", *,
+                               repos: tuple[PinnedRepo, ...] = DEFAULT_REPOS,
+                               **kwargs) -> tuple[list[dict], list[dict]]:
+    """Fetch (once) and trace every pinned repository: (records, per-repository stats)."""
+    records, stats = [], []
+    for pin in repos:
+        tree = fetch_pypi_sdist(pin.name, pin.version, pin.sha256, cache_dir)
+        recs, st = trace_repository(tree, repo=pin.name, version=pin.version, sha256=pin.sha256,
+                                    **kwargs)
+        records += recs
+        stats.append({**st, "pin": asdict(pin)})
+    return records, stats
+
+
+if __name__ == "__main__":  # python -m stages.repo_traces [OUT.jsonl]
+    import sys
+
+    recs, st = trace_default_repositories()
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            for r in recs:
+                f.write(json.dumps(r) + "\n")
+    print(json.dumps(st, indent=1))

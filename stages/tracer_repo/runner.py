@@ -1,0 +1,408 @@
+"""Run a repository's unittest suite inside the sandbox, tracing the repository's functions
+as its tests call them. Never imported on the host: ``stages.repo_traces`` runs it with
+
+    python -s -P -c "...; from cwrepo.runner import main; main()" SPEC_FILE
+
+with the repository bound read-only at /work, this package at /sandbox/lib/cwrepo and the
+tracer package (stages/tracer) at /sandbox/lib/cwtrace.
+
+What is traced: an *activation* starts when code in a test file (or a doctest example) calls a
+function defined in a package file of the repository; every frame of that function, and of the
+repository functions it calls (directly, or through the standard library, e.g. a ``key=``
+callback), is recorded until it returns or an exception leaves it. Test code and the standard
+library are never traced. A generator function's activation runs from its first resumption to
+its exhaustion (a generator the test abandons gives status "invalid"). One activation at a
+time: calls made by the test while a generator activation is suspended are not traced.
+
+Frames are recorded by the tracer's own recorder (``cwtrace.core._Recorder``: same frame
+events, ``..`` rule, address-free reprs and limits as ``trace_call``), subclassed only to look
+source lines up in the file of each frame (an activation spans files) and to stop recording,
+instead of unwinding the program, when a trace goes over its limits (the test must go on).
+Unlike ``trace_call``'s text (which starts after ``main``'s call frame), the text of an
+activation starts with the function's own call frame.
+
+Determinism: str hashes follow the sandbox's PYTHONHASHSEED=0, and the module-level ``random``
+is seeded from the test id before each test; a test that uses its own unseeded
+``random.Random()``, the clock or ``os.urandom`` can still give other values from run to run.
+
+Output: one JSON line per activation on the original stdout (the tests' own output goes to
+stderr), then one ``{"summary": ...}`` line. Lines are flushed as they are written, so a run
+killed at its time limit still returns the activations it finished.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import random
+import sys
+import tokenize
+import unittest
+from collections import Counter
+
+from cwtrace.core import (_RETURN_OPS, _SEND_OPS, _TOO_DEEP, _YIELD_OPS, _Recorder,
+                          _TraceStop)
+from cwtrace.frames import TraceLimits
+from cwtrace.program import CodeInfo, _def_line
+from cwtrace.reprs import error_text, safe_repr
+
+ROOT = "/work"
+
+
+class _Prog:
+    __slots__ = ("lines", "infos")
+
+    def __init__(self, infos: dict) -> None:
+        self.lines: list[str] = []
+        self.infos = infos
+
+
+class _Activation(_Recorder):
+    """The tracer's recorder for one activation that may span several source files."""
+
+    def __init__(self, infos: dict, limits: TraceLimits, sources) -> None:
+        super().__init__(_Prog(infos), limits)
+        self.sources = sources
+        self.root = None
+        self.module = self.function = self.test = None
+        self.seq = 0
+        self.value = None
+        self.exc: BaseException | None = None
+        self.left_by = None  # "return" | "exception" once the root scope is left
+        self.raised: set = set()
+        self.local = None
+
+    def _use(self, frame) -> None:
+        lines = self.sources(frame.f_code.co_filename)
+        self.lines = lines
+        self.nlines = len(lines)
+
+    def line(self, frame, line: int) -> None:
+        self._use(frame)
+        _Recorder.line(self, frame, line)
+
+    def enter(self, frame, info) -> None:
+        self._use(frame)
+        _Recorder.enter(self, frame, info)
+
+    def leave(self, frame, value, yielded: bool) -> None:
+        self._use(frame)
+        _Recorder.leave(self, frame, value, yielded)
+
+    def exception(self, frame, exc) -> None:
+        self._use(frame)
+        _Recorder.exception(self, frame, exc)
+
+    def push(self, rec: tuple, piece: str) -> None:
+        """As ``_Recorder.push`` but the first frame (the function's call frame) is part of
+        the text too."""
+        size = len(piece) if piece.isascii() else len(piece.encode("utf-8", "surrogatepass"))
+        if len(self.recs) >= self.max_events or self.nbytes + size > self.max_bytes:
+            self.active = False
+            self.too_long = True
+            raise _TraceStop
+        self.nbytes += size
+        self.parts.append(piece)
+        self.recs.append(rec)
+
+
+def _module_name(path: str) -> str:
+    rel = os.path.relpath(path, ROOT)
+    parts = rel[:-3].split(os.sep) if rel.endswith(".py") else rel.split(os.sep)
+    if parts and parts[0] == "src":
+        parts = parts[1:]
+    if parts and parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+class RepoTracer:
+    def __init__(self, spec: dict, emit) -> None:
+        self.pkg = {os.path.join(ROOT, p) for p in spec["pkg_files"]}
+        self.tests = {os.path.join(ROOT, p) for p in spec["test_files"]}
+        self.limits = TraceLimits(**spec.get("limits", {}))
+        self.max_traces = int(spec["max_traces"])
+        self.max_per_function = int(spec["max_per_function"])
+        self.emit = emit
+        self.infos: dict[int, CodeInfo] = {}
+        self.lines_cache: dict[str, list[str]] = {}
+        self.modules: dict[str, str] = {}
+        self.per_function: Counter = Counter()
+        self.functions: set[str] = set()
+        self.statuses: Counter = Counter()
+        self.started = 0
+        self.cur: _Activation | None = None
+        self.test_id: str | None = None
+        self.seq = 0
+
+    # ----------------------------------------------------------------- helpers
+    def sources(self, filename: str) -> list[str]:
+        lines = self.lines_cache.get(filename)
+        if lines is None:
+            try:
+                with tokenize.open(filename) as f:
+                    text = f.read()
+                lines = [ln + "\n" for ln in text.split("\n")]
+            except (OSError, SyntaxError, UnicodeDecodeError):
+                lines = []
+            self.lines_cache[filename] = lines
+        return lines
+
+    def info(self, code) -> CodeInfo:
+        info = self.infos.get(id(code))
+        if info is None or info.code is not code:
+            info = CodeInfo(_def_line(code, self.sources(code.co_filename)), code.co_code,
+                            code=code)
+            self.infos[id(code)] = info  # (holds the code: its id is never reused)
+        return info
+
+    def capped(self) -> bool:
+        return self.started >= self.max_traces
+
+    def install(self) -> None:
+        if not self.capped() or self.cur is not None:
+            if sys.gettrace() is not self.glob:
+                sys.settrace(self.glob)
+        elif sys.gettrace() is self.glob:
+            sys.settrace(None)  # nothing more to trace: run the rest of the suite at full speed
+
+    # ----------------------------------------------------------------- trace functions
+    def glob(self, frame, event, arg):
+        if event != "call":
+            return None
+        code = frame.f_code
+        fn = code.co_filename
+        if fn not in self.pkg:
+            return None
+        cur = self.cur
+        if cur is not None:
+            if frame in cur.scopes or self._inside(frame, cur.root):
+                return self._enter(cur, frame)
+            return None
+        if self.test_id is None:
+            return None
+        back = frame.f_back
+        if back is None:
+            return None
+        bfn = back.f_code.co_filename
+        if bfn not in self.tests and not bfn.startswith("<doctest "):
+            return None
+        module = self.modules.get(fn)
+        if module is None:
+            module = self.modules[fn] = _module_name(fn)
+        name = f"{module}:{code.co_qualname}"
+        self.functions.add(name)
+        if self.capped() or self.per_function[name] >= self.max_per_function:
+            return None
+        self.per_function[name] += 1
+        self.started += 1
+        self.seq += 1
+        act = _Activation(self.infos, self.limits, self.sources)
+        act.root, act.module, act.function = frame, module, code.co_qualname
+        act.test, act.seq = self.test_id, self.seq
+        act.local = self._make_local(act)
+        self.cur = act
+        return self._enter(act, frame)
+
+    @staticmethod
+    def _inside(frame, root) -> bool:
+        f = frame.f_back
+        n = 0
+        while f is not None and n < 10_000:
+            if f is root:
+                return True
+            f = f.f_back
+            n += 1
+        return False
+
+    def _enter(self, act: _Activation, frame):
+        try:
+            act.enter(frame, self.info(frame.f_code))
+        except _TraceStop:
+            self.finish(act)
+            return None
+        except RecursionError:
+            act.fail(_TOO_DEEP)
+            self.finish(act)
+            return None
+        except Exception as exc:  # a bug of ours must not break the repository's test
+            act.fail(f"tracer error {error_text(exc)}")
+            self.finish(act)
+            return None
+        return act.local
+
+    def _make_local(self, act: _Activation):
+        raised = act.raised
+        info = self.info
+
+        def local(frame, event, arg):
+            if self.cur is not act or not act.active:
+                return None
+            try:
+                if event == "line":
+                    if raised:
+                        raised.discard(frame)
+                    act.line(frame, frame.f_lineno)
+                elif event == "return":
+                    op = info(frame.f_code).code_bytes[frame.f_lasti]
+                    if frame in raised and op not in _RETURN_OPS:
+                        raised.discard(frame)
+                        if frame is act.root:
+                            act.left_by = "exception"
+                        act.unwind(frame)
+                    else:
+                        raised.discard(frame)
+                        if op in _RETURN_OPS:
+                            if frame is act.root:
+                                act.value, act.left_by = arg, "return"
+                            act.leave(frame, arg, False)
+                        elif op in _YIELD_OPS:
+                            act.leave(frame, arg, True)
+                        else:  # unwinding after a re-raise (end of a finally block)
+                            if frame is act.root:
+                                act.left_by = "exception"
+                            act.unwind(frame)
+                elif event == "exception":
+                    if arg[0] is StopIteration and \
+                            info(frame.f_code).code_bytes[frame.f_lasti] in _SEND_OPS:
+                        return local
+                    raised.add(frame)
+                    if frame is act.root:
+                        act.exc = arg[1]
+                    act.exception(frame, arg[1])
+            except _TraceStop:
+                self.finish(act)
+                return None
+            except RecursionError:
+                act.fail(_TOO_DEEP)
+            except Exception as exc:
+                act.fail(f"tracer error {error_text(exc)}")
+            if not act.active:
+                self.finish(act)
+                return None
+            return local
+
+        return local
+
+    def finish(self, act: _Activation, unfinished: str | None = None) -> None:
+        if self.cur is act:
+            self.cur = None
+        act.active = False
+        result = error = None
+        if act.too_long:
+            status = "too_long"
+            error = (f"trace over its limits (max_events={act.max_events}, "
+                     f"max_bytes={act.max_bytes})")
+        elif act.broken is not None:
+            status, error = "invalid", "untraceable: " + act.broken
+        elif unfinished is not None or act.left_by is None:
+            status, error = "invalid", unfinished or "the activation did not finish"
+        elif act.left_by == "exception" and isinstance(act.exc, GeneratorExit):
+            status, error = "invalid", "untraceable: the generator was closed unfinished"
+        elif act.left_by == "exception":
+            status = "exception"
+            error = error_text(act.exc) if act.exc is not None else "exception"
+        else:
+            status, result = "ok", safe_repr(act.value, act.max_repr)
+        self.statuses[status] += 1
+        self.emit({"test": act.test, "seq": act.seq, "module": act.module,
+                   "function": act.function, "trace": "".join(act.parts), "result": result,
+                   "error": error, "status": status, "events": len(act.recs)})
+        # drop frame references (a suspended generator would keep its locals alive)
+        act.scopes.clear()
+        act.raised.clear()
+        act.root = act.value = act.exc = act.mark = act.jump = None
+
+    def end_test(self) -> None:
+        if self.cur is not None:
+            self.finish(self.cur, "untraceable: the test left the generator unfinished")
+        self.test_id = None
+
+
+class _FunctionCase(unittest.FunctionTestCase):
+    """A module-level ``test_*`` function (pytest style, no fixtures), named module.function."""
+
+    def id(self) -> str:
+        f = self._testFunc
+        return f"{f.__module__}.{f.__qualname__}"
+
+
+class _Loader(unittest.TestLoader):
+    def loadTestsFromModule(self, module, *args, **kw):
+        suite = super().loadTestsFromModule(module, *args, **kw)
+        for name in sorted(vars(module)):
+            obj = vars(module)[name]
+            if not name.startswith("test") or not inspect.isfunction(obj) or \
+                    obj.__module__ != module.__name__ or inspect.isgeneratorfunction(obj):
+                continue
+            try:
+                params = inspect.signature(obj).parameters.values()
+            except (TypeError, ValueError):
+                continue
+            if all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                   for p in params):
+                suite.addTest(_FunctionCase(obj))
+        return suite
+
+
+class _Result(unittest.TestResult):
+    def __init__(self, tracer: RepoTracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+        self.passed = 0
+
+    def startTest(self, test) -> None:
+        super().startTest(test)
+        self.tracer.test_id = test.id()
+        self.tracer.seq = 0
+        # Tests drawing from the module-level ``random`` without a seed would give other
+        # traces on every run: seed it per test, from the test id (not from hash()).
+        random.seed(self.tracer.test_id)
+        self.tracer.install()
+
+    def stopTest(self, test) -> None:
+        sys.settrace(None)
+        self.tracer.end_test()
+        super().stopTest(test)
+
+    def addSuccess(self, test) -> None:
+        super().addSuccess(test)
+        self.passed += 1
+
+
+def main() -> None:
+    with open(sys.argv[1], encoding="utf-8") as f:
+        spec = json.load(f)
+    out = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)  # the tests' own output goes to stderr
+    for p in reversed(spec["sys_path"]):
+        sys.path.insert(0, p)
+
+    def emit(rec: dict) -> None:
+        out.write(json.dumps(rec) + "\n")
+        out.flush()
+
+    tracer = RepoTracer(spec, emit)
+    suite = unittest.TestSuite()
+    load_errors = []
+    for start, top in spec["start_dirs"]:
+        if top not in sys.path:
+            sys.path.insert(0, top)
+        loader = _Loader()
+        try:
+            suite.addTests(loader.discover(start, pattern="test*.py", top_level_dir=top))
+        except Exception as exc:
+            load_errors.append(f"{start}: {error_text(exc)}")
+        load_errors += [e.strip().splitlines()[-1] for e in loader.errors if e.strip()]
+    result = _Result(tracer)
+    try:
+        suite.run(result)
+    finally:
+        sys.settrace(None)
+    emit({"summary": {
+        "tests_run": result.testsRun, "tests_passed": result.passed,
+        "tests_failed": len(result.failures) + len(result.unexpectedSuccesses),
+        "tests_errors": len(result.errors), "tests_skipped": len(result.skipped),
+        "expected_failures": len(result.expectedFailures), "load_errors": load_errors[:20],
+        "functions_seen": sorted(tracer.functions), "activations": tracer.started}})
