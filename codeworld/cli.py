@@ -46,6 +46,13 @@ def _stage(args: argparse.Namespace) -> int:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
+    import os
+
+    from codeworld.tracking import repo_root
+
+    load_params(repo_root() / "params.yaml")  # a bad param fails in a second, before Prefect starts
+    # Prefect's temporary server may need more than its default 20 s on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.pipeline import pipeline
 
     pipeline(stages=args.stage or None, force=args.force)

@@ -73,8 +73,9 @@ def filesystem(url: str, endpoint_url: str | None = None) -> fsspec.AbstractFile
         endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             opts["client_kwargs"] = {"endpoint_url": endpoint}
-        # skip_instance_cache: tests point several storages at different endpoints.
-        return fsspec.filesystem("s3", skip_instance_cache=True, **opts)
+        # fsspec caches one instance per distinct options (so per endpoint): creating a client
+        # costs ~0.3 s, reusing it ~0.02 s per call.
+        return fsspec.filesystem("s3", **opts)
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     return fsspec.filesystem(protocol)
 
