@@ -160,7 +160,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
             traced_seconds += meta["seconds"]
             infos.append(info)
             metas.append(meta)
-        first = len(infos)
+        first, repo_seconds = len(infos), 0.0
         for k, repo in enumerate(cfg.repositories):
             done = writer.completed(first + k)
             if done is None:
@@ -168,13 +168,15 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
                 info = writer.write(first + k, kept, meta)
             else:
                 info, meta = done
-            traced_seconds += meta["seconds"]
+            repo_seconds += meta["seconds"]
             infos.append(info)
             metas.append(meta)
         report = summarize(metas, stats)
         manifest = writer.finish(infos, {"stats": report})  # no timings: bytes stay reproducible
-        traced = report["metrics"]["programs"]
+        # throughput of the function-level tracing (programs through the sandbox)
+        traced = report["metrics"]["programs"] - report["metrics"].get("generator_repository", 0)
         run_.log(**report["metrics"], seconds_tracing=round(traced_seconds, 3),
+                 seconds_repositories=round(repo_seconds, 3),
                  traces_per_second=round(traced / traced_seconds, 1) if traced_seconds else 0.0)
         run_.artifact(report, "traces_report.json")
         return manifest

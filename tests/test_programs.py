@@ -542,3 +542,26 @@ def test_render_roundtrips_and_mutations_stay_literal(tmp_path):
     finally:
         set_hypothesis_home_dir(None)
     assert hypothesis.__version__
+
+
+def test_doctest_becomes_a_program_of_its_examples():
+    from stages.programs.doctests import doctest_program, extract_doctests
+    src = '''
+def double(x):
+    """
+    >>> y = double(2)
+    >>> double(y) + 1
+    9
+    >>> open('/etc/passwd')
+    """
+    return 2 * x
+'''
+    (case,) = extract_doctests(src, "m")
+    code, call = doctest_program(case)
+    assert call == "doctest_double()"
+    generated = code.split("def doctest_double():")[1]
+    assert generated == "\n    y = double(2)\n    return double(y) + 1\n"  # stops before open()
+    compile(code + "\n" + call, "<t>", "exec")
+    ns: dict = {}
+    exec(code, ns)  # our own source, not corpus code
+    assert ns["doctest_double"]() == 9

@@ -76,3 +76,42 @@ def doctest_calls(case: DoctestCase) -> list[str]:
         if text not in out:
             out.append(text)
     return out
+
+
+def doctest_program(case: DoctestCase, *, min_examples: int = 2) -> tuple[str, str] | None:
+    """The doctest itself as a program (example level): its examples, in order, become the
+    body of ``def doctest_<name>():`` appended to the function's standalone program, the last
+    expression returned; the call is ``doctest_<name>()``. Examples run while each is a single
+    expression or assignment using only names the program, the builtins or earlier examples
+    bind; the first that is not ends the program. None when fewer than ``min_examples`` remain
+    (one call is already covered by :func:`doctest_calls`)."""
+    if case.program is None:
+        return None
+    bound = program_bound_names(case.program) | SAFE_BUILTINS
+    body: list[ast.stmt] = []
+    for src, _want in case.examples:
+        try:
+            tree = ast.parse(src)
+        except SyntaxError:
+            break
+        if len(tree.body) != 1 or not isinstance(tree.body[0], (ast.Expr, ast.Assign)):
+            break
+        stmt = tree.body[0]
+        names = free_names(src)
+        if names is None or not names[0] <= bound or names[1]:
+            break
+        if isinstance(stmt, ast.Assign):
+            if not all(isinstance(t, ast.Name) for t in stmt.targets):
+                break
+            bound |= {t.id for t in stmt.targets}
+        body.append(stmt)
+    if len(body) < min_examples:
+        return None
+    if isinstance(body[-1], ast.Expr):
+        body[-1] = ast.Return(body[-1].value)
+    name = f"doctest_{case.qualname}"
+    func = ast.FunctionDef(name=name, args=ast.arguments(posonlyargs=[], args=[], kwonlyargs=[],
+                                                         kw_defaults=[], defaults=[]),
+                           body=body, decorator_list=[], returns=None, type_params=[])
+    text = ast.unparse(ast.fix_missing_locations(ast.Module(body=[func], type_ignores=[])))
+    return f"{case.program.rstrip()}\n\n\n{text}\n", f"{name}()"

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from .doctests import doctest_calls, extract_doctests
+from .doctests import doctest_program, doctest_calls, extract_doctests
 from .extract import ModuleIndex, extract_functions
 from .harvest import harvest_corpus
 from .inputs import call_expression, generate_inputs
