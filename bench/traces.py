@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from codeworld.config import TraceLimitsConfig  # noqa: E402
+from codeworld.config import TraceLimitsConfig, TracesConfig  # noqa: E402
 from codeworld.sandbox import Limits, run_command  # noqa: E402
 from codeworld.sandbox.bwrap import python_install  # noqa: E402
 from stages.programs import iter_programs  # noqa: E402
@@ -69,11 +69,13 @@ def main() -> None:
     ap.add_argument("--programs", type=int, default=3000)
     ap.add_argument("--per-process", type=int, default=60, help="programs for the baselines")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=TracesConfig().batch_size)
+    ap.add_argument("--wall", type=float, default=TraceLimitsConfig().wall_seconds,
+                    help="wall/CPU seconds per program (params traces.limits)")
     ap.add_argument("--json")
     args = ap.parse_args()
     reqs = programs(args.programs)
-    limits = TraceLimitsConfig()
+    limits = TraceLimitsConfig(wall_seconds=args.wall, cpu_seconds=args.wall)
     t = time.perf_counter()
     out = trace_requests(reqs, limits, args.workers, args.batch_size)
     ours = len(reqs) / (time.perf_counter() - t)

@@ -166,8 +166,8 @@ class TraceLimitsConfig(Section):
     """Per program: sandbox rlimits and the tracer's own limits (CWM dropped traces over 10k
     events or 1 MB)."""
 
-    wall_seconds: float = Field(default=2.0, gt=0)
-    cpu_seconds: float = Field(default=2.0, gt=0)
+    wall_seconds: float = Field(default=0.5, gt=0)
+    cpu_seconds: float = Field(default=0.5, gt=0)
     memory_mb: int = Field(default=512, ge=64)
     max_events: int = Field(default=10_000, ge=10)
     max_bytes: int = Field(default=1_000_000, ge=1000)
@@ -206,7 +206,7 @@ class TracesConfig(Section):
     programs_per_shard: int = Field(default=2000, ge=1)
     # Programs per forked child in the sandbox: 1 isolates every program in its own process;
     # larger batches amortise the fork (~1-4 ms here) and reach the throughput target.
-    batch_size: int = Field(default=16, ge=1, le=256)
+    batch_size: int = Field(default=64, ge=1, le=256)
     limits: TraceLimitsConfig = TraceLimitsConfig()
     workers: int = Field(default=0, ge=0, le=256)  # 0 = every core
     # Repository level: each repository's test suite runs under the tracer in the sandbox.

@@ -48,7 +48,7 @@ def interpret(req: dict, res: SandboxResult) -> dict:
 
 
 def trace_requests(requests: list[dict], limits: TraceLimitsConfig, workers: int = 0,
-                   batch_size: int = 16, frames: bool = False) -> list[dict]:
+                   batch_size: int = 64, frames: bool = False) -> list[dict]:
     """Trace each request ({"id", "code", "call"} or {"id", "code", "input", "entry"}) in the
     sandbox; one record per request, in order. Malformed requests become status "invalid"."""
     todo, out = [], [None] * len(requests)

@@ -224,30 +224,40 @@ class ForkServer:
         fails (timeout, killed, too large, server died, malformed), each request is run
         again alone with ``call``, so a bad request only costs its batch a retry.
         stdout/stderr/wall_seconds of a successful batch are the whole batch's, reported
-        on each of its results."""
+        on each of its results. The child reports each finished request at once, and the
+        wall-clock limit applies to each request: a request that overruns is reported as
+        a timeout and the batch goes on with the requests after it."""
         requests = list(requests)
         if len(requests) <= 1:
             return [self.call(r) for r in requests]
         payload = json.dumps({"batch": requests}, ensure_ascii=False).encode()
         with self._lock:
             got = self._exchange(payload)
-        if not isinstance(got, SandboxResult):
-            (header, out, err, body), restarted = got
-            base = _base_result(header, out, err)
+        if isinstance(got, SandboxResult):  # the server died: isolate the culprit(s)
+            return [self.call(r) for r in requests]
+        (header, out, err, body), restarted = got
+        base = _base_result(header, out, err)
+        results: list[SandboxResult] = []
+        # One line per finished request; a batch cut short still returns its head.
+        for line in body.split(b"\n")[:-1]:
+            res = dataclasses.replace(base, status="error", signal=None, error=None,
+                                      server_restarted=restarted)
             try:
-                envelopes = json.loads(body)["batch"] if base.status == "error" else None
-            except (ValueError, TypeError, KeyError):
-                envelopes = None
-            if isinstance(envelopes, list) and len(envelopes) == len(requests):
-                results = []
-                for envelope in envelopes:
-                    res = dataclasses.replace(base, server_restarted=restarted)
-                    if not _apply_envelope(res, envelope, header, len(body)):
-                        break
-                    results.append(res)
-                else:
-                    return results
-        return [self.call(r) for r in requests]  # isolate the culprit(s)
+                envelope = json.loads(line)
+            except ValueError:
+                envelope = None
+            if not _apply_envelope(res, envelope, header, len(body)) or len(results) == len(requests):
+                return [self.call(r) for r in requests]  # malformed: isolate every request
+            results.append(res)
+        k = len(results)
+        if k == len(requests):
+            return results
+        if base.status == "timeout":
+            # the wall deadline is reset at each finished request: request k itself overran
+            culprit = dataclasses.replace(base, server_restarted=restarted)
+        else:  # killed, too large, or exited early: run it alone to know its own fate
+            culprit = self.call(requests[k])
+        return results + [culprit] + self.call_batch(requests[k + 1:])
 
     def _exchange(self, payload: bytes):
         """Send one request frame; ((header, out, err, body), restarted) or, when the
