@@ -477,3 +477,18 @@ def test_map_requests_order_and_determinism(probe):
     res = map_requests([{"xs": [1, 2, 3], "id": 7}], "sandbox_handlers:total",
                        code_dirs=HANDLERS)
     assert res[0].response == {"sum": 6, "id": 7}
+
+
+def test_batch_deadline_is_per_request_and_the_batch_goes_on(probe):
+    # each request may use the whole wall budget; only the one that overruns times out
+    fast = [{"code": f"result = {i} * 2"} for i in range(3)]
+    slow_ok = {"code": "import time\ntime.sleep(0.6)\nresult = 'slow'"}
+    loop = {"code": "while True: pass"}
+    with ForkServer(RUN_CODE, HANDLERS, SMALL.replace(wall_seconds=1, cpu_seconds=1)) as srv:
+        t0 = time.monotonic()
+        res = srv.call_batch([fast[0], slow_ok, slow_ok, loop, fast[1], {"code": "1/0"}, fast[2]])
+        took = time.monotonic() - t0
+    assert [r.status for r in res] == ["ok", "ok", "ok", "timeout", "ok", "error", "ok"]
+    assert [r.response["result"] for r in res if r.ok] == [0, "slow", "slow", 2, 4]
+    assert res[5].error["type"] == "ZeroDivisionError"
+    assert took < 4.5, took  # one timeout (1 s), the sleeps (1.2 s), no rerun of the batch
