@@ -51,7 +51,10 @@ from .frames import (_KEYS, _SAME, ACTION_SEP, ARG_SEP, CALL, CALL_SEP, EXCEPTIO
                      FRAME_SEP, LINE, LINE_SEP, RETURN, RETURN_SEP, TraceLimits, TraceResult, _enc,
                      _key, prompt_for)
 from .program import ITER_NAME, InvalidProgram, Program, compile_program
-from .reprs import _ADDRESS, _PLAIN, error_text, exception_repr, repr_failed, safe_repr
+from .reprs import (_ADDRESS, _PLAIN, MARKER, error_text, exception_repr, long_sequence_repr,
+                    repr_failed, safe_repr)
+
+_SEQS = (list, tuple)
 
 HAS_MONITORING = hasattr(sys, "monitoring")
 _OP = dis.opmap
@@ -86,7 +89,8 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int) -> tuple[dict[str,
     plain = _PLAIN
     for name, value in items:
         try:
-            text = repr(value)
+            short = long_sequence_repr(value, limit) if type(value) in _SEQS else None
+            text = short if short is not None else repr(value)
         except Exception as exc:  # a user __repr__, or an int over the str-conversion limit
             text = repr_failed(value, exc)
         else:
@@ -95,8 +99,8 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int) -> tuple[dict[str,
                     text = _ADDRESS.sub("", text)
                 if "str_ascii_iterator" in text:
                     text = text.replace("str_ascii_iterator", "str_iterator")
-            if len(text) > limit:
-                text = f"{text[:limit]}...<truncated {len(text) - limit} chars>"
+            if len(text) > limit and short is None:
+                text = text[:limit] + MARKER
         loc[name] = text
         if prev is not None and prev.get(name) == text:
             out.append((keys.get(name) or _key(name)) + _SAME)

@@ -55,7 +55,7 @@ class TraceLimits:
 
     max_events: int = 10_000  # frames recorded, main's call frame included
     max_bytes: int = 1_000_000  # UTF-8 bytes of ``text``
-    max_repr: int = 200  # chars kept of one repr before "...<truncated N chars>"
+    max_repr: int = 200  # chars kept of one repr before "...<truncated>"
 
 
 @dataclass(slots=True)

@@ -8,9 +8,10 @@ machine. Three things in a plain ``repr`` break that or blow up the size:
   ``<list_iterator object>``, ``<generator object gen>``, ``<weakref; to 'A'>``;
 * Python 3.11+'s ``str_ascii_iterator`` (an implementation detail of ASCII strings): written
   ``str_iterator``, the name CWM's own traces use for iterating a ``str``;
-* very long values: the first ``limit`` characters are kept and ``...<truncated N chars>`` is
-  appended, N being how many characters were cut. The full repr is computed to know N, so a huge
-  value still costs its repr at every frame; the sandbox's time limit bounds that.
+* very long values: the first ``limit`` characters are kept and ``...<truncated>`` is
+  appended. A long list or tuple of scalars is not repr'd whole: its repr is built element by
+  element only until it passes the limit (the same prefix, a fraction of the cost: such a local
+  is repr'd at every frame).
 
 A ``__repr__`` that raises gives ``<repr of TypeName raised ExcName>`` instead of failing the
 trace. A top-level str or bytes is never scrubbed (its text is the user's data); inside a
@@ -30,10 +31,36 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+(?=[>;:,)])")
 _PLAIN = frozenset({int, float, bool, complex, type(None), str, bytes})
 
 
+MARKER = "...<truncated>"
+_SCALARS = frozenset({int, float, bool, complex, type(None), str, bytes})
+_BIG = 64  # elements: below this the whole repr is cheap
+
+
 def truncate(text: str, limit: int = DEFAULT_MAX_REPR) -> str:
     if len(text) <= limit:
         return text
-    return f"{text[:limit]}...<truncated {len(text) - limit} chars>"
+    return text[:limit] + MARKER
+
+
+def long_sequence_repr(value: object, limit: int) -> str | None:
+    """``truncate(repr(value), limit)`` for a long list/tuple of scalars, without the whole
+    repr; None when that shortcut does not apply (then the caller takes the plain repr)."""
+    t = type(value)
+    if (t is not list and t is not tuple) or len(value) <= _BIG:
+        return None
+    parts, size = [], 1
+    try:
+        for e in value:
+            if type(e) not in _SCALARS:
+                return None
+            r = repr(e)
+            parts.append(r)
+            size += len(r) + 2
+            if size > limit + 2:  # the whole repr is longer than the limit
+                return (("[" if t is list else "(") + ", ".join(parts))[:limit] + MARKER
+    except (ValueError, RuntimeError):  # an int over the str-conversion limit; a list resized
+        return None
+    return None
 
 
 def repr_failed(value: object, exc: BaseException) -> str:
@@ -51,6 +78,9 @@ def scrub(text: str) -> str:
 
 
 def safe_repr(value: object, limit: int = DEFAULT_MAX_REPR) -> str:
+    short = long_sequence_repr(value, limit)
+    if short is not None:
+        return short
     try:
         text = repr(value)
     except Exception as exc:  # a user __repr__ (or int > sys.get_int_max_str_digits()) failed
@@ -58,7 +88,7 @@ def safe_repr(value: object, limit: int = DEFAULT_MAX_REPR) -> str:
     if type(value) not in _PLAIN:
         text = scrub(text)
     if len(text) > limit:
-        return f"{text[:limit]}...<truncated {len(text) - limit} chars>"
+        return text[:limit] + MARKER
     return text
 
 
