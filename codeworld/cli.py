@@ -21,25 +21,19 @@ EXIT_BAD_INPUT = 2
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL: the flow retries these
 
 
+STAGES = ("corpus", "dedup", "traces")  # each is stages/<name>.py with run(params, track=...)
+
+
 def _stage(args: argparse.Namespace) -> int:
-    params = load_params(args.params)
-    if args.name == "corpus":
-        from stages import corpus
+    import importlib
 
-        m = corpus.run(params, track=not args.no_track)
-    elif args.name == "dedup":
-        from stages import dedup
-
-        m = dedup.run(params, track=not args.no_track)
-    elif args.name == "traces":
-        from stages import traces
-
-        m = traces.run(params, track=not args.no_track)
-    else:
-        raise ConfigError(f"unknown stage {args.name!r} (known: corpus, dedup, traces)")
     from codeworld.shards import pin_manifest
     from codeworld.storage import Storage
 
+    params = load_params(args.params)
+    if args.name not in STAGES:
+        raise ConfigError(f"unknown stage {args.name!r} (known: {', '.join(STAGES)})")
+    m = importlib.import_module(f"stages.{args.name}").run(params, track=not args.no_track)
     pin_manifest(Storage(params.storage.root, params.storage.s3_endpoint_url), args.name, m)
     print(json.dumps({"stage": args.name, "records": m["records"], "shards": len(m["shards"])}))
     return 0

@@ -42,6 +42,17 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def start_run(name: str, experiment: str, tags: dict[str, str]):
+    """An MLflow run in `experiment` at tracking_uri(), tagged with the git commit."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(experiment)
+    if commit := git_commit():
+        tags = {**tags, "git.commit": commit}
+    return mlflow.start_run(run_name=name, tags=tags)
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for k, v in d.items():
@@ -72,15 +83,10 @@ class StageRun:
         if self.track:
             import mlflow
 
-            mlflow.set_tracking_uri(tracking_uri())
-            mlflow.set_experiment(self.experiment)
             tags = {"codeworld.stage": self.stage}
-            if commit := git_commit():
-                tags["git.commit"] = commit
             if parent := os.environ.get(PARENT_ENV):
                 tags["mlflow.parentRunId"] = parent
-            run = mlflow.start_run(run_name=self.stage, tags=tags)
-            self.run_id = run.info.run_id
+            self.run_id = start_run(self.stage, self.experiment, tags).info.run_id
             params = flatten(self.params)
             # MLflow caps a param value's length; long lists are still in the artifact.
             mlflow.log_params({k: v[:6000] for k, v in params.items()})

@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from codeworld.config import load_params
-from codeworld.tracking import PARENT_ENV, git_commit, repo_root, tracking_uri
+from codeworld.tracking import PARENT_ENV, repo_root, start_run, tracking_uri
 
 TRANSIENT_MARKERS = ("Unable to acquire lock", "transient error (retry)", "Connection reset",
                      "Temporary failure in name resolution")
@@ -58,7 +58,7 @@ def dag_order(dvc_yaml: Path) -> list[str]:
     return order
 
 
-def upstream(order: list[str], dvc_yaml: Path, wanted: list[str]) -> list[str]:
+def upstream(order: list[str], wanted: list[str]) -> list[str]:
     unknown = sorted(set(wanted) - set(order))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml has {order}")
@@ -129,7 +129,7 @@ def pipeline(stages: list[str] | None = None, force: bool = False) -> list[dict]
     root = repo_root()
     params = load_params(root / "params.yaml")  # a bad param fails here, before any stage
     order = dag_order(root / "dvc.yaml")
-    todo = upstream(order, root / "dvc.yaml", stages) if stages else order
+    todo = upstream(order, stages) if stages else order
     parent = _start_parent_run(todo, params.tracking.experiment)
     results: list[dict] = []
     status = "FAILED"
@@ -154,14 +154,8 @@ def _summary(rows: list[dict]) -> str:
 
 
 def _start_parent_run(stages: list[str], experiment: str) -> str | None:
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(experiment)
     tags = {"codeworld.kind": "pipeline", "codeworld.stages": ",".join(stages)}
-    if commit := git_commit():
-        tags["git.commit"] = commit
-    return mlflow.start_run(run_name="pipeline", tags=tags).info.run_id
+    return start_run("pipeline", experiment, tags).info.run_id
 
 
 def _end_parent_run(status: str) -> None:

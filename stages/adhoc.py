@@ -9,9 +9,11 @@ import json
 import os
 import posixpath
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from codeworld.config import CorpusConfig, DedupConfig, Params, StorageConfig
+from codeworld.jsonl import read_jsonl
 from codeworld.shards import MANIFEST, Dataset, DatasetWriter, dumps, fingerprint
 from codeworld.storage import Storage, filesystem, write_atomic
 from stages import corpus, dedup
@@ -54,23 +56,16 @@ def corpus_adhoc(sources: list[str], out: str, *, extensions: list[str] | None =
 
 def _read_jsonl(path: str) -> tuple[list[dict], list[str]]:
     records, bad, seen = [], [], set()
-    with filesystem(path).open(path, "rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except (ValueError, UnicodeDecodeError) as err:
-                bad.append(f"{where}: not JSON: {err}"[:300])
-                continue
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) or "id" not in rec:
-                bad.append(f"{where}: needs string field 'text' and field 'id'")
-            elif str(rec["id"]) in seen:
-                bad.append(f"{where}: duplicate id {rec['id']!r} (first one kept)")
-            else:
-                seen.add(str(rec["id"]))
-                records.append(rec)
+    for where, rec, problem in read_jsonl(path):
+        if problem:
+            bad.append(f"{where}: {problem}"[:300])
+        elif not isinstance(rec.get("text"), str) or "id" not in rec:
+            bad.append(f"{where}: needs string field 'text' and field 'id'")
+        elif str(rec["id"]) in seen:
+            bad.append(f"{where}: duplicate id {rec['id']!r} (first one kept)")
+        else:
+            seen.add(str(rec["id"]))
+            records.append(rec)
     return records, bad
 
 
@@ -82,8 +77,7 @@ def dedup_adhoc(inp: str, out: str, *, report_path: str | None = None, threshold
     if fs.exists(posixpath.join(inp, MANIFEST) if inp.startswith("s3://") else os.path.join(inp, MANIFEST)):
         source = Dataset.open(inp)
         parent, name = _split(out)
-        fp = fingerprint("dedup", 1, cfg.model_dump(exclude={"workers"}), source.manifest["fingerprint"])
-        manifest = dedup.dedup_dataset(source, DatasetWriter(Storage(parent), name, fp), cfg)
+        dedup.dedup_dataset(source, DatasetWriter(Storage(parent), name, dedup.output_fingerprint(cfg, source)), cfg)
         report = json.loads(Storage(parent).sub(name).read_bytes(dedup.REPORT))
         bad: list[str] = []
     else:
@@ -95,8 +89,7 @@ def dedup_adhoc(inp: str, out: str, *, report_path: str | None = None, threshold
                      for i in range(0, len(records), shard_records)]
             staged.finish(infos)
             source = Dataset(Storage(tmp).sub("input"))
-            fp = fingerprint("dedup", 1, cfg.model_dump(exclude={"workers"}), source.manifest["fingerprint"])
-            dedup.dedup_dataset(source, DatasetWriter(Storage(tmp), "output", fp), cfg)
+            dedup.dedup_dataset(source, DatasetWriter(Storage(tmp), "output", dedup.output_fingerprint(cfg, source)), cfg)
             kept = Dataset(Storage(tmp).sub("output"))
             body = b"".join(dumps(r) + b"\n" for r in kept)
             write_atomic(filesystem(out), out, body)
@@ -116,16 +109,8 @@ def trace_adhoc(inp: str, out: str, *, workers: int = 0, wall_seconds: float = 2
     from codeworld.config import TraceLimitsConfig
     from stages.trace_runner import trace_requests
 
-    requests: list = []
-    with filesystem(inp).open(inp, "rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                req = json.loads(line)
-            except (ValueError, UnicodeDecodeError):
-                req = {"id": f"{inp}:{lineno}", "_bad": "not JSON"}
-            requests.append(req if isinstance(req, dict) else {"id": f"{inp}:{lineno}"})
+    # a line that is not a JSON object becomes a request without code: status "invalid"
+    requests = [req if req is not None else {"id": where} for where, req, _ in read_jsonl(inp)]
     limits = TraceLimitsConfig(wall_seconds=wall_seconds, cpu_seconds=wall_seconds, max_events=max_events)
     results = trace_requests(requests, limits, workers)
     fields = ("id", "trace", "result", "error", "status")
@@ -135,7 +120,5 @@ def trace_adhoc(inp: str, out: str, *, workers: int = 0, wall_seconds: float = 2
              for k in fields} for r in results]
     body = b"".join(dumps(row) + b"\n" for row in rows)
     write_atomic(filesystem(out), out, body)
-    counts: dict = {}
-    for r in results:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    counts = Counter(r["status"] for r in results)
     return {"records": len(results), "statuses": dict(sorted(counts.items())), "output": out}

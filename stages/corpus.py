@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing as mp
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from codeworld.config import LANGUAGES, CorpusConfig, Params
-from codeworld.progress import progress
+from codeworld.parallel import pool_map
 from codeworld.shards import DatasetWriter, ShardInfo, fingerprint
 from codeworld.storage import Storage
 from codeworld.tracking import StageRun
@@ -154,20 +153,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
 
 def _build(groups: list[Group], workers: int) -> list[tuple[ShardInfo, dict]]:
     """Build every group's shard, reusing shards an interrupted run already finished."""
-    results: dict[int, tuple[ShardInfo, dict]] = {}
-    todo = []
-    for g in groups:
-        done = g.writer.completed(g.index)
-        if done:
-            results[g.index] = done
-        else:
-            todo.append(g)
-    if todo:
-        if workers > 1 and len(todo) > 1:
-            with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
-                for info, meta in progress(pool.imap_unordered(ingest_group, todo), len(todo), "corpus"):
-                    results[int(info.name[6:11])] = (info, meta)
-        else:
-            for g in progress(todo, len(todo), "corpus"):
-                results[g.index] = ingest_group(g)
-    return [results[g.index] for g in groups]
+    done = {g.index: g.writer.completed(g.index) for g in groups}
+    todo = [g for g in groups if done[g.index] is None]
+    done.update(zip((g.index for g in todo), pool_map(ingest_group, todo, workers, "corpus")))
+    return [done[g.index] for g in groups]

@@ -5,15 +5,15 @@ existing shards. Listing is cheap and deterministic (sorted paths); reading happ
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import subprocess
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from codeworld.config import (LANGUAGES, CorpusConfig, DirSource, GitSource, JsonlSource,
+from codeworld.config import (CorpusConfig, DirSource, GitSource, JsonlSource,
                               S3Source, ShardsSource, Source, StdlibSource)
+from codeworld.jsonl import read_jsonl
 from codeworld.shards import Dataset
 from codeworld.storage import filesystem
 
@@ -182,15 +182,13 @@ def _list_records(src: JsonlSource | ShardsSource, name: str, cfg: CorpusConfig,
         fs = filesystem(src.path, endpoint)
         if not fs.exists(src.path):
             raise SourceError(f"source {name!r}: {src.path} does not exist")
-        with fs.open(src.path, "rb") as fh:
-            for lineno, line in enumerate(fh, 1):
-                where = f"{src.path}:{lineno}"
-                if not line.strip():
-                    continue
-                try:
-                    out.append(_record_candidate(name, "jsonl", json.loads(line), where))
-                except (ValueError, UnicodeDecodeError) as err:
-                    bad.append(f"{where}: {err}"[:300])
+        for where, rec, problem in read_jsonl(src.path, endpoint):
+            try:
+                if problem:
+                    raise ValueError(problem)
+                out.append(_record_candidate(name, "jsonl", rec, where))
+            except ValueError as err:
+                bad.append(f"{where}: {err}"[:300])
     else:
         for i, rec in enumerate(Dataset.open(src.path, endpoint)):
             out.append(_record_candidate(name, "shards", rec, f"{src.path}#{i}"))

@@ -18,13 +18,13 @@ only: one of each normalised content is kept.
 from __future__ import annotations
 
 import io
-import multiprocessing as mp
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
 from codeworld.config import DedupConfig, Params
+from codeworld.parallel import pool_map
 from codeworld.progress import progress
 from codeworld.shards import Dataset, DatasetWriter, ShardInfo, dumps, fingerprint
 from codeworld.storage import Storage
@@ -34,6 +34,11 @@ from stages.near_dedup import (NearDedupConfig, candidate_pairs, choose_bands, c
 from stages.exact_dedup import content_key
 
 REPORT = "report.json"
+
+
+def output_fingerprint(cfg: DedupConfig, source: Dataset) -> str:
+    """What a dedup output is a function of: its params (not the worker count) and its input."""
+    return fingerprint("dedup", 1, cfg.model_dump(exclude={"workers"}), source.manifest["fingerprint"])
 
 
 def near_config(cfg: DedupConfig) -> NearDedupConfig:
@@ -78,13 +83,6 @@ def shingles_of(job_and_rows: tuple[ShardJob, list[int]]) -> list[np.ndarray]:
     return [shingle_set(records[r]["text"], job.cfg.ngram) for r in rows]
 
 
-def _pool_map(fn, jobs: list, workers: int, label: str) -> list:
-    if workers > 1 and len(jobs) > 1:
-        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            return list(progress(pool.imap(fn, jobs), len(jobs), label))
-    return [fn(j) for j in progress(jobs, len(jobs), label)]
-
-
 def exact_reps(keys: np.ndarray) -> np.ndarray:
     """rep[i] = first index with the same content key (stable: corpus order decides)."""
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
@@ -112,7 +110,7 @@ def dedup_dataset(source: Dataset, writer: DatasetWriter, cfg: DedupConfig) -> d
     work = writer.work
     jobs = [ShardJob(source.storage, info, work, i, ncfg, writer.fingerprint)
             for i, info in enumerate(source.shards)]
-    _pool_map(sign_shard, jobs, cfg.workers, "dedup: signatures")
+    pool_map(sign_shard, jobs, cfg.workers, "dedup: signatures")
     parts = [np.load(io.BytesIO(work.read_bytes(j.sig_name))) for j in jobs]
     keys = np.concatenate([p["keys"] for p in parts]) if parts else np.zeros(0, "S32")
     sigs = np.concatenate([p["sigs"] for p in parts]) if parts else np.zeros((0, ncfg.num_perm), np.uint32)
@@ -134,7 +132,7 @@ def dedup_dataset(source: Dataset, writer: DatasetWriter, cfg: DedupConfig) -> d
     shingle_jobs = [(jobs[s], [d - int(offsets[s]) for d in docs]) for s, docs in sorted(by_shard.items())]
     shingles: dict[int, np.ndarray] = {}
     for (s, docs), sets in zip(sorted(by_shard.items()),
-                               _pool_map(shingles_of, shingle_jobs, cfg.workers, "dedup: verify")):
+                               pool_map(shingles_of, shingle_jobs, cfg.workers, "dedup: verify")):
         shingles.update(zip(docs, sets))
     kept_pairs, jac = verify_pairs(pairs, shingles, cfg.threshold)
     del shingles
@@ -148,7 +146,7 @@ def dedup_dataset(source: Dataset, writer: DatasetWriter, cfg: DedupConfig) -> d
     counts: Counter = Counter()
     for j in progress(jobs, len(jobs), "dedup: write"):
         lo = int(offsets[j.index])
-        records = Dataset(source.storage).read_shard(j.info)
+        records = source.read_shard(j.info)
         keep = [r for k, r in enumerate(records) if final_rep[lo + k] == lo + k]
         infos.append(writer.write(j.index, keep))
     for doc in np.flatnonzero(final_rep != np.arange(n)).tolist():
@@ -180,8 +178,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
     with StageRun("dedup", params.model_dump(include={"storage", "dedup"}),
                   params.tracking.experiment, metrics_path, track) as run_:
         src = Dataset(storage.sub(source))
-        fp = fingerprint("dedup", 1, params.dedup.model_dump(exclude={"workers"}), src.manifest["fingerprint"])
-        writer = DatasetWriter(storage, output, fp)
+        writer = DatasetWriter(storage, output, output_fingerprint(params.dedup, src))
         with run_.timed("dedup"):
             manifest = dedup_dataset(src, writer, params.dedup)
         stats = manifest["stats"]

@@ -62,40 +62,45 @@ def _reproducible(kept: list[dict], cfg: TracesConfig, counts: Counter) -> list[
     return same
 
 
+def _failure(rec: dict) -> str:
+    return (rec.get("error") or rec["status"]).split(":")[0]
+
+
+def _meta(kept: list[dict], counts: Counter, failures: Counter, t0: float,
+          signatures: list[str] = ()) -> dict:
+    """A shard's completion record: what the report sums over shards (and a resume reuses)."""
+    counts["kept"] = len(kept)
+    return {"counts": dict(counts), "failures": dict(failures), "signatures": list(signatures),
+            "events": [int(r.get("events") or 0) for r in kept],
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
 def trace_group(cases: list, cfg: TracesConfig, seen: set[str]) -> tuple[list[dict], dict]:
     t0 = time.perf_counter()
     requests = [{"id": c.id, "code": c.code, "call": c.call} for c in cases]
     results = trace_requests(requests, cfg.limits, cfg.workers, cfg.batch_size, frames=True)
     counts: Counter = Counter()
     failures: Counter = Counter()
-    kept, sigs, events = [], [], []
+    kept, sigs = [], []
     for case, res in zip(cases, results):
         status = res["status"]
         counts[f"status_{status}"] += 1
         counts[f"generator_{case.provenance.get('input_source')}"] += 1
         if status not in KEEP:
-            failures[(res.get("error") or status).split(":")[0]] += 1
+            failures[_failure(res)] += 1
             continue
         sig = behaviour(res, f"{case.provenance.get('corpus_id')}:{case.provenance.get('qualname')}")
         if sig in seen:
             counts["duplicate_behaviour"] += 1
             continue
         seen.add(sig)
-        sigs.append(sig)
-        events.append(int(res.get("events") or 0))
+        sigs.append(sig)  # dropped ones below too: `seen` must be rebuilt identically on resume
         kept.append({"id": case.id, "code": case.code, "call": case.call, "prompt": res.get("prompt"),
                      "trace": res.get("trace"), "frames": res.get("frames"), "result": res.get("result"),
                      "error": res.get("error"), "status": status, "events": res.get("events"),
-                     "provenance": case.provenance, "_sig": sig})
+                     "provenance": case.provenance})
     kept = _reproducible(kept, cfg, counts)
-    # `sigs` keeps the dropped ones too: `seen` must be rebuilt identically on resume
-    events = [int(r.get("events") or 0) for r in kept]
-    for r in kept:
-        del r["_sig"]
-    counts["kept"] = len(kept)
-    meta = {"counts": dict(counts), "failures": dict(failures), "signatures": sigs, "events": events,
-            "seconds": round(time.perf_counter() - t0, 3)}
-    return kept, meta
+    return kept, _meta(kept, counts, failures, t0, sigs)
 
 
 def trace_repo_group(repo, cfg: TracesConfig) -> tuple[list[dict], dict]:
@@ -119,16 +124,22 @@ def trace_repo_group(repo, cfg: TracesConfig) -> tuple[list[dict], dict]:
         counts[f"status_{r['status']}"] += 1
         counts["generator_repository"] += 1
         if r["status"] not in KEEP:
-            failures[(r.get("error") or r["status"]).split(":")[0]] += 1
+            failures[_failure(r)] += 1
         elif twin.get(r["id"]) != r:
             counts["nondeterministic"] += 1
         else:
             kept.append(r)
-    counts["kept"] = len(kept)
     counts["repo_tests_run"] = int(stats.get("tests_run", 0) or 0)
-    meta = {"counts": dict(counts), "failures": dict(failures), "signatures": [],
-            "events": [int(r.get("events") or 0) for r in kept], "seconds": round(time.perf_counter() - t0, 3)}
-    return kept, meta
+    return kept, _meta(kept, counts, failures, t0)
+
+
+def _shard(writer: DatasetWriter, index: int, build) -> tuple:
+    """Shard `index` of a resumed run as it was finished, or built now by `build()`."""
+    done = writer.completed(index)
+    if done is not None:
+        return done
+    kept, meta = build()
+    return writer.write(index, kept, meta), meta
 
 
 def run(params: Params, *, track: bool = True, metrics_path: str | None = "metrics/traces.json",
@@ -150,24 +161,14 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         traced_seconds = 0.0
         for index, cases in enumerate(progress(_groups(_cases(src, cfg, stats), cfg.programs_per_shard),
                                                None, "traces")):
-            done = writer.completed(index)
-            if done is None:
-                kept, meta = trace_group(cases, cfg, seen)
-                info = writer.write(index, kept, meta)
-            else:
-                info, meta = done
-                seen.update(meta["signatures"])
+            info, meta = _shard(writer, index, lambda: trace_group(cases, cfg, seen))
+            seen.update(meta["signatures"])  # a no-op unless the shard came from a killed run
             traced_seconds += meta["seconds"]
             infos.append(info)
             metas.append(meta)
         first, repo_seconds = len(infos), 0.0
         for k, repo in enumerate(cfg.repositories):
-            done = writer.completed(first + k)
-            if done is None:
-                kept, meta = trace_repo_group(repo, cfg)
-                info = writer.write(first + k, kept, meta)
-            else:
-                info, meta = done
+            info, meta = _shard(writer, first + k, lambda: trace_repo_group(repo, cfg))
             repo_seconds += meta["seconds"]
             infos.append(info)
             metas.append(meta)

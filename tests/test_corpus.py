@@ -148,3 +148,10 @@ def test_stage_with_root_elsewhere_pins_manifest_for_dvc(tmp_path):
     assert pinned.pop("location") == str(tmp_path / "elsewhere" / "corpus")
     assert pinned == real
     assert sorted(p.name for p in (tmp_path / "data" / "corpus").iterdir()) == ["manifest.json"]
+
+
+def test_jsonl_line_that_is_not_an_object_is_counted_not_fatal(tmp_path):
+    (tmp_path / "in.jsonl").write_text('[1, 2]\n"text"\n' + json.dumps({"id": "a", "text": "x = 1\n", "path": "a.py"}) + "\n")
+    m = run_corpus(tmp_path, [{"kind": "jsonl", "path": str(tmp_path / "in.jsonl")}])
+    assert m["records"] == 1 and m["stats"]["counts"]["bad_records"] == 2
+    assert "in.jsonl:1: not a JSON object (list)" in m["stats"]["bad_records"][0]
