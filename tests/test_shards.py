@@ -109,3 +109,12 @@ def test_encode_is_deterministic():
     a, n = encode_shard(RECORDS, 3)
     b, _ = encode_shard(list(RECORDS), 3)
     assert n == 25 and hashlib.sha256(a).digest() == hashlib.sha256(b).digest()
+
+
+def test_fingerprint_covers_params_inputs_and_code(monkeypatch):
+    from codeworld import shards
+    base = shards.fingerprint("stage", {"a": 1}, "input-fp")
+    assert base == shards.fingerprint("stage", {"a": 1}, "input-fp")
+    assert base != shards.fingerprint("stage", {"a": 2}, "input-fp")
+    monkeypatch.setattr(shards, "code_version", lambda: "other code")
+    assert base != shards.fingerprint("stage", {"a": 1}, "input-fp")  # new code: no reuse
