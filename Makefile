@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch lies on this disk; pinning it keeps pip from pulling a CUDA build.
 PIP    := $(BIN)/pip install --disable-pip-version-check -q
 
-.PHONY: run test setup setup-dev sysdeps bench serve-mlflow clean
+.PHONY: run test setup setup-dev sysdeps bench serve serve-stop serve-status serve-mlflow clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,20 @@ test: setup-dev
 bench: setup
 	$(PIP) -e '.[bench]'
 	$(BIN)/python bench/dedup.py
+
+# Prefect server (UI on :4200), MLflow tracking server (UI on :5000, mlflow.db + mlartifacts/)
+# and the pipeline's deployments served, in the background on 127.0.0.1; pids and logs in
+# .serve/. `make serve-stop` stops exactly those processes.
+SERVE_PREFECT_PORT ?= 4200
+SERVE_MLFLOW_PORT  ?= 5000
+serve: setup
+	$(BIN)/python -m flows.serve start --prefect-port $(SERVE_PREFECT_PORT) --mlflow-port $(SERVE_MLFLOW_PORT)
+
+serve-stop:
+	$(BIN)/python -m flows.serve stop
+
+serve-status:
+	$(BIN)/python -m flows.serve status
 
 serve-mlflow: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

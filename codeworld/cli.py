@@ -21,7 +21,7 @@ EXIT_BAD_INPUT = 2
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL: the flow retries these
 
 
-STAGES = ("corpus", "dedup", "traces")  # each is stages/<name>.py with run(params, track=...)
+STAGES = ("corpus", "dedup", "traces", "tokenizer", "pack", "pretrain", "agent")  # each is stages/<name>.py with run(params, track=...)
 
 
 def _stage(args: argparse.Namespace) -> int:
@@ -34,8 +34,10 @@ def _stage(args: argparse.Namespace) -> int:
     if args.name not in STAGES:
         raise ConfigError(f"unknown stage {args.name!r} (known: {', '.join(STAGES)})")
     m = importlib.import_module(f"stages.{args.name}").run(params, track=not args.no_track)
-    pin_manifest(Storage(params.storage.root, params.storage.s3_endpoint_url), args.name, m)
-    print(json.dumps({"stage": args.name, "records": m["records"], "shards": len(m["shards"])}))
+    if "shards" in m:  # a shard dataset (tokenizer, pack and training pin their own outputs)
+        pin_manifest(Storage(params.storage.root, params.storage.s3_endpoint_url), args.name, m)
+    print(json.dumps({"stage": args.name, "records": m.get("records"),
+                      "shards": len(m.get("shards", []))}))
     return 0
 
 

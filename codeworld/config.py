@@ -216,12 +216,284 @@ class TracesConfig(Section):
     repo_wall_seconds: float = Field(default=120.0, gt=0)
 
 
+class TokenizerConfig(Section):
+    """Byte-level BPE trained on the deduped corpus (and the traces, so the trace format's
+    common strings get merges); CWM's trace tokens and the agent tool markers are single
+    special tokens."""
+
+    vocab_size: int = Field(default=4096, ge=512, le=1_000_000)
+    min_frequency: int = Field(default=2, ge=1)
+    sources: list[str] = Field(default_factory=lambda: ["code", "traces"], min_length=1)  # pack sources
+    # Cap on training text (characters, taken in dataset order; 0 = all): BPE's cost grows with it.
+    max_chars: int = Field(default=20_000_000, ge=0)
+
+
+class PackSourceConfig(Section):
+    """One Megatron indexed dataset: a shard dataset rendered as token documents."""
+
+    dataset: str                     # a stage output under the storage root, e.g. dedup
+    format: Literal["code", "trace", "agent"]
+    # Agent trajectories: the share of environment observations masked out of the loss (CWM: 0.5).
+    observation_mask: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Cap on tokens packed from this source, documents taken in dataset order (0 = all).
+    max_tokens: int = Field(default=0, ge=0)
+
+
+class PackConfig(Section):
+    sources: dict[str, PackSourceConfig] = Field(default_factory=lambda: {
+        "code": PackSourceConfig(dataset="dedup", format="code"),
+        "traces": PackSourceConfig(dataset="traces", format="trace")})
+    # Corpus ids held out of every training source (by a hash of the id), for evaluation.
+    heldout_percent: float = Field(default=5.0, ge=0.0, lt=100.0)
+    seed: int = 0
+
+    @field_validator("sources")
+    @classmethod
+    def _names(cls, v: dict) -> dict:
+        for name in v:
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                raise ValueError(f"source name {name!r}: use lowercase letters, digits and _")
+        if not v:
+            raise ValueError("at least one source")
+        return v
+
+
+class ModelConfig(Section):
+    """A CWM-like decoder: RoPE, SwiGLU, RMSNorm, grouped-query attention. The vocabulary
+    comes from the tokenizer stage."""
+
+    num_layers: int = Field(default=4, ge=1)
+    hidden_size: int = Field(default=256, ge=8)
+    num_attention_heads: int = Field(default=8, ge=1)
+    num_query_groups: int = Field(default=2, ge=1)
+    ffn_hidden_size: int = Field(default=704, ge=8)
+    max_position_embeddings: int = Field(default=4096, ge=16)
+    rotary_base: int = Field(default=10000, ge=1)
+    init_method_std: float = Field(default=0.02, gt=0)
+    tie_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "ModelConfig":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible "
+                             f"by num_query_groups {self.num_query_groups}")
+        return self
+
+
+class ParallelConfig(Section):
+    """Processes per node (torchrun) and how they split the model: data parallel is what is
+    left of nproc * nnodes after tensor x pipeline x context."""
+
+    nproc: int = Field(default=1, ge=1)
+    nnodes: int = Field(default=1, ge=1)
+    tensor: int = Field(default=1, ge=1)
+    pipeline: int = Field(default=1, ge=1)
+    virtual_pipeline: int | None = Field(default=None, ge=2)
+    context: int = Field(default=1, ge=1)
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    backend: Literal["auto", "gloo", "nccl"] = "auto"   # auto: nccl on GPUs, gloo on CPU
+
+    @model_validator(mode="after")
+    def _world(self) -> "ParallelConfig":
+        world = self.nproc * self.nnodes
+        split = self.tensor * self.pipeline * self.context
+        if world % split:
+            raise ValueError(f"tensor x pipeline x context = {split} does not divide the "
+                             f"{world} processes (nproc x nnodes)")
+        if self.sequence_parallel and self.tensor == 1:
+            raise ValueError("sequence_parallel needs tensor > 1")
+        if self.virtual_pipeline is not None and self.pipeline == 1:
+            raise ValueError("virtual_pipeline needs pipeline > 1")
+        return self
+
+
+class PhaseConfig(Section):
+    """One training phase (pre-train, mid-train, ...): data blend, schedule, precision."""
+
+    blend: dict[str, float] = Field(default_factory=lambda: {"code": 1.0})  # pack source -> weight
+    init_from: str | None = None       # the phase whose final checkpoint this one starts from
+    steps: int = Field(default=100, ge=1)
+    seq_length: int = Field(default=128, ge=8)
+    micro_batch_size: int = Field(default=4, ge=1)
+    global_batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    min_lr: float = Field(default=3e-4, ge=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    clip_grad: float = Field(default=1.0, ge=0)
+    adam_beta1: float = Field(default=0.9, gt=0, lt=1)
+    adam_beta2: float = Field(default=0.95, gt=0, lt=1)
+    seed: int = 1234
+    # auto: FP8 (Transformer Engine) on Hopper+, BF16 on other GPUs, FP32 on CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    recompute: bool = False            # activation recompute (full, uniform)
+    save_interval: int = Field(default=50, ge=1)
+    log_interval: int = Field(default=1, ge=1)
+    eval_interval: int = Field(default=50, ge=1)
+    eval_iters: int = Field(default=4, ge=1)
+
+    @model_validator(mode="after")
+    def _batches(self) -> "PhaseConfig":
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of "
+                             f"micro_batch_size {self.micro_batch_size}")
+        if not self.blend or any(w <= 0 for w in self.blend.values()):
+            raise ValueError("blend needs at least one source, each with a weight > 0")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps {self.warmup_steps} must be below steps {self.steps}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
+        return self
+
+
+PHASES = ("pretrain",)   # training phases, in order; each is a params section of PhaseConfig
+
+
+class AgentRepoConfig(Section):
+    """An agent environment: a PyPI sdist pinned by version and sha256 (fetched once), a local
+    git repository at a pinned commit, or a local folder (path alone)."""
+
+    name: str
+    version: str | None = None
+    sha256: str | None = None
+    path: str | None = None
+    commit: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "AgentRepoConfig":
+        pypi = self.version is not None and self.sha256 is not None
+        if pypi == (self.path is not None) or (self.version is None) != (self.sha256 is None):
+            raise ValueError("give either version + sha256 (a PyPI sdist) or path "
+                             "(a local git repository with commit, or a folder)")
+        if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ValueError(f"sha256 {self.sha256!r} is not 64 hex digits")
+        if self.commit is not None and not re.fullmatch(r"[0-9a-fA-F]{7,40}", self.commit):
+            raise ValueError(f"commit {self.commit!r} is not a commit hash (pin a commit, not a branch)")
+        if self.commit is not None and self.path is None:
+            raise ValueError("commit needs path (the local git repository)")
+        return self
+
+
+DEFAULT_AGENT_REPOS = [
+    AgentRepoConfig(name="inflection", version="0.5.1",
+                    sha256="1a29730d366e996aaacffb2f1f1cb9593dc38e2ddd30c91250c6dde09ea9b417"),
+    AgentRepoConfig(name="cachetools", version="5.5.0",
+                    sha256="2cc24fb4cbe39633fb7badd9db9ca6295d766d9c2995f245725a46715d050f2a"),
+    AgentRepoConfig(name="parse", version="1.20.2",
+                    sha256="b41d604d16503c79d81af5165155c0b20f6c8d6c559efa66b4b695c3e5a0a0ce"),
+    AgentRepoConfig(name="toolz", version="0.12.1",
+                    sha256="ecca342664893f177a13dac0e6b41cbd8ac25a358e5f215316d43e2100224f4d"),
+    AgentRepoConfig(name="webcolors", version="24.8.0",
+                    sha256="08b07af286a01bcd30d583a7acadf629583d1f79bfef27dd2c2c5c263817277d"),
+]
+
+
+class OpenAIPolicyConfig(Section):
+    base_url: str | None = None      # e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp server)
+    model: str | None = None
+    api_key_env: str | None = None   # name of the environment variable holding the key
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(default=1024, ge=16)
+    timeout_seconds: float = Field(default=120.0, gt=0)
+
+
+class AgentConfig(Section):
+    """ForagerAgent-style mutate-fix data: environments, bug synthesis, agent loop."""
+
+    seed: int = 2025
+    repositories: list[AgentRepoConfig] = Field(default_factory=lambda: list(DEFAULT_AGENT_REPOS))
+    max_mutants_per_repo: int = Field(default=6, ge=1)    # mutants validated (tried) per repo
+    max_tasks_per_repo: int = Field(default=1, ge=0)      # kept bugs per repo
+    mutant_batch: int = Field(default=4, ge=1)            # mutants per sandbox run
+    mutant_timeout_seconds: float = Field(default=30.0, gt=0)
+    test_wall_seconds: float = Field(default=180.0, gt=0)  # a whole suite in the sandbox
+    policies: list[Literal["scripted", "openai"]] = Field(default_factory=lambda: ["scripted"])
+    max_turns: int = Field(default=20, ge=2)
+    max_tokens: int = Field(default=32000, ge=256)
+    observation_chars: int = Field(default=4000, ge=200)
+    tool_wall_seconds: float = Field(default=60.0, gt=0)
+    openai: OpenAIPolicyConfig = OpenAIPolicyConfig()
+    # execution traces of each task's failing tests (repository tracer), for mid-training
+    failing_traces: bool = True
+    failing_traces_per_task: int = Field(default=20, ge=1)
+    failing_traces_wall_seconds: float = Field(default=60.0, gt=0)
+    workers: int = Field(default=2, ge=1, le=64)          # repositories worked on at once
+
+    @model_validator(mode="after")
+    def _check(self) -> "AgentConfig":
+        names = [r.name for r in self.repositories]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate repository names {dup}")
+        if "openai" in self.policies and not (self.openai.base_url and self.openai.model):
+            raise ValueError("policy openai needs openai.base_url and openai.model")
+        if len(set(self.policies)) != len(self.policies):
+            raise ValueError(f"policies listed twice: {self.policies}")
+        return self
+
+
 class Params(Section):
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
     corpus: CorpusConfig = CorpusConfig()
     dedup: DedupConfig = DedupConfig()
     traces: TracesConfig = TracesConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    pack: PackConfig = PackConfig()
+    model: ModelConfig = ModelConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    pretrain: PhaseConfig = PhaseConfig()
+    agent: AgentConfig = AgentConfig()
+
+    @model_validator(mode="after")
+    def _training_layout(self) -> "Params":
+        check_training_layout(self)
+        return self
+
+
+def check_training_layout(p: "Params") -> None:
+    """Cross-section checks, so a bad layout fails at load, before any process starts."""
+    m, par = p.model, p.parallel
+    if m.num_attention_heads % par.tensor or m.num_query_groups % par.tensor:
+        raise ValueError(f"parallel.tensor {par.tensor} must divide model.num_attention_heads "
+                         f"{m.num_attention_heads} and model.num_query_groups {m.num_query_groups}")
+    if m.ffn_hidden_size % par.tensor:
+        raise ValueError(f"parallel.tensor {par.tensor} must divide model.ffn_hidden_size "
+                         f"{m.ffn_hidden_size}")
+    chunks = par.pipeline * (par.virtual_pipeline or 1)
+    if m.num_layers % chunks:
+        raise ValueError(f"model.num_layers {m.num_layers} is not divisible by pipeline x "
+                         f"virtual_pipeline = {chunks}")
+    for src in p.tokenizer.sources:
+        if src not in p.pack.sources:
+            raise ValueError(f"tokenizer.sources names {src!r}, which is not a pack source "
+                             f"(pack.sources: {', '.join(sorted(p.pack.sources))})")
+    world = par.nproc * par.nnodes
+    dp = world // (par.tensor * par.pipeline * par.context)
+    for name in PHASES:
+        ph: PhaseConfig = getattr(p, name)
+        where = f"{name}"
+        for src in ph.blend:
+            if src not in p.pack.sources:
+                raise ValueError(f"{where}.blend names {src!r}, which is not a pack source "
+                                 f"(pack.sources: {', '.join(sorted(p.pack.sources))})")
+        if ph.init_from is not None and (ph.init_from not in PHASES
+                                         or PHASES.index(ph.init_from) >= PHASES.index(name)):
+            raise ValueError(f"{where}.init_from {ph.init_from!r} is not an earlier phase")
+        if ph.global_batch_size % (ph.micro_batch_size * dp):
+            raise ValueError(f"{where}.global_batch_size {ph.global_batch_size} is not a multiple "
+                             f"of micro_batch_size x data-parallel size = "
+                             f"{ph.micro_batch_size} x {dp}")
+        if ph.seq_length > m.max_position_embeddings:
+            raise ValueError(f"{where}.seq_length {ph.seq_length} exceeds "
+                             f"model.max_position_embeddings {m.max_position_embeddings}")
+        if par.context > 1 and ph.seq_length % (2 * par.context):
+            raise ValueError(f"{where}.seq_length must be divisible by 2 x parallel.context")
 
 
 def _format(err: ValidationError, origin: str) -> str:

@@ -2,16 +2,28 @@
 `dvc repro --single-item STAGE`, in DAG order, so DVC decides what is stale and Prefect shows,
 retries and schedules the runs.
 
-DVC holds a repository lock, so stages run one at a time and a file lock keeps two flows on one
-workspace from calling DVC at once. A failure that looks transient (DVC lock held, connection
-errors reported by a stage) is retried; any other failure fails the flow with the stage's name
-and the tail of its output.
+DVC holds a repository lock, so stages run one at a time, and a file lock held for the whole
+flow keeps two flows off one workspace (a run started from a deployment also holds the
+workspace's Prefect global concurrency limit, see flows/deploy.py). A failure that looks
+transient (DVC lock held, connection errors reported by a stage) is retried; any other failure
+fails the flow with the stage's name and the tail of its output.
+
+`overrides` (`SECTION.KEY=VALUE`, like `dvc exp run -S`) are validated with the params first,
+written into params.yaml for the run (so DVC sees and records them in dvc.lock, as `dvc exp run
+-S` does) and params.yaml is put back as it was when the flow ends.
+
+After each stage that ran, its MLflow run gets lineage tags read from dvc.lock (md5 of each dep
+and out, and of its params), and every stage leaves Prefect artifacts: its metrics, its lineage
+and a link to its MLflow run (for a stage DVC found up to date, the run that made its outputs).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import io
 import json
+import threading
 import os
 import shutil
 import subprocess
@@ -22,10 +34,11 @@ from typing import Iterator
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from codeworld.config import load_params
-from codeworld.tracking import PARENT_ENV, repo_root, start_run, tracking_uri
+from codeworld.overrides import apply_overrides
+from codeworld.tracking import PARENT_ENV, repo_root, run_url, start_run, tracking_uri
 
 TRANSIENT_MARKERS = ("Unable to acquire lock", "transient error (retry)", "Connection reset",
                      "Temporary failure in name resolution")
@@ -66,16 +79,106 @@ def upstream(order: list[str], wanted: list[str]) -> list[str]:
     return order[: max(order.index(w) for w in wanted) + 1]
 
 
+_held: dict[str, int] = {}
+_held_guard = threading.Lock()
+
+
 @contextmanager
 def workspace_lock(root: Path) -> Iterator[None]:
+    """An exclusive lock on the workspace, reentrant within this process (the flow holds it
+    for its whole run and each stage task takes it again)."""
     lock = root / ".dvc" / "tmp" / "codeworld-flow.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    key = str(lock.resolve())
+    with _held_guard:
+        if _held.get(key):
+            _held[key] += 1
+            inner = True
+        else:
+            inner = False
+    if inner:
         try:
             yield
         finally:
+            with _held_guard:
+                _held[key] -= 1
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        with _held_guard:
+            _held[key] = 1
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held.pop(key, None)
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def workspace_limit_name(root: Path) -> str:
+    """The Prefect global concurrency limit (1 slot) of a workspace: runs from deployments hold
+    it, so two runs on one workspace queue even when served by different processes."""
+    return "codeworld-workspace-" + hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:12]
+
+
+def stage_groups(dvc_yaml: Path) -> dict[str, list[str]]:
+    """dvc.yaml's stages by part of the pipeline, in DAG order: `train` (outs under
+    data/checkpoints/), `evaluate` (named eval* or outs under data/eval), `data` (the rest).
+    A group without stages is absent."""
+    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    groups: dict[str, list[str]] = {}
+    for name in dag_order(dvc_yaml):
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in stages[name].get("outs") or []]
+        if name.startswith("eval") or any(o.startswith(("data/eval", "data/evaluate")) for o in outs):
+            group = "evaluate"
+        elif any(o.startswith("data/checkpoints") for o in outs):
+            group = "train"
+        else:
+            group = "data"
+        groups.setdefault(group, []).append(name)
+    return {g: groups[g] for g in ("data", "train", "evaluate") if g in groups}
+
+
+def _override_value(raw: str):
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+@contextmanager
+def params_overridden(params_file: Path, overrides: list[str]) -> Iterator[None]:
+    """params.yaml with `overrides` set (comments and order kept), restored on exit unless
+    someone else changed it meanwhile. Validate the overrides (apply_overrides) first."""
+    if not overrides:
+        yield
+        return
+    from ruamel.yaml import YAML  # DVC's own YAML library (round trip keeps the comments)
+
+    original = params_file.read_text()
+    rt = YAML()
+    rt.preserve_quotes = True
+    data = rt.load(original)
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        *sections, leaf = key.split(".")
+        node = data
+        for section in sections:
+            if node.get(section) is None:
+                node[section] = {}
+            node = node[section]
+        node[leaf] = _override_value(raw)
+    buf = io.StringIO()
+    rt.dump(data, buf)
+    written = buf.getvalue()
+    params_file.write_text(written)
+    try:
+        yield
+    finally:
+        if params_file.read_text() == written:
+            params_file.write_text(original)
+        else:
+            print(f"warning: {params_file} changed during the run; left as it is now")
 
 
 def _dvc() -> str:
@@ -90,7 +193,8 @@ def _retry_if_transient(task, task_run, state) -> bool:
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_if_transient,
       task_run_name="stage-{stage}")
-def run_stage(stage: str, root: str, force: bool, parent_run_id: str | None) -> dict:
+def run_stage(stage: str, root: str, force: bool, parent_run_id: str | None,
+              experiment: str = "codeworld") -> dict:
     logger = get_run_logger()
     env = dict(os.environ)
     if parent_run_id:
@@ -113,48 +217,183 @@ def run_stage(stage: str, root: str, force: bool, parent_run_id: str | None) -> 
     metrics_file = Path(root) / "metrics" / f"{stage}.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     ran = not any("didn't change, skipping" in ln for ln in lines)
-    _publish(stage, metrics, ran)
-    return {"stage": stage, "ran": ran, "metrics": metrics}
+    lineage = dvc_lineage(Path(root) / "dvc.lock", stage)
+    run_id = url = None
+    try:
+        run_id = _stage_run_id(stage, experiment, parent_run_id, lineage, ran)
+        if run_id and ran:
+            _tag_lineage(run_id, lineage)
+        if run_id:
+            url = mlflow_run_url(experiment, run_id)
+    except Exception as exc:  # tracking must not fail a stage that succeeded
+        logger.warning("%s: MLflow lineage not recorded: %s", stage, exc)
+    _publish(stage, metrics, ran, lineage, run_id, url)
+    return {"stage": stage, "ran": ran, "metrics": metrics, "mlflow_run_id": run_id, "mlflow_url": url}
 
 
-def _publish(stage: str, metrics: dict, ran: bool) -> None:
-    key = f"{stage}-metrics".replace("_", "-").lower()
-    create_table_artifact([{"metric": k, "value": v} for k, v in sorted(metrics.items())], key=key,
-                          description=f"metrics/{stage}.json ({'ran' if ran else 'up to date, not rerun'})")
+def dvc_lineage(lock_file: Path, stage: str) -> dict[str, str]:
+    """MLflow tags for a stage from dvc.lock: `dvc.dep.PATH` and `dvc.out.PATH` (md5; a folder's
+    ends in `.dir`) and `dvc.params.md5` (md5 of the stage's params as DVC recorded them)."""
+    if not lock_file.exists():
+        return {}
+    entry = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {}).get(stage)
+    if not entry:
+        return {}
+    tags = {}
+    for kind, key in (("dep", "deps"), ("out", "outs")):
+        for item in entry.get(key) or []:
+            digest = item.get("md5") or item.get("etag") or item.get("checksum")
+            if digest:
+                tags[f"dvc.{kind}.{item['path']}"] = str(digest)
+    if entry.get("params"):
+        canon = json.dumps(entry["params"], sort_keys=True, default=str).encode()
+        tags["dvc.params.md5"] = hashlib.md5(canon).hexdigest()
+    return tags
+
+
+def _stage_run_id(stage: str, experiment: str, parent: str | None, lineage: dict[str, str],
+                  ran: bool) -> str | None:
+    """The MLflow run of this stage: the child of this flow's run when the stage ran, else the
+    latest run of the stage tagged with the same outputs (the run that made them)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    where = f"tags.`codeworld.stage` = '{stage}'"
+    if ran:
+        if not parent:
+            return None
+        where += f" and tags.`mlflow.parentRunId` = '{parent}'"
+    else:
+        outs = {k: v for k, v in lineage.items() if k.startswith("dvc.out.")}
+        if not outs:
+            return None
+        where += "".join(f" and tags.`{k}` = '{v}'" for k, v in outs.items())
+    runs = client.search_runs([exp.experiment_id], where, max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def _tag_lineage(run_id: str, lineage: dict[str, str]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    for k, v in lineage.items():
+        client.set_tag(run_id, k, v)
+
+
+def _artifact_key(stage: str, what: str) -> str:
+    return f"{stage}-{what}".replace("_", "-").lower()
+
+
+def _publish(stage: str, metrics: dict, ran: bool, lineage: dict[str, str] | None = None,
+             run_id: str | None = None, url: str | None = None) -> None:
+    state = "ran" if ran else "up to date, not rerun"
+    create_table_artifact([{"metric": k, "value": v} for k, v in sorted(metrics.items())],
+                          key=_artifact_key(stage, "metrics"), description=f"metrics/{stage}.json ({state})")
+    if lineage:
+        rows = [{"kind": k.split(".")[1], "path": k.split(".", 2)[2], "md5": v}
+                for k, v in lineage.items() if k.startswith(("dvc.dep.", "dvc.out."))]
+        create_table_artifact(rows, key=_artifact_key(stage, "lineage"),
+                              description=f"dvc.lock hashes of stage {stage} ({state})")
+    if run_id:
+        what = "its MLflow run" if ran else "the MLflow run that made its current outputs"
+        if url:
+            create_link_artifact(url, link_text=f"MLflow run {run_id} ({stage})",
+                                 key=_artifact_key(stage, "mlflow-run"), description=f"{stage}: {what}")
+        else:
+            create_markdown_artifact(f"MLflow run `{run_id}` at `{tracking_uri()}` "
+                                     f"(`mlflow ui --backend-store-uri {tracking_uri()}`)",
+                                     key=_artifact_key(stage, "mlflow-run"), description=f"{stage}: {what}")
+
+
+def mlflow_run_url(experiment: str, run_id: str) -> str | None:
+    from mlflow import MlflowClient
+
+    uri = tracking_uri()
+    exp = MlflowClient(uri).get_experiment_by_name(experiment)
+    return run_url(uri, exp.experiment_id, run_id) if exp else None
 
 
 @flow(name="codeworld-pipeline", log_prints=True)
-def pipeline(stages: list[str] | None = None, force: bool = False) -> list[dict]:
-    """Run the dvc.yaml stages in DAG order (all of them, or up to the named ones)."""
+def pipeline(stages: list[str] | None = None, force: bool = False,
+             overrides: list[str] | None = None, group: str | None = None) -> list[dict]:
+    """Run the dvc.yaml stages in DAG order: all of them, or up to the named `stages`, or up to
+    the stages of `group` (data / train / evaluate, see stage_groups). `overrides`:
+    `SECTION.KEY=VALUE` items set in params.yaml for this run only (like `dvc exp run -S`)."""
     root = repo_root()
+    overrides = list(overrides or [])
     params = load_params(root / "params.yaml")  # a bad param fails here, before any stage
+    params = apply_overrides(params, overrides)  # and so does a bad override
     order = dag_order(root / "dvc.yaml")
+    if group:
+        groups = stage_groups(root / "dvc.yaml")
+        if group not in groups:
+            raise ValueError(f"no stage in group {group!r}; dvc.yaml has {groups}")
+        stages = [*(stages or []), *groups[group]]
     todo = upstream(order, stages) if stages else order
-    parent = _start_parent_run(todo, params.tracking.experiment)
     results: list[dict] = []
-    status = "FAILED"
-    try:
-        for stage in todo:
-            results.append(run_stage(stage, str(root), force, parent))
-        status = "FINISHED"
-    finally:
-        _end_parent_run(status)
+    with _workspace_slot(root), workspace_lock(root), params_overridden(root / "params.yaml", overrides):
+        parent = _start_parent_run(todo, params.tracking.experiment, overrides)
+        status = "FAILED"
+        try:
+            for stage in todo:
+                results.append(run_stage(stage, str(root), force, parent, params.tracking.experiment))
+            status = "FINISHED"
+        finally:
+            _end_parent_run(status)
     rows = [{"stage": r["stage"], "ran": r["ran"],
              "records": r["metrics"].get("records", r["metrics"].get("kept", "")),
              "seconds": r["metrics"].get("seconds_total", "")} for r in results]
-    create_markdown_artifact(_summary(rows), key="pipeline-summary", description="codeworld pipeline run")
+    links = {r["stage"]: r.get("mlflow_url") for r in results}
+    try:
+        links["pipeline"] = mlflow_run_url(params.tracking.experiment, parent) if parent else None
+    except Exception:  # the summary does not need the link
+        links["pipeline"] = None
+    create_markdown_artifact(_summary(rows, links), key="pipeline-summary", description="codeworld pipeline run")
     return results
 
 
-def _summary(rows: list[dict]) -> str:
-    lines = ["# codeworld pipeline", "", "| stage | ran | records | seconds |", "|---|---|---|---|"]
-    lines += [f"| {r['stage']} | {r['ran']} | {r['records']} | {r['seconds']} |" for r in rows]
-    lines += ["", f"MLflow: `{tracking_uri()}` (run `mlflow ui --backend-store-uri {tracking_uri()}`)"]
+def _summary(rows: list[dict], links: dict[str, str | None] | None = None) -> str:
+    links = links or {}
+    lines = ["# codeworld pipeline", "", "| stage | ran | records | seconds | MLflow |", "|---|---|---|---|---|"]
+    for r in rows:
+        link = f"[run]({links[r['stage']]})" if links.get(r["stage"]) else ""
+        lines.append(f"| {r['stage']} | {r['ran']} | {r['records']} | {r['seconds']} | {link} |")
+    if links.get("pipeline"):
+        lines += ["", f"MLflow: [pipeline run]({links['pipeline']})"]
+    else:
+        lines += ["", f"MLflow: `{tracking_uri()}` (run `mlflow ui --backend-store-uri {tracking_uri()}`)"]
     return "\n".join(lines)
 
 
-def _start_parent_run(stages: list[str], experiment: str) -> str | None:
+@contextmanager
+def _workspace_slot(root: Path) -> Iterator[None]:
+    """In a run from a deployment, hold the workspace's global concurrency slot (the limit is
+    created by flows/deploy.py; strict=False: without it the file lock still holds)."""
+    from prefect.runtime import deployment
+
+    if not deployment.id:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(workspace_limit_name(root), occupy=1, strict=False):
+        yield
+
+
+def _start_parent_run(stages: list[str], experiment: str, overrides: list[str] | None = None) -> str | None:
+    from prefect.runtime import deployment, flow_run
+
     tags = {"codeworld.kind": "pipeline", "codeworld.stages": ",".join(stages)}
+    if overrides:
+        tags["codeworld.overrides"] = json.dumps(overrides)
+    if flow_run.id:
+        tags["prefect.flow_run_id"] = str(flow_run.id)
+    if deployment.id:
+        tags["prefect.deployment"] = f"{flow_run.flow_name}/{deployment.name}"
     return start_run("pipeline", experiment, tags).info.run_id
 
 

@@ -8,14 +8,26 @@ interpreter start. Every program is untrusted: it runs only there.
 from __future__ import annotations
 
 import os
+import sysconfig
 from pathlib import Path
 
 from codeworld.config import TraceLimitsConfig
 from codeworld.sandbox import Limits, SandboxResult, map_requests
+from stages.tracer.frames import prompt_for
+from stages.tracer.program import InvalidProgram, context_of
+from stages.tracer.worker import request_call as worker_call
 
 TRACER_DIR = Path(__file__).resolve().parent / "tracer"
 HANDLER = "cwtrace.worker:handle"
 STATUSES = ("ok", "exception", "timeout", "killed", "too_long", "invalid")
+# The interpreter's site-packages may hold setuptools, whose .pth hook makes ``import distutils``
+# load setuptools' own copy: about a second of imports (300 modules) in every forked child whose
+# program imports distutils, against a per-program wall limit of 0.5 s -- such traces then timed
+# out or not with the machine's load, and the stage's double run dropped them at random. The
+# standard library's distutils (what the corpus's stdlib code was written against) imports in
+# milliseconds. (Python 3.12+ has none: there setuptools' copy stays the only one.)
+_STDLIB_DISTUTILS = (Path(sysconfig.get_paths()["stdlib"]) / "distutils").is_dir()
+SANDBOX_ENV = {"SETUPTOOLS_USE_DISTUTILS": "stdlib"} if _STDLIB_DISTUTILS else {}
 
 
 def sandbox_limits(cfg: TraceLimitsConfig) -> Limits:
@@ -35,6 +47,12 @@ def interpret(req: dict, res: SandboxResult) -> dict:
     if res.status == "ok" and isinstance(res.response, dict):
         out = dict(res.response)
         out.setdefault("frames", None)
+        if out.get("prompt") is None and out.get("status") != "invalid":
+            # left out by the sandbox (see payloads below): the same text, built here
+            try:
+                out["prompt"] = prompt_for(context_of(req["code"], worker_call(req)))
+            except (InvalidProgram, ValueError):  # (cannot be, for a program that ran)
+                out["prompt"] = ""
         return out
     if res.status == "timeout":
         return _failure(req, "timeout", "Timeout: wall-clock limit exceeded")
@@ -60,11 +78,12 @@ def trace_requests(requests: list[dict], limits: TraceLimitsConfig, workers: int
         else:
             todo.append(i)
     bounds = {"max_events": limits.max_events, "max_bytes": limits.max_bytes}
-    payloads = [{**requests[i], "limits": bounds, "frames": frames} for i in todo]
+    # "prompt": False -- the program's text is the bulk of a prompt: not sent back, rebuilt here
+    payloads = [{**requests[i], "limits": bounds, "frames": frames, "prompt": False} for i in todo]
     results = map_requests(payloads, HANDLER, workers=workers or os.cpu_count() or 1,
                            batch_size=batch_size,
                            code_dirs={"/sandbox/lib/cwtrace": TRACER_DIR},
-                           limits=sandbox_limits(limits))
+                           limits=sandbox_limits(limits), env=SANDBOX_ENV)
     for i, req, res in zip(todo, payloads, results):
         out[i] = interpret(req, res)
     return out  # type: ignore[return-value]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import statistics
 import time
 from collections import Counter
@@ -21,7 +22,8 @@ from codeworld.progress import progress
 from codeworld.shards import Dataset, DatasetWriter, fingerprint
 from codeworld.storage import Storage
 from codeworld.tracking import StageRun
-from stages.programs import harvest_corpus, iter_programs
+from stages.programs import iter_programs
+from stages.programs.parallel import parallel_harvest
 from stages.trace_runner import trace_requests
 
 KEEP = ("ok", "exception")
@@ -35,11 +37,19 @@ def behaviour(rec: dict, qualname: str) -> str:
     return hashlib.sha256(repr((qualname, path, rec["status"])).encode()).hexdigest()[:20]
 
 
+def harvest_dataset(src: Dataset, workers: int) -> dict[str, list[str]]:
+    """``harvest_corpus(iter(src))`` on ``workers`` processes (0: every core), one shard per
+    job (see ``stages.programs.parallel``: the same result as one pass)."""
+    return parallel_harvest((src.read_shard(info) for info in src.shards),
+                            workers or os.cpu_count() or 1)
+
+
 def _cases(src: Dataset, cfg: TracesConfig, stats: Counter):
-    harvested = harvest_corpus(iter(src))
+    harvested = harvest_dataset(src, cfg.workers)
     cases = iter_programs(iter(src), seed=cfg.seed, harvested=harvested,
                           max_inputs_per_function=cfg.max_inputs_per_function,
-                          max_functions_per_module=cfg.max_functions_per_module, stats=stats)
+                          max_functions_per_module=cfg.max_functions_per_module, stats=stats,
+                          workers=cfg.workers or os.cpu_count() or 1)
     return itertools.islice(cases, cfg.max_programs) if cfg.max_programs else cases
 
 

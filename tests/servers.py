@@ -137,3 +137,27 @@ def mlflow_server(tmpdir: str | os.PathLike, startup_timeout: float = 180.0) -> 
     with open(tmp / "server.log", "w+b") as log:
         with _serve("mlflow server", argv, "/health", env, startup_timeout, log) as url:
             yield url
+
+
+@contextlib.contextmanager
+def prefect_server(tmpdir: str | os.PathLike, startup_timeout: float = 180.0) -> Iterator[str]:
+    """A `prefect server start` (SQLite database, PREFECT_HOME under tmpdir) without its UI;
+    yields its API URL, http://127.0.0.1:PORT/api, for PREFECT_API_URL.
+
+    Its background services (scheduler, late-runs marker, ...) run as in production; analytics
+    are off. The environment of this process is not changed: pass the URL on explicitly."""
+    tmp = Path(tmpdir)
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    for k in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_API_KEY"):
+        env.pop(k, None)
+    env.update(PREFECT_HOME=str(tmp / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_ENABLED="false", PREFECT_SERVER_UI_ENABLED="false")
+
+    def argv(port: int) -> list[str]:
+        return [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                "--no-ui"]
+
+    with open(tmp / "server.log", "w+b") as log:
+        with _serve("prefect server", argv, "/api/health", env, startup_timeout, log) as url:
+            yield url + "/api"

@@ -508,6 +508,34 @@ def test_iter_programs_caps_and_harvests_itself(stdlib_records):
     assert stats["over_module_cap"] > 0
 
 
+def test_iter_programs_in_parallel_gives_the_same_cases_and_stats(stdlib_records):
+    import itertools
+
+    from stages.programs import parallel
+
+    records = stdlib_records + [{"id": "py2", "text": "def f(x):\n    print x\n"}]
+    harvested = harvest_corpus(records)
+    # the harvest in groups (the stage's shards) on two processes: the same lists, same order
+    groups = [records[i:i + 4] for i in range(0, len(records), 4)]
+    assert parallel.parallel_harvest(groups, 2) == harvested
+    assert parallel.parallel_harvest(groups, 1) == harvested
+    one, many = Counter(), Counter()
+    serial = [c.to_dict() for c in iter_programs(records, harvested=harvested, seed=3, stats=one)]
+    spread = [c.to_dict() for c in iter_programs(records, harvested=harvested, seed=3, stats=many,
+                                                 workers=2)]
+    assert spread == serial and many == one and len(serial) > 600
+    # a consumer that stops early (the stage's max_programs) counts what it consumed, as before
+    one, many = Counter(), Counter()
+    head = list(itertools.islice(iter_programs(records, harvested=harvested, seed=3, stats=one), 250))
+    gen = iter_programs(records, harvested=harvested, seed=3, stats=many, workers=2)
+    assert list(itertools.islice(gen, 250)) == head and many == one
+    gen.close()
+    # chunks smaller than the corpus, more jobs than workers: still in corpus order
+    chunks = list(parallel.parallel_modules(records, harvested, {"seed": 3}, 2, chunk=3))
+    from stages.programs.driver import module_programs
+    assert chunks == [module_programs(r, harvested=harvested, seed=3) for r in records]
+
+
 # ---- property tests (Hypothesis, when installed) ----
 
 def test_render_roundtrips_and_mutations_stay_literal(tmp_path):

@@ -510,3 +510,84 @@ def test_big_list_local_is_cheap_to_trace():
     r = trace_call(code, "f(1000)")
     assert r.status == "too_long" or r.status == "ok"
     assert '"data": "[1e+50, 1, -1e+50, 1e+50' in r.text and "...<truncated>" in r.text
+
+
+# Programs whose locals keep their identity while their repr changes (or not): the repr cache
+# (core._entry) must never show a stale value.
+CACHE_PROGRAMS = [
+    # a short list of scalars mutated in place, also by equal values of other types
+    ("def f():\n    xs = [1, 2]\n    xs[0] = 1.0\n    xs[0] = True\n    xs[1] = -0.0\n"
+     "    xs[1] = 0.0\n    xs.append(3)\n    xs.pop()\n    return xs\n", "f()"),
+    # a long list: its text shows a prefix only; a change past it leaves the text as it was
+    ("def f():\n    ys = [0] * 70\n    ys[69] = 5\n    ys[0] = 0.0\n    del ys[1:]\n"
+     "    ys.extend(range(100))\n    ys[:] = []\n    return len(ys)\n", "f()"),
+    # a list holding a mutable element, a tuple holding one, a dict, a set, an iterator
+    ("def f():\n    a = [[1]]\n    t = (a, 2)\n    a[0].append(2)\n    d = {1: 2}\n    d[1] = 3\n"
+     "    s = {1}\n    s.add(2)\n    it = iter(a)\n    next(it)\n    return t\n", "f()"),
+    # the same object seen from two scopes, mutated by the callee
+    ("def g(xs):\n    xs[0] = 'x'\n    return xs\n\ndef f():\n    xs = ['a', 'b']\n    g(xs)\n"
+     "    return xs\n", "f()"),
+    # a user class whose repr changes with its state, and a str/bytes/int rebound
+    ("class C:\n    def __init__(self):\n        self.n = 0\n    def __repr__(self):\n"
+     "        return f'C({self.n})'\n\ndef f():\n    c = C()\n    c.n = 1\n    s = 'a' * 300\n"
+     "    s = s[:-1] + 'b'\n    b = b'x'\n    b += b'y'\n    n = 10 ** 5\n    n += 1\n    return c\n",
+     "f()"),
+]
+
+
+@pytest.mark.parametrize("code,call", CACHE_PROGRAMS)
+def test_repr_cache_never_shows_a_stale_value(monkeypatch, code, call):
+    from stages.tracer import core
+    cached = trace_call(code, call)
+    monkeypatch.setattr(core, "_entry", lambda *args: None)  # every repr computed afresh
+    fresh = trace_call(code, call)
+    assert cached.status == fresh.status == "ok"
+    assert cached.text == fresh.text
+    assert [f.locals for f in cached.frames] == [f.locals for f in fresh.frames]
+
+
+def test_repr_cache_follows_in_place_changes():
+    r = trace_call(CACHE_PROGRAMS[0][0], "f()")
+    seen = [f.locals["xs"] for f in r.frames if f.kind == "line" and "xs" in (f.locals or {})]
+    assert seen == ["[1, 2]", "[1.0, 2]", "[True, 2]", "[True, -0.0]", "[True, 0.0]",
+                    "[True, 0.0, 3]", "[True, 0.0]"]
+    r = trace_call(CACHE_PROGRAMS[1][0], "f()")
+    ys = [f.locals["ys"] for f in r.frames if f.kind == "line" and "ys" in (f.locals or {})]
+    assert ys[0].endswith("...<truncated>") and ys[1] == ys[0]  # ys[69] = 5 is past the cut
+    assert ys[2].startswith("[0.0, 0, 0") and ys[3] == "[0.0]"
+    assert ys[4].startswith("[0.0, 0, 1, 2") and ys[5] == "[]"
+
+
+def test_long_sequence_prefix_names_the_elements_its_text_shows():
+    from stages.tracer.reprs import long_sequence_prefix, truncate
+    value = list(range(1000))
+    text, shown = long_sequence_prefix(value, 200)
+    assert text == truncate(repr(value), 200)
+    assert truncate(repr(value[:shown]), 200) == text  # the first `shown` elements suffice
+    assert truncate(repr(value[:shown - 1]), 200) != text
+    assert long_sequence_prefix(list(range(10)), 200) is None  # short: the plain repr
+
+
+def test_host_rebuilds_the_prompt_the_sandbox_leaves_out():
+    from stages.tracer.frames import prompt_for
+    from stages.tracer.program import context_of
+    cases = [("def f(x):\n    return x\n", "f(1)"), ("def f(x):\r\n    return x\r\n\r\n", " f(2) "),
+             ("", "len([1, 2])"), ("def f(*a):\n    return a\n", "f(1,\n  2)")]
+    for code, call in cases:
+        full = handle({"id": 1, "code": code, "call": call})
+        lean = handle({"id": 1, "code": code, "call": call, "prompt": False})
+        assert lean["prompt"] is None and full["status"] == "ok"
+        assert {**lean, "prompt": full["prompt"]} == full
+        assert prompt_for(context_of(code, call)) == full["prompt"]
+    bad = handle({"id": 2, "code": "x = 1 / 0\ndef f():\n    return 1\n", "call": "f()",
+                  "prompt": False})
+    assert bad["status"] == "invalid" and bad["prompt"].startswith("<|trace_context_start|>")
+
+
+def test_repr_cache_keeps_no_deleted_local_alive():
+    # an iterator's repr is cached; once the local is deleted, what it holds must be freed as
+    # it is without the tracer's cache (here: at the next line event)
+    code = ("import weakref\n\nclass C:\n    pass\n\ndef f():\n    c = C()\n    probe = weakref.ref(c)\n"
+            "    it = iter([c])\n    del c\n    del it\n    x = 1\n    return probe() is None\n")
+    r = trace_call(code, "f()")
+    assert r.status == "ok" and r.result == "True"

@@ -115,3 +115,22 @@ def test_stage_traces_a_local_repository_test_suite(tmp_path):
     assert funcs["add"]["trace"].startswith('<|call_sep|>{"a": "2", "b": "3"}<|action_sep|>def add(a, b):')
     assert funcs["ratio"]["status"] == "exception" and "ZeroDivisionError" in funcs["ratio"]["error"]
     assert m["stats"]["metrics"]["generator_repository"] == 2
+
+
+@pytest.mark.skipif(not (STDLIB / "distutils" / "__init__.py").exists(),
+                    reason="no distutils in this Python's standard library (3.12+)")
+def test_sandbox_imports_the_standard_librarys_distutils():
+    # setuptools' .pth hook would swap in its own distutils, a second of imports per forked
+    # child against a 0.5 s wall limit: traces that timed out or not with the machine's load
+    from codeworld.config import TraceLimitsConfig
+    from stages.trace_runner import trace_requests
+
+    code = "import distutils.version\n\ndef f(v):\n    return distutils.version.__file__, v\n"
+    reqs = [{"id": i, "code": code, "call": f"f({i})"} for i in range(6)]
+    first = trace_requests(reqs, TraceLimitsConfig(), workers=1, batch_size=4)
+    assert [r["status"] for r in first] == ["ok"] * 6
+    assert f"{STDLIB}/distutils/version.py" in first[0]["result"]
+    assert "site-packages" not in first[0]["result"]
+    # and the same requests batched otherwise give the same records (the stage's double run)
+    again = trace_requests(reqs[::-1], TraceLimitsConfig(), workers=2, batch_size=1)[::-1]
+    assert again == first

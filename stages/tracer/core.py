@@ -25,7 +25,7 @@ Events -> frames:
   frame; a re-raise at the end of a ``finally`` emits nothing either (as in Python 3.11).
 
 Limits: when a frame would exceed ``max_events`` or ``max_bytes``, that frame is dropped and an
-internal ``_TraceStop`` (a BaseException) is raised inside the program to unwind it; the partial
+internal ``TraceStop`` (a BaseException) is raised inside the program to unwind it; the partial
 frames and text are kept but the status is "too_long" (CWM dropped such traces: so must the
 caller). With ``sys.monitoring`` the stop is raised again at each later line if the program
 swallows it with a bare ``except``; ``sys.settrace`` turns itself off when a tracer raises, so on
@@ -46,86 +46,164 @@ import builtins
 import dis
 import sys
 import threading
+from operator import is_ as _is
 
 from .frames import (_KEYS, _SAME, ACTION_SEP, ARG_SEP, CALL, CALL_SEP, EXCEPTION, EXCEPTION_SEP,
                      FRAME_SEP, LINE, LINE_SEP, RETURN, RETURN_SEP, TraceLimits, TraceResult, _enc,
                      _key, prompt_for)
-from .program import ITER_NAME, InvalidProgram, Program, compile_program
-from .reprs import (_ADDRESS, _PLAIN, MARKER, error_text, exception_repr, long_sequence_repr,
-                    repr_failed, safe_repr)
+from .program import ITER_NAME, CodeInfo, InvalidProgram, Program, compile_program
+from .reprs import (_ADDRESS, _BIG, _PLAIN, _SCALARS, MARKER, error_text, exception_repr,
+                    long_sequence_prefix, repr_failed, safe_repr)
 
 _SEQS = (list, tuple)
 
 HAS_MONITORING = hasattr(sys, "monitoring")
 _OP = dis.opmap
-_RETURN_OPS = frozenset(_OP[n] for n in ("RETURN_VALUE", "RETURN_CONST") if n in _OP)
+RETURN_OPS = frozenset(_OP[n] for n in ("RETURN_VALUE", "RETURN_CONST") if n in _OP)
 # 3.13's settrace reports a yield at the RESUME that follows YIELD_VALUE.
-_YIELD_OPS = frozenset(_OP[n] for n in ("YIELD_VALUE", "RESUME") if n in _OP)
+YIELD_OPS = frozenset(_OP[n] for n in ("YIELD_VALUE", "RESUME") if n in _OP)
 # A ``yield from``/``await`` whose sub-iterator finished: 3.11 (SEND) and 3.12+'s settrace
 # (END_SEND) report its internal StopIteration as an exception event; sys.monitoring does not.
-_SEND_OPS = frozenset(_OP[n] for n in ("SEND", "END_SEND") if n in _OP)
+SEND_OPS = frozenset(_OP[n] for n in ("SEND", "END_SEND") if n in _OP)
 _NO_INTERRUPT = _OP.get("JUMP_BACKWARD_NO_INTERRUPT", -1)
 _TOOL_NAME = "codeworld-tracer"
 # 3.11/3.12 keep one f_locals dict per frame: a name keeps its place while bound, a new or
 # re-bound one goes last. 3.13 (PEP 667) gives a view in slot order: the recorder emulates the
 # former so that the same program gives the same text on every version.
 _EMULATE_ORDER = sys.version_info >= (3, 13)
-_TOO_DEEP = ("RecursionError: the recursion limit was reached while tracing (where it is reached "
+TOO_DEEP = ("RecursionError: the recursion limit was reached while tracing (where it is reached "
              "depends on the tracer's own stack use, so the trace would not be the program's)")
 
 
-class _TraceStop(BaseException):
-    """Raised inside the traced program to unwind it once a limit is hit."""
+class TraceStop(BaseException):
+    """Raised inside the traced program to unwind it once a limit is hit (by
+    :meth:`Recorder.push`: a tracer driving a recorder catches it)."""
 
 
-def _snapshot(items, prev: dict[str, str] | None, limit: int) -> tuple[dict[str, str], str]:
+# Reprs are reused while a local still holds the very same object and that object cannot have
+# changed: an immutable scalar (its repr is a pure function of it), a tuple of such scalars, a
+# list of them whose elements are still the same objects in the same order (checked against a
+# copy of its element references; for a long one only the elements its truncated text shows), or
+# an object of a static (non-heap) type with object's own address-only repr (iterators:
+# ``<list_iterator object>``; a static type's name cannot be reassigned). Most locals of a frame
+# are unchanged since the scope's last frame: a loop over a table used to repr it at every event.
+_IMMUTABLE = frozenset({int, float, bool, complex, type(None), str, bytes})
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE
+_OBJECT_REPR = object.__repr__
+_ANY_LENGTH = sys.maxsize
+
+
+def _entry(value, t, text: str, shown: int) -> tuple | None:
+    """Repr-cache entry ``(value, elements, min_len, max_len, text)``: ``text`` stands for
+    ``value`` while it is the same object and, if ``elements`` is not None, its length is within
+    bounds and it starts with those very objects. None: not reusable. ``shown``: elements the
+    text of a long sequence depends on (0: the text is the whole repr)."""
+    if t in _IMMUTABLE:
+        return (value, None, 0, 0, text)
+    if t is tuple or t is list:
+        if shown:  # long: the truncated text depends on its first ``shown`` elements only
+            return (value, tuple(value[:shown]), shown, _ANY_LENGTH, text)
+        if len(value) <= _BIG and set(map(type, value)) <= _SCALARS:
+            if t is tuple:
+                return (value, None, 0, 0, text)
+            return (value, tuple(value), len(value), len(value), text)
+        return None
+    if t.__repr__ is _OBJECT_REPR and not t.__flags__ & _HEAPTYPE:
+        return (value, None, 0, 0, text)
+    return None
+
+
+def _snapshot(items, prev: dict[str, str] | None, limit: int,
+              cache: dict[str, tuple]) -> tuple[dict[str, str], str]:
     """Reprs of a frame's locals and their LOCALS text: ``json.dumps({name: repr})`` where a value
     equal to its repr in ``prev`` is written ``".."``. The hot loop of the tracer: the repr
     rules of :func:`.reprs.safe_repr` and the JSON of :func:`.frames.render_locals` are inlined
-    (the tests check both give the same text)."""
+    (the tests check both give the same text). ``cache`` is the scope's name -> ``_entry``: the
+    reprs of values that cannot have changed are reused."""
     loc = {}
     out = []
     keys = _KEYS
+    same = _SAME_KEYS
     plain = _PLAIN
+    cached = 0  # entries of the cache that belong to present locals
     for name, value in items:
-        try:
-            short = long_sequence_repr(value, limit) if type(value) in _SEQS else None
-            text = short if short is not None else repr(value)
-        except Exception as exc:  # a user __repr__, or an int over the str-conversion limit
-            text = repr_failed(value, exc)
+        hit = cache.get(name)
+        if hit is not None and hit[0] is value and (hit[1] is None or (
+                hit[2] <= len(value) <= hit[3] and all(map(_is, value, hit[1])))):
+            text = hit[4]
+            cached += 1
         else:
-            if type(value) not in plain:
-                if " at 0x" in text:
-                    text = _ADDRESS.sub("", text)
-                if "str_ascii_iterator" in text:
-                    text = text.replace("str_ascii_iterator", "str_iterator")
-            if len(text) > limit and short is None:
-                text = text[:limit] + MARKER
+            t = type(value)
+            try:
+                cut = long_sequence_prefix(value, limit) if t in _SEQS else None
+                text = cut[0] if cut is not None else repr(value)
+            except Exception as exc:  # a user __repr__, or an int over the str-conversion limit
+                text = repr_failed(value, exc)
+                entry = None  # (that limit is a setting the program may change)
+            else:
+                if cut is None:
+                    if t not in plain:
+                        if " at 0x" in text:
+                            text = _ADDRESS.sub("", text)
+                        if "str_ascii_iterator" in text:
+                            text = text.replace("str_ascii_iterator", "str_iterator")
+                    if len(text) > limit:
+                        text = text[:limit] + MARKER
+                entry = _entry(value, t, text, cut[1] if cut is not None else 0)
+            if entry is not None:
+                cache[name] = entry
+                cached += 1
+            elif hit is not None:
+                del cache[name]
         loc[name] = text
         if prev is not None and prev.get(name) == text:
-            out.append((keys.get(name) or _key(name)) + _SAME)
+            out.append(same.get(name) or _same_key(name))
         else:
             out.append((keys.get(name) or _key(name)) + _enc(text))
+    if len(cache) > cached:  # a local was deleted: the cache must not keep its value alive
+        for name in [k for k in cache if k not in loc]:
+            del cache[name]
     return loc, "{" + ", ".join(out) + "}"
 
 
-class _Recorder:
+_SAME_KEYS: dict[str, str] = {}  # local name -> '"name": ".."'
+
+
+def _same_key(name: str) -> str:
+    if len(_SAME_KEYS) > 100_000:
+        _SAME_KEYS.clear()
+    text = _SAME_KEYS[name] = (_KEYS.get(name) or _key(name)) + _SAME
+    return text
+
+
+class Recorder:
     """Turns tracer events into frame records and their CWM text, as they happen.
 
     A record is ``(kind, scope, line, locals, value)`` (``TraceResult.frames`` makes Frame
     objects of them on demand); the text of every record but the first (main's call frame) is
-    appended to ``parts``. ``last_scope``/``last_locals`` are the ``..`` rule's state (see
-    :class:`.frames.Renderer`, which renders the same text from Frame objects).
+    appended to ``parts`` (of every record, with ``text_from_first``). ``last_scope``/
+    ``last_locals`` are the ``..`` rule's state (see :class:`.frames.Renderer`, which renders
+    the same text from Frame objects).
+
+    Public for tracers that drive it from hooks of their own (the repository tracer,
+    ``stages/tracer_repo``): feed it ``enter`` / ``line`` / ``leave`` / ``exception`` /
+    ``unwind`` events of frames whose code has a :class:`.program.CodeInfo` in ``infos``
+    (:func:`.program.code_info`); ``lines`` are the source lines events refer to (see
+    :meth:`use_lines` for a trace that spans files). It raises :class:`TraceStop` out of an
+    event once a limit is hit (then ``too_long`` is set), and ``fail(reason)`` marks a trace
+    that cannot be trusted (``broken``); ``recs`` and ``parts`` hold what was recorded.
     """
 
-    __slots__ = ("lines", "nlines", "infos", "max_events", "max_bytes", "max_repr", "recs", "parts",
-                 "nbytes", "scopes", "orders", "next_scope", "last_scope", "last_locals", "active",
-                 "too_long", "broken", "jump", "mark")
+    __slots__ = ("lines", "nlines", "infos", "max_events", "max_bytes", "max_repr", "recs",
+                 "parts", "nbytes", "scopes", "orders", "reprs", "next_scope", "last_scope",
+                 "last_locals", "active", "too_long", "broken", "jump", "mark", "text_from_first")
 
-    def __init__(self, prog: Program, limits: TraceLimits) -> None:
-        self.lines = prog.lines
-        self.nlines = len(prog.lines)
-        self.infos = prog.infos
+    def __init__(self, lines: list[str], infos: dict[int, CodeInfo], limits: TraceLimits, *,
+                 text_from_first: bool = False) -> None:
+        self.lines = lines
+        self.nlines = len(lines)
+        self.infos = infos
+        self.text_from_first = text_from_first  # the first record's text is in ``parts`` too
         self.max_events = limits.max_events
         self.max_bytes = limits.max_bytes
         self.max_repr = limits.max_repr
@@ -134,6 +212,7 @@ class _Recorder:
         self.nbytes = 0  # UTF-8 size of parts
         self.scopes: dict[object, int] = {}  # live frame object -> scope id
         self.orders: dict[int, tuple] = {}  # scope -> (emulated, slot) order of its locals (3.13+)
+        self.reprs: dict[int, dict] = {}  # live scope -> its repr cache (see _snapshot)
         self.next_scope = 0
         self.last_scope = -1  # scope of the last record
         self.last_locals: dict[str, str] | None = None  # its locals if a call/line record
@@ -148,14 +227,19 @@ class _Recorder:
         if self.broken is None:
             self.broken = reason
 
+    def use_lines(self, lines: list[str]) -> None:
+        """Source lines of the frames of the next events (a trace spanning several files)."""
+        self.lines = lines
+        self.nlines = len(lines)
+
     def push(self, rec: tuple, piece: str) -> None:
         recs = self.recs
-        if recs:
+        if recs or self.text_from_first:
             size = len(piece) if piece.isascii() else len(piece.encode("utf-8", "surrogatepass"))
             if len(recs) >= self.max_events or self.nbytes + size > self.max_bytes:
                 self.active = False
                 self.too_long = True
-                raise _TraceStop
+                raise TraceStop
             self.nbytes += size
             self.parts.append(piece)
         recs.append(rec)
@@ -181,6 +265,14 @@ class _Recorder:
     def new_scope(self, frame) -> int:
         scope = self.scopes[frame] = self.next_scope
         self.next_scope += 1
+        self.reprs[scope] = {}
+        return scope
+
+    def end_scope(self, frame) -> int:
+        scope = self.scopes.pop(frame, -1)
+        self.reprs.pop(scope, None)
+        if _EMULATE_ORDER:
+            self.orders.pop(scope, None)
         return scope
 
     def line(self, frame, line: int) -> None:
@@ -189,7 +281,7 @@ class _Recorder:
             scope = self.new_scope(frame)
         prev = self.last_locals if self.last_scope == scope else None
         loc, js = _snapshot(self.items(frame, scope) if _EMULATE_ORDER else frame.f_locals.items(),
-                            prev, self.max_repr)
+                            prev, self.max_repr, self.reprs[scope])
         self.last_scope = scope
         self.last_locals = loc
         self.push((LINE, scope, line, loc, None),
@@ -208,7 +300,7 @@ class _Recorder:
         else:
             line = frame.f_lineno
         loc, js = _snapshot(self.items(frame, scope) if _EMULATE_ORDER else frame.f_locals.items(),
-                            None, self.max_repr)
+                            None, self.max_repr, self.reprs[scope])
         self.last_scope = scope
         self.last_locals = loc
         self.push((CALL, scope, line, loc, None),
@@ -228,9 +320,7 @@ class _Recorder:
         if yielded:
             scope = self.scopes.get(frame, -1)
         else:
-            scope = self.scopes.pop(frame, -1)
-            if _EMULATE_ORDER:
-                self.orders.pop(scope, None)
+            scope = self.end_scope(frame)
             if scope == 0:
                 self.active = False  # main returned: nothing after its return frame
         self._value_frame(RETURN, RETURN_SEP, scope, frame.f_lineno,
@@ -238,7 +328,7 @@ class _Recorder:
 
     def exception(self, frame, exc) -> None:
         if isinstance(exc, RecursionError):
-            self.fail(_TOO_DEEP)
+            self.fail(TOO_DEEP)
             return
         scope = self.scopes.get(frame)
         if scope is None:
@@ -248,9 +338,7 @@ class _Recorder:
 
     def unwind(self, frame) -> None:
         """The frame is left by an exception (its exception frame was already recorded)."""
-        scope = self.scopes.pop(frame, -1)
-        if _EMULATE_ORDER:
-            self.orders.pop(scope, None)
+        scope = self.end_scope(frame)
         if scope == 0:
             self.active = False
         mark = self.mark
@@ -269,7 +357,7 @@ class _Recorder:
 # --------------------------------------------------------------------------- sys.settrace
 
 
-def _run_settrace(rec: _Recorder, main):
+def _run_settrace(rec: Recorder, main):
     infos = rec.infos
     line = rec.line
     raised: set = set()  # frames with an exception event and no line event since
@@ -286,23 +374,23 @@ def _run_settrace(rec: _Recorder, main):
                 op = infos[id(frame.f_code)].code_bytes[frame.f_lasti]
                 if frame in raised:  # leaving by an exception (its frame is already recorded)
                     raised.discard(frame)
-                    if op not in _RETURN_OPS:
+                    if op not in RETURN_OPS:
                         rec.unwind(frame)
                         return local
-                if op in _RETURN_OPS:
+                if op in RETURN_OPS:
                     rec.leave(frame, arg, False)
-                elif op in _YIELD_OPS:
+                elif op in YIELD_OPS:
                     rec.leave(frame, arg, True)
                 else:  # unwinding after a re-raise (end of a finally block)
                     rec.unwind(frame)
             elif event == "exception":
                 if arg[0] is StopIteration and \
-                        infos[id(frame.f_code)].code_bytes[frame.f_lasti] in _SEND_OPS:
+                        infos[id(frame.f_code)].code_bytes[frame.f_lasti] in SEND_OPS:
                     return local  # the sub-iterator of a ``yield from``/``await`` finished
                 raised.add(frame)
                 rec.exception(frame, arg[1])
         except RecursionError:  # no stack left for the tracer itself
-            rec.fail(_TOO_DEEP)
+            rec.fail(TOO_DEEP)
             return None
         return local
 
@@ -315,7 +403,7 @@ def _run_settrace(rec: _Recorder, main):
         try:
             rec.enter(frame, info)
         except RecursionError:
-            rec.fail(_TOO_DEEP)
+            rec.fail(TOO_DEEP)
             return None
         return local
 
@@ -324,7 +412,7 @@ def _run_settrace(rec: _Recorder, main):
     try:
         return main()
     finally:
-        # CPython drops a trace function that raised (our _TraceStop); anything else that
+        # CPython drops a trace function that raised (our TraceStop); anything else that
         # removed it is the program (sys.settrace): the rest of its run went unrecorded.
         if sys.gettrace() is not glob and not rec.too_long and rec.active:
             rec.fail("the program replaced the tracer (sys.settrace)")
@@ -346,7 +434,7 @@ def _acquire_tool() -> int | None:
     return None
 
 
-def _run_monitoring(rec: _Recorder, main, prog: Program, tool: int):
+def _run_monitoring(rec: Recorder, main, prog: Program, tool: int):
     mon = sys.monitoring
     ev = mon.events
     DISABLE = mon.DISABLE
@@ -361,7 +449,7 @@ def _run_monitoring(rec: _Recorder, main, prog: Program, tool: int):
             try:
                 rec.enter(getframe(1), infos[id(code)])
             except RecursionError:
-                rec.fail(_TOO_DEEP)
+                rec.fail(TOO_DEEP)
 
     def on_throw(code, offset, exc):
         info = infos.get(id(code))
@@ -369,27 +457,27 @@ def _run_monitoring(rec: _Recorder, main, prog: Program, tool: int):
             try:
                 rec.enter(getframe(1), info)
             except RecursionError:
-                rec.fail(_TOO_DEEP)
+                rec.fail(TOO_DEEP)
 
     def on_return(code, offset, value):
         if rec.active and get_ident() == tid:
             try:
                 rec.leave(getframe(1), value, False)
             except RecursionError:
-                rec.fail(_TOO_DEEP)
+                rec.fail(TOO_DEEP)
 
     def on_yield(code, offset, value):
         if rec.active and get_ident() == tid:
             try:
                 rec.leave(getframe(1), value, True)
             except RecursionError:
-                rec.fail(_TOO_DEEP)
+                rec.fail(TOO_DEEP)
 
     def on_line(code, lineno):
         if not rec.active or get_ident() != tid:
             # (never DISABLE here: the program's code objects are cached and reused)
             if rec.too_long and get_ident() == tid:
-                raise _TraceStop  # the program swallowed the first one
+                raise TraceStop  # the program swallowed the first one
             return None
         frame = getframe(1)
         jump = rec.jump
@@ -400,7 +488,7 @@ def _run_monitoring(rec: _Recorder, main, prog: Program, tool: int):
         try:
             line(frame, lineno)
         except RecursionError:
-            rec.fail(_TOO_DEEP)
+            rec.fail(TOO_DEEP)
 
     def on_jump(code, src, dest):
         if dest > src:
@@ -413,7 +501,7 @@ def _run_monitoring(rec: _Recorder, main, prog: Program, tool: int):
             try:
                 line(frame, info.line_of(dest))
             except RecursionError:
-                rec.fail(_TOO_DEEP)
+                rec.fail(TOO_DEEP)
                 return None
             rec.jump = (frame, dest)
         return None
@@ -423,7 +511,7 @@ def _run_monitoring(rec: _Recorder, main, prog: Program, tool: int):
             try:
                 rec.exception(getframe(1), exc)
             except RecursionError:
-                rec.fail(_TOO_DEEP)
+                rec.fail(TOO_DEEP)
 
     def on_unwind(code, offset, exc):
         if rec.active and id(code) in infos and get_ident() == tid:
@@ -484,7 +572,7 @@ def trace_call(code: str, call: str, *, entry_filename: str = "<program>",
         result.status, result.error = "invalid", "the module body rebound 'main'"
         return result
 
-    rec = _Recorder(prog, limits)
+    rec = Recorder(prog.lines, prog.infos, limits)
     if backend is None:
         backend = "monitoring" if HAS_MONITORING else "settrace"
     tool = _acquire_tool() if backend == "monitoring" else None
@@ -494,7 +582,7 @@ def trace_call(code: str, call: str, *, entry_filename: str = "<program>",
         else:
             value = _run_settrace(rec, main)
         result.result = safe_repr(value, limits.max_repr)
-    except _TraceStop:
+    except TraceStop:
         pass
     except (Exception, SystemExit, GeneratorExit) as exc:  # (KeyboardInterrupt goes through)
         result.status, result.error = "exception", error_text(exc)

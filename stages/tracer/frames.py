@@ -13,7 +13,7 @@ comprehension, a callback from a library, an exception coming up from a callee),
 the scope repeats every local in full, as CWM's own generations do; then ``..`` resumes. Call
 frames (entering or resuming a scope) are always written in full.
 
-The recorder (``core._Recorder``) applies the same rules inline while tracing, for speed; the
+The recorder (``core.Recorder``) applies the same rules inline while tracing, for speed; the
 tests check that :func:`render` of its frames gives back its text.
 """
 

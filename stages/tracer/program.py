@@ -153,6 +153,12 @@ def _collect(code: CodeType, out: list[CodeType]) -> None:
             _collect(const, out)
 
 
+def code_info(code: CodeType, lines: list[str]) -> CodeInfo:
+    """What the recorder needs of a code object whose source lines are ``lines`` (its call frame
+    shows the ``def`` line past any decorators)."""
+    return CodeInfo(_def_line(code, lines), code.co_code, code=code)
+
+
 def _def_line(code: CodeType, lines: list[str]) -> int:
     first = code.co_firstlineno
     if 0 < first <= len(lines) and lines[first - 1].lstrip().startswith("@"):
@@ -234,7 +240,7 @@ def _check_body(text: str, filename: str) -> None:
 
 
 def _infos(codes: list[CodeType], lines: list[str]) -> dict[int, CodeInfo]:
-    return {id(c): CodeInfo(_def_line(c, lines), c.co_code, code=c) for c in codes}
+    return {id(c): code_info(c, lines) for c in codes}
 
 
 def _remember(key: tuple[str, str], body: _Body) -> _Body:
@@ -267,14 +273,25 @@ def _main_line(body_lines: list[str]) -> int:
     return len(body_lines) + 2 if body_lines else 1  # after the program and one blank line
 
 
+def _context(text: str, call: str) -> str:
+    entry = ENTRY_HEADER + "    return " + call + "\n"
+    return text + "\n\n" + entry if text else entry
+
+
+def context_of(code: str, call: str) -> str:
+    """The context :func:`compile_program` builds for ``code`` and ``call`` (for a program it
+    compiles; raises InvalidProgram for a call that is not one expression). Pure text work:
+    the host rebuilds a trace's prompt with it instead of receiving it from the sandbox."""
+    return _context(_normalise(code), _check_call(call))
+
+
 def _program(body: _Body, call: str, modules: tuple[CodeType, ...], main_code: CodeType,
              entry_codes: list[CodeType], entry_infos: dict[int, CodeInfo],
              rewritten: bool) -> Program:
     _check_entry(entry_codes)
-    entry = ENTRY_HEADER + "    return " + call + "\n"
     lines = body.lines + ["\n", ENTRY_HEADER, "    return " + call + "\n"] if body.lines else \
         [ENTRY_HEADER, "    return " + call + "\n"]
-    context = body.text + "\n\n" + entry if body.text else entry
+    context = _context(body.text, call)
     infos = dict(body.infos)
     infos.update(entry_infos)
     return Program(context, lines, modules, main_code, infos, body.codes + entry_codes, rewritten)

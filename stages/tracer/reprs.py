@@ -45,6 +45,13 @@ def truncate(text: str, limit: int = DEFAULT_MAX_REPR) -> str:
 def long_sequence_repr(value: object, limit: int) -> str | None:
     """``truncate(repr(value), limit)`` for a long list/tuple of scalars, without the whole
     repr; None when that shortcut does not apply (then the caller takes the plain repr)."""
+    cut = long_sequence_prefix(value, limit)
+    return None if cut is None else cut[0]
+
+
+def long_sequence_prefix(value: object, limit: int) -> tuple[str, int] | None:
+    """:func:`long_sequence_repr` and the number of leading elements its text depends on: the
+    same text stands for any list/tuple of that type whose first elements are these objects."""
     t = type(value)
     if (t is not list and t is not tuple) or len(value) <= _BIG:
         return None
@@ -57,7 +64,8 @@ def long_sequence_repr(value: object, limit: int) -> str | None:
             parts.append(r)
             size += len(r) + 2
             if size > limit + 2:  # the whole repr is longer than the limit
-                return (("[" if t is list else "(") + ", ".join(parts))[:limit] + MARKER
+                text = (("[" if t is list else "(") + ", ".join(parts))[:limit] + MARKER
+                return text, len(parts)
     except (ValueError, RuntimeError):  # an int over the str-conversion limit; a list resized
         return None
     return None

@@ -12,6 +12,10 @@ Response::
 
     {"id", "trace", "result", "error", "status", "events", "prompt"[, "frames"]}
 
+``"prompt": false`` in the request leaves ``prompt`` out (null) unless the status is "invalid":
+the caller rebuilds it from ``code`` and ``call`` (``prompt_for(context_of(code, call))``), which
+saves sending the whole program back.
+
 ``"frames": true`` in the request adds the structured frames (kind, scope, line, locals,
 value), main's call frame first.
 
@@ -74,8 +78,9 @@ def handle(request: dict) -> dict:
         return {"id": rid, "trace": "", "result": None, "error": f"bad request: {exc}",
                 "status": "invalid", "events": 0, "prompt": ""}
     r = trace_call(code, call, limits=limits)
+    prompt = r.prompt if r.status == "invalid" or request.get("prompt", True) else None
     out = {"id": rid, "trace": r.text, "result": r.result, "error": r.error,
-           "status": r.status, "events": r.events, "prompt": r.prompt}
+           "status": r.status, "events": r.events, "prompt": prompt}
     if request.get("frames"):
         # Structured frames (main's call frame first); the source line is the context's line.
         out["frames"] = [{"kind": f.kind, "scope": f.scope, "line": f.line, "locals": f.locals,

@@ -14,12 +14,12 @@ library are never traced. A generator function's activation runs from its first 
 its exhaustion (a generator the test abandons gives status "invalid"). One activation at a
 time: calls made by the test while a generator activation is suspended are not traced.
 
-Frames are recorded by the tracer's own recorder (``cwtrace.core._Recorder``: same frame
-events, ``..`` rule, address-free reprs and limits as ``trace_call``), subclassed only to look
-source lines up in the file of each frame (an activation spans files) and to stop recording,
-instead of unwinding the program, when a trace goes over its limits (the test must go on).
-Unlike ``trace_call``'s text (which starts after ``main``'s call frame), the text of an
-activation starts with the function's own call frame.
+Frames are recorded by the tracer's public recorder (``cwtrace.Recorder``: same frame events,
+``..`` rule, address-free reprs and limits as ``trace_call``), subclassed only to look source
+lines up in the file of each frame (an activation spans files: ``use_lines``). Its text starts
+with the function's own call frame (``text_from_first``; ``trace_call``'s starts after
+``main``'s). At a limit the recorder raises ``TraceStop`` out of the event: the tracer catches
+it and stops recording, instead of unwinding the program (the test must go on).
 
 Determinism: str hashes follow the sandbox's PYTHONHASHSEED=0, and the module-level ``random``
 is seeded from the test id before each test; a test that uses its own unseeded
@@ -41,28 +41,17 @@ import tokenize
 import unittest
 from collections import Counter
 
-from cwtrace.core import (_RETURN_OPS, _SEND_OPS, _TOO_DEEP, _YIELD_OPS, _Recorder,
-                          _TraceStop)
-from cwtrace.frames import TraceLimits
-from cwtrace.program import CodeInfo, _def_line
-from cwtrace.reprs import error_text, safe_repr
+from cwtrace import (RETURN_OPS, SEND_OPS, TOO_DEEP, YIELD_OPS, CodeInfo, Recorder, TraceLimits,
+                     TraceStop, code_info, error_text, safe_repr)
 
 ROOT = "/work"
 
 
-class _Prog:
-    __slots__ = ("lines", "infos")
-
-    def __init__(self, infos: dict) -> None:
-        self.lines: list[str] = []
-        self.infos = infos
-
-
-class _Activation(_Recorder):
+class _Activation(Recorder):
     """The tracer's recorder for one activation that may span several source files."""
 
     def __init__(self, infos: dict, limits: TraceLimits, sources) -> None:
-        super().__init__(_Prog(infos), limits)
+        super().__init__([], infos, limits, text_from_first=True)
         self.sources = sources
         self.root = None
         self.module = self.function = self.test = None
@@ -74,37 +63,23 @@ class _Activation(_Recorder):
         self.local = None
 
     def _use(self, frame) -> None:
-        lines = self.sources(frame.f_code.co_filename)
-        self.lines = lines
-        self.nlines = len(lines)
+        self.use_lines(self.sources(frame.f_code.co_filename))
 
     def line(self, frame, line: int) -> None:
         self._use(frame)
-        _Recorder.line(self, frame, line)
+        Recorder.line(self, frame, line)
 
     def enter(self, frame, info) -> None:
         self._use(frame)
-        _Recorder.enter(self, frame, info)
+        Recorder.enter(self, frame, info)
 
     def leave(self, frame, value, yielded: bool) -> None:
         self._use(frame)
-        _Recorder.leave(self, frame, value, yielded)
+        Recorder.leave(self, frame, value, yielded)
 
     def exception(self, frame, exc) -> None:
         self._use(frame)
-        _Recorder.exception(self, frame, exc)
-
-    def push(self, rec: tuple, piece: str) -> None:
-        """As ``_Recorder.push`` but the first frame (the function's call frame) is part of
-        the text too."""
-        size = len(piece) if piece.isascii() else len(piece.encode("utf-8", "surrogatepass"))
-        if len(self.recs) >= self.max_events or self.nbytes + size > self.max_bytes:
-            self.active = False
-            self.too_long = True
-            raise _TraceStop
-        self.nbytes += size
-        self.parts.append(piece)
-        self.recs.append(rec)
+        Recorder.exception(self, frame, exc)
 
 
 def _module_name(path: str) -> str:
@@ -152,8 +127,7 @@ class RepoTracer:
     def info(self, code) -> CodeInfo:
         info = self.infos.get(id(code))
         if info is None or info.code is not code:
-            info = CodeInfo(_def_line(code, self.sources(code.co_filename)), code.co_code,
-                            code=code)
+            info = code_info(code, self.sources(code.co_filename))
             self.infos[id(code)] = info  # (holds the code: its id is never reused)
         return info
 
@@ -219,11 +193,11 @@ class RepoTracer:
     def _enter(self, act: _Activation, frame):
         try:
             act.enter(frame, self.info(frame.f_code))
-        except _TraceStop:
+        except TraceStop:
             self.finish(act)
             return None
         except RecursionError:
-            act.fail(_TOO_DEEP)
+            act.fail(TOO_DEEP)
             self.finish(act)
             return None
         except Exception as exc:  # a bug of ours must not break the repository's test
@@ -246,18 +220,18 @@ class RepoTracer:
                     act.line(frame, frame.f_lineno)
                 elif event == "return":
                     op = info(frame.f_code).code_bytes[frame.f_lasti]
-                    if frame in raised and op not in _RETURN_OPS:
+                    if frame in raised and op not in RETURN_OPS:
                         raised.discard(frame)
                         if frame is act.root:
                             act.left_by = "exception"
                         act.unwind(frame)
                     else:
                         raised.discard(frame)
-                        if op in _RETURN_OPS:
+                        if op in RETURN_OPS:
                             if frame is act.root:
                                 act.value, act.left_by = arg, "return"
                             act.leave(frame, arg, False)
-                        elif op in _YIELD_OPS:
+                        elif op in YIELD_OPS:
                             act.leave(frame, arg, True)
                         else:  # unwinding after a re-raise (end of a finally block)
                             if frame is act.root:
@@ -265,17 +239,17 @@ class RepoTracer:
                             act.unwind(frame)
                 elif event == "exception":
                     if arg[0] is StopIteration and \
-                            info(frame.f_code).code_bytes[frame.f_lasti] in _SEND_OPS:
+                            info(frame.f_code).code_bytes[frame.f_lasti] in SEND_OPS:
                         return local
                     raised.add(frame)
                     if frame is act.root:
                         act.exc = arg[1]
                     act.exception(frame, arg[1])
-            except _TraceStop:
+            except TraceStop:
                 self.finish(act)
                 return None
             except RecursionError:
-                act.fail(_TOO_DEEP)
+                act.fail(TOO_DEEP)
             except Exception as exc:
                 act.fail(f"tracer error {error_text(exc)}")
             if not act.active:

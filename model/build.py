@@ -1,0 +1,135 @@
+"""The model: a Megatron-Core GPTModel with a CWM-like architecture, its precision and layer
+spec chosen from the hardware (Transformer Engine + FP8 on Hopper, BF16 on other GPUs, FP32 on
+CPU), one model chunk per virtual pipeline stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from codeworld.config import ModelConfig, ParallelConfig, PhaseConfig
+
+
+class TrainingSetupError(RuntimeError):
+    """A configuration this hardware cannot run (said before any work)."""
+
+
+def have_te() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str            # fp32 | bf16 | fp8
+    use_te: bool         # Transformer Engine layer spec
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.float32 if self.name == "fp32" else torch.bfloat16
+
+
+def resolve_precision(phase: PhaseConfig) -> Precision:
+    gpu = torch.cuda.is_available()
+    hopper = gpu and torch.cuda.get_device_capability() >= (8, 9)
+    te = gpu and have_te()
+    wanted = phase.precision
+    if wanted == "auto":
+        wanted = "fp8" if (hopper and te) else ("bf16" if gpu else "fp32")
+    if wanted == "fp8" and not (hopper and te):
+        # Megatron accepts fp8 with its local spec and silently trains in BF16: refuse instead.
+        raise TrainingSetupError(
+            "precision fp8 needs Transformer Engine and an FP8-capable GPU (Hopper/Ada or newer); "
+            f"found gpu={gpu}, fp8-capable={hopper}, transformer_engine={have_te()}")
+    return Precision(wanted, use_te=te)
+
+
+def padded_vocab(vocab_size: int, tensor: int, multiple: int = 64) -> int:
+    """Megatron splits the output layer across TP ranks: pad the vocabulary to a multiple."""
+    step = multiple * tensor
+    return -(-vocab_size // step) * step
+
+
+def transformer_config(model: ModelConfig, par: ParallelConfig, phase: PhaseConfig,
+                       precision: Precision):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fp8 = precision.name == "fp8"
+    gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=model.num_layers, hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size, init_method_std=model.init_method_std,
+        normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=par.tensor, pipeline_model_parallel_size=par.pipeline,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline,
+        context_parallel_size=par.context, sequence_parallel=par.sequence_parallel,
+        pipeline_dtype=precision.params_dtype, params_dtype=precision.params_dtype,
+        bf16=precision.name != "fp32", fp8="hybrid" if fp8 else None,
+        fp8_recipe=phase.fp8_recipe if fp8 else "delayed",
+        # The loss is a sum over loss-masked tokens divided by their count across microbatches
+        # and data-parallel ranks: masks (agent observations) weigh every token the same.
+        calculate_per_token_loss=True,
+        use_cpu_initialization=not gpu,
+        # Fusions need TE, Apex or a GPU compiler; CPU runs keep them off.
+        bias_activation_fusion=gpu, masked_softmax_fusion=gpu, bias_dropout_fusion=gpu,
+        apply_rope_fusion=gpu and precision.use_te, persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        recompute_granularity="full" if phase.recompute else None,
+        recompute_method="uniform" if phase.recompute else None,
+        recompute_num_layers=1 if phase.recompute else None,
+    )
+
+
+def layer_spec(precision: Precision):
+    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
+                                                           get_gpt_layer_with_transformer_engine_spec)
+
+    if precision.use_te:
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_chunks(model: ModelConfig, par: ParallelConfig, config, precision: Precision,
+                 vocab_size: int, seq_length: int) -> list:
+    """This rank's model chunks (one, or one per virtual pipeline stage)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    spec = layer_spec(precision)
+    chunks = []
+    for vp in range(par.virtual_pipeline or 1):
+        vp_stage = vp if par.virtual_pipeline else None
+        chunk = GPTModel(
+            config=config, transformer_layer_spec=spec,
+            vocab_size=padded_vocab(vocab_size, par.tensor),
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            parallel_output=True, share_embeddings_and_output_weights=model.tie_embeddings,
+            position_embedding_type="rope", rotary_base=model.rotary_base, vp_stage=vp_stage)
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        chunks.append(chunk)
+    return chunks
+
+
+def count_parameters(model: ModelConfig, vocab_size: int) -> int:
+    """Parameters of the whole (unsharded) model, for MFU."""
+    h, f, L = model.hidden_size, model.ffn_hidden_size, model.num_layers
+    kv = model.num_query_groups * (h // model.num_attention_heads)
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * f + 2 * h
+    emb = vocab_size * h * (1 if model.tie_embeddings else 2)
+    return L * per_layer + emb + h
+
+
+def flops_per_token(model: ModelConfig, vocab_size: int, seq_length: int) -> float:
+    """Training FLOPs per token: 6 x non-embedding-input parameters + attention (PaLM's count)."""
+    n = count_parameters(model, vocab_size) - vocab_size * model.hidden_size
+    return 6 * n + 12 * model.num_layers * model.hidden_size * seq_length

@@ -1,0 +1,118 @@
+"""Checkpoints with megatron.core.dist_checkpointing: every rank writes its shards; a load
+reshards to the current TP/PP/DP layout.
+
+Atomic: a checkpoint is written to `iter_N.tmp/`, renamed to `iter_N/` once every rank has
+finished, and only then named in `latest.json` (written by rename too). A run killed while
+saving leaves a `.tmp` directory that the next save removes; `latest.json` always names a
+complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+LATEST = "latest.json"
+# The distributed optimizer's default sharding fails in megatron-core 0.16 ("flattened_range is
+# not supported"); the fully reshardable format also loads under another layout.
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank()
+
+
+def _barrier() -> None:
+    torch.distributed.barrier()
+
+
+def _model_key(i: int, n: int) -> str:
+    return "model" if n == 1 else f"model{i}"
+
+
+def sharded_state_dict(chunks, optimizer=None, scheduler=None, iteration: int = 0,
+                       is_loading: bool = False) -> dict:
+    sd: dict = {}
+    model_sd: dict = {}
+    for i, chunk in enumerate(chunks):
+        model_sd[_model_key(i, len(chunks))] = chunk.module.sharded_state_dict()
+    sd.update(model_sd)
+    if optimizer is not None:
+        flat = {}
+        for part in model_sd.values():
+            flat.update(part)
+        sd["optimizer"] = optimizer.sharded_state_dict(flat, is_loading=is_loading,
+                                                       metadata=OPTIM_METADATA)
+    if scheduler is not None:
+        sd["scheduler"] = scheduler.state_dict()
+    sd["iteration"] = iteration
+    return sd
+
+
+def latest(root: Path) -> tuple[int, Path] | None:
+    try:
+        info = json.loads((root / LATEST).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as err:
+        raise ValueError(f"{root / LATEST}: not valid JSON ({err})") from None
+    path = root / info["dir"]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{root / LATEST} names {info['dir']}, which does not exist")
+    return int(info["iteration"]), path
+
+
+def save(root: Path, iteration: int, chunks, optimizer, scheduler, keep: int = 2) -> Path:
+    from megatron.core import dist_checkpointing
+
+    final = root / f"iter_{iteration:07d}"
+    tmp = root / f"iter_{iteration:07d}.tmp"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    dist_checkpointing.save(sharded_state_dict(chunks, optimizer, scheduler, iteration), str(tmp))
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        body = json.dumps({"iteration": iteration, "dir": final.name}) + "\n"
+        (root / f".{LATEST}.tmp").write_text(body)
+        os.replace(root / f".{LATEST}.tmp", root / LATEST)
+        done = sorted(p for p in root.glob("iter_*") if p.is_dir())
+        for old in done[:-keep] if keep else []:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load(path: Path, chunks, optimizer=None, scheduler=None) -> int:
+    """Load a checkpoint into this layout's chunks (and optimizer and scheduler when given).
+    Returns the checkpoint's iteration."""
+    from megatron.core import dist_checkpointing
+
+    if optimizer is not None:
+        _prepare_optimizer_for_load(optimizer)
+    request = sharded_state_dict(chunks, optimizer, scheduler, 0, is_loading=True)
+    state = dist_checkpointing.load(request, str(path))
+    for i, chunk in enumerate(chunks):
+        chunk.module.load_state_dict(state[_model_key(i, len(chunks))])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return int(state["iteration"])
+
+
+def _prepare_optimizer_for_load(optimizer) -> None:
+    """A fresh distributed optimizer over torch's Adam has no state tensors to load into yet."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+        if init is not None:
+            init()

@@ -1,0 +1,75 @@
+"""Per-step training metrics from the one logging rank: JSON lines (the DVC plot source and the
+resume record) and MLflow step metrics when the stage started a run for this phase."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+# Peak dense tensor FLOP/s per GPU for the MFU estimate (none on CPU or unknown GPUs).
+PEAK_FLOPS = {("H100", "bf16"): 989e12, ("H100", "fp8"): 1979e12,
+              ("H200", "bf16"): 989e12, ("H200", "fp8"): 1979e12,
+              ("A100", "bf16"): 312e12}
+
+
+def peak_flops(precision: str) -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for (gpu, p), v in PEAK_FLOPS.items() if gpu in name and p == precision), None)
+
+
+def memory_mb() -> float:
+    """Peak GPU memory allocated, or this process's resident memory on CPU."""
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    import psutil
+
+    return round(psutil.Process().memory_info().rss / 2**20, 1)
+
+
+class StepLog:
+    def __init__(self, path: Path, active: bool, resume_after: int, run_id: str | None):
+        self.path, self.active = path, active
+        self.client = None
+        self.run_id = run_id
+        if not active:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A resumed run recomputes the steps after its checkpoint: drop their old lines.
+        kept = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip() and json.loads(line)["step"] <= resume_after:
+                    kept.append(line + "\n")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        self.f = open(path, "a")
+        if run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient()
+
+    def write(self, row: dict) -> None:
+        if not self.active:
+            return
+        self.f.write(json.dumps(row, sort_keys=True) + "\n")
+        self.f.flush()
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in row.items()), flush=True)
+        if self.client is not None:
+            from mlflow.entities import Metric
+            import time
+
+            now = int(time.time() * 1000)
+            metrics = [Metric(k, float(v), now, row["step"]) for k, v in row.items()
+                       if k != "step" and isinstance(v, (int, float))]
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self) -> None:
+        if self.active:
+            self.f.close()

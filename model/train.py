@@ -1,0 +1,112 @@
+"""One training phase on this rank: `torchrun ... -m model.train --phase pretrain ...`.
+
+Layout (tensor, pipeline, virtual pipeline, context, data parallel, sequence parallel, the
+distributed optimizer) comes from params.yaml's `parallel`, the schedule from the phase's
+section. The loss is summed over loss-masked tokens and divided by their count over the
+global batch. Checkpoints every `save_interval` steps; a rerun resumes from the latest one and
+continues bit for bit (the data position is a function of the iteration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from codeworld.config import load_params
+from model import checkpoint
+from model.build import resolve_precision
+from model.data import MicroBatches, build_datasets
+from model.metrics import StepLog, memory_mb, peak_flops
+from model.trainer import Trainer, init_distributed
+
+KILL_AFTER = "CODEWORLD_FAULT_KILL_AFTER_STEP"  # SIGKILL this rank after that step (tests)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--phase", default="pretrain")
+    ap.add_argument("--pack", required=True, help="directory of the pack stage's datasets")
+    ap.add_argument("--out", required=True, help="checkpoint directory of this phase")
+    ap.add_argument("--init-from", help="checkpoint directory of the phase this one starts from")
+    ap.add_argument("--steps-log", required=True, help="per-step metrics (JSON lines)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON",
+                    help="override a parameter (tests and benchmarks)")
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+    if args.set:
+        from codeworld.overrides import apply_overrides
+
+        params = apply_overrides(params, args.set)
+    cfg = getattr(params, args.phase)
+    resolve_precision(cfg)   # before any process group: a setup this machine lacks fails now
+    init_distributed(params.parallel.backend)
+    from megatron.core import parallel_state as ps
+
+    pack_dir = Path(args.pack)
+    pack = json.loads((pack_dir / "manifest.json").read_text())
+    trainer = Trainer(params, args.phase, pack["vocab_size"])
+    out = Path(args.out)
+    iteration = 0
+    found = checkpoint.latest(out)
+    if found is not None:
+        iteration = checkpoint.load(found[1], trainer.chunks, trainer.optimizer, trainer.scheduler)
+    elif args.init_from:
+        start = checkpoint.latest(Path(args.init_from))
+        if start is None:
+            raise FileNotFoundError(f"{args.init_from}: no checkpoint to start from")
+        checkpoint.load(start[1], trainer.chunks)
+
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    evals = cfg.steps // cfg.eval_interval + 1
+    train_ds, valid_ds = build_datasets(
+        pack_dir, cfg.blend, cfg.seq_length, cfg.seed, cfg.steps * cfg.global_batch_size,
+        cfg.eval_iters * evals * cfg.global_batch_size, pack["vocab_size"],
+        # Megatron names its cached indices by paths and params, not file contents: one cache
+        # per pack fingerprint, so a repacked source never reuses stale indices.
+        pack_dir.parent / ".work" / "megatron-index" / pack["fingerprint"][:16])
+    data = MicroBatches(train_ds, cfg.global_batch_size, cfg.micro_batch_size, dp_rank, dp_size,
+                        start_iteration=iteration)
+    logging_rank = (ps.is_pipeline_last_stage(ignore_virtual=True) and dp_rank == 0
+                    and ps.get_tensor_model_parallel_rank() == 0
+                    and ps.get_context_parallel_rank() == 0)
+    log = StepLog(Path(args.steps_log), logging_rank, resume_after=iteration,
+                  run_id=os.environ.get("CODEWORLD_TRAIN_RUN_ID"))
+    world = torch.distributed.get_world_size()
+    peak = peak_flops(trainer.precision.name)
+    while iteration < cfg.steps:
+        row = trainer.train_step(list(data.next_global_batch()))
+        iteration += 1
+        tps = cfg.global_batch_size * cfg.seq_length / row["step_seconds"]
+        flops = trainer.flops_per_token * tps / world
+        row.update(step=iteration, tokens_per_s=round(tps, 1), tflops_per_gpu=round(flops / 1e12, 4),
+                   memory_mb=memory_mb(), step_seconds=round(row["step_seconds"], 4))
+        if peak:
+            row["mfu"] = round(flops / peak, 4)
+        if iteration % cfg.eval_interval == 0 or iteration == cfg.steps:
+            valid = MicroBatches(valid_ds, cfg.global_batch_size, cfg.micro_batch_size,
+                                 dp_rank, dp_size)
+            loss = trainer.evaluate([list(valid.next_global_batch()) for _ in range(cfg.eval_iters)])
+            if loss is not None:
+                row["valid_loss"] = loss
+        if iteration % cfg.log_interval == 0 or iteration == cfg.steps:
+            log.write(row)
+        if iteration % cfg.save_interval == 0 or iteration == cfg.steps:
+            checkpoint.save(out, iteration, trainer.chunks, trainer.optimizer, trainer.scheduler)
+        if os.environ.get(KILL_AFTER) == str(iteration):  # fault injection for the resume test
+            os.kill(os.getpid(), signal.SIGKILL)
+    log.close()
+    torch.distributed.barrier()
+    ps.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":  # dist_checkpointing's writer processes re-import this module
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The training step of one rank, apart from the loop around it (model/train.py) so the
+benchmark measures exactly what training runs: Megatron's DDP-wrapped GPT chunks, its
+optimizer and LR schedule, and micro-batches through its forward-backward schedule."""
+
+from __future__ import annotations
+
+import os
+import time
+from functools import partial
+
+import torch
+
+from codeworld.config import Params
+from model.build import (build_chunks, flops_per_token, resolve_precision, transformer_config)
+
+
+def init_distributed(backend: str) -> None:
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        from model import cpu_compat
+
+        cpu_compat.enable()
+    torch.distributed.init_process_group(backend=backend)
+
+
+def forward_step(cp: int, data_iterator, model):
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    batch = next(data_iterator)
+    if torch.cuda.is_available():
+        batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+    if cp > 1:
+        batch = get_batch_on_this_cp_rank(batch)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    mask = loss_mask.reshape(-1).float()
+    loss = torch.sum(output.float().reshape(-1) * mask)
+    tokens = mask.sum().to(torch.int)
+    # clone: the schedule divides reported tensors in place
+    report = torch.stack([loss.clone().detach(), tokens.clone().detach().float()])
+    return loss, tokens, {"lm loss": report}
+
+
+class Trainer:
+    """Model chunks, optimizer and scheduler of this rank for one phase."""
+
+    def __init__(self, params: Params, phase: str, vocab_size: int, total_steps: int | None = None):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import (DistributedDataParallel,
+                                               DistributedDataParallelConfig,
+                                               finalize_model_grads)
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        self.params, self.phase_name = params, phase
+        self.cfg = cfg = getattr(params, phase)
+        par, mcfg = params.parallel, params.model
+        self.precision = resolve_precision(cfg)
+        if not ps.model_parallel_is_initialized():
+            ps.initialize_model_parallel(
+                tensor_model_parallel_size=par.tensor, pipeline_model_parallel_size=par.pipeline,
+                virtual_pipeline_model_parallel_size=par.virtual_pipeline,
+                context_parallel_size=par.context)
+        model_parallel_cuda_manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every layout (CPU init)
+        self.vocab_size = vocab_size
+        self.tcfg = transformer_config(mcfg, par, cfg, self.precision)
+        chunks = build_chunks(mcfg, par, self.tcfg, self.precision, vocab_size, cfg.seq_length)
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=par.distributed_optimizer, check_for_nan_in_grad=True)
+        self.chunks = [DistributedDataParallel(self.tcfg, ddp_cfg, c) for c in chunks]
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad,
+            bf16=self.precision.name != "fp32", params_dtype=self.precision.params_dtype,
+            use_distributed_optimizer=par.distributed_optimizer), self.chunks)
+        steps = total_steps or cfg.steps
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
+            lr_warmup_steps=cfg.warmup_steps * cfg.global_batch_size,
+            lr_decay_steps=steps * cfg.global_batch_size, lr_decay_style="cosine",
+            start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=1,
+            wd_incr_style="constant")
+        self.tcfg.finalize_model_grads_func = finalize_model_grads
+        self.tcfg.grad_scale_func = self.optimizer.scale_loss
+        self._fwd_bwd = get_forward_backward_func()
+        self._step_fn = partial(forward_step, par.context)
+        self.flops_per_token = flops_per_token(mcfg, vocab_size, cfg.seq_length)
+
+    def run_batches(self, batches: list[dict], forward_only: bool) -> list[dict]:
+        iters = [iter(batches) for _ in self.chunks]   # each virtual stage consumes its own
+        one = len(self.chunks) == 1
+        return self._fwd_bwd(
+            forward_step_func=self._step_fn, data_iterator=iters[0] if one else iters,
+            model=self.chunks[0] if one else self.chunks, num_microbatches=len(batches),
+            seq_length=self.cfg.seq_length, micro_batch_size=self.cfg.micro_batch_size,
+            forward_only=forward_only)
+
+    def train_step(self, batches: list[dict]) -> dict:
+        t0 = time.perf_counter()
+        for c in self.chunks:
+            c.train()
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self.run_batches(batches, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=self.cfg.global_batch_size)
+        loss = reduce_loss(losses)
+        return {"loss": loss, "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "skipped": int(not ok), "step_seconds": time.perf_counter() - t0}
+
+    @torch.no_grad()
+    def evaluate(self, batches_list: list[list[dict]]) -> float | None:
+        for c in self.chunks:
+            c.eval()
+        vals = [reduce_loss(self.run_batches(b, forward_only=True)) for b in batches_list]
+        return None if vals[0] is None else sum(vals) / len(vals)
+
+
+def reduce_loss(losses: list[dict]) -> float | None:
+    """Mean loss per token over the global batch (None on ranks without the last stage)."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    total = torch.zeros(2, dtype=torch.float64)
+    for entry in losses:
+        total += entry["lm loss"].double().cpu()
+    if torch.cuda.is_available():
+        total = total.cuda()
+    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return float(total[0] / total[1].clamp(min=1))

@@ -1,0 +1,205 @@
+"""Stage `agent`: ForagerAgent-style mutate-fix data (CWM's agentic trajectories).
+
+Per repository environment (``agent.repositories``; one shard of each dataset, the unit of
+resume): validate the pinned tree (its suite passes in the sandbox), synthesise bugs
+(``validate.synthesize``: AST mutations on covered lines, kept when >= 1 test goes FAIL_TO_PASS
+and >= 1 stays PASS_TO_PASS), then let every policy of ``agent.policies`` work on every kept
+bug (``loop.run_episode``) and score it with the hidden tests (``reward.evaluate``).
+
+Outputs: ``agent/tasks`` (the bug instances, reusable for RL), ``agent/trajectories``
+(messages, tool calls, observations, reward, task metadata; failed trajectories kept, as CWM
+trains on both) and ``agent/traces`` (CWM-format execution traces of each task's failing
+tests, through the repository tracer of the traces stage, for mid-training), ``metrics/agent.json`` (instances per repository and operator, validation
+yield, each policy's success rate and mean turns), an MLflow run and, through the flow, a
+Prefect table artifact of those metrics.
+
+Modules: envs (sources, sandboxed test runs), mutate (operators), validate (bug synthesis),
+tools (bash/edit/create/submit), policies (scripted, openai), loop (episode), reward.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import statistics
+import time
+import urllib.error
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+from codeworld.config import AgentConfig, Params
+from codeworld.sandbox import SandboxUnavailable
+from codeworld.shards import DatasetWriter, fingerprint, pin_manifest
+from codeworld.storage import Storage
+from codeworld.tracking import StageRun
+from stages.agent.envs import EnvError, build_env
+from stages.agent.failing_traces import failing_test_traces
+from stages.agent.loop import run_episode
+from stages.agent.mutate import OPERATORS
+from stages.agent.policies import make_policy
+from stages.agent.validate import synthesize
+
+REPO_CACHE = ".cache/repos"  # fetched sdists and git exports, outside the DVC outputs
+
+
+def repo_seed(seed: int, name: str) -> int:
+    """Each repository's own seed: adding a repository leaves the others' bugs unchanged."""
+    return int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:8], 16)
+
+
+def _trajectory(task: dict, policy: str, ep: dict) -> dict:
+    meta = {k: task[k] for k in ("id", "repo", "version", "sha256", "commit", "file", "line",
+                                 "operator", "FAIL_TO_PASS")}
+    return {"id": hashlib.sha256(f"{task['id']}:{policy}".encode()).hexdigest()[:16],
+            "task_id": task["id"], "repo": task["repo"], "policy": policy, "task": meta, **ep}
+
+
+def build_repo(repo, cfg: AgentConfig) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """(tasks, trajectories, failing-test traces, shard meta) of one repository environment."""
+    t0 = time.perf_counter()
+    meta = {"repo": repo.name, "tried": {}, "valid": {}, "kept": {}, "rejected": {}, "episodes": [],
+            "traces": 0, "broken_traces": 0}
+    try:
+        env = build_env(repo, REPO_CACHE)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+        raise ConnectionError(f"agent.repositories[{repo.name}]: cannot fetch: {err}") from err
+    except (EnvError, ValueError, OSError) as err:  # bad pin, missing commit...: recorded
+        meta["validation"] = {"repo": repo.name, "valid": False, "reason": str(err)[:500]}
+        meta["seconds"] = round(time.perf_counter() - t0, 3)
+        return [], [], [], meta
+    try:
+        syn = synthesize(env, seed=repo_seed(cfg.seed, repo.name), max_mutants=cfg.max_mutants_per_repo,
+                         max_tasks=cfg.max_tasks_per_repo, batch=cfg.mutant_batch,
+                         mutant_timeout=cfg.mutant_timeout_seconds, wall_seconds=cfg.test_wall_seconds)
+    except SandboxUnavailable:
+        raise
+    except Exception as err:  # one broken repository is recorded, never stops the stage
+        meta["validation"] = {"repo": repo.name, "valid": False,
+                              "reason": f"synthesis failed: {type(err).__name__}: {err}"[:500]}
+        meta["seconds"] = round(time.perf_counter() - t0, 3)
+        return [], [], [], meta
+    meta.update(validation=syn.stats["validation"], tried=dict(syn.stats["tried"]),
+                valid=dict(syn.stats["valid"]), kept=dict(syn.stats["kept"]), rejected=dict(syn.stats["rejected"]),
+                pool=syn.stats.get("pool", 0))
+    trajectories = []
+    for task in syn.tasks:
+        for name in cfg.policies:
+            try:
+                ep = run_episode(task, env, make_policy(name, cfg), max_turns=cfg.max_turns,
+                                 max_tokens=cfg.max_tokens, observation_chars=cfg.observation_chars,
+                                 tool_wall_seconds=cfg.tool_wall_seconds,
+                                 test_wall_seconds=cfg.test_wall_seconds)
+            except SandboxUnavailable:
+                raise
+            except Exception as err:  # one broken episode is counted, never stops the stage
+                meta["episodes"].append({"policy": name, "broken": f"{type(err).__name__}: {err}"[:300]})
+                continue
+            trajectories.append(_trajectory(task, name, ep))
+            meta["episodes"].append({"policy": name, "reward": ep["reward"], "turns": ep["turns"],
+                                     "tokens": ep["tokens"], "submitted": ep["submitted"]})
+    traces = []
+    for task in syn.tasks if cfg.failing_traces else ():
+        try:
+            recs, _ = failing_test_traces(task, env, max_traces=cfg.failing_traces_per_task,
+                                          wall_seconds=cfg.failing_traces_wall_seconds)
+        except SandboxUnavailable:
+            raise
+        except Exception:  # counted; the task and its trajectories stand without traces
+            meta["broken_traces"] += 1
+            continue
+        traces += recs
+    meta["traces"] = len(traces)
+    meta["seconds"] = round(time.perf_counter() - t0, 3)
+    return syn.tasks, trajectories, traces, meta
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]+", "_", name)
+
+
+def summarize(metas: list[dict], cfg: AgentConfig) -> dict:
+    tried: Counter = Counter()
+    valid_: Counter = Counter()
+    kept: Counter = Counter()
+    rejected: Counter = Counter()
+    for m in metas:
+        tried.update(m["tried"])
+        valid_.update(m["valid"])
+        kept.update(m["kept"])
+        rejected.update(m["rejected"])
+    valid = sum(bool(m["validation"].get("valid")) for m in metas)
+    metrics: dict = {"repos": len(metas), "repos_valid": valid,
+                     "validation_yield": round(valid / len(metas), 4) if metas else 0.0,
+                     "mutants_tried": sum(tried.values()), "mutants_valid": sum(valid_.values()),
+                     "tasks": sum(kept.values()), "failing_test_traces": sum(m["traces"] for m in metas),
+                     "broken_failing_traces": sum(m["broken_traces"] for m in metas),
+                     # bugs among tried mutants (kept or not: the per-repo cap is not a rejection)
+                     "mutant_yield": round(sum(valid_.values()) / sum(tried.values()), 4) if tried else 0.0}
+    for op in OPERATORS:
+        metrics[f"tried_{op}"] = tried[op]
+        metrics[f"valid_{op}"] = valid_[op]
+        metrics[f"kept_{op}"] = kept[op]
+    for m in metas:
+        metrics[f"tasks_{_key(m['repo'])}"] = sum(m["kept"].values())
+    episodes = [e for m in metas for e in m["episodes"]]
+    for policy in cfg.policies:
+        eps = [e for e in episodes if e["policy"] == policy and "broken" not in e]
+        metrics[f"episodes_{policy}"] = len(eps)
+        metrics[f"broken_episodes_{policy}"] = sum(e["policy"] == policy and "broken" in e for e in episodes)
+        metrics[f"success_rate_{policy}"] = round(statistics.fmean(e["reward"] for e in eps), 4) if eps else 0.0
+        metrics[f"mean_turns_{policy}"] = round(statistics.fmean(e["turns"] for e in eps), 2) if eps else 0.0
+        metrics[f"mean_tokens_{policy}"] = round(statistics.fmean(e["tokens"] for e in eps), 1) if eps else 0.0
+    return {"metrics": metrics,
+            "repositories": [{"repo": m["repo"], "validation": m["validation"], "pool": m.get("pool", 0),
+                              "tried": m["tried"], "valid": m["valid"], "kept": m["kept"],
+                              "rejected": m["rejected"]} for m in metas],
+            "operators": {op: {"tried": tried[op], "valid": valid_[op], "kept": kept[op]}
+                          for op in OPERATORS},
+            "rejected": dict(rejected)}
+
+
+def run(params: Params, *, track: bool = True, metrics_path: str | None = "metrics/agent.json",
+        output: str = "agent") -> dict:
+    cfg = params.agent
+    storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
+    with StageRun("agent", params.model_dump(include={"storage", "agent"}),
+                  params.tracking.experiment, metrics_path, track) as run_:
+        fp = fingerprint("agent", 1, cfg.model_dump(exclude={"workers"}))
+        names = ("tasks", "trajectories", "traces")
+        writers = [DatasetWriter(storage, f"{output}/{n}", fp) for n in names]
+        done = [w.prepare() for w in writers]
+        if all(d is not None for d in done):
+            run_.log(**done[1]["stats"]["metrics"])
+            return _result(names, done)
+        results: dict[int, tuple] = {}  # repo index -> (shard info per dataset, meta)
+        todo = []
+        for i, repo in enumerate(cfg.repositories):
+            finished = [w.completed(i) for w in writers]
+            if all(f is not None for f in finished):
+                results[i] = ([f[0] for f in finished], finished[0][1])
+            else:
+                todo.append(i)
+        with ThreadPoolExecutor(max_workers=cfg.workers) as pool:  # sandboxes are processes
+            futures = {i: pool.submit(build_repo, cfg.repositories[i], cfg) for i in todo}
+            for i in todo:  # in order: a failure stops the stage with its repository's name
+                *parts, meta = futures[i].result()
+                results[i] = ([w.write(i, recs, meta) for w, recs in zip(writers, parts)], meta)
+        order = sorted(results)
+        metas = [results[i][1] for i in order]
+        report = summarize(metas, cfg)
+        m_tasks, m_traj, m_traces = (
+            w.finish([results[i][0][k] for i in order], {"stats": report}) for k, w in enumerate(writers))
+        for n, m in zip(names, (m_tasks, m_traj, m_traces)):
+            pin_manifest(storage, f"{output}/{n}", m)
+        # timings go to the metrics only: the manifests stay byte-identical run after run
+        run_.log(**report["metrics"], **{f"seconds_{_key(m['repo'])}": m["seconds"] for m in metas})
+        run_.artifact(report, "agent_report.json")
+        return _result(names, (m_tasks, m_traj, m_traces))
+
+
+def _result(names, manifests) -> dict:
+    """What the CLI prints: records are trajectories; the three datasets pin their own
+    manifests (no "shards" key, so the CLI does not pin a fourth)."""
+    by = dict(zip(names, manifests))
+    return {"records": by["trajectories"]["records"], "tasks": by["tasks"]["records"],
+            "traces": by["traces"]["records"],
+            "datasets": {n: [s["sha256"] for s in m["shards"]] for n, m in by.items()}}

@@ -1,0 +1,213 @@
+"""Repository environments of the agent stage: a pinned source tree, its layout, and its tests
+run in the project's one sandbox (``codeworld.sandbox.run_command``).
+
+Sources: a PyPI sdist pinned by version and sha256 (``stages.repo_traces.fetch_pypi_sdist``:
+fetched once into the cache, nothing of it runs on the host), a local git repository read at a
+pinned commit (``git archive``: the work tree is never used), or a local folder. Every suite runs
+under pytest (which runs unittest TestCases too), so a test is always a pytest node id. pytest is
+not part of any sandbox by default: its packages (and their dependencies) are bound read-only
+from the host's environment at /sandbox/pytest, and PYTHONPATH points there and at the tree's
+import roots (``src/`` layouts included).
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from codeworld.sandbox import Limits, run_command
+from codeworld.sandbox.bwrap import python_install
+from stages.repo_traces import fetch_pypi_sdist, repo_layout
+
+RUNNER_DIR = Path(__file__).resolve().parent / "runner"
+SANDBOX_LIB = "/sandbox/lib/cwagent"
+SANDBOX_PYTEST = "/sandbox/pytest"
+SANDBOX_SPEC = "/sandbox/spec"
+# pytest and what it imports at run time (pygments: its terminal writer highlights code).
+PYTEST_MODULES = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "pygments", "py")
+
+
+class EnvError(ValueError):
+    """An environment that cannot be built (bad source, missing commit); names it."""
+
+
+@dataclass(frozen=True)
+class Env:
+    """A repository environment: where its tree is and how to run its tests."""
+    name: str
+    tree: Path
+    version: str | None = None
+    sha256: str | None = None
+    commit: str | None = None
+    pkg_files: tuple[str, ...] = ()
+    test_files: tuple[str, ...] = ()
+    sys_path: tuple[str, ...] = (".",)  # import roots, relative to the tree
+
+    @property
+    def pythonpath(self) -> str:
+        roots = [os.path.normpath(os.path.join("/work", p)) for p in self.sys_path]
+        return ":".join([*roots, SANDBOX_PYTEST])
+
+    @property
+    def test_command(self) -> str:
+        """What an agent types to run the suite (the same pytest the runner uses)."""
+        return "python -m pytest -q -p no:cacheprovider -o addopts= --tb=short"
+
+    def meta(self) -> dict:
+        return {"repo": self.name, "version": self.version, "sha256": self.sha256,
+                "commit": self.commit}
+
+
+def _git_tree(name: str, path: str, commit: str, cache_dir: Path) -> Path:
+    repo = Path(path).resolve()
+    try:
+        full = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", f"{commit}^{{commit}}"],
+                              capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise EnvError(f"agent.repositories[{name}]: {repo}: commit {commit!r} not found: "
+                       f"{getattr(err, 'stderr', err)}") from None
+    dest = cache_dir / f"{name}-{full[:12]}"
+    if (dest / ".codeworld-commit").is_file():
+        return dest
+    work = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".git-"))
+    try:
+        archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", full],
+                                 capture_output=True, timeout=120, check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(work, filter="data")
+        for p in [work, *work.rglob("*")]:  # readable by the sandbox's unprivileged uid
+            if not p.is_symlink():
+                p.chmod((p.stat().st_mode | 0o444 | (0o111 if p.is_dir() else 0)) & 0o7755)
+        (work / ".codeworld-commit").write_text(full + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(work, dest)
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
+    return dest
+
+
+def build_env(repo, cache_dir: str | os.PathLike) -> Env:
+    """``repo``: an ``AgentRepoConfig`` (name + version/sha256, or path [+ commit])."""
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    commit = None
+    if repo.version is not None:
+        tree = fetch_pypi_sdist(repo.name, repo.version, repo.sha256, cache)
+    elif repo.commit is not None:
+        tree = _git_tree(repo.name, repo.path, repo.commit, cache)
+        commit = (tree / ".codeworld-commit").read_text().strip()
+    else:
+        tree = Path(repo.path).resolve()
+        if not tree.is_dir():
+            raise EnvError(f"agent.repositories[{repo.name}]: {tree} is not a directory")
+    lay = repo_layout(tree)
+    sys_path = tuple(os.path.relpath(p, "/work") for p in lay["sys_path"])
+    return Env(repo.name, tree, repo.version, repo.sha256, commit,
+               tuple(lay["pkg_files"]), tuple(lay["test_files"]), sys_path)
+
+
+def pytest_binds() -> list[tuple[str, str]]:
+    """(host, sandbox) read-only binds that make the host's pytest importable in the sandbox."""
+    binds = []
+    for mod in PYTEST_MODULES:
+        spec = importlib.util.find_spec(mod)
+        if spec is None or spec.origin is None:
+            if mod == "py":  # a shim module, absent from older pytest releases
+                continue
+            raise EnvError(f"{mod} is not installed: the agent stage runs suites with pytest "
+                           f"(pip install pytest)")
+        src = os.path.dirname(spec.origin) if spec.submodule_search_locations else spec.origin
+        binds.append((src, f"{SANDBOX_PYTEST}/{os.path.basename(src)}"))
+    return binds
+
+
+def sandbox(argv: list[str], workdir: Path, env: Env, *, writable: bool = False,
+            wall_seconds: float = 60.0, memory_mb: int = 2048, spec: dict | None = None,
+            output_bytes: int = 16 << 20):
+    """Run ``argv`` in a fresh sandbox with ``workdir`` at /work, the runner at
+    /sandbox/lib/cwagent and pytest importable; ``spec`` (JSON) is readable at
+    /sandbox/spec/spec.json. Returns the sandbox's CommandResult."""
+    limits = Limits(wall_seconds=wall_seconds, cpu_seconds=wall_seconds,
+                    memory_bytes=memory_mb << 20, output_bytes=output_bytes, max_processes=32)
+    binds = [(RUNNER_DIR, SANDBOX_LIB), *pytest_binds()]
+    with tempfile.TemporaryDirectory(prefix="cw-agent-spec-") as spec_dir:
+        os.chmod(spec_dir, 0o755)  # readable by the sandbox's unprivileged uid
+        if spec is not None:
+            p = Path(spec_dir) / "spec.json"
+            p.write_text(json.dumps(spec))
+            p.chmod(0o644)
+        binds.append((spec_dir, SANDBOX_SPEC))
+        return run_command(argv, workdir=workdir, writable_workdir=writable, limits=limits,
+                           extra_ro_binds=binds,
+                           # no plugins from whatever the base interpreter has installed
+                           env={"PYTHONPATH": env.pythonpath, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+
+
+def _runner_argv() -> list[str]:
+    # not -I/-E: they would drop the sandbox's PYTHONHASHSEED=0 and PYTHONPATH
+    return [python_install()[0], "-s", "-P", f"{SANDBOX_LIB}/cwtest.py", f"{SANDBOX_SPEC}/spec.json"]
+
+
+@dataclass
+class TestRun:
+    outcomes: dict[str, str] = field(default_factory=dict)  # node id -> pass/fail/error/skip
+    messages: dict[str, str] = field(default_factory=dict)  # node id -> short traceback
+    lines: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # node id -> covered
+    summary: dict = field(default_factory=dict)
+    timed_out: bool = False
+    stderr_tail: str = ""
+
+    @property
+    def passed(self) -> set[str]:
+        return {t for t, o in self.outcomes.items() if o == "pass"}
+
+
+def run_tests(tree: Path, env: Env, tests: list[str] | None = None, *, coverage: bool = False,
+              wall_seconds: float = 120.0) -> TestRun:
+    """Run ``tests`` (all when None) of the tree at ``tree`` in the sandbox (read-only)."""
+    spec = {"mode": "run", "root": "/work", "sys_path": list(env.sys_path), "tests": tests,
+            "coverage": coverage, "pkg_files": list(env.pkg_files)}
+    res = sandbox(_runner_argv(), tree, env, wall_seconds=wall_seconds, spec=spec)
+    out = TestRun(timed_out=res.timed_out)
+    for line in res.stdout.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "summary" in rec:
+            out.summary = rec["summary"]
+        elif isinstance(rec, dict) and isinstance(rec.get("test"), str):
+            out.outcomes[rec["test"]] = rec["outcome"]
+            if rec.get("message"):
+                out.messages[rec["test"]] = rec["message"]
+            if "lines" in rec:
+                out.lines[rec["test"]] = rec["lines"]
+    if not out.summary:
+        out.stderr_tail = res.stderr[-2000:]
+    return out
+
+
+def run_mutants(tree: Path, env: Env, mutants: list[dict], *, timeout: float,
+                wall_seconds: float) -> dict[str, dict]:
+    """Each mutant ``{"id", "file", "source", "tests"}`` run in one sandbox: {id: result}."""
+    spec = {"mode": "mutants", "root": "/work", "sys_path": list(env.sys_path),
+            "timeout": timeout, "mutants": mutants}
+    res = sandbox(_runner_argv(), tree, env, wall_seconds=wall_seconds, spec=spec)
+    results = {}
+    for line in res.stdout.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "mutant" in rec:
+            results[rec["mutant"]] = rec
+    return results

@@ -1,0 +1,179 @@
+"""Stage `pack`: shard datasets to Megatron-Core indexed datasets (`.bin`/`.idx`, written with
+megatron.core.datasets' own builder), one per pack source.
+
+Each document is the rendering of one record (stages/documents.py) tokenised and ended with
+end-of-text. A source with loss masks (agent trajectories: a share of the observations out of
+the loss, as CWM did) gets a parallel uint8 dataset `<name>_mask` with one 0/1 per token, read
+by model/data.py. Held-out corpus ids are skipped here, so no phase ever trains on them.
+A source is the unit of resume: its files are renamed into place, then its own manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from codeworld.config import ConfigError, Params, PackSourceConfig
+from codeworld.shards import Dataset, dumps, fingerprint
+from codeworld.split import corpus_id, heldout
+from codeworld.storage import Storage
+from codeworld.tokens import EOD_ID
+from codeworld.tracking import StageRun
+from stages import tokenizer as tokenizer_stage
+from stages.documents import DocumentError, render
+
+OUTPUT = "pack"
+MANIFEST = "manifest.json"
+BATCH = 256  # records tokenised per encode_batch call (HF tokenizers spreads it over cores)
+
+
+def local_dir(params: Params) -> Path:
+    storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
+    if storage.is_s3:
+        # Megatron memory-maps .bin/.idx files: they must be on a local disk.
+        raise ConfigError(f"storage.root {params.storage.root!r}: the pack stage and training "
+                          "need a local storage root (Megatron memory-maps its datasets)")
+    return Path(storage.path(OUTPUT))
+
+
+def token_dtype(vocab_size: int) -> type:
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_fingerprint(name: str, src: PackSourceConfig, params: Params, tok_sha: str,
+                       ds: Dataset) -> str:
+    return fingerprint("pack", 1, name, src.model_dump(), params.pack.heldout_percent,
+                       params.pack.seed, tok_sha, ds.manifest["fingerprint"])
+
+
+def _documents(ds: Dataset, src: PackSourceConfig, params: Params, counts: dict):
+    """(segments) per usable record, in dataset order, in batches."""
+    batch = []
+    for record in ds:
+        if heldout(corpus_id(record), params.pack.heldout_percent, params.pack.seed):
+            counts["heldout"] += 1
+            continue
+        try:
+            batch.append(render(record, src.format, observation_mask=src.observation_mask,
+                                seed=params.pack.seed))
+        except DocumentError as err:
+            counts["broken"] += 1
+            counts.setdefault("broken_reasons", {}).setdefault(str(err), 0)
+            counts["broken_reasons"][str(err)] += 1
+            continue
+        if len(batch) == BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def pack_source(name: str, src: PackSourceConfig, ds: Dataset, tok, params: Params,
+                out: Path, fp: str) -> dict:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    masked = src.format == "agent"
+    tmp = {k: out / f".{name}{k}.tmp" for k in (".bin", ".idx", "_mask.bin", "_mask.idx")}
+    builder = IndexedDatasetBuilder(str(tmp[".bin"]), dtype=token_dtype(tok.get_vocab_size()))
+    mask_builder = IndexedDatasetBuilder(str(tmp["_mask.bin"]), dtype=np.uint8) if masked else None
+    counts = {"documents": 0, "tokens": 0, "loss_tokens": 0, "heldout": 0, "broken": 0,
+              "truncated_at_cap": 0}
+    cap = src.max_tokens or float("inf")
+    for batch in _documents(ds, src, params, counts):
+        texts = [t for doc in batch for t, _ in doc]
+        encoded = iter(tok.encode_batch(texts))
+        for doc in batch:
+            ids: list[int] = []
+            mask: list[int] = []
+            for _, keep in doc:
+                piece = next(encoded).ids
+                ids += piece
+                mask += [int(keep)] * len(piece)
+            ids.append(EOD_ID)
+            mask.append(1)
+            if counts["tokens"] + len(ids) > cap:
+                counts["truncated_at_cap"] = 1
+                break
+            builder.add_document(np.asarray(ids), [len(ids)])
+            if mask_builder is not None:
+                mask_builder.add_document(np.asarray(mask), [len(mask)])
+            counts["documents"] += 1
+            counts["tokens"] += len(ids)
+            counts["loss_tokens"] += sum(mask)
+        if counts["truncated_at_cap"]:
+            break
+    if counts["documents"] == 0:
+        raise ValueError(f"pack source {name!r} ({ds.storage.path()}): no usable document "
+                         f"({counts['heldout']} held out, {counts['broken']} broken)")
+    builder.finalize(str(tmp[".idx"]))
+    files = [".bin", ".idx"]
+    if mask_builder is not None:
+        mask_builder.finalize(str(tmp["_mask.idx"]))
+        files += ["_mask.bin", "_mask.idx"]
+    shas = {}
+    for k in files:  # the .idx last: a prefix with an .idx is complete
+        final = out / f"{name}{k}"
+        os.replace(tmp[k], final)
+        shas[final.name] = _sha256(final)
+    meta = {"source": name, "fingerprint": fp, "files": shas, "masked": masked, **counts}
+    (out / f".{name}.json.tmp").write_bytes(dumps(meta) + b"\n")
+    os.replace(out / f".{name}.json.tmp", out / f"{name}.json")
+    return meta
+
+
+def _finished(out: Path, name: str, fp: str) -> dict | None:
+    try:
+        meta = json.loads((out / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("fingerprint") != fp:
+        return None
+    for fname, sha in meta["files"].items():
+        if not (out / fname).exists() or _sha256(out / fname) != sha:
+            return None
+    return meta
+
+
+def run(params: Params, *, track: bool = True, metrics_path: str | None = "metrics/pack.json") -> dict:
+    storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
+    out = local_dir(params)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = tokenizer_stage.load(storage)
+    tok_sha = json.loads(storage.sub(tokenizer_stage.OUTPUT).read_bytes(tokenizer_stage.MANIFEST))["sha256"]
+    with StageRun("pack", params.model_dump(include={"storage", "pack"}),
+                  params.tracking.experiment, metrics_path, track) as run_:
+        sources = {}
+        for name, src in params.pack.sources.items():
+            ds = Dataset(storage.sub(src.dataset))
+            fp = source_fingerprint(name, src, params, tok_sha, ds)
+            meta = _finished(out, name, fp)
+            if meta is None:
+                with run_.timed(f"pack_{name}"):
+                    meta = pack_source(name, src, ds, tok, params, out, fp)
+            sources[name] = meta
+            run_.log(**{f"{name}_{k}": v for k, v in meta.items() if isinstance(v, int)
+                        and not isinstance(v, bool)})
+        for stale in os.listdir(out):  # sources no longer in params
+            if stale.split(".")[0].removesuffix("_mask") not in sources and stale != MANIFEST:
+                os.remove(out / stale)
+        manifest = {"name": OUTPUT, "fingerprint": fingerprint(
+                        "pack", 1, {n: m["fingerprint"] for n, m in sources.items()}),
+                    "tokenizer_sha256": tok_sha, "vocab_size": tok.get_vocab_size(),
+                    "records": sum(m["documents"] for m in sources.values()),
+                    "tokens": sum(m["tokens"] for m in sources.values()), "sources": sources}
+        (out / f".{MANIFEST}.tmp").write_bytes(dumps(manifest) + b"\n")
+        os.replace(out / f".{MANIFEST}.tmp", out / MANIFEST)
+        run_.log(records=manifest["records"], tokens=manifest["tokens"])
+        return manifest

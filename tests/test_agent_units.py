@@ -1,0 +1,185 @@
+"""Agent stage, the parts that need no sandbox: mutation operators and their inverses, the
+tool-call format, budgets, params validation."""
+from __future__ import annotations
+
+import ast
+import textwrap
+
+import pytest
+
+from codeworld.config import ConfigError, parse_params
+from stages.agent.loop import count_tokens
+from stages.agent.mutate import OPERATORS, candidate_fixes, mutations, sample, unified_diff
+from stages.agent.policies import ScriptedPolicy, call
+from stages.agent.tools import EDIT_RE, ToolCall, normalise, parse_call, truncate
+
+SRC = textwrap.dedent('''\
+    """Module docstring."""
+    import re
+
+    LIMIT = 10
+
+
+    def clamp(x, lo, hi):
+        """Keep x in [lo, hi]."""
+        if x < lo:
+            return lo
+        if x > hi:
+            return hi
+        return x
+
+
+    def total(xs, start=0):
+        acc = start
+        for x in xs:
+            acc += x
+        return acc * 1
+
+
+    def window(seq, n):
+        out = []
+        for i in range(len(seq) - n + 1):
+            out.append(seq[i:i + n])
+        return out
+
+
+    def words(text, sep=","):
+        parts = [p.strip() for p in text.split(sep)]
+        keep = True
+        if not parts and keep:
+            return []
+        else:
+            return [p for p in parts if p]
+
+
+    def pick(d, key):
+        return d.get(key, None) or re.sub("a", "b", key)
+''')
+
+
+def _line(src: str, no: int) -> str:
+    return src.splitlines()[no - 1]
+
+
+def test_every_operator_fires_and_keeps_the_file_parseable():
+    muts = mutations(SRC)
+    assert {m.operator for m in muts} == set(OPERATORS)
+    for m in muts:
+        out = m.apply(SRC)
+        assert out != SRC, m
+        ast.parse(out)  # never a syntax error
+        # module-level code is never mutated: LIMIT and the docstrings stay
+        assert "LIMIT = 10" in out and '"""Keep x in [lo, hi]."""' in out
+
+
+def test_operators_edit_only_their_span():
+    muts = {(m.operator, _line(m.apply(SRC), m.line).strip()) for m in mutations(SRC)}
+    assert ("flip_comparison", "if x <= lo:") in muts
+    assert ("change_arith", "return acc / 1") in muts
+    assert ("change_boolop", "if not parts or keep:") in muts
+    assert ("negate_condition", "if not x < lo:") not in muts  # wrapped, precedence kept
+    assert ("negate_condition", "if not (x < lo):") in muts
+    assert ("negate_condition", "if parts and keep:") not in muts
+    assert ("off_by_one", "for i in range(len(seq) - n + 1 + 1):") in muts
+    assert ("off_by_one", "out.append(seq[i:i + n - 1])") in muts
+    assert ("swap_arguments", 'return d.get(key, None) or re.sub("b", "a", key)') in muts
+    assert ("swap_arguments", 'return d.get(None, key) or re.sub("a", "b", key)') in muts
+    assert ("swap_variable", "return hi") in muts  # `return lo` -> another local
+    assert ("change_literal", "keep = False") in muts
+    assert ("change_literal", 'def words(text, sep=","):') not in muts  # defaults are not bodies
+    removed = [m for m in mutations(SRC) if m.operator == "remove_return"]
+    assert all(_line(m.apply(SRC), m.line).strip() == "pass" for m in removed)
+    branch = [m for m in mutations(SRC) if m.operator == "remove_branch"]
+    assert any("else:" not in m.apply(SRC).split("def words")[1].split("def pick")[0] for m in branch)
+
+
+def test_sample_is_deterministic_and_covers_operators_in_turn():
+    muts = mutations(SRC)
+    lines = {m.line for m in muts}
+    a = sample(muts, lines, seed=3, limit=11)
+    assert a == sample(muts, lines, seed=3, limit=11)
+    assert a != sample(muts, lines, seed=4, limit=11)
+    assert len({m.operator for m in a}) == 11  # one of each before any operator repeats
+    only = sample(muts, {9}, seed=3, limit=50)  # uncovered lines are never drawn
+    assert only and all(m.line == 9 for m in only)
+
+
+def test_candidate_fixes_undo_every_one_line_rewrite():
+    """The scripted policy's fixes are the inverse rules: for each single-line mutation that
+    does not remove code, the original line is one candidate away from the mutated one."""
+    undone = 0
+    for m in mutations(SRC):
+        if m.operator.startswith("remove_"):
+            continue
+        bad = m.apply(SRC)
+        orig_line, bad_line = _line(SRC, m.line), _line(bad, m.line)
+        if bad.count("\n") != SRC.count("\n"):
+            continue
+        fixes = {new for _, new, _ in candidate_fixes(bad_line)}
+        if m.operator == "swap_variable":
+            continue  # needs the function's other locals: checked below
+        assert orig_line in fixes or orig_line.replace("(", "").replace(")", "") in {
+            f.replace("(", "").replace(")", "") for f in fixes}, (m, bad_line, fixes)
+        undone += 1
+    assert undone > 20
+    fn = "def window(seq, n):\n    out = []\n    for i in range(len(seq) - n + 1):\n        out.append(seq[i:n + n])\n"
+    assert (4, "        out.append(seq[i:i + n])", "swap_variable") in candidate_fixes(fn)
+
+
+def test_unified_diff_is_a_patch_of_one_hunk():
+    m = next(m for m in mutations(SRC) if m.operator == "flip_comparison")
+    diff = unified_diff(m.apply(SRC), SRC, "pkg/mod.py")
+    assert diff.startswith("--- a/pkg/mod.py\n+++ b/pkg/mod.py\n@@")
+    assert sum(ln.startswith("+") and not ln.startswith("+++") for ln in diff.splitlines()) == 1
+
+
+def test_tool_call_format():
+    assert parse_call("thinking...\n<tool: bash>\nls -la\n</tool>") == ToolCall("bash", "ls -la")
+    assert parse_call(call("submit")) == ToolCall("submit", "")
+    assert parse_call("no call here").startswith("error: no tool call")
+    assert "2 tool calls" in parse_call(call("bash", "ls") + call("bash", "pwd"))
+    assert "unknown tool 'python'" in parse_call("<tool: python>\nprint(1)\n</tool>")
+    body = parse_call(call("edit", "a.py\n<<<<<<< SEARCH\nx = 1\n=======\nx = 2\n>>>>>>> REPLACE")).body
+    m = EDIT_RE.match(body)
+    assert m.groups() == ("a.py", "x = 1", "x = 2")
+
+
+def test_observation_budget_and_masking():
+    text = "head " + "x" * 10_000 + " tail"
+    cut = truncate(text, 300)
+    assert cut.startswith("head ") and cut.endswith(" tail") and "characters cut" in cut
+    assert len(cut) < 400
+    assert truncate("short", 300) == "short"
+    assert normalise("3 passed in 1.83s, <Foo at 0x7f3a2b1c9d40>") == "3 passed in 0.00s, <Foo at 0x?>"
+    assert count_tokens("abcd" * 10) == 10 and count_tokens("abcde") == 2
+
+
+def test_scripted_policy_always_ends_with_submit():
+    p = ScriptedPolicy(max_turns=3)
+    msgs = [{"role": "system", "content": ""},
+            {"role": "user", "content": "Run the tests with: python -m pytest -q\n"}]
+    first = p.act(msgs)
+    assert first == call("bash", "python -m pytest -q")
+    msgs += [{"role": "assistant", "content": first},
+             {"role": "tool", "content": "FAILED tests/test_a.py::test_x - assert 1 == 2\n1 failed"}]
+    second = p.act(msgs)
+    assert second.startswith("<tool: bash>") and "tests/test_a.py::test_x" in second
+    msgs += [{"role": "assistant", "content": second}, {"role": "tool", "content": "..."}]
+    assert p.act(msgs) == call("submit")  # the turn budget is reached
+
+
+def test_agent_params_are_validated():
+    bad = {"agent": {"repositories": [{"name": "x", "version": "1.0", "sha256": "abc"}]}}
+    with pytest.raises(ConfigError, match=r"agent\.repositories\.0.*sha256 'abc'"):
+        parse_params(bad, "params.yaml")
+    with pytest.raises(ConfigError, match="openai needs openai.base_url"):
+        parse_params({"agent": {"policies": ["openai"]}}, "params.yaml")
+    with pytest.raises(ConfigError, match="agent.policies.0"):
+        parse_params({"agent": {"policies": ["random"]}}, "params.yaml")
+    with pytest.raises(ConfigError, match="commit 'main' is not a commit hash"):
+        parse_params({"agent": {"repositories": [{"name": "x", "path": ".", "commit": "main"}]}})
+    with pytest.raises(ConfigError, match="agent.max_turnz"):
+        parse_params({"agent": {"max_turnz": 3}})
+    ok = parse_params({"agent": {"repositories": [{"name": "x", "path": "."}]}})
+    assert ok.agent.repositories[0].path == "."
+    assert len(parse_params({}).agent.repositories) >= 5

@@ -1,0 +1,350 @@
+"""Prefect deployments of the pipeline (flows/deploy.py) against a real `prefect server` and a
+real `mlflow server` on loopback.
+
+The integration test serves the real deployments (`python -m flows.deploy serve`) from a small
+git+DVC workspace whose dvc.yaml keeps the project's corpus and dedup stages (so its `data`
+deployment is those two real stages on a tiny tree), triggers runs through the server, and
+checks the flow runs, their Prefect artifacts, the deployments' schedules and limits, the MLflow
+runs' lineage tags, the overrides and that queued runs never overlap on the workspace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.deploy import SCHEDULES, prefect_yaml, specs
+from flows.pipeline import dvc_lineage, params_overridden, stage_groups
+from tests.helpers import make_tree
+from tests.servers import prefect_server, stop_process
+from tests.test_flow_e2e import base_env, make_workspace
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+FLOW = "codeworld-pipeline"
+RUN_TIMEOUT = 300
+
+
+# --- without a server ----------------------------------------------------------------------------
+
+def test_deployments_follow_dvc_yaml():
+    stages = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+    by_name = {s["name"]: s for s in specs(REPO)}
+    assert by_name["all"]["stages"] and sorted(by_name["all"]["stages"]) == sorted(stages)
+    assert by_name["all"]["parameters"] == {"overrides": [], "force": False}
+    assert by_name["all"]["cron"] == SCHEDULES["all"]
+    groups = stage_groups(REPO / "dvc.yaml")
+    assert sorted(s for g in groups.values() for s in g) == sorted(stages)  # each in one group
+    assert groups["data"][:2] == ["corpus", "dedup"] and "pack" in groups["data"]
+    assert "pretrain" in groups["train"]
+    for g in groups:
+        assert by_name[g]["parameters"]["group"] == g
+    assert set(by_name) == {"all", *groups}
+
+
+def test_groups_grow_with_dvc_yaml(tmp_path):
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    dvc["stages"]["eval_humaneval"] = {"cmd": "true", "deps": ["data/checkpoints/pretrain"],
+                                       "outs": ["data/eval/humaneval"]}
+    dvc["stages"]["midtrain"] = {"cmd": "true", "deps": ["data/checkpoints/pretrain"],
+                                 "outs": ["data/checkpoints/midtrain"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc))
+    groups = stage_groups(tmp_path / "dvc.yaml")
+    assert groups["evaluate"] == ["eval_humaneval"]
+    assert groups["train"][-1] == "midtrain" and "pretrain" in groups["train"]
+    assert {s["name"] for s in specs(tmp_path)} == {"all", "data", "train", "evaluate"}
+
+
+def test_prefect_yaml_is_current():
+    assert (REPO / "prefect.yaml").read_text() == prefect_yaml(REPO), \
+        "prefect.yaml is stale: run `python -m flows.deploy prefect-yaml`"
+    conf = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    for d in conf["deployments"]:
+        assert d["entrypoint"] == "flows/pipeline.py:pipeline"
+        assert d["concurrency_limit"]["limit"] == 1
+
+
+def test_params_overridden_keeps_comments_and_restores(tmp_path):
+    f = tmp_path / "params.yaml"
+    text = "# top comment\npretrain:\n  steps: 10  # steps\n  lr: 0.001\ncorpus:\n  workers: 2\n"
+    f.write_text(text)
+    with params_overridden(f, ["pretrain.steps=50", 'corpus.extensions=[".py", ".pyi"]', "dedup.x=a"]):
+        during = f.read_text()
+        data = yaml.safe_load(during)
+        assert data["pretrain"] == {"steps": 50, "lr": 0.001}
+        assert data["corpus"]["extensions"] == [".py", ".pyi"] and data["dedup"] == {"x": "a"}
+        assert "# top comment" in during and "# steps" in during
+    assert f.read_text() == text
+    with params_overridden(f, ["pretrain.steps=7"]):
+        f.write_text(text + "# edited by someone\n")
+    assert f.read_text().endswith("# edited by someone\n")  # not clobbered
+
+
+def test_dvc_lineage_reads_the_stage_entry(tmp_path):
+    lock = {"schema": "2.0", "stages": {"dedup": {
+        "cmd": "codeworld stage dedup",
+        "deps": [{"path": "data/corpus", "hash": "md5", "md5": "aa.dir", "size": 1, "nfiles": 2},
+                 {"path": "stages/dedup.py", "hash": "md5", "md5": "bb", "size": 3}],
+        "params": {"params.yaml": {"dedup": {"threshold": 0.7}}},
+        "outs": [{"path": "data/dedup", "hash": "md5", "md5": "cc.dir", "size": 4, "nfiles": 1}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    tags = dvc_lineage(tmp_path / "dvc.lock", "dedup")
+    assert tags.pop("dvc.params.md5")
+    assert tags == {"dvc.dep.data/corpus": "aa.dir", "dvc.dep.stages/dedup.py": "bb",
+                    "dvc.out.data/dedup": "cc.dir"}
+    assert dvc_lineage(tmp_path / "dvc.lock", "corpus") == {}
+    assert dvc_lineage(tmp_path / "missing.lock", "dedup") == {}
+
+
+# --- served deployments on a real Prefect server -------------------------------------------------
+
+def _git(ws: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=ws, check=True,
+                   capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, request):
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    tmp = tmp_path_factory.mktemp("deploy")
+    # The Prefect server starts in a thread while the MLflow server (shared with other modules)
+    # and the workspace are made: each takes ~20 s on 2 cores.
+    prefect_cm = prefect_server(tmp / "prefect")
+    with ThreadPoolExecutor(1) as pool:
+        api_future = pool.submit(prefect_cm.__enter__)
+        try:
+            mlflow_url = request.getfixturevalue("mlflow_url")
+            ws = make_workspace(tmp / "ws", make_tree(tmp))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                api_future.result()
+                prefect_cm.__exit__(None, None, None)
+            raise
+        api = api_future.result()
+    try:
+        dvc = yaml.safe_load((ws / "dvc.yaml").read_text())
+        dvc["stages"] = {k: v for k, v in dvc["stages"].items() if k in ("corpus", "dedup")}
+        (ws / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
+        _git(ws, "add", "-A")
+        _git(ws, "commit", "-qm", "workspace")
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws, capture_output=True,
+                                text=True).stdout.strip()
+        env = base_env()
+        env.update(PREFECT_API_URL=api, MLFLOW_TRACKING_URI=mlflow_url, PREFECT_HOME=str(tmp / "home"),
+                   PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        log = tmp / "serve.log"
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen([sys.executable, "-m", "flows.deploy", "serve", "--root", str(ws)],
+                                    cwd=ws, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            yield {"api": api, "ws": ws, "log": log, "proc": proc, "mlflow": mlflow_url, "commit": commit}
+        finally:
+            stop_process(proc, grace=20)
+    finally:
+        prefect_cm.__exit__(None, None, None)
+
+
+def _client(api: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class _Ctx:
+        def __enter__(self):
+            self._s = temporary_settings({PREFECT_API_URL: api})
+            self._s.__enter__()
+            self._c = get_client(sync_client=True)
+            return self._c.__enter__()
+
+        def __exit__(self, *exc):
+            self._c.__exit__(*exc)
+            self._s.__exit__(*exc)
+    return _Ctx()
+
+
+def _wait_for_deployments(served, names: set[str], timeout: float = 120) -> dict:
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout
+    with _client(served["api"]) as c:
+        while True:
+            found = {}
+            for n in names:
+                try:
+                    found[n] = c.read_deployment_by_name(f"{FLOW}/{n}")
+                except ObjectNotFound:
+                    pass
+            if set(found) == names:
+                return found
+            if served["proc"].poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"deployments {sorted(names - set(found))} not served:\n"
+                            f"{served['log'].read_text(errors='replace')[-6000:]}")
+            time.sleep(1)
+
+
+def _wait_for_runs(served, ids: list, timeout: float = RUN_TIMEOUT) -> list:
+    deadline = time.monotonic() + timeout
+    with _client(served["api"]) as c:
+        while True:
+            runs = [c.read_flow_run(i) for i in ids]
+            if all(r.state and r.state.is_final() for r in runs):
+                return runs
+            if served["proc"].poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"flow runs not finished: {[r.state_name for r in runs]}\n"
+                            f"{served['log'].read_text(errors='replace')[-8000:]}")
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def deployed(served):
+    """Three runs of the `data` deployment submitted at once: one with an override, the same
+    again (DVC finds it up to date), and one with an invalid override."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deployments = _wait_for_deployments(served, {"all", "data"})
+    params_before = (served["ws"] / "params.yaml").read_bytes()
+    ids = []
+    with temporary_settings({PREFECT_API_URL: served["api"]}):
+        for overrides in (["corpus.shard_files=5"], ["corpus.shard_files=5"], ["corpus.shard_filez=5"]):
+            fr = run_deployment(f"{FLOW}/data", parameters={"overrides": overrides}, timeout=0)
+            ids.append(fr.id)
+            time.sleep(0.5)  # keep the submission order
+    runs = _wait_for_runs(served, ids)
+    return {**served, "deployments": deployments, "runs": runs, "params_before": params_before}
+
+
+def test_deployments_served_with_schedule_and_limit(deployed):
+    deps = deployed["deployments"]
+    assert "train" not in deps  # this workspace's dvc.yaml has no training stage
+    all_, data = deps["all"], deps["data"]
+    assert data.parameters["group"] == "data" and data.parameters["overrides"] == []
+    assert [s.schedule.cron for s in all_.schedules] == [SCHEDULES["all"]] and all_.schedules[0].active
+    assert not data.schedules
+    for d in deps.values():
+        assert d.global_concurrency_limit is not None and d.global_concurrency_limit.limit == 1
+
+
+def test_data_deployment_runs_the_stages_with_overrides(deployed):
+    ok, again, bad = deployed["runs"]
+    log = deployed["log"].read_text(errors="replace")[-8000:]
+    assert ok.state.is_completed(), (ok.state, log)
+    assert again.state.is_completed(), (again.state, log)
+    assert bad.state.is_failed(), (bad.state, log)
+    # queued, never overlapping on the workspace
+    spans = sorted((r.start_time, r.end_time) for r in (ok, again, bad))
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert end <= start, spans
+    ws = deployed["ws"]
+    assert (ws / "params.yaml").read_bytes() == deployed["params_before"]  # restored
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    assert lock["stages"]["corpus"]["params"]["params.yaml"]["corpus"]["shard_files"] == 5
+    corpus = json.loads((ws / "data" / "corpus" / "manifest.json").read_text())
+    assert len(corpus["shards"]) == -(-corpus["stats"]["counts"]["candidates"] // 5) > 1
+
+
+def _artifacts(api: str, flow_run_id) -> dict:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with _client(api) as c:
+        arts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in arts}
+
+
+def test_stage_artifacts_link_to_mlflow(deployed):
+    from mlflow import MlflowClient
+
+    ok, again, _ = deployed["runs"]
+    arts = _artifacts(deployed["api"], ok.id)
+    for stage in ("corpus", "dedup"):
+        assert arts[f"{stage}-metrics"].type == "table"
+        assert arts[f"{stage}-lineage"].type == "table"
+        link = arts[f"{stage}-mlflow-run"].data  # a link artifact: markdown [text](url)
+        url = link[link.index("](") + 2:-1]
+        assert url.startswith(deployed["mlflow"] + "/#/experiments/"), link
+        run_id = url.rsplit("/", 1)[1]
+        assert MlflowClient(deployed["mlflow"]).get_run(run_id).data.tags["codeworld.stage"] == stage
+    rows = json.loads(arts["corpus-metrics"].data)
+    assert {r["metric"] for r in rows} >= {"records", "shards", "seconds_total"}
+    summary = arts["pipeline-summary"].data
+    assert f"[pipeline run]({deployed['mlflow']}/#/experiments/" in summary, summary
+    assert summary.count("[run](") == 2, summary
+    # the up-to-date run links the runs that made the outputs it found
+    again_arts = _artifacts(deployed["api"], again.id)
+    assert again_arts["dedup-mlflow-run"].data == arts["dedup-mlflow-run"].data
+
+
+def test_mlflow_runs_carry_lineage(deployed):
+    from mlflow import MlflowClient
+
+    ok = deployed["runs"][0]
+    client = MlflowClient(deployed["mlflow"])
+    exp = client.get_experiment_by_name("codeworld")
+    parents = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{ok.id}'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.tags["prefect.deployment"] == f"{FLOW}/data"
+    assert json.loads(parent.data.tags["codeworld.overrides"]) == ["corpus.shard_files=5"]
+    assert parent.data.tags["git.commit"] == deployed["commit"]
+    children = {r.data.tags["codeworld.stage"]: r for r in client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    assert set(children) == {"corpus", "dedup"}
+    lock = yaml.safe_load((deployed["ws"] / "dvc.lock").read_text())["stages"]
+    for stage, run in children.items():
+        tags = run.data.tags
+        assert tags["git.commit"] == deployed["commit"]
+        assert run.data.params["corpus.shard_files" if stage == "corpus" else "dedup.threshold"]
+        for kind, key in (("dep", "deps"), ("out", "outs")):
+            for item in lock[stage][key]:
+                assert tags[f"dvc.{kind}.{item['path']}"] == item["md5"], (stage, item["path"])
+        assert tags["dvc.params.md5"]
+    assert children["corpus"].data.params["corpus.shard_files"] == "5"
+    # the chain: dedup's input is exactly corpus's output
+    assert children["dedup"].data.tags["dvc.dep.data/corpus"] == children["corpus"].data.tags["dvc.out.data/corpus"]
+
+
+# --- make serve / serve-stop: the pid files -------------------------------------------------------
+
+def test_serve_stop_stops_only_its_own_processes(tmp_path):
+    """`stop` ends the process of each pid file and its children, and leaves alone a process
+    whose pid file does not match it (a pid reused after a reboot)."""
+    import psutil
+
+    from flows import serve
+
+    run_dir = tmp_path / ".serve"
+    run_dir.mkdir()
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    parent = [sys.executable, "-c", "import subprocess, sys, time; "
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"]
+    ours = serve._start(run_dir, "deployments", parent, dict(os.environ), tmp_path)
+    other = subprocess.Popen(sleeper, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not ours.children() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        child = ours.children()[0]
+        # a stale pid file naming a live process that is not the one it recorded
+        (run_dir / "prefect.pid").write_text(json.dumps({"pid": other.pid, "create_time": 1.0}))
+        assert serve.status(tmp_path) == 1
+        assert serve._running(run_dir, "deployments").pid == ours.pid
+        assert serve._running(run_dir, "prefect") is None
+        serve.stop(tmp_path, grace=10)
+        assert not ours.is_running() and not child.is_running()
+        assert other.poll() is None and psutil.pid_exists(other.pid)
+        assert not (run_dir / "deployments.pid").exists() and not (run_dir / "prefect.pid").exists()
+    finally:
+        stop_process(other)
+        if ours.is_running():
+            ours.kill()

@@ -1,0 +1,150 @@
+"""Stages `tokenizer` and `pack` on a small real setup (tests/train_fixtures.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from codeworld.config import ConfigError, parse_params
+from codeworld.split import corpus_id, heldout
+from codeworld.storage import Storage
+from codeworld.tokens import EOD_ID, SPECIAL_TOKENS, TRACE_TOKENS
+from stages import tokenizer as tokenizer_stage
+from stages.documents import render, text_of
+from tests.train_fixtures import (agent_records, build_training_root, code_records,
+                                  pack_manifest, tiny_params, trace_records)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    build_training_root(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tok(root):
+    return tokenizer_stage.load(Storage(str(root)))
+
+
+def test_special_tokens_are_single_ids_in_fixed_order(tok):
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert tok.encode(t).ids == [i]
+    trace = trace_records(1)[0]["trace"]
+    ids = tok.encode(trace).ids
+    assert ids.count(tok.token_to_id("<|frame_sep|>")) == trace.count("<|frame_sep|>")
+    assert tok.encode("<tool: bash>\nls\n</tool>").ids[0] == tok.token_to_id("<tool: bash>")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=200)
+       | st.lists(st.sampled_from([*TRACE_TOKENS, "x = 1\n", "  ", "é", "\x00", "🙂"])).map("".join))
+def test_every_text_round_trips(tok, text):
+    assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == text
+
+
+def test_tokenizer_is_byte_identical_when_retrained(root, tmp_path):
+    from tests.train_fixtures import build_training_root as build
+
+    again = tmp_path / "again"
+    again.mkdir()
+    build(again)
+    a = (root / "tokenizer" / "tokenizer.json").read_bytes()
+    b = (again / "tokenizer" / "tokenizer.json").read_bytes()
+    assert a == b
+    # and pack's outputs too: same params and data, same bytes
+    for name in ("code.bin", "code.idx", "agent_mask.bin"):
+        assert (root / "pack" / name).read_bytes() == (again / "pack" / name).read_bytes()
+
+
+def test_pack_writes_megatron_datasets_that_decode_to_the_documents(root, tok):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    manifest = pack_manifest(root)
+    assert manifest["vocab_size"] == tok.get_vocab_size()
+    code = IndexedDataset(str(root / "pack" / "code"))
+    kept = [r for r in code_records() if not heldout(r["id"], 10.0, 0)]
+    assert len(code) == len(kept) == manifest["sources"]["code"]["documents"]
+    for i in (0, len(kept) // 2, len(kept) - 1):
+        ids = code[i].tolist()
+        assert ids[-1] == EOD_ID
+        assert tok.decode(ids[:-1], skip_special_tokens=False) == kept[i]["text"]
+    assert code[0].dtype == np.uint16
+
+
+def test_heldout_ids_never_reach_training_data(root):
+    meta = pack_manifest(root)["sources"]
+    assert meta["code"]["heldout"] + meta["code"]["documents"] == len(code_records())
+    assert meta["code"]["heldout"] > 0  # 10% of ~80 files
+    ids = {corpus_id(r) for r in trace_records()}
+    held = {i for i in ids if heldout(i, 10.0, 0)}
+    assert meta["traces"]["heldout"] == len(held) > 0
+
+
+def test_a_broken_record_is_counted_not_fatal(root):
+    meta = pack_manifest(root)["sources"]["traces"]
+    assert meta["broken"] == 1
+    assert "field 'trace' is int" in next(iter(meta["broken_reasons"]))
+
+
+def test_agent_observations_are_masked_at_the_configured_share(root, tok):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tokens = IndexedDataset(str(root / "pack" / "agent"))
+    masks = IndexedDataset(str(root / "pack" / "agent_mask"))
+    assert len(tokens) == len(masks) > 0
+    result = tok.token_to_id("<|tool_result|>")
+    masked_obs = total_obs = 0
+    for i in range(len(tokens)):
+        ids, mask = tokens[i].tolist(), masks[i].tolist()
+        assert len(ids) == len(mask)
+        for j, t in enumerate(ids):
+            if t == result:
+                total_obs += 1
+                masked_obs += mask[j] == 0
+            if t == tok.token_to_id("<|assistant|>"):
+                assert mask[j] == 1  # the agent's own turns are always in the loss
+    assert total_obs > 100 and 0.35 < masked_obs / total_obs < 0.65
+    # the rendering agrees with the stored mask: loss tokens = tokens of kept segments + EOD
+    rec = [r for r in agent_records() if not heldout(corpus_id(r), 10.0, 0)][0]
+    segs = render(rec, "agent", observation_mask=0.5, seed=0)
+    want = sum(len(tok.encode(t).ids) for t, keep in segs if keep) + 1
+    assert sum(masks[0].tolist()) == want
+
+
+def test_masked_dataset_applies_the_pack_mask(root):
+    import torch
+
+    from model.data import build_datasets
+
+    if not torch.distributed.is_initialized():  # Megatron's builder asks for the rank
+        torch.distributed.init_process_group(
+            "gloo", store=torch.distributed.FileStore(str(root / "pg-store"), 1), rank=0,
+            world_size=1)
+    manifest = pack_manifest(root)
+    train, _ = build_datasets(root / "pack", {"agent": 1.0}, 32, 7, 16, 2,
+                              manifest["vocab_size"], root / ".work" / "idx-test")
+    zeros = sum(int((train[i]["loss_mask"] == 0).sum()) for i in range(16))
+    assert zeros > 0
+    sample = train[0]
+    assert sample["tokens"].shape == sample["loss_mask"].shape == torch.Size([32])
+
+
+def test_a_blend_or_tokenizer_naming_a_missing_source_fails_at_load(root):
+    bad = tiny_params(root, pretrain={"blend": {"nope": 1.0}})
+    with pytest.raises(ConfigError, match="pretrain.blend names 'nope'"):
+        parse_params(bad)
+    bad = tiny_params(root, tokenizer={"sources": ["code", "missing"]})
+    with pytest.raises(ConfigError, match="tokenizer.sources names 'missing'"):
+        parse_params(bad)
+
+
+def test_text_of_a_trace_record_is_prompt_then_frames():
+    r = trace_records(1)[0]
+    assert text_of(render(r, "trace")) == r["prompt"] + r["trace"]
+    repo = {"trace": "<|call_sep|>{}<|action_sep|>def g():\n<|frame_sep|>", "prompt": None}
+    assert text_of(render(repo, "trace")) == repo["trace"]
+    assert json.dumps(render(r, "code") if "text" in r else []) == "[]"

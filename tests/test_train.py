@@ -1,0 +1,149 @@
+"""The training engine on CPU through Megatron-Core: layouts agree, resume is exact, the
+stage trains with falling loss, bad setups fail before work. Each run is a real torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from codeworld.config import ConfigError, parse_params
+from stages.train_phase import run_in_own_group
+from tests.train_fixtures import build_training_root, tiny_params
+
+TOL = 2e-4   # TP/PP change the order of float sums; CWM-size drift would be far larger
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    build_training_root(root)
+    return root
+
+
+def train(root: Path, out: Path, nproc: int = 1, env: dict | None = None, check: bool = True,
+          **sections) -> list[dict]:
+    params = tiny_params(root, **sections)
+    params.setdefault("parallel", {})["nproc"] = nproc
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "model.train", "--params", str(out / "params.yaml"),
+           "--pack", str(root / "pack"), "--out", str(out / "ck"),
+           "--steps-log", str(out / "steps.jsonl")]
+    with open(out / "log", "w") as log:  # a file, not a pipe: leftovers cannot block a read
+        proc = run_in_own_group(cmd, stdout=log, timeout=600,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check:
+        assert proc.returncode == 0, (out / "log").read_text()[-4000:]
+    return steps(out)
+
+
+def steps(out: Path) -> list[dict]:
+    path = out / "steps.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def losses(rows: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def resume_copy(src: Path, iteration: int, dst: Path) -> None:
+    """dst/ck holds only src's checkpoint of `iteration` as its latest."""
+    name = f"iter_{iteration:07d}"
+    (dst / "ck").mkdir(parents=True)
+    shutil.copytree(src / "ck" / name, dst / "ck" / name)
+    (dst / "ck" / "latest.json").write_text(json.dumps({"iteration": iteration, "dir": name}))
+
+
+@pytest.fixture(scope="module")
+def baseline(root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp1")
+    return out, train(root, out)
+
+
+def test_tensor_parallel_2_matches_a_single_process(root, baseline, tmp_path):
+    _, base = baseline
+    tp2 = train(root, tmp_path, nproc=2, parallel={"tensor": 2})
+    assert len(tp2) == len(base) == 4
+    for step, loss in losses(base).items():
+        assert losses(tp2)[step] == pytest.approx(loss, abs=TOL)
+
+
+def test_pipeline_parallel_2_continues_a_single_process_checkpoint(root, baseline, tmp_path):
+    # Pipeline stages seed their layers differently from one process, so PP=2 starts from the
+    # single process's checkpoint: this also loads a checkpoint under another layout.
+    src, base = baseline
+    resume_copy(src, 2, tmp_path)
+    pp2 = train(root, tmp_path, nproc=2, parallel={"pipeline": 2})
+    assert sorted(losses(pp2)) == [3, 4]
+    for step in (3, 4):
+        assert losses(pp2)[step] == pytest.approx(losses(base)[step], abs=TOL)
+
+
+def test_data_parallel_2_with_distributed_optimizer_matches(root, baseline, tmp_path):
+    # Same seed, same CPU initialisation: two data-parallel ranks sharding the optimizer
+    # state take the same steps as one process (the loss is summed over both ranks' tokens).
+    _, base = baseline
+    dp2 = train(root, tmp_path, nproc=2, parallel={"distributed_optimizer": True})
+    for step, loss in losses(base).items():
+        assert losses(dp2)[step] == pytest.approx(loss, abs=TOL)
+    assert (tmp_path / "ck" / "iter_0000004").is_dir()
+
+
+def test_killed_training_resumes_bit_for_bit(root, tmp_path):
+    run = {"pretrain": {"steps": 6, "save_interval": 2, "eval_interval": 3}}
+    whole = train(root, tmp_path / "whole", **run)
+    killed = train(root, tmp_path / "killed", check=False,
+                   env={"CODEWORLD_FAULT_KILL_AFTER_STEP": "5"}, **run)
+    assert [r["step"] for r in killed] == [1, 2, 3, 4, 5]  # killed after step 5, saved at 4
+    assert json.loads((tmp_path / "killed" / "ck" / "latest.json").read_text())["iteration"] == 4
+    resumed = train(root, tmp_path / "killed", **run)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(whole, resumed):
+        assert (a["loss"], a["grad_norm"], a["lr"], a.get("valid_loss")) == \
+               (b["loss"], b["grad_norm"], b["lr"], b.get("valid_loss"))
+
+
+def test_stage_trains_with_falling_loss_then_is_a_no_op(root, tmp_path):
+    from stages import train_phase
+
+    params = parse_params(tiny_params(root, pretrain={"steps": 30, "warmup_steps": 3,
+                                                      "save_interval": 10, "eval_interval": 10}))
+    metrics = tmp_path / "metrics.json"
+    result = train_phase.run_phase(params, "pretrain", track=False, metrics_path=str(metrics),
+                                   plot_path=str(tmp_path / "plot.json"))
+    stats = json.loads(metrics.read_text())
+    assert stats["steps"] == 30 and stats["loss_fell"] == 1, stats
+    assert stats["final_loss"] < stats["first_loss"] - 0.5
+    assert len(json.loads((tmp_path / "plot.json").read_text())) == 30
+    assert Path(result["checkpoint"]).name == "iter_0000030"
+    again = train_phase.run_phase(params, "pretrain", track=False, metrics_path=None, plot_path=None)
+    assert "seconds_train" not in again["stats"] and again["checkpoint"] == result["checkpoint"]
+
+
+def test_layouts_the_model_cannot_take_fail_at_load(root):
+    with pytest.raises(ConfigError, match="must divide model.num_attention_heads"):
+        parse_params(tiny_params(root, parallel={"nproc": 3, "tensor": 3}))
+    with pytest.raises(ConfigError, match="num_layers 2 is not divisible"):
+        parse_params(tiny_params(root, parallel={"nproc": 4, "pipeline": 4}))
+    with pytest.raises(ConfigError, match="global_batch_size 4 is not a multiple"):
+        parse_params(tiny_params(root, parallel={"nproc": 4},
+                                 pretrain={"micro_batch_size": 2, "global_batch_size": 4}))
+
+
+def test_fp8_without_transformer_engine_is_refused_before_any_work(root, tmp_path):
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(tiny_params(root, pretrain={"precision": "fp8"})))
+    proc = subprocess.run([sys.executable, "-m", "model.train", "--params", str(tmp_path / "p.yaml"),
+                           "--pack", str(root / "pack"), "--out", str(tmp_path / "ck"),
+                           "--steps-log", str(tmp_path / "s.jsonl")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "precision fp8 needs Transformer Engine" in proc.stderr
+    assert not (tmp_path / "ck").exists()
