@@ -124,7 +124,7 @@ def worker(kind: str, steps: int, sets: list[str], vocab: int) -> dict:
         from model.trainer import Trainer, init_distributed
 
         init_distributed("gloo")
-        trainer = Trainer(params, "pretrain", vocab, total_steps=steps + 3)
+        trainer = Trainer(params, "pretrain", vocab)
 
         def step():
             trainer.train_step(data)

@@ -49,6 +49,16 @@ def resolve_precision(phase: PhaseConfig) -> Precision:
     return Precision(wanted, use_te=te)
 
 
+def check_layout(par: ParallelConfig, precision: Precision) -> None:
+    """What Megatron-Core would refuse deep inside model construction, said up front."""
+    if par.context > 1 and not precision.use_te:
+        raise TrainingSetupError("parallel.context > 1 needs Transformer Engine's attention "
+                                 "(a GPU with transformer-engine installed)")
+    if par.sequence_parallel and not precision.use_te:
+        raise TrainingSetupError("parallel.sequence_parallel needs Transformer Engine's norms "
+                                 "(Megatron refuses it with the torch norm)")
+
+
 def padded_vocab(vocab_size: int, tensor: int, multiple: int = 64) -> int:
     """Megatron splits the output layer across TP ranks: pad the vocabulary to a multiple."""
     step = multiple * tensor

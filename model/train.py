@@ -20,7 +20,7 @@ import torch
 
 from codeworld.config import load_params
 from model import checkpoint
-from model.build import resolve_precision
+from model.build import check_layout, resolve_precision
 from model.data import MicroBatches, build_datasets
 from model.metrics import StepLog, memory_mb, peak_flops
 from model.trainer import Trainer, init_distributed
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
         params = apply_overrides(params, args.set)
     cfg = getattr(params, args.phase)
-    resolve_precision(cfg)   # before any process group: a setup this machine lacks fails now
+    # before any process group: a setup this machine lacks fails now
+    check_layout(params.parallel, resolve_precision(cfg))
     init_distributed(params.parallel.backend)
     from megatron.core import parallel_state as ps
 

@@ -147,3 +147,15 @@ def test_fp8_without_transformer_engine_is_refused_before_any_work(root, tmp_pat
     assert proc.returncode != 0
     assert "precision fp8 needs Transformer Engine" in proc.stderr
     assert not (tmp_path / "ck").exists()
+
+
+def test_context_and_sequence_parallel_without_transformer_engine_are_refused():
+    from model.build import Precision, TrainingSetupError, check_layout
+    from codeworld.config import ParallelConfig
+
+    cpu = Precision("fp32", use_te=False)
+    with pytest.raises(TrainingSetupError, match="context > 1 needs Transformer Engine"):
+        check_layout(ParallelConfig(nproc=2, context=2), cpu)
+    with pytest.raises(TrainingSetupError, match="sequence_parallel needs"):
+        check_layout(ParallelConfig(nproc=2, tensor=2, sequence_parallel=True), cpu)
+    check_layout(ParallelConfig(nproc=2, tensor=2, sequence_parallel=True), Precision("bf16", True))
