@@ -24,6 +24,8 @@ import pytest
 import yaml
 
 from flows.deploy import SCHEDULES, prefect_yaml, specs
+
+EXPERIMENT = "codeworld-deployments"
 from flows.pipeline import dvc_lineage, params_overridden, stage_groups
 from tests.helpers import make_tree
 from tests.servers import prefect_server, stop_process
@@ -125,7 +127,9 @@ def served(tmp_path_factory, request):
         api_future = pool.submit(prefect_cm.__enter__)
         try:
             mlflow_url = request.getfixturevalue("mlflow_url")
-            ws = make_workspace(tmp / "ws", make_tree(tmp))
+            # its own MLflow experiment: test_flow_e2e counts the runs of "codeworld" on the
+            # same shared server
+            ws = make_workspace(tmp / "ws", make_tree(tmp), tracking={"experiment": EXPERIMENT})
         except BaseException:
             with contextlib.suppress(Exception):
                 api_future.result()
@@ -290,7 +294,7 @@ def test_mlflow_runs_carry_lineage(deployed):
 
     ok = deployed["runs"][0]
     client = MlflowClient(deployed["mlflow"])
-    exp = client.get_experiment_by_name("codeworld")
+    exp = client.get_experiment_by_name(EXPERIMENT)
     parents = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{ok.id}'")
     assert len(parents) == 1
     parent = parents[0]
