@@ -42,10 +42,9 @@ def sharded_state_dict(chunks, optimizer=None, scheduler=None, iteration: int = 
         model_sd[_model_key(i, len(chunks))] = chunk.module.sharded_state_dict()
     sd.update(model_sd)
     if optimizer is not None:
-        flat = {}
-        for part in model_sd.values():
-            flat.update(part)
-        sd["optimizer"] = optimizer.sharded_state_dict(flat, is_loading=is_loading,
+        # nested per chunk: virtual pipeline chunks number their layers from 0 each, so a flat
+        # dict would let one chunk's keys hide the other's
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                        metadata=OPTIM_METADATA)
     if scheduler is not None:
         sd["scheduler"] = scheduler.state_dict()

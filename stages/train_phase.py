@@ -44,7 +44,17 @@ def phase_fingerprint(params: Params, phase: str) -> str:
     if cfg.init_from:
         parent = json.loads((phase_dir(params, cfg.init_from) / RUN).read_text())["fingerprint"]
     return fingerprint("train", 1, phase, params.model.model_dump(), cfg.model_dump(),
-                       pack["fingerprint"], parent, code_version())
+                       pack["fingerprint"], parent, code_version(), model_code_version())
+
+
+def model_code_version() -> str:
+    """The training engine's own code (model/), which code_version() does not cover."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((Path(__file__).resolve().parents[1] / "model").glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def torchrun_command(params: Params, phase: str, out: Path, extra: list[str] = ()) -> list[str]:
