@@ -6,6 +6,7 @@ object only becomes visible when its upload completes, so a reader never sees a 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import uuid
@@ -101,3 +102,12 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             fs.pipe_file(path, data)
     except OSError as err:
         raise StorageError(f"{path}: cannot write: {err}") from err
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a local file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -10,7 +10,6 @@ A source is the unit of resume: its files are renamed into place, then its own m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 from codeworld.config import ConfigError, Params, PackSourceConfig
 from codeworld.shards import Dataset, dumps, fingerprint
 from codeworld.split import corpus_id, heldout
-from codeworld.storage import Storage
+from codeworld.storage import Storage, file_sha256
 from codeworld.tokens import EOD_ID
 from codeworld.tracking import StageRun
 from stages import tokenizer as tokenizer_stage
@@ -42,14 +41,6 @@ def local_dir(params: Params) -> Path:
 
 def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def source_fingerprint(name: str, src: PackSourceConfig, params: Params, tok_sha: str,
@@ -126,7 +117,7 @@ def pack_source(name: str, src: PackSourceConfig, ds: Dataset, tok, params: Para
     for k in files:  # the .idx last: a prefix with an .idx is complete
         final = out / f"{name}{k}"
         os.replace(tmp[k], final)
-        shas[final.name] = _sha256(final)
+        shas[final.name] = file_sha256(final)
     meta = {"source": name, "fingerprint": fp, "files": shas, "masked": masked, **counts}
     (out / f".{name}.json.tmp").write_bytes(dumps(meta) + b"\n")
     os.replace(out / f".{name}.json.tmp", out / f"{name}.json")
@@ -141,7 +132,7 @@ def _finished(out: Path, name: str, fp: str) -> dict | None:
     if meta.get("fingerprint") != fp:
         return None
     for fname, sha in meta["files"].items():
-        if not (out / fname).exists() or _sha256(out / fname) != sha:
+        if not (out / fname).exists() or file_sha256(out / fname) != sha:
             return None
     return meta
 

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from codeworld.sandbox import Limits, run_command
+from codeworld.storage import file_sha256
 from codeworld.sandbox.bwrap import python_install
 from stages.tracer import TraceLimits
 
@@ -102,12 +103,6 @@ def _sdist_url(name: str, version: str, sha256: str, index_url: str, timeout: fl
     raise ValueError(f"{page_url}: no sdist {name}=={version} with sha256 {sha256}")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fetch_pypi_sdist(name: str, version: str, sha256: str, cache_dir: str | os.PathLike, *,
@@ -122,34 +117,40 @@ def fetch_pypi_sdist(name: str, version: str, sha256: str, cache_dir: str | os.P
     if marker.is_file() and marker.read_text().strip() == sha256:
         return _tree_root(dest)
     archive = cache / _sdist_name(name, version)
-    if not archive.is_file() or _sha256(archive) != sha256:
+    if not archive.is_file() or file_sha256(archive) != sha256:
         url = _sdist_url(name, version, sha256, index_url, timeout)
         fd, tmp = tempfile.mkstemp(dir=cache, suffix=".part")
         try:
             with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
                 shutil.copyfileobj(r, f)
-            got = _sha256(Path(tmp))
+            got = file_sha256(Path(tmp))
             if got != sha256:
                 raise ValueError(f"{url}: sha256 {got} != pinned {sha256}")
             os.replace(tmp, archive)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    work = Path(tempfile.mkdtemp(dir=cache, prefix=".extract-"))
+    with tarfile.open(archive, "r:gz") as tar:
+        install_tree(tar, dest, ".codeworld-sha256", sha256)
+    return _tree_root(dest)
+
+
+def install_tree(tar: tarfile.TarFile, dest: Path, marker: str, value: str) -> None:
+    """Extract `tar` beside `dest`, make it readable by the sandbox's unprivileged uid, write
+    `marker` (what the tree is) and rename it into place: `dest` is complete or absent."""
+    work = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".extract-"))
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(work, filter="data")
-        for p in [work, *work.rglob("*")]:  # readable by the sandbox's unprivileged uid
+        tar.extractall(work, filter="data")
+        for p in [work, *work.rglob("*")]:
             if not p.is_symlink():
                 p.chmod((p.stat().st_mode | 0o444 | (0o111 if p.is_dir() else 0)) & 0o7755)
-        (work / ".codeworld-sha256").write_text(sha256 + "\n")
+        (work / marker).write_text(value + "\n")
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(work, dest)
     finally:
         if work.exists():
             shutil.rmtree(work)
-    return _tree_root(dest)
 
 
 def _tree_root(dest: Path) -> Path:

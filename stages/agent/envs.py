@@ -15,7 +15,6 @@ import importlib.util
 import io
 import json
 import os
-import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from codeworld.sandbox import Limits, run_command
 from codeworld.sandbox.bwrap import python_install
-from stages.repo_traces import fetch_pypi_sdist, repo_layout
+from stages.repo_traces import fetch_pypi_sdist, install_tree, repo_layout
 
 RUNNER_DIR = Path(__file__).resolve().parent / "runner"
 SANDBOX_LIB = "/sandbox/lib/cwagent"
@@ -76,22 +75,10 @@ def _git_tree(name: str, path: str, commit: str, cache_dir: Path) -> Path:
     dest = cache_dir / f"{name}-{full[:12]}"
     if (dest / ".codeworld-commit").is_file():
         return dest
-    work = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".git-"))
-    try:
-        archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", full],
-                                 capture_output=True, timeout=120, check=True).stdout
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(work, filter="data")
-        for p in [work, *work.rglob("*")]:  # readable by the sandbox's unprivileged uid
-            if not p.is_symlink():
-                p.chmod((p.stat().st_mode | 0o444 | (0o111 if p.is_dir() else 0)) & 0o7755)
-        (work / ".codeworld-commit").write_text(full + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(work, dest)
-    finally:
-        if work.exists():
-            shutil.rmtree(work)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", full],
+                             capture_output=True, timeout=120, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        install_tree(tar, dest, ".codeworld-commit", full)
     return dest
 
 
