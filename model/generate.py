@@ -1,0 +1,136 @@
+"""Inference with the trained GPTModel: load a phase's checkpoint into one process (TP = PP = 1)
+and sample from it. Shared by evaluation, RL and the neural debugger.
+
+Decoding recomputes the whole sequence each step (no KV cache): the default model is tiny and
+its sequences short, and it keeps the forward pass exactly the one training runs. Rows of one
+batch share a prompt length (RL samples G completions of one prompt), so no padding is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from codeworld.config import Params
+
+
+def init_single_process() -> None:
+    """A one-rank process group and model-parallel state, for inference outside torchrun."""
+    from megatron.core import parallel_state as ps
+
+    if not torch.distributed.is_initialized():
+        with socket.socket() as s:   # a free loopback port: several tools may run at once
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        from model.trainer import init_distributed
+
+        init_distributed("auto")
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(1, 1)
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(0)   # the RNG tracker attention enters, even in eval
+
+
+class _Wrapped:
+    """checkpoint.load expects DDP-wrapped chunks (`.module`)."""
+
+    def __init__(self, module):
+        self.module = module
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    vocab_size: int          # the tokenizer's (the model's output is padded beyond it)
+    iteration: int
+    checkpoint: Path
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[batch, seq] token ids -> [batch, seq, vocab] float logits (padding columns dropped)."""
+        return forward_logits(self.model, tokens, self.vocab_size)
+
+    def sample(self, prompt: list[int], *, n: int = 1, max_new_tokens: int = 256,
+               stop_ids: set[int] = frozenset(), temperature: float = 0.0,
+               seed: int = 0, max_length: int | None = None) -> list[list[int]]:
+        return sample(self.model, prompt, vocab_size=self.vocab_size, n=n,
+                      max_new_tokens=max_new_tokens, stop_ids=stop_ids, temperature=temperature,
+                      seed=seed, max_length=max_length)
+
+
+def forward_logits(model, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    pos = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
+    out = model(tokens, pos, None)            # no labels: logits [batch, seq, padded vocab]
+    return out[..., :vocab_size].float()
+
+
+@torch.no_grad()
+def sample(model, prompt: list[int], *, vocab_size: int, n: int = 1, max_new_tokens: int = 256,
+           stop_ids: set[int] = frozenset(), temperature: float = 0.0, seed: int = 0,
+           max_length: int | None = None) -> list[list[int]]:
+    """n continuations of one prompt (greedy at temperature 0), each cut after its first stop
+    token (kept) or at max_new_tokens / max_length total tokens. Deterministic for a seed."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.tensor([prompt] * n, dtype=torch.long)
+    done = [False] * n
+    out: list[list[int]] = [[] for _ in range(n)]
+    limit = max_new_tokens if max_length is None else min(max_new_tokens, max_length - len(prompt))
+    for _ in range(max(0, limit)):
+        last = forward_logits(model, rows, vocab_size)[:, -1, :].cpu()
+        if temperature <= 0:
+            nxt = last.argmax(-1)
+        else:
+            probs = torch.softmax(last / temperature, -1)
+            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i]:
+                out[i].append(t)
+                done[i] = t in stop_ids
+        if all(done):
+            break
+        rows = torch.cat([rows, nxt.unsqueeze(-1)], 1)
+    if was_training:
+        model.train()
+    return out
+
+
+def load(params: Params, checkpoint_dir: Path, vocab_size: int, phase: str = "pretrain",
+         iteration_dir: Path | None = None) -> LoadedModel:
+    """The latest checkpoint of a phase directory (or iteration_dir) in this process."""
+    from model import checkpoint
+    from model.build import build_chunks, resolve_precision, transformer_config
+
+    init_single_process()
+    par = params.parallel.model_copy(update=dict(
+        nproc=1, nnodes=1, tensor=1, pipeline=1, virtual_pipeline=None, context=1,
+        sequence_parallel=False, distributed_optimizer=False))
+    cfg = getattr(params, phase)
+    precision = resolve_precision(cfg.model_copy(update={"precision": "auto"}))
+    if precision.name == "fp8":   # inference here is plain BF16 (no FP8 recipe state needed)
+        from model.build import Precision
+
+        precision = Precision("bf16", use_te=precision.use_te)
+    tcfg = transformer_config(params.model, par, cfg, precision)
+    model = build_chunks(params.model, par, tcfg, precision, vocab_size, cfg.seq_length)[0]
+    if iteration_dir is None:
+        found = checkpoint.latest(Path(checkpoint_dir))
+        if found is None:
+            raise FileNotFoundError(f"{checkpoint_dir}: no checkpoint (latest.json) to load")
+        iteration_dir = found[1]
+    iteration = checkpoint.load(Path(iteration_dir), [_Wrapped(model)])
+    model.eval()
+    return LoadedModel(model, vocab_size, iteration, Path(iteration_dir))
