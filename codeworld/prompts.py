@@ -1,0 +1,44 @@
+"""The task prompts the later phases share: SFT trains on them, RL samples from them, evaluation
+and the debugger ask them. Written once so a model is always asked the way it was taught.
+
+- trace prediction: the trace record's own prompt (`<|trace_context_start|>` context with the
+  synthetic `main` + `<|frame_sep|>`); the answer is the frames, ending with end-of-text.
+- output prediction (CruxEval-O style): a user turn with the code and the call, an assistant
+  turn that is the repr of the return value.
+"""
+
+from __future__ import annotations
+
+from codeworld.tokens import END_OF_TEXT, ROLE_TOKENS
+
+SYSTEM, USER, ASSISTANT, TOOL_RESULT, END_OF_TURN = ROLE_TOKENS
+
+
+def trace_prompt(record: dict) -> str:
+    """Context + `main` call frame: what the model sees before predicting frames."""
+    return record["prompt"]
+
+
+def trace_answer(record: dict) -> str:
+    return record["trace"] if record["trace"].endswith(END_OF_TEXT) else record["trace"] + END_OF_TEXT
+
+
+def output_prompt(code: str, call: str) -> str:
+    code = code if code.endswith("\n") else code + "\n"
+    return (f"{USER}{code}\n# What does `{call}` return? Answer with its repr."
+            f"{END_OF_TURN}{ASSISTANT}")
+
+
+def output_answer(result_repr: str) -> str:
+    return f"{result_repr}{END_OF_TURN}"
+
+
+def parse_output_answer(text: str) -> str:
+    """The predicted repr from a generated assistant turn (up to the end of the turn)."""
+    return text.split(END_OF_TURN, 1)[0].split(END_OF_TEXT, 1)[0].strip()
+
+
+def has_output_task(record: dict) -> bool:
+    """Output prediction needs a function call that returned (not raised, not timed out)."""
+    return (record.get("status") == "ok" and isinstance(record.get("result"), str)
+            and isinstance(record.get("code"), str) and isinstance(record.get("call"), str))
