@@ -24,6 +24,16 @@ def have_te() -> bool:
     return True
 
 
+def have_fused_softmax() -> bool:
+    """The local spec's fused softmax kernels come from Apex/Megatron's compiled extensions;
+    without them Megatron raises ImportError mid-forward, so fall back to its torch softmax."""
+    try:
+        import scaled_upper_triang_masked_softmax_cuda  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Precision:
     name: str            # fp32 | bf16 | fp8
@@ -88,7 +98,8 @@ def transformer_config(model: ModelConfig, par: ParallelConfig, phase: PhaseConf
         calculate_per_token_loss=True,
         use_cpu_initialization=not gpu,
         # Fusions need TE, Apex or a GPU compiler; CPU runs keep them off.
-        bias_activation_fusion=gpu, masked_softmax_fusion=gpu, bias_dropout_fusion=gpu,
+        bias_activation_fusion=gpu, bias_dropout_fusion=gpu,
+        masked_softmax_fusion=gpu and have_fused_softmax(),
         apply_rope_fusion=gpu and precision.use_te, persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         recompute_granularity="full" if phase.recompute else None,
@@ -103,7 +114,12 @@ def layer_spec(precision: Precision):
 
     if precision.use_te:
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    from model.attention import SDPAttention
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    # Megatron's specs exist to swap submodules: its unfused core attention for SDPA.
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def build_chunks(model: ModelConfig, par: ParallelConfig, config, precision: Precision,
@@ -124,6 +140,13 @@ def build_chunks(model: ModelConfig, par: ParallelConfig, config, precision: Pre
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             parallel_output=True, share_embeddings_and_output_weights=model.tie_embeddings,
             position_embedding_type="rope", rotary_base=model.rotary_base, vp_stage=vp_stage)
+        if precision.name != "fp32":
+            # As Megatron's own training does: every parameter (norms too) in BF16, inputs cast
+            # in, logits cast out to FP32. Its mixed-precision optimizer numbers the BF16
+            # parameters assuming this; a mixed model breaks its checkpoint state dict.
+            from megatron.core.transformer.module import Float16Module
+
+            chunk = Float16Module(config, chunk)
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)

@@ -1,0 +1,164 @@
+"""Benchmark on one GPU: tokens/s and MFU of our Megatron-Core training step for a ~1B-parameter
+model in BF16 and (with Transformer Engine) FP8, beside a plain-PyTorch GPT of the same shape
+in BF16 autocast with SDPA (flash) attention, in one run. Targets: >= 40% MFU in BF16; FP8
+>= 1.3x BF16 tokens/s.
+
+Each configuration runs in its own process (a failure is reported and the others go on):
+
+    python bench/train_gpu.py [--steps 10] [--json out.json] [--set model.num_layers=20 ...]
+
+MFU = training FLOPs per token (model.build.flops_per_token: 6N + attention) x tokens/s /
+the GPU's peak dense BF16 FLOP/s (model.metrics.PEAK_FLOPS; 989 TFLOP/s on H100/H200). FP8
+runs are divided by the same BF16 peak, so their MFU compares directly with BF16's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+# ~1.03B parameters: 20 layers of hidden 2048 (16 heads, 4 KV groups, SwiGLU 5632), vocab 32k.
+ONE_B = ["model.num_layers=20", "model.hidden_size=2048", "model.num_attention_heads=16",
+         "model.num_query_groups=4", "model.ffn_hidden_size=5632",
+         "model.max_position_embeddings=4096", "pretrain.seq_length=2048",
+         "pretrain.micro_batch_size=4", "pretrain.global_batch_size=16", "pretrain.steps=100",
+         "pretrain.warmup_steps=5", "pretrain.lr=0.0003", "pretrain.min_lr=0.00003"]
+VOCAB = 32000
+CONFIGS = ("plain-bf16", "megatron-bf16", "megatron-fp8")
+
+
+def worker(kind: str, steps: int, sets: list[str]) -> dict:
+    import torch
+
+    from codeworld.config import load_params
+    from codeworld.overrides import apply_overrides
+    from model.build import count_parameters, flops_per_token
+    from model.metrics import peak_flops
+
+    precision = kind.split("-")[1]
+    params = apply_overrides(load_params(ROOT / "params.yaml"),
+                             [*ONE_B, *sets, f'pretrain.precision="{precision}"'])
+    m, cfg = params.model, params.pretrain
+    from train import PlainGPT, batches   # bench/train.py
+
+    data = [{k: v.cuda() for k, v in b.items()}
+            for b in batches(VOCAB, cfg.global_batch_size // cfg.micro_batch_size,
+                             cfg.micro_batch_size, cfg.seq_length)]
+    if kind == "plain-bf16":
+        torch.manual_seed(0)
+        model = PlainGPT(VOCAB, m.hidden_size, m.num_layers, m.num_attention_heads,
+                         m.num_query_groups, m.ffn_hidden_size, cfg.seq_length, m.rotary_base).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            total = 0
+            for b in data:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss, n = model(b["tokens"], b["labels"], b["loss_mask"])
+                loss.backward()
+                total += n
+            for p in model.parameters():
+                p.grad /= total
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            opt.step()
+        backend = "torch sdpa"
+    else:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000),
+                          RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        from model.trainer import Trainer, init_distributed
+
+        init_distributed("auto")
+        trainer = Trainer(params, "pretrain", VOCAB)
+        cpu_data = [{k: v.cpu() for k, v in b.items()} for b in data]
+
+        def step():
+            trainer.train_step(cpu_data)
+        backend = "TE spec" if trainer.precision.use_te else "local spec"
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    tps = steps * cfg.global_batch_size * cfg.seq_length / dt
+    fpt = flops_per_token(m, VOCAB, cfg.seq_length)
+    peak = peak_flops("bf16")
+    return {"kind": kind, "backend": backend, "gpu": torch.cuda.get_device_name(),
+            "params": count_parameters(m, VOCAB), "tokens_per_s": tps,
+            "tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak if peak else None,
+            "ms_per_step": dt / steps * 1000,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--only", action="append", choices=CONFIGS)
+    ap.add_argument("--timeout", type=float, default=240)
+    ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.steps, args.set)))
+        return 0
+    results: dict[str, dict] = {}
+    for kind in args.only or CONFIGS:
+        if kind.endswith("fp8"):
+            from model.build import have_te
+
+            if not have_te():
+                results[kind] = {"kind": kind, "error": "transformer_engine is not installed"}
+                print(f"{kind}: skipped (transformer_engine is not installed)", flush=True)
+                continue
+        cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps),
+               *sum((["--set", s] for s in args.set), [])]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            results[kind] = {"kind": kind, "error": f"timed out after {args.timeout:.0f} s"}
+            print(f"{kind}: timed out", flush=True)
+            continue
+        if proc.returncode != 0:
+            err = "\n".join(l for l in proc.stderr.splitlines() if "warn" not in l.lower())[-2500:]
+            results[kind] = {"kind": kind, "error": err}
+            print(f"{kind}: FAILED\n{err}", flush=True)
+            continue
+        results[kind] = res = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{kind}: {res['tokens_per_s']:.0f} tokens/s, MFU {res['mfu'] or 0:.1%}, "
+              f"{res['ms_per_step']:.0f} ms/step, {res['peak_memory_gib']:.1f} GiB", flush=True)
+    print("\n| config | backend | tokens/s | TFLOP/s | MFU (of BF16 peak) | peak GiB |\n|---|---|---|---|---|---|")
+    for kind, r in results.items():
+        if "error" in r:
+            print(f"| {kind} | - | failed: {r['error'].splitlines()[-1][:80]} | | | |")
+        else:
+            print(f"| {kind} | {r['backend']} | {r['tokens_per_s']:.0f} | {r['tflops']:.0f} | "
+                  f"{(r['mfu'] or 0):.1%} | {r['peak_memory_gib']:.1f} |")
+    ok = {k: r for k, r in results.items() if "error" not in r}
+    if "megatron-bf16" in ok:
+        print(f"\nMegatron BF16 MFU {ok['megatron-bf16']['mfu'] or 0:.1%} (target >= 40%)")
+        if "plain-bf16" in ok:
+            print(f"Megatron BF16 / plain PyTorch BF16 = "
+                  f"{ok['megatron-bf16']['tokens_per_s'] / ok['plain-bf16']['tokens_per_s']:.2f}x")
+        if "megatron-fp8" in ok:
+            print(f"FP8 / BF16 tokens/s = {ok['megatron-fp8']['tokens_per_s'] / ok['megatron-bf16']['tokens_per_s']:.2f}x (target >= 1.3x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
