@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from codeworld.config import ConfigError, load_params
 
@@ -84,6 +85,35 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from codeworld import compare
+
+    params = load_params(args.params)
+    try:
+        cols = compare.columns_for(args.experiment or params.tracking.experiment,
+                                   runs=args.runs, pipelines=args.pipelines)
+        rows = compare.metric_rows(cols, args.metric)
+        print(compare.markdown(cols, rows))
+        if args.csv:
+            compare.write_csv(cols, rows, Path(args.csv))
+        if args.plot:
+            what = compare.plot(cols, rows, Path(args.plot))
+            print(f"\nplot: {args.plot} ({what})")
+    except compare.CompareError as err:
+        raise ConfigError(str(err)) from None
+    return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    from codeworld.registry import RegistryError, register_final
+
+    try:
+        print(json.dumps(register_final(load_params(args.params), args.name)))
+    except RegistryError as err:
+        raise ConfigError(str(err)) from None
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     print(json.dumps(load_params(args.params).model_dump(), indent=2))
     return 0
@@ -128,6 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=2.0, help="wall seconds per program")
     s.add_argument("--max-events", type=int, default=10_000)
     s.set_defaults(fn=_trace)
+
+    s = sub.add_parser("compare", help="MLflow runs side by side: phases, stages or pipeline runs")
+    s.add_argument("--runs", nargs="+", metavar="RUN_ID", help="these runs")
+    s.add_argument("--pipelines", type=int, default=0, metavar="N",
+                   help="the last N pipeline runs, one column each")
+    s.add_argument("--metric", action="append", help="only these metrics (repeatable)")
+    s.add_argument("--experiment", help="MLflow experiment (default: params tracking.experiment)")
+    s.add_argument("--plot", help="write a plot here (PNG): loss curves, or a bar chart")
+    s.add_argument("--csv", help="write the table here as CSV too")
+    s.add_argument("--params", default="params.yaml")
+    s.set_defaults(fn=_compare)
+
+    s = sub.add_parser("register", help="register the final checkpoint in the MLflow model registry")
+    s.add_argument("--name", help="registered model name (default: params tracking.registered_model)")
+    s.add_argument("--params", default="params.yaml")
+    s.set_defaults(fn=_register)
 
     s = sub.add_parser("check-params", help="validate params.yaml")
     s.add_argument("--params", default="params.yaml")

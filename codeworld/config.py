@@ -40,6 +40,7 @@ class StorageConfig(Section):
 
 class TrackingConfig(Section):
     experiment: str = "codeworld"
+    registered_model: str = "codeworld"   # MLflow registry name of the final checkpoints
 
 
 class StdlibSource(Section):

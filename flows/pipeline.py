@@ -317,6 +317,28 @@ def mlflow_run_url(experiment: str, run_id: str) -> str | None:
     return run_url(uri, exp.experiment_id, run_id) if exp else None
 
 
+@task(name="register")
+def register_model(parent_run_id: str | None) -> dict:
+    """The final checkpoint into the MLflow model registry (codeworld/registry.py), as a child
+    of this pipeline run; a checkpoint registered before is not registered again."""
+    from codeworld.registry import register_final
+
+    old = os.environ.get(PARENT_ENV)
+    if parent_run_id:
+        os.environ[PARENT_ENV] = parent_run_id
+    try:
+        info = register_final(load_params(repo_root() / "params.yaml"))
+    finally:
+        if old is None:
+            os.environ.pop(PARENT_ENV, None)
+        else:
+            os.environ[PARENT_ENV] = old
+    create_table_artifact([{k: str(v) for k, v in info.items()}], key="registered-model",
+                          description="the final checkpoint in the MLflow model registry")
+    return {"stage": "register", "ran": bool(info["new"]), "metrics": {},
+            "mlflow_url": None, **info}
+
+
 @flow(name="codeworld-pipeline", log_prints=True)
 def pipeline(stages: list[str] | None = None, force: bool = False,
              overrides: list[str] | None = None, group: str | None = None) -> list[dict]:
@@ -341,6 +363,8 @@ def pipeline(stages: list[str] | None = None, force: bool = False,
         try:
             for stage in todo:
                 results.append(run_stage(stage, str(root), force, parent, params.tracking.experiment))
+            if set(todo) & set(stage_groups(root / "dvc.yaml").get("train", [])):
+                results.append(register_model(parent))
             status = "FINISHED"
         finally:
             _end_parent_run(status)

@@ -1,0 +1,170 @@
+"""`codeworld compare`: MLflow runs side by side (mlflow.search_runs) and a plot.
+
+    codeworld compare                    the latest pipeline run's stages and phases
+    codeworld compare --pipelines 3      the last 3 pipeline runs (experiments), stage by stage
+    codeworld compare --runs ID ID ...   any runs
+    ... [--metric final_loss ...] [--plot compare.png] [--csv out.csv]
+
+Columns are runs, rows are metrics (and the git commit). For training phases the plot draws
+each run's per-step loss; otherwise a bar chart of the first metric.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Shown first when present; every other metric follows alphabetically.
+KEY_METRICS = ("final_loss", "final_valid_loss", "first_loss", "loss_fell", "tokens_per_s_median",
+               "steps", "records", "seconds_total")
+
+
+class CompareError(ValueError):
+    pass
+
+
+@dataclass
+class Column:
+    run_id: str
+    name: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def _client():
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from codeworld.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return MlflowClient()
+
+
+def _experiment_id(client, experiment: str) -> str:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise CompareError(f"MLflow experiment {experiment!r} does not exist at this tracking URI "
+                           "(run the pipeline first, or pass --experiment)")
+    return exp.experiment_id
+
+
+def _column(run, label: str | None = None) -> Column:
+    return Column(run.info.run_id, label or run.data.tags.get("mlflow.runName", run.info.run_id[:8]),
+                  dict(run.data.metrics), dict(run.data.tags))
+
+
+def _children(client, exp_id: str, parent_id: str) -> list:
+    runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                              order_by=["attributes.start_time ASC"], max_results=200)
+    return list(runs)
+
+
+def pipeline_runs(client, exp_id: str, n: int) -> list:
+    runs = client.search_runs([exp_id], "tags.`mlflow.runName` = 'pipeline'",
+                              order_by=["attributes.start_time DESC"], max_results=n)
+    if not runs:
+        raise CompareError("no pipeline run in this experiment yet (run `codeworld pipeline`)")
+    return list(runs)
+
+
+def columns_for(experiment: str, *, runs: list[str] | None = None, pipelines: int = 0) -> list[Column]:
+    client = _client()
+    exp_id = _experiment_id(client, experiment)
+    if runs:
+        return [_column(client.get_run(r)) for r in runs]
+    if pipelines:
+        # one column per pipeline run: each stage's metrics prefixed with the stage name
+        cols = []
+        for parent in reversed(pipeline_runs(client, exp_id, pipelines)):
+            col = _column(parent, f"{parent.info.run_id[:8]}")
+            for child in _children(client, exp_id, parent.info.run_id):
+                stage = child.data.tags.get("mlflow.runName", "?")
+                col.metrics.update({f"{stage}.{k}": v for k, v in child.data.metrics.items()})
+            cols.append(col)
+        return cols
+    parent = pipeline_runs(client, exp_id, 1)[0]
+    children = _children(client, exp_id, parent.info.run_id)
+    if not children:
+        raise CompareError(f"pipeline run {parent.info.run_id} has no stage runs")
+    return [_column(c) for c in children]
+
+
+def metric_rows(cols: list[Column], wanted: list[str] | None) -> list[str]:
+    present = {k for c in cols for k in c.metrics}
+    if wanted:
+        missing = [m for m in wanted if m not in present and not any(k.endswith("." + m) for k in present)]
+        if missing:
+            raise CompareError(f"no run has metric(s) {', '.join(missing)} "
+                               f"(known: {', '.join(sorted(present)[:30])})")
+        return [k for k in sorted(present) if k in wanted or k.split(".")[-1] in wanted]
+    first = [k for k in KEY_METRICS if k in present]
+    return first + sorted(present - set(first))
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def markdown(cols: list[Column], rows: list[str]) -> str:
+    head = "| metric | " + " | ".join(c.name for c in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    lines.append("| git commit | " + " | ".join((c.tags.get("git.commit") or "")[:8] for c in cols) + " |")
+    for r in rows:
+        lines.append(f"| {r} | " + " | ".join(_fmt(c.metrics.get(r)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(cols: list[Column], rows: list[str], path: Path) -> None:
+    import csv
+
+    from codeworld.storage import filesystem, write_atomic
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["metric", *[c.name for c in cols]])
+    for r in rows:
+        w.writerow([r, *[c.metrics.get(r, "") for c in cols]])
+    write_atomic(filesystem(str(path)), str(path), buf.getvalue().encode())
+
+
+def plot(cols: list[Column], rows: list[str], path: Path) -> str:
+    """Per-step loss of each run that logged one (training phases), else a bar chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    client = _client()
+    curves = {c.name: client.get_metric_history(c.run_id, "loss") for c in cols if "loss" in c.metrics}
+    curves = {k: v for k, v in curves.items() if len(v) > 1}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if curves:
+        for name, hist in curves.items():
+            hist = sorted(hist, key=lambda m: m.step)
+            ax.plot([m.step for m in hist], [m.value for m in hist], label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.legend()
+        what = f"loss curves of {len(curves)} runs"
+    else:
+        if not rows:
+            raise CompareError("nothing to plot: the runs have no metrics")
+        metric = rows[0]
+        vals = [c.metrics.get(metric, 0.0) for c in cols]
+        ax.bar([c.name for c in cols], vals)
+        ax.set_ylabel(metric)
+        what = f"bar chart of {metric}"
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return what

@@ -1,0 +1,118 @@
+"""Register the final checkpoint in the MLflow model registry with its lineage.
+
+The final checkpoint is the last training phase (dvc.yaml order) whose checkpoint exists. It is
+logged as an artifact of a `register` run (a child of the pipeline run when there is one), with
+the tokenizer and the params it was trained with, and registered as a new version of the model
+(`tracking.registered_model`, default `codeworld`) from `runs:/<run>/checkpoint`: an artifact
+URI works with a local store and an MLflow server alike. The version's tags carry the lineage:
+the phase chain with each phase's fingerprint and parent, the git commit, and dvc.lock's md5 of
+every stage output from the raw corpus to the checkpoint. Registering the same checkpoint
+twice (same fingerprint) returns the existing version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from codeworld.config import PHASES, Params
+from codeworld.tracking import PARENT_ENV, repo_root, start_run, tracking_uri
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+def final_phase(params: Params) -> tuple[str, Path]:
+    from model import checkpoint
+    from stages.train_phase import phase_dir
+
+    for phase in reversed(PHASES):
+        d = phase_dir(params, phase)
+        if d.exists() and checkpoint.latest(d) is not None:
+            return phase, d
+    raise RegistryError("no training phase has a checkpoint yet (run the pipeline first)")
+
+
+def lineage(params: Params, phase: str, root: Path) -> dict[str, str]:
+    """Tags: the phase chain back to pretrain, and dvc.lock's outs of every stage."""
+    from model import checkpoint
+    from stages.train_phase import RUN, phase_dir
+
+    tags: dict[str, str] = {"phase": phase}
+    chain, cur = [], phase
+    while cur:
+        d = phase_dir(params, cur)
+        run = json.loads((d / RUN).read_text())
+        it = checkpoint.latest(d)
+        tags[f"lineage.{cur}.fingerprint"] = run.get("fingerprint", "")
+        tags[f"lineage.{cur}.iteration"] = str(it[0]) if it else ""
+        chain.append(cur)
+        cur = getattr(params, cur).init_from if hasattr(getattr(params, cur), "init_from") else None
+    tags["lineage.chain"] = " <- ".join(chain)
+    lock = root / "dvc.lock"
+    if lock.exists():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for name, st in stages.items():
+            for out in st.get("outs") or []:
+                if "md5" in out:
+                    tags[f"dvc.{name}.{out['path']}"] = out["md5"]
+    return tags
+
+
+def _existing(client, name: str, fingerprint: str):
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except Exception:
+        return None
+    for v in versions:
+        if v.tags.get("checkpoint.fingerprint") == fingerprint:
+            return v
+    return None
+
+
+def register_final(params: Params, name: str | None = None) -> dict:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from model import checkpoint
+    from stages.train_phase import PARAMS, RUN
+
+    root = repo_root()
+    name = name or params.tracking.registered_model
+    phase, d = final_phase(params)
+    iteration, ckpt = checkpoint.latest(d)
+    fp = json.loads((d / RUN).read_text())["fingerprint"]
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    if (found := _existing(client, name, fp)) is not None:
+        return {"name": name, "version": found.version, "phase": phase, "new": False,
+                "source": found.source}
+    tags = lineage(params, phase, root)
+    tags.update({"checkpoint.fingerprint": fp, "checkpoint.iteration": str(iteration)})
+    run_tags = {"codeworld.stage": "register", **{k: v[:5000] for k, v in tags.items()}}
+    if parent := os.environ.get(PARENT_ENV):
+        run_tags["mlflow.parentRunId"] = parent
+    run = start_run("register", params.tracking.experiment, run_tags)
+    try:
+        mlflow.log_artifacts(str(ckpt), "checkpoint")
+        tok = d.parents[1] / "tokenizer" / "tokenizer.json"
+        if tok.exists():
+            mlflow.log_artifact(str(tok), "checkpoint")
+        if (d / PARAMS).exists():
+            mlflow.log_artifact(str(d / PARAMS), "checkpoint")
+        run_id = run.info.run_id
+    finally:
+        mlflow.end_run()
+    try:
+        client.create_registered_model(name, description="codeworld checkpoints (final phase of each pipeline run)")
+    except Exception:   # already registered
+        pass
+    version = client.create_model_version(name, f"runs:/{run_id}/checkpoint", run_id=run_id,
+                                          tags={k: v[:5000] for k, v in tags.items()},
+                                          description=f"{phase} iteration {iteration}")
+    return {"name": name, "version": version.version, "phase": phase, "new": True,
+            "source": version.source, "run_id": run_id}

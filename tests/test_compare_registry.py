@@ -1,0 +1,129 @@
+"""`codeworld compare` and the model registry, against a real MLflow tracking server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from codeworld.config import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _params(tmp_path: Path, experiment: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "data")},
+                                    "tracking": {"experiment": experiment,
+                                                 "registered_model": f"{experiment}-model"}}))
+    return path
+
+
+def _fake_pipeline(experiment: str, losses: dict[str, list[float]]) -> str:
+    """A pipeline run with one child run per phase, each with a per-step loss history."""
+    import mlflow
+
+    from codeworld.tracking import PARENT_ENV, StageRun, start_run
+
+    parent = start_run("pipeline", experiment, {}).info.run_id
+    mlflow.end_run()
+    import os
+
+    os.environ[PARENT_ENV] = parent
+    try:
+        for phase, curve in losses.items():
+            with StageRun(phase, {}, experiment, None, True) as run:
+                client = mlflow.tracking.MlflowClient()
+                for i, v in enumerate(curve, 1):
+                    client.log_metric(run.run_id, "loss", v, step=i)
+                run.log(final_loss=curve[-1], steps=len(curve))
+    finally:
+        del os.environ[PARENT_ENV]
+    return parent
+
+
+def _cli(args: list[str], env_uri: str, cwd: Path) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": env_uri, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "codeworld.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_compare_tables_phases_and_pipelines_and_plots(mlflow_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
+    exp = f"compare-{tmp_path.name}"
+    _fake_pipeline(exp, {"pretrain": [8.0, 7.0, 6.5], "midtrain": [6.4, 5.9, 5.1]})
+    _fake_pipeline(exp, {"pretrain": [8.1, 7.2, 6.9], "midtrain": [6.8, 6.0, 5.5]})
+    params = _params(tmp_path, exp)
+
+    out = _cli(["compare", "--params", str(params), "--plot", str(tmp_path / "c.png"),
+                "--csv", str(tmp_path / "c.csv")], mlflow_url, tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    header = next(l for l in out.stdout.splitlines() if l.startswith("| metric"))
+    assert header == "| metric | pretrain | midtrain |"     # the latest pipeline's phases, in order
+    row = next(l for l in out.stdout.splitlines() if l.startswith("| final_loss"))
+    assert row == "| final_loss | 6.9 | 5.5 |"
+    assert "loss curves of 2 runs" in out.stdout
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "c.csv").read_text().splitlines()[0] == "metric,pretrain,midtrain"
+
+    out = _cli(["compare", "--params", str(params), "--pipelines", "2", "--metric", "final_loss"],
+               mlflow_url, tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
+            for l in out.stdout.splitlines() if l.startswith("| ")}
+    assert rows["midtrain.final_loss"] == ["5.1", "5.5"]      # oldest pipeline first
+    assert rows["pretrain.final_loss"] == ["6.5", "6.9"]
+
+    bad = _cli(["compare", "--params", str(params), "--metric", "no_such_metric"], mlflow_url, tmp_path)
+    assert bad.returncode != 0 and "no_such_metric" in bad.stderr
+    missing = _cli(["compare", "--params", str(params), "--experiment", "never-created"],
+                   mlflow_url, tmp_path)
+    assert missing.returncode != 0 and "never-created" in missing.stderr
+
+
+def _checkpoint(root: Path, phase: str, fingerprint: str, iteration: int) -> None:
+    """A phase directory in the layout training writes (run.json, latest.json, iter_N/)."""
+    d = root / "checkpoints" / phase
+    it = d / f"iter_{iteration:07d}"
+    it.mkdir(parents=True)
+    (it / "__0_0.distcp").write_bytes(bytes(range(256)) * 64)
+    (it / "metadata.json").write_text("{}")
+    (d / "run.json").write_text(json.dumps({"phase": phase, "fingerprint": fingerprint}))
+    (d / "latest.json").write_text(json.dumps({"iteration": iteration, "dir": it.name}))
+    (d / "params.json").write_text("{}")
+
+
+def test_register_final_checkpoint_with_lineage_once(mlflow_url, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from codeworld.registry import RegistryError, register_final
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "corpus": {"cmd": "x", "outs": [{"path": "data/corpus", "md5": "abc.dir"}]}}}))
+    params = load_params(_params(tmp_path, f"registry-{tmp_path.name}"))
+    with pytest.raises(RegistryError, match="no training phase has a checkpoint"):
+        register_final(params)
+
+    _checkpoint(tmp_path / "data", "pretrain", "fp-pre", 200)
+    first = register_final(params)
+    assert first["new"] and first["phase"] == "pretrain"
+    again = register_final(params)
+    assert not again["new"] and again["version"] == first["version"]
+
+    client = MlflowClient()
+    v = client.get_model_version(first["name"], first["version"])
+    assert v.tags["checkpoint.fingerprint"] == "fp-pre"
+    assert v.tags["checkpoint.iteration"] == "200"
+    assert v.tags["lineage.pretrain.fingerprint"] == "fp-pre"
+    assert v.tags["dvc.corpus.data/corpus"] == "abc.dir"
+    # the registered version's artifacts are the checkpoint's files
+    files = {f.path for f in client.list_artifacts(first["run_id"], "checkpoint")}
+    assert "checkpoint/__0_0.distcp" in files and "checkpoint/params.json" in files
