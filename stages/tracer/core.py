@@ -53,7 +53,7 @@ from .frames import (_KEYS, _SAME, ACTION_SEP, ARG_SEP, CALL, CALL_SEP, EXCEPTIO
                      _key, prompt_for)
 from .program import ITER_NAME, CodeInfo, InvalidProgram, Program, compile_program
 from .reprs import (_ADDRESS, _BIG, _PLAIN, _SCALARS, MARKER, error_text, exception_repr,
-                    long_sequence_prefix, repr_failed, safe_repr)
+                    identity_set_repr, long_sequence_prefix, repr_failed, safe_repr)
 
 _SEQS = (list, tuple)
 
@@ -136,7 +136,13 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int,
             t = type(value)
             try:
                 cut = long_sequence_prefix(value, limit) if t in _SEQS else None
-                text = cut[0] if cut is not None else repr(value)
+                if cut is not None:
+                    text = cut[0]
+                elif (t is set or t is frozenset) and (
+                        ordered := identity_set_repr(value, limit)) is not None:
+                    text = ordered   # address-ordered elements, sorted (reprs.py)
+                else:
+                    text = repr(value)
             except Exception as exc:  # a user __repr__, or an int over the str-conversion limit
                 text = repr_failed(value, exc)
                 entry = None  # (that limit is a setting the program may change)

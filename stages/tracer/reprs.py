@@ -8,6 +8,7 @@ machine. Three things in a plain ``repr`` break that or blow up the size:
   ``<list_iterator object>``, ``<generator object gen>``, ``<weakref; to 'A'>``;
 * Python 3.11+'s ``str_ascii_iterator`` (an implementation detail of ASCII strings): written
   ``str_iterator``, the name CWM's own traces use for iterating a ``str``;
+* sets of objects hashed by identity (their order follows addresses): elements sorted by repr;
 * very long values: the first ``limit`` characters are kept and ``...<truncated>`` is
   appended. A long list or tuple of scalars is not repr'd whole: its repr is built element by
   element only until it passes the limit (the same prefix, a fraction of the cost: such a local
@@ -85,10 +86,33 @@ def scrub(text: str) -> str:
     return text
 
 
+def _identity_hashed(e: object) -> bool:
+    return type(e).__hash__ is object.__hash__
+
+
+def identity_set_repr(value: object, limit: int) -> str | None:
+    """A set or frozenset holding objects hashed by identity iterates in address order, which
+    differs from run to run and machine to machine: its elements are written sorted by their
+    (address-free) reprs instead. None for any other value."""
+    t = type(value)
+    if (t is not set and t is not frozenset) or not value:
+        return None
+    try:
+        if not any(_identity_hashed(e) for e in value):
+            return None
+        inner = "{" + ", ".join(sorted(safe_repr(e, limit) for e in value)) + "}"
+    except RuntimeError:   # resized while iterating (another thread)
+        return None
+    return inner if t is set else f"frozenset({inner})"
+
+
 def safe_repr(value: object, limit: int = DEFAULT_MAX_REPR) -> str:
     short = long_sequence_repr(value, limit)
     if short is not None:
         return short
+    ordered = identity_set_repr(value, limit)
+    if ordered is not None:
+        return truncate(ordered, limit)
     try:
         text = repr(value)
     except Exception as exc:  # a user __repr__ (or int > sys.get_int_max_str_digits()) failed
