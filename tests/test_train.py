@@ -87,6 +87,20 @@ def test_pipeline_parallel_2_continues_a_single_process_checkpoint(root, baselin
         assert losses(pp2)[step] == pytest.approx(losses(base)[step], abs=TOL)
 
 
+def test_virtual_pipeline_continues_a_single_process_checkpoint(root, tmp_path):
+    # PP=2 x VP=2 (each rank holds two interleaved model chunks, numbered from layer 0 each):
+    # loads a 4-layer single-process checkpoint and takes the same steps.
+    four = {"num_layers": 4}
+    base = train(root, tmp_path / "one", model=four)
+    resume_copy(tmp_path / "one", 2, tmp_path / "vp")
+    vp = train(root, tmp_path / "vp", nproc=2, model=four,
+               parallel={"pipeline": 2, "virtual_pipeline": 2})
+    assert sorted(losses(vp)) == [3, 4]
+    for step in (3, 4):
+        assert losses(vp)[step] == pytest.approx(losses(base)[step], abs=TOL)
+    assert (tmp_path / "vp" / "ck" / "iter_0000004").is_dir()   # and it saves in that layout
+
+
 def test_data_parallel_2_with_distributed_optimizer_matches(root, baseline, tmp_path):
     # Same seed, same CPU initialisation: two data-parallel ranks sharding the optimizer
     # state take the same steps as one process (the loss is summed over both ranks' tokens).
