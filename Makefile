@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch lies on this disk; pinning it keeps pip from pulling a CUDA build.
 PIP    := $(BIN)/pip install --disable-pip-version-check -q
 
-.PHONY: run test setup setup-dev sysdeps bench serve serve-stop serve-status serve-mlflow clean
+.PHONY: run test setup setup-dev sysdeps bench serve serve-stop serve-status serve-mlflow cluster cluster-stop cluster-status clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,19 @@ serve-stop:
 
 serve-status:
 	$(BIN)/python -m flows.serve status
+
+# A local Dask cluster for `executor.kind: dask`: scheduler on 127.0.0.1:$(CLUSTER_PORT) and
+# $(CLUSTER_WORKERS) single-threaded workers, in the background (pids and logs in .cluster/).
+CLUSTER_PORT    ?= 8786
+CLUSTER_WORKERS ?= 2
+cluster: setup
+	$(BIN)/python -m flows.cluster start --port $(CLUSTER_PORT) --workers $(CLUSTER_WORKERS)
+
+cluster-stop:
+	$(BIN)/python -m flows.cluster stop
+
+cluster-status:
+	$(BIN)/python -m flows.cluster status
 
 serve-mlflow: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -5,6 +5,7 @@
     codeworld corpus SRC... OUT     ad hoc: ingest folders / JSONL / git@commit / s3:// into shards
     codeworld dedup IN OUT          ad hoc: dedup JSONL ({"id","text"} lines) or a shard dataset
     codeworld trace IN OUT          ad hoc: trace JSONL programs in the sandbox (CWM format)
+    codeworld debug FILE --call C   the neural debugger: predicted frames beside the real ones
     codeworld check-params          validate params.yaml and print the resolved config
 """
 
@@ -22,7 +23,7 @@ EXIT_BAD_INPUT = 2
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL: the flow retries these
 
 
-STAGES = ("corpus", "dedup", "traces", "tokenizer", "pack", "pretrain", "agent")  # each is stages/<name>.py with run(params, track=...)
+STAGES = ("corpus", "dedup", "traces", "tokenizer", "pack", "pretrain", "midtrain", "sft", "rl", "agent", "evaluate")  # each is stages/<name>.py with run(params, track=...)
 
 
 def _stage(args: argparse.Namespace) -> int:
@@ -114,6 +115,20 @@ def _register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _debug(args: argparse.Namespace) -> int:
+    from codeworld.debugger import DebugError, start
+
+    color = {"always": True, "never": False}.get(args.color, sys.stdout.isatty())
+    try:
+        session = start(args.file, args.call, load_params(args.params), checkpoint=args.checkpoint,
+                        wall_seconds=args.timeout, max_new_tokens=args.max_new_tokens,
+                        color=color)
+    except (DebugError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
+    session.run(sys.stdin)
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     print(json.dumps(load_params(args.params).model_dump(), indent=2))
     return 0
@@ -174,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="registered model name (default: params tracking.registered_model)")
     s.add_argument("--params", default="params.yaml")
     s.set_defaults(fn=_register)
+
+    s = sub.add_parser("debug", help="neural debugger: the model's frames beside the real ones")
+    s.add_argument("file", help="a Python file")
+    s.add_argument("--call", required=True, help='the call to trace, e.g. "f(1, 2)"')
+    s.add_argument("--checkpoint", help="a phase checkpoint directory or one of its iter_N "
+                   "(default: the last trained phase)")
+    s.add_argument("--params", default="params.yaml")
+    s.add_argument("--timeout", type=float, default=5.0, help="wall seconds for the real run")
+    s.add_argument("--max-new-tokens", type=int, default=4096, help="cap on predicted tokens")
+    s.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    s.set_defaults(fn=_debug)
 
     s = sub.add_parser("check-params", help="validate params.yaml")
     s.add_argument("--params", default="params.yaml")

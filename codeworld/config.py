@@ -43,6 +43,34 @@ class TrackingConfig(Section):
     registered_model: str = "codeworld"   # MLflow registry name of the final checkpoints
 
 
+class ExecutorConfig(Section):
+    """Where the corpus, dedup and traces stages run their independent jobs
+    (codeworld/parallel.py, codeworld/executor.py): `local` = this machine's processes (each
+    stage's `workers`), `dask` = an existing Dask cluster whose scheduler is at `address`. The
+    outputs are the same bytes either way, so this section is no DVC param of any stage."""
+
+    kind: Literal["local", "dask"] = "local"
+    address: str | None = None          # the Dask scheduler, e.g. tcp://127.0.0.1:8786
+    retries: int = Field(default=1, ge=0, le=10)   # reruns of a failed job on the cluster
+    # How long to wait for the scheduler to answer and for at least one worker to join.
+    connect_seconds: float = Field(default=30.0, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"(tcp|tls)://(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):\d{1,5}", v):
+            raise ValueError(f"{v!r} is not a Dask scheduler address: use tcp://HOST:PORT "
+                             f"(e.g. tcp://127.0.0.1:8786)")
+        return v
+
+    @model_validator(mode="after")
+    def _needs_address(self) -> "ExecutorConfig":
+        if self.kind == "dask" and self.address is None:
+            raise ValueError("kind dask needs address, the Dask scheduler (e.g. "
+                             "tcp://127.0.0.1:8786; `make cluster` starts one on this machine)")
+        return self
+
+
 class StdlibSource(Section):
     """The running interpreter's standard library (its Lib directory, without site-packages)."""
 
@@ -233,11 +261,24 @@ class PackSourceConfig(Section):
     """One Megatron indexed dataset: a shard dataset rendered as token documents."""
 
     dataset: str                     # a stage output under the storage root, e.g. dedup
-    format: Literal["code", "trace", "agent"]
+    # code / trace / agent: pre- and mid-training text. sft_trace (prompt -> frames),
+    # sft_output (code + call -> return value) and sft_agent (assistant turns only): SFT tasks
+    # with the loss on the answers only (stages/documents.py, prompts from codeworld/prompts.py).
+    format: Literal["code", "trace", "agent", "sft_trace", "sft_output", "sft_agent"]
     # Agent trajectories: the share of environment observations masked out of the loss (CWM: 0.5).
     observation_mask: float = Field(default=0.0, ge=0.0, le=1.0)
     # Cap on tokens packed from this source, documents taken in dataset order (0 = all).
     max_tokens: int = Field(default=0, ge=0)
+    # Documents longer than this (tokens, end-of-text included) are skipped and counted
+    # (0 = none): an SFT task longer than the phase's context would be cut from its prompt.
+    max_document_tokens: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _mask(self) -> "PackSourceConfig":
+        if self.observation_mask and self.format != "agent":
+            raise ValueError(f"observation_mask applies to format agent only (format is "
+                             f"{self.format!r}; sft_agent keeps every observation out of the loss)")
+        return self
 
 
 class PackConfig(Section):
@@ -352,7 +393,10 @@ class PhaseConfig(Section):
         return self
 
 
-PHASES = ("pretrain",)   # training phases, in order; each is a params section of PhaseConfig
+# Training phases of PhaseConfig, in order; each is a params section. A phase's `init_from`
+# names an earlier one. midtrain and sft are optional sections (None: not configured, their
+# stages refuse to run), so a params file of pretrain alone stays valid.
+PHASES = ("pretrain", "midtrain", "sft")
 
 
 class AgentRepoConfig(Section):
@@ -438,9 +482,111 @@ class AgentConfig(Section):
         return self
 
 
+class RLConfig(Section):
+    """Phase `rl`: GRPO with verifiable rewards (model/rl.py, stages/rl.py). Each step samples
+    `group_size` completions of `prompts_per_step` prompts with the policy being trained, scores
+    each by running code in the sandbox (output prediction, next-frame prediction) or by the
+    hidden tests of a mutate-fix task (agent episodes), and takes one policy-gradient step on
+    the group-normalised advantages. Optimizer, precision and checkpoint fields mean what they
+    mean in PhaseConfig. Sampling needs parallel.tensor = pipeline = context = 1 (data
+    parallel only: each process samples its share of the prompts)."""
+
+    init_from: str = "sft"             # the phase whose final checkpoint is the initial policy
+    steps: int = Field(default=10, ge=1)
+    prompts_per_step: int = Field(default=4, ge=1)
+    group_size: int = Field(default=4, ge=2)          # completions per prompt (GRPO's G)
+    temperature: float = Field(default=1.0, gt=0)     # sampling; the loss uses the same
+    max_new_tokens: int = Field(default=32, ge=1)
+    seq_length: int = Field(default=512, ge=16)       # prompt + completion; longer prompts unused
+    micro_batch_size: int = Field(default=8, ge=1)    # sequences per forward-backward
+    # Task mix: the share of each step's prompts by kind (output: a function call's return
+    # value; next_frame: the next frame of its trace). Rewards come from a sandbox run.
+    tasks: dict[Literal["output", "next_frame"], float] = Field(
+        default_factory=lambda: {"output": 0.5, "next_frame": 0.5})
+    pool_size: int = Field(default=256, ge=1)         # prompts prepared per kind (run once)
+    # Mutate-fix episodes (agent stage's tasks, the model as the policy): every
+    # `agent_interval` steps one task is tried `agent_group_size` times (0 = never).
+    agent_interval: int = Field(default=5, ge=0)
+    agent_group_size: int = Field(default=2, ge=2)
+    agent_max_turns: int = Field(default=2, ge=1)
+    agent_max_new_tokens: int = Field(default=32, ge=1)
+    agent_seq_length: int = Field(default=1536, ge=64)   # a turn's context + its reply
+    agent_observation_chars: int = Field(default=1000, ge=200)
+    # KL penalty to the initial policy (k3 estimator per token); 0 = none, as in DAPO.
+    kl_coef: float = Field(default=0.0, ge=0)
+    advantage_eps: float = Field(default=1e-6, gt=0)  # (r - mean) / (std + eps)
+    lr: float = Field(default=1e-4, gt=0)
+    min_lr: float = Field(default=1e-4, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    clip_grad: float = Field(default=1.0, ge=0)
+    adam_beta1: float = Field(default=0.9, gt=0, lt=1)
+    adam_beta2: float = Field(default=0.95, gt=0, lt=1)
+    seed: int = 1234
+    precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    recompute: bool = False
+    save_interval: int = Field(default=5, ge=1)
+    log_interval: int = Field(default=1, ge=1)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per step of output/frame tasks: what the LR schedule counts in."""
+        return self.prompts_per_step * self.group_size
+
+    @model_validator(mode="after")
+    def _check(self) -> "RLConfig":
+        if not self.tasks or any(w < 0 for w in self.tasks.values()) or not any(self.tasks.values()):
+            raise ValueError("tasks needs at least one kind with a weight > 0 (output, next_frame)")
+        if self.max_new_tokens >= self.seq_length:
+            raise ValueError(f"max_new_tokens {self.max_new_tokens} leaves no room for a prompt "
+                             f"in seq_length {self.seq_length}")
+        if self.agent_max_new_tokens >= self.agent_seq_length:
+            raise ValueError(f"agent_max_new_tokens {self.agent_max_new_tokens} leaves no room "
+                             f"in agent_seq_length {self.agent_seq_length}")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps {self.warmup_steps} must be below steps {self.steps}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
+        return self
+
+
+class EvaluateConfig(Section):
+    """Stage `evaluate`: every phase checkpoint that exists, on held-out programs only
+    (pack.heldout_percent / seed), the same programs for every phase."""
+
+    # Evaluated in this order when data/checkpoints/<phase>/latest.json exists.
+    phases: list[str] = Field(default_factory=lambda: ["pretrain", "midtrain", "sft", "rl"])
+    # Held-out programs for trace and output prediction, a seeded draw among those whose
+    # prompt + real trace fit max_program_tokens (short traces keep the CPU default to minutes).
+    max_programs: int = Field(default=10, ge=1)
+    max_program_tokens: int = Field(default=320, ge=16)
+    # Generation caps: a trace prediction also stops at the real trace's length + 25% + 16
+    # tokens (longer cannot match it); an output prediction at output_max_new_tokens.
+    max_new_tokens: int = Field(default=512, ge=1)
+    output_max_new_tokens: int = Field(default=32, ge=1)
+    # Perplexity per pack source on held-out documents: window length (the same for every
+    # phase, so phases compare) and tokens per source.
+    ppl_seq_length: int = Field(default=128, ge=8)
+    ppl_max_tokens: int = Field(default=4096, ge=0)
+    seed: int = 0
+
+    @field_validator("phases")
+    @classmethod
+    def _phases(cls, v: list[str]) -> list[str]:
+        known = (*PHASES, "rl")
+        for name in v:
+            if name not in known:
+                raise ValueError(f"{name!r} is not a training phase (known: {', '.join(known)})")
+        if len(set(v)) != len(v):
+            raise ValueError(f"phases {v} lists a phase twice")
+        return v
+
+
 class Params(Section):
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
+    executor: ExecutorConfig = ExecutorConfig()
     corpus: CorpusConfig = CorpusConfig()
     dedup: DedupConfig = DedupConfig()
     traces: TracesConfig = TracesConfig()
@@ -449,7 +595,11 @@ class Params(Section):
     model: ModelConfig = ModelConfig()
     parallel: ParallelConfig = ParallelConfig()
     pretrain: PhaseConfig = PhaseConfig()
+    midtrain: PhaseConfig | None = None
+    sft: PhaseConfig | None = None
     agent: AgentConfig = AgentConfig()
+    rl: RLConfig | None = None      # optional, like midtrain and sft
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")
     def _training_layout(self) -> "Params":
@@ -477,15 +627,22 @@ def check_training_layout(p: "Params") -> None:
     world = par.nproc * par.nnodes
     dp = world // (par.tensor * par.pipeline * par.context)
     for name in PHASES:
-        ph: PhaseConfig = getattr(p, name)
+        ph = getattr(p, name, None)
+        if not isinstance(ph, PhaseConfig):   # a phase not configured in this params file
+            continue
         where = f"{name}"
         for src in ph.blend:
             if src not in p.pack.sources:
                 raise ValueError(f"{where}.blend names {src!r}, which is not a pack source "
                                  f"(pack.sources: {', '.join(sorted(p.pack.sources))})")
-        if ph.init_from is not None and (ph.init_from not in PHASES
-                                         or PHASES.index(ph.init_from) >= PHASES.index(name)):
-            raise ValueError(f"{where}.init_from {ph.init_from!r} is not an earlier phase")
+        if ph.init_from is not None:
+            earlier = PHASES[:PHASES.index(name)]
+            if ph.init_from not in earlier:
+                raise ValueError(f"{where}.init_from {ph.init_from!r} is not a phase before "
+                                 f"{name} (earlier phases: {', '.join(earlier) or 'none'})")
+            if getattr(p, ph.init_from, None) is None:
+                raise ValueError(f"{where}.init_from {ph.init_from!r}: this params file has no "
+                                 f"{ph.init_from} section")
         if ph.global_batch_size % (ph.micro_batch_size * dp):
             raise ValueError(f"{where}.global_batch_size {ph.global_batch_size} is not a multiple "
                              f"of micro_batch_size x data-parallel size = "
@@ -495,6 +652,17 @@ def check_training_layout(p: "Params") -> None:
                              f"model.max_position_embeddings {m.max_position_embeddings}")
         if par.context > 1 and ph.seq_length % (2 * par.context):
             raise ValueError(f"{where}.seq_length must be divisible by 2 x parallel.context")
+    if p.rl is not None:
+        if p.rl.init_from not in PHASES:
+            raise ValueError(f"rl.init_from {p.rl.init_from!r} is not a training phase "
+                             f"({', '.join(PHASES)})")
+        if getattr(p, p.rl.init_from, None) is None:
+            raise ValueError(f"rl.init_from {p.rl.init_from!r}: this params file has no "
+                             f"{p.rl.init_from} section")
+        for key in ("seq_length", "agent_seq_length")[:2 if p.rl.agent_interval else 1]:
+            if getattr(p.rl, key) > m.max_position_embeddings:
+                raise ValueError(f"rl.{key} {getattr(p.rl, key)} exceeds "
+                                 f"model.max_position_embeddings {m.max_position_embeddings}")
 
 
 def _format(err: ValidationError, origin: str) -> str:

@@ -30,7 +30,8 @@ def final_phase(params: Params) -> tuple[str, Path]:
     from model import checkpoint
     from stages.train_phase import phase_dir
 
-    for phase in reversed(PHASES):
+    phases = (*PHASES, "rl") if getattr(params, "rl", None) is not None else PHASES
+    for phase in reversed(phases):
         d = phase_dir(params, phase)
         if d.exists() and checkpoint.latest(d) is not None:
             return phase, d
@@ -51,7 +52,7 @@ def lineage(params: Params, phase: str, root: Path) -> dict[str, str]:
         tags[f"lineage.{cur}.fingerprint"] = run.get("fingerprint", "")
         tags[f"lineage.{cur}.iteration"] = str(it[0]) if it else ""
         chain.append(cur)
-        cur = getattr(params, cur).init_from if hasattr(getattr(params, cur), "init_from") else None
+        cur = getattr(getattr(params, cur, None), "init_from", None)
     tags["lineage.chain"] = " <- ".join(chain)
     lock = root / "dvc.lock"
     if lock.exists():

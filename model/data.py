@@ -1,6 +1,7 @@
-"""Training data: the pack stage's indexed datasets, blended by Megatron's
-BlendedMegatronDatasetBuilder, loss masks applied, and split into micro-batches per
-data-parallel rank.
+"""Training data: the pack stage's indexed datasets, split into train and validation documents
+and blended as Megatron's BlendedMegatronDatasetBuilder does (a source too small for a
+validation split trains whole and is left out of the validation blend), loss masks applied,
+and split into micro-batches per data-parallel rank.
 
 Every rank reads its own micro-batches directly (TP and PP peers compute the same indices), so
 no broadcast is needed; the position in the data is a function of the iteration only, so a
@@ -73,37 +74,88 @@ def _masked_dataset_class():
     return MaskedGPTDataset
 
 
+def split_documents(documents: int) -> tuple[int, int]:
+    """(train, valid) documents of a source, cut as Megatron cuts a "98,2,0" split: the first
+    98% train, the rest validate (rounded as its split matrix rounds)."""
+    train = int(round((100 - VALID_PERCENT) / 100 * documents))
+    return train, documents - train
+
+
+def plan_validation(documents: dict[str, int]) -> tuple[list[str], list[str]]:
+    """(validated, train_only) sources of a blend, by their document counts. A source too
+    small for one validation document trains on all of its documents and is left out of the
+    validation blend (Megatron would loop forever on an empty split); a blend of such sources
+    only has no validation loss to give, which is an error."""
+    validated = [n for n in sorted(documents) if split_documents(documents[n])[1] >= 1]
+    train_only = [n for n in sorted(documents) if n not in validated]
+    if not validated:
+        sizes = ", ".join(f"{n}: {documents[n]} documents" for n in train_only)
+        raise ValueError(f"no source of the blend ({sizes}) can give a validation split: its "
+                         f"{VALID_PERCENT}% needs at least {math.ceil(50 / VALID_PERCENT)} "
+                         f"documents; add a larger source to the blend")
+    return validated, train_only
+
+
 def build_datasets(pack_dir: Path, blend: dict[str, float], seq_length: int, seed: int,
                    train_samples: int, valid_samples: int, vocab_size: int, cache_dir: Path):
+    """(train, valid): Megatron BlendedDatasets over the blend's sources, each
+    source cut into train and valid documents as BlendedMegatronDatasetBuilder would cut it
+    with split "98,2,0", except that a source too small to validate (plan_validation) trains on
+    all its documents and is not in the valid blend. Weights are renormalised over the
+    validated sources for the valid blend."""
+    from megatron.core.datasets.blended_dataset import BlendedDataset
     from megatron.core.datasets.blended_megatron_dataset_builder import \
         BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
-
     from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.utils import Split, normalize
 
-    prefixes, weights = [], []
-    for name, weight in sorted(blend.items()):
+    prefixes, documents = {}, {}
+    for name in sorted(blend):
         prefix = pack_dir / name
         if not (prefix.with_suffix(".idx")).exists():
             raise FileNotFoundError(f"{prefix}.idx: pack source {name!r} of the blend is missing "
                                     "(run the pack stage)")
-        docs = len(IndexedDataset(str(prefix)))
-        if round(docs * VALID_PERCENT / 100) < 1:
-            # Megatron would loop forever looking for tokens in an empty split.
-            raise ValueError(f"{prefix}: pack source {name!r} has {docs} documents; its "
-                             f"{VALID_PERCENT}% validation split needs at least one "
-                             f"(>= {math.ceil(50 / VALID_PERCENT)} documents)")
-        prefixes.append(str(prefix))
-        weights.append(weight)
+        prefixes[name] = str(prefix)
+        documents[name] = len(IndexedDataset(str(prefix)))
+    try:
+        validated, train_only = plan_validation(documents)
+    except ValueError as err:
+        raise ValueError(f"{pack_dir}: {err}") from None
     cache_dir.mkdir(parents=True, exist_ok=True)
-    config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights),
-        split=f"{100 - VALID_PERCENT},{VALID_PERCENT},0", path_to_cache=str(cache_dir), tokenizer=CodeworldTokenizer(vocab_size),
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        create_attention_mask=False, mmap_bin_files=True)
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        _masked_dataset_class(), [train_samples, valid_samples, 0], lambda: True, config).build()
-    return train, valid
+
+    def config(split: str) -> GPTDatasetConfig:
+        # The split string is part of Megatron's cache key: a train-only source gets its own.
+        return GPTDatasetConfig(
+            random_seed=seed, sequence_length=seq_length,
+            blend=(list(prefixes.values()), [blend[n] for n in prefixes]), split=split,
+            path_to_cache=str(cache_dir), tokenizer=CodeworldTokenizer(vocab_size),
+            reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+            create_attention_mask=False, mmap_bin_files=True)
+
+    split_cfg = config(f"{100 - VALID_PERCENT},{VALID_PERCENT},0")
+    whole_cfg = config("100,0,0")
+    cls = _masked_dataset_class()
+    # rank 0 builds (and caches the indices) first, then the other ranks read the cache
+    build = BlendedMegatronDatasetBuilder.build_generic_dataset
+
+    def source(name: str, split, size: int):
+        cfg = split_cfg if name in validated else whole_cfg
+        low = cls.build_low_level_dataset(prefixes[name], cfg)
+        begin, end = (round(f * documents[name]) for f in cfg.split_matrix[split.value])
+        return build(cls, lambda: True, True, low, prefixes[name],
+                     np.arange(begin, end, dtype=np.int32), size, split, cfg)
+
+    def blended(split, names: list[str], samples: int):
+        weights = normalize([blend[n] for n in names])
+        # as the builder sizes a blend: each source's share, built with Megatron's surplus
+        targets = [math.ceil(samples * w) for w in weights]
+        parts = [source(n, split, math.ceil(t * (1 + split_cfg.mid_level_dataset_surplus)))
+                 for n, t in zip(names, targets)]
+        return build(BlendedDataset, lambda: True, True, parts, weights, sum(targets), split_cfg)
+
+    return (blended(Split.train, list(prefixes), train_samples),
+            blended(Split.valid, validated, valid_samples))
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:

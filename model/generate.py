@@ -1,13 +1,17 @@
 """Inference with the trained GPTModel: load a phase's checkpoint into one process (TP = PP = 1)
 and sample from it. Shared by evaluation, RL and the neural debugger.
 
-Decoding recomputes the whole sequence each step (no KV cache): the default model is tiny and
-its sequences short, and it keeps the forward pass exactly the one training runs. Rows of one
-batch share a prompt length (RL samples G completions of one prompt), so no padding is needed.
+Decoding keeps a KV cache in Megatron-Core's own `StaticInferenceContext` (passed to
+GPTModel.forward as `inference_context`): the prompt is run once, then each new token alone,
+its keys and values appended to the cache. `cache=False` recomputes the whole sequence at each
+token (the forward pass training runs); both give the same greedy tokens (tests/test_evaluate.py
+checks it). Rows of one batch share a prompt length (RL samples G completions of one prompt), so
+no padding is needed and every row's cache offset is the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from codeworld.config import Params
+from codeworld.config import Params, PhaseConfig
 
 
 def init_single_process() -> None:
@@ -62,10 +66,11 @@ class LoadedModel:
 
     def sample(self, prompt: list[int], *, n: int = 1, max_new_tokens: int = 256,
                stop_ids: set[int] = frozenset(), temperature: float = 0.0,
-               seed: int = 0, max_length: int | None = None) -> list[list[int]]:
+               seed: int = 0, max_length: int | None = None,
+               cache: bool = True) -> list[list[int]]:
         return sample(self.model, prompt, vocab_size=self.vocab_size, n=n,
                       max_new_tokens=max_new_tokens, stop_ids=stop_ids, temperature=temperature,
-                      seed=seed, max_length=max_length)
+                      seed=seed, max_length=max_length, cache=cache)
 
 
 def forward_logits(model, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -76,12 +81,72 @@ def forward_logits(model, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor
     return out[..., :vocab_size].float()
 
 
+def _without_cpu_compat():
+    """Decode steps run outside model/cpu_compat's TorchFunctionMode: it intercepts every torch
+    call (a third of a one-token step on CPU) and is only needed where Megatron allocates on
+    `cuda`, which it does in the prefill (the cache buffers), not in the steps after it."""
+    from model import cpu_compat
+
+    # torch's own (private) mode-stack helpers; without them the steps keep the mode (slower)
+    current = getattr(torch.overrides, "_get_current_function_mode", lambda: None)
+    pop = getattr(torch.overrides, "_pop_mode_temporarily", None)
+    if pop is not None and isinstance(current(), cpu_compat._CudaAsCpu):
+        return pop()
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """On CPU, one intra-op thread while inside. A one-token step is many tiny ops: one thread
+    runs them as fast as two on an idle machine, and ~8x faster on a busy one (OpenMP threads
+    wait on each other); the same holds, less strongly, for this tiny model's full forwards."""
+    if torch.cuda.is_available():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Cached:
+    """Next-token logits with Megatron-Core's static KV cache: the prompt once, then one token
+    per call."""
+
+    def __init__(self, model, rows: torch.Tensor, total: int, vocab_size: int):
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        self.model, self.vocab_size = model, vocab_size
+        self.device = next(model.parameters()).device
+        self.ctx = StaticInferenceContext(rows.shape[0], total)
+        self.first = rows.to(self.device)
+
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        start = self.ctx.sequence_len_offset
+        pos = torch.arange(start, start + tokens.shape[1], device=self.device).expand_as(tokens)
+        # runtime_gather_output: Megatron's inference path asserts it (TP logits gathered)
+        out = self.model(tokens, pos, None, inference_context=self.ctx, runtime_gather_output=True)
+        self.ctx.increment_sequence_len_offset(tokens.shape[1])
+        return out[:, -1, :self.vocab_size].float()   # only the last position is materialised
+
+    def __call__(self, nxt: torch.Tensor | None) -> torch.Tensor:
+        if nxt is None:
+            with one_thread():
+                return self._forward(self.first)
+        self.ctx.enable_decode_mode()
+        with _without_cpu_compat(), one_thread():
+            return self._forward(nxt.to(self.device).unsqueeze(-1))
+
+
 @torch.no_grad()
 def sample(model, prompt: list[int], *, vocab_size: int, n: int = 1, max_new_tokens: int = 256,
            stop_ids: set[int] = frozenset(), temperature: float = 0.0, seed: int = 0,
-           max_length: int | None = None) -> list[list[int]]:
+           max_length: int | None = None, cache: bool = True) -> list[list[int]]:
     """n continuations of one prompt (greedy at temperature 0), each cut after its first stop
-    token (kept) or at max_new_tokens / max_length total tokens. Deterministic for a seed."""
+    token (kept) or at max_new_tokens / max_length total tokens. Deterministic for a seed.
+    cache=False recomputes the whole sequence per token (same tokens, slower)."""
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -89,8 +154,14 @@ def sample(model, prompt: list[int], *, vocab_size: int, n: int = 1, max_new_tok
     done = [False] * n
     out: list[list[int]] = [[] for _ in range(n)]
     limit = max_new_tokens if max_length is None else min(max_new_tokens, max_length - len(prompt))
+    step = _Cached(model, rows, len(prompt) + max(0, limit), vocab_size) if cache and limit > 0 \
+        else None
+    nxt = None
     for _ in range(max(0, limit)):
-        last = forward_logits(model, rows, vocab_size)[:, -1, :].cpu()
+        if step is not None:
+            last = step(nxt).cpu()
+        else:
+            last = forward_logits(model, rows, vocab_size)[:, -1, :].cpu()
         if temperature <= 0:
             nxt = last.argmax(-1)
         else:
@@ -102,7 +173,8 @@ def sample(model, prompt: list[int], *, vocab_size: int, n: int = 1, max_new_tok
                 done[i] = t in stop_ids
         if all(done):
             break
-        rows = torch.cat([rows, nxt.unsqueeze(-1)], 1)
+        if step is None:
+            rows = torch.cat([rows, nxt.unsqueeze(-1)], 1)
     if was_training:
         model.train()
     return out
@@ -118,7 +190,11 @@ def load(params: Params, checkpoint_dir: Path, vocab_size: int, phase: str = "pr
     par = params.parallel.model_copy(update=dict(
         nproc=1, nnodes=1, tensor=1, pipeline=1, virtual_pipeline=None, context=1,
         sequence_parallel=False, distributed_optimizer=False))
-    cfg = getattr(params, phase)
+    cfg = getattr(params, phase, None)
+    if not isinstance(cfg, PhaseConfig):
+        # a phase with a config of its own (rl) or none in this params file: inference needs
+        # only the architecture (params.model); precision follows the hardware below
+        cfg = PhaseConfig()
     precision = resolve_precision(cfg.model_copy(update={"precision": "auto"}))
     if precision.name == "fp8":   # inference here is plain BF16 (no FP8 recipe state needed)
         from model.build import Precision

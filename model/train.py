@@ -21,7 +21,7 @@ import torch
 from codeworld.config import load_params
 from model import checkpoint
 from model.build import check_layout, resolve_precision
-from model.data import MicroBatches, build_datasets
+from model.data import MicroBatches, build_datasets, plan_validation
 from model.metrics import StepLog, memory_mb, peak_flops
 from model.trainer import Trainer, init_distributed
 
@@ -59,10 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     if found is not None:
         iteration = checkpoint.load(found[1], trainer.chunks, trainer.optimizer, trainer.scheduler)
     elif args.init_from:
+        # A new phase: the parent's weights, this phase's fresh optimizer and LR schedule.
         start = checkpoint.latest(Path(args.init_from))
         if start is None:
             raise FileNotFoundError(f"{args.init_from}: no checkpoint to start from")
         checkpoint.load(start[1], trainer.chunks)
+        # An optimizer with its own main (fp32) copies of the weights made them at init:
+        # copy the loaded weights into them (a no-op for plain fp32).
+        trainer.optimizer.reload_model_params()
+        if torch.distributed.get_rank() == 0:
+            print(f"init from {start[1]} (iteration {start[0]})", flush=True)
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     evals = cfg.steps // cfg.eval_interval + 1
@@ -72,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         # Megatron names its cached indices by paths and params, not file contents: one cache
         # per pack fingerprint, so a repacked source never reuses stale indices.
         pack_dir.parent / ".work" / "megatron-index" / pack["fingerprint"][:16])
+    # the split build_datasets made, from the same document counts
+    train_only = plan_validation({n: pack["sources"][n]["documents"] for n in cfg.blend})[1]
+    if train_only and torch.distributed.get_rank() == 0:
+        print(f"trained on but not validated (too few documents for a validation split): "
+              f"{', '.join(train_only)}", flush=True)
     data = MicroBatches(train_ds, cfg.global_batch_size, cfg.micro_batch_size, dp_rank, dp_size,
                         start_iteration=iteration)
     logging_rank = (ps.is_pipeline_last_stage(ignore_virtual=True) and dp_rank == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -26,16 +27,61 @@ def init_distributed(backend: str) -> None:
     torch.distributed.init_process_group(backend=backend)
 
 
-def forward_step(cp: int, data_iterator, model):
+@dataclass(frozen=True)
+class PolicyLoss:
+    """How a micro-batch with an `advantage` tensor (RL, model/rl.py) is scored: per token
+    -advantage x log-prob of the label under the sampling distribution (logits over the
+    tokenizer's vocabulary, divided by the sampling temperature), plus kl_coef x the k3
+    estimate of KL to the reference policy when the batch has `ref_logprob`."""
+    vocab_size: int
+    temperature: float = 1.0
+    kl_coef: float = 0.0
+
+
+def forward_step(cp: int, policy: PolicyLoss, data_iterator, model):
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     batch = next(data_iterator)
     if torch.cuda.is_available():
         batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+    if "advantage" in batch:
+        # Megatron's fused cross-entropy sees the padded vocabulary at temperature 1; the
+        # policy sampled from the real vocabulary at its temperature, so score exactly that.
+        # (RL runs with tensor parallel 1: the logits are whole, not vocabulary shards.)
+        logits = model(batch["tokens"], batch["position_ids"], None)
+        output = policy_nll(logits, batch["labels"], policy.vocab_size, policy.temperature)
+        return output, partial(policy_loss_func, batch["loss_mask"], batch["advantage"],
+                               batch.get("ref_logprob"), policy.kl_coef)
     if cp > 1:
         batch = get_batch_on_this_cp_rank(batch)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])
+
+
+def policy_nll(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+               temperature: float) -> torch.Tensor:
+    """[batch, seq] -log p(label) under softmax(logits[:vocab_size] / temperature): the
+    distribution model/generate.py samples from."""
+    logp = torch.log_softmax(logits[..., :vocab_size].float() / temperature, dim=-1)
+    return -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def policy_loss_func(loss_mask: torch.Tensor, advantage: torch.Tensor,
+                     ref_logprob: torch.Tensor | None, kl_coef: float, output: torch.Tensor):
+    """GRPO's token-level policy-gradient loss (DAPO's normalisation: the sum over completion
+    tokens, divided by their count over the global batch, as loss_func does). One update per
+    batch of samples: the PPO ratio is 1 where it is taken, so -A x log-prob has the clipped
+    objective's gradient and no ratio or clip is computed."""
+    mask = loss_mask.reshape(-1).float()
+    nll = output.float().reshape(-1)
+    per_token = advantage.reshape(-1).float() * nll
+    if ref_logprob is not None and kl_coef > 0:
+        delta = ref_logprob.reshape(-1).float() + nll     # log ref - log pi
+        per_token = per_token + kl_coef * (torch.exp(delta) - delta - 1)
+    loss = torch.sum(per_token * mask)
+    tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss.clone().detach(), tokens.clone().detach().float()])
+    return loss, tokens, {"lm loss": report}
 
 
 def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -93,14 +139,16 @@ class Trainer:
         self.tcfg.finalize_model_grads_func = finalize_model_grads
         self.tcfg.grad_scale_func = self.optimizer.scale_loss
         self._fwd_bwd = get_forward_backward_func()
-        self._step_fn = partial(forward_step, par.context)
+        # RL (model/rl.py) sets its temperature and KL coefficient here
+        self.policy = PolicyLoss(vocab_size)
         self.flops_per_token = flops_per_token(mcfg, vocab_size, cfg.seq_length)
 
     def run_batches(self, batches: list[dict], forward_only: bool) -> list[dict]:
         iters = [iter(batches) for _ in self.chunks]   # each virtual stage consumes its own
         one = len(self.chunks) == 1
         return self._fwd_bwd(
-            forward_step_func=self._step_fn, data_iterator=iters[0] if one else iters,
+            forward_step_func=partial(forward_step, self.params.parallel.context, self.policy),
+            data_iterator=iters[0] if one else iters,
             model=self.chunks[0] if one else self.chunks, num_microbatches=len(batches),
             seq_length=self.cfg.seq_length, micro_batch_size=self.cfg.micro_batch_size,
             forward_only=forward_only)

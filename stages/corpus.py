@@ -12,9 +12,11 @@ import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import PurePosixPath
 
-from codeworld.config import LANGUAGES, CorpusConfig, Params
+from codeworld.config import LANGUAGES, CorpusConfig, ExecutorConfig, Params
+from codeworld.executor import Witness
 from codeworld.parallel import pool_map
 from codeworld.shards import DatasetWriter, ShardInfo, fingerprint
 from codeworld.storage import Storage
@@ -129,7 +131,8 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
                         params.storage.s3_endpoint_url, languages)
                   for i in range(0, len(candidates), n)]
         with run_.timed("ingest"):
-            results = _build(groups, cfg.workers)
+            results = _build(groups, cfg.workers, params.executor, storage,
+                             _witnesses(candidates, params.storage.s3_endpoint_url))
         counts: Counter = Counter()
         examples: list = []
         for _, meta in results:
@@ -151,9 +154,33 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         return manifest
 
 
-def _build(groups: list[Group], workers: int) -> list[tuple[ShardInfo, dict]]:
+def _build(groups: list[Group], workers: int, executor: ExecutorConfig | None = None,
+           storage: Storage | None = None, witnesses: list[Witness] = ()) -> list[tuple[ShardInfo, dict]]:
     """Build every group's shard, reusing shards an interrupted run already finished."""
     done = {g.index: g.writer.completed(g.index) for g in groups}
     todo = [g for g in groups if done[g.index] is None]
-    done.update(zip((g.index for g in todo), pool_map(ingest_group, todo, workers, "corpus")))
+    done.update(zip((g.index for g in todo),
+                    pool_map(ingest_group, todo, workers, "corpus", executor, storage=storage,
+                             witnesses=witnesses, name=lambda g: f"shard {g.index}")))
     return [done[g.index] for g in groups]
+
+
+def _read_one(c: Candidate, endpoint: str | None) -> bytes:
+    git = GitReader()
+    try:
+        return read_bytes(c, git, endpoint)
+    finally:
+        git.close()
+
+
+def _witnesses(candidates: list[Candidate], endpoint: str | None) -> list[Witness]:
+    """One file per source that a worker reads from its own disk (folders, git repositories,
+    the stdlib): a worker that cannot see it as this machine does would count those files as
+    unreadable, or read other bytes (another Python's stdlib), so it is refused instead.
+    Record sources (JSONL, shards) travel inside the jobs; S3 is the same from everywhere."""
+    first: dict[str, Candidate] = {}
+    for c in candidates:
+        if c.text is None and c.kind != "s3":
+            first.setdefault(c.source, c)
+    return [Witness(f"corpus source {c.source!r} file {c.path!r} ({c.locator.split(chr(0))[0]})",
+                    partial(_read_one, c, endpoint)) for c in first.values()]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from codeworld.config import DedupConfig, Params
+from codeworld.config import DedupConfig, ExecutorConfig, Params
 from codeworld.parallel import pool_map
 from codeworld.progress import progress
 from codeworld.shards import Dataset, DatasetWriter, ShardInfo, dumps, fingerprint
@@ -102,15 +102,20 @@ def _cluster_stats(rep: np.ndarray, ids: list[str], removed_mask: np.ndarray) ->
     return out
 
 
-def dedup_dataset(source: Dataset, writer: DatasetWriter, cfg: DedupConfig) -> dict:
+def dedup_dataset(source: Dataset, writer: DatasetWriter, cfg: DedupConfig,
+                  executor: ExecutorConfig | None = None) -> dict:
     ncfg = near_config(cfg)
+    # On a cluster, every worker must see the work area (signatures) and the input shards
+    # (verified by their sha256 when read) where this machine does.
+    fan_out = dict(storage=writer.storage, name=lambda j: f"shard {j.index}" if isinstance(j, ShardJob)
+                   else f"shard {j[0].index} ({len(j[1])} documents)")
     finished = writer.prepare()
     if finished is not None:
         return finished
     work = writer.work
     jobs = [ShardJob(source.storage, info, work, i, ncfg, writer.fingerprint)
             for i, info in enumerate(source.shards)]
-    pool_map(sign_shard, jobs, cfg.workers, "dedup: signatures")
+    pool_map(sign_shard, jobs, cfg.workers, "dedup: signatures", executor, **fan_out)
     parts = [np.load(io.BytesIO(work.read_bytes(j.sig_name))) for j in jobs]
     keys = np.concatenate([p["keys"] for p in parts]) if parts else np.zeros(0, "S32")
     sigs = np.concatenate([p["sigs"] for p in parts]) if parts else np.zeros((0, ncfg.num_perm), np.uint32)
@@ -132,7 +137,8 @@ def dedup_dataset(source: Dataset, writer: DatasetWriter, cfg: DedupConfig) -> d
     shingle_jobs = [(jobs[s], [d - int(offsets[s]) for d in docs]) for s, docs in sorted(by_shard.items())]
     shingles: dict[int, np.ndarray] = {}
     for (s, docs), sets in zip(sorted(by_shard.items()),
-                               pool_map(shingles_of, shingle_jobs, cfg.workers, "dedup: verify")):
+                               pool_map(shingles_of, shingle_jobs, cfg.workers, "dedup: verify",
+                                       executor, **fan_out)):
         shingles.update(zip(docs, sets))
     kept_pairs, jac = verify_pairs(pairs, shingles, cfg.threshold)
     del shingles
@@ -180,7 +186,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         src = Dataset(storage.sub(source))
         writer = DatasetWriter(storage, output, output_fingerprint(params.dedup, src))
         with run_.timed("dedup"):
-            manifest = dedup_dataset(src, writer, params.dedup)
+            manifest = dedup_dataset(src, writer, params.dedup, params.executor)
         stats = manifest["stats"]
         run_.log(documents=stats["documents"], kept=stats["kept"],
                  removed_exact=stats["removed_exact"], removed_near=stats["removed_near"],

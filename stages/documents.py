@@ -1,11 +1,19 @@
 """How a record of each shard dataset becomes a training document: text segments, each in or
 out of the loss. Written once for the tokenizer (its training text) and pack (its tokens and
-loss masks)."""
+loss masks).
+
+Formats: `code`, `trace`, `agent` (pre- and mid-training: everything in the loss but masked
+observations) and the SFT tasks, whose prompts are out of the loss and answers in it, written
+with codeworld/prompts.py so RL, evaluation and the debugger ask exactly what SFT taught:
+`sft_trace` (trace prompt -> frames + end-of-text), `sft_output` (code + call -> the return
+value's repr), `sft_agent` (a trajectory with the loss on the assistant's turns only).
+"""
 
 from __future__ import annotations
 
 import hashlib
 
+from codeworld import prompts
 from codeworld.tokens import ROLE_TOKENS
 
 SYSTEM, USER, ASSISTANT, TOOL_RESULT, END_OF_TURN = ROLE_TOKENS
@@ -16,6 +24,15 @@ Segment = tuple[str, bool]   # (text, counts in the loss)
 
 class DocumentError(ValueError):
     """A record that cannot be rendered in its source's format (counted, never fatal)."""
+
+
+class NotATask(DocumentError):
+    """A sound record that holds no task of this format (a repository trace has no prompt, a
+    call that raised has no output to predict): skipped and counted apart from broken ones."""
+
+
+# Formats whose documents have tokens out of the loss: pack writes a `<name>_mask` for them.
+MASKED_FORMATS = frozenset({"agent", "sft_trace", "sft_output", "sft_agent"})
 
 
 def _field(record: dict, name: str, kind: type = str):
@@ -45,19 +62,48 @@ def render(record: dict, fmt: str, *, observation_mask: float = 0.0, seed: int =
             raise DocumentError(f"field 'prompt' is {type(prompt).__name__}, expected str")
         return [(prompt or "", True), (_field(record, "trace"), True)]
     if fmt == "agent":
-        messages = _field(record, "messages", list)
         rid = str(record.get("id", ""))
+        return [(f"{role}{content}{END_OF_TURN}",
+                 not (role == TOOL_RESULT and _masked(seed, rid, turn, observation_mask)))
+                for turn, role, content in _turns(record)]
+    if fmt == "sft_trace":
+        if record.get("prompt") is None:
+            raise NotATask("no prompt (a repository trace: frames without a context)")
+        for name in ("prompt", "trace"):
+            _field(record, name)   # a wrong type is a broken record, not a missing task
+        return [(prompts.trace_prompt(record), False), (prompts.trace_answer(record), True)]
+    if fmt == "sft_output":
+        if not prompts.has_output_task(record):
+            raise NotATask(f"no output task: the call did not return (status "
+                           f"{record.get('status')!r})" if record.get("status") != "ok" else
+                           "no output task: no code and call (a repository trace)")
+        return [(prompts.output_prompt(record["code"], record["call"]), False),
+                (prompts.output_answer(record["result"]), True)]
+    if fmt == "sft_agent":
+        # The role marker opens the turn out of the loss, as output_prompt ends with it: at
+        # inference the harness writes it and the model writes the turn.
         out: list[Segment] = []
-        for turn, msg in enumerate(messages):
-            if not isinstance(msg, dict) or msg.get("role") not in ROLES:
-                raise DocumentError(f"messages[{turn}] has no known role "
-                                    f"(one of {', '.join(sorted(ROLES))})")
-            content = _field(msg, "content")
-            role = ROLES[msg["role"]]
-            keep = not (role == TOOL_RESULT and _masked(seed, rid, turn, observation_mask))
-            out.append((f"{role}{content}{END_OF_TURN}", keep))
+        for _, role, content in _turns(record):
+            if role == ASSISTANT:
+                out += [(role, False), (f"{content}{END_OF_TURN}", True)]
+            else:
+                out.append((f"{role}{content}{END_OF_TURN}", False))
+        if not any(keep for _, keep in out):
+            raise NotATask("no assistant turn")
         return out
     raise DocumentError(f"unknown document format {fmt!r}")
+
+
+def _turns(record: dict) -> list[tuple[int, str, str]]:
+    """(index, role token, content) of each message of a trajectory."""
+    messages = _field(record, "messages", list)
+    out = []
+    for turn, msg in enumerate(messages):
+        if not isinstance(msg, dict) or msg.get("role") not in ROLES:
+            raise DocumentError(f"messages[{turn}] has no known role "
+                                f"(one of {', '.join(sorted(ROLES))})")
+        out.append((turn, ROLES[msg["role"]], _field(msg, "content")))
+    return out
 
 
 def text_of(segments: list[Segment]) -> str:

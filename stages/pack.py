@@ -2,9 +2,11 @@
 megatron.core.datasets' own builder), one per pack source.
 
 Each document is the rendering of one record (stages/documents.py) tokenised and ended with
-end-of-text. A source with loss masks (agent trajectories: a share of the observations out of
-the loss, as CWM did) gets a parallel uint8 dataset `<name>_mask` with one 0/1 per token, read
-by model/data.py. Held-out corpus ids are skipped here, so no phase ever trains on them.
+one end-of-text. A source with loss masks (agent trajectories: a share of the observations out
+of the loss, as CWM did; the SFT formats: only the answers in the loss) gets a parallel uint8
+dataset `<name>_mask` with one 0/1 per token, read by model/data.py. Held-out corpus ids are
+skipped here, for every source and format, so no phase ever trains on them. Records that hold
+no task of an SFT format are skipped and counted (`skipped`), apart from broken ones.
 A source is the unit of resume: its files are renamed into place, then its own manifest.
 """
 
@@ -23,7 +25,7 @@ from codeworld.storage import Storage, file_sha256
 from codeworld.tokens import EOD_ID
 from codeworld.tracking import StageRun
 from stages import tokenizer as tokenizer_stage
-from stages.documents import DocumentError, render
+from stages.documents import MASKED_FORMATS, DocumentError, NotATask, render
 
 OUTPUT = "pack"
 MANIFEST = "manifest.json"
@@ -60,9 +62,10 @@ def _documents(ds: Dataset, src: PackSourceConfig, params: Params, counts: dict)
             batch.append(render(record, src.format, observation_mask=src.observation_mask,
                                 seed=params.pack.seed))
         except DocumentError as err:
-            counts["broken"] += 1
-            counts.setdefault("broken_reasons", {}).setdefault(str(err), 0)
-            counts["broken_reasons"][str(err)] += 1
+            kind = "skipped" if isinstance(err, NotATask) else "broken"
+            counts[kind] += 1
+            reasons = counts.setdefault(f"{kind}_reasons", {})
+            reasons[str(err)] = reasons.get(str(err), 0) + 1
             continue
         if len(batch) == BATCH:
             yield batch
@@ -75,12 +78,15 @@ def pack_source(name: str, src: PackSourceConfig, ds: Dataset, tok, params: Para
                 out: Path, fp: str) -> dict:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    masked = src.format == "agent"
+    masked = src.format in MASKED_FORMATS
+    # SFT: the closing end-of-text is in the loss only after an answer (a trajectory that
+    # ends on a tool result ends out of it); pre-training text always learns where it ends.
+    sft = src.format.startswith("sft_")
     tmp = {k: out / f".{name}{k}.tmp" for k in (".bin", ".idx", "_mask.bin", "_mask.idx")}
     builder = IndexedDatasetBuilder(str(tmp[".bin"]), dtype=token_dtype(tok.get_vocab_size()))
     mask_builder = IndexedDatasetBuilder(str(tmp["_mask.bin"]), dtype=np.uint8) if masked else None
     counts = {"documents": 0, "tokens": 0, "loss_tokens": 0, "heldout": 0, "broken": 0,
-              "truncated_at_cap": 0}
+              "skipped": 0, "too_long": 0, "truncated_at_cap": 0}
     cap = src.max_tokens or float("inf")
     for batch in _documents(ds, src, params, counts):
         texts = [t for doc in batch for t, _ in doc]
@@ -92,8 +98,12 @@ def pack_source(name: str, src: PackSourceConfig, ds: Dataset, tok, params: Para
                 piece = next(encoded).ids
                 ids += piece
                 mask += [int(keep)] * len(piece)
-            ids.append(EOD_ID)
-            mask.append(1)
+            if not ids or ids[-1] != EOD_ID:   # a trace answer ends with its own end-of-text
+                ids.append(EOD_ID)
+                mask.append(int(doc[-1][1]) if sft else 1)
+            if src.max_document_tokens and len(ids) > src.max_document_tokens:
+                counts["too_long"] += 1
+                continue
             if counts["tokens"] + len(ids) > cap:
                 counts["truncated_at_cap"] = 1
                 break
@@ -107,7 +117,9 @@ def pack_source(name: str, src: PackSourceConfig, ds: Dataset, tok, params: Para
             break
     if counts["documents"] == 0:
         raise ValueError(f"pack source {name!r} ({ds.storage.path()}): no usable document "
-                         f"({counts['heldout']} held out, {counts['broken']} broken)")
+                         f"({counts['heldout']} held out, {counts['broken']} broken, "
+                         f"{counts['skipped']} without a {src.format} task, "
+                         f"{counts['too_long']} over max_document_tokens)")
     builder.finalize(str(tmp[".idx"]))
     files = [".bin", ".idx"]
     if mask_builder is not None:

@@ -5,6 +5,8 @@ defaults, harvested literal calls, doctests and a mutation fuzzer); each is trac
 sandbox (`stages.trace_runner`). Kept: traces that ran to a return or an exception within the
 limits and show a behaviour (function + sequence of line events) not already kept. Programs are
 cut into fixed groups, one shard each, so a killed run resumes at the first unfinished group.
+With `executor.kind: dask` a group's programs are traced on the cluster's workers, each in its
+own machine's sandbox (`trace_all`); selection and dedup of behaviours stay here, in order.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import os
 import statistics
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-from codeworld.config import Params, TracesConfig
+from codeworld.config import ExecutorConfig, Params, TracesConfig
+from codeworld.parallel import pool_map
 from codeworld.progress import progress
 from codeworld.shards import Dataset, DatasetWriter, fingerprint
 from codeworld.storage import Storage
@@ -27,6 +31,9 @@ from stages.programs.parallel import parallel_harvest
 from stages.trace_runner import trace_requests
 
 KEEP = ("ok", "exception")
+# On a cluster, a shard's programs go out in chunks of this many sandbox batches: whole
+# batches, so every program shares its forked child with the same neighbours as in-process.
+CHUNK_BATCHES = 4
 REPO_CACHE = ".cache/repos"  # fetched sdists (pinned by sha256), outside the DVC outputs
 
 
@@ -59,13 +66,42 @@ def _groups(cases, size: int):
         yield chunk
 
 
-def _reproducible(kept: list[dict], cfg: TracesConfig, counts: Counter) -> list[dict]:
+@dataclass(frozen=True)
+class TraceChunk:
+    """Programs traced in one job: on a cluster, in the sandbox of the worker's machine."""
+
+    first: int
+    requests: list
+    cfg: TracesConfig
+    frames: bool
+
+
+def _trace_chunk(c: TraceChunk) -> list[dict]:
+    return trace_requests(c.requests, c.cfg.limits, c.cfg.workers, c.cfg.batch_size, frames=c.frames)
+
+
+def trace_all(requests: list[dict], cfg: TracesConfig, executor: ExecutorConfig | None,
+              frames: bool = False) -> list[dict]:
+    """`trace_requests` on this machine, or fanned out over the cluster in chunks of whole
+    sandbox batches (results in request order either way). A worker runs them only in its own
+    sandbox: one without bubblewrap fails the job with SandboxUnavailable."""
+    if executor is None or executor.kind == "local":
+        return _trace_chunk(TraceChunk(0, requests, cfg, frames))
+    step = cfg.batch_size * CHUNK_BATCHES
+    chunks = [TraceChunk(i, requests[i:i + step], cfg, frames) for i in range(0, len(requests), step)]
+    parts = pool_map(_trace_chunk, chunks, 1, "traces: sandbox", executor,
+                     name=lambda c: f"programs {c.first}..{c.first + len(c.requests) - 1}")
+    return [rec for part in parts for rec in part]
+
+
+def _reproducible(kept: list[dict], cfg: TracesConfig, counts: Counter,
+                  executor: ExecutorConfig | None = None) -> list[dict]:
     """Trace every kept program a second time (another process, another address layout) and
     drop the ones whose trace differs: values that depend on addresses, clocks or the host
     are not facts about the code, and outputs must be byte-identical run after run. (Programs
     reading clocks or entropy are already excluded statically by stages.programs.)"""
-    again = trace_requests([{"id": r["id"], "code": r["code"], "call": r["call"]} for r in kept],
-                           cfg.limits, cfg.workers, cfg.batch_size)
+    again = trace_all([{"id": r["id"], "code": r["code"], "call": r["call"]} for r in kept],
+                      cfg, executor)
     same = [r for r, a in zip(kept, again)
             if (a.get("trace"), a.get("result"), a.get("status")) == (r["trace"], r["result"], r["status"])]
     counts["nondeterministic"] = len(kept) - len(same)
@@ -85,10 +121,11 @@ def _meta(kept: list[dict], counts: Counter, failures: Counter, t0: float,
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def trace_group(cases: list, cfg: TracesConfig, seen: set[str]) -> tuple[list[dict], dict]:
+def trace_group(cases: list, cfg: TracesConfig, seen: set[str],
+                executor: ExecutorConfig | None = None) -> tuple[list[dict], dict]:
     t0 = time.perf_counter()
     requests = [{"id": c.id, "code": c.code, "call": c.call} for c in cases]
-    results = trace_requests(requests, cfg.limits, cfg.workers, cfg.batch_size, frames=True)
+    results = trace_all(requests, cfg, executor, frames=True)
     counts: Counter = Counter()
     failures: Counter = Counter()
     kept, sigs = [], []
@@ -109,7 +146,7 @@ def trace_group(cases: list, cfg: TracesConfig, seen: set[str]) -> tuple[list[di
                      "trace": res.get("trace"), "frames": res.get("frames"), "result": res.get("result"),
                      "error": res.get("error"), "status": status, "events": res.get("events"),
                      "provenance": case.provenance})
-    kept = _reproducible(kept, cfg, counts)
+    kept = _reproducible(kept, cfg, counts, executor)
     return kept, _meta(kept, counts, failures, t0, sigs)
 
 
@@ -171,7 +208,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         traced_seconds = 0.0
         for index, cases in enumerate(progress(_groups(_cases(src, cfg, stats), cfg.programs_per_shard),
                                                None, "traces")):
-            info, meta = _shard(writer, index, lambda: trace_group(cases, cfg, seen))
+            info, meta = _shard(writer, index, lambda: trace_group(cases, cfg, seen, params.executor))
             seen.update(meta["signatures"])  # a no-op unless the shard came from a killed run
             traced_seconds += meta["seconds"]
             infos.append(info)

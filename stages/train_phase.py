@@ -2,9 +2,11 @@
 
 The phase's checkpoint directory (`checkpoints/<phase>` under the storage root) holds the
 checkpoints, `steps.jsonl` (one line per step, written by the logging rank) and `run.json`
-(what the checkpoints are a function of). A rerun with the same fingerprint resumes from the
-latest checkpoint (or returns at once when training finished); another fingerprint starts
-over. The parallel layout is not part of it: a checkpoint loads under any TP/PP/DP layout.
+(what the checkpoints are a function of, and the parent checkpoint a phase with `init_from`
+started from). A rerun with the same fingerprint resumes from the latest checkpoint (or returns
+at once when training finished); another fingerprint starts over. The parallel layout is not
+part of it: a checkpoint loads under any TP/PP/DP layout. The fingerprint covers the pack
+sources of the phase's blend only, so packing another phase's data retrains nothing else.
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
-from codeworld.config import PHASES, Params
+from codeworld.config import PHASES, ConfigError, Params, PhaseConfig
 from codeworld.shards import code_version, fingerprint
 from codeworld.storage import write_atomic, filesystem
 from codeworld.tracking import StageRun, repo_root, tracking_uri
 from model import checkpoint
+from model.data import plan_validation
 from stages import pack as pack_stage
 
 RUN = "run.json"
@@ -37,14 +39,58 @@ def phase_dir(params: Params, phase: str) -> Path:
     return pack_stage.local_dir(params).parent / "checkpoints" / phase
 
 
-def phase_fingerprint(params: Params, phase: str) -> str:
-    pack = json.loads((pack_stage.local_dir(params) / pack_stage.MANIFEST).read_text())
-    cfg = getattr(params, phase)
-    parent = None
-    if cfg.init_from:
-        parent = json.loads((phase_dir(params, cfg.init_from) / RUN).read_text())["fingerprint"]
-    return fingerprint("train", 1, phase, params.model.model_dump(), cfg.model_dump(),
-                       pack["fingerprint"], parent, code_version(), model_code_version())
+def phase_config(params: Params, phase: str) -> PhaseConfig:
+    cfg = getattr(params, phase, None)
+    if not isinstance(cfg, PhaseConfig):
+        raise ConfigError(f"params has no {phase} section: the {phase} phase is not configured")
+    return cfg
+
+
+def pack_sources(params: Params, phase: str) -> dict[str, dict]:
+    """The pack manifest's entries of the phase's blend sources."""
+    path = pack_stage.local_dir(params) / pack_stage.MANIFEST
+    try:
+        sources = json.loads(path.read_text())["sources"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no pack manifest (run the pack stage)") from None
+    missing = sorted(set(phase_config(params, phase).blend) - set(sources))
+    if missing:
+        raise FileNotFoundError(f"{path}: {phase}.blend names {', '.join(missing)}, not packed "
+                                f"yet (run the pack stage)")
+    return {n: sources[n] for n in sorted(phase_config(params, phase).blend)}
+
+
+def parent_record(params: Params, phase: str) -> dict | None:
+    """The checkpoint this phase starts from: its phase, path, iteration and fingerprint. The
+    parent must have finished (its last checkpoint at its configured steps)."""
+    parent = phase_config(params, phase).init_from
+    if not parent:
+        return None
+    root = phase_dir(params, parent)
+    found = checkpoint.latest(root)
+    if found is None:
+        raise FileNotFoundError(f"{root}: {phase} starts from {parent}'s checkpoint and there "
+                                f"is none (run the {parent} stage first)")
+    iteration, path = found
+    steps = phase_config(params, parent).steps
+    if iteration < steps:
+        raise TrainingFailed(f"{root}: {parent} stopped at iteration {iteration} of {steps}; "
+                             f"finish the {parent} stage before {phase}")
+    return {"phase": parent, "checkpoint": str(path), "iteration": iteration,
+            "fingerprint": json.loads((root / RUN).read_text())["fingerprint"]}
+
+
+def phase_fingerprint(params: Params, phase: str, parent: dict | None = None) -> str:
+    cfg = phase_config(params, phase)
+    parent = parent if parent is not None else parent_record(params, phase)
+    sources = {n: m["fingerprint"] for n, m in pack_sources(params, phase).items()}
+    return fingerprint("train", 2, phase, params.model.model_dump(), cfg.model_dump(), sources,
+                       parent and [parent["fingerprint"], parent["iteration"]],
+                       code_version(), model_code_version())
+
+
+# model/ files that do not change what a phase trains: editing them must not retrain every phase
+NOT_TRAINING = frozenset({"launch.py"})   # (generate.py samples RL's training data: kept)
 
 
 def model_code_version() -> str:
@@ -53,23 +99,19 @@ def model_code_version() -> str:
 
     h = hashlib.sha256()
     for path in sorted((Path(__file__).resolve().parents[1] / "model").glob("*.py")):
+        if path.name in NOT_TRAINING:
+            continue
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 
 def torchrun_command(params: Params, phase: str, out: Path, extra: list[str] = ()) -> list[str]:
-    par = params.parallel
-    # The ranks read exactly the params this stage was given (overrides included).
+    # The ranks read exactly the params this stage was given (overrides included); on several
+    # nodes all of them read this file, written before this node's torchrun joins.
     write_atomic(filesystem(str(out)), str(out / PARAMS), json.dumps(params.model_dump()).encode())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={par.nproc}", "-m", "model.train", "--phase", phase,
-           "--params", str(out / PARAMS),
-           "--pack", str(pack_stage.local_dir(params)), "--out", str(out),
-           "--steps-log", str(out / STEPS), *extra]
-    init_from = getattr(params, phase).init_from
-    if init_from:
-        cmd += ["--init-from", str(phase_dir(params, init_from))]
-    return cmd
+    from model import launch
+
+    return launch.torchrun_command(params, phase, extra=list(extra))   # out == phase_dir(params, phase)
 
 
 def run_in_own_group(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -120,11 +162,22 @@ def run_phase(params: Params, phase: str, *, track: bool = True, extra: list[str
     assert phase in PHASES, phase
     metrics_path = f"metrics/{phase}.json" if metrics_path == "default" else metrics_path
     plot_path = f"metrics/plots/{phase}.json" if plot_path == "default" else plot_path
-    cfg = getattr(params, phase)
+    cfg = phase_config(params, phase)
     out = phase_dir(params, phase)
-    fp = phase_fingerprint(params, phase)
+    parent = parent_record(params, phase)
+    fp = phase_fingerprint(params, phase, parent)
+    # The ranks make the same split (model/data.py); this fails before torchrun when no
+    # source of the blend can validate, and says which sources train without validating.
+    validated, train_only = plan_validation(
+        {n: m["documents"] for n, m in pack_sources(params, phase).items()})
     with StageRun(phase, params.model_dump(include={"model", "parallel", phase}),
                   params.tracking.experiment, metrics_path, track) as run_:
+        tags = {"codeworld.valid_sources": ",".join(validated),
+                "codeworld.train_only_sources": ",".join(train_only) or "-"}
+        if parent:
+            tags.update({f"codeworld.parent_{k}": str(v) for k, v in parent.items()})
+        _set_tags(run_, tags)
+        run_.log(valid_sources=len(validated), train_only_sources=len(train_only))
         if out.exists():
             try:
                 same = json.loads((out / RUN).read_text()).get("fingerprint") == fp
@@ -133,8 +186,10 @@ def run_phase(params: Params, phase: str, *, track: bool = True, extra: list[str
             if not same:   # checkpoints of other params or code: never resume from those
                 shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+        record = {"phase": phase, "fingerprint": fp, "parent": parent,
+                  "valid_sources": validated, "train_only_sources": train_only}
         write_atomic(filesystem(str(out)), str(out / RUN),
-                     json.dumps({"phase": phase, "fingerprint": fp}).encode() + b"\n")
+                     json.dumps(record, sort_keys=True).encode() + b"\n")
         done = checkpoint.latest(out)
         if done is None or done[0] < cfg.steps:
             env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(), "OMP_NUM_THREADS":
@@ -157,4 +212,15 @@ def run_phase(params: Params, phase: str, *, track: bool = True, extra: list[str
             write_plot(rows, plot_path)
         final = checkpoint.latest(out)
         return {"name": phase, "fingerprint": fp, "records": stats.get("steps", 0),
-                "checkpoint": str(final[1]) if final else None, "stats": stats}
+                "checkpoint": str(final[1]) if final else None, "stats": stats,
+                "parent": parent, "train_only_sources": train_only}
+
+
+def _set_tags(run_: StageRun, tags: dict[str, str]) -> None:
+    """MLflow tags on the phase's run (the parent checkpoint, the validated sources)."""
+    if run_.run_id:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri())
+        for key, value in tags.items():
+            client.set_tag(run_.run_id, key, value)

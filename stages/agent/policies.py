@@ -12,6 +12,9 @@ assistant turn holding one tool call), behind ``make_policy(name, cfg)``.
 * ``openai``: any OpenAI-compatible chat-completions endpoint (vLLM, llama.cpp, ...) at
   ``agent.openai.base_url`` with ``agent.openai.model``; the key, if any, from the
   environment variable named by ``api_key_env``.
+* ``megatron`` (``ModelPolicy``): the model under RL training writes the turns (phase ``rl``,
+  model/rl.py builds it around its own sampler; not an agent-stage policy, which runs before
+  any model exists).
 """
 from __future__ import annotations
 
@@ -287,6 +290,39 @@ class OpenAIPolicy:
         if "<tool:" in text and "</tool>" not in text:
             text = text.rstrip("\n") + "\n</tool>"
         return text
+
+
+class ModelPolicy:
+    """The model being trained as the policy (phase `rl`, model/rl.py): the conversation is
+    rendered the way SFT's `sft_agent` documents are (stages/documents.py: each message
+    `<role>content<|end_of_turn|>`), the assistant marker is written, and ``generate`` (prompt
+    token ids, turn number -> sampled ids) writes the turn up to its end-of-turn. Every
+    (prompt, completion) pair is kept in ``turns`` for the policy-gradient update.
+
+    A context that no longer leaves room for a reply is a ValueError: the loop ends the
+    episode there (stop reason ``policy_error``) with no reward, as a budget would."""
+    name = "megatron"
+
+    def __init__(self, generate, tokenizer, *, max_context: int, max_new_tokens: int):
+        self.generate, self.tok = generate, tokenizer
+        self.max_context, self.max_new_tokens = max_context, max_new_tokens
+        self.turns: list[tuple[list[int], list[int]]] = []
+
+    def act(self, messages: list[dict]) -> str:
+        from stages.documents import ASSISTANT, END_OF_TURN, ROLES
+        from codeworld.tokens import END_OF_TEXT
+
+        text = "".join(f"{ROLES[m['role']]}{m['content']}{END_OF_TURN}" for m in messages)
+        prompt = self.tok.encode(text + ASSISTANT).ids
+        if len(prompt) + self.max_new_tokens > self.max_context:
+            raise ValueError(f"context of {len(prompt)} tokens leaves no room for a reply of "
+                             f"{self.max_new_tokens} in {self.max_context} (rl.agent_seq_length)")
+        out = self.generate(prompt, len(self.turns))
+        self.turns.append((prompt, out))
+        reply = self.tok.decode(out, skip_special_tokens=False)
+        for stop in (END_OF_TURN, END_OF_TEXT):
+            reply = reply.split(stop, 1)[0]
+        return reply
 
 
 def make_policy(name: str, cfg) -> object:

@@ -1,0 +1,343 @@
+"""Stage `evaluate`: every trained phase on held-out data (params `evaluate`).
+
+Held out means the corpus ids `codeworld/split.py` keeps out of the tokenizer and every training
+source (pack.heldout_percent / seed): no phase has seen these programs or documents. Each phase
+in `evaluate.phases` whose checkpoint exists (`checkpoints/<phase>/latest.json`) is loaded in
+this process (model/generate.py, KV-cached greedy decoding) and measured on the same set:
+
+- trace prediction (CWM Table 9): given the trace prompt (context + `main`), the model writes the
+  frames until end-of-text; codeworld/trace_metrics.py compares them with the real trace;
+- output prediction, CruxEval-O style: codeworld/prompts.output_prompt, the answer's repr
+  against the real return value; and the value of main's return frame in the predicted trace;
+- perplexity per pack source on held-out documents rendered as pack renders them (loss-masked
+  tokens only), in windows of `ppl_seq_length` tokens for every phase alike;
+- rl: its reward curve and success rate, read from the phase's steps log / metrics/rl.json.
+
+Programs are drawn once (a seeded hash order among the held-out traces whose prompt + trace fit
+`max_program_tokens`), so every phase answers the same questions. Outputs: metrics/evaluate.json
+(DVC), the MLflow run `evaluate`, `evaluate/<phase>.jsonl` (each prediction and its metrics) and
+`evaluate/summary.json` under the storage root, and reports/evaluate.md with its plots. A
+record that cannot be used is counted (`skipped_*`), never fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from codeworld import prompts
+from codeworld.config import Params
+from codeworld.shards import Dataset, ShardError, dumps, fingerprint
+from codeworld.split import corpus_id, heldout
+from codeworld.storage import Storage
+from codeworld.tokens import EOD_ID
+from codeworld.trace_metrics import frame_metrics, mean_metrics, parse, teacher_forced
+from codeworld.tracking import StageRun
+from stages import tokenizer as tokenizer_stage
+from stages.documents import DocumentError, NotATask, render
+from stages.train_phase import phase_dir, read_steps
+
+OUTPUT = "evaluate"
+REPORT = "reports/evaluate.md"
+METRICS_PATH = "metrics/evaluate.json"
+log = logging.getLogger(__name__)
+
+
+def _order(seed: int, key: str) -> str:
+    return hashlib.sha256(f"{seed}\0{key}".encode()).hexdigest()
+
+
+def heldout_programs(params: Params, storage: Storage, tok, counts: dict) -> list[dict]:
+    """The held-out trace-prediction tasks: records with a prompt and a complete trace (a call
+    that returned or raised), small enough, drawn in a seeded order, returned sorted by id."""
+    cfg = params.evaluate
+    cands = []
+    for record in Dataset(storage.sub("traces")):
+        if not heldout(corpus_id(record), params.pack.heldout_percent, params.pack.seed):
+            continue
+        counts["heldout_traces"] += 1
+        if not isinstance(record.get("prompt"), str) or record.get("status") not in ("ok", "exception"):
+            counts["skipped_no_task"] += 1   # a repository trace (no context) or no full trace
+            continue
+        if not isinstance(record.get("trace"), str):
+            counts["skipped_broken"] += 1
+            continue
+        answer = prompts.trace_answer(record)
+        real = parse(answer)
+        if not real.valid:   # a record the tracer wrote must parse: count it if not
+            counts["skipped_broken"] += 1
+            log.warning("held-out trace %s does not parse: %s", record.get("id"), real.errors[:1])
+            continue
+        prompt_ids = tok.encode(prompts.trace_prompt(record)).ids
+        enc = tok.encode(answer)   # prompt and trace apart, as pack encodes their segments
+        answer_len = len(enc.ids)
+        if len(prompt_ids) + answer_len > cfg.max_program_tokens:
+            counts["skipped_too_long"] += 1
+            continue
+        result = record.get("result") if prompts.has_output_task(record) else None
+        cands.append({"id": str(record["id"]), "prompt_ids": prompt_ids, "answer": answer,
+                      "answer_ids": enc.ids, "answer_offsets": enc.offsets,
+                      "answer_tokens": answer_len, "real": real, "result": result,
+                      "code": record.get("code"), "call": record.get("call"),
+                      "status": record["status"]})
+    cands.sort(key=lambda c: _order(cfg.seed, c["id"]))
+    chosen = sorted(cands[:cfg.max_programs], key=lambda c: c["id"])
+    counts["programs"] = len(chosen)
+    counts["output_tasks"] = sum(1 for c in chosen if c["result"] is not None)
+    return chosen
+
+
+def heldout_streams(params: Params, storage: Storage, tok, counts: dict) -> dict[str, tuple]:
+    """Per pack source: held-out documents as pack renders them, concatenated (each + EOD)
+    into (token ids, loss mask) up to ppl_max_tokens."""
+    cap = params.evaluate.ppl_max_tokens
+    out = {}
+    for name, src in params.pack.sources.items():
+        ids: list[int] = []
+        mask: list[int] = []
+        try:
+            ds = Dataset(storage.sub(src.dataset))
+        except (ShardError, FileNotFoundError, OSError) as err:
+            counts[f"ppl_missing_{name}"] = 1
+            log.warning("perplexity: source %s (%s) unreadable: %s", name, src.dataset, err)
+            continue
+        for record in ds:
+            if len(ids) >= cap:
+                break
+            if not heldout(corpus_id(record), params.pack.heldout_percent, params.pack.seed):
+                continue
+            try:
+                segments = render(record, src.format, observation_mask=src.observation_mask,
+                                  seed=params.pack.seed)
+            except NotATask:
+                continue
+            except DocumentError:
+                counts[f"ppl_broken_{name}"] = counts.get(f"ppl_broken_{name}", 0) + 1
+                continue
+            for text, keep in segments:
+                piece = tok.encode(text).ids
+                ids += piece
+                mask += [int(keep)] * len(piece)
+            ids.append(EOD_ID)
+            mask.append(1)
+            counts[f"ppl_documents_{name}"] = counts.get(f"ppl_documents_{name}", 0) + 1
+        if len(ids) > 1:
+            out[name] = (ids[:cap + 1], mask[:cap + 1])
+    return out
+
+
+@torch.no_grad()
+def perplexity(lm, ids: list[int], mask: list[int], window: int, batch: int = 8) -> dict:
+    """Mean negative log-likelihood of the loss-masked tokens, each window of `window` tokens
+    predicting its next tokens (the first token of a window has no context, as in training).
+    Windows of one length go through the model together (the last one may be shorter)."""
+    windows = [(ids[s:s + window + 1], mask[s + 1:s + window + 1])
+               for s in range(0, len(ids) - 1, window)]
+    by_len: dict[int, list] = {}
+    for w in windows:
+        by_len.setdefault(len(w[0]), []).append(w)
+    total, count = 0.0, 0
+    for group in by_len.values():
+        for b in range(0, len(group), batch):
+            rows = group[b:b + batch]
+            toks = torch.tensor([r[0] for r in rows])
+            m = torch.tensor([r[1] for r in rows], dtype=torch.float32).reshape(-1)
+            logits = lm.logits(toks[:, :-1])
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), toks[:, 1:].reshape(-1).to(logits.device),
+                reduction="none").cpu()
+            total += float((nll * m).sum())
+            count += int(m.sum())
+    nll = total / count if count else float("nan")
+    return {"nll": nll, "ppl": math.exp(nll) if count else float("nan"), "tokens": count}
+
+
+@torch.no_grad()
+def next_frame_metrics(lm, prog: dict) -> dict[str, float]:
+    """One forward pass over prompt + real trace: the teacher-forced next-frame metrics
+    (codeworld/trace_metrics.teacher_forced), the share of the trace's tokens that are the
+    argmax given the real prefix, and its mean NLL per token."""
+    n = len(prog["prompt_ids"])
+    ids = prog["prompt_ids"] + prog["answer_ids"]
+    logits = lm.logits(torch.tensor([ids[:-1]]))[0, n - 1:].cpu()   # predicting answer tokens
+    target = torch.tensor(prog["answer_ids"])
+    correct = (logits.argmax(-1) == target).tolist()
+    out = teacher_forced(prog["answer"], prog["answer_offsets"], correct)
+    out["trace_token_accuracy"] = sum(correct) / len(correct)
+    out["trace_nll"] = float(torch.nn.functional.cross_entropy(logits, target))
+    return out
+
+
+def evaluate_phase(params: Params, phase: str, iteration_dir: Path, vocab_size: int, tok,
+                   programs: list[dict], streams: dict) -> tuple[dict, list[dict]]:
+    """One checkpoint (an iter_N directory) on the held-out set: (summary, one row per
+    program)."""
+    from model import generate
+
+    cfg = params.evaluate
+    t0 = time.perf_counter()
+    if not iteration_dir.is_dir():
+        raise FileNotFoundError(f"{iteration_dir}: checkpoint directory not found")
+    lm = generate.load(params, iteration_dir.parent, vocab_size, phase, iteration_dir=iteration_dir)
+    end_of_turn = tok.token_to_id(prompts.END_OF_TURN)
+    rows, generated = [], 0
+    t_gen = time.perf_counter()
+    for prog in programs:
+        # a prediction longer than the real trace by a quarter cannot match it: stop there
+        cap = min(cfg.max_new_tokens, prog["answer_tokens"] + prog["answer_tokens"] // 4 + 16)
+        ids = lm.sample(prog["prompt_ids"], max_new_tokens=cap, stop_ids={EOD_ID})[0]
+        text = tok.decode(ids, skip_special_tokens=False)
+        pred = parse(text)
+        m = frame_metrics(pred, prog["real"], prog["result"])
+        row = {"id": prog["id"], "predicted": text, "tokens": len(ids), "errors": pred.errors[:3],
+               "frames_real": len(prog["real"].frames), "frames_predicted": len(pred.frames)}
+        generated += len(ids)
+        if prog["result"] is not None:
+            out_ids = lm.sample(tok.encode(prompts.output_prompt(prog["code"], prog["call"])).ids,
+                                max_new_tokens=cfg.output_max_new_tokens,
+                                stop_ids={end_of_turn, EOD_ID})[0]
+            generated += len(out_ids)
+            answer = prompts.parse_output_answer(tok.decode(out_ids, skip_special_tokens=False))
+            m["output_exact_match"] = float(answer == prog["result"])
+            row.update(output_predicted=answer, output_real=prog["result"])
+        m.update(next_frame_metrics(lm, prog))
+        row["metrics"] = m
+        rows.append(row)
+    gen_seconds = time.perf_counter() - t_gen
+    summary = {"checkpoint": str(lm.checkpoint), "iteration": lm.iteration,
+               "programs": len(rows), **mean_metrics([r["metrics"] for r in rows])}
+    for name, (ids, mask) in sorted(streams.items()):
+        ppl = perplexity(lm, ids, mask, cfg.ppl_seq_length)
+        summary[f"ppl_{name}"] = ppl["ppl"]
+        summary[f"nll_{name}"] = ppl["nll"]
+    summary["generated_tokens"] = generated
+    summary["tokens_per_s"] = generated / gen_seconds if gen_seconds > 0 else 0.0
+    summary["seconds"] = time.perf_counter() - t0
+    del lm
+    return summary, rows
+
+
+def rl_curve(ckdir: Path, metrics_file: Path) -> tuple[list[dict], dict]:
+    """The RL phase's reward curve (its steps log: every numeric reward_* / success_rate per
+    step) and its final figures (metrics/rl.json when there, else the last step)."""
+    curve = []
+    for row in read_steps(ckdir):
+        point = {k: v for k, v in row.items() if isinstance(v, (int, float)) and
+                 (k == "step" or k.startswith("reward") or k == "success_rate")}
+        if "step" in point and len(point) > 1:
+            curve.append(point)
+    final: dict = {}
+    try:
+        final = {k: v for k, v in json.loads(metrics_file.read_text()).items()
+                 if isinstance(v, (int, float)) and ("reward" in k or "success" in k)}
+    except (OSError, ValueError):
+        if curve:
+            final = {k: v for k, v in curve[-1].items() if k != "step"}
+    return curve, final
+
+
+def _finite(obj):
+    """JSON has no NaN: a perplexity without tokens is written null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def run(params: Params, *, track: bool = True, metrics_path: str | None = METRICS_PATH,
+        report_path: str | None = REPORT) -> dict:
+    from codeworld.config import ConfigError
+    from model import checkpoint
+    from model.generate import one_thread
+    from stages import pack as pack_stage
+    from stages.evaluate_report import write_report
+
+    cfg = params.evaluate
+    storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
+    phases = []
+    for name in cfg.phases:
+        ckdir = phase_dir(params, name)
+        found = checkpoint.latest(ckdir)
+        if found is not None:   # the iteration is fixed here: a rerun of the phase may move it
+            phases.append((name, ckdir, found[1]))
+    if not phases:
+        raise ConfigError(f"evaluate.phases {cfg.phases}: no checkpoint to evaluate (no "
+                          f"latest.json under {phase_dir(params, cfg.phases[0]).parent})")
+    tok = tokenizer_stage.load(storage)
+    try:
+        pack = json.loads((pack_stage.local_dir(params) / pack_stage.MANIFEST).read_text())
+        vocab_size = int(pack["vocab_size"])   # what the phases were built with
+    except (OSError, ValueError, KeyError):
+        vocab_size = tok.get_vocab_size()
+    with StageRun("evaluate", params.model_dump(include={"evaluate", "pack", "model"}),
+                  params.tracking.experiment, metrics_path, track) as run_:
+        counts = {"heldout_traces": 0, "skipped_no_task": 0, "skipped_broken": 0,
+                  "skipped_too_long": 0}
+        with run_.timed("select"):
+            programs = heldout_programs(params, storage, tok, counts)
+            streams = heldout_streams(params, storage, tok, counts)
+        if not programs:
+            log.warning("evaluate: no held-out program fits max_program_tokens=%d (%s)",
+                        cfg.max_program_tokens, counts)
+        results: dict[str, dict] = {}
+        predictions: dict[str, list[dict]] = {}
+        out = storage.sub(OUTPUT)
+        for name, ckdir, iteration_dir in phases:
+            log.info("evaluate: %s (%s)", name, iteration_dir)
+            try:
+                with one_thread():
+                    summary, rows = evaluate_phase(params, name, iteration_dir, vocab_size, tok,
+                                                   programs, streams)
+            except FileNotFoundError as err:   # removed since listed: that phase is retraining
+                log.warning("evaluate: %s skipped, its checkpoint is gone: %s", name, err)
+                continue
+            if name == "rl":
+                curve, final = rl_curve(ckdir, Path(metrics_path or METRICS_PATH).parent / "rl.json")
+                summary.update({f"rl_{k}": v for k, v in final.items()})
+                summary["rl_curve"] = curve
+            summary["loss_curve"] = [{"step": r["step"], "loss": r["loss"]}
+                                     for r in read_steps(ckdir) if r.get("loss") is not None
+                                     and r["step"] <= summary["iteration"]]
+            log.info("evaluate: %s done in %.1f s (%d tokens generated, %.0f tokens/s)", name,
+                     summary["seconds"], summary["generated_tokens"], summary["tokens_per_s"])
+            results[name] = summary
+            predictions[name] = rows
+            out.write_bytes(f"{name}.jsonl", b"".join(dumps(r) + b"\n" for r in rows))
+        fp = fingerprint("evaluate", 1, cfg.model_dump(), {n: str(r["checkpoint"]) for n, r in
+                                                            results.items()})
+        missing = [n for n in cfg.phases if n not in results]
+        for n in missing:   # predictions of an earlier run would pass for this one's
+            out.remove(f"{n}.jsonl")
+        doc = _finite({
+            "name": OUTPUT, "fingerprint": fp, "counts": counts, "missing": missing,
+            "programs": [p["id"] for p in programs],
+            # timings are in the metrics, not here: the same inputs give the same file
+            "phases": {n: {k: v for k, v in r.items() if k not in ("seconds", "tokens_per_s")}
+                       for n, r in results.items()}})
+        out.write_bytes("summary.json", json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n")
+        if report_path:
+            with run_.timed("report"):
+                files = write_report(Path(report_path), doc, programs, predictions)
+            if track:
+                import mlflow
+
+                for f in files:
+                    mlflow.log_artifact(str(f), "report")
+        flat = dict(counts)
+        for n, r in results.items():
+            for k, v in r.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    flat[f"{n}.{k}"] = round(v, 6)
+        flat["phases_evaluated"] = len(results)
+        run_.log(**flat)
+        return {"name": OUTPUT, "fingerprint": fp, "records": len(programs),
+                "phases": list(results)}

@@ -1,0 +1,12 @@
+"""Stage `midtrain`: the second training phase, from pretrain's final checkpoint (params
+`midtrain`): a blend of code, execution traces and agent data at a longer context, CWM's
+mid-training in miniature."""
+
+from __future__ import annotations
+
+from codeworld.config import Params
+from stages.train_phase import run_phase
+
+
+def run(params: Params, *, track: bool = True) -> dict:
+    return run_phase(params, "midtrain", track=track)

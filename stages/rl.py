@@ -1,0 +1,171 @@
+"""Stage `rl`: GRPO with verifiable rewards, from the `rl.init_from` phase's final checkpoint
+(params `rl`; the loop is model/rl.py, the tasks and rewards stages/rl_tasks.py).
+
+Like the other phases (stages/train_phase.py): `checkpoints/rl` holds the checkpoints,
+`steps.jsonl`, `run.json` (fingerprint and parent checkpoint) and `pool.jsonl`, the task pool
+with the answers the sandbox gave, made once per fingerprint (a resumed run reuses it). A rerun
+with the same fingerprint resumes from the latest checkpoint or returns at once; another
+starts over. The fingerprint covers the rl and model params, the parent checkpoint, the traces
+and agent-task datasets, the tokenizer, the split, the sandbox limits and the code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+from pathlib import Path
+
+from codeworld.config import ConfigError, Params
+from codeworld.shards import code_version, fingerprint
+from codeworld.storage import Storage, filesystem, write_atomic
+from codeworld.tracking import StageRun, repo_root, tracking_uri
+from model import checkpoint
+from stages.train_phase import (PARAMS, RUN, TrainingFailed, _set_tags, model_code_version,
+                                phase_config, phase_dir, read_steps, run_in_own_group, write_plot)
+
+POOL = "pool.jsonl"
+POOL_STATS = "pool_stats.json"
+
+
+def parent_record(params: Params) -> dict:
+    """The finished checkpoint of rl.init_from (the initial policy)."""
+    name = params.rl.init_from
+    root = phase_dir(params, name)
+    found = checkpoint.latest(root)
+    if found is None:
+        raise FileNotFoundError(f"{root}: rl starts from {name}'s checkpoint and there is none "
+                                f"(run the {name} stage first)")
+    iteration, path = found
+    steps = phase_config(params, name).steps
+    if iteration < steps:
+        raise TrainingFailed(f"{root}: {name} stopped at iteration {iteration} of {steps}; "
+                             f"finish the {name} stage before rl")
+    return {"phase": name, "checkpoint": str(path), "iteration": iteration,
+            "fingerprint": json.loads((root / RUN).read_text())["fingerprint"]}
+
+
+def _manifest_fp(storage: Storage, name: str) -> str | None:
+    try:
+        return json.loads(storage.sub(name).read_bytes("manifest.json"))["fingerprint"]
+    except FileNotFoundError:
+        return None
+
+
+def rl_fingerprint(params: Params, parent: dict) -> str:
+    storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
+    tok = json.loads(storage.sub("tokenizer").read_bytes("manifest.json"))["sha256"]
+    traces = _manifest_fp(storage, "traces")
+    if traces is None:
+        raise FileNotFoundError(f"{storage.path('traces')}: no traces dataset (run the traces stage)")
+    tasks = _manifest_fp(storage, "agent/tasks") if params.rl.agent_interval else None
+    agent = params.agent.model_dump(include={"repositories", "max_tokens", "tool_wall_seconds",
+                                             "test_wall_seconds"})
+    return fingerprint("rl", 1, params.model.model_dump(), params.rl.model_dump(), tok, traces,
+                       tasks, agent, params.traces.limits.model_dump(),
+                       [params.pack.heldout_percent, params.pack.seed],
+                       [parent["fingerprint"], parent["iteration"]], code_version(),
+                       model_code_version())
+
+
+def summary(rows: list[dict]) -> dict:
+    """metrics/rl.json: the reward curve's ends (first and last quarter of the steps), the mean
+    success rate, the agent episodes' success, how many steps updated the policy."""
+    out: dict = {"steps": rows[-1]["step"] if rows else 0}
+    rewards = [r["reward_mean"] for r in rows if "reward_mean" in r]
+    if rewards:
+        q = max(1, len(rewards) // 4)
+        out.update(reward_first=round(statistics.fmean(rewards[:q]), 4),
+                   reward_last=round(statistics.fmean(rewards[-q:]), 4),
+                   reward_mean=round(statistics.fmean(rewards), 4),
+                   success_rate=round(statistics.fmean(r["success_rate"] for r in rows
+                                                       if "success_rate" in r), 4))
+    for kind in ("output", "next_frame"):
+        vals = [r[f"reward_{kind}"] for r in rows if f"reward_{kind}" in r]
+        if vals:
+            out[f"reward_{kind}_mean"] = round(statistics.fmean(vals), 4)
+    eps = [(r["agent_episodes"], r.get("agent_reward_mean", 0.0)) for r in rows
+           if r.get("agent_episodes")]
+    out["agent_episodes"] = sum(n for n, _ in eps)
+    out["agent_broken_episodes"] = sum(r.get("agent_broken", 0) for r in rows)
+    if eps:
+        out["agent_success_rate"] = round(sum(n * m for n, m in eps) / out["agent_episodes"], 4)
+    out["updates"] = sum(r.get("updated", 0) for r in rows)
+    secs = [r["step_seconds"] for r in rows if "step_seconds" in r]
+    if secs:
+        out["step_seconds_median"] = sorted(secs)[len(secs) // 2]
+    return out
+
+
+def torchrun_command(params: Params, out: Path, parent: dict) -> list[str]:
+    write_atomic(filesystem(str(out)), str(out / PARAMS), json.dumps(params.model_dump()).encode())
+    from model import launch
+
+    # one node or several (rendezvous from the environment): model/launch.py decides
+    return launch.torchrun_command(params, "rl")   # --init-from: the parent phase's directory
+
+
+def run(params: Params, *, track: bool = True, metrics_path: str | None = "metrics/rl.json",
+        plot_path: str | None = "metrics/plots/rl.json") -> dict:
+    if params.rl is None:
+        raise ConfigError("params has no rl section: the rl phase is not configured")
+    from model.build import check_layout, resolve_precision
+    from model.rl import check_rl_layout
+
+    cfg = params.rl
+    check_rl_layout(params)   # before any work: sampling needs each process's whole model
+    check_layout(params.parallel, resolve_precision(cfg))
+    out = phase_dir(params, "rl")
+    parent = parent_record(params)
+    fp = rl_fingerprint(params, parent)
+    with StageRun("rl", params.model_dump(include={"model", "parallel", "rl"}),
+                  params.tracking.experiment, metrics_path, track) as run_:
+        _set_tags(run_, {f"codeworld.parent_{k}": str(v) for k, v in parent.items()})
+        if out.exists():
+            try:
+                same = json.loads((out / RUN).read_text()).get("fingerprint") == fp
+            except (OSError, ValueError):
+                same = False
+            if not same:   # checkpoints of other params, data or code: never resume from those
+                shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(filesystem(str(out)), str(out / RUN), json.dumps(
+            {"phase": "rl", "fingerprint": fp, "parent": parent}, sort_keys=True).encode() + b"\n")
+        if not (out / POOL).exists():   # written last (atomically): present means complete
+            from stages.tokenizer import load as load_tokenizer
+            from stages.rl_tasks import prepare_pool
+
+            with run_.timed("pool"):
+                tok = load_tokenizer(Storage(params.storage.root, params.storage.s3_endpoint_url))
+                stats = prepare_pool(params, tok, out / POOL.replace(".jsonl", ".tmp.jsonl"))
+            write_atomic(filesystem(str(out)), str(out / POOL_STATS),
+                         json.dumps(stats, sort_keys=True).encode() + b"\n")
+            os.replace(out / POOL.replace(".jsonl", ".tmp.jsonl"), out / POOL)
+        stats = json.loads((out / POOL_STATS).read_text())
+        run_.log(**{k: v for k, v in stats.items() if k.startswith(("pool_", "sandbox_"))})
+        done = checkpoint.latest(out)
+        if done is None or done[0] < cfg.steps:
+            env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(), "OMP_NUM_THREADS":
+                   os.environ.get("OMP_NUM_THREADS",
+                                  str(max(1, (os.cpu_count() or 1) // params.parallel.nproc)))}
+            if run_.run_id:
+                env["CODEWORLD_TRAIN_RUN_ID"] = run_.run_id
+            log_path = out / "train.log"
+            with run_.timed("train"), open(log_path, "w") as log:
+                proc = run_in_own_group(torchrun_command(params, out, parent), cwd=repo_root(),
+                                        env=env, stdout=log)
+            if proc.returncode != 0:
+                tail = "".join(l for l in log_path.read_text().splitlines(True)
+                               if "warn" not in l.lower())[-3000:]
+                raise TrainingFailed(f"rl: torchrun exited with {proc.returncode} "
+                                     f"(log: {log_path})\n{tail}")
+        rows = read_steps(out)
+        result = summary(rows)
+        run_.log(**{k: v for k, v in result.items() if isinstance(v, (int, float))})
+        if plot_path:
+            write_plot(rows, plot_path)
+        final = checkpoint.latest(out)
+        return {"name": "rl", "fingerprint": fp, "records": result.get("steps", 0),
+                "checkpoint": str(final[1]) if final else None, "stats": result,
+                "pool": stats, "parent": parent}

@@ -1,0 +1,12 @@
+"""Stage `sft`: supervised fine-tuning from midtrain's final checkpoint (params `sft`): trace
+prediction, output prediction and agent turns in the prompts of codeworld/prompts.py, the loss
+on the answers only (the pack stage's sft_* formats)."""
+
+from __future__ import annotations
+
+from codeworld.config import Params
+from stages.train_phase import run_phase
+
+
+def run(params: Params, *, track: bool = True) -> dict:
+    return run_phase(params, "sft", track=track)

@@ -1,0 +1,303 @@
+"""Evaluation: the CWM trace parser and Table 9 metrics on real tracer output, KV-cached
+decoding against full recomputation, and the `evaluate` stage on a tiny trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from codeworld.config import ConfigError, parse_params
+from codeworld.tokens import END_OF_TEXT, TRACE_TOKENS
+from codeworld.trace_metrics import frame_metrics, mean_metrics, parse, teacher_forced
+from stages.tracer import trace_call
+
+CTX, FRAME, CALL, LINE, RET, EXC, ACT, ARG = TRACE_TOKENS
+
+NESTED = """\
+def helper(v):
+    w = v * 2
+    return w
+
+def f(xs, k):
+    total = 0
+    for x in xs:
+        total += helper(x)
+    squares = [y * y for y in xs]
+    return total + k + len(squares)
+"""
+RAISES = """\
+import struct
+
+def inner(s):
+    try:
+        return s.read(4)
+    except struct.error:
+        return None
+
+def f(s):
+    n = 1
+    return inner(s) + n
+"""
+GENERATOR = """\
+def gen(n):
+    for i in range(n):
+        yield i * 3
+
+def f(n):
+    out = []
+    for v in gen(n):
+        out.append(v)
+    return out
+"""
+
+
+def real(code: str, call: str):
+    r = trace_call(code, call)
+    assert r.status in ("ok", "exception"), r.error
+    return r
+
+
+@pytest.mark.parametrize("code, call", [(NESTED, "f([1, 2], 5)"), (RAISES, "f('abc')"),
+                                        (GENERATOR, "f(3)")])
+def test_parser_resolves_real_traces_to_the_tracers_own_frames(code, call):
+    # '..' resolved by the inferred scope stack gives back the full locals the tracer recorded,
+    # through nested calls, a comprehension, an uncaught exception crossing an `except` line
+    # and a generator's yields and resumes
+    r = real(code, call)
+    parsed = parse(r.text + END_OF_TEXT)
+    assert parsed.valid, parsed.errors
+    frames = r.frames[1:]   # main's call frame is the prompt's, not the trace's
+    assert len(parsed.frames) == len(frames)
+    for p, f in zip(parsed.frames, frames):
+        assert (p.kind, p.source) == (f.kind, f.source)
+        assert p.state == (f.locals if f.kind in ("call", "line") else f.value)
+    assert parsed.returned == r.result
+
+
+def test_perfect_prediction_scores_one_everywhere():
+    r = real(NESTED, "f([1, 2], 5)")
+    text = r.text + END_OF_TEXT
+    m = frame_metrics(parse(text), parse(text), r.result)
+    assert m == {"valid_format": 1.0, "action_exact_match": 1.0, "state_exact_match": 1.0,
+                 "key_match": 1.0, "key_value_match": 1.0, "trace_exact_match": 1.0,
+                 "output_from_trace": 1.0}
+
+
+def _synthetic(c: int, extra: str = "") -> str:
+    return (f"{LINE}{{}}{ACT}    return f(1, 2)\n{FRAME}"
+            f"{CALL}{{\"a\": \"1\", \"b\": \"2\"}}{ACT}def f(a, b):\n{FRAME}"
+            f"{LINE}{{\"a\": \"..\", \"b\": \"..\"}}{ACT}    c = a * 2 + b\n{FRAME}"
+            f"{LINE}{{\"a\": \"..\", \"b\": \"..\", \"c\": \"{c}\"{extra}}}{ACT}    return c\n{FRAME}"
+            f"{RET}{ACT}    return c\n{ARG}\"{c}\"{FRAME}"
+            f"{RET}{ACT}    return f(1, 2)\n{ARG}\"{c}\"{FRAME}{END_OF_TEXT}")
+
+
+def test_a_changed_local_lowers_state_and_key_value_match_not_key_match():
+    truth = parse(_synthetic(4))
+    m = frame_metrics(parse(_synthetic(5)), truth, "4")
+    assert m["valid_format"] == 1.0 and m["action_exact_match"] == 1.0
+    assert m["state_exact_match"] == pytest.approx(3 / 6)   # c's frame and both returns differ
+    assert m["key_match"] == 1.0
+    assert m["key_value_match"] == pytest.approx((1 + 1 + 1 + 2 / 3) / 4)
+    assert m["trace_exact_match"] == 0.0 and m["output_from_trace"] == 0.0
+
+
+def test_an_extra_local_lowers_key_match():
+    m = frame_metrics(parse(_synthetic(4, ', "d": "0"')), parse(_synthetic(4)), "4")
+    assert m["key_match"] == pytest.approx(3 / 4)
+    assert m["state_exact_match"] == pytest.approx(5 / 6)
+
+
+def test_same_resolves_against_the_previous_frame_of_the_scope():
+    # writing ".." for c where it changed means "c is still what it was": a wrong state
+    truth = (f"{LINE}{{}}{ACT}    return f()\n{FRAME}{CALL}{{}}{ACT}def f():\n{FRAME}"
+             f"{LINE}{{}}{ACT}    c = 1\n{FRAME}{LINE}{{\"c\": \"1\"}}{ACT}    c = 2\n{FRAME}"
+             f"{LINE}{{\"c\": \"2\"}}{ACT}    return c\n{FRAME}"
+             f"{RET}{ACT}    return c\n{ARG}\"2\"{FRAME}{RET}{ACT}    return f()\n{ARG}\"2\"{FRAME}{END_OF_TEXT}")
+    pred = truth.replace('{"c": "2"}', '{"c": ".."}')
+    p = parse(pred)
+    assert p.valid and p.frames[4].locals == {"c": "1"}
+    assert frame_metrics(p, parse(truth))["state_exact_match"] == pytest.approx(6 / 7)
+
+
+def test_garbage_is_an_invalid_trace_with_no_credit():
+    truth = parse(_synthetic(4))
+    for text in ("def def def", f"{LINE}not json{ACT}x\n{FRAME}", "", f"{RET}{FRAME}"):
+        p = parse(text)
+        assert not p.valid and (p.errors or not p.ended)
+        m = frame_metrics(p, truth, "4")
+        assert m["valid_format"] == 0.0 and m["state_exact_match"] == 0.0
+        assert m["action_exact_match"] == 0.0 and m["output_from_trace"] == 0.0
+
+
+def test_a_cut_prediction_keeps_credit_for_its_frames_but_is_invalid():
+    text = _synthetic(4)
+    cut = text[:text.index(f"{RET}")]   # no return frames, no end-of-text
+    m = frame_metrics(parse(cut), parse(text), "4")
+    assert m["valid_format"] == 0.0
+    assert m["action_exact_match"] == pytest.approx(4 / 6)
+    assert m["state_exact_match"] == pytest.approx(4 / 6)
+
+
+def test_bad_frames_are_reported():
+    assert "'..' in a call frame" in parse(f"{CALL}{{\"a\": \"..\"}}{ACT}def f(a):\n{FRAME}").errors[0]
+    assert "not a local" in parse(f"{LINE}{{\"z\": \"..\"}}{ACT}    x\n{FRAME}").errors[0]
+    assert "after main was left" in parse(_synthetic(4).replace(END_OF_TEXT, "") +
+                                          f"{LINE}{{}}{ACT}    x\n{FRAME}").errors[0]
+
+
+def _char_tokens(text: str) -> list[tuple[int, int]]:
+    """Offsets of a tokenisation with every special token whole and every other char alone."""
+    specials = (*TRACE_TOKENS, END_OF_TEXT)
+    out, i = [], 0
+    while i < len(text):
+        tok = next((t for t in specials if text.startswith(t, i)), text[i])
+        out.append((i, i + len(tok)))
+        i += len(tok)
+    return out
+
+
+def test_teacher_forced_next_frame_metrics_split_action_and_state():
+    text = _synthetic(4)
+    offsets = _char_tokens(text)
+    assert teacher_forced(text, offsets, [True] * len(offsets)) == {
+        "next_frame_exact": 1.0, "next_action_exact": 1.0, "next_state_exact": 1.0}
+    # one wrong token in frame 3's LOCALS (the "4" of c), one in frame 5's source line
+    c_at = text.index('"c": "4"') + 6
+    src_at = text.index(f"{RET}{ACT}    return f") + len(RET) + len(ACT) + 4
+    correct = [not (a <= c_at < b or a <= src_at < b) for a, b in offsets]
+    m = teacher_forced(text, offsets, correct)
+    assert m["next_frame_exact"] == pytest.approx(4 / 6)
+    assert m["next_state_exact"] == pytest.approx(5 / 6)
+    assert m["next_action_exact"] == pytest.approx(5 / 6)
+    # a wrong end-of-text is no frame's
+    assert teacher_forced(text, offsets, [True] * (len(offsets) - 1) + [False])["next_frame_exact"] == 1.0
+
+
+def test_mean_metrics_averages_each_metric_over_the_programs_that_have_it():
+    assert mean_metrics([{"a": 1.0, "o": 1.0}, {"a": 0.0}]) == {"a": 0.5, "o": 1.0}
+
+
+def test_evaluate_params_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="evaluate.phases"):
+        parse_params({"evaluate": {"phases": ["pretrain", "posttrain"]}}, "p.yaml")
+    with pytest.raises(ConfigError, match="max_programs"):
+        parse_params({"evaluate": {"max_programs": 0}}, "p.yaml")
+
+
+def test_evaluate_without_any_checkpoint_says_where_it_looked(tmp_path):
+    from stages.evaluate import run
+
+    params = parse_params({"storage": {"root": str(tmp_path)}}, "p.yaml")
+    with pytest.raises(ConfigError, match="no checkpoint to evaluate"):
+        run(params, track=False, metrics_path=None, report_path=None)
+
+
+# --- on a tiny trained checkpoint (tokenizer, pack and pretrain stages run for real) ----------
+
+EVAL = {"max_programs": 4, "max_program_tokens": 600, "max_new_tokens": 48,
+        "output_max_new_tokens": 8, "ppl_seq_length": 32, "ppl_max_tokens": 512}
+
+needs_sandbox = pytest.mark.skipif(shutil.which("bwrap") is None,
+                                   reason="bubblewrap (the sandbox) is not installed")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap (the sandbox) is not installed")
+    from tests.train_fixtures import build_eval_root
+
+    root = tmp_path_factory.mktemp("evaluate")
+    build_eval_root(root, evaluate=EVAL)
+    return root
+
+
+KV_CHECK = """
+import json, sys
+from pathlib import Path
+from codeworld.config import load_params
+from codeworld.storage import Storage
+from codeworld.shards import Dataset
+from model.generate import load, one_thread
+from stages.tokenizer import load as load_tok
+root = Path(sys.argv[1])
+params = load_params(root / "params.yaml")
+tok = load_tok(Storage(str(root)))
+lm = load(params, root / "checkpoints" / "pretrain", tok.get_vocab_size())
+out = []
+one_thread().__enter__()   # both paths on one thread: the machine's other work stays out of it
+for r in list(Dataset(Storage(str(root)).sub("traces")))[:2]:
+    ids = tok.encode(r["prompt"]).ids
+    greedy = [lm.sample(ids, max_new_tokens=32, stop_ids={0}, cache=c) for c in (True, False)]
+    sampled = [lm.sample(ids, n=3, max_new_tokens=16, temperature=1.0, seed=7, cache=c)
+               for c in (True, False)]
+    out.append({"greedy": greedy, "sampled": sampled})
+print(json.dumps(out))
+"""
+
+
+def test_kv_cache_decoding_equals_full_recomputation(root):
+    proc = subprocess.run([sys.executable, "-c", KV_CHECK, str(root)], capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for case in json.loads(proc.stdout.strip().splitlines()[-1]):
+        cached, full = case["greedy"]
+        assert cached == full and len(cached[0]) > 0
+        assert case["sampled"][0] == case["sampled"][1]
+
+
+def _evaluate(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "codeworld.cli", "stage", "evaluate", "--params",
+                           str(root / "params.yaml"), "--no-track"], cwd=root,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_evaluate_stage_writes_metrics_predictions_and_the_report(root):
+    # a second phase checkpoint (the same weights as "midtrain"): evaluated after pretrain,
+    # on the same programs, side by side in the report
+    shutil.copytree(root / "checkpoints" / "pretrain", root / "checkpoints" / "midtrain")
+    proc = _evaluate(root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((root / "metrics" / "evaluate.json").read_text())
+    assert metrics["phases_evaluated"] == 2 and metrics["programs"] == 4
+    for phase in ("pretrain", "midtrain"):
+        for name in ("valid_format", "state_exact_match", "action_exact_match", "key_match",
+                     "key_value_match", "output_exact_match", "ppl_code", "ppl_traces",
+                     "next_frame_exact", "next_state_exact", "next_action_exact"):
+            assert 0 <= metrics[f"{phase}.{name}"] <= (1 if "ppl" not in name else 1e9)
+        rows = [json.loads(l) for l in (root / "evaluate" / f"{phase}.jsonl").read_text().splitlines()]
+        assert len(rows) == 4 and all("predicted" in r and "metrics" in r for r in rows)
+    # same weights, same greedy answers: the phases agree to the last digit
+    assert metrics["pretrain.state_exact_match"] == metrics["midtrain.state_exact_match"]
+    summary = json.loads((root / "evaluate" / "summary.json").read_text())
+    assert summary["missing"] == ["sft", "rl"] and len(summary["programs"]) == 4
+    held = {r["provenance"]["corpus_id"] for r in _traces(root)
+            if r["id"] in summary["programs"]}
+    from codeworld.split import heldout
+    assert held and all(heldout(c, 10.0, 0) for c in held)   # only held-out programs
+    report = (root / "reports" / "evaluate.md").read_text()
+    assert "| metric | pretrain | midtrain |" in report
+    assert "Mid-training effect" in report and "state exact match" in report
+    assert "| next frame exact |" in report and "trace NLL per token" in report
+    assert metrics["pretrain.trace_nll"] > 0
+    for png in ("pretrain.png", "midtrain.png", "phases.png"):
+        assert (root / "reports" / "evaluate" / png).stat().st_size > 1000
+        assert f"evaluate/{png}" in report
+    # deterministic: a rerun writes the same report and predictions
+    before = {p: (root / p).read_bytes() for p in ("reports/evaluate.md", "evaluate/pretrain.jsonl",
+                                                   "evaluate/summary.json")}
+    assert _evaluate(root).returncode == 0
+    assert before == {p: (root / p).read_bytes() for p in before}
+
+
+def _traces(root: Path) -> list[dict]:
+    from codeworld.shards import Dataset
+    from codeworld.storage import Storage
+
+    return list(Dataset(Storage(str(root)).sub("traces")))

@@ -1,0 +1,271 @@
+"""Phase `rl` (GRPO with verifiable rewards): the advantage and batch arithmetic, the policy
+loss beside an untouched supervised loss, rewards that come from running the code in the
+sandbox, the model as the agent's policy scored by hidden tests, and a tiny real run that
+logs rewards, checkpoints and resumes bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from codeworld.config import ConfigError, load_params, parse_params
+from codeworld.split import corpus_id, heldout
+from codeworld.storage import Storage
+from model.grpo import Sample, group_advantages, microbatches
+from model.rl import allocate, step_plan
+from stages.rl_tasks import frame_reward, output_reward, prepare_pool, read_pool, split_frames
+from stages.train_phase import run_in_own_group
+from tests.train_fixtures import (build_rl_root, calc_task, rl_program_records,
+                                  write_dataset)
+
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None and not os.environ.get("CI"),
+                                 reason="bubblewrap not installed")
+TIMING = ("sample_seconds", "train_seconds", "step_seconds", "memory_mb")
+
+
+def test_group_advantages():
+    a = group_advantages([1.0, 0.0, 0.0, 0.0], eps=1e-6)
+    assert a[0] == pytest.approx(3 ** 0.5, rel=1e-5) and a[1] == pytest.approx(-(3 ** -0.5), rel=1e-5)
+    assert sum(a) == pytest.approx(0.0, abs=1e-9)
+    assert group_advantages([1.0, 1.0, 1.0], eps=1e-6) == [0.0, 0.0, 0.0]   # no signal
+    assert group_advantages([0.5, 0.0], eps=1e-6) == pytest.approx([1.0, -1.0], rel=1e-5)
+
+
+def test_microbatches_put_the_loss_on_completions_only():
+    b, = microbatches([Sample([5, 6, 7], [8, 9], 2.0), Sample([5], [4], -1.0)], 4)
+    assert b["tokens"].tolist() == [[5, 6, 7, 8], [5, 1, 1, 1]]        # right-padded with pad
+    assert b["labels"].tolist() == [[6, 7, 8, 9], [4, 1, 1, 1]]
+    assert b["loss_mask"].tolist() == [[0, 0, 1, 1], [1, 0, 0, 0]]     # labels 8, 9 and 4
+    assert b["advantage"][0, 2].item() == 2.0 and b["advantage"][1, 0].item() == -1.0
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3]] * 2
+
+
+def test_step_plan_is_a_function_of_the_step():
+    cfg = parse_params({"pretrain": {}, "rl": {"init_from": "pretrain", "prompts_per_step": 3,
+                                               "tasks": {"output": 2.0, "next_frame": 1.0}}}).rl
+    assert allocate(3, {"output": 2.0, "next_frame": 1.0}) == {"output": 2, "next_frame": 1}
+    assert allocate(5, {"output": 1.0, "next_frame": 1.0}) == {"output": 3, "next_frame": 2}
+    pool = {"output": [{"id": f"o{i}"} for i in range(5)], "next_frame": [{"id": "n0"}, {"id": "n1"}]}
+    assert [x["id"] for x in step_plan(cfg, pool, 1)] == ["o0", "o1", "n0"]
+    assert [x["id"] for x in step_plan(cfg, pool, 3)] == ["o4", "o0", "n0"]   # pools wrap
+
+
+def test_rl_params_are_checked_at_load():
+    with pytest.raises(ConfigError, match="rl.init_from 'sft'"):
+        parse_params({"rl": {}})            # the default parent, not in this params file
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        parse_params({"rl": {"init_from": "pretrain", "max_new_tokens": 600, "seq_length": 512}})
+    assert parse_params({"rl": {"init_from": "pretrain"}}).rl.global_batch_size == 16
+    from model.build import TrainingSetupError
+    from model.rl import check_rl_layout
+
+    tp2 = parse_params({"parallel": {"nproc": 2, "tensor": 2}, "rl": {"init_from": "pretrain"}})
+    with pytest.raises(TrainingSetupError, match="tensor = pipeline = context = 1"):
+        check_rl_layout(tp2)            # said by the stage before any work
+
+
+TRAINER_CHECK = textwrap.dedent('''
+    import torch
+    from codeworld.config import parse_params
+    from model.generate import init_single_process
+    from model.trainer import PolicyLoss, Trainer
+
+    init_single_process()
+    model = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
+             "ffn_hidden_size": 128, "max_position_embeddings": 64}
+    params = parse_params({"model": model, "pretrain": {"seq_length": 16, "micro_batch_size": 2,
+                          "global_batch_size": 2, "warmup_steps": 0, "steps": 5},
+                          "rl": {"init_from": "pretrain", "seq_length": 16, "max_new_tokens": 4,
+                                 "prompts_per_step": 1, "group_size": 2, "lr": 0.01,
+                                 "min_lr": 0.01, "temperature": 0.7,
+                                 "agent_interval": 0}})
+    V = 600
+    tr = Trainer(params, "rl", V)
+    net = tr.chunks[0].module
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(20, V, (2, 12), generator=g)
+    labels = torch.randint(20, V, (2, 12), generator=g)
+    mask = (torch.rand(2, 12, generator=g) > 0.3).float()
+    pos = torch.arange(12).expand(2, 12).contiguous()
+    sup = {"tokens": tokens, "labels": labels, "loss_mask": mask, "position_ids": pos}
+    with torch.no_grad():
+        ce = net(tokens, pos, None, labels=labels)          # Megatron's own cross-entropy
+        # summed in float32 per micro-batch, divided in float64, as reduce_loss does
+        want = float(torch.sum(ce.float().reshape(-1) * mask.reshape(-1)).double()
+                     / mask.sum().double())
+    # supervised micro-batches take Megatron's labels path, whatever the policy settings
+    tr.policy = PolicyLoss(V, 0.7, 0.5)
+    assert tr.evaluate([[sup]]) == want, (tr.evaluate([[sup]]), want)
+    adv = torch.tensor([[1.5] * 12, [-0.5] * 12])
+    with torch.no_grad():
+        logp = torch.log_softmax(net(tokens, pos, None)[..., :V].float() / 0.7, -1)
+        logp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    pg = float((-adv * logp * mask).sum() / mask.sum())
+    tr.policy = PolicyLoss(V, 0.7, 0.0)
+    got = tr.evaluate([[{**sup, "advantage": adv}]])
+    assert abs(got - pg) < 1e-5, (got, pg)
+    # KL (k3) to a reference: zero where the reference is the policy, else its formula
+    tr.policy = PolicyLoss(V, 0.7, 0.5)
+    got = tr.evaluate([[{**sup, "advantage": adv, "ref_logprob": logp}]])
+    assert abs(got - pg) < 1e-5, (got, pg)
+    d = (logp - 0.3) - logp
+    kl = float(((torch.exp(d) - d - 1) * mask).sum() / mask.sum())
+    got = tr.evaluate([[{**sup, "advantage": adv, "ref_logprob": logp - 0.3}]])
+    assert abs(got - (pg + 0.5 * kl)) < 1e-5, (got, pg, kl)
+    # the sign: a step on +advantage makes the completion likelier, on -advantage less likely
+    tr.policy = PolicyLoss(V, 0.7, 0.0)
+    for sign in (1.0, -1.0):
+        before = tr.evaluate([[{**sup, "advantage": torch.ones(2, 12)}]])   # = mean -log p
+        tr.train_step([{**sup, "advantage": torch.full((2, 12), sign)}])
+        after = tr.evaluate([[{**sup, "advantage": torch.ones(2, 12)}]])
+        assert (after < before) == (sign > 0), (sign, before, after)
+    print("TRAINER-OK")
+''')
+
+
+def test_policy_loss_beside_an_unchanged_supervised_loss(tmp_path):
+    script = tmp_path / "check.py"
+    script.write_text(TRAINER_CHECK)
+    with open(tmp_path / "log", "w") as log:
+        proc = run_in_own_group([sys.executable, str(script)], stdout=log, timeout=600,
+                                cwd=Path(__file__).resolve().parents[1],
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = (tmp_path / "log").read_text()
+    assert proc.returncode == 0 and "TRAINER-OK" in out, out[-4000:]
+
+
+def test_output_and_frame_rewards():
+    assert output_reward("[1, 2]<|end_of_turn|>", "[1, 2]") == 1.0
+    assert output_reward(" [1,2] <|end_of_turn|>", "[1, 2]") == 1.0     # a literal, reformatted
+    assert output_reward('"a"<|end_of_text|>', "'a'") == 1.0
+    assert output_reward("[1, 3]<|end_of_turn|>", "[1, 2]") == 0.0
+    assert output_reward("[1, 2]", "[1, 2]") == 0.0                     # never ended its turn
+    assert output_reward("__import__('os')<|end_of_turn|>", "0") == 0.0  # not a literal: no eval
+    frame = '<|line_sep|>{"x": ".."}<|action_sep|>    y = x % 2\n<|frame_sep|>'
+    assert frame_reward(frame + "<|line_sep|>junk", frame) == 1.0
+    assert frame_reward(frame.replace("..", "3"), frame) == 0.0
+    assert frame_reward(frame[:-len("<|frame_sep|>")], frame) == 0.0
+
+
+@pytest.fixture(scope="module")
+def rl_root(tmp_path_factory):
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap not installed")
+    root = tmp_path_factory.mktemp("rl")
+    build_rl_root(root)
+    return root
+
+
+def _tokenizer(root: Path):
+    from stages.tokenizer import load
+
+    return load(Storage(str(root)))
+
+
+@needs_bwrap
+def test_pool_answers_come_from_the_sandbox(rl_root, tmp_path):
+    params = load_params(rl_root / "params.yaml")
+    records = rl_program_records(12)
+    records[3] = {**records[3], "result": "'tampered'"}       # the dataset is not the truth
+    write_dataset(tmp_path, "traces", records)
+    data = params.model_dump()
+    data["storage"]["root"] = str(tmp_path)
+    data["rl"].update(tasks={"output": 1.0, "next_frame": 1.0}, max_new_tokens=48,
+                      agent_interval=0)
+    local = parse_params(data)
+    stats = prepare_pool(local, _tokenizer(rl_root), tmp_path / "pool.jsonl")
+    pool = read_pool(tmp_path / "pool.jsonl")
+    assert stats["output_dropped_sandbox_ok"] == 1 and "p3" not in {i["id"] for i in pool["output"]}
+    by_id = {r["id"]: r for r in records}
+    for item in pool["output"]:
+        rec = by_id[item["id"]]
+        assert not heldout(corpus_id(rec), params.pack.heldout_percent, params.pack.seed)
+        assert item["answer"] == repr(int(rec["call"][2:-1]) % 2)    # what running it gives
+        assert output_reward(item["answer"] + "<|end_of_turn|>", item["answer"]) == 1.0
+        wrong = "1" if item["answer"] == "0" else "0"
+        assert output_reward(wrong + "<|end_of_turn|>", item["answer"]) == 0.0
+    assert pool["next_frame"] and stats["pool_next_frame"] == len(pool["next_frame"])
+    for item in pool["next_frame"]:
+        frames = split_frames(by_id[item["id"]]["trace"])
+        assert item["answer"] == frames[item["frame"]]
+        assert item["prompt"].endswith("".join(frames[:item["frame"]]))
+        assert frame_reward(item["answer"], item["answer"]) == 1.0
+
+
+@needs_bwrap
+def test_model_policy_is_scored_by_the_hidden_tests(rl_root, tmp_path):
+    from stages.agent.envs import build_env
+    from stages.agent.loop import run_episode
+    from stages.agent.policies import ModelPolicy, call
+    from stages.agent.tools import format_edit
+
+    tok = _tokenizer(rl_root)
+    params = load_params(rl_root / "params.yaml")
+    env = build_env(params.agent.repositories[0], tmp_path / "cache")
+    fix = call("edit", format_edit("calc/__init__.py", "    return total * len(xs)",
+                                   "    return total / len(xs)"))
+    for replies, reward in (([fix, call("submit")], 1.0), ([call("submit")], 0.0)):
+        def generate(prompt, turn, replies=replies):   # stands in for the model's sampler
+            return tok.encode(replies[turn] + "<|end_of_turn|>").ids
+        policy = ModelPolicy(generate, tok, max_context=2048, max_new_tokens=64)
+        ep = run_episode(calc_task(), env, policy, max_turns=4, max_tokens=20000,
+                         observation_chars=2000, tool_wall_seconds=30, test_wall_seconds=60)
+        assert ep["reward"] == reward and ep["submitted"]
+        assert len(policy.turns) == len(replies)
+        prompt, out = policy.turns[0]
+        assert tok.decode(prompt, skip_special_tokens=False).endswith("<|assistant|>")
+        assert tok.decode(out, skip_special_tokens=False) == replies[0] + "<|end_of_turn|>"
+
+
+def _stage(root: Path, name: str, env: dict | None = None, check: bool = True):
+    with open(root / f"{name}.log", "w") as log:
+        proc = run_in_own_group([sys.executable, "-m", "codeworld.cli", "stage", name,
+                                 "--params", str(root / "params.yaml"), "--no-track"],
+                                cwd=root, stdout=log, timeout=900,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check:
+        assert proc.returncode == 0, (root / f"{name}.log").read_text()[-4000:]
+    return proc
+
+
+def _rows(root: Path) -> list[dict]:
+    lines = (root / "checkpoints" / "rl" / "steps.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(l).items() if k not in TIMING} for l in lines]
+
+
+@needs_bwrap
+def test_tiny_rl_run_logs_rewards_checkpoints_and_resumes_bit_for_bit(rl_root):
+    _stage(rl_root, "pretrain")                       # the stand-in SFT checkpoint
+    _stage(rl_root, "rl")
+    full = _rows(rl_root)
+    assert [r["step"] for r in full] == [1, 2, 3, 4]
+    assert all(0.0 <= r["reward_mean"] <= 1.0 and "success_rate" in r for r in full)
+    assert any(r["updated"] for r in full) and any(r["informative_groups"] for r in full)
+    assert [r.get("agent_episodes") for r in full] == [None, 2, None, 2]   # every 2nd step
+    out = rl_root / "checkpoints" / "rl"
+    assert json.loads((out / "latest.json").read_text())["iteration"] == 4
+    assert (out / "iter_0000002").is_dir() and (out / "iter_0000004").is_dir()
+    run = json.loads((out / "run.json").read_text())
+    assert run["parent"]["phase"] == "pretrain" and run["parent"]["iteration"] == 30
+    metrics = json.loads((rl_root / "metrics" / "rl.json").read_text())
+    assert metrics["steps"] == 4 and metrics["agent_episodes"] == 4 and "reward_last" in metrics
+    assert len(json.loads((rl_root / "metrics" / "plots" / "rl.json").read_text())) == 4
+
+    log_before = (out / "train.log").stat().st_mtime
+    _stage(rl_root, "rl")                              # finished: nothing to do
+    assert (out / "train.log").stat().st_mtime == log_before
+
+    for p in out.glob("iter_*"):                      # same fingerprint, from the start again
+        shutil.rmtree(p)
+    (out / "latest.json").unlink()
+    proc = _stage(rl_root, "rl", env={"CODEWORLD_FAULT_KILL_AFTER_STEP": "2"}, check=False)
+    assert proc.returncode != 0
+    assert json.loads((out / "latest.json").read_text())["iteration"] == 2
+    _stage(rl_root, "rl")                              # resumes at step 3
+    assert _rows(rl_root) == full
