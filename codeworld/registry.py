@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from codeworld.config import PHASES, Params
-from codeworld.tracking import PARENT_ENV, repo_root, start_run, tracking_uri
+from codeworld.tracking import PARENT_ENV, repo_root, tracking_uri
 
 
 class RegistryError(RuntimeError):
@@ -97,17 +97,27 @@ def register_final(params: Params, name: str | None = None) -> dict:
     run_tags = {"codeworld.stage": "register", **{k: v[:5000] for k, v in tags.items()}}
     if parent := os.environ.get(PARENT_ENV):
         run_tags["mlflow.parentRunId"] = parent
-    run = start_run("register", params.tracking.experiment, run_tags)
+    # The client API, not mlflow.start_run: the flow calling this has the pipeline run active
+    # in its process, and a fluent run would have to nest under it.
+    from codeworld.tracking import git_commit
+
+    if commit := git_commit():
+        run_tags["git.commit"] = commit
+    exp = client.get_experiment_by_name(params.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(params.tracking.experiment)
+    run_id = client.create_run(exp_id, tags={**run_tags, "mlflow.runName": "register"},
+                               run_name="register").info.run_id
+    status = "FAILED"
     try:
-        mlflow.log_artifacts(str(ckpt), "checkpoint")
+        client.log_artifacts(run_id, str(ckpt), "checkpoint")
         tok = d.parents[1] / "tokenizer" / "tokenizer.json"
         if tok.exists():
-            mlflow.log_artifact(str(tok), "checkpoint")
+            client.log_artifact(run_id, str(tok), "checkpoint")
         if (d / PARAMS).exists():
-            mlflow.log_artifact(str(d / PARAMS), "checkpoint")
-        run_id = run.info.run_id
+            client.log_artifact(run_id, str(d / PARAMS), "checkpoint")
+        status = "FINISHED"
     finally:
-        mlflow.end_run()
+        client.set_terminated(run_id, status)
     try:
         client.create_registered_model(name, description="codeworld checkpoints (final phase of each pipeline run)")
     except Exception:   # already registered

@@ -113,7 +113,11 @@ def test_register_final_checkpoint_with_lineage_once(mlflow_url, tmp_path, monke
         register_final(params)
 
     _checkpoint(tmp_path / "data", "pretrain", "fp-pre", 200)
-    first = register_final(params)
+    import mlflow
+
+    mlflow.set_experiment(params.tracking.experiment)
+    with mlflow.start_run(run_name="pipeline"):   # as in the flow: its run is active here
+        first = register_final(params)
     assert first["new"] and first["phase"] == "pretrain"
     again = register_final(params)
     assert not again["new"] and again["version"] == first["version"]
