@@ -50,9 +50,11 @@ def tree_expectations(src: Path) -> dict:
 def dvc_deps() -> list[str]:
     """Source files and folders the real dvc.yaml lists as deps (outs of stages excluded)."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    outs = {next(iter(o)) if isinstance(o, dict) else o for s in stages.values() for o in s.get("outs", [])}
+    outs = {next(iter(o)) if isinstance(o, dict) else o for s in stages.values()
+            for o in [*s.get("outs", []), *s.get("metrics", []), *s.get("plots", [])]}
     deps = {d for s in stages.values() for d in s.get("deps", [])}
-    return sorted(d for d in deps if d not in outs)
+    # a dep inside another stage's output (evaluate's data/pack/manifest.json) is that output
+    return sorted(d for d in deps if not any(d == o or d.startswith(o + "/") for o in outs))
 
 
 def make_workspace(root: Path, src: Path, sources: list[dict] | None = None, **overrides) -> Path:
