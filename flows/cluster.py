@@ -16,16 +16,13 @@ instead (`--workers`), or on other machines `dask worker tcp://HOST:PORT --nthre
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
 from pathlib import Path
 
-import psutil
-
 from codeworld.tracking import repo_root
-from flows.serve import BIN, _free, _running, _start
+from flows.serve import BIN, _free, _running, _start, status_named, stop_named
 
 RUN_DIR = ".cluster"
 
@@ -81,35 +78,12 @@ def stop(root: Path, grace: float = 20) -> None:
     """Stop the processes of our pid files (and their children: a worker's nanny forks the
     worker process), workers first."""
     run_dir = root / RUN_DIR
-    for name in reversed(_names(run_dir)) if run_dir.is_dir() else ():
-        proc = _running(run_dir, name)
-        if proc is None:
-            print(f"{name}: not running")
-        else:
-            family = [proc]
-            with contextlib.suppress(psutil.Error):
-                family += proc.children(recursive=True)
-            for p in family:
-                with contextlib.suppress(psutil.Error):
-                    p.terminate()
-            _, alive = psutil.wait_procs(family, timeout=grace)
-            for p in alive:
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
-            psutil.wait_procs(alive, timeout=5)
-            print(f"{name}: stopped (pid {proc.pid})")
-        (run_dir / f"{name}.pid").unlink(missing_ok=True)
+    stop_named(run_dir, reversed(_names(run_dir)) if run_dir.is_dir() else (), grace)
 
 
 def status(root: Path) -> int:
     run_dir = root / RUN_DIR
-    names = _names(run_dir) if run_dir.is_dir() else ["scheduler"]
-    up = 0
-    for name in names:
-        proc = _running(run_dir, name)
-        print(f"{name}: {'running (pid %d)' % proc.pid if proc else 'not running'}")
-        up += proc is not None
-    return 0 if up == len(names) else 1
+    return status_named(run_dir, _names(run_dir) if run_dir.is_dir() else ["scheduler"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -143,9 +143,10 @@ def _wait_deployments(proc: psutil.Process, api: str, log: Path, timeout: float)
     raise SystemExit(f"deployments not served within {timeout:.0f}s; see {log}")
 
 
-def stop(root: Path, grace: float = 20) -> None:
-    run_dir = root / ".serve"
-    for name in reversed(NAMES):
+def stop_named(run_dir: Path, names, grace: float = 20) -> None:
+    """Stop the processes of these pid files in `run_dir`, in this order, each with its
+    children (terminate, then kill after `grace` seconds); the pid files are removed."""
+    for name in names:
         proc = _running(run_dir, name)
         if proc is None:
             print(f"{name}: not running")
@@ -165,14 +166,22 @@ def stop(root: Path, grace: float = 20) -> None:
         (run_dir / f"{name}.pid").unlink(missing_ok=True)
 
 
-def status(root: Path) -> int:
-    run_dir = root / ".serve"
+def status_named(run_dir: Path, names) -> int:
+    """Print which of these processes run; 0 when all of them do."""
     up = 0
-    for name in NAMES:
+    for name in names:
         proc = _running(run_dir, name)
         print(f"{name}: {'running (pid %d)' % proc.pid if proc else 'not running'}")
         up += proc is not None
-    return 0 if up == len(NAMES) else 1
+    return 0 if up == len(names) else 1
+
+
+def stop(root: Path, grace: float = 20) -> None:
+    stop_named(root / ".serve", reversed(NAMES), grace)
+
+
+def status(root: Path) -> int:
+    return status_named(root / ".serve", NAMES)
 
 
 def main(argv: list[str] | None = None) -> int:
