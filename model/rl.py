@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import signal
 import statistics
 import sys
 import time
@@ -40,9 +39,8 @@ from model.build import TrainingSetupError, check_layout, resolve_precision
 from model.generate import sample
 from model.grpo import Sample, empty_microbatch, group_advantages, microbatches
 from model.metrics import StepLog, memory_mb
-from model.trainer import PolicyLoss, Trainer, init_distributed, policy_nll
+from model.trainer import PolicyLoss, Trainer, finish_step, init_distributed, policy_nll, shutdown
 
-KILL_AFTER = "CODEWORLD_FAULT_KILL_AFTER_STEP"  # SIGKILL this rank after that step (tests)
 END_OF_TURN_ID = SPECIAL_TOKENS.index(ROLE_TOKENS[4])
 FRAME_SEP_ID = SPECIAL_TOKENS.index(TRACE_TOKENS[1])
 STOPS = {"output": {END_OF_TURN_ID, EOD_ID}, "next_frame": {FRAME_SEP_ID, EOD_ID},
@@ -287,14 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             row["agent_task"] = task["id"]
         if iteration % cfg.log_interval == 0 or iteration == cfg.steps:
             log.write({k: v for k, v in row.items() if v is not None})
-        if iteration % cfg.save_interval == 0 or iteration == cfg.steps:
-            checkpoint.save(out, iteration, trainer.chunks, trainer.optimizer, trainer.scheduler)
-        if os.environ.get(KILL_AFTER) == str(iteration):  # fault injection for the resume test
-            os.kill(os.getpid(), signal.SIGKILL)
-    log.close()
-    torch.distributed.barrier()
-    ps.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
+        finish_step(trainer, out, iteration, cfg.steps, cfg.save_interval)
+    shutdown(log)
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -23,9 +22,8 @@ from model import checkpoint
 from model.build import check_layout, resolve_precision
 from model.data import MicroBatches, build_datasets, plan_validation
 from model.metrics import StepLog, memory_mb, peak_flops
-from model.trainer import Trainer, init_distributed
+from model.trainer import Trainer, finish_step, init_distributed, shutdown
 
-KILL_AFTER = "CODEWORLD_FAULT_KILL_AFTER_STEP"  # SIGKILL this rank after that step (tests)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,14 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["valid_loss"] = loss
         if iteration % cfg.log_interval == 0 or iteration == cfg.steps:
             log.write(row)
-        if iteration % cfg.save_interval == 0 or iteration == cfg.steps:
-            checkpoint.save(out, iteration, trainer.chunks, trainer.optimizer, trainer.scheduler)
-        if os.environ.get(KILL_AFTER) == str(iteration):  # fault injection for the resume test
-            os.kill(os.getpid(), signal.SIGKILL)
-    log.close()
-    torch.distributed.barrier()
-    ps.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
+        finish_step(trainer, out, iteration, cfg.steps, cfg.save_interval)
+    shutdown(log)
     return 0
 
 

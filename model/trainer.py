@@ -5,6 +5,7 @@ optimizer and LR schedule, and micro-batches through its forward-backward schedu
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -188,3 +189,27 @@ def reduce_loss(losses: list[dict]) -> float | None:
         total = total.cuda()
     torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     return float(total[0] / total[1].clamp(min=1))
+
+
+KILL_AFTER = "CODEWORLD_FAULT_KILL_AFTER_STEP"  # SIGKILL this rank after that step (tests)
+
+
+def finish_step(trainer: Trainer, out, iteration: int, steps: int, save_interval: int) -> None:
+    """After a step of any phase: checkpoint on the interval and at the end, then the fault
+    injection the resume tests use."""
+    from model import checkpoint
+
+    if iteration % save_interval == 0 or iteration == steps:
+        checkpoint.save(out, iteration, trainer.chunks, trainer.optimizer, trainer.scheduler)
+    if os.environ.get(KILL_AFTER) == str(iteration):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def shutdown(log) -> None:
+    """Close the step log and leave the process groups together."""
+    from megatron.core import parallel_state as ps
+
+    log.close()
+    torch.distributed.barrier()
+    ps.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
