@@ -22,8 +22,9 @@ from codeworld.shards import code_version, fingerprint
 from codeworld.storage import Storage, filesystem, write_atomic
 from codeworld.tracking import StageRun, repo_root, tracking_uri
 from model import checkpoint
+from stages import train_phase
 from stages.train_phase import (PARAMS, RUN, TrainingFailed, _set_tags, model_code_version,
-                                phase_config, phase_dir, read_steps, run_in_own_group, write_plot)
+                                phase_dir, read_steps, run_in_own_group, write_plot)
 
 POOL = "pool.jsonl"
 POOL_STATS = "pool_stats.json"
@@ -31,19 +32,7 @@ POOL_STATS = "pool_stats.json"
 
 def parent_record(params: Params) -> dict:
     """The finished checkpoint of rl.init_from (the initial policy)."""
-    name = params.rl.init_from
-    root = phase_dir(params, name)
-    found = checkpoint.latest(root)
-    if found is None:
-        raise FileNotFoundError(f"{root}: rl starts from {name}'s checkpoint and there is none "
-                                f"(run the {name} stage first)")
-    iteration, path = found
-    steps = phase_config(params, name).steps
-    if iteration < steps:
-        raise TrainingFailed(f"{root}: {name} stopped at iteration {iteration} of {steps}; "
-                             f"finish the {name} stage before rl")
-    return {"phase": name, "checkpoint": str(path), "iteration": iteration,
-            "fingerprint": json.loads((root / RUN).read_text())["fingerprint"]}
+    return train_phase.parent_record(params, "rl")
 
 
 def _manifest_fp(storage: Storage, name: str) -> str | None:

@@ -61,9 +61,12 @@ def pack_sources(params: Params, phase: str) -> dict[str, dict]:
 
 
 def parent_record(params: Params, phase: str) -> dict | None:
-    """The checkpoint this phase starts from: its phase, path, iteration and fingerprint. The
-    parent must have finished (its last checkpoint at its configured steps)."""
-    parent = phase_config(params, phase).init_from
+    """The checkpoint this phase (rl too) starts from: its phase, path, iteration and
+    fingerprint. The parent must have finished (its last checkpoint at its configured steps)."""
+    cfg = getattr(params, phase, None)   # a PhaseConfig, or rl's RLConfig: both name init_from
+    if cfg is None:
+        raise ConfigError(f"params has no {phase} section: the {phase} phase is not configured")
+    parent = cfg.init_from
     if not parent:
         return None
     root = phase_dir(params, parent)
