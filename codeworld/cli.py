@@ -36,8 +36,12 @@ def _stage(args: argparse.Namespace) -> int:
     if args.name not in STAGES:
         raise ConfigError(f"unknown stage {args.name!r} (known: {', '.join(STAGES)})")
     m = importlib.import_module(f"stages.{args.name}").run(params, track=not args.no_track)
-    if "shards" in m:  # a shard dataset (tokenizer, pack and training pin their own outputs)
-        pin_manifest(Storage(params.storage.root, params.storage.s3_endpoint_url), args.name, m)
+    # With the data elsewhere, DVC's data/NAME is a copy of the output's manifest: for a shard
+    # dataset, and for the tokenizer and the pack once they are on S3 (on a local disk they
+    # are written where the storage root is, and the training phases read them there).
+    storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
+    if "shards" in m or (args.name in ("tokenizer", "pack") and storage.is_s3):
+        pin_manifest(storage, args.name, m)
     print(json.dumps({"stage": args.name, "records": m.get("records"),
                       "shards": len(m.get("shards", []))}))
     return 0

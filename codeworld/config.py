@@ -27,6 +27,17 @@ class StorageConfig(Section):
     root: str = "data"
     # Endpoint of an S3-compatible server (moto, MinIO, ...); None means AWS itself.
     s3_endpoint_url: str | None = None
+    # With an s3:// root: this node's local folder for what must be on a local disk, the pack
+    # stage's .bin/.idx that Megatron memory-maps (written here then uploaded by pack,
+    # downloaded here and verified by training). Unused with a local root.
+    local_cache: str = "data/cache"
+
+    @field_validator("local_cache")
+    @classmethod
+    def _local_cache(cls, v: str) -> str:
+        if not v.strip() or "://" in v:
+            raise ValueError(f"{v!r}: must be a local folder (Megatron memory-maps its datasets)")
+        return v
 
     @field_validator("root")
     @classmethod

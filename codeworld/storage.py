@@ -2,21 +2,68 @@
 
 Every write is atomic: a local file is written beside its target and renamed over it; an S3
 object only becomes visible when its upload completes, so a reader never sees a partial object.
+
+Transient S3 errors (500s, 503 SlowDown, dropped connections, an answer cut off mid-body) are
+retried with backoff below this layer: botocore retries every request (5 attempts by default;
+AWS_MAX_ATTEMPTS, AWS_RETRY_MODE), and s3fs retries connection failures and SlowDown again and
+resumes a download from where it was cut off (tested through a fault-injecting proxy,
+tests/test_s3_training.py). Another retry loop here would only multiply the attempts of a
+request that keeps failing; what this layer adds is the final error, a StorageError that names
+the path whatever the transport raised.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import posixpath
+import shutil
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import fsspec
 
 
 class StorageError(OSError):
     """A storage operation failed; the message names the path."""
+
+
+@functools.cache
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What s3fs lets through once its and botocore's retries are spent: mostly OSError, but a
+    connection that keeps dropping ends in botocore's or aiohttp's own exception types."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+        errors += [BotoCoreError, ClientError]
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientError as HTTPError
+        errors.append(HTTPError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+@contextmanager
+def _named(path: str, what: str, missing_is_state: bool = True):
+    """Re-raise a failed operation on `path` as a StorageError naming it. A missing path stays
+    FileNotFoundError where callers treat absence as a state (reads); for a write it is a
+    failure like any other (a bucket that does not exist)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError:
+        if missing_is_state:
+            raise
+        raise StorageError(f"{path}: cannot {what}: no such bucket or folder") from None
+    except _transport_errors() as err:
+        raise StorageError(f"{path}: cannot {what}: {type(err).__name__}: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -39,16 +86,56 @@ class Storage:
         return Storage(self.path(*parts), self.endpoint_url)
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        with _named(self.path(rel), "check"):
+            return self.fs.exists(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
         full = self.path(rel)
-        try:
+        with _named(full, "read"):
             return self.fs.cat_file(full)
-        except FileNotFoundError:
-            raise
-        except OSError as err:
-            raise StorageError(f"{full}: cannot read: {err}") from err
+
+    def sha256(self, rel: str) -> str:
+        """sha256 of an object or file, streamed (nothing is stored locally)."""
+        full = self.path(rel)
+        h = hashlib.sha256()
+        with _named(full, "read"), self.fs.open(full, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    def upload(self, src: str | os.PathLike, rel: str) -> None:
+        """Copy the local file src to rel: the whole file becomes visible at once, or nothing."""
+        full = self.path(rel)
+        with _named(full, f"upload {src}", missing_is_state=False):
+            if _is_local(self.fs):
+                parent = os.path.dirname(full) or "."
+                os.makedirs(parent, exist_ok=True)
+                tmp = os.path.join(parent, f".{os.path.basename(full)}.tmp-{uuid.uuid4().hex[:8]}")
+                try:
+                    shutil.copyfile(src, tmp)
+                    os.replace(tmp, full)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            else:
+                # one PUT, or a multipart upload completed at its end (aborted on failure)
+                self.fs.put_file(os.fspath(src), full)
+
+    def download(self, rel: str, dest: str | os.PathLike, sha256: str | None = None) -> None:
+        """Copy rel to the local file dest: into a temp file beside it, checked against sha256
+        when given, then renamed over dest, so dest is never a partial or unverified copy."""
+        full, dest = self.path(rel), Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            with _named(full, "download"):
+                self.fs.get_file(full, os.fspath(tmp))
+            if sha256 is not None and (got := file_sha256(tmp)) != sha256:
+                raise StorageError(f"{full}: sha256 {got[:12]}... differs from the expected "
+                                   f"{sha256[:12]}...: the object is corrupt or was replaced")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         write_atomic(self.fs, self.path(rel), data)
@@ -57,15 +144,17 @@ class Storage:
         """Names (not paths) directly under rel; empty when it does not exist."""
         full = self.path(rel) if rel else self.root
         try:
-            entries = self.fs.ls(full, detail=False)
+            with _named(full, "list"):
+                entries = self.fs.ls(full, detail=False)
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
     def remove(self, rel: str) -> None:
         full = self.path(rel)
-        if self.fs.exists(full):
-            self.fs.rm(full, recursive=True)
+        with _named(full, "remove"):
+            if self.fs.exists(full):
+                self.fs.rm(full, recursive=True)
 
 
 def filesystem(url: str, endpoint_url: str | None = None) -> fsspec.AbstractFileSystem:
@@ -81,10 +170,14 @@ def filesystem(url: str, endpoint_url: str | None = None) -> fsspec.AbstractFile
     return fsspec.filesystem(protocol)
 
 
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    try:
-        if proto in ("file", "local"):
+    return proto in ("file", "local")
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    with _named(path, "write", missing_is_state=False):
+        if _is_local(fs):
             parent = os.path.dirname(path) or "."
             os.makedirs(parent, exist_ok=True)
             tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
@@ -100,8 +193,6 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         else:
             # S3 PUT / completed multipart upload: the object appears whole or not at all.
             fs.pipe_file(path, data)
-    except OSError as err:
-        raise StorageError(f"{path}: cannot write: {err}") from err
 
 
 def file_sha256(path: str | os.PathLike) -> str:

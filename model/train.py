@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from codeworld.config import load_params
+from codeworld.pack_cache import materialise
 from model import checkpoint
 from model.build import check_layout, resolve_precision
 from model.data import MicroBatches, build_datasets, plan_validation
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = getattr(params, args.phase)
     # before any process group: a setup this machine lacks fails now
     check_layout(params.parallel, resolve_precision(cfg))
+    # With an S3 storage root, --pack is this node's cache: the pack is fetched into it and
+    # verified (one local rank downloads, the others wait on its lock) before Megatron maps it.
+    materialise(params.storage, Path(args.pack))
     init_distributed(params.parallel.backend)
     from megatron.core import parallel_state as ps
 

@@ -8,6 +8,13 @@ dataset `<name>_mask` with one 0/1 per token, read by model/data.py. Held-out co
 skipped here, for every source and format, so no phase ever trains on them. Records that hold
 no task of an SFT format are skipped and counted (`skipped`), apart from broken ones.
 A source is the unit of resume: its files are renamed into place, then its own manifest.
+
+With an s3:// storage root the shard datasets and the tokenizer are read (streamed) from S3,
+each source is built in this node's cache (storage.local_cache, codeworld/pack_cache.py) and
+uploaded under `<root>/pack/`: its files, then its record `<name>.json`; the pack's manifest
+goes up last, and is taken down before the first object that changes, so a reader never sees
+a pack half replaced. A rerun skips a source whose record on S3 has the same fingerprint and
+whose objects still have the recorded sha256 (or uploads it from a finished local copy).
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from codeworld.config import ConfigError, Params, PackSourceConfig
+from codeworld import pack_cache
+from codeworld.config import Params, PackSourceConfig
+from codeworld.pack_cache import MANIFEST, OUTPUT, prune
 from codeworld.shards import Dataset, dumps, fingerprint
 from codeworld.split import corpus_id, heldout
 from codeworld.storage import Storage, file_sha256
@@ -27,18 +36,22 @@ from codeworld.tracking import StageRun
 from stages import tokenizer as tokenizer_stage
 from stages.documents import MASKED_FORMATS, DocumentError, NotATask, render
 
-OUTPUT = "pack"
-MANIFEST = "manifest.json"
 BATCH = 256  # records tokenised per encode_batch call (HF tokenizers spreads it over cores)
 
 
 def local_dir(params: Params) -> Path:
-    storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
-    if storage.is_s3:
-        # Megatron memory-maps .bin/.idx files: they must be on a local disk.
-        raise ConfigError(f"storage.root {params.storage.root!r}: the pack stage and training "
-                          "need a local storage root (Megatron memory-maps its datasets)")
-    return Path(storage.path(OUTPUT))
+    """The pack's folder on this machine (Megatron memory-maps its files: a local disk):
+    `<root>/pack`, or with an S3 root this node's cache `<storage.local_cache>/pack`."""
+    return pack_cache.local_dir(params.storage)
+
+
+def read_manifest(params: Params) -> dict:
+    """The pack's manifest where the pack lives (on S3 with an S3 root)."""
+    where = pack_cache.storage_of(params.storage).sub(OUTPUT)
+    try:
+        return json.loads(where.read_bytes(MANIFEST))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where.path(MANIFEST)}: no pack manifest (run the pack stage)") from None
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -149,8 +162,37 @@ def _finished(out: Path, name: str, fp: str) -> dict | None:
     return meta
 
 
+def _uploaded(remote: Storage, name: str, fp: str) -> dict | None:
+    """The source's record when S3 holds it whole: same fingerprint, and every object it names
+    with the recorded sha256 (hashed as it streams, nothing stored)."""
+    try:
+        meta = json.loads(remote.read_bytes(f"{name}.json"))
+    except (FileNotFoundError, ValueError):
+        return None
+    if meta.get("fingerprint") != fp:
+        return None
+    for fname, sha in meta["files"].items():
+        try:
+            if remote.sha256(fname) != sha:
+                return None
+        except FileNotFoundError:
+            return None
+    return meta
+
+
+def _upload(remote: Storage, out: Path, name: str, meta: dict) -> None:
+    """A finished source to S3: its record is taken down first and put back last, so S3 never
+    holds a record whose objects are not all there."""
+    remote.remove(f"{name}.json")
+    for fname in meta["files"]:   # each object appears whole or not at all
+        remote.upload(out / fname, fname)
+    remote.write_bytes(f"{name}.json", dumps(meta) + b"\n")
+
+
 def run(params: Params, *, track: bool = True, metrics_path: str | None = "metrics/pack.json") -> dict:
     storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
+    remote = storage.sub(OUTPUT) if storage.is_s3 else None
+    published = remote is not None   # S3's manifest still stands (taken down before a change)
     out = local_dir(params)
     out.mkdir(parents=True, exist_ok=True)
     tok = tokenizer_stage.load(storage)
@@ -161,22 +203,43 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         for name, src in params.pack.sources.items():
             ds = Dataset(storage.sub(src.dataset))
             fp = source_fingerprint(name, src, params, tok_sha, ds)
-            meta = _finished(out, name, fp)
+            meta = _uploaded(remote, name, fp) if remote is not None else None
             if meta is None:
-                with run_.timed(f"pack_{name}"):
-                    meta = pack_source(name, src, ds, tok, params, out, fp)
+                meta = _finished(out, name, fp)
+                if meta is None:
+                    with run_.timed(f"pack_{name}"):
+                        meta = pack_source(name, src, ds, tok, params, out, fp)
+                if remote is not None:
+                    if published:
+                        remote.remove(MANIFEST)
+                        published = False
+                    with run_.timed(f"upload_{name}"):
+                        _upload(remote, out, name, meta)
             sources[name] = meta
             run_.log(**{f"{name}_{k}": v for k, v in meta.items() if isinstance(v, int)
                         and not isinstance(v, bool)})
-        for stale in os.listdir(out):  # sources no longer in params
-            if stale.split(".")[0].removesuffix("_mask") not in sources and stale != MANIFEST:
-                os.remove(out / stale)
         manifest = {"name": OUTPUT, "fingerprint": fingerprint(
                         "pack", 1, {n: m["fingerprint"] for n, m in sources.items()}),
                     "tokenizer_sha256": tok_sha, "vocab_size": tok.get_vocab_size(),
                     "records": sum(m["documents"] for m in sources.values()),
                     "tokens": sum(m["tokens"] for m in sources.values()), "sources": sources}
-        (out / f".{MANIFEST}.tmp").write_bytes(dumps(manifest) + b"\n")
-        os.replace(out / f".{MANIFEST}.tmp", out / MANIFEST)
+        body = dumps(manifest) + b"\n"
+        prune(out, manifest)   # sources no longer in params, masks a source lost, temp files
+        if remote is None:
+            (out / f".{MANIFEST}.tmp").write_bytes(body)
+            os.replace(out / f".{MANIFEST}.tmp", out / MANIFEST)
+        else:
+            keep = {MANIFEST, *pack_cache.pack_files(manifest), *(f"{n}.json" for n in sources)}
+            stale = [n for n in remote.list() if n not in keep]   # dropped sources, lost masks
+            if stale and published:
+                remote.remove(MANIFEST)
+                published = False
+            for name in stale:
+                remote.remove(name)
+            if not published:
+                # The cache's manifest is only ever written by a fetch (pack_cache.fetch),
+                # which checks every file it names; this one no longer describes the pack.
+                (out / MANIFEST).unlink(missing_ok=True)
+            remote.write_bytes(MANIFEST, body)
         run_.log(records=manifest["records"], tokens=manifest["tokens"])
         return manifest

@@ -18,6 +18,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+from codeworld import pack_cache
 from codeworld.config import PHASES, ConfigError, Params, PhaseConfig
 from codeworld.shards import code_version, fingerprint
 from codeworld.storage import write_atomic, filesystem
@@ -36,6 +37,10 @@ class TrainingFailed(RuntimeError):
 
 
 def phase_dir(params: Params, phase: str) -> Path:
+    if pack_cache.storage_of(params.storage).is_s3:
+        # Checkpoints need a filesystem all nodes share (each rank saves its part), not the
+        # node-local cache: with an S3 root they stay where dvc.yaml expects them.
+        return Path("data") / "checkpoints" / phase
     return pack_stage.local_dir(params).parent / "checkpoints" / phase
 
 
@@ -48,11 +53,8 @@ def phase_config(params: Params, phase: str) -> PhaseConfig:
 
 def pack_sources(params: Params, phase: str) -> dict[str, dict]:
     """The pack manifest's entries of the phase's blend sources."""
-    path = pack_stage.local_dir(params) / pack_stage.MANIFEST
-    try:
-        sources = json.loads(path.read_text())["sources"]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no pack manifest (run the pack stage)") from None
+    sources = pack_stage.read_manifest(params)["sources"]   # on S3 with an S3 root
+    path = pack_cache.storage_of(params.storage).sub(pack_stage.OUTPUT).path(pack_stage.MANIFEST)
     missing = sorted(set(phase_config(params, phase).blend) - set(sources))
     if missing:
         raise FileNotFoundError(f"{path}: {phase}.blend names {', '.join(missing)}, not packed "
