@@ -492,3 +492,36 @@ def test_batch_deadline_is_per_request_and_the_batch_goes_on(probe):
     assert [r.response["result"] for r in res if r.ok] == [0, "slow", "slow", 2, 4]
     assert res[5].error["type"] == "ZeroDivisionError"
     assert took < 4.5, took  # one timeout (1 s), the sleeps (1.2 s), no rerun of the batch
+
+
+def test_batch_over_the_response_cap_keeps_what_fits_and_goes_on(probe):
+    # Each response is a third of the cap: a batch fills the cap after 3 requests. The lines
+    # that fit are kept and the batch goes on after them (it used to start over from the
+    # top, one request further each time, and to recurse once per restart).
+    cap = 64 << 10
+    third = {"code": f"result = 'y' * {cap // 3 - 64}"}
+    over = {"code": f"result = 'z' * {cap + 10}"}
+    reqs = [dict(third, id=i) for i in range(40)] + [over, {"code": "result = 'last'"}]
+    with ForkServer(RUN_CODE, HANDLERS, SMALL.replace(response_bytes=cap)) as srv:
+        exchanges = []
+        exchange = srv._exchange
+        srv._exchange = lambda payload: exchanges.append(1) or exchange(payload)
+        res = srv.call_batch(reqs)
+    assert [r.status for r in res] == ["ok"] * 40 + ["too_large", "ok"]
+    assert all(len(r.response["result"]) == cap // 3 - 64 for r in res[:40])
+    assert res[-1].response == {"result": "last"}
+    # per round: one batch (3 fit) + the overflowing request alone = 4 results in 2 forks
+    assert len(exchanges) <= 24, len(exchanges)
+
+
+def test_server_starts_without_site_yet_gives_programs_what_site_gives(probe):
+    # The server runs `python -S` (slow .pth files cost every start); programs still get the
+    # base interpreter's site-packages on sys.path and site's builtins (exit, quit, help).
+    import sysconfig
+    purelib = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})["purelib"]
+    with ForkServer(RUN_CODE, HANDLERS, SMALL) as srv:
+        res = srv.call({"code": "import sys\nresult = [sys.flags.no_site, sys.path, "
+                                "[callable(f) for f in (exit, quit, help)]]"})
+    no_site, path, builtins_ok = res.response["result"]
+    assert no_site == 1 and builtins_ok == [True, True, True]
+    assert purelib in path, path

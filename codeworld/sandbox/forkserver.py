@@ -13,6 +13,8 @@ import os
 import select
 import struct
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -120,8 +122,12 @@ class ForkServer:
         binds += [Bind(os.fspath(src), dest) for dest, src in (code_dirs or {}).items()]
         binds += [_as_bind(b) for b in extra_ro_binds]
         cfg = {"handler": handler, "sys_path": list(sys_path), "limits": self.limits.to_dict(),
-               "seed": seed, "host_pidns": host_pidns()}
-        self._command = [exe, "-s", "-c", _SERVER_SOURCE, "serve", json.dumps(cfg)]
+               "seed": seed, "host_pidns": host_pidns(), "site_dirs": base_site_dirs()}
+        # -S: no `site` at startup. Its .pth files cost ~50 ms a server start on machines
+        # whose interpreter has slow ones (an egress-CA hook importing certifi/pathlib here);
+        # the server adds the base site-packages itself and what `site` gives programs
+        # (exit, quit, help), see server.serve.
+        self._command = [exe, "-S", "-s", "-c", _SERVER_SOURCE, "serve", json.dumps(cfg)]
         self._binds, self._env = binds, sandbox_env(env)
         self._proc: subprocess.Popen | None = None
         self._log = None
@@ -228,13 +234,23 @@ class ForkServer:
         wall-clock limit applies to each request: a request that overruns is reported as
         a timeout and the batch goes on with the requests after it."""
         requests = list(requests)
-        if len(requests) <= 1:
-            return [self.call(r) for r in requests]
+        results: list[SandboxResult] = []
+        # A loop, not a recursion over the rest of the batch: a batch with many failing
+        # requests (each costs a restart of the rest) must not grow the Python stack.
+        while requests:
+            done, requests = self._batch_head(requests)
+            results += done
+        return results
+
+    def _batch_head(self, requests: list) -> tuple[list[SandboxResult], list]:
+        """Run ``requests`` as one batch: (results of a head of them, the requests left)."""
+        if len(requests) == 1:
+            return [self.call(requests[0])], []
         payload = json.dumps({"batch": requests}, ensure_ascii=False).encode()
         with self._lock:
             got = self._exchange(payload)
         if isinstance(got, SandboxResult):  # the server died: isolate the culprit(s)
-            return [self.call(r) for r in requests]
+            return [self.call(r) for r in requests], []
         (header, out, err, body), restarted = got
         base = _base_result(header, out, err)
         results: list[SandboxResult] = []
@@ -247,17 +263,17 @@ class ForkServer:
             except ValueError:
                 envelope = None
             if not _apply_envelope(res, envelope, header, len(body)) or len(results) == len(requests):
-                return [self.call(r) for r in requests]  # malformed: isolate every request
+                return [self.call(r) for r in requests], []  # malformed: isolate every request
             results.append(res)
         k = len(results)
         if k == len(requests):
-            return results
+            return results, []
         if base.status == "timeout":
             # the wall deadline is reset at each finished request: request k itself overran
             culprit = dataclasses.replace(base, server_restarted=restarted)
         else:  # killed, too large, or exited early: run it alone to know its own fate
             culprit = self.call(requests[k])
-        return results + [culprit] + self.call_batch(requests[k + 1:])
+        return results + [culprit], requests[k + 1:]
 
     def _exchange(self, payload: bytes):
         """Send one request frame; ((header, out, err, body), restarted) or, when the
@@ -358,6 +374,12 @@ def _as_bind(b) -> Bind:
     return Bind(os.fspath(b), os.path.abspath(os.fspath(b)))
 
 
+def base_site_dirs() -> list[str]:
+    """The base interpreter's site-packages (not the venv's): what `site` would add."""
+    paths = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
+    return list(dict.fromkeys(paths[k] for k in ("purelib", "platlib")))
+
+
 def map_requests(requests: Iterable[Any], handler: str, workers: int | None = None, *,
                  batch_size: int = 1, **server_kwargs) -> list[SandboxResult]:
     """Run every request through ``workers`` fork servers in parallel; results in input order.
@@ -373,11 +395,11 @@ def map_requests(requests: Iterable[Any], handler: str, workers: int | None = No
         raise ValueError("batch_size must be >= 1")
     if not reqs:
         return []
-    starts = range(0, len(reqs), batch_size)
-    n = max(1, min(workers or os.cpu_count() or 1, len(starts)))
+    bounds = [(i, min(len(reqs), i + batch_size)) for i in range(0, len(reqs), batch_size)]
+    n = max(1, min(workers or os.cpu_count() or 1, len(bounds)))
     results: list[SandboxResult | None] = [None] * len(reqs)
     ensure_available(server_kwargs.get("bwrap"))
-    next_start = iter(starts)
+    next_batch = iter(bounds)
     lock = threading.Lock()
     errors: list[BaseException] = []
 
@@ -386,13 +408,14 @@ def map_requests(requests: Iterable[Any], handler: str, workers: int | None = No
             with ForkServer(handler, **server_kwargs) as server:
                 while not errors:
                     with lock:
-                        i = next(next_start, None)
-                    if i is None:
+                        b = next(next_batch, None)
+                    if b is None:
                         return
-                    if batch_size == 1:
+                    i, j = b
+                    if j - i == 1:
                         results[i] = server.call(reqs[i])
                     else:
-                        results[i:i + batch_size] = server.call_batch(reqs[i:i + batch_size])
+                        results[i:j] = server.call_batch(reqs[i:j])
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(exc)
 

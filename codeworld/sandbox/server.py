@@ -353,7 +353,9 @@ def _run_one(handler, payload, lim, seed, proto_fds):
         "response_bytes": resp.total, "too_large": resp.total > resp_cap,
         "wall_seconds": wall, "clean": clean,
     }
-    body = b"" if header["too_large"] else bytes(resp.data)
+    # One response over the cap is dropped; a batch keeps the lines that fit, so the host
+    # takes those results and goes on from the request that overflowed (not from the top).
+    body = bytes(resp.data[:resp_cap]) if batch else b"" if header["too_large"] else bytes(resp.data)
     return header, bytes(out.data), bytes(err.data), body
 
 
@@ -378,6 +380,12 @@ def serve(cfg):
         while sys.path and sys.path[0] in ("", os.getcwd()):
             del sys.path[0]
         sys.path[:0] = list(cfg["sys_path"])
+        if sys.flags.no_site and "site_dirs" in cfg:
+            # started with -S (see ForkServer): what `site` would have done, minus .pth files
+            import site
+
+            sys.path += [d for d in cfg["site_dirs"] if d not in sys.path and os.path.isdir(d)]
+            site.setquit(), site.setcopyright(), site.sethelper()
         mod_name, _, func_name = cfg["handler"].partition(":")
         import importlib
 
