@@ -8,8 +8,11 @@ always run it. Several nodes: every node runs this same command (infra/slurm/tra
 infra/k8s/train-job.yaml); node 0 runs the phase's stage (fingerprint, run.json, resume or
 start over, the MLflow run, metrics), whose torchrun is one of the nnodes agents; every other
 node execs its torchrun straight away, and c10d's rendezvous holds them until node 0's joins.
-The ranks all read `checkpoints/<phase>/params.json`, which node 0's stage writes before its
-torchrun starts, so the storage root must be a directory every node shares.
+The ranks all read `checkpoints/<phase>/params.json` and `run.json` (the MLflow run the logging
+rank logs each step to, wherever that rank lands), which node 0's stage writes before its
+torchrun starts, so the checkpoints directory must be one every node shares (with an S3
+storage root it is data/checkpoints; the packed data then comes from S3 into each node's
+storage.local_cache).
 
 The environment names the rendezvous (what SLURM and Kubernetes set, or set by hand):
 

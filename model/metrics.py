@@ -31,6 +31,22 @@ def memory_mb() -> float:
     return round(psutil.Process().memory_info().rss / 2**20, 1)
 
 
+RUN_ID_ENV = "CODEWORLD_TRAIN_RUN_ID"
+
+
+def tracking_run_id(out: Path) -> str | None:
+    """The phase's MLflow run, which the logging rank logs each step to: from the stage's
+    environment on node 0, else from the phase's run.json (on the shared storage root) that
+    node 0's stage wrote before its torchrun started. On several nodes the logging rank (the
+    last pipeline stage) may be on another node, whose torchrun the stage did not start."""
+    if os.environ.get(RUN_ID_ENV):
+        return os.environ[RUN_ID_ENV]
+    try:
+        return json.loads((out / "run.json").read_text()).get("mlflow_run_id")
+    except (OSError, ValueError):
+        return None
+
+
 class StepLog:
     def __init__(self, path: Path, active: bool, resume_after: int, run_id: str | None):
         self.path, self.active = path, active

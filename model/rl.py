@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import statistics
 import sys
 import time
@@ -38,7 +37,7 @@ from model import checkpoint
 from model.build import TrainingSetupError, check_layout, resolve_precision
 from model.generate import sample
 from model.grpo import Sample, empty_microbatch, group_advantages, microbatches
-from model.metrics import StepLog, memory_mb
+from model.metrics import StepLog, memory_mb, tracking_run_id
 from model.trainer import PolicyLoss, Trainer, finish_step, init_distributed, policy_nll, shutdown
 
 END_OF_TURN_ID = SPECIAL_TOKENS.index(ROLE_TOKENS[4])
@@ -252,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     pool = read_pool(Path(args.pool))
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     log = StepLog(Path(args.steps_log), dp_rank == 0, resume_after=iteration,
-                  run_id=os.environ.get("CODEWORLD_TRAIN_RUN_ID"))
+                  run_id=tracking_run_id(Path(args.out)))
     roll = Rollouts(params, trainer.chunks[0].module, tok, vocab)
     while iteration < cfg.steps:
         step = iteration + 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from codeworld.pack_cache import materialise
 from model import checkpoint
 from model.build import check_layout, resolve_precision
 from model.data import MicroBatches, build_datasets, plan_validation
-from model.metrics import StepLog, memory_mb, peak_flops
+from model.metrics import StepLog, memory_mb, peak_flops, tracking_run_id
 from model.trainer import Trainer, finish_step, init_distributed, shutdown
 
 
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                     and ps.get_tensor_model_parallel_rank() == 0
                     and ps.get_context_parallel_rank() == 0)
     log = StepLog(Path(args.steps_log), logging_rank, resume_after=iteration,
-                  run_id=os.environ.get("CODEWORLD_TRAIN_RUN_ID"))
+                  run_id=tracking_run_id(Path(args.out)))
     world = torch.distributed.get_world_size()
     peak = peak_flops(trainer.precision.name)
     while iteration < cfg.steps:

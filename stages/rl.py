@@ -120,7 +120,8 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
                 shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(filesystem(str(out)), str(out / RUN), json.dumps(
-            {"phase": "rl", "fingerprint": fp, "parent": parent}, sort_keys=True).encode() + b"\n")
+            {"phase": "rl", "fingerprint": fp, "parent": parent, "mlflow_run_id": run_.run_id},
+            sort_keys=True).encode() + b"\n")
         if not (out / POOL).exists():   # written last (atomically): present means complete
             from stages.tokenizer import load as load_tokenizer
             from stages.rl_tasks import prepare_pool

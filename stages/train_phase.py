@@ -191,7 +191,8 @@ def run_phase(params: Params, phase: str, *, track: bool = True, extra: list[str
             if not same:   # checkpoints of other params or code: never resume from those
                 shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"phase": phase, "fingerprint": fp, "parent": parent,
+        # mlflow_run_id: the ranks on other nodes read it here (model/metrics.tracking_run_id)
+        record = {"phase": phase, "fingerprint": fp, "parent": parent, "mlflow_run_id": run_.run_id,
                   "valid_sources": validated, "train_only_sources": train_only}
         write_atomic(filesystem(str(out)), str(out / RUN),
                      json.dumps(record, sort_keys=True).encode() + b"\n")

@@ -91,10 +91,21 @@ def losses(params) -> dict[int, float]:
 
 def test_two_nodes_train_as_one_data_parallel_run(root, tmp_path):
     base_env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base_env.pop("CODEWORLD_TRAIN_RUN_ID", None)
     _, one = prepare(root, "one")
     one_cmd = launch.torchrun_command(one, "pretrain", env={})
     assert "--standalone" in one_cmd and "--nproc-per-node=1" in one_cmd
     path, two = prepare(root, "two", nnodes=2, nproc=1)
+    # The phase's MLflow run, as node 0's stage records it in run.json: the logging rank may
+    # be on either node, and neither torchrun here has the stage's CODEWORLD_TRAIN_RUN_ID.
+    from mlflow.tracking import MlflowClient
+    from stages.train_phase import RUN, phase_dir
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("multinode")).info.run_id
+    (phase_dir(two, "pretrain") / RUN).write_text(json.dumps({"mlflow_run_id": run_id}))
+    base_env["MLFLOW_TRACKING_URI"] = uri
     rdzv = {**base_env, launch.ENDPOINT: f"127.0.0.1:{free_port()}", launch.RDZV_ID: "test",
             launch.TIMEOUT: "120"}
     node0 = {**rdzv, launch.NODE_RANK: "0"}
@@ -111,6 +122,8 @@ def test_two_nodes_train_as_one_data_parallel_run(root, tmp_path):
     assert sorted(base) == sorted(dp) == [1, 2, 3]
     for step, loss in base.items():
         assert dp[step] == pytest.approx(loss, abs=TOL), (step, base, dp)
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert logged == pytest.approx(dp, abs=1e-6), (logged, dp)
 
 
 def test_a_worker_node_of_a_finished_phase_starts_nothing(root, tmp_path):
