@@ -75,9 +75,12 @@ def _compile_tracer() -> None:
 
 
 def trace_requests(requests: list[dict], limits: TraceLimitsConfig, workers: int = 0,
-                   batch_size: int = 64, frames: bool = False) -> list[dict]:
+                   batch_size: int = 256, frames: bool = False,
+                   too_long_text: bool = True) -> list[dict]:
     """Trace each request ({"id", "code", "call"} or {"id", "code", "input", "entry"}) in the
-    sandbox; one record per request, in order. Malformed requests become status "invalid"."""
+    sandbox; one record per request, in order. Malformed requests become status "invalid".
+    ``too_long_text=False``: a too_long record comes back without its partial trace (up to
+    max_bytes each, for a record the traces stage drops anyway)."""
     todo, out = [], [None] * len(requests)
     for i, req in enumerate(requests):
         if not isinstance(req, dict) or not isinstance(req.get("code"), str) or not (
@@ -89,7 +92,9 @@ def trace_requests(requests: list[dict], limits: TraceLimitsConfig, workers: int
     bounds = {"max_events": limits.max_events, "max_bytes": limits.max_bytes}
     _compile_tracer()
     # "prompt": False -- the program's text is the bulk of a prompt: not sent back, rebuilt here
-    payloads = [{**requests[i], "limits": bounds, "frames": frames, "prompt": False} for i in todo]
+    extra = {} if too_long_text else {"too_long_text": False}
+    payloads = [{**requests[i], "limits": bounds, "frames": frames, "prompt": False, **extra}
+                for i in todo]
     results = map_requests(payloads, HANDLER, workers=workers or os.cpu_count() or 1,
                            batch_size=batch_size,
                            code_dirs={"/sandbox/lib/cwtrace": TRACER_DIR},

@@ -466,6 +466,11 @@ def test_worker_handle_round_trip():
     r = handle({"id": 2, "code": "def f():\n    while True:\n        pass\n", "call": "f()",
                 "limits": {"max_events": 20}})
     assert r["status"] == "too_long" and r["events"] == 20 and r["result"] is None
+    assert r["trace"].count("<|frame_sep|>") == 19   # the partial trace, unless asked not to:
+    cut = handle({"id": 2, "code": "def f():\n    while True:\n        pass\n", "call": "f()",
+                  "limits": {"max_events": 20}, "too_long_text": False, "frames": True})
+    assert (cut["status"], cut["events"], cut["trace"], cut.get("frames")) == ("too_long", 20, "", None)
+    assert cut["error"] == r["error"] and cut["error"]
     for bad in [{"id": 3, "code": "x = 1\n"}, {"id": 3, "code": 5, "call": "f()"},
                 {"id": 3, "code": "", "call": "f()", "limits": {"max_events": -1}}]:
         r = handle(bad)

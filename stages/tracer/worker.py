@@ -16,6 +16,8 @@ Response::
 the caller rebuilds it from ``code`` and ``call`` (``prompt_for(context_of(code, call))``), which
 saves sending the whole program back.
 
+``"too_long_text": false`` leaves a too_long trace's partial text (and frames) out.
+
 ``"frames": true`` in the request adds the structured frames (kind, scope, line, locals,
 value), main's call frame first.
 
@@ -79,9 +81,10 @@ def handle(request: dict) -> dict:
                 "status": "invalid", "events": 0, "prompt": ""}
     r = trace_call(code, call, limits=limits)
     prompt = r.prompt if r.status == "invalid" or request.get("prompt", True) else None
-    out = {"id": rid, "trace": r.text, "result": r.result, "error": r.error,
+    cut = r.status == "too_long" and request.get("too_long_text", True) is False
+    out = {"id": rid, "trace": "" if cut else r.text, "result": r.result, "error": r.error,
            "status": r.status, "events": r.events, "prompt": prompt}
-    if request.get("frames"):
+    if request.get("frames") and not cut:
         # Structured frames (main's call frame first); the source line is the context's line.
         out["frames"] = [{"kind": f.kind, "scope": f.scope, "line": f.line, "locals": f.locals,
                           "value": f.value} for f in r.frames]
