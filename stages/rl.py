@@ -20,11 +20,11 @@ from pathlib import Path
 from codeworld.config import ConfigError, Params
 from codeworld.shards import code_version, fingerprint
 from codeworld.storage import Storage, filesystem, write_atomic
-from codeworld.tracking import StageRun, repo_root, tracking_uri
+from codeworld.tracking import StageRun
 from model import checkpoint
 from stages import train_phase
-from stages.train_phase import (PARAMS, RUN, TrainingFailed, _set_tags, model_code_version,
-                                phase_dir, read_steps, run_in_own_group, write_plot)
+from stages.train_phase import (PARAMS, RUN, _set_tags, model_code_version,
+                                phase_dir, read_steps, train, write_plot)
 
 POOL = "pool.jsonl"
 POOL_STATS = "pool_stats.json"
@@ -136,20 +136,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         run_.log(**{k: v for k, v in stats.items() if k.startswith(("pool_", "sandbox_"))})
         done = checkpoint.latest(out)
         if done is None or done[0] < cfg.steps:
-            env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(), "OMP_NUM_THREADS":
-                   os.environ.get("OMP_NUM_THREADS",
-                                  str(max(1, (os.cpu_count() or 1) // params.parallel.nproc)))}
-            if run_.run_id:
-                env["CODEWORLD_TRAIN_RUN_ID"] = run_.run_id
-            log_path = out / "train.log"
-            with run_.timed("train"), open(log_path, "w") as log:
-                proc = run_in_own_group(torchrun_command(params, out, parent), cwd=repo_root(),
-                                        env=env, stdout=log)
-            if proc.returncode != 0:
-                tail = "".join(l for l in log_path.read_text().splitlines(True)
-                               if "warn" not in l.lower())[-3000:]
-                raise TrainingFailed(f"rl: torchrun exited with {proc.returncode} "
-                                     f"(log: {log_path})\n{tail}")
+            train(params, "rl", out, torchrun_command(params, out, parent), run_)
         rows = read_steps(out)
         result = summary(rows)
         run_.log(**{k: v for k, v in result.items() if isinstance(v, (int, float))})

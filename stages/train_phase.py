@@ -134,6 +134,24 @@ def run_in_own_group(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, code)
 
 
+def train(params: Params, name: str, out: Path, cmd: list[str], run_: StageRun) -> None:
+    """Run a phase's torchrun `cmd` (its log in out/train.log) with what every rank needs: the
+    MLflow server and run, one intra-op thread share per process; TrainingFailed with the
+    log's tail when it fails."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(), "OMP_NUM_THREADS":
+           os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // params.parallel.nproc)))}
+    if run_.run_id:
+        env["CODEWORLD_TRAIN_RUN_ID"] = run_.run_id
+    log_path = out / "train.log"
+    with run_.timed("train"), open(log_path, "w") as log:
+        proc = run_in_own_group(cmd, cwd=repo_root(), env=env, stdout=log)
+    if proc.returncode != 0:
+        tail = "".join(l for l in log_path.read_text().splitlines(True)
+                       if "warn" not in l.lower())[-3000:]
+        raise TrainingFailed(f"{name}: torchrun exited with {proc.returncode} "
+                             f"(log: {log_path})\n{tail}")
+
+
 def read_steps(out: Path) -> list[dict]:
     path = out / STEPS
     if not path.exists():
@@ -198,19 +216,7 @@ def run_phase(params: Params, phase: str, *, track: bool = True, extra: list[str
                      json.dumps(record, sort_keys=True).encode() + b"\n")
         done = checkpoint.latest(out)
         if done is None or done[0] < cfg.steps:
-            env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(), "OMP_NUM_THREADS":
-                   os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // params.parallel.nproc)))}
-            if run_.run_id:
-                env["CODEWORLD_TRAIN_RUN_ID"] = run_.run_id
-            log_path = out / "train.log"
-            with run_.timed("train"), open(log_path, "w") as log:
-                proc = run_in_own_group(torchrun_command(params, phase, out, list(extra)),
-                                        cwd=repo_root(), env=env, stdout=log)
-            if proc.returncode != 0:
-                tail = "".join(l for l in log_path.read_text().splitlines(True)
-                               if "warn" not in l.lower())[-3000:]
-                raise TrainingFailed(f"{phase}: torchrun exited with {proc.returncode} "
-                                     f"(log: {log_path})\n{tail}")
+            train(params, phase, out, torchrun_command(params, phase, out, list(extra)), run_)
         rows = read_steps(out)
         stats = summary(rows)
         run_.log(**stats)
