@@ -6,6 +6,7 @@ in BF16 autocast with SDPA (flash) attention, in one run. Targets: >= 40% MFU in
 Each configuration runs in its own process (a failure is reported and the others go on):
 
     python bench/train_gpu.py [--steps 10] [--json out.json] [--set model.num_layers=20 ...]
+                              [--profile]   # + where each step's GPU time goes (top kernels)
 
 MFU = training FLOPs per token (model.build.flops_per_token: 6N + attention) x tokens/s /
 the GPU's peak dense BF16 FLOP/s (model.metrics.PEAK_FLOPS; 989 TFLOP/s on H100/H200). FP8
@@ -36,7 +37,65 @@ VOCAB = 32000
 CONFIGS = ("plain-bf16", "megatron-bf16", "megatron-fp8")
 
 
-def worker(kind: str, steps: int, sets: list[str]) -> dict:
+def kernel_category(name: str) -> str:
+    n = name.lower()
+    if "gemm" in n or "cutlass" in n or "sm90_xmma" in n or "nvjet" in n:
+        return "fp8 gemm" if ("e4m3" in n or "e5m2" in n or "fp8" in n) else "gemm"
+    if "flash" in n or "fmha" in n or "attn" in n or "sdpa" in n or "cudnn" in n:
+        return "attention"
+    if "cast" in n or "transpose" in n or "amax" in n or "quantiz" in n or "scale" in n:
+        return "cast/transpose/amax/scale"
+    if "norm" in n:
+        return "norm"
+    if "adam" in n or "multi_tensor" in n:
+        return "optimizer"
+    return "other"
+
+
+def profile_steps(step, n: int = 2) -> dict:
+    """Run n steps under the CUDA profiler: GPU busy time per step (the union of kernel
+    intervals; well under the wall time means the step waits on the host) and the time by
+    kernel category and by kernel."""
+    import time as _time
+
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = _time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        wall = _time.perf_counter() - t0
+    spans, by_name = [], {}
+    for evt in prof.events():
+        if evt.device_type != DeviceType.CUDA:
+            continue
+        start, end = evt.time_range.start, evt.time_range.end
+        spans.append((start, end))
+        by_name[evt.name] = by_name.get(evt.name, 0.0) + (end - start)
+    busy, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(spans):
+        if cur_e is None or s > cur_e:
+            busy += 0 if cur_e is None else cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += 0 if cur_e is None else cur_e - cur_s
+    cats: dict[str, float] = {}
+    for name, us in by_name.items():
+        cats[kernel_category(name)] = cats.get(kernel_category(name), 0.0) + us
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+    return {"wall_ms_per_step": wall * 1000 / n, "gpu_busy_ms_per_step": busy / 1000 / n,
+            "kernels_per_step": len(spans) / n,
+            "ms_per_step_by_category": {k: round(v / 1000 / n, 2) for k, v in
+                                        sorted(cats.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms_per_step": [(name[:90], round(us / 1000 / n, 2)) for name, us in top]}
+
+
+def worker(kind: str, steps: int, sets: list[str], profile: bool = False) -> dict:
     import torch
 
     from codeworld.config import load_params
@@ -96,7 +155,13 @@ def worker(kind: str, steps: int, sets: list[str]) -> dict:
     tps = steps * cfg.global_batch_size * cfg.seq_length / dt
     fpt = flops_per_token(m, VOCAB, cfg.seq_length)
     peak = peak_flops("bf16")
-    return {"kind": kind, "backend": backend, "gpu": torch.cuda.get_device_name(),
+    prof = None
+    if profile:
+        try:
+            prof = profile_steps(step)
+        except Exception as err:   # the profiler must not cost the throughput figures
+            prof = {"error": f"{type(err).__name__}: {err}"}
+    return {"kind": kind, "backend": backend, "gpu": torch.cuda.get_device_name(), "profile": prof,
             "params": count_parameters(m, VOCAB), "tokens_per_s": tps,
             "tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak if peak else None,
             "ms_per_step": dt / steps * 1000,
@@ -110,10 +175,12 @@ def main() -> int:
     ap.add_argument("--only", action="append", choices=CONFIGS)
     ap.add_argument("--timeout", type=float, default=240)
     ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile 2 steps of each config: GPU busy time, time by kernel")
     ap.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.set)))
+        print(json.dumps(worker(args.worker, args.steps, args.set, args.profile)))
         return 0
     results: dict[str, dict] = {}
     for kind in args.only or CONFIGS:
@@ -125,7 +192,7 @@ def main() -> int:
                 print(f"{kind}: skipped (transformer_engine is not installed)", flush=True)
                 continue
         cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps),
-               *sum((["--set", s] for s in args.set), [])]
+               *sum((["--set", s] for s in args.set), []), *(["--profile"] if args.profile else [])]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -140,6 +207,15 @@ def main() -> int:
         results[kind] = res = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{kind}: {res['tokens_per_s']:.0f} tokens/s, MFU {res['mfu'] or 0:.1%}, "
               f"{res['ms_per_step']:.0f} ms/step, {res['peak_memory_gib']:.1f} GiB", flush=True)
+        if res.get("profile") and "error" in res["profile"]:
+            print(f"  profile failed: {res['profile']['error']}", flush=True)
+        elif res.get("profile"):
+            pr = res["profile"]
+            print(f"  profile: GPU busy {pr['gpu_busy_ms_per_step']:.0f} of {pr['wall_ms_per_step']:.0f} ms "
+                  f"a step, {pr['kernels_per_step']:.0f} kernels; by category (ms): "
+                  f"{pr['ms_per_step_by_category']}", flush=True)
+            for name, ms in pr["top_kernels_ms_per_step"]:
+                print(f"    {ms:8.2f} ms  {name}", flush=True)
     print("\n| config | backend | tokens/s | TFLOP/s | MFU (of BF16 peak) | peak GiB |\n|---|---|---|---|---|---|")
     for kind, r in results.items():
         if "error" in r:
