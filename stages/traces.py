@@ -179,6 +179,8 @@ def trace_repo_group(repo, cfg: TracesConfig) -> tuple[list[dict], dict]:
         else:
             kept.append(r)
     counts["repo_tests_run"] = int(stats.get("tests_run", 0) or 0)
+    # tests that read the clock, sleep, start threads or read os.urandom trace nothing
+    counts["repo_tests_untraced"] = sum((stats.get("tests_untraced") or {}).values())
     return kept, _meta(kept, counts, failures, t0)
 
 

@@ -330,3 +330,74 @@ def test_default_repository(tmp_path):
                                         "sha256": pin.sha256, "generator": "repository"}
     with pytest.raises(ValueError, match="sha256"):
         fetch_pypi_sdist(pin.name, pin.version, "0" * 64, tmp_path / "bad")
+
+
+def test_tests_reading_the_clock_trace_nothing_and_count_towards_no_cap(tmp_path):
+    """Values and even call counts of a test that reads the clock, sleeps, starts a thread or
+    reads os.urandom may change from run to run: such a test gives no traces, and the calls
+    it made leave the caps as they were (max_per_function=1 still traces test_b's add)."""
+    tree = tmp_path / "clocky"
+    (tree / "clk").mkdir(parents=True)
+    (tree / "clk" / "__init__.py").write_text(textwrap.dedent("""\
+        import os
+        import threading
+        import time
+        from time import perf_counter
+
+
+        def add(a, b):
+            return a + b
+
+
+        def stamp(x):
+            return x, perf_counter() > 0
+
+
+        def nap(x):
+            time.sleep(0)
+            return x
+
+
+        def in_thread(x):
+            t = threading.Thread(target=lambda: None)
+            t.start()
+            t.join()
+            return x
+
+
+        def salt(n):
+            return len(os.urandom(n))
+        """))
+    (tree / "test_clk.py").write_text(textwrap.dedent("""\
+        import time
+        import unittest
+        import clk
+
+        class A(unittest.TestCase):
+            def test_a_clock(self):
+                self.assertEqual(clk.add(1, 1), 2)   # traced, then dropped with the test
+                self.assertEqual(clk.stamp(3)[0], 3)
+
+            def test_b_plain(self):
+                self.assertEqual(clk.add(2, 2), 4)
+
+            def test_c_sleep(self):
+                self.assertEqual(clk.nap(5), 5)
+
+            def test_d_thread(self):
+                self.assertEqual(clk.in_thread(6), 6)
+
+            def test_e_urandom(self):
+                self.assertEqual(clk.salt(4), 4)
+
+            def test_f_own_clock(self):
+                time.monotonic()                      # the test itself reads the clock
+                self.assertEqual(clk.add(7, 7), 14)
+        """))
+    for p in [tmp_path, *tmp_path.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    records, stats = trace_repository(tree, max_per_function=1)
+    assert stats["completed"] and stats["tests_run"] == 6 and stats["tests_failed"] == 0
+    assert [(r["test"].rsplit(".", 1)[1], r["function"], r["result"]) for r in records] == \
+        [("test_b_plain", "add", "4")]
+    assert stats["tests_untraced"] == {"clock": 2, "sleep": 1, "thread": 1, "urandom": 1}

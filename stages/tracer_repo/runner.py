@@ -22,8 +22,15 @@ with the function's own call frame (``text_from_first``; ``trace_call``'s starts
 it and stops recording, instead of unwinding the program (the test must go on).
 
 Determinism: str hashes follow the sandbox's PYTHONHASHSEED=0, and the module-level ``random``
-is seeded from the test id before each test; a test that uses its own unseeded
-``random.Random()``, the clock or ``os.urandom`` can still give other values from run to run.
+is seeded from the test id before each test. A test that reads the clock, sleeps, starts a
+thread or reads ``os.urandom`` (through the ``time``, ``threading`` and ``os`` functions, called
+from anywhere but unittest's own machinery) gives no traces: its values, and even how often it
+calls the repository (e.g. ``time_limited``), may change from run to run. Its activations are
+held back until the test ends and then dropped, and they count towards no cap, so the tests
+after it trace the same calls on every run. Such tests are counted by reason in the summary's
+``tests_untraced``. Still unguarded: ``datetime.now()`` and ``uuid`` (C calls), and
+``random.Random()`` without a seed; the host runs the suite twice and keeps only the traces
+both runs agree on.
 
 Output: one JSON line per activation on the original stdout (the tests' own output goes to
 stderr), then one ``{"summary": ...}`` line. Lines are flushed as they are written, so a run
@@ -32,11 +39,14 @@ killed at its time limit still returns the activations it finished.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
 import random
 import sys
+import threading
+import time
 import tokenize
 import unittest
 from collections import Counter
@@ -110,6 +120,11 @@ class RepoTracer:
         self.cur: _Activation | None = None
         self.test_id: str | None = None
         self.seq = 0
+        # the current test's records, emitted when it ends unless it was nondeterministic
+        self.pending: list[dict] = []
+        self.taint: str | None = None
+        self.untraced: Counter = Counter()
+        self._counts_at_start: tuple = (0, Counter(), Counter())
 
     # ----------------------------------------------------------------- helpers
     def sources(self, filename: str) -> list[str]:
@@ -280,7 +295,7 @@ class RepoTracer:
         else:
             status, result = "ok", safe_repr(act.value, act.max_repr)
         self.statuses[status] += 1
-        self.emit({"test": act.test, "seq": act.seq, "module": act.module,
+        self.pending.append({"test": act.test, "seq": act.seq, "module": act.module,
                    "function": act.function, "trace": "".join(act.parts), "result": result,
                    "error": error, "status": status, "events": len(act.recs)})
         # drop frame references (a suspended generator would keep its locals alive)
@@ -288,10 +303,49 @@ class RepoTracer:
         act.raised.clear()
         act.root = act.value = act.exc = act.mark = act.jump = None
 
+    def start_test(self, test_id: str) -> None:
+        self.test_id, self.seq, self.taint, self.pending = test_id, 0, None, []
+        self._counts_at_start = (self.started, self.per_function.copy(), self.statuses.copy())
+
     def end_test(self) -> None:
         if self.cur is not None:
             self.finish(self.cur, "untraceable: the test left the generator unfinished")
+        if self.taint is not None:
+            # as if the test had traced nothing: later tests see the same caps on every run
+            self.started, self.per_function, self.statuses = self._counts_at_start
+            self.untraced[self.taint] += 1
+        else:
+            for rec in self.pending:
+                self.emit(rec)
+        self.pending = []
         self.test_id = None
+
+    def guard(self) -> None:
+        """Wrap the clock, sleep, thread and OS-randomness functions so that a test calling
+        them is marked (before the repository or its tests import them by name)."""
+        own = (os.path.dirname(unittest.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+
+        def wrap(owner, name: str, reason: str) -> None:
+            fn = getattr(owner, name, None)
+            if fn is None:
+                return
+
+            @functools.wraps(fn)
+            def marked(*args, **kwargs):
+                if self.test_id is not None and self.taint is None and \
+                        not sys._getframe(1).f_code.co_filename.startswith(own):
+                    self.taint = reason
+                return fn(*args, **kwargs)
+
+            setattr(owner, name, marked)
+
+        for name in ("time", "time_ns", "monotonic", "monotonic_ns", "perf_counter",
+                     "perf_counter_ns", "process_time", "process_time_ns", "thread_time",
+                     "thread_time_ns", "localtime", "gmtime", "ctime", "asctime", "strftime"):
+            wrap(time, name, "clock")
+        wrap(time, "sleep", "sleep")
+        wrap(threading.Thread, "start", "thread")
+        wrap(os, "urandom", "urandom")
 
 
 class _FunctionCase(unittest.FunctionTestCase):
@@ -328,8 +382,7 @@ class _Result(unittest.TestResult):
 
     def startTest(self, test) -> None:
         super().startTest(test)
-        self.tracer.test_id = test.id()
-        self.tracer.seq = 0
+        self.tracer.start_test(test.id())
         # Tests drawing from the module-level ``random`` without a seed would give other
         # traces on every run: seed it per test, from the test id (not from hash()).
         random.seed(self.tracer.test_id)
@@ -358,6 +411,7 @@ def main() -> None:
         out.flush()
 
     tracer = RepoTracer(spec, emit)
+    tracer.guard()
     suite = unittest.TestSuite()
     load_errors = []
     for start, top in spec["start_dirs"]:
@@ -379,4 +433,5 @@ def main() -> None:
         "tests_failed": len(result.failures) + len(result.unexpectedSuccesses),
         "tests_errors": len(result.errors), "tests_skipped": len(result.skipped),
         "expected_failures": len(result.expectedFailures), "load_errors": load_errors[:20],
-        "functions_seen": sorted(tracer.functions), "activations": tracer.started}})
+        "functions_seen": sorted(tracer.functions), "activations": tracer.started,
+        "tests_untraced": dict(sorted(tracer.untraced.items()))}})
