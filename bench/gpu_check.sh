@@ -3,13 +3,30 @@
 # the ~1B BF16/FP8 benchmark, then the pipeline's own torchrun entry on the default pack
 # (bf16 auto-selected, NCCL, dist_checkpointing on GPU) with a kill-and-resume comparison.
 # Needs megatron-core (+ pydantic) importable; results go to ${OUT:-/tmp/gpu_check}.
+#   TE_DIR=DIR   first install Transformer Engine from DIR without an index
+#                (infra/install_te_offline.sh says what DIR holds)
+#   BENCH_MBS="8 16"   micro-batches at which BF16 and FP8 are also compared (the first
+#                profiled: where the step's GPU time goes, and how much of it the GPU is busy)
 set -u
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
 PACK=${PACK:-data/pack}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+if [ -n "${TE_DIR:-}" ]; then
+  bash infra/install_te_offline.sh "$TE_DIR" /tmp/te-site > "$OUT/te_install.log" 2>&1 \
+    || { tail -20 "$OUT/te_install.log"; exit 1; }
+  tail -1 "$OUT/te_install.log"
+  export PYTHONPATH=/tmp/te-site${PYTHONPATH:+:$PYTHONPATH}
+fi
 python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__)"
-python3 bench/train_gpu.py --steps 10 --json "$OUT/train_gpu.json" 2>&1 | tee "$OUT/bench.log"
+python3 bench/train_gpu.py --steps 10 --json "$OUT/train_gpu.json" 2>&1 | grep -v -i warn | tee "$OUT/bench.log"
+profile=--profile
+for mbs in ${BENCH_MBS-8 16}; do
+  python3 bench/train_gpu.py --steps 10 --only megatron-bf16 --only megatron-fp8 $profile \
+    --set pretrain.micro_batch_size=$mbs --json "$OUT/train_gpu_mbs$mbs.json" 2>&1 \
+    | grep -v -i warn | tee "$OUT/bench_mbs$mbs.log"
+  profile=
+done
 
 run() {  # run DIR [extra env]: 30 steps of the default pretrain on this GPU
   python3 -m torch.distributed.run --standalone --nproc-per-node=1 -m model.train --phase pretrain \
