@@ -110,6 +110,16 @@ def _reproducible(kept: list[dict], cfg: TracesConfig, counts: Counter,
     return same
 
 
+# Where the harness lives inside the sandbox (the tracer, the fork server's handler, the repo
+# runner). A value that shows it, e.g. a captured call stack, is a fact about our harness, not
+# about the code, and changes whenever the harness does.
+HARNESS_PATH = "/sandbox/lib/"
+
+
+def _exposes_harness(rec: dict) -> bool:
+    return any(HARNESS_PATH in (rec.get(k) or "") for k in ("trace", "result", "error"))
+
+
 def _failure(rec: dict) -> str:
     return (rec.get("error") or rec["status"]).split(":")[0]
 
@@ -137,6 +147,9 @@ def trace_group(cases: list, cfg: TracesConfig, seen: set[str],
         counts[f"generator_{case.provenance.get('input_source')}"] += 1
         if status not in KEEP:
             failures[_failure(res)] += 1
+            continue
+        if _exposes_harness(res):
+            counts["exposes_harness"] += 1
             continue
         sig = behaviour(res, f"{case.provenance.get('corpus_id')}:{case.provenance.get('qualname')}")
         if sig in seen:
@@ -174,6 +187,8 @@ def trace_repo_group(repo, cfg: TracesConfig) -> tuple[list[dict], dict]:
         counts["generator_repository"] += 1
         if r["status"] not in KEEP:
             failures[_failure(r)] += 1
+        elif _exposes_harness(r):
+            counts["exposes_harness"] += 1
         elif twin.get(r["id"]) != r:
             counts["nondeterministic"] += 1
         else:

@@ -134,3 +134,20 @@ def test_sandbox_imports_the_standard_librarys_distutils():
     # and the same requests batched otherwise give the same records (the stage's double run)
     again = trace_requests(reqs[::-1], TraceLimitsConfig(), workers=2, batch_size=1)[::-1]
     assert again == first
+
+
+def test_a_value_showing_the_harness_is_dropped():
+    """A captured call stack names the tracer's files inside the sandbox: a fact about our
+    harness (it changes whenever the harness does), not about the code."""
+    from types import SimpleNamespace
+
+    cfg = load_params("params.yaml").traces
+    prov = {"corpus_id": "lib/m.py", "input_source": "annotation"}
+    cases = [SimpleNamespace(id="plain", code="def f(x):\n    return x + 1\n", call="f(1)",
+                             provenance={**prov, "qualname": "f"}),
+             SimpleNamespace(id="stack", call="g(3)", provenance={**prov, "qualname": "g"},
+                             code="import traceback\n\n\ndef g(n):\n"
+                                  "    return [f.filename for f in traceback.extract_stack(limit=n)]\n")]
+    kept, meta = traces.trace_group(cases, cfg, set())
+    assert [r["id"] for r in kept] == ["plain"]
+    assert meta["counts"]["exposes_harness"] == 1 and meta["counts"]["status_ok"] == 2
