@@ -7,6 +7,8 @@
 #                (infra/install_te_offline.sh says what DIR holds)
 #   BENCH_MBS="8 16"   micro-batches at which BF16 and FP8 are also compared (the first
 #                profiled: where the step's GPU time goes, and how much of it the GPU is busy)
+#   BENCH_TC="cuda_graph_impl=local fp8_dot_product_attention=true"   TransformerConfig
+#                fields tried one at a time, BF16 against FP8 at micro-batch 8 (train_gpu.py --tc)
 set -u
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
 PACK=${PACK:-data/pack}
@@ -26,6 +28,11 @@ for mbs in ${BENCH_MBS-8 16}; do
     --set pretrain.micro_batch_size=$mbs --json "$OUT/train_gpu_mbs$mbs.json" 2>&1 \
     | grep -v -i warn | tee "$OUT/bench_mbs$mbs.log"
   profile=
+done
+for tc in ${BENCH_TC:-}; do
+  python3 bench/train_gpu.py --steps 10 --only megatron-bf16 --only megatron-fp8 --tc "$tc" \
+    --set pretrain.micro_batch_size=8 --json "$OUT/train_gpu_${tc%%=*}.json" 2>&1 \
+    | grep -v -i warn | tee "$OUT/bench_${tc%%=*}.log"
 done
 
 run() {  # run DIR [extra env]: 30 steps of the default pretrain on this GPU

@@ -7,6 +7,12 @@ Each configuration runs in its own process (a failure is reported and the others
 
     python bench/train_gpu.py [--steps 10] [--json out.json] [--set model.num_layers=20 ...]
                               [--profile]   # + where each step's GPU time goes (top kernels)
+                              [--tc cuda_graph_impl=local ...]   # TransformerConfig fields
+
+`--tc FIELD=VALUE` sets a Megatron TransformerConfig field for the Megatron configs of this run
+only (VALUE read as JSON when it parses, else as a string), to try what params.yaml does not
+expose yet, e.g. CUDA graphs (`cuda_graph_impl=local`) or FP8 attention
+(`fp8_dot_product_attention=true`); Megatron validates the result as usual.
 
 MFU = training FLOPs per token (model.build.flops_per_token: 6N + attention) x tokens/s /
 the GPU's peak dense BF16 FLOP/s (model.metrics.PEAK_FLOPS; 989 TFLOP/s on H100/H200). FP8
@@ -95,7 +101,35 @@ def profile_steps(step, n: int = 2) -> dict:
             "top_kernels_ms_per_step": [(name[:90], round(us / 1000 / n, 2)) for name, us in top]}
 
 
-def worker(kind: str, steps: int, sets: list[str], profile: bool = False) -> dict:
+def parse_tc(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--tc {item!r}: expected FIELD=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def with_overrides(build_config, overrides: dict):
+    """model.build.transformer_config, then `overrides` applied (dataclasses.replace runs
+    TransformerConfig's validation again)."""
+    import dataclasses
+
+    def build(*args, **kwargs):
+        cfg = build_config(*args, **kwargs)
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cfg)}
+        if unknown:
+            raise SystemExit(f"--tc: TransformerConfig has no field {sorted(unknown)}")
+        return dataclasses.replace(cfg, **overrides) if overrides else cfg
+    return build
+
+
+def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
+           tc: dict | None = None) -> dict:
     import torch
 
     from codeworld.config import load_params
@@ -134,8 +168,10 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False) -> dic
     else:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000),
                           RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        import model.trainer as trainer_mod
         from model.trainer import Trainer, init_distributed
 
+        trainer_mod.transformer_config = with_overrides(trainer_mod.transformer_config, tc or {})
         init_distributed("auto")
         trainer = Trainer(params, "pretrain", VOCAB)
         cpu_data = [{k: v.cpu() for k, v in b.items()} for b in data]
@@ -162,6 +198,7 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False) -> dic
         except Exception as err:   # the profiler must not cost the throughput figures
             prof = {"error": f"{type(err).__name__}: {err}"}
     return {"kind": kind, "backend": backend, "gpu": torch.cuda.get_device_name(), "profile": prof,
+            "transformer_config": tc or {},
             "params": count_parameters(m, VOCAB), "tokens_per_s": tps,
             "tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak if peak else None,
             "ms_per_step": dt / steps * 1000,
@@ -175,12 +212,15 @@ def main() -> int:
     ap.add_argument("--only", action="append", choices=CONFIGS)
     ap.add_argument("--timeout", type=float, default=240)
     ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--tc", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a Megatron TransformerConfig field for the Megatron configs (repeatable)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile 2 steps of each config: GPU busy time, time by kernel")
     ap.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    parse_tc(args.tc)   # a malformed one fails here, before any config runs
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.set, args.profile)))
+        print(json.dumps(worker(args.worker, args.steps, args.set, args.profile, parse_tc(args.tc))))
         return 0
     results: dict[str, dict] = {}
     for kind in args.only or CONFIGS:
@@ -192,7 +232,8 @@ def main() -> int:
                 print(f"{kind}: skipped (transformer_engine is not installed)", flush=True)
                 continue
         cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps),
-               *sum((["--set", s] for s in args.set), []), *(["--profile"] if args.profile else [])]
+               *sum((["--set", s] for s in args.set), []), *sum((["--tc", t] for t in args.tc), []),
+               *(["--profile"] if args.profile else [])]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
         except subprocess.TimeoutExpired:
