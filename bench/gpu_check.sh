@@ -22,17 +22,18 @@ if [ -n "${TE_DIR:-}" ]; then
 fi
 python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__)"
 python3 bench/train_gpu.py --steps 10 --json "$OUT/train_gpu.json" 2>&1 | grep -v -i warn | tee "$OUT/bench.log"
+compare() {  # compare NAME ARGS...: megatron BF16 against FP8, results under $OUT/*_NAME.*
+  local name=$1; shift
+  python3 bench/train_gpu.py --steps 10 --only megatron-bf16 --only megatron-fp8 "$@" \
+    --json "$OUT/train_gpu_$name.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_$name.log"
+}
 profile=--profile
 for mbs in ${BENCH_MBS-8 16}; do
-  python3 bench/train_gpu.py --steps 10 --only megatron-bf16 --only megatron-fp8 $profile \
-    --set pretrain.micro_batch_size=$mbs --json "$OUT/train_gpu_mbs$mbs.json" 2>&1 \
-    | grep -v -i warn | tee "$OUT/bench_mbs$mbs.log"
+  compare "mbs$mbs" $profile --set pretrain.micro_batch_size=$mbs
   profile=
 done
 for tc in ${BENCH_TC:-}; do
-  python3 bench/train_gpu.py --steps 10 --only megatron-bf16 --only megatron-fp8 --tc "$tc" \
-    --set pretrain.micro_batch_size=8 --json "$OUT/train_gpu_${tc%%=*}.json" 2>&1 \
-    | grep -v -i warn | tee "$OUT/bench_${tc%%=*}.log"
+  compare "${tc%%=*}" --tc "$tc" --set pretrain.micro_batch_size=8
 done
 
 run() {  # run DIR [extra env]: 30 steps of the default pretrain on this GPU

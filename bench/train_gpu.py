@@ -62,7 +62,7 @@ def profile_steps(step, n: int = 2) -> dict:
     """Run n steps under the CUDA profiler: GPU busy time per step (the union of kernel
     intervals; well under the wall time means the step waits on the host) and the time by
     kernel category and by kernel."""
-    import time as _time
+    from collections import Counter
 
     import torch
     from torch.autograd import DeviceType
@@ -70,35 +70,25 @@ def profile_steps(step, n: int = 2) -> dict:
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        t0 = _time.perf_counter()
+        t0 = time.perf_counter()
         for _ in range(n):
             step()
         torch.cuda.synchronize()
-        wall = _time.perf_counter() - t0
-    spans, by_name = [], {}
-    for evt in prof.events():
-        if evt.device_type != DeviceType.CUDA:
-            continue
-        start, end = evt.time_range.start, evt.time_range.end
-        spans.append((start, end))
-        by_name[evt.name] = by_name.get(evt.name, 0.0) + (end - start)
-    busy, cur_s, cur_e = 0.0, None, None
-    for s, e in sorted(spans):
-        if cur_e is None or s > cur_e:
-            busy += 0 if cur_e is None else cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    busy += 0 if cur_e is None else cur_e - cur_s
-    cats: dict[str, float] = {}
-    for name, us in by_name.items():
-        cats[kernel_category(name)] = cats.get(kernel_category(name), 0.0) + us
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+        wall = time.perf_counter() - t0
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == DeviceType.CUDA]
+    by_name, by_category = Counter(), Counter()
+    busy, end_so_far = 0.0, float("-inf")
+    for name, start, end in sorted(kernels, key=lambda k: k[1]):
+        by_name[name] += end - start
+        by_category[kernel_category(name)] += end - start
+        busy += max(0.0, end - max(start, end_so_far))   # the part no earlier kernel covered
+        end_so_far = max(end_so_far, end)
+    per_step = lambda us: round(us / 1000 / n, 2)  # noqa: E731  (microseconds -> ms a step)
     return {"wall_ms_per_step": wall * 1000 / n, "gpu_busy_ms_per_step": busy / 1000 / n,
-            "kernels_per_step": len(spans) / n,
-            "ms_per_step_by_category": {k: round(v / 1000 / n, 2) for k, v in
-                                        sorted(cats.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms_per_step": [(name[:90], round(us / 1000 / n, 2)) for name, us in top]}
+            "kernels_per_step": len(kernels) / n,
+            "ms_per_step_by_category": {k: per_step(v) for k, v in by_category.most_common()},
+            "top_kernels_ms_per_step": [(name[:90], per_step(us)) for name, us in by_name.most_common(8)]}
 
 
 def parse_tc(items: list[str]) -> dict:
@@ -218,9 +208,9 @@ def main() -> int:
                     help="also profile 2 steps of each config: GPU busy time, time by kernel")
     ap.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    parse_tc(args.tc)   # a malformed one fails here, before any config runs
+    tc = parse_tc(args.tc)   # a malformed one fails here, before any config runs
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.set, args.profile, parse_tc(args.tc))))
+        print(json.dumps(worker(args.worker, args.steps, args.set, args.profile, tc)))
         return 0
     results: dict[str, dict] = {}
     for kind in args.only or CONFIGS:

@@ -38,6 +38,10 @@ class FatbinError(ValueError):
     pass
 
 
+class NoSection(FatbinError):
+    """The ELF file has no such section (a library without CUDA kernels)."""
+
+
 def section(elf: bytes | bytearray, name: str) -> tuple[int, int]:
     """(file offset, size) of an ELF64 little-endian section."""
     if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
@@ -50,7 +54,7 @@ def section(elf: bytes | bytearray, name: str) -> tuple[int, int]:
         end = elf.index(b"\0", strtab_off + sh_name)
         if elf[strtab_off + sh_name:end].decode() == name:
             return offset, size
-    raise FatbinError(f"no {name} section")
+    raise NoSection(f"no {name} section")
 
 
 def fatbin_entries(elf: bytes | bytearray) -> list[tuple[int, int, int, int]]:
@@ -70,8 +74,8 @@ def fatbin_entries(elf: bytes | bytearray) -> list[tuple[int, int, int, int]]:
         if fat_end > end:
             raise FatbinError(f"fatbin at offset {pos} runs past its section")
         while entry < fat_end:
-            kind, _, entry_header, payload, *_rest = _ENTRY.unpack_from(elf, entry)
-            arch = _rest[4]
+            (kind, _, entry_header, payload, _compressed, _, _minor, _major, arch,
+             *_) = _ENTRY.unpack_from(elf, entry)
             if entry_header == 0 or entry + entry_header + payload > fat_end:
                 raise FatbinError(f"bad fatbin entry at offset {entry}")
             entries.append((entry + entry_header, payload, kind, arch))
@@ -116,9 +120,9 @@ def slim_wheel(src: Path, out_dir: Path, keep_archs: set[int]) -> tuple[Path, Co
                 data = bytearray(zin.read(info))
                 try:
                     stats += prune(data, keep_archs)
+                except NoSection:
+                    continue
                 except FatbinError as err:
-                    if "no .nv_fatbin section" in str(err):
-                        continue
                     raise FatbinError(f"{src.name}:{info.filename}: {err}") from None
                 changed[info.filename] = bytes(data)
         if not changed:
