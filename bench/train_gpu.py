@@ -8,11 +8,13 @@ Each configuration runs in its own process (a failure is reported and the others
     python bench/train_gpu.py [--steps 10] [--json out.json] [--set model.num_layers=20 ...]
                               [--profile]   # + where each step's GPU time goes (top kernels)
                               [--tc cuda_graph_impl=local ...]   # TransformerConfig fields
+                              [--set pretrain.cuda_graph=full_iteration]   # CUDA graphs
 
 `--tc FIELD=VALUE` sets a Megatron TransformerConfig field for the Megatron configs of this run
 only (VALUE read as JSON when it parses, else as a string), to try what params.yaml does not
-expose yet, e.g. CUDA graphs (`cuda_graph_impl=local`) or FP8 attention
-(`fp8_dot_product_attention=true`); Megatron validates the result as usual.
+expose, e.g. FP8 attention (`fp8_dot_product_attention=true`); Megatron validates the result
+as usual. CUDA graphs are a phase parameter (`pretrain.cuda_graph`: layer | full_iteration),
+set with --set like any other.
 
 MFU = training FLOPs per token (model.build.flops_per_token: 6N + attention) x tokens/s /
 the GPU's peak dense BF16 FLOP/s (model.metrics.PEAK_FLOPS; 989 TFLOP/s on H100/H200). FP8
@@ -169,7 +171,9 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
         def step():
             trainer.train_step(cpu_data)
         backend = "TE spec" if trainer.precision.use_te else "local spec"
-    for _ in range(3):
+    # a CUDA-graph config captures after Megatron's warm-up steps (cuda_graph_warmup_steps, 3):
+    # the timed steps replay
+    for _ in range(3 if cfg.cuda_graph == "none" else 7):
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -188,7 +192,7 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
         except Exception as err:   # the profiler must not cost the throughput figures
             prof = {"error": f"{type(err).__name__}: {err}"}
     return {"kind": kind, "backend": backend, "gpu": torch.cuda.get_device_name(), "profile": prof,
-            "transformer_config": tc or {},
+            "transformer_config": tc or {}, "cuda_graph": cfg.cuda_graph,
             "params": count_parameters(m, VOCAB), "tokens_per_s": tps,
             "tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak if peak else None,
             "ms_per_step": dt / steps * 1000,

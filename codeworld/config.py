@@ -386,6 +386,10 @@ class PhaseConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
     recompute: bool = False            # activation recompute (full, uniform)
+    # CUDA graphs (GPU only), to take the host's kernel launches off the step: "layer" captures
+    # each transformer layer (Megatron's local implementation), "full_iteration" the whole
+    # forward-backward of a step (all micro-batches; the optimizer step stays eager).
+    cuda_graph: Literal["none", "layer", "full_iteration"] = "none"
     save_interval: int = Field(default=50, ge=1)
     log_interval: int = Field(default=1, ge=1)
     eval_interval: int = Field(default=50, ge=1)

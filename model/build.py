@@ -69,6 +69,17 @@ def check_layout(par: ParallelConfig, precision: Precision) -> None:
                                  "(Megatron refuses it with the torch norm)")
 
 
+def check_cuda_graph(phase: str, graph: str, precision: Precision) -> None:
+    """CUDA graphs replay captured GPU work: there is none to capture on CPU."""
+    if graph != "none" and not torch.cuda.is_available():
+        raise TrainingSetupError(f"{phase}.cuda_graph={graph!r} needs a GPU (CUDA graphs); "
+                                 f"this machine has none: set it to \"none\"")
+    if graph == "layer" and not precision.use_te:
+        # Megatron's per-layer graphs pass the attention mask through TE's helpers
+        raise TrainingSetupError(f"{phase}.cuda_graph='layer' needs Transformer Engine; "
+                                 f"'full_iteration' does not")
+
+
 def padded_vocab(vocab_size: int, tensor: int, multiple: int = 64) -> int:
     """Megatron splits the output layer across TP ranks: pad the vocabulary to a multiple."""
     step = multiple * tensor
@@ -76,12 +87,22 @@ def padded_vocab(vocab_size: int, tensor: int, multiple: int = 64) -> int:
 
 
 def transformer_config(model: ModelConfig, par: ParallelConfig, phase: PhaseConfig,
-                       precision: Precision):
+                       precision: Precision, cuda_graph: str = "none"):
+    """Megatron's config of the model. `cuda_graph` is the training step's (the Trainer's):
+    sampling (model/generate.py) builds the same model without graphs."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     fp8 = precision.name == "fp8"
     gpu = torch.cuda.is_available()
+    # (an empty scope is Megatron's "the whole layer"; its default, "full", says so in a warning)
+    graphs = {"none": {"cuda_graph_scope": []},
+              "layer": {"cuda_graph_impl": "local", "cuda_graph_scope": []},
+              "full_iteration": {"cuda_graph_impl": "local", "cuda_graph_scope": ["full_iteration"]}}
     return TransformerConfig(
+        **graphs[cuda_graph],
+        # a graph replays the RNG states it captured: those of TE's tracker, or Megatron's
+        # graph-safe ones (model/trainer.py seeds the one chosen here)
+        use_te_rng_tracker=cuda_graph != "none" and precision.use_te,
         num_layers=model.num_layers, hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
         ffn_hidden_size=model.ffn_hidden_size, init_method_std=model.init_method_std,

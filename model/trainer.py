@@ -13,7 +13,8 @@ from functools import partial
 import torch
 
 from codeworld.config import Params
-from model.build import (build_chunks, flops_per_token, resolve_precision, transformer_config)
+from model.build import (build_chunks, check_cuda_graph, flops_per_token, resolve_precision,
+                         transformer_config)
 
 
 def init_distributed(backend: str) -> None:
@@ -100,8 +101,7 @@ class Trainer:
     def __init__(self, params: Params, phase: str, vocab_size: int, total_steps: int | None = None):
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import (DistributedDataParallel,
-                                               DistributedDataParallelConfig,
-                                               finalize_model_grads)
+                                               DistributedDataParallelConfig)
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -111,19 +111,25 @@ class Trainer:
         self.cfg = cfg = getattr(params, phase)
         par, mcfg = params.parallel, params.model
         self.precision = resolve_precision(cfg)
+        # rl has no cuda_graph: it samples with the model it trains, at other shapes
+        graph = getattr(cfg, "cuda_graph", "none")
+        check_cuda_graph(phase, graph, self.precision)
         if not ps.model_parallel_is_initialized():
             ps.initialize_model_parallel(
                 tensor_model_parallel_size=par.tensor, pipeline_model_parallel_size=par.pipeline,
                 virtual_pipeline_model_parallel_size=par.virtual_pipeline,
                 context_parallel_size=par.context)
-        model_parallel_cuda_manual_seed(cfg.seed)
+        self.tcfg = transformer_config(mcfg, par, cfg, self.precision, graph)
+        model_parallel_cuda_manual_seed(cfg.seed, te_rng_tracker=self.tcfg.use_te_rng_tracker,
+                                        use_cudagraphable_rng=graph != "none")
         torch.manual_seed(cfg.seed)  # the same initial weights on every layout (CPU init)
         self.vocab_size = vocab_size
-        self.tcfg = transformer_config(mcfg, par, cfg, self.precision)
         chunks = build_chunks(mcfg, par, self.tcfg, self.precision, vocab_size, cfg.seq_length)
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=par.distributed_optimizer, check_for_nan_in_grad=True)
+            use_distributed_optimizer=par.distributed_optimizer,
+            # the check reads each bucket's norm on the host: a captured step cannot
+            check_for_nan_in_grad=graph != "full_iteration")
         self.chunks = [DistributedDataParallel(self.tcfg, ddp_cfg, c) for c in chunks]
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
@@ -137,9 +143,16 @@ class Trainer:
             lr_decay_steps=steps * cfg.global_batch_size, lr_decay_style="cosine",
             start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=1,
             wd_incr_style="constant")
-        self.tcfg.finalize_model_grads_func = finalize_model_grads
+        self.tcfg.finalize_model_grads_func = finalize_grads
         self.tcfg.grad_scale_func = self.optimizer.scale_loss
         self._fwd_bwd = get_forward_backward_func()
+        if graph == "full_iteration":
+            from megatron.core.full_cuda_graph import FullCudaGraphWrapper
+
+            # eager for the first warm-up steps, then captured once (train and evaluation
+            # apart) and replayed; the micro-batches are copied into its static buffers
+            self._fwd_bwd = FullCudaGraphWrapper(
+                self._fwd_bwd, cuda_graph_warmup_steps=self.tcfg.cuda_graph_warmup_steps)
         # RL (model/rl.py) sets its temperature and KL coefficient here
         self.policy = PolicyLoss(vocab_size)
         self.flops_per_token = flops_per_token(mcfg, vocab_size, cfg.seq_length)
@@ -174,6 +187,32 @@ class Trainer:
             c.eval()
         vals = [reduce_loss(self.run_batches(b, forward_only=True)) for b in batches_list]
         return None if vals[0] is None else sum(vals) / len(vals)
+
+
+def finalize_grads(model: list, num_tokens: torch.Tensor | None, pg_collection=None,
+                   force_all_reduce: bool = False) -> None:
+    """Megatron's finalize_model_grads (data-parallel gradient all-reduce, shared embedding and
+    sequence-parallel norm reductions), then the division by the global batch's loss-token
+    count, done on the device: Megatron's own division first asks `num_tokens > 0` on the
+    host, which a CUDA-graph capture cannot do. The same operations otherwise; a batch with
+    no loss token has zero gradients, which a divisor of 1 leaves as they are."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel.utils import get_pp_last_rank
+
+    finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+    if num_tokens is None:
+        return
+    if pg_collection is not None:
+        pp, dp_cp = pg_collection.pp, pg_collection.dp_cp
+    else:
+        pp, dp_cp = ps.get_pipeline_model_parallel_group(), ps.get_data_parallel_group(with_context_parallel=True)
+    # the count exists on the last pipeline stage: every stage needs it, then every DP rank's
+    torch.distributed.broadcast(num_tokens, src=get_pp_last_rank(pp), group=pp)
+    torch.distributed.all_reduce(num_tokens, group=dp_cp)
+    scaling = 1.0 / num_tokens.clamp(min=1)
+    for chunk in model:
+        chunk.scale_gradients(scaling)
 
 
 def reduce_loss(losses: list[dict]) -> float | None:

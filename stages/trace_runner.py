@@ -92,9 +92,8 @@ def trace_requests(requests: list[dict], limits: TraceLimitsConfig, workers: int
     bounds = {"max_events": limits.max_events, "max_bytes": limits.max_bytes}
     _compile_tracer()
     # "prompt": False -- the program's text is the bulk of a prompt: not sent back, rebuilt here
-    extra = {} if too_long_text else {"too_long_text": False}
-    payloads = [{**requests[i], "limits": bounds, "frames": frames, "prompt": False, **extra}
-                for i in todo]
+    payloads = [{**requests[i], "limits": bounds, "frames": frames, "prompt": False,
+                 "too_long_text": too_long_text} for i in todo]
     results = map_requests(payloads, HANDLER, workers=workers or os.cpu_count() or 1,
                            batch_size=batch_size,
                            code_dirs={"/sandbox/lib/cwtrace": TRACER_DIR},

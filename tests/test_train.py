@@ -173,3 +173,45 @@ def test_context_and_sequence_parallel_without_transformer_engine_are_refused():
     with pytest.raises(TrainingSetupError, match="sequence_parallel needs"):
         check_layout(ParallelConfig(nproc=2, tensor=2, sequence_parallel=True), cpu)
     check_layout(ParallelConfig(nproc=2, tensor=2, sequence_parallel=True), Precision("bf16", True))
+
+
+def test_cuda_graphs_without_a_gpu_are_refused_before_any_work(root, tmp_path):
+    params = tiny_params(root, pretrain={"cuda_graph": "full_iteration"})
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run([sys.executable, "-m", "model.train", "--params", str(tmp_path / "p.yaml"),
+                           "--pack", str(root / "pack"), "--out", str(tmp_path / "ck"),
+                           "--steps-log", str(tmp_path / "s.jsonl")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "pretrain.cuda_graph='full_iteration' needs a GPU" in proc.stderr
+    assert not (tmp_path / "ck").exists()
+    with pytest.raises(ConfigError, match="cuda_graph"):
+        parse_params(tiny_params(root, pretrain={"cuda_graph": "whole_step"}))
+
+
+def test_cuda_graph_modes_reach_megatron_as_its_own_settings(monkeypatch):
+    """What Megatron keys off: an empty scope gives every layer a graph manager and the
+    schedules create the graphs; the full_iteration scope leaves both to the trainer's
+    FullCudaGraphWrapper. Graphs replay RNG states, so the tracker must be a graph-safe one."""
+    import torch
+    from megatron.core.transformer.enums import CudaGraphScope
+
+    from codeworld.config import ModelConfig, ParallelConfig, PhaseConfig
+    from model.build import Precision, TrainingSetupError, check_cuda_graph, transformer_config
+
+    phase, te = PhaseConfig(), Precision("bf16", True)
+    cfg = {g: transformer_config(ModelConfig(), ParallelConfig(), phase, te, g)
+           for g in ("none", "layer", "full_iteration")}
+    assert (cfg["none"].cuda_graph_impl, cfg["none"].use_te_rng_tracker) == ("none", False)
+    assert (cfg["layer"].cuda_graph_impl, cfg["layer"].cuda_graph_scope) == ("local", [])
+    assert cfg["full_iteration"].cuda_graph_scope == [CudaGraphScope.full_iteration]
+    assert cfg["layer"].use_te_rng_tracker and cfg["full_iteration"].use_te_rng_tracker
+    no_te = transformer_config(ModelConfig(), ParallelConfig(), phase, Precision("bf16", False),
+                               "full_iteration")
+    assert not no_te.use_te_rng_tracker   # Megatron's graph-safe tracker instead (trainer.py)
+
+    check_cuda_graph("pretrain", "none", Precision("fp32", False))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(TrainingSetupError, match="cuda_graph='layer' needs Transformer Engine"):
+        check_cuda_graph("sft", "layer", Precision("bf16", False))
+    check_cuda_graph("sft", "full_iteration", Precision("bf16", False))

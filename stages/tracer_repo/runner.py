@@ -115,7 +115,6 @@ class RepoTracer:
         self.modules: dict[str, str] = {}
         self.per_function: Counter = Counter()
         self.functions: set[str] = set()
-        self.statuses: Counter = Counter()
         self.started = 0
         self.cur: _Activation | None = None
         self.test_id: str | None = None
@@ -124,7 +123,7 @@ class RepoTracer:
         self.pending: list[dict] = []
         self.taint: str | None = None
         self.untraced: Counter = Counter()
-        self._counts_at_start: tuple = (0, Counter(), Counter())
+        self._counts_at_start: tuple = (0, Counter())
 
     # ----------------------------------------------------------------- helpers
     def sources(self, filename: str) -> list[str]:
@@ -294,7 +293,6 @@ class RepoTracer:
             error = error_text(act.exc) if act.exc is not None else "exception"
         else:
             status, result = "ok", safe_repr(act.value, act.max_repr)
-        self.statuses[status] += 1
         self.pending.append({"test": act.test, "seq": act.seq, "module": act.module,
                    "function": act.function, "trace": "".join(act.parts), "result": result,
                    "error": error, "status": status, "events": len(act.recs)})
@@ -305,14 +303,14 @@ class RepoTracer:
 
     def start_test(self, test_id: str) -> None:
         self.test_id, self.seq, self.taint, self.pending = test_id, 0, None, []
-        self._counts_at_start = (self.started, self.per_function.copy(), self.statuses.copy())
+        self._counts_at_start = (self.started, self.per_function.copy())
 
     def end_test(self) -> None:
         if self.cur is not None:
             self.finish(self.cur, "untraceable: the test left the generator unfinished")
         if self.taint is not None:
             # as if the test had traced nothing: later tests see the same caps on every run
-            self.started, self.per_function, self.statuses = self._counts_at_start
+            self.started, self.per_function = self._counts_at_start
             self.untraced[self.taint] += 1
         else:
             for rec in self.pending:
