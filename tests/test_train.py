@@ -152,15 +152,20 @@ def test_layouts_the_model_cannot_take_fail_at_load(root):
                                  pretrain={"micro_batch_size": 2, "global_batch_size": 4}))
 
 
-def test_fp8_without_transformer_engine_is_refused_before_any_work(root, tmp_path):
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(tiny_params(root, pretrain={"precision": "fp8"})))
+def refused(root: Path, tmp_path: Path, pretrain: dict) -> str:
+    """model.train's stderr for a pretrain setup this CPU machine must refuse before any work."""
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(tiny_params(root, pretrain=pretrain)))
     proc = subprocess.run([sys.executable, "-m", "model.train", "--params", str(tmp_path / "p.yaml"),
                            "--pack", str(root / "pack"), "--out", str(tmp_path / "ck"),
                            "--steps-log", str(tmp_path / "s.jsonl")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "precision fp8 needs Transformer Engine" in proc.stderr
     assert not (tmp_path / "ck").exists()
+    return proc.stderr
+
+
+def test_fp8_without_transformer_engine_is_refused_before_any_work(root, tmp_path):
+    assert "precision fp8 needs Transformer Engine" in refused(root, tmp_path, {"precision": "fp8"})
 
 
 def test_context_and_sequence_parallel_without_transformer_engine_are_refused():
@@ -176,15 +181,8 @@ def test_context_and_sequence_parallel_without_transformer_engine_are_refused():
 
 
 def test_cuda_graphs_without_a_gpu_are_refused_before_any_work(root, tmp_path):
-    params = tiny_params(root, pretrain={"cuda_graph": "full_iteration"})
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
-    proc = subprocess.run([sys.executable, "-m", "model.train", "--params", str(tmp_path / "p.yaml"),
-                           "--pack", str(root / "pack"), "--out", str(tmp_path / "ck"),
-                           "--steps-log", str(tmp_path / "s.jsonl")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "pretrain.cuda_graph='full_iteration' needs a GPU" in proc.stderr
-    assert not (tmp_path / "ck").exists()
+    err = refused(root, tmp_path, {"cuda_graph": "full_iteration"})
+    assert "pretrain.cuda_graph='full_iteration' needs a GPU" in err
     with pytest.raises(ConfigError, match="cuda_graph"):
         parse_params(tiny_params(root, pretrain={"cuda_graph": "whole_step"}))
 

@@ -8,7 +8,8 @@ machine. Three things in a plain ``repr`` break that or blow up the size:
   ``<list_iterator object>``, ``<generator object gen>``, ``<weakref; to 'A'>``;
 * Python 3.11+'s ``str_ascii_iterator`` (an implementation detail of ASCII strings): written
   ``str_iterator``, the name CWM's own traces use for iterating a ``str``;
-* sets of objects hashed by identity (their order follows addresses): elements sorted by repr;
+* sets whose order may follow addresses (an element hashed by identity, or by a ``__hash__``
+  of its own class, which may be object's underneath): elements sorted by repr;
 * very long values: the first ``limit`` characters are kept and ``...<truncated>`` is
   appended. A long list or tuple of scalars is not repr'd whole: its repr is built element by
   element only until it passes the limit (the same prefix, a fraction of the cost: such a local
@@ -21,6 +22,7 @@ container only text matching the address pattern above would be.
 
 from __future__ import annotations
 
+import enum
 import re
 
 DEFAULT_MAX_REPR = 200
@@ -86,19 +88,32 @@ def scrub(text: str) -> str:
     return text
 
 
-def _identity_hashed(e: object) -> bool:
-    return type(e).__hash__ is object.__hash__
+# Hashes computed from the value alone (str and bytes under the sandbox's PYTHONHASHSEED=0):
+# a set of these iterates in the same order on every run. (None is not one on 3.11: its hash
+# is its address.) A class's own __hash__ is not trusted: more-itertools' tests hash a str
+# subclass with `super.__hash__(self)`, the address again.
+_VALUE_HASHES = frozenset(t.__hash__ for t in (int, float, complex, str, bytes, range))
+_VALUE_HASHES |= {enum.Enum.__hash__}   # hash(member name)
+
+
+def _hash_may_follow_address(e: object, depth: int = 0) -> bool:
+    h = type(e).__hash__
+    if h in _VALUE_HASHES:
+        return False
+    if (h is tuple.__hash__ or h is frozenset.__hash__) and depth < 8:
+        return any(_hash_may_follow_address(x, depth + 1) for x in e)
+    return True
 
 
 def identity_set_repr(value: object, limit: int) -> str | None:
-    """A set or frozenset holding objects hashed by identity iterates in address order, which
-    differs from run to run and machine to machine: its elements are written sorted by their
-    (address-free) reprs instead. None for any other value."""
+    """A set or frozenset whose elements' hashes may be addresses iterates in address order,
+    which differs from run to run and machine to machine: its elements are written sorted by
+    their (address-free) reprs instead. None for any other value."""
     t = type(value)
     if (t is not set and t is not frozenset) or not value:
         return None
     try:
-        if not any(_identity_hashed(e) for e in value):
+        if not any(_hash_may_follow_address(e) for e in value):
             return None
         inner = "{" + ", ".join(sorted(safe_repr(e, limit) for e in value)) + "}"
     except RuntimeError:   # resized while iterating (another thread)
