@@ -8,6 +8,7 @@
 # the pipeline runs' steps_*.jsonl.
 #   TE_DIR=DIR   first install Transformer Engine from DIR without an index
 #                (infra/install_te_offline.sh says what DIR holds)
+#   BENCH_BASE=0   skip the first benchmark run (plain PyTorch, BF16 and FP8 at micro-batch 4)
 #   BENCH_MBS="8 16"   micro-batches at which BF16 and FP8 are also compared (the first
 #                profiled: where the step's GPU time goes, and how much of it the GPU is busy)
 #   BENCH_GRAPH="full_iteration layer"   CUDA graph modes (pretrain.cuda_graph) tried one at a
@@ -17,7 +18,9 @@
 #   PIPELINE_GRAPH=full_iteration   the pipeline part also trains the default pretrain in this
 #                CUDA graph mode and compares its losses and speed with the eager run's
 #                (PIPELINE_GRAPH= skips it)
-# Each benchmark run of two configs takes ~1 min on an H200; the pipeline part ~2 min.
+# Each benchmark run of two configs takes ~1 min on an H200, the pipeline part ~3 min, the TE
+# install ~1.5 min: all of it passes a device call's 10 minutes. One call that fits:
+#   TE_DIR=DIR BENCH_BASE=0 BENCH_MBS=16 bash bench/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
 PACK=${PACK:-data/pack}
@@ -42,7 +45,7 @@ bench() {  # bench NAME ARGS...: one train_gpu.py run, its table to bench.log, r
 }
 compare() { bench "$1" --only megatron-bf16 --only megatron-fp8 "${@:2}"; }   # BF16 against FP8
 
-bench all
+[ "${BENCH_BASE:-1}" = 0 ] || bench all
 profile=--profile
 for mbs in ${BENCH_MBS-8 16}; do
   compare "mbs$mbs" $profile --set pretrain.micro_batch_size=$mbs
