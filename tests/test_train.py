@@ -213,3 +213,53 @@ def test_cuda_graph_modes_reach_megatron_as_its_own_settings(monkeypatch):
     with pytest.raises(TrainingSetupError, match="cuda_graph='layer' needs Transformer Engine"):
         check_cuda_graph("sft", "layer", Precision("bf16", False))
     check_cuda_graph("sft", "full_iteration", Precision("bf16", False))
+
+
+FINALIZE_PROBE = '''
+import sys, torch, yaml
+from codeworld.config import parse_params
+from megatron.core.distributed import finalize_model_grads
+from model.trainer import Trainer, finalize_grads, init_distributed
+
+params = parse_params(yaml.safe_load(open(sys.argv[1])))
+init_distributed("gloo")
+trainer, cfg = Trainer(params, "pretrain", 600), params.pretrain
+g = torch.Generator().manual_seed(torch.distributed.get_rank() % 2)   # DP ranks: other data
+def batch():
+    tokens = torch.randint(0, 600, (cfg.micro_batch_size, cfg.seq_length), generator=g)
+    return {"tokens": tokens, "labels": tokens.roll(-1, 1), "position_ids":
+            torch.arange(cfg.seq_length).expand_as(tokens).contiguous(),
+            "loss_mask": (torch.rand(tokens.shape, generator=g) < 0.7).float()}
+batches = [batch() for _ in range(cfg.global_batch_size // cfg.micro_batch_size)]
+grads = []
+for finalize in (finalize_model_grads, finalize_grads):
+    trainer.tcfg.finalize_model_grads_func = finalize
+    for c in trainer.chunks:
+        c.zero_grad_buffer()
+    trainer.run_batches(batches, forward_only=False)
+    grads.append(torch.cat([b.grad_data.clone() for c in trainer.chunks for b in c.buffers]))
+assert grads[0].abs().sum() > 0
+assert torch.equal(grads[0], grads[1]), (grads[0] - grads[1]).abs().max()
+print("same gradients", torch.distributed.get_rank(), flush=True)
+torch.distributed.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize("parallel", [{"pipeline": 2}, {"distributed_optimizer": True}])
+def test_gradient_finalisation_on_the_device_matches_megatrons(root, tmp_path, parallel):
+    """finalize_grads divides by the loss-token count without reading it on the host (a CUDA
+    graph captures it); the gradients must equal Megatron's finalize_model_grads' bit for bit,
+    across pipeline stages (the count broadcast from the last) and data-parallel ranks (summed).
+    The loss curves alone would not tell: Adam hides a wrong gradient scale."""
+    params = tiny_params(root, parallel={"nproc": 2, **parallel})
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "probe.py").write_text(FINALIZE_PROBE)
+    with open(tmp_path / "log", "w") as log:
+        proc = run_in_own_group([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc-per-node=2", str(tmp_path / "probe.py"), str(tmp_path / "p.yaml")],
+                                stdout=log, timeout=300, cwd=Path(__file__).resolve().parents[1],
+                                env={**os.environ, "OMP_NUM_THREADS": "1",
+                                     "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    out = (tmp_path / "log").read_text()
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("same gradients") == 2
