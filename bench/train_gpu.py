@@ -94,16 +94,14 @@ def profile_steps(step, n: int = 2) -> dict:
 
 
 def parse_tc(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--tc {item!r}: expected FIELD=VALUE")
+    from codeworld.overrides import split_assignment
+
+    def one(item: str) -> tuple[str, object]:
         try:
-            out[key] = json.loads(value)
+            return split_assignment(item)
         except ValueError:
-            out[key] = value
-    return out
+            raise SystemExit(f"--tc {item!r}: expected FIELD=VALUE") from None
+    return dict(map(one, items))
 
 
 def with_overrides(build_config, overrides: dict):
@@ -138,6 +136,7 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
     data = [{k: v.cuda() for k, v in b.items()}
             for b in batches(VOCAB, cfg.global_batch_size // cfg.micro_batch_size,
                              cfg.micro_batch_size, cfg.seq_length)]
+    warmup = 3
     if kind == "plain-bf16":
         torch.manual_seed(0)
         model = PlainGPT(VOCAB, m.hidden_size, m.num_layers, m.num_attention_heads,
@@ -171,9 +170,9 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
         def step():
             trainer.train_step(cpu_data)
         backend = "TE spec" if trainer.precision.use_te else "local spec"
-    # a CUDA-graph config captures after Megatron's warm-up steps (cuda_graph_warmup_steps, 3):
-    # the timed steps replay
-    for _ in range(3 if cfg.cuda_graph == "none" else 7):
+        if cfg.cuda_graph != "none":   # captured after Megatron's warm-up steps: time replays
+            warmup += trainer.tcfg.cuda_graph_warmup_steps + 1
+    for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

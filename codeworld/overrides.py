@@ -8,16 +8,25 @@ import json
 from codeworld.config import ConfigError, Params, parse_params
 
 
+def split_assignment(item: str) -> tuple[str, object]:
+    """`KEY=VALUE` -> (KEY, VALUE read as JSON, or the plain string when it is not JSON);
+    ValueError when there is no `KEY=`."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(item)
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
 def apply_overrides(params: Params, items: list[str]) -> Params:
     data = params.model_dump()
     for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected SECTION.KEY=VALUE")
         try:
-            value = json.loads(raw)
+            key, value = split_assignment(item)
         except ValueError:
-            value = raw
+            raise ConfigError(f"override {item!r}: expected SECTION.KEY=VALUE") from None
         node = data
         parts = key.split(".")
         for p in parts[:-1]:
