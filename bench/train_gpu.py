@@ -145,16 +145,17 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
 
         def step():
             opt.zero_grad(set_to_none=True)
-            total = 0
+            total, loss_sum = 0, 0
             for b in data:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     loss, n = model(b["tokens"], b["labels"], b["loss_mask"])
                 loss.backward()
-                total += n
+                total, loss_sum = total + n, loss_sum + loss.detach()
             for p in model.parameters():
                 p.grad /= total
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             opt.step()
+            return loss_sum / total   # a tensor: read after the timing, not a sync in each step
         backend = "torch sdpa"
     else:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000),
@@ -168,19 +169,19 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
         cpu_data = [{k: v.cpu() for k, v in b.items()} for b in data]
 
         def step():
-            trainer.train_step(cpu_data)
+            return trainer.train_step(cpu_data)["loss"]
         backend = "TE spec" if trainer.precision.use_te else "local spec"
         if cfg.cuda_graph != "none":   # captured after Megatron's warm-up steps: time replays
             warmup += trainer.tcfg.cuda_graph_warmup_steps + 1
-    for _ in range(warmup):
-        step()
+    # every step's loss, to check a variant (a CUDA graph mode, say) against the eager run
+    losses = [step() for _ in range(warmup)]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
+    losses += [step() for _ in range(steps)]
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    losses = [float(loss) for loss in losses]
     tps = steps * cfg.global_batch_size * cfg.seq_length / dt
     fpt = flops_per_token(m, VOCAB, cfg.seq_length)
     peak = peak_flops("bf16")
@@ -192,10 +193,13 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
             prof = {"error": f"{type(err).__name__}: {err}"}
     return {"kind": kind, "backend": backend, "gpu": torch.cuda.get_device_name(), "profile": prof,
             "transformer_config": tc or {}, "cuda_graph": cfg.cuda_graph,
+            "micro_batch_size": cfg.micro_batch_size, "losses": losses,
             "params": count_parameters(m, VOCAB), "tokens_per_s": tps,
             "tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak if peak else None,
             "ms_per_step": dt / steps * 1000,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+            # a CUDA graph's private pool holds its activations outside "allocated"
+            "reserved_memory_gib": torch.cuda.max_memory_reserved() / 2**30}
 
 
 def main() -> int:
@@ -240,7 +244,9 @@ def main() -> int:
             continue
         results[kind] = res = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{kind}: {res['tokens_per_s']:.0f} tokens/s, MFU {res['mfu'] or 0:.1%}, "
-              f"{res['ms_per_step']:.0f} ms/step, {res['peak_memory_gib']:.1f} GiB", flush=True)
+              f"{res['ms_per_step']:.0f} ms/step, {res['peak_memory_gib']:.1f} GiB "
+              f"({res['reserved_memory_gib']:.1f} reserved), "
+              f"loss {res['losses'][0]:.4f} -> {res['losses'][-1]:.4f}", flush=True)
         if res.get("profile") and "error" in res["profile"]:
             print(f"  profile failed: {res['profile']['error']}", flush=True)
         elif res.get("profile"):

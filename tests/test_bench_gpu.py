@@ -37,3 +37,79 @@ def test_overrides_reach_the_config_and_megatron_validates_them():
     # Megatron's own checks run on the result: 8 heads do not split over 3 TP ranks
     with pytest.raises((ValueError, AssertionError)):
         train_gpu.with_overrides(transformer_config, {"tensor_model_parallel_size": 3})(*args)
+
+
+def result(kind, mbs, graph, tokens_per_s, losses, tc=None):
+    return {"kind": kind, "micro_batch_size": mbs, "cuda_graph": graph, "transformer_config": tc or {},
+            "tokens_per_s": tokens_per_s, "mfu": 0.5, "ms_per_step": 400.0, "peak_memory_gib": 20.0,
+            "losses": losses}
+
+
+def test_gpu_summary_ratios_and_loss_checks(tmp_path):
+    """bench/gpu_summary.py: FP8 over the BF16 of its own benchmark, else of another benchmark
+    at the same micro-batch and graph mode; each variant's loss difference from the eager run."""
+    import json
+
+    import gpu_summary
+
+    bench = [
+        {"name": "graph", "results": {
+            "megatron-bf16": result("megatron-bf16", 8, "full_iteration", 80000.0, [10.0, 9.0, 8.5, 7.0]),
+            "megatron-fp8": result("megatron-fp8", 8, "full_iteration", 104000.0, [10.0, 9.25, 8.0, 7.0])}},
+        {"name": "fp8_attention", "results": {
+            "megatron-fp8": result("megatron-fp8", 8, "full_iteration", 96000.0, [10.0, 9.0, 8.0],
+                                   {"fp8_dot_product_attention": True})}},
+        {"name": "eager", "results": {
+            "megatron-bf16": result("megatron-bf16", 8, "none", 75000.0, [10.0, 9.0, 8.0]),
+            "megatron-fp8": {"kind": "megatron-fp8", "error": "Traceback ...\nRuntimeError: no FP8 here"}}},
+    ]
+    (tmp_path / "bench.jsonl").write_text("".join(json.dumps(e) + "\n" for e in bench))
+    rows = {(line.split(" | ")[0][2:], line.split(" | ")[1]): line
+            for line in gpu_summary.bench_table(gpu_summary.bench_rows(tmp_path))[2:]}
+    assert "| 1.30x |" in rows["graph", "megatron-fp8"]
+    assert "| 1.20x |" in rows["fp8_attention", "megatron-fp8"]   # the BF16 of "graph"
+    assert "5.00e-01 over 3 steps" in rows["graph", "megatron-bf16"]   # against "eager"
+    assert "failed: RuntimeError: no FP8 here" in rows["eager", "megatron-fp8"]
+    assert rows["graph", "megatron-fp8"].endswith("|  |")   # no eager FP8 run to compare with
+
+
+def test_gpu_summary_compares_train_runs_step_by_step(tmp_path):
+    import json
+
+    import gpu_summary
+
+    def write(name, losses):
+        (tmp_path / f"steps_{name}.jsonl").write_text("".join(
+            json.dumps({"step": i + 1, "loss": l, "grad_norm": 1.0, "lr": 0.1, "tokens_per_s": 100.0 * (i + 1)}) + "\n"
+            for i, l in enumerate(losses)))
+    write("eager", [8.0, 7.0, 6.0])
+    write("graph", [8.0, 7.0, 6.0])
+    write("other", [8.0, 7.5, 6.0])
+    lines = gpu_summary.train_comparison(tmp_path, ["eager", "graph", "other", "missing"])
+    assert any(l.startswith("graph: 3 rows; identical (loss, grad norm, lr) at 3/3 steps") for l in lines)
+    assert any(l.startswith("other: 3 rows; identical (loss, grad norm, lr) at 2/3 steps; "
+                            "largest loss difference 0.5") for l in lines)
+    assert "missing: no steps log" in lines
+
+
+def test_gpu_check_refuses_a_bad_plan_before_any_work(tmp_path):
+    import subprocess
+
+    plan = tmp_path / "plan.txt"
+    plan.write_text("# a comment\nbench base\nbenchmark mbs8 --profile\n")
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh")], cwd=ROOT, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PLAN": str(plan), "OUT": str(out)})
+    assert proc.returncode == 2
+    assert f"{plan}: 'benchmark' is neither bench nor train, in: benchmark mbs8 --profile" in proc.stderr
+    assert proc.stdout == ""   # nothing ran: no nvidia-smi, no install
+
+
+@pytest.mark.parametrize("plan", sorted((ROOT / "bench/gpu_plans").glob("*.txt")), ids=lambda p: p.name)
+def test_committed_gpu_plans_read(plan):
+    import subprocess
+
+    proc = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), "--check"], cwd=ROOT, capture_output=True,
+                          text=True, env={"PATH": "/usr/bin:/bin", "PLAN": str(plan), "OUT": "/tmp/gpu_check_plan"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("steps") and " 0 steps" not in proc.stdout

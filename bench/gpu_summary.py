@@ -1,0 +1,106 @@
+"""The summary of a bench/gpu_check.sh run, from the files it left in OUT:
+
+    python bench/gpu_summary.py OUT [TRAIN_NAME ...]
+
+- every benchmark result of bench.jsonl in one table, with FP8's tokens/s over BF16's at the
+  same micro-batch and CUDA graph mode (the BF16 of the same benchmark, else of another one of
+  this run), and each result's largest per-step loss difference from the eager run of its
+  config at its micro-batch, when the run has one (a graph replaying stale inputs would train
+  as fast and differ);
+- each train run's steps_NAME.jsonl against the first name's, step by step.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def bench_rows(out: Path) -> list[dict]:
+    path = out / "bench.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        entry = json.loads(line)
+        for res in entry["results"].values():
+            rows.append({"name": entry["name"], **res})
+    return rows
+
+
+def setting(r: dict) -> tuple:
+    return r.get("micro_batch_size"), r.get("cuda_graph"), json.dumps(r.get("transformer_config") or {})
+
+
+def bench_table(rows: list[dict]) -> list[str]:
+    ok = [r for r in rows if "error" not in r]
+    lines = ["| benchmark | config | micro-batch | cuda_graph | TransformerConfig | tokens/s | MFU | "
+             "ms/step | GiB | FP8/BF16 | loss vs eager |", "|" + "---|" * 11]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['kind']} | failed: {r['error'].splitlines()[-1][:90]} |"
+                         + " |" * 8)
+            continue
+        ratio = ""
+        if r["kind"] == "megatron-fp8":
+            mbs, graph, _ = setting(r)
+            bf16 = ([b for b in ok if b["kind"] == "megatron-bf16" and b["name"] == r["name"]]
+                    or [b for b in ok if b["kind"] == "megatron-bf16" and setting(b)[:2] == (mbs, graph)])
+            if bf16:
+                ratio = f"{r['tokens_per_s'] / bf16[0]['tokens_per_s']:.2f}x"
+        eager = [b for b in ok if b["kind"] == r["kind"] and b is not r and b.get("losses")
+                 and setting(b) == (r.get("micro_batch_size"), "none", "{}")]
+        diff = ""
+        if eager and r.get("losses") and setting(r) != setting(eager[0]):
+            pairs = list(zip(r["losses"], eager[0]["losses"]))
+            diff = f"{max(abs(a - b) for a, b in pairs):.2e} over {len(pairs)} steps"
+        lines.append(f"| {r['name']} | {r['kind']} | {r.get('micro_batch_size')} | {r.get('cuda_graph')} | "
+                     f"{r.get('transformer_config') or ''} | {r['tokens_per_s']:.0f} | {(r['mfu'] or 0):.1%} | "
+                     f"{r['ms_per_step']:.0f} | {r['peak_memory_gib']:.1f} | {ratio} | {diff} |")
+    return lines
+
+
+def steps(out: Path, name: str) -> list[dict] | None:
+    path = out / f"steps_{name}.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else None
+
+
+def median(rows: list[dict], key: str):
+    v = sorted(r[key] for r in rows[1:] if r.get(key) is not None)   # step 1 includes warm-up
+    return v[len(v) // 2] if v else None
+
+
+def train_comparison(out: Path, names: list[str]) -> list[str]:
+    if not names:
+        return []
+    ref = steps(out, names[0])
+    if not ref:
+        return [f"no steps log of the reference run {names[0]!r}"]
+    lines = [f"{names[0]}: " + str([(r["step"], round(r["loss"], 4)) for r in ref[::5]])
+             + f", valid {ref[-1].get('valid_loss')}, median tok/s {median(ref, 'tokens_per_s')}"]
+    keys = ("loss", "grad_norm", "lr")
+    for name in names[1:]:
+        other = steps(out, name)
+        if other is None:
+            lines.append(f"{name}: no steps log")
+            continue
+        same = [r["step"] for r, s in zip(ref, other) if all(r.get(k) == s.get(k) for k in keys)]
+        worst = max((abs(r["loss"] - s["loss"]) for r, s in zip(ref, other)), default=None)
+        lines.append(f"{name}: {len(other)} rows; identical (loss, grad norm, lr) at {len(same)}/{len(ref)} "
+                     f"steps; largest loss difference {worst}; median tok/s {median(other, 'tokens_per_s')}")
+        lines.append("  first differences: " + str([(r["step"], r["loss"], s["loss"]) for r, s in zip(ref, other)
+                                                   if r["loss"] != s["loss"]][:5]))
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    out = Path(argv[0])
+    rows = bench_rows(out)
+    print("\n".join((bench_table(rows) if rows else ["no benchmark results"]) + train_comparison(out, argv[1:])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
