@@ -150,7 +150,9 @@ class Trainer:
             from megatron.core.full_cuda_graph import FullCudaGraphWrapper
 
             # eager for the first warm-up steps, then captured once (train and evaluation
-            # apart) and replayed; the micro-batches are copied into its static buffers
+            # apart) and replayed; the micro-batches are copied into its static buffers.
+            # Megatron keeps graphs, step counts and buffers in class state: one graphed
+            # Trainer per process, as every caller here (model/train.py, the benchmark) makes.
             self._fwd_bwd = FullCudaGraphWrapper(
                 self._fwd_bwd, cuda_graph_warmup_steps=self.tcfg.cuda_graph_warmup_steps)
         # RL (model/rl.py) sets its temperature and KL coefficient here

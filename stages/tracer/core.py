@@ -53,7 +53,7 @@ from .frames import (_KEYS, _SAME, ACTION_SEP, ARG_SEP, CALL, CALL_SEP, EXCEPTIO
                      _key, prompt_for)
 from .program import ITER_NAME, CodeInfo, InvalidProgram, Program, compile_program
 from .reprs import (_ADDRESS, _BIG, _PLAIN, _SCALARS, MARKER, error_text, exception_repr,
-                    identity_set_repr, long_sequence_prefix, repr_failed, safe_repr)
+                    address_ordered_set_repr, long_sequence_prefix, repr_failed, safe_repr)
 
 _SEQS = (list, tuple)
 
@@ -139,7 +139,7 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int,
                 if cut is not None:
                     text = cut[0]
                 elif (t is set or t is frozenset) and (
-                        ordered := identity_set_repr(value, limit)) is not None:
+                        ordered := address_ordered_set_repr(value, limit)) is not None:
                     text = ordered   # address-ordered elements, sorted (reprs.py)
                 else:
                     text = repr(value)

@@ -106,7 +106,7 @@ def _hash_may_follow_address(e: object, depth: int = 0) -> bool:
     return True
 
 
-def identity_set_repr(value: object, limit: int) -> str | None:
+def address_ordered_set_repr(value: object, limit: int) -> str | None:
     """A set or frozenset whose elements' hashes may be addresses iterates in address order,
     which differs from run to run and machine to machine: its elements are written sorted by
     their (address-free) reprs instead. None for any other value."""
@@ -126,7 +126,7 @@ def safe_repr(value: object, limit: int = DEFAULT_MAX_REPR) -> str:
     short = long_sequence_repr(value, limit)
     if short is not None:
         return short
-    ordered = identity_set_repr(value, limit)
+    ordered = address_ordered_set_repr(value, limit)
     if ordered is not None:
         return truncate(ordered, limit)
     try:
