@@ -7,7 +7,8 @@
   this run), and each result's largest per-step loss difference from the eager run of its
   config at its micro-batch, when the run has one (a graph replaying stale inputs would train
   as fast and differ);
-- each train run's steps_NAME.jsonl against the first name's, step by step.
+- each train run's steps_NAME.jsonl against the first name's, step by step (loss, grad norm,
+  lr, and the validation loss where it was evaluated).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def train_comparison(out: Path, names: list[str]) -> list[str]:
         return [f"no steps log of the reference run {names[0]!r}"]
     lines = [f"{names[0]}: " + str([(r["step"], round(r["loss"], 4)) for r in ref[::5]])
              + f", valid {ref[-1].get('valid_loss')}, median tok/s {median(ref, 'tokens_per_s')}"]
-    keys = ("loss", "grad_norm", "lr")
+    keys = ("loss", "grad_norm", "lr", "valid_loss")   # valid_loss: at the evaluation steps
     for name in names[1:]:
         other = steps(out, name)
         if other is None:
@@ -85,7 +86,7 @@ def train_comparison(out: Path, names: list[str]) -> list[str]:
             continue
         same = [r["step"] for r, s in zip(ref, other) if all(r.get(k) == s.get(k) for k in keys)]
         worst = max((abs(r["loss"] - s["loss"]) for r, s in zip(ref, other)), default=None)
-        lines.append(f"{name}: {len(other)} rows; identical (loss, grad norm, lr) at {len(same)}/{len(ref)} "
+        lines.append(f"{name}: {len(other)} rows; identical (loss, grad norm, lr, valid loss) at {len(same)}/{len(ref)} "
                      f"steps; largest loss difference {worst}; median tok/s {median(other, 'tokens_per_s')}")
         lines.append("  first differences: " + str([(r["step"], r["loss"], s["loss"]) for r, s in zip(ref, other)
                                                    if r["loss"] != s["loss"]][:5]))

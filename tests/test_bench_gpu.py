@@ -78,17 +78,21 @@ def test_gpu_summary_compares_train_runs_step_by_step(tmp_path):
 
     import gpu_summary
 
-    def write(name, losses):
-        (tmp_path / f"steps_{name}.jsonl").write_text("".join(
-            json.dumps({"step": i + 1, "loss": l, "grad_norm": 1.0, "lr": 0.1, "tokens_per_s": 100.0 * (i + 1)}) + "\n"
-            for i, l in enumerate(losses)))
-    write("eager", [8.0, 7.0, 6.0])
-    write("graph", [8.0, 7.0, 6.0])
-    write("other", [8.0, 7.5, 6.0])
-    lines = gpu_summary.train_comparison(tmp_path, ["eager", "graph", "other", "missing"])
-    assert any(l.startswith("graph: 3 rows; identical (loss, grad norm, lr) at 3/3 steps") for l in lines)
-    assert any(l.startswith("other: 3 rows; identical (loss, grad norm, lr) at 2/3 steps; "
+    def write(name, losses, valid):   # evaluated at the last step
+        rows = [{"step": i + 1, "loss": l, "grad_norm": 1.0, "lr": 0.1, "tokens_per_s": 100.0 * (i + 1)}
+                for i, l in enumerate(losses)]
+        rows[-1]["valid_loss"] = valid
+        (tmp_path / f"steps_{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write("eager", [8.0, 7.0, 6.0], valid=5.5)
+    write("graph", [8.0, 7.0, 6.0], valid=5.5)
+    write("other", [8.0, 7.5, 6.0], valid=5.5)
+    write("valid_differs", [8.0, 7.0, 6.0], valid=5.25)
+    lines = gpu_summary.train_comparison(tmp_path, ["eager", "graph", "other", "valid_differs", "missing"])
+    assert any(l.startswith("graph: 3 rows; identical (loss, grad norm, lr, valid loss) at 3/3 steps") for l in lines)
+    assert any(l.startswith("other: 3 rows; identical (loss, grad norm, lr, valid loss) at 2/3 steps; "
                             "largest loss difference 0.5") for l in lines)
+    assert any(l.startswith("valid_differs: 3 rows; identical (loss, grad norm, lr, valid loss) at 2/3 steps; "
+                            "largest loss difference 0.0") for l in lines)
     assert "missing: no steps log" in lines
 
 
