@@ -28,13 +28,20 @@ def bench_rows(out: Path) -> list[dict]:
     return rows
 
 
+def variant(r: dict) -> dict:
+    """What a run changed beyond params: TransformerConfig fields (--tc), layer-spec arguments
+    (--spec)."""
+    return {**(r.get("transformer_config") or {}),
+            **{f"spec.{k}": v for k, v in (r.get("layer_spec_args") or {}).items()}}
+
+
 def setting(r: dict) -> tuple:
-    return r.get("micro_batch_size"), r.get("cuda_graph"), json.dumps(r.get("transformer_config") or {})
+    return r.get("micro_batch_size"), r.get("cuda_graph"), json.dumps(variant(r), sort_keys=True)
 
 
 def bench_table(rows: list[dict]) -> list[str]:
     ok = [r for r in rows if "error" not in r]
-    lines = ["| benchmark | config | micro-batch | cuda_graph | TransformerConfig | tokens/s | MFU | "
+    lines = ["| benchmark | config | micro-batch | cuda_graph | --tc / --spec | tokens/s | MFU | "
              "ms/step | GiB | FP8/BF16 | loss vs eager |", "|" + "---|" * 11]
     for r in rows:
         if "error" in r:
@@ -55,7 +62,7 @@ def bench_table(rows: list[dict]) -> list[str]:
             pairs = list(zip(r["losses"], eager[0]["losses"]))
             diff = f"{max(abs(a - b) for a, b in pairs):.2e} over {len(pairs)} steps"
         lines.append(f"| {r['name']} | {r['kind']} | {r.get('micro_batch_size')} | {r.get('cuda_graph')} | "
-                     f"{r.get('transformer_config') or ''} | {r['tokens_per_s']:.0f} | {(r['mfu'] or 0):.1%} | "
+                     f"{variant(r) or ''} | {r['tokens_per_s']:.0f} | {(r['mfu'] or 0):.1%} | "
                      f"{r['ms_per_step']:.0f} | {r['peak_memory_gib']:.1f} | {ratio} | {diff} |")
     return lines
 

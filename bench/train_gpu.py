@@ -9,12 +9,15 @@ Each configuration runs in its own process (a failure is reported and the others
                               [--profile]   # + where each step's GPU time goes (top kernels)
                               [--tc cuda_graph_impl=local ...]   # TransformerConfig fields
                               [--set pretrain.cuda_graph=full_iteration]   # CUDA graphs
+                              [--spec use_te_op_fuser=true ...]   # TE layer-spec arguments
 
 `--tc FIELD=VALUE` sets a Megatron TransformerConfig field for the Megatron configs of this run
 only (VALUE read as JSON when it parses, else as a string), to try what params.yaml does not
 expose, e.g. FP8 attention (`fp8_dot_product_attention=true`); Megatron validates the result
 as usual. CUDA graphs are a phase parameter (`pretrain.cuda_graph`: layer | full_iteration),
-set with --set like any other.
+set with --set like any other. `--spec ARG=VALUE` passes an argument to Megatron's TE layer-spec
+builder (`get_gpt_layer_with_transformer_engine_spec`) for this run only, e.g. its TE op fuser
+(`use_te_op_fuser=true`: the MLP as one `te.ops.Sequential`, SwiGLU fused with its FP8 cast).
 
 MFU = training FLOPs per token (model.build.flops_per_token: 6N + attention) x tokens/s /
 the GPU's peak dense BF16 FLOP/s (model.metrics.PEAK_FLOPS; 989 TFLOP/s on H100/H200). FP8
@@ -93,14 +96,15 @@ def profile_steps(step, n: int = 2) -> dict:
             "top_kernels_ms_per_step": [(name[:90], per_step(us)) for name, us in by_name.most_common(8)]}
 
 
-def parse_tc(items: list[str]) -> dict:
+def parse_tc(items: list[str], option: str = "--tc") -> dict:
+    """FIELD=VALUE items (--tc, --spec) as a dict, VALUE read as JSON when it parses."""
     from codeworld.overrides import split_assignment
 
     def one(item: str) -> tuple[str, object]:
         try:
             return split_assignment(item)
         except ValueError:
-            raise SystemExit(f"--tc {item!r}: expected FIELD=VALUE") from None
+            raise SystemExit(f"{option} {item!r}: expected FIELD=VALUE") from None
     return dict(map(one, items))
 
 
@@ -118,8 +122,22 @@ def with_overrides(build_config, overrides: dict):
     return build
 
 
+def with_spec_args(build_spec, spec_args: dict):
+    """Megatron's TE layer-spec builder with `spec_args` added to every call; an argument it
+    does not take fails here, naming it."""
+    import inspect
+
+    unknown = set(spec_args) - set(inspect.signature(build_spec).parameters)
+    if unknown:
+        raise SystemExit(f"--spec: {build_spec.__name__} has no argument {sorted(unknown)}")
+
+    def build(*args, **kwargs):
+        return build_spec(*args, **{**kwargs, **spec_args})
+    return build
+
+
 def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
-           tc: dict | None = None) -> dict:
+           tc: dict | None = None, spec_args: dict | None = None) -> dict:
     import torch
 
     from codeworld.config import load_params
@@ -164,6 +182,11 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
         from model.trainer import Trainer, init_distributed
 
         trainer_mod.transformer_config = with_overrides(trainer_mod.transformer_config, tc or {})
+        if spec_args:   # model.build.layer_spec imports the builder from its module at each call
+            import megatron.core.models.gpt.gpt_layer_specs as specs
+
+            specs.get_gpt_layer_with_transformer_engine_spec = with_spec_args(
+                specs.get_gpt_layer_with_transformer_engine_spec, spec_args)
         init_distributed("auto")
         trainer = Trainer(params, "pretrain", VOCAB)
         cpu_data = [{k: v.cpu() for k, v in b.items()} for b in data]
@@ -171,6 +194,9 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
         def step():
             return trainer.train_step(cpu_data)["loss"]
         backend = "TE spec" if trainer.precision.use_te else "local spec"
+        if spec_args and not trainer.precision.use_te:
+            raise SystemExit(f"--spec {spec_args}: arguments of the TE layer spec, but this run "
+                             "has the local spec (no Transformer Engine)")
         if cfg.cuda_graph != "none":   # captured after Megatron's warm-up steps: time replays
             warmup += trainer.tcfg.cuda_graph_warmup_steps + 1
     # every step's loss, to check a variant (a CUDA graph mode, say) against the eager run
@@ -192,7 +218,7 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
         except Exception as err:   # the profiler must not cost the throughput figures
             prof = {"error": f"{type(err).__name__}: {err}"}
     return {"kind": kind, "backend": backend, "gpu": torch.cuda.get_device_name(), "profile": prof,
-            "transformer_config": tc or {}, "cuda_graph": cfg.cuda_graph,
+            "transformer_config": tc or {}, "layer_spec_args": spec_args or {}, "cuda_graph": cfg.cuda_graph,
             "micro_batch_size": cfg.micro_batch_size, "losses": losses,
             "params": count_parameters(m, VOCAB), "tokens_per_s": tps,
             "tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak if peak else None,
@@ -211,13 +237,20 @@ def main() -> int:
     ap.add_argument("--json", help="write the results here too")
     ap.add_argument("--tc", action="append", default=[], metavar="FIELD=VALUE",
                     help="a Megatron TransformerConfig field for the Megatron configs (repeatable)")
+    ap.add_argument("--spec", action="append", default=[], metavar="ARG=VALUE",
+                    help="an argument of Megatron's TE layer-spec builder (repeatable)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile 2 steps of each config: GPU busy time, time by kernel")
     ap.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     tc = parse_tc(args.tc)   # a malformed one fails here, before any config runs
+    spec_args = parse_tc(args.spec, "--spec")
+    if spec_args:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        with_spec_args(get_gpt_layer_with_transformer_engine_spec, spec_args)   # names checked
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.set, args.profile, tc)))
+        print(json.dumps(worker(args.worker, args.steps, args.set, args.profile, tc, spec_args)))
         return 0
     results: dict[str, dict] = {}
     for kind in args.only or CONFIGS:
@@ -230,6 +263,7 @@ def main() -> int:
                 continue
         cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps),
                *sum((["--set", s] for s in args.set), []), *sum((["--tc", t] for t in args.tc), []),
+               *sum((["--spec", a] for a in args.spec), []),
                *(["--profile"] if args.profile else [])]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)

@@ -117,3 +117,20 @@ def test_committed_gpu_plans_read(plan):
                           text=True, env={"PATH": "/usr/bin:/bin", "PLAN": str(plan), "OUT": "/tmp/gpu_check_plan"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("steps") and " 0 steps" not in proc.stdout
+
+
+def test_spec_args_reach_megatrons_te_spec_builder_and_unknown_ones_fail():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    calls = []
+
+    def builder(num_experts=None, use_te_op_fuser=False):
+        calls.append((num_experts, use_te_op_fuser))
+    train_gpu.with_spec_args(builder, {"use_te_op_fuser": True})(num_experts=None)
+    assert calls == [(None, True)]
+    # the names are checked against Megatron's own builder, before any config runs
+    train_gpu.with_spec_args(get_gpt_layer_with_transformer_engine_spec, {"use_te_op_fuser": True})
+    with pytest.raises(SystemExit, match=r"--spec: get_gpt_layer_with_transformer_engine_spec has no argument \['use_op_fuser'\]"):
+        train_gpu.with_spec_args(get_gpt_layer_with_transformer_engine_spec, {"use_op_fuser": True})
+    with pytest.raises(SystemExit, match="--spec 'use_te_op_fuser': expected FIELD=VALUE"):
+        train_gpu.parse_tc(["use_te_op_fuser"], "--spec")
