@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -73,8 +74,8 @@ def steps(out: Path, name: str) -> list[dict] | None:
 
 
 def median(rows: list[dict], key: str):
-    v = sorted(r[key] for r in rows[1:] if r.get(key) is not None)   # step 1 includes warm-up
-    return v[len(v) // 2] if v else None
+    v = [r[key] for r in rows[1:] if r.get(key) is not None]   # step 1 includes warm-up
+    return statistics.median(v) if v else None
 
 
 def train_comparison(out: Path, names: list[str]) -> list[str]:

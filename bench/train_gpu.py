@@ -96,7 +96,7 @@ def profile_steps(step, n: int = 2) -> dict:
             "top_kernels_ms_per_step": [(name[:90], per_step(us)) for name, us in by_name.most_common(8)]}
 
 
-def parse_tc(items: list[str], option: str = "--tc") -> dict:
+def parse_assignments(items: list[str], option: str) -> dict:
     """FIELD=VALUE items (--tc, --spec) as a dict, VALUE read as JSON when it parses."""
     from codeworld.overrides import split_assignment
 
@@ -142,7 +142,7 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
 
     from codeworld.config import load_params
     from codeworld.overrides import apply_overrides
-    from model.build import count_parameters, flops_per_token
+    from model.build import check_cuda_graph, count_parameters, flops_per_token, resolve_precision
     from model.metrics import peak_flops
 
     precision = kind.split("-")[1]
@@ -181,6 +181,11 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
         import model.trainer as trainer_mod
         from model.trainer import Trainer, init_distributed
 
+        precision = resolve_precision(cfg)
+        check_cuda_graph("pretrain", cfg.cuda_graph, precision)   # as model/train.py does
+        if spec_args and not precision.use_te:
+            raise SystemExit(f"--spec {spec_args}: arguments of the TE layer spec, but this run "
+                             "has the local spec (no Transformer Engine)")
         trainer_mod.transformer_config = with_overrides(trainer_mod.transformer_config, tc or {})
         if spec_args:   # model.build.layer_spec imports the builder from its module at each call
             import megatron.core.models.gpt.gpt_layer_specs as specs
@@ -194,9 +199,6 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
         def step():
             return trainer.train_step(cpu_data)["loss"]
         backend = "TE spec" if trainer.precision.use_te else "local spec"
-        if spec_args and not trainer.precision.use_te:
-            raise SystemExit(f"--spec {spec_args}: arguments of the TE layer spec, but this run "
-                             "has the local spec (no Transformer Engine)")
         if cfg.cuda_graph != "none":   # captured after Megatron's warm-up steps: time replays
             warmup += trainer.tcfg.cuda_graph_warmup_steps + 1
     # every step's loss, to check a variant (a CUDA graph mode, say) against the eager run
@@ -243,9 +245,10 @@ def main() -> int:
                     help="also profile 2 steps of each config: GPU busy time, time by kernel")
     ap.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    tc = parse_tc(args.tc)   # a malformed one fails here, before any config runs
-    spec_args = parse_tc(args.spec, "--spec")
-    if spec_args:
+    # malformed or unknown ones fail here, before any config runs (the workers parse them again)
+    tc = parse_assignments(args.tc, "--tc")
+    spec_args = parse_assignments(args.spec, "--spec")
+    if spec_args and not args.worker:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         with_spec_args(get_gpt_layer_with_transformer_engine_spec, spec_args)   # names checked

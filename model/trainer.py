@@ -13,8 +13,7 @@ from functools import partial
 import torch
 
 from codeworld.config import Params
-from model.build import (build_chunks, check_cuda_graph, flops_per_token, resolve_precision,
-                         transformer_config)
+from model.build import (build_chunks, flops_per_token, resolve_precision, transformer_config)
 
 
 def init_distributed(backend: str) -> None:
@@ -111,9 +110,9 @@ class Trainer:
         self.cfg = cfg = getattr(params, phase)
         par, mcfg = params.parallel, params.model
         self.precision = resolve_precision(cfg)
-        # rl has no cuda_graph: it samples with the model it trains, at other shapes
+        # rl has no cuda_graph: it samples with the model it trains, at other shapes. (Whether
+        # this machine can graph is checked by the entry points, before any process group.)
         graph = getattr(cfg, "cuda_graph", "none")
-        check_cuda_graph(phase, graph, self.precision)
         if not ps.model_parallel_is_initialized():
             ps.initialize_model_parallel(
                 tensor_model_parallel_size=par.tensor, pipeline_model_parallel_size=par.pipeline,

@@ -14,11 +14,11 @@ import train_gpu  # noqa: E402
 
 
 def test_tc_values_are_json_when_they_parse():
-    assert train_gpu.parse_tc(["cuda_graph_impl=local", "fp8_dot_product_attention=true",
-                               "cuda_graph_warmup_steps=2"]) == \
+    assert train_gpu.parse_assignments(["cuda_graph_impl=local", "fp8_dot_product_attention=true",
+                                        "cuda_graph_warmup_steps=2"], "--tc") == \
         {"cuda_graph_impl": "local", "fp8_dot_product_attention": True, "cuda_graph_warmup_steps": 2}
     with pytest.raises(SystemExit, match="expected FIELD=VALUE"):
-        train_gpu.parse_tc(["cuda_graph_impl"])
+        train_gpu.parse_assignments(["cuda_graph_impl"], "--tc")
 
 
 def test_overrides_reach_the_config_and_megatron_validates_them():
@@ -133,4 +133,4 @@ def test_spec_args_reach_megatrons_te_spec_builder_and_unknown_ones_fail():
     with pytest.raises(SystemExit, match=r"--spec: get_gpt_layer_with_transformer_engine_spec has no argument \['use_op_fuser'\]"):
         train_gpu.with_spec_args(get_gpt_layer_with_transformer_engine_spec, {"use_op_fuser": True})
     with pytest.raises(SystemExit, match="--spec 'use_te_op_fuser': expected FIELD=VALUE"):
-        train_gpu.parse_tc(["use_te_op_fuser"], "--spec")
+        train_gpu.parse_assignments(["use_te_op_fuser"], "--spec")
