@@ -4,6 +4,7 @@
 # (precision auto-selected, NCCL, dist_checkpointing on GPU), in the order a plan file gives:
 #   PLAN=bench/gpu_plans/full.txt (default)   everything, ~12 min on an H200
 #   PLAN=bench/gpu_plans/graphs.txt           CUDA graphs and FP8 attention, ~9 min
+#   PLAN=bench/gpu_plans/fp8_next.txt         the next levers for FP8 >= 1.3x on an H100, ~9 min
 # Each plan line is `bench NAME ARGS` (bench/train_gpu.py --steps 10 ARGS) or `train NAME
 # [kill-after=N] ARGS` (30 steps of the default pretrain in /tmp/gpu_NAME; the first train
 # line's run is the reference the others are compared with, step by step).

@@ -7,6 +7,9 @@
   this run), and each result's largest per-step loss difference from the eager run of its
   config at its micro-batch, when the run has one (a graph replaying stale inputs would train
   as fast and differ);
+- for each benchmark that profiled both precisions (--profile), their GPU time a step by kernel
+  category side by side (bench/gpu_profile.py), and how much shorter the FP8 step would have
+  to be for the 1.3x target;
 - each train run's steps_NAME.jsonl against the first name's, step by step (loss, grad norm,
   lr, and the validation loss where it was evaluated).
 """
@@ -68,6 +71,34 @@ def bench_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+TARGET = 1.3   # FP8 tokens/s over BF16's (issue 5)
+
+
+def profile_tables(rows: list[dict]) -> list[str]:
+    lines = []
+    for name in dict.fromkeys(r["name"] for r in rows):
+        pair = {r["kind"]: r for r in rows if r["name"] == name and "error" not in r
+                and (r.get("profile") or {}).get("ms_per_step_by_category")}
+        bf16, fp8 = pair.get("megatron-bf16"), pair.get("megatron-fp8")
+        if not (bf16 and fp8):
+            continue
+        cb, cf = bf16["profile"]["ms_per_step_by_category"], fp8["profile"]["ms_per_step_by_category"]
+        lines += [f"\n{name}: GPU ms a step by kernel category (micro-batch {fp8.get('micro_batch_size')}, "
+                  f"cuda_graph {fp8.get('cuda_graph')})", "| category | BF16 | FP8 | FP8 - BF16 |", "|---|---|---|---|"]
+        for cat in sorted(set(cb) | set(cf), key=lambda c: -max(cb.get(c, 0), cf.get(c, 0))):
+            b, f = cb.get(cat, 0.0), cf.get(cat, 0.0)
+            lines.append(f"| {cat} | {b:.1f} | {f:.1f} | {f - b:+.1f} |")
+        lines.append(f"| GPU busy / wall | {bf16['profile']['gpu_busy_ms_per_step']:.0f} / "
+                     f"{bf16['profile']['wall_ms_per_step']:.0f} | {fp8['profile']['gpu_busy_ms_per_step']:.0f} / "
+                     f"{fp8['profile']['wall_ms_per_step']:.0f} | |")
+        need = bf16["ms_per_step"] / TARGET
+        lines.append(f"timed steps: BF16 {bf16['ms_per_step']:.1f} ms, FP8 {fp8['ms_per_step']:.1f} ms "
+                     f"({bf16['ms_per_step'] / fp8['ms_per_step']:.3f}x); {TARGET}x needs an FP8 step of "
+                     f"<= {need:.1f} ms ({fp8['ms_per_step'] - need:+.1f} ms to go), or a time both "
+                     f"steps lose alike of {max(0.0, (TARGET * fp8['ms_per_step'] - bf16['ms_per_step']) / (TARGET - 1)):.0f} ms")
+    return lines
+
+
 def steps(out: Path, name: str) -> list[dict] | None:
     path = out / f"steps_{name}.jsonl"
     return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else None
@@ -107,7 +138,8 @@ def main(argv: list[str]) -> int:
         return 2
     out = Path(argv[0])
     rows = bench_rows(out)
-    print("\n".join((bench_table(rows) if rows else ["no benchmark results"]) + train_comparison(out, argv[1:])))
+    print("\n".join((bench_table(rows) if rows else ["no benchmark results"]) + profile_tables(rows)
+                    + train_comparison(out, argv[1:])))
     return 0
 
 

@@ -6,7 +6,7 @@ in BF16 autocast with SDPA (flash) attention, in one run. Targets: >= 40% MFU in
 Each configuration runs in its own process (a failure is reported and the others go on):
 
     python bench/train_gpu.py [--steps 10] [--json out.json] [--set model.num_layers=20 ...]
-                              [--profile]   # + where each step's GPU time goes (top kernels)
+                              [--profile]   # + where each step's GPU time goes (bench/gpu_profile.py)
                               [--tc cuda_graph_impl=local ...]   # TransformerConfig fields
                               [--set pretrain.cuda_graph=full_iteration]   # CUDA graphs
                               [--spec use_te_op_fuser=true ...]   # TE layer-spec arguments
@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from gpu_profile import profile_steps  # noqa: E402
 
 # ~1.03B parameters: 20 layers of hidden 2048 (16 heads, 4 KV groups, SwiGLU 5632), vocab 32k.
 ONE_B = ["model.num_layers=20", "model.hidden_size=2048", "model.num_attention_heads=16",
@@ -46,54 +47,6 @@ ONE_B = ["model.num_layers=20", "model.hidden_size=2048", "model.num_attention_h
          "pretrain.warmup_steps=5", "pretrain.lr=0.0003", "pretrain.min_lr=0.00003"]
 VOCAB = 32000
 CONFIGS = ("plain-bf16", "megatron-bf16", "megatron-fp8")
-
-
-def kernel_category(name: str) -> str:
-    n = name.lower()
-    if "gemm" in n or "cutlass" in n or "sm90_xmma" in n or "nvjet" in n:
-        return "fp8 gemm" if ("e4m3" in n or "e5m2" in n or "fp8" in n) else "gemm"
-    if "flash" in n or "fmha" in n or "attn" in n or "sdpa" in n or "cudnn" in n:
-        return "attention"
-    if "cast" in n or "transpose" in n or "amax" in n or "quantiz" in n or "scale" in n:
-        return "cast/transpose/amax/scale"
-    if "norm" in n:
-        return "norm"
-    if "adam" in n or "multi_tensor" in n:
-        return "optimizer"
-    return "other"
-
-
-def profile_steps(step, n: int = 2) -> dict:
-    """Run n steps under the CUDA profiler: GPU busy time per step (the union of kernel
-    intervals; well under the wall time means the step waits on the host) and the time by
-    kernel category and by kernel."""
-    from collections import Counter
-
-    import torch
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-               if e.device_type == DeviceType.CUDA]
-    by_name, by_category = Counter(), Counter()
-    busy, end_so_far = 0.0, float("-inf")
-    for name, start, end in sorted(kernels, key=lambda k: k[1]):
-        by_name[name] += end - start
-        by_category[kernel_category(name)] += end - start
-        busy += max(0.0, end - max(start, end_so_far))   # the part no earlier kernel covered
-        end_so_far = max(end_so_far, end)
-    per_step = lambda us: round(us / 1000 / n, 2)  # noqa: E731  (microseconds -> ms a step)
-    return {"wall_ms_per_step": wall * 1000 / n, "gpu_busy_ms_per_step": busy / 1000 / n,
-            "kernels_per_step": len(kernels) / n,
-            "ms_per_step_by_category": {k: per_step(v) for k, v in by_category.most_common()},
-            "top_kernels_ms_per_step": [(name[:90], per_step(us)) for name, us in by_name.most_common(8)]}
 
 
 def parse_assignments(items: list[str], option: str) -> dict:
@@ -291,8 +244,9 @@ def main() -> int:
             print(f"  profile: GPU busy {pr['gpu_busy_ms_per_step']:.0f} of {pr['wall_ms_per_step']:.0f} ms "
                   f"a step, {pr['kernels_per_step']:.0f} kernels; by category (ms): "
                   f"{pr['ms_per_step_by_category']}", flush=True)
-            for name, ms in pr["top_kernels_ms_per_step"]:
-                print(f"    {ms:8.2f} ms  {name}", flush=True)
+            for k in pr["kernels"][:12]:
+                print(f"    {k['ms_per_step']:8.2f} ms  x{k['launches_per_step']:<5g} {k['category']:<22} "
+                      f"{k['name'][:100]}", flush=True)
     print("\n| config | backend | tokens/s | TFLOP/s | MFU (of BF16 peak) | peak GiB |\n|---|---|---|---|---|---|")
     for kind, r in results.items():
         if "error" in r:

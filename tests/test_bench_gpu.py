@@ -134,3 +134,63 @@ def test_spec_args_reach_megatrons_te_spec_builder_and_unknown_ones_fail():
         train_gpu.with_spec_args(get_gpt_layer_with_transformer_engine_spec, {"use_op_fuser": True})
     with pytest.raises(SystemExit, match="--spec 'use_te_op_fuser': expected FIELD=VALUE"):
         train_gpu.parse_assignments(["use_te_op_fuser"], "--spec")
+
+
+def test_kernel_categories_of_kernels_seen_on_h100_and_h200():
+    """Names from the profiles of bench/train_gpu.py on the device machines (TE 2.11): FP8's own
+    quantisation apart from PyTorch's dtype conversions, the fused norm apart from the FP8 it
+    writes, the optimizer's grad norm apart from layer norms."""
+    from gpu_profile import kernel_category
+
+    seen = {
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "gemm",
+        "nvjet_sm90_qrtst_128x160_128x5_1x2_h_bz_coopA_algo2_TNT": "fp8 gemm",
+        "nvjet_sm90_qqtst_192x192_128x4_1x2_h_bz_coopB_TNN": "fp8 gemm",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128_1x4x1_cga1x1": "attention",
+        "triton_poi_fused_add_cat_mul_rsub_sigmoid_silu_split_0": "activation",
+        "cast_transpose_optimized_kernel(__nv_bfloat16 const*, float const*, __nv_fp8_e5m2*, __nv_f": "fp8 quantize",
+        "void at::native::unrolled_elementwise_kernel<at::native::CUDAFunctor_add<float>, std::arra": "grad accumulate (add)",
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)"
+        "::{lambda()#3}::operator()() const, memory::LoadWithCast<1>, memory::StoreWithCast<1> >": "dtype convert/copy",
+        "void transformer_engine::normalization::rmsnorm_fwd_tuned_kernel<..., __nv_fp8_e4m3, ...>": "norm",
+        "void multi_tensor_apply_kernel<TensorListMetadata<1>, L2NormFunctor<float, 512, 1>> multi_tensor_l2norm": "optimizer",
+        "void transformer_engine::fused_rope_forward_kernel<__nv_bfloat16>": "rope",
+        "void at::native::indexSelectLargeIndex<float, long, unsigned int, 2, 2, -2, true>": "embedding",
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, MaxOps<float>>>": "other",
+    }
+    assert {name: kernel_category(name) for name in seen} == seen
+
+
+def test_profile_summary_busy_time_and_kernel_list():
+    from gpu_profile import summarize
+
+    # two steps; the second kernel overlaps the first by 5 us; a 20 us idle gap
+    kernels = [("nvjet_sm90_tst_a", 0.0, 100.0), ("triton_poi_fused_silu_0", 95.0, 115.0),
+               ("nvjet_sm90_tst_a", 135.0, 235.0), ("tiny_kernel", 240.0, 240.01)]
+    s = summarize(kernels, wall_ms=0.5, n=2)
+    assert s["gpu_busy_ms_per_step"] == pytest.approx((100 + 15 + 100 + 0.01) / 1000 / 2)
+    assert s["ms_per_step_by_category"] == {"gemm": 0.1, "activation": 0.01, "other": 0.0}
+    assert s["kernels"] == [{"name": "nvjet_sm90_tst_a", "category": "gemm", "ms_per_step": 0.1,
+                             "launches_per_step": 1.0}]   # the others are under 0.05 ms a step
+    assert s["kernels_per_step"] == 2 and s["wall_ms_per_step"] == 0.25
+
+
+def test_gpu_summary_profile_table_and_what_the_target_needs(tmp_path):
+    import json
+
+    import gpu_summary
+
+    def profiled(kind, ms, cats):
+        return {**result(kind, 16, "full_iteration", 16 * 2048 / ms * 1000, [1.0]), "ms_per_step": ms,
+                "profile": {"ms_per_step_by_category": cats, "gpu_busy_ms_per_step": ms - 5,
+                            "wall_ms_per_step": ms}}
+    bench = [{"name": "p", "results": {
+        "megatron-bf16": profiled("megatron-bf16", 432.0, {"gemm": 270.0, "dtype convert/copy": 20.0}),
+        "megatron-fp8": profiled("megatron-fp8", 342.0, {"fp8 gemm": 150.0, "gemm": 5.0, "fp8 quantize": 30.0})}}]
+    (tmp_path / "bench.jsonl").write_text("".join(json.dumps(e) + "\n" for e in bench))
+    lines = gpu_summary.profile_tables(gpu_summary.bench_rows(tmp_path))
+    assert "| gemm | 270.0 | 5.0 | -265.0 |" in lines and "| fp8 gemm | 0.0 | 150.0 | +150.0 |" in lines
+    assert "| fp8 quantize | 0.0 | 30.0 | +30.0 |" in lines
+    # 432 / 1.3 = 332.3 ms: 9.7 ms to go; or (1.3 x 342 - 432) / 0.3 = 42 ms off both steps
+    assert lines[-1] == ("timed steps: BF16 432.0 ms, FP8 342.0 ms (1.263x); 1.3x needs an FP8 step of "
+                         "<= 332.3 ms (+9.7 ms to go), or a time both steps lose alike of 42 ms")
