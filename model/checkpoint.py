@@ -78,16 +78,27 @@ def save(root: Path, iteration: int, chunks, optimizer, scheduler, keep: int = 2
     dist_checkpointing.save(sharded_state_dict(chunks, optimizer, scheduler, iteration), str(tmp))
     _barrier()
     if _rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        body = json.dumps({"iteration": iteration, "dir": final.name}) + "\n"
-        (root / f".{LATEST}.tmp").write_text(body)
-        os.replace(root / f".{LATEST}.tmp", root / LATEST)
-        done = sorted(p for p in root.glob("iter_*") if p.is_dir())
-        for old in done[:-keep] if keep else []:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        publish(root, iteration, keep)
     _barrier()
+    return final
+
+
+def publish(root: Path, iteration: int, keep: int = 2) -> Path:
+    """Rank 0, once every rank has written `iter_N.tmp/`: rename it to `iter_N/`, name it in
+    `latest.json`, keep the newest `keep` complete checkpoints, and remove what saves killed
+    midway left (a rerun with another interval or step count never saves their iteration)."""
+    final = root / f"iter_{iteration:07d}"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(root / f"iter_{iteration:07d}.tmp", final)
+    body = json.dumps({"iteration": iteration, "dir": final.name}) + "\n"
+    (root / f".{LATEST}.tmp").write_text(body)
+    os.replace(root / f".{LATEST}.tmp", root / LATEST)
+    complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in complete[:-keep] if keep else []:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("iter_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

@@ -9,26 +9,34 @@ from pathlib import Path
 
 import torch
 
-# Peak dense tensor FLOP/s per GPU for the MFU estimate (none on CPU or unknown GPUs).
-PEAK_FLOPS = {("H100", "bf16"): 989e12, ("H100", "fp8"): 1979e12,
+# Peak dense tensor FLOP/s per GPU for the MFU estimate (none on CPU or unknown GPUs), from
+# NVIDIA's datasheets. The first entry whose name is in the device's name is used, so the
+# PCIe and NVL H100s (lower clocks) come before the SXM one ("NVIDIA H100 80GB HBM3").
+PEAK_FLOPS = {("H100 PCIe", "bf16"): 756e12, ("H100 PCIe", "fp8"): 1513e12,
+              ("H100 NVL", "bf16"): 835e12, ("H100 NVL", "fp8"): 1671e12,
+              ("H100", "bf16"): 989e12, ("H100", "fp8"): 1979e12,
               ("H200", "bf16"): 989e12, ("H200", "fp8"): 1979e12,
               ("A100", "bf16"): 312e12}
 
 
-def peak_flops(precision: str) -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
+def peak_flops(precision: str, name: str | None = None) -> float | None:
+    """For this process's GPU, or the one `name` names."""
+    if name is None:
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
     return next((v for (gpu, p), v in PEAK_FLOPS.items() if gpu in name and p == precision), None)
 
 
-def memory_mb() -> float:
-    """Peak GPU memory allocated, or this process's resident memory on CPU."""
+def memory() -> dict:
+    """Peak GPU memory, allocated and reserved, or this process's resident memory on CPU. A CUDA
+    graph keeps its activations in a private pool that only the reserved figure counts."""
     if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return {"memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+                "memory_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20, 1)}
     import psutil
 
-    return round(psutil.Process().memory_info().rss / 2**20, 1)
+    return {"memory_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
 
 
 RUN_ID_ENV = "CODEWORLD_TRAIN_RUN_ID"

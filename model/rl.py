@@ -37,7 +37,7 @@ from model import checkpoint
 from model.build import TrainingSetupError, check_layout, resolve_precision
 from model.generate import sample
 from model.grpo import Sample, empty_microbatch, group_advantages, microbatches
-from model.metrics import StepLog, memory_mb, tracking_run_id
+from model.metrics import StepLog, memory, tracking_run_id
 from model.trainer import PolicyLoss, Trainer, finish_step, init_distributed, policy_nll, shutdown
 
 END_OF_TURN_ID = SPECIAL_TOKENS.index(ROLE_TOKENS[4])
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         row.pop("step_seconds", None)
         row.update(stats, step=step, sample_seconds=round(t1 - t0, 3),
                    train_seconds=round(time.perf_counter() - t1, 3),
-                   step_seconds=round(time.perf_counter() - t0, 3), memory_mb=memory_mb())
+                   step_seconds=round(time.perf_counter() - t0, 3), **memory())
         if task is not None:
             row["agent_task"] = task["id"]
         if iteration % cfg.log_interval == 0 or iteration == cfg.steps:
