@@ -7,6 +7,14 @@ softmaxes it in FP32; on an H200 that halved tokens/s against a plain-PyTorch GP
 a fused kernel on CPU, and takes grouped-query heads without copying them. The module keeps
 DotProductAttention's constructor and forward contract so it drops into the layer spec; the
 TE spec (GPUs with transformer-engine) does not use it.
+
+Context parallel (parallel.context = c > 1) is all-gather attention, as Llama 3 trained with: a
+rank holds two of the sequence's 2c chunks (i and 2c-1-i, Megatron's load-balanced split of
+the batch and of RoPE's positions), gathers every rank's keys and values (Megatron's sequence-
+parallel gather over the context-parallel group; its backward reduce-scatters their gradients
+back) and attends its queries to the whole sequence under the causal mask of their true
+positions. TE's ring attention computes the same on GPUs; this is what runs on CPU and on GPUs
+without TE.
 """
 
 from __future__ import annotations
@@ -25,9 +33,6 @@ class SDPAttention(MegatronModule):
                  softmax_scale: float | None = None, cp_comm_type: str | None = None,
                  pg_collection=None):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPAttention does not split the sequence: context parallel "
-                             "needs Transformer Engine's attention")
         if config.window_size is not None or config.softmax_type != "vanilla":
             raise ValueError("SDPAttention supports full causal softmax attention only")
         self.attn_mask_type = attn_mask_type
@@ -42,18 +47,46 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPAttention: packed sequences and attention bias need TE")
         sq, b, heads, d = query.shape
-        sk, groups = key.shape[0], key.shape[2]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))   # [b, h, s, d]
+        groups = key.shape[2]
         mask_type = attn_mask_type or self.attn_mask_type
         mask, causal = None, False
-        if attention_mask is not None:
+        if self.config.context_parallel_size > 1:
+            if attention_mask is not None or mask_type != AttnMaskType.causal:
+                raise ValueError("SDPAttention's context parallel is for causal attention "
+                                 "without an explicit mask")
+            key, value, mask = gather_context(key, value, query.device)
+        elif attention_mask is not None:
             mask = ~attention_mask          # Megatron: True = masked out; SDPA: True = attend
         elif mask_type == AttnMaskType.causal and sq > 1:
+            sk = key.shape[0]
             if sq == sk:
                 causal = True
             else:   # decoding a chunk after a KV cache: the queries are the last sq positions
-                mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+                mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(sk - sq)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))   # [b, h, s, d]
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=groups != heads)
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * d)
+
+
+def gather_context(key, value, device):
+    """This context-parallel rank's keys and values -> the whole sequence's, in position order,
+    and the causal mask [local queries, sequence] of this rank's two chunks (True = attend)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    group = ps.get_context_parallel_group()
+    c, rank = group.size(), group.rank()
+    n = key.shape[0] // 2   # a chunk
+    # rank j's part of the gather holds chunks j and 2c-1-j: the positions of each row
+    owner = torch.arange(c, device=device).repeat_interleave(2 * n)
+    half = torch.arange(2 * n, device=device) // n
+    chunk = torch.where(half.repeat(c) == 0, owner, 2 * c - 1 - owner)
+    position = chunk * n + torch.arange(n, device=device).repeat(2 * c)
+    order = torch.argsort(position)
+    key, value = (gather_from_sequence_parallel_region(t, group=group)[order] for t in (key, value))
+    mine = torch.cat([torch.arange(rank * n, (rank + 1) * n, device=device),
+                      torch.arange((2 * c - 1 - rank) * n, (2 * c - rank) * n, device=device)])
+    mask = mine[:, None] >= torch.arange(2 * c * n, device=device)[None, :]
+    return key, value, mask

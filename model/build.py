@@ -59,16 +59,6 @@ def resolve_precision(phase: PhaseConfig) -> Precision:
     return Precision(wanted, use_te=te)
 
 
-def check_layout(par: ParallelConfig, precision: Precision) -> None:
-    """What Megatron-Core would refuse deep inside model construction, said up front."""
-    if par.context > 1 and not precision.use_te:
-        raise TrainingSetupError("parallel.context > 1 needs Transformer Engine's attention "
-                                 "(a GPU with transformer-engine installed)")
-    if par.sequence_parallel and not precision.use_te:
-        raise TrainingSetupError("parallel.sequence_parallel needs Transformer Engine's norms "
-                                 "(Megatron refuses it with the torch norm)")
-
-
 def check_cuda_graph(phase: str, graph: str, precision: Precision) -> None:
     """CUDA graphs replay captured GPU work: there is none to capture on CPU."""
     if graph != "none" and not torch.cuda.is_available():
@@ -136,11 +126,27 @@ def layer_spec(precision: Precision):
     if precision.use_te:
         return get_gpt_layer_with_transformer_engine_spec()
     from model.attention import SDPAttention
+    from model.norm import RMSNorm
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    # Megatron's specs exist to swap submodules: its unfused core attention for SDPA.
+    # Megatron's specs exist to swap submodules: its unfused core attention for SDPA (which
+    # also does context parallel), its torch norms for one that allows sequence parallel.
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
     return spec
+
+
+def block_spec(layer, config, precision: Precision, vp_stage: int | None):
+    """The local spec's block: its layers and, as the final norm, the same RMSNorm (Megatron
+    would take its torch norm, which refuses sequence parallel). The TE spec as it is."""
+    if precision.use_te:
+        return layer
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+    from model.norm import RMSNorm
+
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=RMSNorm)
 
 
 def build_chunks(model: ModelConfig, par: ParallelConfig, config, precision: Precision,
@@ -154,7 +160,7 @@ def build_chunks(model: ModelConfig, par: ParallelConfig, config, precision: Pre
     for vp in range(par.virtual_pipeline or 1):
         vp_stage = vp if par.virtual_pipeline else None
         chunk = GPTModel(
-            config=config, transformer_layer_spec=spec,
+            config=config, transformer_layer_spec=block_spec(spec, config, precision, vp_stage),
             vocab_size=padded_vocab(vocab_size, par.tensor),
             max_sequence_length=model.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

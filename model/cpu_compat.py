@@ -5,10 +5,15 @@ Megatron-Core 0.16 assumes CUDA in a few fixed ways (see ../shared/notes/megatro
    calls (pipeline p2p buffers, optimizer found-inf flags, clip-grad buffers, DDP buffers);
 2. unconditional `torch.cuda.synchronize()` / `torch.cuda.manual_seed()`;
 3. the model-parallel RNG tracker, which saves and restores CUDA generator states;
-4. asserts that grads are `torch.cuda.FloatTensor`.
+4. asserts that grads are `torch.cuda.FloatTensor`;
+5. pinned host buffers (`pin_memory=True`, e.g. context parallel's RoPE chunk indices), which
+   need a CUDA allocator: on CPU they are plain tensors.
 `enable()` redirects all of them to the CPU: a TorchFunctionMode rewrites CUDA devices to CPU
 and reports CPU tensors' type names with `cuda`, and the torch.cuda RNG calls act on the CPU
-generator. It is called only when no GPU is present; the GPU path never enters this module.
+generator. The autograd engine runs backward passes without the thread's TorchFunctionModes,
+so custom autograd Functions' backward (Megatron's sequence-parallel linear layers allocate
+their reduce-scatter buffer there) enter the mode again. It is called only when no GPU is
+present; the GPU path never enters this module.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ def _is_cuda(device) -> bool:
 class _CudaAsCpu(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
@@ -64,4 +71,12 @@ def enable() -> None:
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     _CudaAsCpu().__enter__()
+    from torch.autograd.function import BackwardCFunction
+
+    backward = BackwardCFunction.apply   # what the engine calls for a custom Function's backward
+
+    def backward_as_cpu(self, *args):
+        with _CudaAsCpu():
+            return backward(self, *args)
+    BackwardCFunction.apply = backward_as_cpu
     _enabled = True

@@ -34,7 +34,7 @@ import torch
 from codeworld.config import Params, RLConfig, load_params
 from codeworld.tokens import EOD_ID, ROLE_TOKENS, SPECIAL_TOKENS, TRACE_TOKENS
 from model import checkpoint
-from model.build import TrainingSetupError, check_layout, resolve_precision
+from model.build import TrainingSetupError, resolve_precision
 from model.generate import sample
 from model.grpo import Sample, empty_microbatch, group_advantages, microbatches
 from model.metrics import StepLog, memory, tracking_run_id
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         raise TrainingSetupError(f"{args.params}: no rl section")
     cfg = params.rl
     check_rl_layout(params)
-    check_layout(params.parallel, resolve_precision(cfg))
+    resolve_precision(cfg)   # a precision this machine lacks fails before the process group
     init_distributed(params.parallel.backend)
     from megatron.core import parallel_state as ps
 

@@ -19,7 +19,7 @@ import torch
 from codeworld.config import load_params
 from codeworld.pack_cache import materialise
 from model import checkpoint
-from model.build import check_cuda_graph, check_layout, resolve_precision
+from model.build import check_cuda_graph, resolve_precision
 from model.data import MicroBatches, build_datasets, plan_validation
 from model.metrics import StepLog, memory, peak_flops, tracking_run_id
 from model.trainer import Trainer, finish_step, init_distributed, shutdown
@@ -45,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = getattr(params, args.phase)
     # before any process group: a setup this machine lacks fails now
     precision = resolve_precision(cfg)
-    check_layout(params.parallel, precision)
     check_cuda_graph(args.phase, cfg.cuda_graph, precision)
     # With an S3 storage root, --pack is this node's cache: the pack is fetched into it and
     # verified (one local rank downloads, the others wait on its lock) before Megatron maps it.

@@ -99,12 +99,12 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         plot_path: str | None = "metrics/plots/rl.json") -> dict:
     if params.rl is None:
         raise ConfigError("params has no rl section: the rl phase is not configured")
-    from model.build import check_layout, resolve_precision
+    from model.build import resolve_precision
     from model.rl import check_rl_layout
 
     cfg = params.rl
     check_rl_layout(params)   # before any work: sampling needs each process's whole model
-    check_layout(params.parallel, resolve_precision(cfg))
+    resolve_precision(cfg)   # a precision this machine lacks fails now too
     out = phase_dir(params, "rl")
     parent = parent_record(params)
     fp = rl_fingerprint(params, parent)
