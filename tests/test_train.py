@@ -190,6 +190,16 @@ def test_context_parallel_2_matches_a_single_process(root, baseline, tmp_path):
             (a["loss"], a["grad_norm"], a.get("valid_loss", 0)), abs=TOL)
 
 
+def test_tensor_sequence_and_context_parallel_together_match_a_single_process(root, baseline, tmp_path):
+    # 4 ranks: TP=2 with sequence parallel (each TP rank one of the 2 KV groups) x CP=2
+    _, base = baseline
+    rows = train(root, tmp_path, nproc=4,
+                 parallel={"tensor": 2, "sequence_parallel": True, "context": 2})
+    assert len(rows) == len(base) == 4
+    for a, b in zip(base, rows):
+        assert (b["loss"], b["grad_norm"]) == pytest.approx((a["loss"], a["grad_norm"]), abs=TOL)
+
+
 def test_cuda_graphs_without_a_gpu_are_refused_before_any_work(root, tmp_path):
     err = refused(root, tmp_path, {"cuda_graph": "full_iteration"})
     assert "pretrain.cuda_graph='full_iteration' needs a GPU" in err
