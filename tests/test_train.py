@@ -168,36 +168,23 @@ def test_fp8_without_transformer_engine_is_refused_before_any_work(root, tmp_pat
     assert "precision fp8 needs Transformer Engine" in refused(root, tmp_path, {"precision": "fp8"})
 
 
-def test_sequence_parallel_matches_a_single_process(root, baseline, tmp_path):
+@pytest.mark.parametrize("nproc, parallel", [
     # TP=2 with each rank's norms and residual stream on half of the sequence: the norm
     # weights' partial gradients are summed over the TP group (model/norm.py), else they differ
-    _, base = baseline
-    sp = train(root, tmp_path, nproc=2, parallel={"tensor": 2, "sequence_parallel": True})
-    assert len(sp) == len(base) == 4
-    for a, b in zip(base, sp):
-        assert (b["loss"], b["grad_norm"], b.get("valid_loss", 0)) == pytest.approx(
-            (a["loss"], a["grad_norm"], a.get("valid_loss", 0)), abs=TOL)
-
-
-def test_context_parallel_2_matches_a_single_process(root, baseline, tmp_path):
+    (2, {"tensor": 2, "sequence_parallel": True}),
     # each rank holds chunks (i, 3 - i) of every sequence's 4 and attends to all keys gathered
     # from both (model/attention.py); loss and gradients are summed over both ranks' tokens
+    (2, {"context": 2}),
+    # both, each TP rank with one of the 2 KV groups
+    (4, {"tensor": 2, "sequence_parallel": True, "context": 2}),
+], ids=["sequence", "context", "tensor-sequence-context"])
+def test_sequence_and_context_parallel_match_a_single_process(root, baseline, tmp_path, nproc, parallel):
     _, base = baseline
-    cp = train(root, tmp_path, nproc=2, parallel={"context": 2})
-    assert len(cp) == len(base) == 4
-    for a, b in zip(base, cp):
-        assert (b["loss"], b["grad_norm"], b.get("valid_loss", 0)) == pytest.approx(
-            (a["loss"], a["grad_norm"], a.get("valid_loss", 0)), abs=TOL)
-
-
-def test_tensor_sequence_and_context_parallel_together_match_a_single_process(root, baseline, tmp_path):
-    # 4 ranks: TP=2 with sequence parallel (each TP rank one of the 2 KV groups) x CP=2
-    _, base = baseline
-    rows = train(root, tmp_path, nproc=4,
-                 parallel={"tensor": 2, "sequence_parallel": True, "context": 2})
+    rows = train(root, tmp_path, nproc=nproc, parallel=parallel)
     assert len(rows) == len(base) == 4
     for a, b in zip(base, rows):
-        assert (b["loss"], b["grad_norm"]) == pytest.approx((a["loss"], a["grad_norm"]), abs=TOL)
+        assert (b["loss"], b["grad_norm"], b.get("valid_loss", 0)) == pytest.approx(
+            (a["loss"], a["grad_norm"], a.get("valid_loss", 0)), abs=TOL)
 
 
 def test_cuda_graphs_without_a_gpu_are_refused_before_any_work(root, tmp_path):
