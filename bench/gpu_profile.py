@@ -71,19 +71,21 @@ def summarize(kernels: list[tuple[str, float, float]], wall_ms: float, n: int,
     """kernels: (name, start us, end us) over n steps that took wall_ms."""
     from collections import Counter
 
-    by_name, by_category, launches = Counter(), Counter(), Counter()
+    by_name, launches = Counter(), Counter()
     busy, end_so_far = 0.0, float("-inf")
     for name, start, end in sorted(kernels, key=lambda k: k[1]):
         by_name[name] += end - start
         launches[name] += 1
-        by_category[kernel_category(name)] += end - start
         busy += max(0.0, end - max(start, end_so_far))   # the part no earlier kernel covered
         end_so_far = max(end_so_far, end)
+    category = {name: kernel_category(name) for name in by_name}   # once a distinct kernel
+    by_category = Counter()
+    for name, us in by_name.items():
+        by_category[category[name]] += us
     per_step = lambda us: round(us / 1000 / n, 2)  # noqa: E731  (microseconds -> ms a step)
     return {"wall_ms_per_step": wall_ms / n, "gpu_busy_ms_per_step": busy / 1000 / n,
             "kernels_per_step": len(kernels) / n,
             "ms_per_step_by_category": {k: per_step(v) for k, v in by_category.most_common()},
-            "top_kernels_ms_per_step": [(name[:120], per_step(us)) for name, us in by_name.most_common(8)],
-            "kernels": [{"name": name[:200], "category": kernel_category(name), "ms_per_step": per_step(us),
+            "kernels": [{"name": name[:200], "category": category[name], "ms_per_step": per_step(us),
                          "launches_per_step": launches[name] / n}
                         for name, us in by_name.most_common() if us / 1000 / n >= min_ms]}

@@ -96,7 +96,7 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
     from codeworld.config import load_params
     from codeworld.overrides import apply_overrides
     from model.build import check_cuda_graph, count_parameters, flops_per_token, resolve_precision
-    from model.metrics import peak_flops
+    from model.metrics import memory, peak_flops
 
     precision = kind.split("-")[1]
     params = apply_overrides(load_params(ROOT / "params.yaml"),
@@ -172,15 +172,15 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
             prof = profile_steps(step)
         except Exception as err:   # the profiler must not cost the throughput figures
             prof = {"error": f"{type(err).__name__}: {err}"}
+    mem = memory()
     return {"kind": kind, "backend": backend, "gpu": torch.cuda.get_device_name(), "profile": prof,
             "transformer_config": tc or {}, "layer_spec_args": spec_args or {}, "cuda_graph": cfg.cuda_graph,
             "micro_batch_size": cfg.micro_batch_size, "losses": losses,
             "params": count_parameters(m, VOCAB), "tokens_per_s": tps,
             "tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak if peak else None,
             "ms_per_step": dt / steps * 1000,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-            # a CUDA graph's private pool holds its activations outside "allocated"
-            "reserved_memory_gib": torch.cuda.max_memory_reserved() / 2**30}
+            # the training step rows' figures (peak allocated, and reserved: a CUDA graph's pool)
+            "peak_memory_gib": mem["memory_mb"] / 1024, "reserved_memory_gib": mem["memory_reserved_mb"] / 1024}
 
 
 def main() -> int:

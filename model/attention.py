@@ -19,6 +19,7 @@ without TE.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -77,16 +78,17 @@ def gather_context(key, value, device):
     from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
     group = ps.get_context_parallel_group()
-    c, rank = group.size(), group.rank()
-    n = key.shape[0] // 2   # a chunk
-    # rank j's part of the gather holds chunks j and 2c-1-j: the positions of each row
-    owner = torch.arange(c, device=device).repeat_interleave(2 * n)
-    half = torch.arange(2 * n, device=device) // n
-    chunk = torch.where(half.repeat(c) == 0, owner, 2 * c - 1 - owner)
-    position = chunk * n + torch.arange(n, device=device).repeat(2 * c)
-    order = torch.argsort(position)
+    order, mask = context_layout(key.shape[0] // 2, group.size(), group.rank(), device)
     key, value = (gather_from_sequence_parallel_region(t, group=group)[order] for t in (key, value))
-    mine = torch.cat([torch.arange(rank * n, (rank + 1) * n, device=device),
-                      torch.arange((2 * c - 1 - rank) * n, (2 * c - rank) * n, device=device)])
-    mask = mine[:, None] >= torch.arange(2 * c * n, device=device)[None, :]
     return key, value, mask
+
+
+@functools.lru_cache(maxsize=4)   # one shape per phase: not rebuilt in every layer and step
+def context_layout(n: int, c: int, rank: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For chunks of n tokens over c ranks: the gathered rows in position order (rank j's
+    rows hold its chunk j, then its chunk 2c-1-j), and this rank's causal mask."""
+    first_row = [2 * n * k if k < c else 2 * n * (2 * c - 1 - k) + n for k in range(2 * c)]
+    order = torch.cat([torch.arange(r, r + n) for r in first_row])
+    mine = torch.cat([torch.arange(rank * n, (rank + 1) * n),
+                      torch.arange((2 * c - 1 - rank) * n, (2 * c - rank) * n)])
+    return order.to(device), (mine[:, None] >= torch.arange(2 * c * n)[None, :]).to(device)
