@@ -11,18 +11,17 @@ against the manifest and name the shard that does not match.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
 import os
 import tarfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import webdataset as wds
 
+from codeworld.code import Code
 from codeworld.storage import Storage, filesystem, write_atomic
 
 FORMAT = "codeworld-shards/1"
@@ -46,21 +45,11 @@ def dumps(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """sha256 of the pipeline's own code (every .py of codeworld/ and stages/)."""
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for pkg in ("codeworld", "stages"):
-        for f in sorted((root / pkg).rglob("*.py")):
-            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
-def fingerprint(*parts: object) -> str:
-    """Identity of a dataset: the params and inputs in `parts`, and the code that made it, so
-    a finished output is reused (or a killed run resumed) only by the same code."""
-    return hashlib.sha256(dumps([code_version(), *parts])).hexdigest()
+def fingerprint(code: Code, *parts: object) -> str:
+    """Identity of a dataset: the params and inputs in `parts`, and the code that made it (its
+    stage's imports, codeworld/code.py), so a finished output is reused (or a killed run
+    resumed) only by the same code."""
+    return hashlib.sha256(dumps([code.version(), *parts])).hexdigest()
 
 
 def shard_name(index: int) -> str:

@@ -12,11 +12,14 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from codeworld.code import Code
 from codeworld.config import CorpusConfig, DedupConfig, Params, StorageConfig
 from codeworld.jsonl import read_jsonl
 from codeworld.shards import MANIFEST, Dataset, DatasetWriter, dumps, fingerprint
 from codeworld.storage import Storage, filesystem, write_atomic
 from stages import corpus, dedup
+
+CODE = Code(("stages.adhoc",))
 
 
 def _split(out: str) -> tuple[str, str]:
@@ -83,7 +86,7 @@ def dedup_adhoc(inp: str, out: str, *, report_path: str | None = None, threshold
     else:
         records, bad = _read_jsonl(inp)
         with tempfile.TemporaryDirectory(prefix="codeworld-dedup-") as tmp:
-            staged = DatasetWriter(Storage(tmp), "input", fingerprint("adhoc-input", inp))
+            staged = DatasetWriter(Storage(tmp), "input", fingerprint(CODE, "adhoc-input", inp))
             staged.prepare()
             infos = [staged.write(i // shard_records, records[i:i + shard_records])
                      for i in range(0, len(records), shard_records)]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import PurePosixPath
 
+from codeworld.code import Code
 from codeworld.config import LANGUAGES, CorpusConfig, ExecutorConfig, Params
 from codeworld.executor import Witness
 from codeworld.parallel import pool_map
@@ -23,6 +24,8 @@ from codeworld.storage import Storage
 from codeworld.tracking import StageRun
 from stages.corpus_sources import (Candidate, GitReader, SourceError, list_candidates, read_bytes,
                                    source_name)
+
+CODE = Code(("stages.corpus",))
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +120,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         if not candidates:
             raise SourceError("corpus: the sources hold no file with extensions "
                               f"{cfg.extensions}: nothing to ingest")
-        fp = fingerprint("corpus", 1, cfg.model_dump(exclude={"workers"}), [(c.source, c.path, c.size, c.locator)
+        fp = fingerprint(CODE, "corpus", 1, cfg.model_dump(exclude={"workers"}), [(c.source, c.path, c.size, c.locator)
                                                            for c in candidates])
         writer = DatasetWriter(storage, output, fp)
         finished = writer.prepare()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from codeworld.code import Code
 from codeworld.config import DedupConfig, ExecutorConfig, Params
 from codeworld.parallel import pool_map
 from codeworld.progress import progress
@@ -33,12 +34,14 @@ from stages.near_dedup import (NearDedupConfig, candidate_pairs, choose_bands, c
                                shingle_set, signatures, verify_pairs)
 from stages.exact_dedup import content_key
 
+CODE = Code(("stages.dedup",))
+
 REPORT = "report.json"
 
 
 def output_fingerprint(cfg: DedupConfig, source: Dataset) -> str:
     """What a dedup output is a function of: its params (not the worker count) and its input."""
-    return fingerprint("dedup", 1, cfg.model_dump(exclude={"workers"}), source.manifest["fingerprint"])
+    return fingerprint(CODE, "dedup", 1, cfg.model_dump(exclude={"workers"}), source.manifest["fingerprint"])
 
 
 def near_config(cfg: DedupConfig) -> NearDedupConfig:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from codeworld.code import Code
 from codeworld import prompts
 from codeworld.config import Params
 from codeworld.shards import Dataset, ShardError, dumps, fingerprint
@@ -42,6 +43,9 @@ from codeworld.tracking import StageRun
 from stages import tokenizer as tokenizer_stage
 from stages.documents import DocumentError, NotATask, render
 from stages.train_phase import phase_dir, read_steps
+
+# model.launch (imported through train_phase) starts training; evaluation never runs it
+CODE = Code(("stages.evaluate",), skip=("model.launch",))
 
 OUTPUT = "evaluate"
 REPORT = "reports/evaluate.md"
@@ -312,7 +316,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
             results[name] = summary
             predictions[name] = rows
             out.write_bytes(f"{name}.jsonl", b"".join(dumps(r) + b"\n" for r in rows))
-        fp = fingerprint("evaluate", 1, cfg.model_dump(), {n: str(r["checkpoint"]) for n, r in
+        fp = fingerprint(CODE, "evaluate", 1, cfg.model_dump(), {n: str(r["checkpoint"]) for n, r in
                                                             results.items()})
         missing = [n for n in cfg.phases if n not in results]
         for n in missing:   # predictions of an earlier run would pass for this one's

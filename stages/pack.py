@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from codeworld.code import Code
 from codeworld import pack_cache
 from codeworld.config import Params, PackSourceConfig
 from codeworld.pack_cache import MANIFEST, OUTPUT, prune
@@ -35,6 +36,8 @@ from codeworld.tokens import EOD_ID
 from codeworld.tracking import StageRun
 from stages import tokenizer as tokenizer_stage
 from stages.documents import MASKED_FORMATS, DocumentError, NotATask, render
+
+CODE = Code(("stages.pack",))
 
 BATCH = 256  # records tokenised per encode_batch call (HF tokenizers spreads it over cores)
 
@@ -60,7 +63,7 @@ def token_dtype(vocab_size: int) -> type:
 
 def source_fingerprint(name: str, src: PackSourceConfig, params: Params, tok_sha: str,
                        ds: Dataset) -> str:
-    return fingerprint("pack", 1, name, src.model_dump(), params.pack.heldout_percent,
+    return fingerprint(CODE, "pack", 1, name, src.model_dump(), params.pack.heldout_percent,
                        params.pack.seed, tok_sha, ds.manifest["fingerprint"])
 
 
@@ -219,7 +222,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
             run_.log(**{f"{name}_{k}": v for k, v in meta.items() if isinstance(v, int)
                         and not isinstance(v, bool)})
         manifest = {"name": OUTPUT, "fingerprint": fingerprint(
-                        "pack", 1, {n: m["fingerprint"] for n, m in sources.items()}),
+                        CODE, "pack", 1, {n: m["fingerprint"] for n, m in sources.items()}),
                     "tokenizer_sha256": tok_sha, "vocab_size": tok.get_vocab_size(),
                     "records": sum(m["documents"] for m in sources.values()),
                     "tokens": sum(m["tokens"] for m in sources.values()), "sources": sources}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from codeworld.config import Params
-from stages.train_phase import run_phase
+from stages.train_phase import CODE, run_phase  # noqa: F401  (CODE: the code of its outputs)
 
 
 def run(params: Params, *, track: bool = True) -> dict:

@@ -46,11 +46,13 @@ from pathlib import Path
 from codeworld.sandbox import Limits, run_command
 from codeworld.storage import file_sha256
 from codeworld.sandbox.bwrap import python_install
+from stages import tracer, tracer_repo
 from stages.tracer import TraceLimits
 
-STAGES_DIR = Path(__file__).resolve().parent
-TRACER_DIR = STAGES_DIR / "tracer"
-RUNNER_DIR = STAGES_DIR / "tracer_repo"
+# Both packages run inside the sandbox, bound by path; imported here (their __init__ only) so
+# that the stage's code version (codeworld/code.py) covers them.
+TRACER_DIR = Path(tracer.__file__).resolve().parent
+RUNNER_DIR = Path(tracer_repo.__file__).resolve().parent
 PYPI_SIMPLE_URL = "https://pypi.org/simple"
 KEEP = ("ok", "exception")
 STATUSES = ("ok", "exception", "too_long", "invalid")

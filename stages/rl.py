@@ -17,14 +17,18 @@ import shutil
 import statistics
 from pathlib import Path
 
+from codeworld.code import Code
 from codeworld.config import ConfigError, Params
-from codeworld.shards import code_version, fingerprint
+from codeworld.shards import fingerprint
 from codeworld.storage import Storage, filesystem, write_atomic
 from codeworld.tracking import StageRun
 from model import checkpoint
 from stages import train_phase
-from stages.train_phase import (PARAMS, RUN, _set_tags, model_code_version,
+from stages.train_phase import (PARAMS, RUN, _set_tags,
                                 phase_dir, read_steps, train, write_plot)
+
+# As train_phase.CODE, with model.rl as the torchrun entry (its imports: generate, grpo, ...).
+CODE = Code(("stages.rl", "model.rl"), skip=("model.launch",))
 
 POOL = "pool.jsonl"
 POOL_STATS = "pool_stats.json"
@@ -51,11 +55,10 @@ def rl_fingerprint(params: Params, parent: dict) -> str:
     tasks = _manifest_fp(storage, "agent/tasks") if params.rl.agent_interval else None
     agent = params.agent.model_dump(include={"repositories", "max_tokens", "tool_wall_seconds",
                                              "test_wall_seconds"})
-    return fingerprint("rl", 1, params.model.model_dump(), params.rl.model_dump(), tok, traces,
+    return fingerprint(CODE, "rl", 1, params.model.model_dump(), params.rl.model_dump(), tok, traces,
                        tasks, agent, params.traces.limits.model_dump(),
                        [params.pack.heldout_percent, params.pack.seed],
-                       [parent["fingerprint"], parent["iteration"]], code_version(),
-                       model_code_version())
+                       [parent["fingerprint"], parent["iteration"]])
 
 
 def summary(rows: list[dict]) -> dict:

@@ -12,6 +12,7 @@ import hashlib
 import json
 from typing import Iterator
 
+from codeworld.code import Code
 from codeworld.config import Params
 from codeworld.shards import Dataset, dumps, fingerprint
 from codeworld.split import corpus_id, heldout
@@ -20,6 +21,8 @@ from codeworld.tokens import EOD_ID, PAD_ID, SPECIAL_TOKENS
 from codeworld.tracking import StageRun
 from stages.documents import DocumentError, render, text_of
 
+CODE = Code(("stages.tokenizer",))
+
 OUTPUT = "tokenizer"
 FILE = "tokenizer.json"
 MANIFEST = "manifest.json"
@@ -27,7 +30,7 @@ MANIFEST = "manifest.json"
 
 def output_fingerprint(params: Params, inputs: dict[str, Dataset]) -> str:
     sources = {n: params.pack.sources[n].model_dump() for n in params.tokenizer.sources}
-    return fingerprint("tokenizer", 1, params.tokenizer.model_dump(), sources,
+    return fingerprint(CODE, "tokenizer", 1, params.tokenizer.model_dump(), sources,
                        params.pack.heldout_percent, params.pack.seed, SPECIAL_TOKENS,
                        {n: d.manifest["fingerprint"] for n, d in inputs.items()})
 

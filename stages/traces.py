@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from codeworld.code import Code
 from codeworld.config import ExecutorConfig, Params, TracesConfig
 from codeworld.parallel import pool_map
 from codeworld.progress import progress
@@ -29,6 +30,8 @@ from codeworld.tracking import StageRun
 from stages.programs import iter_programs
 from stages.programs.parallel import parallel_harvest
 from stages.trace_runner import trace_requests
+
+CODE = Code(("stages.traces",))
 
 KEEP = ("ok", "exception")
 # On a cluster, a shard's programs go out in chunks of this many sandbox batches: whole
@@ -215,7 +218,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
     with StageRun("traces", params.model_dump(include={"storage", "traces"}),
                   params.tracking.experiment, metrics_path, track) as run_:
         src = Dataset(storage.sub(source))
-        fp = fingerprint("traces", 1, cfg.model_dump(exclude={"workers"}), src.manifest["fingerprint"])
+        fp = fingerprint(CODE, "traces", 1, cfg.model_dump(exclude={"workers"}), src.manifest["fingerprint"])
         writer = DatasetWriter(storage, output, fp)
         finished = writer.prepare()
         if finished is not None:

@@ -18,14 +18,19 @@ import signal
 import subprocess
 from pathlib import Path
 
+from codeworld.code import Code
 from codeworld import pack_cache
 from codeworld.config import PHASES, ConfigError, Params, PhaseConfig
-from codeworld.shards import code_version, fingerprint
+from codeworld.shards import fingerprint
 from codeworld.storage import write_atomic, filesystem
 from codeworld.tracking import StageRun, repo_root, tracking_uri
 from model import checkpoint
 from model.data import plan_validation
 from stages import pack as pack_stage
+
+# The stage and the torchrun entry it launches. model.launch only builds the command line and
+# checks the layout: editing it must not retrain every phase.
+CODE = Code(("stages.train_phase", "model.train"), skip=("model.launch",))
 
 RUN = "run.json"
 PARAMS = "params.json"
@@ -89,25 +94,9 @@ def phase_fingerprint(params: Params, phase: str, parent: dict | None = None) ->
     cfg = phase_config(params, phase)
     parent = parent if parent is not None else parent_record(params, phase)
     sources = {n: m["fingerprint"] for n, m in pack_sources(params, phase).items()}
-    return fingerprint("train", 2, phase, params.model.model_dump(), cfg.model_dump(), sources,
-                       parent and [parent["fingerprint"], parent["iteration"]],
-                       code_version(), model_code_version())
+    return fingerprint(CODE, "train", 2, phase, params.model.model_dump(), cfg.model_dump(), sources,
+                       parent and [parent["fingerprint"], parent["iteration"]])
 
-
-# model/ files that do not change what a phase trains: editing them must not retrain every phase
-NOT_TRAINING = frozenset({"launch.py"})   # (generate.py samples RL's training data: kept)
-
-
-def model_code_version() -> str:
-    """The training engine's own code (model/), which code_version() does not cover."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for path in sorted((Path(__file__).resolve().parents[1] / "model").glob("*.py")):
-        if path.name in NOT_TRAINING:
-            continue
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()
 
 
 def torchrun_command(params: Params, phase: str, out: Path, extra: list[str] = ()) -> list[str]:

@@ -48,7 +48,7 @@ def put(client, bucket: str, key: str, data: bytes) -> None:
 
 
 def write_dataset(storage: Storage, name: str = "ds", chunks=(5, 5, 2)) -> dict:
-    w = DatasetWriter(storage, name, fingerprint("test", name))
+    w = DatasetWriter(storage, name, fingerprint(corpus.CODE, "test", name))
     assert w.prepare() is None
     infos, start = [], 0
     for i, n in enumerate(chunks):
@@ -101,7 +101,7 @@ def test_dataset_roundtrip_on_s3(s3_endpoint, s3_bucket, s3_client):
     ds = Dataset.open(f"{s3_bucket}/prefix/ds", s3_endpoint)
     assert len(ds) == 12 and list(ds) == RECORDS
     # a finished dataset with the same fingerprint is reused as is
-    again = DatasetWriter(root, "ds", fingerprint("test", "ds"))
+    again = DatasetWriter(root, "ds", fingerprint(corpus.CODE, "test", "ds"))
     assert again.prepare() == m
 
 
@@ -123,7 +123,7 @@ def test_corrupt_and_missing_shard_on_s3_are_named(s3_endpoint, s3_bucket, s3_cl
 
 def test_failed_write_leaves_no_partial_object(s3_endpoint, s3_bucket, s3_client):
     root = Storage(f"{s3_bucket}/p", s3_endpoint)
-    fp = fingerprint("partial")
+    fp = fingerprint(corpus.CODE, "partial")
     w = DatasetWriter(root, "ds", fp)
     assert w.prepare() is None
     w.write(0, RECORDS[:5])

@@ -111,10 +111,11 @@ def test_encode_is_deterministic():
     assert n == 25 and hashlib.sha256(a).digest() == hashlib.sha256(b).digest()
 
 
-def test_fingerprint_covers_params_inputs_and_code(monkeypatch):
-    from codeworld import shards
-    base = shards.fingerprint("stage", {"a": 1}, "input-fp")
-    assert base == shards.fingerprint("stage", {"a": 1}, "input-fp")
-    assert base != shards.fingerprint("stage", {"a": 2}, "input-fp")
-    monkeypatch.setattr(shards, "code_version", lambda: "other code")
-    assert base != shards.fingerprint("stage", {"a": 1}, "input-fp")  # new code: no reuse
+def test_fingerprint_covers_params_inputs_and_code():
+    from codeworld.code import Code
+    from codeworld.shards import fingerprint
+    code = Code(("stages.dedup",))
+    base = fingerprint(code, "stage", {"a": 1}, "input-fp")
+    assert base == fingerprint(code, "stage", {"a": 1}, "input-fp")
+    assert base != fingerprint(code, "stage", {"a": 2}, "input-fp")
+    assert base != fingerprint(Code(("stages.corpus",)), "stage", {"a": 1}, "input-fp")  # other code

@@ -26,6 +26,7 @@ import urllib.error
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+from codeworld.code import Code
 from codeworld.config import AgentConfig, Params
 from codeworld.sandbox import SandboxUnavailable
 from codeworld.shards import DatasetWriter, fingerprint, pin_manifest
@@ -37,6 +38,8 @@ from stages.agent.loop import run_episode
 from stages.agent.mutate import OPERATORS
 from stages.agent.policies import make_policy
 from stages.agent.validate import synthesize
+
+CODE = Code(("stages.agent",))
 
 REPO_CACHE = ".cache/repos"  # fetched sdists and git exports, outside the DVC outputs
 
@@ -163,7 +166,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
     storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
     with StageRun("agent", params.model_dump(include={"storage", "agent"}),
                   params.tracking.experiment, metrics_path, track) as run_:
-        fp = fingerprint("agent", 1, cfg.model_dump(exclude={"workers"}))
+        fp = fingerprint(CODE, "agent", 1, cfg.model_dump(exclude={"workers"}))
         names = ("tasks", "trajectories", "traces")
         writers = [DatasetWriter(storage, f"{output}/{n}", fp) for n in names]
         done = [w.prepare() for w in writers]
