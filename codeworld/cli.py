@@ -55,6 +55,9 @@ def _pipeline(args: argparse.Namespace) -> int:
     load_params(repo_root() / "params.yaml")  # a bad param fails in a second, before Prefect starts
     # Prefect's temporary server may need more than its default 20 s on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # The temporary server's usage telemetry needs the internet: offline (CI, clusters) it logged
+    # an ERROR every few minutes of a run. `make serve` (flows/serve.py) turns it off the same way.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.pipeline import pipeline
 
     pipeline(stages=args.stage or None, force=args.force)
