@@ -41,7 +41,7 @@ class Code:
     root: Path = ROOT          # the repository (tests use a small one of their own)
 
     def files(self) -> list[Path]:
-        return list(_closure(self.root, self.roots, (*REPORTING, *self.skip)))
+        return list(_closure(self.root, self.roots, self.skip))
 
     def version(self) -> str:
         """sha256 of the files, each with its path relative to the repository; read once per
@@ -61,6 +61,12 @@ def unit(root: Path, module: str) -> Path | None:
     if len(parts) == 1:
         return path / "__init__.py"
     return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
+
+
+def _is_module(root: Path, module: str) -> bool:
+    path = root.joinpath(*module.split("."))
+    return module.split(".")[0] in PACKAGES and (
+        path.with_suffix(".py").is_file() or (path / "__init__.py").is_file())
 
 
 def _sources(u: Path) -> list[Path]:
@@ -93,10 +99,11 @@ def _imports(root: Path, path: Path) -> set[str]:
 
 @functools.lru_cache(maxsize=None)
 def _closure(root: Path, roots: tuple[str, ...], skip: tuple[str, ...]) -> tuple[Path, ...]:
-    for r in roots:
-        if unit(root, r) is None:
-            raise ValueError(f"code root {r!r} is not a module of {', '.join(PACKAGES)}")
-    skipped = {unit(root, m) for m in skip}
+    for kind, names in (("root", roots), ("skip", skip)):
+        for name in names:      # a misspelt name would silently hash too little or too much
+            if not _is_module(root, name):
+                raise ValueError(f"code {kind} {name!r} is not a module of {', '.join(PACKAGES)}")
+    skipped = {unit(root, m) for m in (*REPORTING, *skip)}
     seen: set[Path] = set()
     todo = list(roots)
     while todo:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from codeworld import code
 from codeworld.code import PACKAGES, ROOT, Code, unit
 
 
@@ -56,17 +57,25 @@ def test_skip_neither_hashes_nor_follows(repo):
 
 
 def test_version_changes_with_the_code_it_covers_only(repo):
-    before = Code(("stages.a",), root=repo).version()
+    def version() -> str:
+        code._version.cache_clear()     # read once per process: a test edits in between
+        return Code(("stages.a",), root=repo).version()
+
+    before = version()
     (repo / "stages/unrelated.py").write_text("import sys\n")     # reached through tracking only
     (repo / "codeworld/tracking.py").write_text("# reporting\n")  # skipped: reports, no outputs
-    assert Code(("stages.a",), root=repo, skip=("x",)).version() == before
+    assert version() == before
     (repo / "stages/tool/by_path.py").write_text("# edited\n")
-    assert Code(("stages.a",), root=repo, skip=("y",)).version() != before
+    assert version() != before
 
 
-def test_a_root_that_is_no_module_is_refused(repo):
-    with pytest.raises(ValueError, match="'stages.missing'"):
-        Code(("stages.missing",), root=repo).files()
+@pytest.mark.parametrize("kind, bad", [("root", Code(("stages.missing",))),
+                                       ("root", Code(("stages.tool.missing",))),
+                                       ("skip", Code(("stages.a",), skip=("model.lanch",)))])
+def test_a_name_that_is_no_module_is_refused(repo, kind, bad):
+    name = (bad.roots + bad.skip)[-1]
+    with pytest.raises(ValueError, match=f"code {kind} '{name}' is not a module"):
+        Code(bad.roots, bad.skip, root=repo).files()
 
 
 def dvc_stages() -> dict:
