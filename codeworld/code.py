@@ -24,6 +24,7 @@ import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("codeworld", "stages", "model")
@@ -119,9 +120,15 @@ def _closure(root: Path, roots: tuple[str, ...], skip: tuple[str, ...]) -> tuple
     return tuple(sorted(f for u in seen for f in _sources(u)))
 
 
+def hash_files(root: Path, files: Iterable[Path]) -> str:
+    """sha256 of `files`, in the order given, each with its path relative to `root` (so a
+    checkout hashes the same wherever it lies)."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 @functools.lru_cache(maxsize=None)
 def _version(code: Code) -> str:
-    h = hashlib.sha256()
-    for f in code.files():
-        h.update(f.relative_to(code.root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()
+    return hash_files(code.root, code.files())

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
+from codeworld.code import ROOT, hash_files
 from codeworld.config import ConfigError, ExecutorConfig
 from codeworld.progress import progress
 from codeworld.storage import Storage
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 J = TypeVar("J")
 R = TypeVar("R")
 
-ROOT = Path(__file__).resolve().parent.parent
 CODE_PACKAGES = ("codeworld", "stages")  # what a data-stage job runs; training code is not sent
 PROBE_DIR = ".work/executor"
 
@@ -82,14 +82,11 @@ def _digest_of(read: Callable[[], bytes]) -> str:
 def environment() -> dict[str, str]:
     """What a job's output depends on besides its inputs: the interpreter and our code. Cached:
     computed once per process (a worker checks it for every job it takes)."""
-    h = hashlib.sha256()
-    for pkg in CODE_PACKAGES:
-        for f in sorted((ROOT / pkg).rglob("*.py")):
-            h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    code = hash_files(ROOT, (f for pkg in CODE_PACKAGES for f in sorted((ROOT / pkg).rglob("*.py"))))
     import numpy
 
     return {"python": platform.python_version(), "numpy": numpy.__version__,
-            "code": h.hexdigest()[:16]}
+            "code": code[:16]}
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from codeworld.parallel import pool_map
 from codeworld.shards import DatasetWriter, ShardInfo, fingerprint
 from codeworld.storage import Storage
 from codeworld.tracking import StageRun
-from stages.corpus_sources import (Candidate, GitReader, SourceError, list_candidates, read_bytes,
-                                   source_name)
+from stages.corpus_sources import (Candidate, GitReader, SourceError, identity, list_candidates,
+                                   read_bytes, source_name)
 
 CODE = Code(("stages.corpus",))
 
@@ -120,8 +120,8 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         if not candidates:
             raise SourceError("corpus: the sources hold no file with extensions "
                               f"{cfg.extensions}: nothing to ingest")
-        fp = fingerprint(CODE, "corpus", 1, cfg.model_dump(exclude={"workers"}), [(c.source, c.path, c.size, c.locator)
-                                                           for c in candidates])
+        fp = fingerprint(CODE, "corpus", 1, cfg.model_dump(exclude={"workers"}),
+                         [(c.source, c.path, c.size, identity(c)) for c in candidates])
         writer = DatasetWriter(storage, output, fp)
         finished = writer.prepare()
         if finished is not None:  # same inputs and params as a finished run: nothing to redo

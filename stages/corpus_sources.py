@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import platform
 import subprocess
 import sysconfig
 from dataclasses import dataclass
@@ -58,6 +59,17 @@ def source_name(src: Source) -> str:
 
 def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
+
+
+def identity(c: Candidate) -> str:
+    """Where a candidate's bytes come from, as the dataset's fingerprint names it: its locator,
+    which derives from params (a folder's, repository's or bucket's path as written there),
+    except for the stdlib, whose folder is wherever this machine installed its interpreter:
+    it is named by the interpreter's version, so the same stdlib gives the same fingerprint
+    (and manifest bytes) on every machine."""
+    if c.kind == "stdlib":
+        return f"{platform.python_implementation()} {platform.python_version()}"
+    return c.locator
 
 
 def classify_license(text: str) -> str:

@@ -155,3 +155,22 @@ def test_jsonl_line_that_is_not_an_object_is_counted_not_fatal(tmp_path):
     m = run_corpus(tmp_path, [{"kind": "jsonl", "path": str(tmp_path / "in.jsonl")}])
     assert m["records"] == 1 and m["stats"]["counts"]["bad_records"] == 2
     assert "in.jsonl:1: not a JSON object (list)" in m["stats"]["bad_records"][0]
+
+
+def test_the_stdlib_gives_the_same_dataset_wherever_it_is_installed(tmp_path, monkeypatch):
+    # The same interpreter installed under two prefixes: the manifest (and so every dataset
+    # fingerprinted from it downstream) is byte-identical; another Python version is not reused.
+    from stages import corpus_sources
+
+    def run_with_stdlib(lib: Path, out: str) -> bytes:
+        monkeypatch.setattr(corpus_sources, "stdlib_dir", lambda: lib)
+        (tmp_path / out).mkdir()
+        run_corpus(tmp_path / out, [{"kind": "stdlib"}])
+        return (tmp_path / out / "data" / "corpus" / "manifest.json").read_bytes()
+
+    usr, opt = make_tree(tmp_path / "usr" / "lib"), make_tree(tmp_path / "opt" / "python")
+    first = run_with_stdlib(usr, "a")
+    assert run_with_stdlib(opt, "b") == first
+    monkeypatch.setattr(corpus_sources.platform, "python_version", lambda: "3.99.0")
+    other = json.loads(run_with_stdlib(usr, "c"))
+    assert other["fingerprint"] != json.loads(first)["fingerprint"]
