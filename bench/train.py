@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import model  # noqa: E402,F401  (MKL's reproducible mode, model/__init__.py: both sides alike)
 
 
 class Block(nn.Module):

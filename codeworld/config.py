@@ -206,8 +206,8 @@ class TraceLimitsConfig(Section):
     """Per program: sandbox rlimits and the tracer's own limits (CWM dropped traces over 10k
     events or 1 MB)."""
 
-    wall_seconds: float = Field(default=0.5, gt=0)
-    cpu_seconds: float = Field(default=0.5, gt=0)
+    wall_seconds: float = Field(default=5.0, gt=0)  # far above any program's time: params.yaml
+    cpu_seconds: float = Field(default=5.0, gt=0)
     memory_mb: int = Field(default=512, ge=64)
     max_events: int = Field(default=10_000, ge=10)
     max_bytes: int = Field(default=1_000_000, ge=1000)

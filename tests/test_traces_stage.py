@@ -121,7 +121,7 @@ def test_stage_traces_a_local_repository_test_suite(tmp_path):
                     reason="no distutils in this Python's standard library (3.12+)")
 def test_sandbox_imports_the_standard_librarys_distutils():
     # setuptools' .pth hook would swap in its own distutils, a second of imports per forked
-    # child against a 0.5 s wall limit: traces that timed out or not with the machine's load
+    # child against the 0.5 s wall limit of then: traces that timed out or not with the load
     from codeworld.config import TraceLimitsConfig
     from stages.trace_runner import trace_requests
 
