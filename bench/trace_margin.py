@@ -53,7 +53,7 @@ def main() -> None:
     cfg = params.traces
     limit = cfg.limits.wall_seconds
     storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
-    cases = list(traces._cases(Dataset(storage.sub("dedup")), cfg, Counter()))
+    cases = list(traces.programs_to_trace(Dataset(storage.sub("dedup")), cfg, Counter()))
     raised = cfg.limits.model_copy(update={"wall_seconds": limit * args.factor,
                                            "cpu_seconds": cfg.limits.cpu_seconds * args.factor})
     t0 = time.perf_counter()

@@ -54,7 +54,9 @@ def harvest_dataset(src: Dataset, workers: int) -> dict[str, list[str]]:
                             workers or os.cpu_count() or 1)
 
 
-def _cases(src: Dataset, cfg: TracesConfig, stats: Counter):
+def programs_to_trace(src: Dataset, cfg: TracesConfig, stats: Counter):
+    """The programs the stage traces from dataset `src`, in order (bench/trace_margin.py times
+    the same ones); `stats` counts what the generator made and skipped."""
     harvested = harvest_dataset(src, cfg.workers)
     cases = iter_programs(iter(src), seed=cfg.seed, harvested=harvested,
                           max_inputs_per_function=cfg.max_inputs_per_function,
@@ -228,8 +230,8 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         seen: set[str] = set()
         infos, metas = [], []
         traced_seconds = 0.0
-        for index, cases in enumerate(progress(_groups(_cases(src, cfg, stats), cfg.programs_per_shard),
-                                               None, "traces")):
+        groups = _groups(programs_to_trace(src, cfg, stats), cfg.programs_per_shard)
+        for index, cases in enumerate(progress(groups, None, "traces")):
             info, meta = _shard(writer, index, lambda: trace_group(cases, cfg, seen, params.executor))
             seen.update(meta["signatures"])  # a no-op unless the shard came from a killed run
             traced_seconds += meta["seconds"]
