@@ -57,8 +57,8 @@ def main() -> None:
     raised = cfg.limits.model_copy(update={"wall_seconds": limit * args.factor,
                                            "cpu_seconds": cfg.limits.cpu_seconds * args.factor})
     t0 = time.perf_counter()
-    _, results = sandbox_results([{"id": c.id, "code": c.code, "call": c.call} for c in cases],
-                                 raised, cfg.workers, batch_size=1, frames=True, too_long_text=False)
+    results = sandbox_results([{"id": c.id, "code": c.code, "call": c.call} for c in cases],
+                              raised, cfg.workers, batch_size=1, frames=True, too_long_text=False)
     elapsed = time.perf_counter() - t0
     rows = sorted(((r.wall_seconds, r.status != "timeout", c.id, c.call)
                    for c, r in zip(cases, results)), reverse=True)

@@ -89,25 +89,23 @@ def trace_requests(requests: list[dict], limits: TraceLimitsConfig, workers: int
                               "Invalid: needs string fields 'code' and 'call' (or 'input')")
         else:
             todo.append(i)
-    payloads, results = sandbox_results([requests[i] for i in todo], limits, workers, batch_size,
-                                        frames, too_long_text)
-    for i, req, res in zip(todo, payloads, results):
-        out[i] = interpret(req, res)
+    results = sandbox_results([requests[i] for i in todo], limits, workers, batch_size, frames,
+                              too_long_text)
+    for i, res in zip(todo, results):
+        out[i] = interpret(requests[i], res)
     return out  # type: ignore[return-value]
 
 
 def sandbox_results(requests: list[dict], limits: TraceLimitsConfig, workers: int = 0,
                     batch_size: int = 256, frames: bool = False,
-                    too_long_text: bool = True) -> tuple[list[dict], list[SandboxResult]]:
-    """The sandbox's raw result for each well-formed request (with ``batch_size=1`` its
-    ``wall_seconds`` is that program's own: bench/trace_margin.py), and the payloads sent."""
+                    too_long_text: bool = True) -> list[SandboxResult]:
+    """The sandbox's raw result for each well-formed request, in order (with ``batch_size=1``
+    its ``wall_seconds`` is that program's own: bench/trace_margin.py)."""
     bounds = {"max_events": limits.max_events, "max_bytes": limits.max_bytes}
     _compile_tracer()
     # "prompt": False -- the program's text is the bulk of a prompt: not sent back, rebuilt here
     payloads = [{**req, "limits": bounds, "frames": frames, "prompt": False,
                  "too_long_text": too_long_text} for req in requests]
-    results = map_requests(payloads, HANDLER, workers=workers or os.cpu_count() or 1,
-                           batch_size=batch_size,
-                           code_dirs={"/sandbox/lib/cwtrace": TRACER_DIR},
-                           limits=sandbox_limits(limits), env=SANDBOX_ENV)
-    return payloads, results
+    return map_requests(payloads, HANDLER, workers=workers or os.cpu_count() or 1,
+                        batch_size=batch_size, code_dirs={"/sandbox/lib/cwtrace": TRACER_DIR},
+                        limits=sandbox_limits(limits), env=SANDBOX_ENV)

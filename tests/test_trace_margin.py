@@ -25,8 +25,8 @@ def test_a_python_loop_stops_at_its_event_count_not_at_the_clock():
     loop = {"id": "loop", "code": "def f():\n    while True:\n        pass\n", "call": "f()"}
     quick = {"id": "quick", "code": "def g(x):\n    return x + 1\n", "call": "g(1)"}
     limits = TraceLimitsConfig(wall_seconds=120, cpu_seconds=120, max_events=2000)
-    payloads, results = sandbox_results([loop, quick], limits, workers=1, batch_size=1)
-    assert [p["id"] for p in payloads] == ["loop", "quick"]
+    results = sandbox_results([loop, quick], limits, workers=1, batch_size=1)
+    assert [r.response["id"] for r in results] == ["loop", "quick"]
     assert [r.status for r in results] == ["ok", "ok"]
     assert [r.response["status"] for r in results] == ["too_long", "ok"]
     assert results[0].wall_seconds < 60   # stopped by the count, far before the clock
@@ -36,5 +36,5 @@ def test_work_that_reaches_no_traced_line_meets_the_clock():
     # one C-level call (a sum over 10^12 integers) never returns to a traced line
     spin = {"id": "spin", "code": "def f():\n    return sum(range(10**12))\n", "call": "f()"}
     limits = TraceLimitsConfig(wall_seconds=0.5, cpu_seconds=0.5)
-    _, [res] = sandbox_results([spin], limits, workers=1, batch_size=1)
+    [res] = sandbox_results([spin], limits, workers=1, batch_size=1)
     assert res.status in ("timeout", "killed")   # the wall clock, or the CPU rlimit first
