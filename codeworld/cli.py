@@ -23,7 +23,7 @@ EXIT_BAD_INPUT = 2
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL: the flow retries these
 
 
-STAGES = ("corpus", "dedup", "traces", "tokenizer", "pack", "pretrain", "midtrain", "sft", "rl", "agent", "evaluate")  # each is stages/<name>.py with run(params, track=...)
+STAGES = ("corpus", "dedup", "traces", "tokenizer", "pack", "pretrain", "midtrain", "sft", "rl", "agent", "evaluate", "export")  # each is stages/<name>.py with run(params, track=...)
 
 
 def _stage(args: argparse.Namespace) -> int:

@@ -599,6 +599,30 @@ class EvaluateConfig(Section):
         return v
 
 
+class ExportConfig(Section):
+    """Stage `export`: a phase's final checkpoint as a Hugging Face model folder (Llama layout,
+    safetensors, the tokenizer), loaded back with transformers and checked against our own
+    forward pass on held-out programs before it is published."""
+
+    phase: str = "rl"         # whose latest checkpoint is exported
+    # Held-out trace programs (evaluate's draw, pack.heldout_percent) whose logits and greedy
+    # continuations must agree between the export and the Megatron model.
+    check_programs: int = Field(default=8, ge=1)
+    greedy_tokens: int = Field(default=32, ge=1)
+    # Largest |logit difference| accepted: FP32 exports (CPU) are the same arithmetic and
+    # agree to rounding; BF16 ones (GPU) differ by kernels, a BF16 step on logits near 10 is 1/16.
+    tolerance_fp32: float = Field(default=1e-4, gt=0)
+    tolerance_bf16: float = Field(default=0.25, gt=0)
+
+    @field_validator("phase")
+    @classmethod
+    def _phase(cls, v: str) -> str:
+        known = (*PHASES, "rl")
+        if v not in known:
+            raise ValueError(f"{v!r} is not a training phase (known: {', '.join(known)})")
+        return v
+
+
 class Params(Section):
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -616,6 +640,7 @@ class Params(Section):
     agent: AgentConfig = AgentConfig()
     rl: RLConfig | None = None      # optional, like midtrain and sft
     evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
 
     @model_validator(mode="after")
     def _training_layout(self) -> "Params":

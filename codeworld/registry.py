@@ -2,7 +2,8 @@
 
 The final checkpoint is the last training phase (dvc.yaml order) whose checkpoint exists. It is
 logged as an artifact of a `register` run (a child of the pipeline run when there is one), with
-the tokenizer and the params it was trained with, and registered as a new version of the model
+the tokenizer and the params it was trained with (and, when the `export` stage exported that
+checkpoint, its Hugging Face folder as artifact `hf`, tag `export.hf`), and registered as a new version of the model
 (`tracking.registered_model`, default `codeworld`) from `runs:/<run>/checkpoint`: an artifact
 URI works with a local store and an MLflow server alike. The version's tags carry the lineage:
 the phase chain with each phase's fingerprint and parent, the git commit, and dvc.lock's md5 of
@@ -75,6 +76,18 @@ def _existing(client, name: str, fingerprint: str):
     return None
 
 
+def export_of(folder: Path, phase: str, iteration: int, fingerprint: str) -> bool:
+    """Whether `folder` holds a whole export (its manifest is written last) of that checkpoint:
+    the phase's run (fingerprint) and iteration, not an export of an earlier training run."""
+    try:
+        manifest = json.loads((folder / "codeworld.json").read_text())
+        exported = manifest["lineage"][0]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return False
+    return (manifest.get("phase") == phase and manifest.get("iteration") == iteration
+            and exported.get("phase") == phase and exported.get("fingerprint") == fingerprint)
+
+
 def register_final(params: Params, name: str | None = None) -> dict:
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -115,6 +128,10 @@ def register_final(params: Params, name: str | None = None) -> dict:
             client.log_artifact(run_id, str(tok), "checkpoint")
         if (d / PARAMS).exists():
             client.log_artifact(run_id, str(d / PARAMS), "checkpoint")
+        if export_of(d.parents[1] / "export", phase, iteration, fp):
+            # the `export` stage's Hugging Face folder of this very checkpoint, beside it
+            client.log_artifacts(run_id, str(d.parents[1] / "export"), "hf")
+            tags["export.hf"] = f"runs:/{run_id}/hf"
         status = "FINISHED"
     finally:
         client.set_terminated(run_id, status)

@@ -10,7 +10,7 @@ Deployments of flow `codeworld-pipeline`, derived from dvc.yaml's stage names at
     all        every stage                               parameters {}
     data       corpus ... pack                           parameters {"group": "data"}
     train      pretrain and later phases                 parameters {"group": "train"}
-    evaluate   evaluation stages (absent while dvc.yaml has none)
+    evaluate   evaluation and export stages (absent while dvc.yaml has none)
 
 A part runs its stages and what they need (DVC skips what is up to date). Every deployment takes
 `overrides`: `SECTION.KEY=VALUE` strings, as `dvc exp run -S` does, validated against the params
@@ -43,7 +43,7 @@ DESCRIPTIONS = {
     "all": "The whole pipeline: every dvc.yaml stage in DAG order (DVC skips what is up to date).",
     "data": "The data stages (corpus to pack; every dvc.yaml stage that is not training or evaluation).",
     "train": "The training phases (stages writing data/checkpoints/) and the data stages they need.",
-    "evaluate": "The evaluation stages and what they need.",
+    "evaluate": "The evaluation and export stages (after training) and what they need.",
 }
 
 

@@ -123,13 +123,14 @@ def workspace_limit_name(root: Path) -> str:
 
 def stage_groups(dvc_yaml: Path) -> dict[str, list[str]]:
     """dvc.yaml's stages by part of the pipeline, in DAG order: `train` (outs under
-    data/checkpoints/), `evaluate` (named eval* or outs under data/eval), `data` (the rest).
-    A group without stages is absent."""
+    data/checkpoints/), `evaluate` (what follows training: named eval* or export*, or outs under
+    data/eval or data/export), `data` (the rest). A group without stages is absent."""
     stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
     groups: dict[str, list[str]] = {}
     for name in dag_order(dvc_yaml):
         outs = [next(iter(o)) if isinstance(o, dict) else o for o in stages[name].get("outs") or []]
-        if name.startswith("eval") or any(o.startswith(("data/eval", "data/evaluate")) for o in outs):
+        if name.startswith(("eval", "export")) or any(o.startswith(("data/eval", "data/export"))
+                                                      for o in outs):
             group = "evaluate"
         elif any(o.startswith("data/checkpoints") for o in outs):
             group = "train"

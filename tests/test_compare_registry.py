@@ -113,6 +113,13 @@ def test_register_final_checkpoint_with_lineage_once(mlflow_url, tmp_path, monke
         register_final(params)
 
     _checkpoint(tmp_path / "data", "pretrain", "fp-pre", 200)
+    # the export stage's folder of that checkpoint goes with it; one of another iteration would not
+    export = tmp_path / "data" / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    (export / "codeworld.json").write_text(json.dumps({
+        "phase": "pretrain", "iteration": 200,
+        "lineage": [{"phase": "pretrain", "iteration": 200, "fingerprint": "fp-pre"}]}))
     import mlflow
 
     mlflow.set_experiment(params.tracking.experiment)
@@ -131,3 +138,13 @@ def test_register_final_checkpoint_with_lineage_once(mlflow_url, tmp_path, monke
     # the registered version's artifacts are the checkpoint's files
     files = {f.path for f in client.list_artifacts(first["run_id"], "checkpoint")}
     assert "checkpoint/__0_0.distcp" in files and "checkpoint/params.json" in files
+    assert v.tags["export.hf"] == f"runs:/{first['run_id']}/hf"
+    assert {f.path for f in client.list_artifacts(first["run_id"], "hf")} == {
+        "hf/codeworld.json", "hf/config.json"}
+    from codeworld.registry import export_of
+
+    assert export_of(export, "pretrain", 200, "fp-pre")
+    assert not export_of(export, "pretrain", 100, "fp-pre")       # another iteration
+    assert not export_of(export, "pretrain", 200, "fp-retrained")  # a rerun of the phase
+    assert not export_of(export, "sft", 200, "fp-pre")
+    assert not export_of(tmp_path / "none", "pretrain", 200, "fp-pre")

@@ -1,0 +1,241 @@
+"""Stage `export`: a phase's final checkpoint as a Hugging Face model folder.
+
+The trained model leaves Megatron's sharded checkpoint format for the one the rest of the field
+loads: `LlamaForCausalLM` weights in safetensors (model/hf_llama.py maps the names), its config,
+the tokenizer (our tokenizer.json with its special tokens named), a generation config that stops
+at end-of-text, and a model card with the lineage and the held-out evaluation of that phase.
+
+Nothing is published unchecked: the folder is written to a temporary directory, loaded back with
+transformers (`AutoModelForCausalLM`, `AutoTokenizer`) and compared with the Megatron model on
+held-out trace programs (never trained on): the tokenizer must give the same ids, the logits
+agree within `tolerance_*`, greedy continuations must be the same tokens (FP32). Then the files
+go to `export/` under the storage root, each written atomically, `codeworld.json` (the
+provenance and every file's sha256) last, so a reader that finds it finds a whole export. A
+rerun with the same checkpoint, params and code finds that file and does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from codeworld.code import Code
+from codeworld.config import ConfigError, Params
+from codeworld.shards import fingerprint
+from codeworld.storage import Storage, file_sha256
+from codeworld.tokens import EOD_ID, END_OF_TEXT, PAD, PAD_ID, SPECIAL_TOKENS
+from codeworld.tracking import StageRun
+from stages import tokenizer as tokenizer_stage
+from stages.train_phase import RUN, phase_dir
+
+CODE = Code(("stages.export",), skip=("model.launch",))
+OUTPUT = "export"
+MANIFEST = "codeworld.json"
+METRICS_PATH = "metrics/export.json"
+log = logging.getLogger(__name__)
+
+
+class ExportCheckFailed(RuntimeError):
+    """The exported model does not compute what the checkpoint computes."""
+
+
+def build_folder(params: Params, lm, tok, dest: Path, card: str) -> int:
+    """Write the Hugging Face folder of a loaded model into `dest`; returns its parameters."""
+    from tokenizers import Tokenizer
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from model.hf_llama import config_dict, llama_state_dict
+
+    vocab = tok.get_vocab_size()
+    weights = llama_state_dict(lm.model.state_dict(), params.model, vocab)
+    dtype = next(iter(weights.values())).dtype
+    special = dict(bos_token_id=None, eos_token_id=EOD_ID, pad_token_id=PAD_ID)
+    config = LlamaConfig(**config_dict(params.model, vocab, dtype, lm.model.config.layernorm_epsilon,
+                                       special))
+    with torch.device("meta"):       # no random init of weights that are replaced at once
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.generation_config = GenerationConfig(**special, do_sample=False)
+    model.save_pretrained(dest)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tok.to_str()), eos_token=END_OF_TEXT, pad_token=PAD,
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (END_OF_TEXT, PAD)],
+        model_max_length=params.model.max_position_embeddings)
+    fast.save_pretrained(dest)
+    (dest / "README.md").write_text(card)
+    return sum(w.numel() for w in weights.values())
+
+
+def check_folder(folder: Path, lm, tok, programs: list[dict], cfg) -> dict:
+    """Load the folder with transformers alone and compare it with the Megatron model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    hf_tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    device = next(lm.model.parameters()).device
+    hf.to(device)
+    dtype = next(hf.parameters()).dtype
+    tolerance = cfg.tolerance_fp32 if dtype == torch.float32 else cfg.tolerance_bf16
+    stats = {"programs": len(programs), "tokenizer_equal": 0, "greedy_equal": 0,
+             "logits_max_abs_diff": 0.0, "argmax_agreement": 0.0}
+    agree = total = 0
+    for prog in programs:
+        text = tok.decode(prog["prompt_ids"] + prog["answer_ids"], skip_special_tokens=False)
+        ids = tok.encode(text).ids
+        stats["tokenizer_equal"] += hf_tok.encode(text, add_special_tokens=False) == ids
+        row = torch.tensor([ids])
+        with torch.no_grad():
+            ours = lm.logits(row)
+            theirs = hf(row.to(device)).logits.float()
+        stats["logits_max_abs_diff"] = max(stats["logits_max_abs_diff"],
+                                           (ours - theirs).abs().max().item())
+        agree += (ours.argmax(-1) == theirs.argmax(-1)).sum().item()
+        total += row.numel()
+        prompt = prog["prompt_ids"]
+        mine = lm.sample(prompt, max_new_tokens=cfg.greedy_tokens, stop_ids={EOD_ID})[0]
+        with torch.no_grad():
+            gen = hf.generate(torch.tensor([prompt], device=device), do_sample=False,
+                              max_new_tokens=cfg.greedy_tokens)
+        stats["greedy_equal"] += gen[0, len(prompt):].tolist() == mine
+    stats["argmax_agreement"] = agree / max(total, 1)
+    stats["dtype"] = str(dtype).removeprefix("torch.")
+    stats["tolerance"] = tolerance
+    problems = []
+    if stats["tokenizer_equal"] != len(programs):
+        problems.append(f"the exported tokenizer encodes {len(programs) - stats['tokenizer_equal']}"
+                        f" of {len(programs)} texts otherwise")
+    if stats["logits_max_abs_diff"] > tolerance:
+        problems.append(f"logits differ by up to {stats['logits_max_abs_diff']:.3g} "
+                        f"(tolerance {tolerance:g} for {stats['dtype']})")
+    if dtype == torch.float32 and stats["greedy_equal"] != len(programs):
+        problems.append(f"greedy continuations differ on {len(programs) - stats['greedy_equal']}"
+                        f" of {len(programs)} prompts")
+    if problems:
+        raise ExportCheckFailed(f"{folder}: the export does not match the checkpoint: "
+                                + "; ".join(problems))
+    return stats
+
+
+def model_card(params: Params, phase: str, iteration: int, lineage: list[dict],
+               evaluation: dict | None) -> str:
+    m = params.model
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: text-generation",
+        "tags: [code, code-world-model, execution-traces, codeworld]", "---", "",
+        f"# codeworld {phase} model", "",
+        "A Code World Model trained by the codeworld pipeline (Megatron-Core), exported to the",
+        "Hugging Face Llama layout: RoPE, SwiGLU, RMSNorm, grouped-query attention, no biases.", "",
+        "| | |", "|---|---|",
+        f"| phase | {phase}, iteration {iteration} |",
+        f"| layers / hidden / heads / kv heads / ffn | {m.num_layers} / {m.hidden_size} / "
+        f"{m.num_attention_heads} / {m.num_query_groups} / {m.ffn_hidden_size} |",
+        f"| rope theta / max positions | {m.rotary_base} / {m.max_position_embeddings} |",
+        "", "## Lineage", "",
+        "Each phase starts from the one below it (fingerprint: params, data and code of the phase).", "",
+    ]
+    lines += [f"- `{r['phase']}` iteration {r['iteration']}, fingerprint `{r['fingerprint'][:16]}`"
+              for r in lineage]
+    lines += ["", "## Held-out evaluation", ""]
+    if evaluation:
+        lines += ["Programs never trained on (`stages/evaluate.py`), greedy decoding:", "",
+                  "| metric | value |", "|---|---:|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in sorted(evaluation.items())
+                  if isinstance(v, float)]
+    else:
+        lines.append(f"Not evaluated (no `{phase}` in the evaluate stage's summary).")
+    lines += [
+        "", "## Use", "", "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "tok = AutoTokenizer.from_pretrained(FOLDER)",
+        "model = AutoModelForCausalLM.from_pretrained(FOLDER)",
+        "```", "",
+        "CWM's trace tokens (`<|trace_context_start|>`, `<|frame_sep|>`, ...), the agent's tool",
+        "markers and the turn markers are single special tokens; prompts are built as",
+        "`codeworld/prompts.py` builds them (a trace prompt: `<|trace_context_start|>` + source",
+        "with a `def main():  # << START_OF_TRACE` entry point + `<|frame_sep|>`).", ""]
+    return "\n".join(lines)
+
+
+def lineage(params: Params, phase: str) -> list[dict]:
+    from model import checkpoint
+
+    chain, cur = [], phase
+    while cur:
+        d = phase_dir(params, cur)
+        run = json.loads((d / RUN).read_text()) if (d / RUN).exists() else {}
+        found = checkpoint.latest(d)
+        chain.append({"phase": cur, "iteration": found[0] if found else None,
+                      "fingerprint": run.get("fingerprint", "")})
+        cur = getattr(getattr(params, cur, None), "init_from", None)
+    return chain
+
+
+def run(params: Params, *, track: bool = True, metrics_path: str | None = METRICS_PATH) -> dict:
+    from model import checkpoint, generate
+    from stages.evaluate import heldout_programs
+
+    cfg = params.export
+    storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
+    ckdir = phase_dir(params, cfg.phase)
+    found = checkpoint.latest(ckdir)
+    if found is None:
+        raise ConfigError(f"export.phase {cfg.phase!r}: no checkpoint to export (no latest.json "
+                          f"in {ckdir}); train that phase first")
+    iteration, iteration_dir = found
+    chain = lineage(params, cfg.phase)
+    fp = fingerprint(CODE, OUTPUT, 1, cfg.model_dump(), params.model.model_dump(), chain)
+    out = storage.sub(OUTPUT)
+    if out.exists(MANIFEST):
+        done = json.loads(out.read_bytes(MANIFEST))
+        if done.get("fingerprint") == fp and all(
+                out.exists(f) and out.sha256(f) == h for f, h in done["files"].items()):
+            log.info("export: %s is up to date (%s)", out.path(), fp[:12])
+            return {"name": OUTPUT, "fingerprint": fp, "records": len(done["files"])}
+    tok = tokenizer_stage.load(storage)
+    evaluation = None
+    if storage.exists("evaluate/summary.json"):
+        summary = json.loads(storage.read_bytes("evaluate/summary.json"))
+        evaluation = summary.get("phases", {}).get(cfg.phase)
+    with StageRun(OUTPUT, params.model_dump(include={"export", "model"}),
+                  params.tracking.experiment, metrics_path, track) as run_, \
+            tempfile.TemporaryDirectory(prefix="codeworld-export-") as tmp:
+        counts = {"heldout_traces": 0, "skipped_no_task": 0, "skipped_broken": 0,
+                  "skipped_too_long": 0}
+        draw = params.model_copy(update={"evaluate": params.evaluate.model_copy(
+            update={"max_programs": cfg.check_programs})})
+        programs = heldout_programs(draw, storage, tok, counts)
+        if not programs:
+            raise ConfigError(f"export: no held-out trace program to check the export with "
+                              f"({counts}); raise evaluate.max_program_tokens")
+        folder = Path(tmp) / OUTPUT
+        with run_.timed("write"):
+            lm = generate.load(params, ckdir, tok.get_vocab_size(), cfg.phase, iteration_dir)
+            card = model_card(params, cfg.phase, iteration, chain, evaluation)
+            n_params = build_folder(params, lm, tok, folder, card)
+        with run_.timed("check"):
+            stats = check_folder(folder, lm, tok, programs, cfg)
+        files = sorted(p.name for p in folder.iterdir())
+        manifest = {"name": OUTPUT, "fingerprint": fp, "phase": cfg.phase, "iteration": iteration,
+                    "checkpoint": str(iteration_dir), "lineage": chain,
+                    "files": {f: file_sha256(folder / f) for f in files},
+                    "check": stats}
+        for f in out.list():
+            if f not in files and f != MANIFEST:
+                out.remove(f)    # a file of an earlier export that this one no longer writes
+        if out.exists(MANIFEST):
+            out.remove(MANIFEST)   # from here until the new one lands, the folder is not whole
+        for f in files:
+            out.upload(folder / f, f)
+        out.write_bytes(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
+        run_.log(parameters=n_params, bytes=sum((folder / f).stat().st_size for f in files),
+                 **{k: v for k, v in stats.items() if isinstance(v, (int, float))})
+        log.info("export: %s iteration %d -> %s (%d parameters; logits within %.2g, greedy "
+                 "%d/%d equal)", cfg.phase, iteration, out.path(), n_params,
+                 stats["logits_max_abs_diff"], stats["greedy_equal"], stats["programs"])
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"name": OUTPUT, "fingerprint": fp, "records": len(files)}

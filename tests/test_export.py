@@ -1,0 +1,196 @@
+"""The `export` stage: a trained checkpoint as a Hugging Face Llama folder that transformers
+loads alone and that computes what the Megatron model computes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from codeworld.config import ConfigError, ModelConfig, parse_params
+from model.hf_llama import ExportMappingError, llama_state_dict, split_qkv
+
+REPO = Path(__file__).resolve().parents[1]
+EXPORT = {"phase": "pretrain", "check_programs": 3, "greedy_tokens": 12}
+EVAL = {"max_programs": 4, "max_program_tokens": 600}
+
+
+def test_fused_qkv_rows_go_to_the_llama_head_of_their_group():
+    m = ModelConfig(num_layers=1, hidden_size=8, num_attention_heads=4, num_query_groups=2,
+                    ffn_hidden_size=16)
+    d = 2   # head_dim; Megatron's rows, group by group: q heads of the group, then k, then v
+    rows = [f"g{g}.{part}.{i}" for g in range(2) for part in ("q0", "q1", "k", "v")
+            for i in range(d)]
+    weight = torch.arange(len(rows), dtype=torch.float32)[:, None].expand(len(rows), 8)
+    q, k, v = split_qkv(weight, m)
+    name = lambda t: [rows[int(r)] for r in t[:, 0]]
+    # Llama: query head h uses key/value head h // (heads / groups)
+    assert name(q) == ["g0.q0.0", "g0.q0.1", "g0.q1.0", "g0.q1.1",
+                       "g1.q0.0", "g1.q0.1", "g1.q1.0", "g1.q1.1"]
+    assert name(k) == ["g0.k.0", "g0.k.1", "g1.k.0", "g1.k.1"]
+    assert name(v) == ["g0.v.0", "g0.v.1", "g1.v.0", "g1.v.1"]
+
+
+def test_a_weight_llama_has_no_place_for_is_refused():
+    m = ModelConfig(num_layers=1, hidden_size=8, num_attention_heads=4, num_query_groups=2,
+                    ffn_hidden_size=16)
+    state = {"embedding.word_embeddings.weight": torch.zeros(64, 8),
+             "decoder.layers.0.self_attention.linear_proj.bias": torch.zeros(8)}
+    with pytest.raises(ExportMappingError, match="linear_proj.bias"):
+        llama_state_dict(state, m, vocab_size=60)
+
+
+def test_export_params_are_checked():
+    with pytest.raises(ConfigError, match="export.phase"):
+        parse_params({"export": {"phase": "posttrain"}}, "p.yaml")
+    with pytest.raises(ConfigError, match="export.tolerance_fp32"):
+        parse_params({"export": {"tolerance_fp32": 0}}, "p.yaml")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap (the sandbox) is not installed")
+    from tests.train_fixtures import build_eval_root
+
+    root = tmp_path_factory.mktemp("export")
+    build_eval_root(root, evaluate=EVAL, export=EXPORT)
+    return root
+
+
+def _export(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "codeworld.cli", "stage", "export", "--params",
+                           str(root / "params.yaml"), "--no-track"], cwd=root,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+# transformers alone (no codeworld module): what a user of the export runs
+HF_GREEDY = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, prompts = sys.argv[1], json.loads(sys.argv[2])
+tok = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder)
+out = []
+for text in prompts:
+    ids = tok(text, return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=10)
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1]
+    out.append({"ids": ids[0].tolist(), "new": gen[0, ids.shape[1]:].tolist(),
+                "last": logits.tolist()})
+print(json.dumps(out))
+"""
+# the Megatron checkpoint through our own loader
+OURS_GREEDY = """
+import json, sys
+from pathlib import Path
+import torch
+from codeworld.config import load_params
+from codeworld.storage import Storage
+from model.generate import load
+from stages.tokenizer import load as load_tok
+root, prompts = Path(sys.argv[1]), json.loads(sys.argv[2])
+tok = load_tok(Storage(str(root)))
+lm = load(load_params(root / "params.yaml"), root / "checkpoints" / "pretrain", tok.get_vocab_size())
+out = []
+for text in prompts:
+    ids = tok.encode(text).ids
+    new = lm.sample(ids, max_new_tokens=10, stop_ids={0})[0]
+    last = lm.logits(torch.tensor([ids]))[0, -1]
+    out.append({"ids": ids, "new": new, "last": last.tolist()})
+print(json.dumps(out))
+"""
+
+
+def _run(script: str, *args: str) -> list[dict]:
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_export_is_checked_loads_with_transformers_alone_and_is_reproducible(root):
+    proc = _export(root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = root / "export"
+    manifest = json.loads((folder / "codeworld.json").read_text())
+    assert manifest["phase"] == "pretrain" and manifest["iteration"] == 4
+    assert set(manifest["files"]) == {"README.md", "config.json", "generation_config.json",
+                                      "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert {f: h for f, h in _hashes(folder).items() if f != "codeworld.json"} == manifest["files"]
+    check = manifest["check"]
+    assert check["programs"] == 3 and check["tokenizer_equal"] == 3 and check["greedy_equal"] == 3
+    assert check["logits_max_abs_diff"] <= 1e-4 and check["argmax_agreement"] == 1.0
+    config = json.loads((folder / "config.json").read_text())
+    # the tokenizer's 600 rows, not Megatron's padded 640; GQA kept
+    assert config["vocab_size"] == 600 and config["num_key_value_heads"] == 2
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["eos_token_id"] == 0
+
+    # independently of the stage's own check: a user's transformers session against our loader
+    prompts = [r["prompt"] for r in _records(root)[:2]]
+    theirs = _run(HF_GREEDY, str(folder), json.dumps(prompts))
+    ours = _run(OURS_GREEDY, str(root), json.dumps(prompts))
+    for a, b in zip(theirs, ours):
+        assert a["ids"] == b["ids"]              # same tokens, no BOS added
+        assert len(a["new"]) > 0
+        assert a["new"][:len(b["new"])] == b["new"]   # ours stops at end-of-text, theirs too
+        assert max(abs(x - y) for x, y in zip(a["last"], b["last"])) < 1e-4
+
+    # a rerun does nothing; a new export from scratch is byte for byte the same
+    before = _hashes(folder)
+    proc = _export(root)
+    assert proc.returncode == 0 and "up to date" in proc.stderr
+    shutil.rmtree(folder)
+    assert _export(root).returncode == 0
+    assert _hashes(folder) == before
+
+
+def _records(root: Path) -> list[dict]:
+    from codeworld.shards import Dataset
+    from codeworld.storage import Storage
+
+    return [r for r in Dataset(Storage(str(root)).sub("traces")) if isinstance(r.get("prompt"), str)]
+
+
+BROKEN = """
+import sys
+import model.hf_llama as hf
+# a plausible mistake: Q, K and V as three blocks instead of group by group
+hf.split_qkv = lambda w, m: w.split([m.hidden_size, w.shape[0] // 2 - m.hidden_size // 2,
+                                     w.shape[0] // 2 - m.hidden_size // 2])
+from codeworld.config import load_params
+from stages.export import run
+run(load_params(sys.argv[1]), track=False, metrics_path=None)
+"""
+
+
+def test_an_export_that_computes_otherwise_is_refused_and_not_published(root, tmp_path):
+    params = tmp_path / "params.yaml"
+    text = (root / "params.yaml").read_text().replace(str(root), str(tmp_path / "data"))
+    params.write_text(text)
+    shutil.copytree(root, tmp_path / "data", ignore=shutil.ignore_patterns("export", "params.yaml"))
+    proc = subprocess.run([sys.executable, "-c", BROKEN, str(params)], capture_output=True,
+                          text=True, timeout=600, cwd=REPO)
+    assert proc.returncode != 0
+    assert "ExportCheckFailed" in proc.stderr and "logits differ by up to" in proc.stderr
+    assert not (tmp_path / "data" / "export").exists()
+
+
+def test_export_without_a_checkpoint_names_the_phase_and_where(tmp_path):
+    from stages.export import run
+
+    params = parse_params({"storage": {"root": str(tmp_path)}, "export": {"phase": "pretrain"}},
+                          "p.yaml")
+    with pytest.raises(ConfigError, match="export.phase 'pretrain': no checkpoint"):
+        run(params, track=False, metrics_path=None)
