@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -21,6 +23,49 @@ from codeworld.config import ConfigError, load_params
 
 EXIT_BAD_INPUT = 2
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL: the flow retries these
+
+
+# Option types: a bad value is refused by argparse with the flag's name, before any work,
+# instead of by a pydantic model or a library deep inside the command.
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    """An integer >= 0 (0 meaning the option's default behaviour)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:   # (NaN fails this too)
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 STAGES = ("corpus", "dedup", "traces", "tokenizer", "pack", "pretrain", "midtrain", "sft", "rl", "agent", "evaluate", "export")  # each is stages/<name>.py with run(params, track=...)
@@ -64,9 +109,31 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _same_path(a: str, b: str) -> bool:
+    """Do two paths name one file or folder? Local paths resolved (".." and symlinks) and
+    compared by inode when both exist (hard links); s3:// URLs as text."""
+    if a.startswith("s3://") or b.startswith("s3://"):
+        return a.rstrip("/") == b.rstrip("/")
+    ra, rb = Path(a).resolve(), Path(b).resolve()
+    return ra == rb or (ra.exists() and rb.exists() and ra.samefile(rb))
+
+
+def _distinct(inputs: list[tuple[str, str]], outputs: list[tuple[str, str]]) -> None:
+    """Refuse, before any work, an output (label, path) that is an input or another output:
+    the output is written whole over it (an input read away, a report over the records)."""
+    for i, (label, path) in enumerate(outputs):
+        for other_label, other in inputs + outputs[:i]:
+            if _same_path(path, other):
+                raise ConfigError(f"{label} {path} is the same path as {other_label} {other}: "
+                                  "it would be overwritten; choose another path")
+
+
 def _corpus(args: argparse.Namespace) -> int:
     from stages.adhoc import corpus_adhoc
 
+    # REPO@COMMIT names the folder REPO (as stages.adhoc reads it: when no such path exists)
+    paths = [a.rsplit("@", 1)[0] if "@" in a and not Path(a).exists() else a for a in args.sources]
+    _distinct([("source", p) for p in paths], [("output", args.out)])
     m = corpus_adhoc(args.sources, args.out, extensions=args.ext, max_bytes=args.max_bytes,
                      workers=args.workers)
     print(json.dumps({"records": m["records"], "shards": len(m["shards"]),
@@ -77,7 +144,9 @@ def _corpus(args: argparse.Namespace) -> int:
 def _dedup(args: argparse.Namespace) -> int:
     from stages.adhoc import dedup_adhoc
 
-    report = dedup_adhoc(args.input, args.output, report_path=args.report,
+    report_path = args.report or f"{args.output.rstrip('/')}.report.json"   # dedup_adhoc's default
+    _distinct([("input", args.input)], [("output", args.output), ("report", report_path)])
+    report = dedup_adhoc(args.input, args.output, report_path=report_path,
                          threshold=args.threshold, workers=args.workers)
     print(json.dumps({k: report["stats"][k] for k in ("documents", "kept", "removed_exact", "removed_near")}
                      | {"bad_records": len(report.get("bad_records", [])), "report": report["path"]}))
@@ -87,6 +156,7 @@ def _dedup(args: argparse.Namespace) -> int:
 def _trace(args: argparse.Namespace) -> int:
     from stages.adhoc import trace_adhoc
 
+    _distinct([("input", args.input)], [("output", args.output)])
     counts = trace_adhoc(args.input, args.output, workers=args.workers,
                          wall_seconds=args.timeout, max_events=args.max_events)
     print(json.dumps(counts))
@@ -96,8 +166,11 @@ def _trace(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from codeworld import compare
 
+    _distinct([], [(flag, path) for flag, path in (("--csv", args.csv), ("--plot", args.plot)) if path])
     params = load_params(args.params)
     try:
+        if args.plot:
+            compare.plot_format(Path(args.plot))   # a bad --plot path is refused before the queries
         cols = compare.columns_for(args.experiment or params.tracking.experiment,
                                    runs=args.runs, pipelines=args.pipelines)
         rows = compare.metric_rows(cols, args.metric)
@@ -161,29 +234,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("sources", nargs="+", help="folder, FILE.jsonl, REPO@COMMIT, s3://prefix or a shard dataset")
     s.add_argument("out", help="output dataset folder or s3:// prefix")
     s.add_argument("--ext", action="append", help="extensions to keep (default .py)")
-    s.add_argument("--max-bytes", type=int, default=1_000_000)
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--max-bytes", type=_positive_int, default=1_000_000)
+    s.add_argument("--workers", type=_positive_int, default=2)
     s.set_defaults(fn=_corpus)
 
     s = sub.add_parser("dedup", help="exact + near dedup of JSONL or a shard dataset (ad hoc)")
     s.add_argument("input", help="IN.jsonl ({\"id\", \"text\"} per line) or a shard dataset")
     s.add_argument("output", help="OUT.jsonl, or a dataset folder when IN is a dataset")
     s.add_argument("--report", help="report path (default: OUT + .report.json)")
-    s.add_argument("--threshold", type=float, default=0.7)
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--threshold", type=_fraction, default=0.7)
+    s.add_argument("--workers", type=_positive_int, default=2)
     s.set_defaults(fn=_dedup)
 
     s = sub.add_parser("trace", help="trace programs in the sandbox, CWM format (ad hoc)")
     s.add_argument("input", help='IN.jsonl: {"id", "code", "input"[, "entry"]} or {"id", "code", "call"}')
     s.add_argument("output", help='OUT.jsonl: {"id", "trace", "result", "error", "status"} per line, same order')
-    s.add_argument("--workers", type=int, default=0, help="fork servers (default: every core)")
-    s.add_argument("--timeout", type=float, default=2.0, help="wall seconds per program")
-    s.add_argument("--max-events", type=int, default=10_000)
+    s.add_argument("--workers", type=_count, default=0, help="fork servers (default: every core)")
+    s.add_argument("--timeout", type=_seconds, default=2.0, help="wall seconds per program")
+    s.add_argument("--max-events", type=_positive_int, default=10_000)
     s.set_defaults(fn=_trace)
 
     s = sub.add_parser("compare", help="MLflow runs side by side: phases, stages or pipeline runs")
     s.add_argument("--runs", nargs="+", metavar="RUN_ID", help="these runs")
-    s.add_argument("--pipelines", type=int, default=0, metavar="N",
+    s.add_argument("--pipelines", type=_count, default=0, metavar="N",
                    help="the last N pipeline runs, one column each")
     s.add_argument("--metric", action="append", help="only these metrics (repeatable)")
     s.add_argument("--experiment", help="MLflow experiment (default: params tracking.experiment)")
@@ -203,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", help="a phase checkpoint directory or one of its iter_N "
                    "(default: the last trained phase)")
     s.add_argument("--params", default="params.yaml")
-    s.add_argument("--timeout", type=float, default=5.0, help="wall seconds for the real run")
-    s.add_argument("--max-new-tokens", type=int, default=4096, help="cap on predicted tokens")
+    s.add_argument("--timeout", type=_seconds, default=5.0, help="wall seconds for the real run")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=4096, help="cap on predicted tokens")
     s.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     s.set_defaults(fn=_debug)
 
@@ -214,13 +287,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# A StorageError (codeworld.storage) wraps what the storage layer raised, local or S3: these
+# causes are a path that is wrong (missing, a folder, not writable); any other (a dropped
+# connection, an S3 5xx, a timeout after botocore's and s3fs's retries) may pass on retry.
+_BAD_PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+                    FileExistsError)
+_BAD_PATH_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM,
+                    errno.EEXIST, errno.EROFS, errno.ENAMETOOLONG}
+
+
+def _storage_error_is_transient(err: OSError) -> bool:
+    cause = err.__cause__
+    if cause is None:   # raised by storage.py itself: no such bucket, a corrupt download
+        return False
+    return not (isinstance(cause, _BAD_PATH_ERRORS) or getattr(cause, "errno", None) in _BAD_PATH_ERRNOS)
+
+
+def _input_error(err: BaseException) -> str:
+    """The one-line message for an input error that is not one of codeworld's own."""
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):
+        fields = [f"{'.'.join(map(str, e['loc'])) or err.title}: {e['msg']} "
+                  f"(got {repr(e.get('input'))[:80]})" for e in err.errors()]
+        return "invalid value: " + "; ".join(fields)
+    if isinstance(err, UnicodeDecodeError):
+        return f"not UTF-8 text: {err}"
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "alembic", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    from pydantic import ValidationError
+
     from codeworld.sandbox import SandboxUnavailable
     from codeworld.shards import ShardError
+    from codeworld.storage import StorageError
     from stages.corpus_sources import SourceError
 
     try:
@@ -231,6 +338,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ConnectionError, TimeoutError) as err:
         print(f"codeworld {args.cmd}: transient error (retry): {err}", file=sys.stderr)
         return EXIT_TRANSIENT
+    except StorageError as err:   # its message names the path
+        if _storage_error_is_transient(err):
+            print(f"codeworld {args.cmd}: transient error (retry): {err}", file=sys.stderr)
+            return EXIT_TRANSIENT
+        print(f"codeworld {args.cmd}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    # Errors of the user's paths and option values, raised below the commands (a missing or
+    # unreadable input, a folder where a file belongs, a value a config model refuses). Other
+    # exceptions keep their traceback: they are bugs. So do these in `stage` and `pipeline`,
+    # whose files are the pipeline's own (params.yaml is checked by load_params).
+    except (*_BAD_PATH_ERRORS, UnicodeDecodeError, ValidationError) as err:
+        if args.cmd in ("stage", "pipeline"):
+            raise
+        print(f"codeworld {args.cmd}: error: {_input_error(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

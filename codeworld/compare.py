@@ -69,11 +69,23 @@ def pipeline_runs(client, exp_id: str, n: int) -> list:
     return list(runs)
 
 
+def _run(client, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as err:
+        # a run id that names no run is the user's error; any other failure (the server) is not
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise CompareError(f"--runs {run_id}: no such MLflow run at this tracking URI") from None
+
+
 def columns_for(experiment: str, *, runs: list[str] | None = None, pipelines: int = 0) -> list[Column]:
     client = _client()
     exp_id = _experiment_id(client, experiment)
     if runs:
-        return [_column(client.get_run(r)) for r in runs]
+        return [_column(_run(client, r)) for r in runs]
     if pipelines:
         # one column per pipeline run: each stage's metrics prefixed with the stage name
         cols = []
@@ -107,7 +119,12 @@ def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
     if isinstance(v, float):
-        return f"{v:.4g}"
+        # MLflow stores every metric as a float: counts (records, bytes) are printed exactly
+        # rather than as 1.335e+04; other values with 4 significant digits, without an
+        # exponent from 1000 on (12345.7, not 1.235e+04).
+        if v.is_integer() and abs(v) < 1e16:
+            return str(int(v))
+        return f"{v:.1f}" if abs(v) >= 1000 else f"{v:.4g}"
     return str(v)
 
 
@@ -134,6 +151,19 @@ def write_csv(cols: list[Column], rows: list[str], path: Path) -> None:
     write_atomic(filesystem(str(path)), str(path), buf.getvalue().encode())
 
 
+def plot_format(path: Path) -> str:
+    """The image format for --plot PATH: from its suffix, PNG without one (savefig is given it:
+    the temporary file's name ends in .tmp). Raises CompareError for a folder or an unknown suffix."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if path.is_dir():
+        raise CompareError(f"--plot {path}: is a folder (give a file name, e.g. {path / 'compare.png'})")
+    fmt = path.suffix[1:].lower() or "png"
+    if fmt not in FigureCanvasBase.get_supported_filetypes():
+        raise CompareError(f"--plot {path}: no plot format {fmt!r} (use .png, .svg or .pdf)")
+    return fmt
+
+
 def plot(cols: list[Column], rows: list[str], path: Path) -> str:
     """Per-step loss of each run that logged one (training phases), else a bar chart."""
     import matplotlib
@@ -141,6 +171,7 @@ def plot(cols: list[Column], rows: list[str], path: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fmt = plot_format(path)
     client = _client()
     curves = {c.name: client.get_metric_history(c.run_id, "loss") for c in cols if "loss" in c.metrics}
     curves = {k: v for k, v in curves.items() if len(v) > 1}
@@ -157,14 +188,23 @@ def plot(cols: list[Column], rows: list[str], path: Path) -> str:
         if not rows:
             raise CompareError("nothing to plot: the runs have no metrics")
         metric = rows[0]
-        vals = [c.metrics.get(metric, 0.0) for c in cols]
-        ax.bar([c.name for c in cols], vals)
+        # a run without the metric gets no bar, marked n/a (a bar at 0 would read as a value)
+        vals = [c.metrics.get(metric, math.nan) for c in cols]
+        missing = [i for i, v in enumerate(vals) if math.isnan(v)]
+        ax.bar([i for i in range(len(cols)) if i not in missing],
+               [v for i, v in enumerate(vals) if i not in missing])
+        ax.set_xticks(range(len(cols)), [c.name for c in cols])   # every run keeps its place
+        ax.set_xlim(-0.5, len(cols) - 0.5)
+        for i in missing:
+            ax.annotate("n/a", (i, 0), ha="center", va="bottom")
         ax.set_ylabel(metric)
         what = f"bar chart of {metric}"
+        if missing:
+            what += f" ({len(missing)} of {len(cols)} runs without it: n/a)"
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=100, format=fmt)
     plt.close(fig)
     tmp.replace(path)
     return what

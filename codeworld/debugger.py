@@ -146,15 +146,22 @@ class Session:
         return max(len(self.predictor.parsed.frames), len(self.real.frames) if self.real else 0)
 
     def line_of(self, i: int) -> int | None:
-        if i < len(self.real_lines):
-            r, p = self.realf(i), self.pred(i)
-            if p is None or r is None or p.source == r.source:
-                return self.real_lines[i]
-        fr = self.frame(i)
+        """Frame i's line in the context: the real frame's (the tracer knows it), past the real
+        trace's end the predicted frame's (None when its source is not a line there)."""
+        if i < len(self.real_lines) and self.realf(i) is not None:
+            return self.real_lines[i]
+        return self.pred_line(i)
+
+    def pred_line(self, i: int) -> int | None:
+        """The line the predicted frame i names: the real one when their sources agree, else
+        the first context line with the predicted source (None when there is none)."""
+        p, r = self.pred(i), self.realf(i)
+        if p is None:
+            return None
+        if r is not None and p.source == r.source and i < len(self.real_lines):
+            return self.real_lines[i]
         lines = self.context.splitlines(True)
-        if fr is not None and fr.source in lines:
-            return lines.index(fr.source) + 1
-        return None
+        return lines.index(p.source) + 1 if p.source in lines else None
 
     # --- output ----------------------------------------------------------------------------
     def say(self, text: str = "") -> None:
@@ -167,9 +174,12 @@ class Session:
             self.say("(no frame)")
             return
         total = len(self.real.frames) if self.real else "?"
-        line = self.line_of(self.pos)
-        self.say(f"[frame {self.pos + 1}, {total} real] line {line if line else '?'}, "
-                 f"depth {fr.depth}")
+        line, pline = self.line_of(self.pos), self.pred_line(self.pos)
+        # the real frame's line; the predicted one beside it when the prediction names another
+        where = f"line {line or '?'}"
+        if p is not None and r is not None and pline != line:
+            where += f" (pred: line {pline or '?'})"
+        self.say(f"[frame {self.pos + 1}, {total} real] {where}, depth {fr.depth}")
         action_ok = p is not None and r is not None and p.action == r.action
         if r is not None:
             locs, _ = _locals_text(r, None, self.style)
@@ -259,11 +269,14 @@ class Session:
                          else f"{label}: {name} is not a local here")
 
     def list_(self, _arg: str = "") -> None:
-        line = self.line_of(self.pos)
+        """The source around the frame's line (`->`); `p>` marks the line the prediction names
+        when it is another one."""
+        line, pline = self.line_of(self.pos), self.pred_line(self.pos)
         lines = self.context.splitlines()
-        centre = line or 1
+        centre = line or pline or 1
         for n in range(max(1, centre - 5), min(len(lines), centre + 5) + 1):
-            self.say(f"{n:4} {'->' if n == line else '  '} {lines[n - 1]}")
+            mark = "->" if n == line else "p>" if n == pline else "  "
+            self.say(f"{n:4} {mark} {lines[n - 1]}")
 
     def where(self, _arg: str = "") -> None:
         for label, get in (("pred", self.pred), ("real", self.realf)):
@@ -367,10 +380,21 @@ def start(file: str, call: str, params, *, checkpoint: str | None = None,
         code = Path(file).read_text()
     except (OSError, UnicodeDecodeError) as err:
         raise DebugError(f"{file}: cannot read: {err}") from None
+    # The file and the call must compile: else the sandbox reports them "invalid" and there is
+    # no real trace to compare with (a program that raises when run is fine: that is traced).
+    try:
+        compile(code, file, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as err:
+        # ValueError: null bytes, on some versions; RecursionError: nesting too deep to parse
+        where = f"{file}:{err.lineno}" if getattr(err, "lineno", None) else file
+        raise DebugError(f"{where}: {type(err).__name__}: {getattr(err, 'msg', err)}") from None
     try:
         context = context_of(code, call)
+        compile(call.strip(), "<call>", "eval", dont_inherit=True)
     except InvalidProgram as err:
         raise DebugError(f"--call {call!r}: {err}") from None
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as err:
+        raise DebugError(f"--call {call!r}: not an expression: {getattr(err, 'msg', err)}") from None
     record = trace_real(code, call, params, wall_seconds)
     real, lines = None, []
     if record["status"] in ("ok", "exception") and record.get("trace") is not None:

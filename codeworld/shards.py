@@ -110,8 +110,8 @@ class DatasetWriter:
             # Outputs of other params: the dataset is unfinished from here on.
             self.out.remove(MANIFEST)
         if self.work.exists("fingerprint"):
-            if self.work.read_bytes("fingerprint").decode() != self.fingerprint:
-                self.work.remove("")
+            if self.work.read_bytes("fingerprint") != self.fingerprint.encode():
+                self.work.remove("")   # another run's work (or a damaged record of it)
         if not self.work.exists("fingerprint"):
             self.work.write_bytes("fingerprint", self.fingerprint.encode())
         return None
@@ -121,10 +121,13 @@ class DatasetWriter:
         side = f"{shard_name(index)}.json"
         if not self.work.exists(side):
             return None
-        done = json.loads(self.work.read_bytes(side))
-        if done.get("fingerprint") != self.fingerprint:  # left by a run with other params
-            return None
-        info = ShardInfo(**done["shard"])
+        try:
+            done = json.loads(self.work.read_bytes(side))
+            if done.get("fingerprint") != self.fingerprint:  # left by a run with other params
+                return None
+            info = ShardInfo(**done["shard"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None   # damaged from outside (writes are atomic): redo the shard
         try:
             data = self.out.read_bytes(info.name)
         except FileNotFoundError:

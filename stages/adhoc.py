@@ -15,7 +15,7 @@ from pathlib import Path
 from codeworld.code import Code
 from codeworld.config import CorpusConfig, DedupConfig, Params, StorageConfig
 from codeworld.jsonl import read_jsonl
-from codeworld.shards import MANIFEST, Dataset, DatasetWriter, dumps, fingerprint
+from codeworld.shards import MANIFEST, Dataset, DatasetWriter, ShardError, dumps, fingerprint
 from codeworld.storage import Storage, filesystem, write_atomic
 from stages import corpus, dedup
 
@@ -84,6 +84,10 @@ def dedup_adhoc(inp: str, out: str, *, report_path: str | None = None, threshold
         report = json.loads(Storage(parent).sub(name).read_bytes(dedup.REPORT))
         bad: list[str] = []
     else:
+        if not inp.startswith("s3://") and os.path.isdir(inp):
+            # read as JSONL it would fail with a bare IsADirectoryError
+            raise ShardError(f"{inp}: a folder without {MANIFEST}: not a finished shard dataset "
+                             "(its stage has not finished?) nor a JSONL file")
         records, bad = _read_jsonl(inp)
         with tempfile.TemporaryDirectory(prefix="codeworld-dedup-") as tmp:
             staged = DatasetWriter(Storage(tmp), "input", fingerprint(CODE, "adhoc-input", inp))
@@ -112,10 +116,15 @@ def trace_adhoc(inp: str, out: str, *, workers: int = 0, wall_seconds: float = 2
     from codeworld.config import TraceLimitsConfig
     from stages.trace_runner import trace_requests
 
-    # a line that is not a JSON object becomes a request without code: status "invalid"
-    requests = [req if req is not None else {"id": where} for where, req, _ in read_jsonl(inp)]
+    # a line that is not a JSON object becomes a request without code: status "invalid",
+    # its error saying what is wrong with the line
+    lines = list(read_jsonl(inp))
+    requests = [req if req is not None else {"id": where} for where, req, _ in lines]
     limits = TraceLimitsConfig(wall_seconds=wall_seconds, cpu_seconds=wall_seconds, max_events=max_events)
     results = trace_requests(requests, limits, workers)
+    for r, (_, req, problem) in zip(results, lines):
+        if req is None and problem:
+            r["error"] = f"Invalid: {problem}"
     fields = ("id", "trace", "result", "error", "status")
     # A trace is only complete when execution left main (a return or an exception); partial
     # text of a too_long or killed program is not emitted.

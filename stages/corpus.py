@@ -3,7 +3,9 @@
 Record: {id, text, source, path, size, language, sha256, license}. Candidates are listed in a
 fixed order and cut into groups of `shard_files` before filtering, so shard i always holds the
 same files: each group is an independent unit that workers build in parallel and a killed run
-resumes. Binary, non-UTF-8, unreadable and out-of-size files are skipped and counted.
+resumes. Binary, non-UTF-8, unreadable and out-of-size files are skipped and counted; so are,
+while listing, symlinks (never followed), fifos, sockets and devices (never opened) and entries
+whose path is not valid UTF-8.
 """
 
 from __future__ import annotations
@@ -116,12 +118,14 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
     with StageRun("corpus", params.model_dump(include={"storage", "corpus"}),
                   params.tracking.experiment, metrics_path, track) as run_:
         with run_.timed("listing"):
-            candidates, bad = list_candidates(cfg, params.storage.s3_endpoint_url)
+            candidates, bad, skipped = list_candidates(cfg, params.storage.s3_endpoint_url)
         if not candidates:
             raise SourceError("corpus: the sources hold no file with extensions "
-                              f"{cfg.extensions}: nothing to ingest")
+                              f"{cfg.extensions}: nothing to ingest" + _rejected(bad, skipped))
+        # What listing rejected is part of the inputs too: a finished dataset is not reused
+        # with the counts of another listing.
         fp = fingerprint(CODE, "corpus", 1, cfg.model_dump(exclude={"workers"}),
-                         [(c.source, c.path, c.size, identity(c)) for c in candidates])
+                         [(c.source, c.path, c.size, identity(c)) for c in candidates], bad, skipped)
         writer = DatasetWriter(storage, output, fp)
         finished = writer.prepare()
         if finished is not None:  # same inputs and params as a finished run: nothing to redo
@@ -136,8 +140,8 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         with run_.timed("ingest"):
             results = _build(groups, cfg.workers, params.executor, storage,
                              _witnesses(candidates, params.storage.s3_endpoint_url))
-        counts: Counter = Counter()
-        examples: list = []
+        counts: Counter = Counter(f"skipped_{s['reason']}" for s in skipped)
+        examples: list = list(skipped[:MAX_EXAMPLES])
         for _, meta in results:
             counts.update(meta["counts"])
             examples += meta["examples"]
@@ -155,6 +159,18 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         run_.log(records=manifest["records"], shards=len(manifest["shards"]), **counts)
         run_.artifact(stats, "corpus_report.json")
         return manifest
+
+
+def _rejected(bad: list[str], skipped: list[dict]) -> str:
+    """What listing rejected, for the error that nothing is left to ingest."""
+    out = ""
+    if bad:
+        out += f"; {len(bad)} bad records, the first: {bad[0]}"
+    if skipped:
+        s = skipped[0]
+        out += (f"; {len(skipped)} entries skipped, the first: {s['source']}/{s['path']} "
+                f"({s['reason']}: {s['detail']})")
+    return out
 
 
 def _build(groups: list[Group], workers: int, executor: ExecutorConfig | None = None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import platform
+import stat
 import subprocess
 import sysconfig
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from codeworld.config import (CorpusConfig, DirSource, GitSource, JsonlSource,
                               S3Source, ShardsSource, Source, StdlibSource)
 from codeworld.jsonl import read_jsonl
-from codeworld.shards import Dataset
+from codeworld.shards import Dataset, dumps
 from codeworld.storage import filesystem
 
 LICENSE_NAMES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "COPYING", "COPYING.txt")
@@ -91,13 +92,51 @@ def _dist_info_license(site: Path, top: str) -> str | None:
     return None
 
 
+def printable(s: str) -> str:
+    """`s` with the bytes of an undecodable file name (decoded with surrogateescape) written as
+    \\xNN and other lone surrogates as \\uNNNN: reports can name the entry as UTF-8 JSON."""
+    try:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _writable(value: object) -> bool:
+    """Whether `value` can go into the UTF-8 JSON the stage writes (records, fingerprint):
+    a lone surrogate (a non-UTF-8 file name, a "\\ud800" escape in JSONL) cannot."""
+    try:
+        dumps(value)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def skipped_entry(reason: str, source: str, path: str, detail: str = "") -> dict:
+    """An entry rejected while listing, shaped like the stage's skip examples."""
+    return {"reason": reason, "source": source, "path": printable(path), "detail": detail}
+
+
+_FILE_TYPES = {stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
+               stat.S_IFBLK: "block device"}
+
+
+def _link_detail(full: Path) -> str:
+    # strerror, not str(err): the message stays free of this machine's paths (stdlib manifests).
+    try:
+        full.stat()
+    except OSError as err:
+        return f"symlink, not followed: {err.strerror}"
+    return "symlink, not followed"
+
+
 def _wanted(rel: str, cfg: CorpusConfig) -> bool:
     if PurePosixPath(rel).suffix not in cfg.extensions:
         return False
     return not any(fnmatch.fnmatch(rel, pat) for pat in cfg.exclude)
 
 
-def _list_dir(root: Path, name: str, kind: str, cfg: CorpusConfig) -> list[Candidate]:
+def _list_dir(root: Path, name: str, kind: str, cfg: CorpusConfig,
+              skipped: list[dict]) -> list[Candidate]:
     if not root.is_dir():
         raise SourceError(f"source {name!r}: {root} is not a directory")
     licenses: dict[Path, str | None] = {}
@@ -124,13 +163,25 @@ def _list_dir(root: Path, name: str, kind: str, cfg: CorpusConfig) -> list[Candi
         for fname in sorted(filenames):
             full = Path(dirpath) / fname
             rel = full.relative_to(root).as_posix()
-            if not _wanted(rel, cfg) or full.is_symlink():
+            if not _wanted(rel, cfg):
                 continue
             try:
-                size = full.stat().st_size
+                st = full.lstat()  # lstat: a fifo or device is never opened, a link not followed
             except OSError:
-                size = -1  # counted as unreadable when a worker tries it
-            out.append(Candidate(name, kind, str(full), rel, size, license_for(full.parent)))
+                st = None  # gone since the walk: counted as unreadable when a worker tries it
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                # Links are never followed (as in git sources): the bytes they reach are not
+                # pinned by the source's path (they may lie anywhere on this machine), a link
+                # within the tree duplicates a file ingested anyway, and reading them would
+                # change the datasets of trees ingested before. Dangling links and loops too.
+                skipped.append(skipped_entry("symlink", name, rel, _link_detail(full)))
+            elif st is not None and not stat.S_ISREG(st.st_mode):
+                # A fifo would block the reading worker forever; sockets and devices are no code.
+                what = _FILE_TYPES.get(stat.S_IFMT(st.st_mode), "not a regular file")
+                skipped.append(skipped_entry("not_regular", name, rel, what))
+            else:
+                out.append(Candidate(name, kind, str(full), rel, st.st_size if st else -1,
+                                     license_for(full.parent)))
     return sorted(out, key=lambda c: c.path)
 
 
@@ -142,7 +193,7 @@ def _git(repo: str, *args: str, input: bytes | None = None) -> bytes:
     return res.stdout
 
 
-def _list_git(src: GitSource, name: str, cfg: CorpusConfig) -> list[Candidate]:
+def _list_git(src: GitSource, name: str, cfg: CorpusConfig, skipped: list[dict]) -> list[Candidate]:
     if not Path(src.path).exists():
         raise SourceError(f"source {name!r}: {src.path} does not exist")
     _git(src.path, "cat-file", "-e", f"{src.commit}^{{commit}}")
@@ -153,8 +204,14 @@ def _list_git(src: GitSource, name: str, cfg: CorpusConfig) -> list[Candidate]:
             continue
         meta, path = item.split(b"\t", 1)
         mode, typ, sha, size = meta.split()
-        if typ == b"blob" and mode != b"120000":  # skip symlinks
-            entries.append((path.decode(errors="surrogateescape"), sha.decode(), int(size)))
+        if typ != b"blob":
+            continue
+        rel = path.decode(errors="surrogateescape")  # a non-UTF-8 name is skipped by list_candidates
+        if mode == b"120000":  # symlinks are not followed (see _list_dir), only counted
+            if _wanted(rel, cfg):
+                skipped.append(skipped_entry("symlink", name, rel, "symlink, not followed"))
+            continue
+        entries.append((rel, sha.decode(), int(size)))
     license = None
     for rel, sha, _ in entries:
         if rel in LICENSE_NAMES:
@@ -177,10 +234,18 @@ def _list_s3(src: S3Source, name: str, cfg: CorpusConfig, endpoint: str | None) 
 
 
 def _record_candidate(name: str, kind: str, rec: dict, where: str) -> Candidate:
+    """The candidate of one record; ValueError says what is wrong with it (the caller names
+    the record)."""
     text = rec.get("text")
     rid = rec.get("id")
     if not isinstance(text, str) or rid is None:
-        raise ValueError(f"{where}: needs string fields 'id' and 'text'")
+        raise ValueError("needs string fields 'id' and 'text'")
+    language = rec.get("language")
+    if language is not None and not isinstance(language, str):  # a list would kill the worker
+        raise ValueError(f"field 'language' must be a string, not {type(language).__name__}")
+    for key in ("language", "license"):  # copied into the record: must be writable as UTF-8
+        if not _writable(rec.get(key)):
+            raise ValueError(f"field {key!r} is not valid UTF-8 (a lone surrogate)")
     path = str(rec.get("path") or rid)
     extra = tuple(sorted((k, rec[k]) for k in ("language", "license") if rec.get(k) is not None))
     return Candidate(name, kind, where, path, len(text.encode("utf-8", "surrogatepass")),
@@ -203,27 +268,42 @@ def _list_records(src: JsonlSource | ShardsSource, name: str, cfg: CorpusConfig,
                 bad.append(f"{where}: {err}"[:300])
     else:
         for i, rec in enumerate(Dataset.open(src.path, endpoint)):
-            out.append(_record_candidate(name, "shards", rec, f"{src.path}#{i}"))
+            where = f"{src.path}#{i}"
+            try:
+                out.append(_record_candidate(name, "shards", rec, where))
+            except ValueError as err:  # a dataset of another kind: fatal, naming the record
+                raise SourceError(f"source {name!r}: {where}: {err}") from err
     return out  # language is checked per record by the ingesting worker (and counted)
 
 
-def list_candidates(cfg: CorpusConfig, endpoint: str | None = None) -> tuple[list[Candidate], list[str]]:
-    """All candidates of all sources in params order; also the bad records met while listing."""
+def list_candidates(cfg: CorpusConfig, endpoint: str | None = None
+                    ) -> tuple[list[Candidate], list[str], list[dict]]:
+    """All candidates of all sources in params order; also the bad records met while listing,
+    and the entries skipped while listing (as `skipped_entry`: links, fifos, bad names)."""
     out: list[Candidate] = []
     bad: list[str] = []
+    skipped: list[dict] = []
     for src in cfg.sources:
         name = source_name(src)
         if isinstance(src, StdlibSource):
-            out += _list_dir(stdlib_dir(), name, "stdlib", cfg)
+            listed = _list_dir(stdlib_dir(), name, "stdlib", cfg, skipped)
         elif isinstance(src, DirSource):
-            out += _list_dir(Path(src.path), name, "dir", cfg)
+            listed = _list_dir(Path(src.path), name, "dir", cfg, skipped)
         elif isinstance(src, GitSource):
-            out += _list_git(src, name, cfg)
+            listed = _list_git(src, name, cfg, skipped)
         elif isinstance(src, S3Source):
-            out += _list_s3(src, name, cfg, endpoint)
+            listed = _list_s3(src, name, cfg, endpoint)
         else:
-            out += _list_records(src, name, cfg, endpoint, bad)
-    return out, bad
+            listed = _list_records(src, name, cfg, endpoint, bad)
+        for c in listed:
+            # A path the records and the fingerprint cannot hold (a non-UTF-8 file name, a
+            # lone surrogate in a JSONL path) would kill the stage: skip that one entry.
+            if _writable(c.path):
+                out.append(c)
+            else:
+                where = f"{c.locator}: " if c.text is not None else ""  # a record: name its line
+                skipped.append(skipped_entry("bad_name", name, c.path, f"{where}path is not valid UTF-8"))
+    return out, bad, skipped
 
 
 class GitReader:

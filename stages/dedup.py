@@ -18,6 +18,7 @@ only: one of each normalised content is kept.
 from __future__ import annotations
 
 import io
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
@@ -37,6 +38,8 @@ from stages.exact_dedup import content_key
 CODE = Code(("stages.dedup",))
 
 REPORT = "report.json"
+
+log = logging.getLogger(__name__)
 
 
 def output_fingerprint(cfg: DedupConfig, source: Dataset) -> str:
@@ -64,11 +67,33 @@ class ShardJob:
         return f"sig-{self.fingerprint[:16]}-{self.index:05d}.npz"
 
 
+def read_signatures(job: ShardJob) -> dict[str, np.ndarray]:
+    """The keys, signatures and ids `sign_shard` saved for `job`; ValueError naming the file
+    when they cannot be read or do not fit the shard (a truncated or foreign file)."""
+    where = job.work.path(job.sig_name)
+    data = job.work.read_bytes(job.sig_name)  # storage errors stay what they are (transient...)
+    try:
+        with np.load(io.BytesIO(data)) as z:
+            part = {k: z[k] for k in ("keys", "sigs", "ids")}
+    except Exception as err:  # truncated, garbage, another format: np.load raises many kinds
+        raise ValueError(f"{where}: unreadable signatures: {err!r}") from err
+    n = job.info.records
+    if not (part["keys"].shape == (n,) and part["ids"].shape == (n,)
+            and part["sigs"].shape == (n, job.cfg.num_perm)):
+        raise ValueError(f"{where}: signatures of {part['sigs'].shape} do not fit the shard's "
+                         f"{n} records of {job.cfg.num_perm} permutations")
+    return part
+
+
 def sign_shard(job: ShardJob) -> int:
     """Exact keys and MinHash signatures of one shard, saved in the work area (resume unit)."""
     name = job.sig_name
     if job.work.exists(name):
-        return job.index
+        try:
+            read_signatures(job)
+            return job.index
+        except ValueError as err:  # a resume file is a cache: recompute it, never fail on it
+            log.warning("dedup: %s; recomputing it", err)
     records = Dataset(job.dataset).read_shard(job.info)
     texts = [r["text"] for r in records]
     keys = np.array([content_key(t) for t in texts], dtype="S32").reshape(-1)
@@ -119,7 +144,7 @@ def dedup_dataset(source: Dataset, writer: DatasetWriter, cfg: DedupConfig,
     jobs = [ShardJob(source.storage, info, work, i, ncfg, writer.fingerprint)
             for i, info in enumerate(source.shards)]
     pool_map(sign_shard, jobs, cfg.workers, "dedup: signatures", executor, **fan_out)
-    parts = [np.load(io.BytesIO(work.read_bytes(j.sig_name))) for j in jobs]
+    parts = [read_signatures(j) for j in jobs]
     keys = np.concatenate([p["keys"] for p in parts]) if parts else np.zeros(0, "S32")
     sigs = np.concatenate([p["sigs"] for p in parts]) if parts else np.zeros((0, ncfg.num_perm), np.uint32)
     offsets = np.cumsum([0] + [len(p["keys"]) for p in parts])

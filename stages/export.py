@@ -8,7 +8,8 @@ at end-of-text, and a model card with the lineage and the held-out evaluation of
 Nothing is published unchecked: the folder is written to a temporary directory, loaded back with
 transformers (`AutoModelForCausalLM`, `AutoTokenizer`) and compared with the Megatron model on
 held-out trace programs (never trained on): the tokenizer must give the same ids, the logits
-agree within `tolerance_*`, greedy continuations must be the same tokens (FP32). Then the files
+agree within `tolerance_*`, greedy continuations must be the same tokens (or part at a near
+tie, within the tolerance). Then the files
 go to `export/` under the storage root, each written atomically, `codeworld.json` (the
 provenance and every file's sha256) last, so a reader that finds it finds a whole export. A
 rerun with the same checkpoint, params and code finds that file and does nothing.
@@ -72,7 +73,12 @@ def build_folder(params: Params, lm, tok, dest: Path, card: str) -> int:
 
 
 def check_folder(folder: Path, lm, tok, programs: list[dict], cfg) -> dict:
-    """Load the folder with transformers alone and compare it with the Megatron model."""
+    """Load the folder with transformers alone and compare it with the Megatron model.
+
+    Two implementations of one function in floating point agree to rounding, not to the bit:
+    the tolerance bounds the logits' difference, and greedy continuations must be the same
+    tokens, or part only at a near tie (the two tokens' logits within the tolerance), where
+    rounding may pick either."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
@@ -82,8 +88,9 @@ def check_folder(folder: Path, lm, tok, programs: list[dict], cfg) -> dict:
     dtype = next(hf.parameters()).dtype
     tolerance = cfg.tolerance_fp32 if dtype == torch.float32 else cfg.tolerance_bf16
     stats = {"programs": len(programs), "tokenizer_equal": 0, "greedy_equal": 0,
-             "logits_max_abs_diff": 0.0, "argmax_agreement": 0.0}
+             "greedy_near_ties": 0, "logits_max_abs_diff": 0.0, "argmax_agreement": 0.0}
     agree = total = 0
+    problems = []
     for prog in programs:
         text = tok.decode(prog["prompt_ids"] + prog["answer_ids"], skip_special_tokens=False)
         ids = tok.encode(text).ids
@@ -100,24 +107,29 @@ def check_folder(folder: Path, lm, tok, programs: list[dict], cfg) -> dict:
         mine = lm.sample(prompt, max_new_tokens=cfg.greedy_tokens, stop_ids={EOD_ID})[0]
         with torch.no_grad():
             gen = hf.generate(torch.tensor([prompt], device=device), do_sample=False,
-                              max_new_tokens=cfg.greedy_tokens)
-        stats["greedy_equal"] += gen[0, len(prompt):].tolist() == mine
+                              max_new_tokens=cfg.greedy_tokens)[0, len(prompt):].tolist()
+        if gen == mine:
+            stats["greedy_equal"] += 1
+            continue
+        at = next(k for k, (a, b) in enumerate(zip(gen + [None], mine + [None])) if a != b)
+        if at < min(len(gen), len(mine)):
+            step = lm.logits(torch.tensor([prompt + mine[:at]]))[0, -1]
+            if abs(step[mine[at]] - step[gen[at]]).item() <= tolerance:
+                stats["greedy_near_ties"] += 1
+                continue
+        problems.append(f"greedy continuation of {prog['id']} parts at token {at} "
+                        f"(ours {mine[at:at + 3]}, theirs {gen[at:at + 3]})")
     stats["argmax_agreement"] = agree / max(total, 1)
-    stats["dtype"] = str(dtype).removeprefix("torch.")
-    stats["tolerance"] = tolerance
-    problems = []
+    stats["dtype"], stats["tolerance"] = str(dtype).removeprefix("torch."), tolerance
     if stats["tokenizer_equal"] != len(programs):
         problems.append(f"the exported tokenizer encodes {len(programs) - stats['tokenizer_equal']}"
                         f" of {len(programs)} texts otherwise")
     if stats["logits_max_abs_diff"] > tolerance:
         problems.append(f"logits differ by up to {stats['logits_max_abs_diff']:.3g} "
                         f"(tolerance {tolerance:g} for {stats['dtype']})")
-    if dtype == torch.float32 and stats["greedy_equal"] != len(programs):
-        problems.append(f"greedy continuations differ on {len(programs) - stats['greedy_equal']}"
-                        f" of {len(programs)} prompts")
     if problems:
         raise ExportCheckFailed(f"{folder}: the export does not match the checkpoint: "
-                                + "; ".join(problems))
+                                + "; ".join(problems[:4]))
     return stats
 
 
@@ -223,7 +235,10 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
         manifest = {"name": OUTPUT, "fingerprint": fp, "phase": cfg.phase, "iteration": iteration,
                     "checkpoint": str(iteration_dir), "lineage": chain,
                     "files": {f: file_sha256(folder / f) for f in files},
-                    "check": stats}
+                    # what was checked, not the figures: those vary with rounding (they
+                    # are in the metrics), and the same checkpoint must give the same bytes
+                    "check": {"greedy_tokens": cfg.greedy_tokens,
+                              **{k: stats[k] for k in ("programs", "dtype", "tolerance")}}}
         for f in out.list():
             if f not in files and f != MANIFEST:
                 out.remove(f)    # a file of an earlier export that this one no longer writes

@@ -7,7 +7,8 @@ of the loss, as CWM did; the SFT formats: only the answers in the loss) gets a p
 dataset `<name>_mask` with one 0/1 per token, read by model/data.py. Held-out corpus ids are
 skipped here, for every source and format, so no phase ever trains on them. Records that hold
 no task of an SFT format are skipped and counted (`skipped`), apart from broken ones.
-A source is the unit of resume: its files are renamed into place, then its own manifest.
+A source is the unit of resume: its files are renamed into place, then its own manifest; the
+pack's manifest is removed before the first file that changes and written last.
 
 With an s3:// storage root the shard datasets and the tokenizer are read (streamed) from S3,
 each source is built in this node's cache (storage.local_cache, codeworld/pack_cache.py) and
@@ -210,6 +211,10 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
             if meta is None:
                 meta = _finished(out, name, fp)
                 if meta is None:
+                    if remote is None:
+                        # the manifest names the files this replaces: down first, so that a
+                        # killed run never leaves a half-replaced pack that reads as finished
+                        (out / MANIFEST).unlink(missing_ok=True)
                     with run_.timed(f"pack_{name}"):
                         meta = pack_source(name, src, ds, tok, params, out, fp)
                 if remote is not None:
@@ -227,6 +232,8 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
                     "records": sum(m["documents"] for m in sources.values()),
                     "tokens": sum(m["tokens"] for m in sources.values()), "sources": sources}
         body = dumps(manifest) + b"\n"
+        if remote is None and (out / MANIFEST).exists() and (out / MANIFEST).read_bytes() != body:
+            (out / MANIFEST).unlink()   # (as above: prune may remove files it names)
         prune(out, manifest)   # sources no longer in params, masks a source lost, temp files
         if remote is None:
             (out / f".{MANIFEST}.tmp").write_bytes(body)

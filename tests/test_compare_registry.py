@@ -148,3 +148,52 @@ def test_register_final_checkpoint_with_lineage_once(mlflow_url, tmp_path, monke
     assert not export_of(export, "pretrain", 200, "fp-retrained")  # a rerun of the phase
     assert not export_of(export, "sft", 200, "fp-pre")
     assert not export_of(tmp_path / "none", "pretrain", 200, "fp-pre")
+
+
+def test_compare_refuses_an_unknown_run_and_a_folder_as_plot(mlflow_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
+    exp = f"compare-errors-{tmp_path.name}"
+    _fake_pipeline(exp, {"pretrain": [8.0, 7.0]})
+    params = _params(tmp_path, exp)
+    out = _cli(["compare", "--params", str(params), "--runs", "deadbeef"], mlflow_url, tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "codeworld compare: error: --runs deadbeef: no such MLflow run" in out.stderr
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    out = _cli(["compare", "--params", str(params), "--plot", str(folder)], mlflow_url, tmp_path)
+    assert out.returncode == 2 and f"--plot {folder}: is a folder" in out.stderr
+    assert "| metric" not in out.stdout          # refused before the table
+    # a name without a suffix is a PNG (it failed on the temporary file's .tmp suffix)
+    out = _cli(["compare", "--params", str(params), "--plot", str(tmp_path / "plot")], mlflow_url, tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "plot").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_prints_counts_exactly_and_floats_without_exponents():
+    from codeworld.compare import Column, markdown
+
+    col = Column("r1", "corpus", {"records": 13347.0, "kept_bytes": 157_600_123.0,
+                                  "tokens_per_s_median": 12345.678, "final_loss": 6.9,
+                                  "lr": 3e-05, "neg": -2.0})
+    rows = {l.split("|")[1].strip(): l.split("|")[2].strip()
+            for l in markdown([col], list(col.metrics)).splitlines()[3:]}
+    assert rows == {"records": "13347", "kept_bytes": "157600123", "tokens_per_s_median": "12345.7",
+                    "final_loss": "6.9", "lr": "3e-05", "neg": "-2"}
+
+
+def test_compare_bar_chart_marks_a_missing_value_instead_of_a_zero_bar(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from codeworld import compare
+
+    bars = []
+    real_bar = Axes.bar
+    monkeypatch.setattr(Axes, "bar", lambda self, x, h, *a, **k: bars.append((list(x), list(h)))
+                        or real_bar(self, x, h, *a, **k))
+    monkeypatch.setattr(compare, "_client", lambda: None)   # no run logged a loss: no query
+    cols = [compare.Column("r1", "corpus", {"records": 10.0}), compare.Column("r2", "dedup", {}),
+            compare.Column("r3", "traces", {"records": 4.0})]
+    what = compare.plot(cols, ["records"], tmp_path / "bar.png")
+    assert bars == [([0, 2], [10.0, 4.0])]                  # no bar for dedup, not a bar at 0
+    assert what == "bar chart of records (1 of 3 runs without it: n/a)"
+    assert (tmp_path / "bar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

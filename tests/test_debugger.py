@@ -163,3 +163,20 @@ def test_debug_refuses_a_bad_call_or_checkpoint(root):
     proc = subprocess.run([*base, "--call", "f(1, 2)", "--checkpoint", str(root)], input="",
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 2 and "not a phase checkpoint directory" in proc.stderr
+
+
+def test_a_wrong_predicted_line_shows_the_real_line_and_the_predicted_one(tok):
+    r = trace_call(PROGRAM, "f(2, 3)")
+    # frame 3 (real: line 6, `c = helper(a)`) predicted as a line that is not in the program
+    wrong = r.text.replace("<|action_sep|>    c = helper(a)", "<|action_sep|>    c = helpr(a)", 1)
+    assert wrong != r.text
+    s, out = session(tok, wrong)
+    t = drive(s, out, "s\ns\nl\nq\n")
+    assert "[frame 3, 11 real] line 6 (pred: line ?), depth 1" in t[2]
+    assert "   6 ->     c = helper(a)" in t[3]
+    # predicted as another line of the program: both lines named, both marked in `l`
+    other = r.text.replace("<|action_sep|>    c = helper(a)", "<|action_sep|>    d = c + b", 1)
+    s, out = session(tok, other)
+    t = drive(s, out, "s\ns\nl\nq\n")
+    assert "[frame 3, 11 real] line 6 (pred: line 7), depth 1" in t[2]
+    assert "   6 ->     c = helper(a)" in t[3] and "   7 p>     d = c + b" in t[3]

@@ -46,6 +46,33 @@ def test_a_weight_llama_has_no_place_for_is_refused():
         llama_state_dict(state, m, vocab_size=60)
 
 
+def test_the_te_spec_and_bf16_wrapper_names_map_like_the_local_spec():
+    """On a GPU the TE spec keeps the pre-norms in the linear layers, Float16Module prefixes
+    `module.`, and TE adds `_extra_state` (FP8 bookkeeping): the same Llama weights come out."""
+    m = ModelConfig(num_layers=1, hidden_size=8, num_attention_heads=4, num_query_groups=2,
+                    ffn_hidden_size=16)
+    g = torch.Generator().manual_seed(0)
+    w = lambda *shape: torch.randn(*shape, generator=g)
+    local = {"embedding.word_embeddings.weight": w(64, 8), "output_layer.weight": w(64, 8),
+             "decoder.final_layernorm.weight": w(8),
+             "decoder.layers.0.input_layernorm.weight": w(8),
+             "decoder.layers.0.self_attention.linear_qkv.weight": w(16, 8),
+             "decoder.layers.0.self_attention.linear_proj.weight": w(8, 8),
+             "decoder.layers.0.pre_mlp_layernorm.weight": w(8),
+             "decoder.layers.0.mlp.linear_fc1.weight": w(32, 8),
+             "decoder.layers.0.mlp.linear_fc2.weight": w(8, 16)}
+    te = {"module." + k.replace("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight")
+          .replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"): v
+          for k, v in local.items()}
+    te["module.decoder.layers.0.self_attention.linear_qkv._extra_state"] = None
+    a, b = llama_state_dict(local, m, 60), llama_state_dict(te, m, 60)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["model.embed_tokens.weight"].shape == (60, 8)          # padding rows cut
+    assert torch.equal(a["model.layers.0.mlp.gate_proj.weight"], local[
+        "decoder.layers.0.mlp.linear_fc1.weight"][:16])               # gate first, then up
+    assert "model.layers.0.post_attention_layernorm.weight" in a and len(a) == 12
+
+
 def test_export_params_are_checked():
     with pytest.raises(ConfigError, match="export.phase"):
         parse_params({"export": {"phase": "posttrain"}}, "p.yaml")
@@ -107,8 +134,10 @@ out = []
 for text in prompts:
     ids = tok.encode(text).ids
     new = lm.sample(ids, max_new_tokens=10, stop_ids={0})[0]
-    last = lm.logits(torch.tensor([ids]))[0, -1]
-    out.append({"ids": ids, "new": new, "last": last.tolist()})
+    steps = lm.logits(torch.tensor([ids + new]))[0, len(ids) - 1:]
+    top2 = steps.topk(2, -1).values
+    out.append({"ids": ids, "new": new, "last": steps[0].tolist(),
+                "margins": (top2[:, 0] - top2[:, 1]).tolist()})
 print(json.dumps(out))
 """
 
@@ -129,9 +158,12 @@ def test_export_is_checked_loads_with_transformers_alone_and_is_reproducible(roo
     assert set(manifest["files"]) == {"README.md", "config.json", "generation_config.json",
                                       "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
     assert {f: h for f, h in _hashes(folder).items() if f != "codeworld.json"} == manifest["files"]
-    check = manifest["check"]
-    assert check["programs"] == 3 and check["tokenizer_equal"] == 3 and check["greedy_equal"] == 3
-    assert check["logits_max_abs_diff"] <= 1e-4 and check["argmax_agreement"] == 1.0
+    assert manifest["check"] == {"programs": 3, "greedy_tokens": 12, "dtype": "float32",
+                                 "tolerance": 1e-3}
+    check = json.loads((root / "metrics" / "export.json").read_text())
+    assert check["programs"] == 3 and check["tokenizer_equal"] == 3
+    assert check["greedy_equal"] + check["greedy_near_ties"] == 3
+    assert check["logits_max_abs_diff"] <= 1e-3 and check["argmax_agreement"] > 0.99
     config = json.loads((folder / "config.json").read_text())
     # the tokenizer's 600 rows, not Megatron's padded 640; GQA kept
     assert config["vocab_size"] == 600 and config["num_key_value_heads"] == 2
@@ -144,8 +176,11 @@ def test_export_is_checked_loads_with_transformers_alone_and_is_reproducible(roo
     for a, b in zip(theirs, ours):
         assert a["ids"] == b["ids"]              # same tokens, no BOS added
         assert len(a["new"]) > 0
-        assert a["new"][:len(b["new"])] == b["new"]   # ours stops at end-of-text, theirs too
-        assert max(abs(x - y) for x, y in zip(a["last"], b["last"])) < 1e-4
+        # the same tokens up to a near tie, if any (rounding may pick either token there);
+        # ours stops at end-of-text, theirs too
+        tie = next((k for k, m in enumerate(b["margins"]) if m < 1e-3), len(b["new"]))
+        assert a["new"][:tie] == b["new"][:tie] and len(a["new"]) >= min(tie, len(b["new"]))
+        assert max(abs(x - y) for x, y in zip(a["last"], b["last"])) < 1e-3
 
     # a rerun does nothing; a new export from scratch is byte for byte the same
     before = _hashes(folder)

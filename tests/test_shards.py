@@ -88,6 +88,27 @@ def test_resume_reuses_finished_shards_and_drops_other_params(tmp_path):
     assert w3.completed(0) is None
 
 
+def test_damaged_resume_records_are_redone_not_fatal(tmp_path):
+    """Resume records are written atomically; one damaged from outside (a truncated copy, a
+    full disk elsewhere) must cost a redo, not fail every rerun."""
+    st = Storage(str(tmp_path))
+    w = DatasetWriter(st, "ds", "fp1")
+    w.prepare()
+    w.write(0, RECORDS[:10], {"n": 10})
+    w.write(1, RECORDS[10:20], {"n": 10})
+    work = w.work.root
+    for bad in (b"{trunc", b"[]", b'{"fingerprint": "fp1"}', b'{"fingerprint": "fp1", "shard": 3}'):
+        with open(os.path.join(work, "shard-00000.tar.json"), "wb") as f:
+            f.write(bad)
+        w2 = DatasetWriter(st, "ds", "fp1")
+        assert w2.prepare() is None
+        assert w2.completed(0) is None and w2.completed(1) is not None
+    with open(os.path.join(work, "fingerprint"), "wb") as f:
+        f.write(b"\xff\xfe")   # not even text: another run's work, discarded
+    w3 = DatasetWriter(st, "ds", "fp1")
+    assert w3.prepare() is None and w3.completed(1) is None
+
+
 def test_finished_dataset_with_same_fingerprint_is_not_rebuilt(tmp_path):
     m = write(tmp_path)
     w = DatasetWriter(Storage(str(tmp_path)), "ds", "fp1")

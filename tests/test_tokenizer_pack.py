@@ -148,3 +148,35 @@ def test_text_of_a_trace_record_is_prompt_then_frames():
     repo = {"trace": "<|call_sep|>{}<|action_sep|>def g():\n<|frame_sep|>", "prompt": None}
     assert text_of(render(repo, "trace")) == repo["trace"]
     assert json.dumps(render(r, "code") if "text" in r else []) == "[]"
+
+
+def test_a_pack_killed_while_replacing_sources_is_not_left_looking_finished(root, tmp_path,
+                                                                            monkeypatch):
+    """A rerun with other params replaces the pack's files source by source: from the first
+    replaced file until the last, the old manifest must not stand (training reads it)."""
+    import shutil
+
+    from codeworld.config import load_params
+    from stages import pack as pack_stage
+    from tests.train_fixtures import write_yaml
+
+    work = tmp_path / "root"
+    shutil.copytree(root, work)
+    params = tiny_params(work)
+    params["pack"]["heldout_percent"] = 20.0          # every source's documents change
+    params = load_params(write_yaml(work / "params.yaml", params))
+    real, built = pack_stage.pack_source, []
+
+    def killed_after_one(name, *args, **kwargs):
+        if built:
+            raise KeyboardInterrupt("killed")
+        built.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(pack_stage, "pack_source", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        pack_stage.run(params, track=False, metrics_path=None)
+    assert built and not (work / "pack" / "manifest.json").exists()
+    monkeypatch.setattr(pack_stage, "pack_source", real)
+    manifest = pack_stage.run(params, track=False, metrics_path=None)
+    assert json.loads((work / "pack" / "manifest.json").read_text()) == manifest

@@ -314,6 +314,18 @@ def test_invalid(code, call):
     assert r.status == "invalid" and r.error and r.text == "" and r.frames == []
 
 
+@pytest.mark.parametrize("code, error", [
+    ("raise ValueError('boom')\ndef f(x):\n    return x\n", "ValueError: boom"),
+    # the compiler drops what follows a top-level raise, the entry point included
+    ("def f(x):\n    return x\nraise KeyError(3)\n", "KeyError: 3"),
+    ("x = 1 / 0\ndef f(x):\n    return x\n", "ZeroDivisionError: division by zero"),
+])
+def test_a_module_body_that_raises_is_reported_as_such(code, error):
+    for _ in range(2):   # the second time from the cache of compiled programs
+        r = trace_call(code, "f(1)")
+        assert r.status == "invalid" and r.error == "module body raised " + error
+
+
 def test_valid_edge_inputs():
     r = trace_call("def f(a):\n    return a\n", "f(\n    [1,\n     2],\n)")  # multi-line call
     assert r.status == "ok" and "    return f([1, 2])\n" in r.prompt

@@ -82,6 +82,9 @@ def test_trace_cli_keeps_order_and_survives_hostile_programs(tmp_path):
     assert set(out[0]) == {"id", "trace", "result", "error", "status"}
     assert by["loop"]["status"] in ("too_long", "timeout") and by["loop"]["trace"] is None
     assert out[2]["status"] == "invalid" and out[-1]["status"] == "invalid"
+    # each says what is wrong with its line
+    assert out[2]["error"] == "Invalid: not a JSON object (str)"
+    assert out[-1]["error"].startswith("Invalid: not JSON: ")
     assert by["secret"]["status"] == "exception" and by["secret"]["error"].split(":")[0] in (
         "FileNotFoundError", "PermissionError")
     assert by["env"]["status"] == "ok" and by["env"]["result"] == "None"

@@ -337,6 +337,7 @@ def compile_program(code: str, call: str, filename: str) -> Program:
         return _with_entry(_remember(key, _compile_body(text, filename)), call, filename)
     codes: list[CodeType] = []
     entry_codes: list[CodeType] = []
+    main_code = None
     for c in module.co_consts:
         if isinstance(c, CodeType):
             if c.co_name == "main" and c.co_firstlineno == main_line:
@@ -346,6 +347,11 @@ def compile_program(code: str, call: str, filename: str) -> Program:
             else:
                 codes.append(c)
                 _collect(c, codes)
+    if main_code is None:
+        # the compiler dropped the entry point as unreachable (a top-level raise, or sys.exit,
+        # before it): the program alone, then the entry point, so running the module body
+        # reports what stops it
+        return _with_entry(_remember(key, _compile_body(text, filename)), call, filename)
     entry_infos = {id(c): CodeInfo(c.co_firstlineno, c.co_code, code=c) for c in entry_codes}
     body = _remember(key, _Body(text, lines, module, codes, _infos(codes, lines), rewritten,
                                 call, main_code, entry_codes, entry_infos))

@@ -1,0 +1,177 @@
+"""The CLI's user errors: a bad path or option value ends in one `codeworld CMD: error: ...` line
+and exit 2 (EXIT_BAD_INPUT), before any work, never in a traceback or in lost data; a storage
+failure that may pass is exit 75 (EXIT_TRANSIENT); a bug keeps its traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from codeworld import cli
+
+RECORDS = [{"id": "a", "text": "def f(x):\n    return x + 1\n"},
+           {"id": "b", "text": "def f(x):\n    return x + 1\n"},
+           {"id": "c", "text": "import os\nprint(os.getcwd())\n"}]
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return path
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    """cli.main's exit status (argparse's too) and its stderr."""
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as exit_:
+        rc = exit_.code
+    return rc, capsys.readouterr().err
+
+
+def test_an_output_over_an_input_or_another_output_is_refused_before_any_work(tmp_path, jsonl, capsys):
+    before = jsonl.read_bytes()
+    rc, err = run(capsys, "dedup", jsonl, jsonl)
+    assert rc == 2 and f"output {jsonl} is the same path as input {jsonl}" in err
+    # the same file by another spelling, or through a symlink
+    (tmp_path / "sub").mkdir()
+    rc, err = run(capsys, "dedup", jsonl, tmp_path / "sub" / ".." / "in.jsonl")
+    assert rc == 2 and "same path as input" in err
+    (tmp_path / "link.jsonl").symlink_to(jsonl)
+    rc, err = run(capsys, "trace", tmp_path / "link.jsonl", jsonl)
+    assert rc == 2 and str(tmp_path / "link.jsonl") in err and str(jsonl) in err
+    # the report where the records go, or over the input
+    out = tmp_path / "o.jsonl"
+    rc, err = run(capsys, "dedup", jsonl, out, "--report", out)
+    assert rc == 2 and f"report {out} is the same path as output {out}" in err
+    rc, err = run(capsys, "dedup", jsonl, out, "--report", jsonl)
+    assert rc == 2 and f"report {jsonl} is the same path as input {jsonl}" in err
+    assert not out.exists() and jsonl.read_bytes() == before
+    # a shard dataset, a folder or a REPO@COMMIT source as the output
+    dataset = tmp_path / "ds"
+    dataset.mkdir()
+    (dataset / "manifest.json").write_text("{}")
+    rc, err = run(capsys, "dedup", dataset, f"{dataset}/")
+    assert rc == 2 and "same path as input" in err
+    rc, err = run(capsys, "corpus", tmp_path / "sub", jsonl, tmp_path / "sub")
+    assert rc == 2 and f"is the same path as source {tmp_path / 'sub'}" in err
+    rc, err = run(capsys, "corpus", f"{tmp_path / 'sub'}@abc123", tmp_path / "sub")
+    assert rc == 2 and "same path as source" in err
+    rc, err = run(capsys, "compare", "--csv", tmp_path / "c.out", "--plot", tmp_path / "c.out")
+    assert rc == 2 and "--plot" in err and "--csv" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "in.jsonl", "link.jsonl", "sub"]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["dedup", "IN", "OUT", "--threshold", "1.5"], "--threshold"),
+    (["dedup", "IN", "OUT", "--threshold", "0"], "--threshold"),
+    (["dedup", "IN", "OUT", "--workers", "0"], "--workers"),
+    (["corpus", "SRC", "OUT", "--max-bytes", "0"], "--max-bytes"),
+    (["corpus", "SRC", "OUT", "--workers", "-1"], "--workers"),
+    (["trace", "IN", "OUT", "--timeout", "0"], "--timeout"),
+    (["trace", "IN", "OUT", "--timeout", "nan"], "--timeout"),
+    (["trace", "IN", "OUT", "--max-events", "0"], "--max-events"),
+    (["trace", "IN", "OUT", "--workers", "-2"], "--workers"),
+    (["debug", "F.py", "--call", "f()", "--timeout", "0"], "--timeout"),
+    (["debug", "F.py", "--call", "f()", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["compare", "--pipelines", "-1"], "--pipelines"),
+])
+def test_a_bad_option_value_is_refused_naming_the_flag(argv, flag, capsys):
+    rc, err = run(capsys, *argv)
+    assert rc == 2 and f"error: argument {flag}: " in err
+
+
+def test_a_value_the_config_model_refuses_names_the_field(jsonl, tmp_path, capsys):
+    rc, err = run(capsys, "dedup", jsonl, tmp_path / "o.jsonl", "--workers", "300")
+    assert rc == 2 and "codeworld dedup: error: invalid value: workers: " in err and "300" in err
+    rc, err = run(capsys, "trace", jsonl, tmp_path / "o.jsonl", "--max-events", "5")
+    assert rc == 2 and "max_events" in err
+
+
+def test_missing_inputs_and_folders_where_files_belong_are_errors_naming_the_path(tmp_path, jsonl, capsys):
+    missing = tmp_path / "nope.jsonl"
+    for cmd in ("dedup", "trace"):
+        rc, err = run(capsys, cmd, missing, tmp_path / "o.jsonl")
+        assert rc == 2 and err == f"codeworld {cmd}: error: {missing}: No such file or directory\n"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    rc, err = run(capsys, "dedup", folder, tmp_path / "o.jsonl")   # no manifest: unfinished
+    assert rc == 2 and f"{folder}: a folder without manifest.json" in err
+    rc, err = run(capsys, "trace", folder, tmp_path / "o.jsonl")
+    assert rc == 2 and f"{folder}: Is a directory" in err
+    rc, err = run(capsys, "dedup", jsonl, folder)   # the output a folder: a StorageError
+    assert rc == 2 and f"codeworld dedup: error: {folder}: cannot write" in err
+
+
+def test_check_params_on_a_file_that_is_not_utf8(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_bytes(b"storage:\n  root: \xff\xfe\n")
+    rc, err = run(capsys, "check-params", "--params", params)
+    assert rc == 2 and f"codeworld check-params: error: {params}: not UTF-8 text" in err
+
+
+@pytest.mark.parametrize("cause, rc", [
+    (PermissionError(13, "Permission denied"), 2),        # a read-only output folder
+    (IsADirectoryError(21, "Is a directory"), 2),
+    (None, 2),                                            # storage.py's own: no such bucket
+    (ConnectionResetError(104, "Connection reset by peer"), 75),
+    (OSError(121, "Remote I/O error"), 75),               # s3fs's S3 InternalError
+    (TimeoutError("read timed out"), 75),
+])
+def test_a_storage_error_is_bad_input_or_transient_by_its_cause(cause, rc, jsonl, tmp_path,
+                                                                 monkeypatch, capsys):
+    from codeworld.storage import StorageError
+
+    def fail(*_a, **_k):
+        raise StorageError(f"s3://b/o.jsonl: cannot write: {cause}") from cause
+
+    monkeypatch.setattr("stages.adhoc.dedup_adhoc", fail)
+    got, err = run(capsys, "dedup", jsonl, tmp_path / "o.jsonl")
+    assert got == rc and "s3://b/o.jsonl: cannot write" in err
+    assert ("transient error (retry)" in err) == (rc == 75)
+
+
+def test_a_bug_keeps_its_traceback(jsonl, tmp_path, monkeypatch):
+    def bug(*_a, **_k):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr("stages.adhoc.dedup_adhoc", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["dedup", str(jsonl), str(tmp_path / "o.jsonl")])
+
+
+def test_debug_refuses_a_file_or_call_that_does_not_compile_before_tracing(tmp_path, monkeypatch,
+                                                                          capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "data")}}))
+
+    def trace_real(*_a, **_k):   # neither the sandbox nor a model may be reached
+        raise AssertionError("traced a program that does not compile")
+
+    monkeypatch.setattr("codeworld.debugger.trace_real", trace_real)
+    bad = tmp_path / "syn.py"
+    bad.write_text("x = 1\ndef f(x)\n    return x\n")
+    rc, err = run(capsys, "debug", bad, "--call", "f(1)", "--params", params)
+    assert rc == 2 and f"codeworld debug: error: {bad}:2: SyntaxError" in err
+    good = tmp_path / "prog.py"
+    good.write_text("def f(x):\n    return x\n")
+    rc, err = run(capsys, "debug", good, "--call", "f((", "--params", params)
+    assert rc == 2 and "--call 'f((': not an expression" in err
+    rc, err = run(capsys, "debug", tmp_path / "nope.py", "--call", "f(1)", "--params", params)
+    assert rc == 2 and "nope.py: cannot read" in err
+
+
+def test_a_stage_keeps_the_traceback_of_a_missing_file(tmp_path, monkeypatch):
+    """`codeworld stage` reads the pipeline's own files: a missing one is a failure to debug."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "data")}}))
+
+    def run_stage(*_a, **_k):
+        raise FileNotFoundError(2, "No such file or directory", "data/dedup/manifest.json")
+
+    monkeypatch.setattr("stages.dedup.run", run_stage)
+    with pytest.raises(FileNotFoundError):
+        cli.main(["stage", "dedup", "--params", str(params), "--no-track"])
