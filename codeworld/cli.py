@@ -27,45 +27,25 @@ EXIT_TRANSIENT = 75  # EX_TEMPFAIL: the flow retries these
 
 # Option types: a bad value is refused by argparse with the flag's name, before any work,
 # instead of by a pydantic model or a library deep inside the command.
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _option(convert, ok, requirement: str):
+    """An argparse type: `convert` the text, and refuse a value for which `ok` is false."""
+    noun = "an integer" if convert is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {noun}: {text!r}") from None
+        if not ok(value):   # (NaN fails every comparison, so every check)
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    return parse
 
 
-def _count(text: str) -> int:
-    """An integer >= 0 (0 meaning the option's default behaviour)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:   # (NaN fails this too)
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+_positive_int = _option(int, lambda v: v >= 1, "at least 1")
+_count = _option(int, lambda v: v >= 0, "0 or more")   # 0: the option's default behaviour
+_seconds = _option(float, lambda v: v > 0 and math.isfinite(v), "a positive number of seconds")
+_fraction = _option(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 STAGES = ("corpus", "dedup", "traces", "tokenizer", "pack", "pretrain", "midtrain", "sft", "rl", "agent", "evaluate", "export")  # each is stages/<name>.py with run(params, track=...)
