@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -239,11 +238,11 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
                     # are in the metrics), and the same checkpoint must give the same bytes
                     "check": {"greedy_tokens": cfg.greedy_tokens,
                               **{k: stats[k] for k in ("programs", "dtype", "tolerance")}}}
-        for f in out.list():
-            if f not in files and f != MANIFEST:
-                out.remove(f)    # a file of an earlier export that this one no longer writes
         if out.exists(MANIFEST):
             out.remove(MANIFEST)   # from here until the new one lands, the folder is not whole
+        for f in out.list():
+            if f not in files:
+                out.remove(f)    # a file of an earlier export that this one no longer writes
         for f in files:
             out.upload(folder / f, f)
         out.write_bytes(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
@@ -252,5 +251,4 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
         log.info("export: %s iteration %d -> %s (%d parameters; logits within %.2g, greedy "
                  "%d/%d equal)", cfg.phase, iteration, out.path(), n_params,
                  stats["logits_max_abs_diff"], stats["greedy_equal"], stats["programs"])
-        shutil.rmtree(folder, ignore_errors=True)
     return {"name": OUTPUT, "fingerprint": fp, "records": len(files)}
