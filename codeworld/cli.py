@@ -6,6 +6,7 @@
     codeworld dedup IN OUT          ad hoc: dedup JSONL ({"id","text"} lines) or a shard dataset
     codeworld trace IN OUT          ad hoc: trace JSONL programs in the sandbox (CWM format)
     codeworld debug FILE --call C   the neural debugger: predicted frames beside the real ones
+    codeworld export --checkpoint D --out F   ad hoc: a checkpoint as a Hugging Face folder, checked
     codeworld check-params          validate params.yaml and print the resolved config
 """
 
@@ -143,6 +144,17 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from stages.adhoc import export_adhoc
+
+    _distinct([("checkpoint", args.checkpoint)], [("output", args.out)])
+    m = export_adhoc(load_params(args.params), args.checkpoint, args.out)
+    print(json.dumps({k: m[k] for k in ("records", "logits_max_abs_diff", "greedy_equal",
+                                        "greedy_near_ties", "programs") if k in m}
+                     | {"output": args.out}))
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from codeworld import compare
 
@@ -233,6 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=_seconds, default=2.0, help="wall seconds per program")
     s.add_argument("--max-events", type=_positive_int, default=10_000)
     s.set_defaults(fn=_trace)
+
+    s = sub.add_parser("export", help="a checkpoint as a Hugging Face folder, checked (ad hoc)")
+    s.add_argument("--checkpoint", required=True,
+                   help="a phase checkpoint directory (its latest.json), e.g. one trained by hand")
+    s.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    s.add_argument("--params", default="params.yaml",
+                   help="model shape, export checks, and the storage root whose tokenizer and "
+                        "held-out traces the check uses")
+    s.set_defaults(fn=_export)
 
     s = sub.add_parser("compare", help="MLflow runs side by side: phases, stages or pipeline runs")
     s.add_argument("--runs", nargs="+", metavar="RUN_ID", help="these runs")

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from codeworld.code import Code
-from codeworld.config import CorpusConfig, DedupConfig, Params, StorageConfig
+from codeworld.config import ConfigError, CorpusConfig, DedupConfig, Params, StorageConfig
 from codeworld.jsonl import read_jsonl
 from codeworld.shards import MANIFEST, Dataset, DatasetWriter, ShardError, dumps, fingerprint
 from codeworld.storage import Storage, filesystem, write_atomic
@@ -134,3 +134,20 @@ def trace_adhoc(inp: str, out: str, *, workers: int = 0, wall_seconds: float = 2
     write_atomic(filesystem(out), out, body)
     counts = Counter(r["status"] for r in results)
     return {"records": len(results), "statuses": dict(sorted(counts.items())), "output": out}
+
+
+def export_adhoc(params: Params, checkpoint: str, out: str) -> dict:
+    """`codeworld export`: a phase checkpoint directory (a run by hand, another machine's) as a
+    Hugging Face folder, checked as the export stage checks its own. Its lineage is its own
+    run.json only: the params' phase chain need not be the one it was trained through."""
+    from stages.export import export, phase_record
+    from stages.train_phase import RUN
+
+    ckdir = Path(checkpoint)
+    if not (ckdir / "latest.json").exists():
+        raise ConfigError(f"--checkpoint {checkpoint}: not a phase checkpoint directory "
+                          "(no latest.json)")
+    run = json.loads((ckdir / RUN).read_text()) if (ckdir / RUN).exists() else {}
+    phase = run.get("phase") or ckdir.name
+    return export(params, ckdir, Storage(out, params.storage.s3_endpoint_url), phase,
+                  [phase_record(phase, ckdir)])

@@ -158,7 +158,8 @@ def model_card(params: Params, phase: str, iteration: int, lineage: list[dict],
         lines += [f"| {k} | {v:.3f} |" for k, v in sorted(evaluation.items())
                   if isinstance(v, float)]
     else:
-        lines.append(f"Not evaluated (no `{phase}` in the evaluate stage's summary).")
+        lines.append("No held-out evaluation of this checkpoint on record (the evaluate "
+                     "stage's summary).")
     lines += [
         "", "## Use", "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -172,35 +173,60 @@ def model_card(params: Params, phase: str, iteration: int, lineage: list[dict],
     return "\n".join(lines)
 
 
-def lineage(params: Params, phase: str) -> list[dict]:
+def phase_record(phase: str, ckdir: Path) -> dict:
+    """A phase directory as the lineage names it: phase, latest iteration, run fingerprint."""
     from model import checkpoint
 
+    run = json.loads((ckdir / RUN).read_text()) if (ckdir / RUN).exists() else {}
+    found = checkpoint.latest(ckdir)
+    return {"phase": phase, "iteration": found[0] if found else None,
+            "fingerprint": run.get("fingerprint", "")}
+
+
+def lineage(params: Params, phase: str) -> list[dict]:
+    """The phase, then the one it started from, and so on (params' init_from)."""
     chain, cur = [], phase
     while cur:
-        d = phase_dir(params, cur)
-        run = json.loads((d / RUN).read_text()) if (d / RUN).exists() else {}
-        found = checkpoint.latest(d)
-        chain.append({"phase": cur, "iteration": found[0] if found else None,
-                      "fingerprint": run.get("fingerprint", "")})
+        chain.append(phase_record(cur, phase_dir(params, cur)))
         cur = getattr(getattr(params, cur, None), "init_from", None)
     return chain
 
 
 def run(params: Params, *, track: bool = True, metrics_path: str | None = METRICS_PATH) -> dict:
+    """The stage: export.phase's latest checkpoint to `export/` under the storage root, its
+    card with the phase chain and the evaluate stage's held-out figures of that phase."""
+    from model import checkpoint
+
+    phase = params.export.phase
+    storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
+    ckdir = phase_dir(params, phase)
+    if checkpoint.latest(ckdir) is None:
+        raise ConfigError(f"export.phase {phase!r}: no checkpoint to export (no latest.json "
+                          f"in {ckdir}); train that phase first")
+    evaluation = None
+    if storage.exists("evaluate/summary.json"):
+        summary = json.loads(storage.read_bytes("evaluate/summary.json"))
+        evaluation = summary.get("phases", {}).get(phase)
+    return export(params, ckdir, storage.sub(OUTPUT), phase, lineage(params, phase), evaluation,
+                  track=track, metrics_path=metrics_path)
+
+
+def export(params: Params, ckdir: Path, out: Storage, phase: str, chain: list[dict],
+           evaluation: dict | None = None, *, track: bool = False,
+           metrics_path: str | None = None) -> dict:
+    """The latest checkpoint of the phase directory `ckdir` to the folder `out`, checked on
+    the storage root's held-out traces with its tokenizer (the stage, and `codeworld export`
+    for a checkpoint trained by hand)."""
     from model import checkpoint, generate
     from stages.evaluate import heldout_programs
 
     cfg = params.export
     storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
-    ckdir = phase_dir(params, cfg.phase)
     found = checkpoint.latest(ckdir)
     if found is None:
-        raise ConfigError(f"export.phase {cfg.phase!r}: no checkpoint to export (no latest.json "
-                          f"in {ckdir}); train that phase first")
+        raise ConfigError(f"{ckdir}: no checkpoint to export (no latest.json)")
     iteration, iteration_dir = found
-    chain = lineage(params, cfg.phase)
     fp = fingerprint(CODE, OUTPUT, 1, cfg.model_dump(), params.model.model_dump(), chain)
-    out = storage.sub(OUTPUT)
     if out.exists(MANIFEST):
         done = json.loads(out.read_bytes(MANIFEST))
         if done.get("fingerprint") == fp and all(
@@ -208,10 +234,6 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
             log.info("export: %s is up to date (%s)", out.path(), fp[:12])
             return {"name": OUTPUT, "fingerprint": fp, "records": len(done["files"])}
     tok = tokenizer_stage.load(storage)
-    evaluation = None
-    if storage.exists("evaluate/summary.json"):
-        summary = json.loads(storage.read_bytes("evaluate/summary.json"))
-        evaluation = summary.get("phases", {}).get(cfg.phase)
     with StageRun(OUTPUT, params.model_dump(include={"export", "model"}),
                   params.tracking.experiment, metrics_path, track) as run_, \
             tempfile.TemporaryDirectory(prefix="codeworld-export-") as tmp:
@@ -225,13 +247,13 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
                               f"({counts}); raise evaluate.max_program_tokens")
         folder = Path(tmp) / OUTPUT
         with run_.timed("write"):
-            lm = generate.load(params, ckdir, tok.get_vocab_size(), cfg.phase, iteration_dir)
-            card = model_card(params, cfg.phase, iteration, chain, evaluation)
+            lm = generate.load(params, ckdir, tok.get_vocab_size(), phase, iteration_dir)
+            card = model_card(params, phase, iteration, chain, evaluation)
             n_params = build_folder(params, lm, tok, folder, card)
         with run_.timed("check"):
             stats = check_folder(folder, lm, tok, programs, cfg)
         files = sorted(p.name for p in folder.iterdir())
-        manifest = {"name": OUTPUT, "fingerprint": fp, "phase": cfg.phase, "iteration": iteration,
+        manifest = {"name": OUTPUT, "fingerprint": fp, "phase": phase, "iteration": iteration,
                     "checkpoint": str(iteration_dir), "lineage": chain,
                     "files": {f: file_sha256(folder / f) for f in files},
                     # what was checked, not the figures: those vary with rounding (they
@@ -249,6 +271,6 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
         run_.log(parameters=n_params, bytes=sum((folder / f).stat().st_size for f in files),
                  **{k: v for k, v in stats.items() if isinstance(v, (int, float))})
         log.info("export: %s iteration %d -> %s (%d parameters; logits within %.2g, greedy "
-                 "%d/%d equal)", cfg.phase, iteration, out.path(), n_params,
+                 "%d/%d equal)", phase, iteration, out.path(), n_params,
                  stats["logits_max_abs_diff"], stats["greedy_equal"], stats["programs"])
-    return {"name": OUTPUT, "fingerprint": fp, "records": len(files)}
+    return {"name": OUTPUT, "fingerprint": fp, "records": len(files), **stats}

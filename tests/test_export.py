@@ -222,6 +222,27 @@ def test_an_export_that_computes_otherwise_is_refused_and_not_published(root, tm
     assert not (tmp_path / "data" / "export").exists()
 
 
+def test_codeworld_export_takes_any_phase_checkpoint_directory(root, tmp_path):
+    """A checkpoint trained by hand: exported and checked like the stage's, its own lineage."""
+    out = tmp_path / "hf"
+    cmd = [sys.executable, "-m", "codeworld.cli", "export", "--params", str(root / "params.yaml"),
+           "--checkpoint", str(root / "checkpoints" / "pretrain")]
+    proc = subprocess.run([*cmd, "--out", str(out)], cwd=root, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["programs"] == 3 and summary["logits_max_abs_diff"] <= 1e-3
+    manifest = json.loads((out / "codeworld.json").read_text())
+    assert [r["phase"] for r in manifest["lineage"]] == ["pretrain"]
+    assert "model.safetensors" in manifest["files"]
+    proc = subprocess.run([*cmd[:-1], str(tmp_path), "--out", str(tmp_path / "x")], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "not a phase checkpoint directory" in proc.stderr
+    proc = subprocess.run([*cmd, "--out", str(root / "checkpoints" / "pretrain")], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "is the same path as checkpoint" in proc.stderr
+
+
 def test_export_without_a_checkpoint_names_the_phase_and_where(tmp_path):
     from stages.export import run
 
