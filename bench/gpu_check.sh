@@ -5,9 +5,10 @@
 #   PLAN=bench/gpu_plans/full.txt (default)   everything, ~12 min on an H200
 #   PLAN=bench/gpu_plans/graphs.txt           CUDA graphs and FP8 attention, ~9 min
 #   PLAN=bench/gpu_plans/fp8_next.txt         the next levers for FP8 >= 1.3x on an H100, ~9 min
-# Each plan line is `bench NAME ARGS` (bench/train_gpu.py --steps 10 ARGS) or `train NAME
+# Each plan line is `bench NAME ARGS` (bench/train_gpu.py --steps 10 ARGS), `train NAME
 # [kill-after=N] ARGS` (30 steps of the default pretrain in /tmp/gpu_NAME; the first train
-# line's run is the reference the others are compared with, step by step).
+# line's run is the reference the others are compared with, step by step) or `export NAME`
+# (train NAME's checkpoint as a Hugging Face folder, checked against transformers on the GPU).
 # Needs megatron-core (+ pydantic) importable. Results go to ${OUT:-/tmp/gpu_check}, in at most
 # 8 files (what the device machine returns) for a plan of at most 4 train names:
 #   te_install.log, bench.log (every benchmark's table), bench.jsonl (a line per benchmark:
@@ -28,7 +29,7 @@ export PYTHONUNBUFFERED=1
 mapfile -t plan < <(grep -v -e '^[[:space:]]*#' -e '^[[:space:]]*$' "$PLAN")
 for line in "${plan[@]}"; do
   read -r kind name _ <<< "$line"
-  case "$kind" in bench|train) ;; *) echo "$PLAN: '$kind' is neither bench nor train, in: $line" >&2; exit 2 ;; esac
+  case "$kind" in bench|train|export) ;; *) echo "$PLAN: '$kind' is not bench, train or export, in: $line" >&2; exit 2 ;; esac
   [ -n "$name" ] || { echo "$PLAN: a $kind line without a name" >&2; exit 2; }
 done
 [ "${1:-}" != --check ] || { echo "$PLAN: ${#plan[@]} steps"; exit 0; }
@@ -68,12 +69,23 @@ train() {  # train NAME [kill-after=N] [--set ...]: 30 steps of the default pret
   cp "$dir/steps.jsonl" "$OUT/steps_$name.jsonl" 2>/dev/null
 }
 
+export_() {  # export NAME: train NAME's checkpoint through `codeworld export` on this GPU (the
+  # TE spec's names, BF16 against transformers' BF16, tolerance_bf16); needs transformers and
+  # safetensors importable and DATA (default data) holding the tokenizer and the traces
+  local name=$1
+  python3 -m codeworld.cli export --checkpoint "/tmp/gpu_$name" --out "/tmp/gpu_${name}_hf" \
+    --params <(sed "s|^  root: data |  root: ${DATA:-data} |" params.yaml) > "/tmp/gpu_export_$name.log" 2>&1 < /dev/null
+  say "export $name: exit $?" | tee -a "$OUT/pipeline.log"
+  grep -v -i warn "/tmp/gpu_export_$name.log" | tail -4 | tee -a "$OUT/pipeline.log"
+}
+
 trains=()
 for line in "${plan[@]}"; do
   read -r kind name args <<< "$line"
   case "$kind" in
     bench) bench "$name" $args < /dev/null ;;
     train) train "$name" $args; [[ " ${trains[*]-} " == *" $name "* ]] || trains+=("$name") ;;
+    export) export_ "$name" ;;
   esac
 done
 say "plan done"
