@@ -41,20 +41,14 @@ def final_phase(params: Params) -> tuple[str, Path]:
 
 def lineage(params: Params, phase: str, root: Path) -> dict[str, str]:
     """Tags: the phase chain back to pretrain, and dvc.lock's outs of every stage."""
-    from model import checkpoint
-    from stages.train_phase import RUN, phase_dir
+    from stages.export import lineage as phase_chain
 
     tags: dict[str, str] = {"phase": phase}
-    chain, cur = [], phase
-    while cur:
-        d = phase_dir(params, cur)
-        run = json.loads((d / RUN).read_text())
-        it = checkpoint.latest(d)
-        tags[f"lineage.{cur}.fingerprint"] = run.get("fingerprint", "")
-        tags[f"lineage.{cur}.iteration"] = str(it[0]) if it else ""
-        chain.append(cur)
-        cur = getattr(getattr(params, cur, None), "init_from", None)
-    tags["lineage.chain"] = " <- ".join(chain)
+    chain = phase_chain(params, phase)
+    for r in chain:
+        tags[f"lineage.{r['phase']}.fingerprint"] = r["fingerprint"]
+        tags[f"lineage.{r['phase']}.iteration"] = "" if r["iteration"] is None else str(r["iteration"])
+    tags["lineage.chain"] = " <- ".join(r["phase"] for r in chain)
     lock = root / "dvc.lock"
     if lock.exists():
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
@@ -80,12 +74,10 @@ def export_of(folder: Path, phase: str, iteration: int, fingerprint: str) -> boo
     """Whether `folder` holds a whole export (its manifest is written last) of that checkpoint:
     the phase's run (fingerprint) and iteration, not an export of an earlier training run."""
     try:
-        manifest = json.loads((folder / "codeworld.json").read_text())
-        exported = manifest["lineage"][0]
+        exported = json.loads((folder / "codeworld.json").read_text())["lineage"][0]
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return False
-    return (manifest.get("phase") == phase and manifest.get("iteration") == iteration
-            and exported.get("phase") == phase and exported.get("fingerprint") == fingerprint)
+    return exported == {"phase": phase, "iteration": iteration, "fingerprint": fingerprint}
 
 
 def register_final(params: Params, name: str | None = None) -> dict:

@@ -140,14 +140,12 @@ def export_adhoc(params: Params, checkpoint: str, out: str) -> dict:
     """`codeworld export`: a phase checkpoint directory (a run by hand, another machine's) as a
     Hugging Face folder, checked as the export stage checks its own. Its lineage is its own
     run.json only: the params' phase chain need not be the one it was trained through."""
+    from model.checkpoint import latest
     from stages.export import export, phase_record
-    from stages.train_phase import RUN
 
-    ckdir = Path(checkpoint)
-    if not (ckdir / "latest.json").exists():
+    found = latest(Path(checkpoint))
+    if found is None:
         raise ConfigError(f"--checkpoint {checkpoint}: not a phase checkpoint directory "
                           "(no latest.json)")
-    run = json.loads((ckdir / RUN).read_text()) if (ckdir / RUN).exists() else {}
-    phase = run.get("phase") or ckdir.name
-    return export(params, ckdir, Storage(out, params.storage.s3_endpoint_url), phase,
-                  [phase_record(phase, ckdir)])
+    return export(params, found, Storage(out, params.storage.s3_endpoint_url),
+                  [phase_record(Path(checkpoint))])

@@ -173,21 +173,22 @@ def model_card(params: Params, phase: str, iteration: int, lineage: list[dict],
     return "\n".join(lines)
 
 
-def phase_record(phase: str, ckdir: Path) -> dict:
-    """A phase directory as the lineage names it: phase, latest iteration, run fingerprint."""
+def phase_record(ckdir: Path, phase: str | None = None) -> dict:
+    """A phase directory as the lineage names it: phase (by default its run.json's, else the
+    directory's name), latest iteration, run fingerprint."""
     from model import checkpoint
 
     run = json.loads((ckdir / RUN).read_text()) if (ckdir / RUN).exists() else {}
     found = checkpoint.latest(ckdir)
-    return {"phase": phase, "iteration": found[0] if found else None,
-            "fingerprint": run.get("fingerprint", "")}
+    return {"phase": phase or run.get("phase") or ckdir.name,
+            "iteration": found[0] if found else None, "fingerprint": run.get("fingerprint", "")}
 
 
 def lineage(params: Params, phase: str) -> list[dict]:
     """The phase, then the one it started from, and so on (params' init_from)."""
     chain, cur = [], phase
     while cur:
-        chain.append(phase_record(cur, phase_dir(params, cur)))
+        chain.append(phase_record(phase_dir(params, cur), cur))
         cur = getattr(getattr(params, cur, None), "init_from", None)
     return chain
 
@@ -200,32 +201,32 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
     phase = params.export.phase
     storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
     ckdir = phase_dir(params, phase)
-    if checkpoint.latest(ckdir) is None:
+    found = checkpoint.latest(ckdir)
+    if found is None:
         raise ConfigError(f"export.phase {phase!r}: no checkpoint to export (no latest.json "
                           f"in {ckdir}); train that phase first")
     evaluation = None
     if storage.exists("evaluate/summary.json"):
         summary = json.loads(storage.read_bytes("evaluate/summary.json"))
         evaluation = summary.get("phases", {}).get(phase)
-    return export(params, ckdir, storage.sub(OUTPUT), phase, lineage(params, phase), evaluation,
+    return export(params, found, storage.sub(OUTPUT), lineage(params, phase), evaluation,
                   track=track, metrics_path=metrics_path)
 
 
-def export(params: Params, ckdir: Path, out: Storage, phase: str, chain: list[dict],
+def export(params: Params, found: tuple[int, Path], out: Storage, chain: list[dict],
            evaluation: dict | None = None, *, track: bool = False,
            metrics_path: str | None = None) -> dict:
-    """The latest checkpoint of the phase directory `ckdir` to the folder `out`, checked on
-    the storage root's held-out traces with its tokenizer (the stage, and `codeworld export`
-    for a checkpoint trained by hand)."""
-    from model import checkpoint, generate
+    """A checkpoint (`found`: the iteration and its directory, checkpoint.latest's answer) of
+    the phase `chain` starts with, to the folder `out`, checked on the storage root's held-out
+    traces with its tokenizer (the stage, and `codeworld export` for a checkpoint trained by
+    hand)."""
+    from model import generate
     from stages.evaluate import heldout_programs
 
     cfg = params.export
     storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
-    found = checkpoint.latest(ckdir)
-    if found is None:
-        raise ConfigError(f"{ckdir}: no checkpoint to export (no latest.json)")
     iteration, iteration_dir = found
+    phase = chain[0]["phase"]
     fp = fingerprint(CODE, OUTPUT, 1, cfg.model_dump(), params.model.model_dump(), chain)
     if out.exists(MANIFEST):
         done = json.loads(out.read_bytes(MANIFEST))
@@ -247,7 +248,8 @@ def export(params: Params, ckdir: Path, out: Storage, phase: str, chain: list[di
                               f"({counts}); raise evaluate.max_program_tokens")
         folder = Path(tmp) / OUTPUT
         with run_.timed("write"):
-            lm = generate.load(params, ckdir, tok.get_vocab_size(), phase, iteration_dir)
+            lm = generate.load(params, iteration_dir.parent, tok.get_vocab_size(), phase,
+                               iteration_dir)
             card = model_card(params, phase, iteration, chain, evaluation)
             n_params = build_folder(params, lm, tok, folder, card)
         with run_.timed("check"):
