@@ -729,16 +729,42 @@ def parse_params(data: object, origin: str = "params") -> Params:
         raise ConfigError(_format(err, origin)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's own loaders keep the last of two equal keys: a section or key written twice
+    (an edit pasted below the old one) would silently drop the first, so it is refused."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise _DuplicateKey(f"line {line}: key {key!r} is given twice (first at line "
+                                    f"{first[key]}); only one of them can hold")
+            first[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path, what: str) -> object:
+    """A params-like YAML file; any failure is a ConfigError naming the file."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read params file: {err.strerror}") from None
+        raise ConfigError(f"{path}: cannot read {what}: {err.strerror}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text: {err}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_params(data, str(path))
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    return parse_params(read_yaml(path, "params file"), str(path))

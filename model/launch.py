@@ -38,7 +38,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from codeworld.config import PHASES, ConfigError, Params, load_params
+from codeworld.config import PHASES, ConfigError, Params, load_params, read_yaml
 
 ENDPOINT = "CODEWORLD_RDZV_ENDPOINT"
 RDZV_ID = "CODEWORLD_RDZV_ID"
@@ -189,14 +189,7 @@ def worker_env(params: Params) -> dict[str, str]:
 def overlay_items(path: Path) -> list[str]:
     """An overlay file (infra/params/*.yaml) as SECTION.KEY=JSON overrides: the sections it
     names are merged into params.yaml key by key, and each key's value replaces the file's."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read overlay: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    data = read_yaml(path, "overlay")
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ConfigError(f"{path}: an overlay maps sections to {{key: value}} mappings")
     return [f"{section}.{key}={json.dumps(value)}"

@@ -157,8 +157,16 @@ def _list_dir(root: Path, name: str, kind: str, cfg: CorpusConfig,
                 licenses[d] = license_for(d.parent)
         return licenses[d]
 
+    def unlistable(err: OSError) -> None:
+        # os.walk passes over a folder it cannot list; silently, that would drop its files
+        # from the corpus without a word. The source root itself is fatal: nothing of it is read.
+        if Path(err.filename) == root:
+            raise SourceError(f"source {name!r}: cannot list {root}: {err.strerror}")
+        rel = Path(err.filename).relative_to(root).as_posix()
+        skipped.append(skipped_entry("unlistable_dir", name, rel, err.strerror or str(err)))
+
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable):
         dirnames.sort()
         for fname in sorted(filenames):
             full = Path(dirpath) / fname

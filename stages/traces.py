@@ -224,7 +224,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         writer = DatasetWriter(storage, output, fp)
         finished = writer.prepare()
         if finished is not None:
-            run_.log(**finished["stats"]["metrics"])
+            run_.log(**finished["stats"]["metrics"], **generation_metrics(finished["stats"]))
             return finished
         stats: Counter = Counter()
         seen: set[str] = set()
@@ -247,11 +247,17 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         manifest = writer.finish(infos, {"stats": report})  # no timings: bytes stay reproducible
         # throughput of the function-level tracing (programs through the sandbox)
         traced = report["metrics"]["programs"] - report["metrics"].get("generator_repository", 0)
-        run_.log(**report["metrics"], seconds_tracing=round(traced_seconds, 3),
+        run_.log(**report["metrics"], **generation_metrics(report), seconds_tracing=round(traced_seconds, 3),
                  seconds_repositories=round(repo_seconds, 3),
                  traces_per_second=round(traced / traced_seconds, 1) if traced_seconds else 0.0)
         run_.artifact(report, "traces_report.json")
         return manifest
+
+
+def generation_metrics(report: dict) -> dict[str, int]:
+    """What the program generator made and passed over (functions skipped for I/O, a
+    dependency, a decorator...), as metrics beside the tracing's: `generated_skipped_io`."""
+    return {"generated_" + k.replace(":", "_"): v for k, v in report["programs"].items()}
 
 
 def summarize(metas: list[dict], programs: Counter) -> dict:

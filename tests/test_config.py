@@ -42,6 +42,13 @@ def test_unreadable_and_invalid_yaml(tmp_path):
     bad.write_text("corpus: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_params(bad)
+    twice = tmp_path / "twice.yaml"   # YAML itself would keep the last 'traces' silently
+    twice.write_text("traces:\n  seed: 1\n  max_programs: 10\ncorpus: {}\ntraces:\n  seed: 2\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: line 5: key 'traces' is given twice \(first at line 1\)"):
+        load_params(twice)
+    twice.write_text("traces:\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: line 3: key 'seed' is given twice \(first at line 2\)"):
+        load_params(twice)
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):

@@ -7,6 +7,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +162,27 @@ def test_dedup_recomputes_a_broken_signature_file(tmp_path, monkeypatch, caplog,
         dedup.run(params, track=False, metrics_path=None)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == reference
     assert f"{sigs[1]}: unreadable signatures" in caplog.text
+
+
+
+def test_unlistable_folder_is_counted_and_unlistable_root_is_fatal(tmp_path, monkeypatch):
+    src = small_tree(tmp_path)
+    locked = src / "locked"
+    locked.mkdir()
+    (locked / "hidden.py").write_text("z = 3\n")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        # root lists any folder, so the refusal a user without read permission meets is made here
+        if not isinstance(path, int) and os.fsdecode(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    m = run_corpus(tmp_path, [{"kind": "dir", "path": str(src)}])
+    assert m["stats"]["counts"]["skipped_unlistable_dir"] == 1
+    assert [e for e in m["stats"]["examples"] if e["reason"] == "unlistable_dir"] == [
+        {"reason": "unlistable_dir", "source": "src", "path": "locked", "detail": "Permission denied"}]
+    assert "locked/hidden.py" not in records(tmp_path) and "decoder.py" in records(tmp_path)
+    with pytest.raises(SourceError, match=r"source 'locked': cannot list \S+/locked: Permission denied"):
+        run_corpus(tmp_path, [{"kind": "dir", "path": str(locked)}])

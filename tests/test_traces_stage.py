@@ -49,6 +49,10 @@ def test_stage_traces_corpus_functions_deterministically(tmp_path):
     assert len(set(sigs)) == len(sigs)
     metrics = json.loads((tmp_path / "a-traces.json").read_text())
     assert metrics["traces_per_second"] > 0 and metrics["kept"] == len(recs)
+    # what the generator passed over is a metric too, not only in the manifest
+    assert {f"generated_{k.replace(':', '_')}": v for k, v in m["stats"]["programs"].items()}.items() \
+        <= metrics.items()
+    assert metrics["generated_functions"] > 0 and any(k.startswith("generated_skipped_") for k in metrics)
     # same params and seed, other workers: byte-identical data
     build(tmp_path, "b", workers=1)
     for shard in sorted(p.name for p in (tmp_path / "a" / "traces").iterdir()):
