@@ -18,9 +18,16 @@
 #                (infra/install_te_offline.sh says what DIR holds; a wheel it builds is kept
 #                in $OUT for the next session to carry)
 #   PACK=DIR     the pack the train lines read (default data/pack)
+#   KIT=DIR      all of it from one carried folder built by bench/device_kit.sh: its wheels
+#                installed in /tmp/site, TE from DIR/te, and its data (pack, tokenizer, traces)
+#                unpacked in /tmp/devdata, read by the train and export lines
 # `bash bench/gpu_check.sh --check` only reads and checks the plan (no GPU needed).
 set -u -f
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
+if [ -n "${KIT:-}" ]; then
+  [ -r "$KIT/data.tgz" ] || { echo "gpu_check: $KIT/data.tgz missing: build the kit with bench/device_kit.sh" >&2; exit 2; }
+  TE_DIR=${TE_DIR:-$KIT/te}; PACK=/tmp/devdata/data/pack; export DATA=/tmp/devdata/data
+fi
 PACK=${PACK:-data/pack}
 PLAN=${PLAN:-bench/gpu_plans/full.txt}
 export PYTHONUNBUFFERED=1
@@ -35,6 +42,12 @@ done
 [ "${1:-}" != --check ] || { echo "$PLAN: ${#plan[@]} steps"; exit 0; }
 say() { echo "[$SECONDS s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+if [ -n "${KIT:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$KIT"/whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  mkdir -p /tmp/devdata && tar -xzf "$KIT/data.tgz" -C /tmp/devdata || exit 1
+fi
 if [ -n "${TE_DIR:-}" ]; then
   TE_WHEEL_OUT=$OUT bash infra/install_te_offline.sh "$TE_DIR" /tmp/te-site > "$OUT/te_install.log" 2>&1 \
     || { tail -20 "$OUT/te_install.log"; exit 1; }

@@ -107,6 +107,11 @@ def test_gpu_check_refuses_a_bad_plan_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert f"{plan}: 'benchmark' is not bench, train or export, in: benchmark mbs8 --profile" in proc.stderr
     assert proc.stdout == ""   # nothing ran: no nvidia-smi, no install
+    # a kit folder without its data (bench/device_kit.sh not run, or not carried) is refused too
+    proc = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh")], cwd=ROOT, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "OUT": str(out), "KIT": str(tmp_path / "kit")})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert f"{tmp_path / 'kit'}/data.tgz missing: build the kit with bench/device_kit.sh" in proc.stderr
 
 
 @pytest.mark.parametrize("plan", sorted((ROOT / "bench/gpu_plans").glob("*.txt")), ids=lambda p: p.name)
