@@ -193,7 +193,7 @@ def _debug(args: argparse.Namespace) -> int:
     color = {"always": True, "never": False}.get(args.color, sys.stdout.isatty())
     try:
         session = start(args.file, args.call, load_params(args.params), checkpoint=args.checkpoint,
-                        wall_seconds=args.timeout, max_new_tokens=args.max_new_tokens,
+                        hf=args.hf, wall_seconds=args.timeout, max_new_tokens=args.max_new_tokens,
                         color=color)
     except (DebugError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
@@ -274,8 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("debug", help="neural debugger: the model's frames beside the real ones")
     s.add_argument("file", help="a Python file")
     s.add_argument("--call", required=True, help='the call to trace, e.g. "f(1, 2)"')
-    s.add_argument("--checkpoint", help="a phase checkpoint directory or one of its iter_N "
-                   "(default: the last trained phase)")
+    which = s.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", help="a phase checkpoint directory or one of its iter_N "
+                       "(default: the last trained phase)")
+    which.add_argument("--hf", metavar="FOLDER", help="a `codeworld export` folder instead, run "
+                       "through transformers (no Megatron, no training data needed)")
     s.add_argument("--params", default="params.yaml")
     s.add_argument("--timeout", type=_seconds, default=5.0, help="wall seconds for the real run")
     s.add_argument("--max-new-tokens", type=_positive_int, default=4096, help="cap on predicted tokens")

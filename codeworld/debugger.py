@@ -355,6 +355,41 @@ def _checkpoint(params, path: str | None) -> tuple[str, Path, Path | None]:
     return phase, phase_dir, it
 
 
+class ExportedModel:
+    """A `codeworld export` folder through transformers alone (no Megatron): the debugger's
+    model for whoever has the export and not the checkpoint. Greedy, as the checkpoint's."""
+
+    def __init__(self, folder: str):
+        from tokenizers import Tokenizer
+
+        path = Path(folder)
+        try:
+            manifest = json.loads((path / "codeworld.json").read_text())
+            self.phase, self.iteration = manifest["phase"], int(manifest["iteration"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DebugError(f"--hf {folder}: not a finished codeworld export (its codeworld.json, "
+                             f"written last: {err})") from None
+        missing = [name for name in manifest.get("files", ()) if not (path / name).is_file()]
+        if missing:
+            raise DebugError(f"--hf {folder}: {', '.join(missing)} missing from the export")
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()   # a loading bar between the session's lines
+        self.checkpoint = path
+        self.tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+
+    def sample(self, prompt: list[int], *, max_new_tokens: int, stop_ids, **_) -> list[list[int]]:
+        import torch
+
+        with torch.no_grad():
+            out = self.model.generate(torch.tensor([prompt]), do_sample=False,
+                                      max_new_tokens=max_new_tokens, eos_token_id=sorted(stop_ids),
+                                      pad_token_id=EOD_ID)
+        return [out[0, len(prompt):].tolist()]
+
+
 def trace_real(code: str, call: str, params, wall_seconds: float) -> dict:
     """The program run once in the sandbox under the tracer: the traces stage's record."""
     from stages.trace_runner import trace_requests
@@ -365,10 +400,11 @@ def trace_real(code: str, call: str, params, wall_seconds: float) -> dict:
                           batch_size=1, frames=True)[0]
 
 
-def start(file: str, call: str, params, *, checkpoint: str | None = None,
+def start(file: str, call: str, params, *, checkpoint: str | None = None, hf: str | None = None,
           wall_seconds: float = 5.0, max_new_tokens: int = 4096,
           out: TextIO = sys.stdout, color: bool = False) -> Session:
-    """Trace the program, load the model, and return the session (not yet run)."""
+    """Trace the program, load the model (a phase checkpoint, or with `hf` an exported
+    folder), and return the session (not yet run)."""
     from model import generate
     from codeworld.storage import Storage
     from stages import pack as pack_stage
@@ -403,6 +439,12 @@ def start(file: str, call: str, params, *, checkpoint: str | None = None,
     else:
         print(f"(no real trace: {record['status']}: {record.get('error')})", file=out)
     prompt = prompts.trace_prompt({"prompt": record.get("prompt") or prompt_for(context)})
+    if hf is not None:
+        lm = ExportedModel(hf)
+        print(f"model: {lm.phase} export {hf} (iteration {lm.iteration}, through transformers); "
+              f"program traced: {record['status']}", file=out)
+        return Session(Predictor(lm, lm.tok, prompt, max_new_tokens), real, lines, context, out,
+                       Style(color))
     phase, ckdir, iteration_dir = _checkpoint(params, checkpoint)
     storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
     tok = tokenizer_stage.load(storage)

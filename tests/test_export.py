@@ -17,6 +17,7 @@ from codeworld.config import ConfigError, ModelConfig, parse_params
 from model.hf_llama import ExportMappingError, llama_state_dict, split_qkv
 
 REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 EXPORT = {"phase": "pretrain", "check_programs": 3, "greedy_tokens": 12}
 EVAL = {"max_programs": 4, "max_program_tokens": 600}
 
@@ -189,6 +190,40 @@ def test_export_is_checked_loads_with_transformers_alone_and_is_reproducible(roo
     shutil.rmtree(folder)
     assert _export(root).returncode == 0
     assert _hashes(folder) == before
+
+
+def test_debugger_runs_the_export_through_transformers_as_it_runs_the_checkpoint(root, tmp_path):
+    """`codeworld debug --hf`: the neural debugger for whoever has only the export."""
+    if not (root / "export" / "codeworld.json").exists():
+        assert _export(root).returncode == 0
+    prog = tmp_path / "prog.py"
+    prog.write_text("def helper(v):\n    return v * 2\n\n\ndef f(a, b):\n    c = helper(a)\n"
+                    "    d = c + b\n    return d\n")
+    base = [sys.executable, "-m", "codeworld.cli", "debug", str(prog), "--call", "f(2, 3)",
+            "--params", str(root / "params.yaml"), "--max-new-tokens", "64"]
+    walk = "s\ns\nn\np a\nc\nq\n"
+    hf = subprocess.run([*base, "--hf", str(root / "export")], input=walk, capture_output=True,
+                        text=True, cwd=REPO, timeout=600)
+    assert hf.returncode == 0, hf.stderr[-3000:]
+    assert hf.stdout.startswith(f"model: pretrain export {root / 'export'} (iteration 4, "
+                                "through transformers); program traced: ok\n")
+    assert "Loading weights" not in hf.stderr
+    ours = subprocess.run([*base, "--checkpoint", str(root / "checkpoints" / "pretrain")], input=walk,
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    # the same session, frame for frame: real frames, predicted ones, the marks between them
+    assert hf.stdout.split("\n", 1)[1] == ours.stdout.split("\n", 1)[1]
+    assert hf.stdout.count("pred:") >= 5 and "real: call      def f(a, b):" in hf.stdout
+    # a folder that is no finished export, and one missing a file, are refused before any work
+    bad = subprocess.run([*base, "--hf", str(tmp_path)], input="", capture_output=True, text=True,
+                         cwd=REPO, timeout=300)
+    assert bad.returncode == 2 and "not a finished codeworld export" in bad.stderr
+    partial = tmp_path / "partial"
+    shutil.copytree(root / "export", partial)
+    (partial / "model.safetensors").unlink()
+    bad = subprocess.run([*base, "--hf", str(partial)], input="", capture_output=True, text=True,
+                         cwd=REPO, timeout=300)
+    assert bad.returncode == 2 and f"--hf {partial}: model.safetensors missing from the export" in bad.stderr
 
 
 def _records(root: Path) -> list[dict]:
