@@ -20,7 +20,7 @@ import math
 import sys
 from pathlib import Path
 
-from codeworld.config import ConfigError, load_params
+from codeworld.config import ConfigError, StageFailed, load_params
 
 EXIT_BAD_INPUT = 2
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL: the flow retries these
@@ -342,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConnectionError, TimeoutError) as err:
         print(f"codeworld {args.cmd}: transient error (retry): {err}", file=sys.stderr)
         return EXIT_TRANSIENT
+    except StageFailed as err:   # a training run that failed (its log's tail), a held lock...
+        print(f"codeworld {args.cmd}: error: {err}", file=sys.stderr)
+        return 1
     except StorageError as err:   # its message names the path
         if _storage_error_is_transient(err):
             print(f"codeworld {args.cmd}: transient error (retry): {err}", file=sys.stderr)

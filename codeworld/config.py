@@ -18,8 +18,31 @@ class ConfigError(ValueError):
     """A params file that cannot be used; the message names the file, key path and reason."""
 
 
+class StageFailed(RuntimeError):
+    """A stage that cannot go on, its message saying why and what to do (the command line
+    prints it as one `error:` line, not a traceback)."""
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity are no setting (a NaN weight passes every `< 0` check)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# A repository's name names its cache folder and its metric keys: a plain file name
+REPO_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+def _distinct_repo_names(names: list[str]) -> None:
+    """Names must differ, and still differ as metric keys (a.b and a_b both give tasks_a_b)."""
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"duplicate repository names {dup}")
+    keys: dict[str, str] = {}
+    for n in names:
+        k = re.sub(r"[^A-Za-z0-9_]+", "_", n)
+        if k in keys:
+            raise ValueError(f"repository names {keys[k]!r} and {n!r} give the same metric key {k!r}")
+        keys[k] = n
 
 
 class StorageConfig(Section):
@@ -217,7 +240,7 @@ class RepositoryConfig(Section):
     """A repository whose own test suite is traced: a PyPI sdist pinned by version and sha256
     (fetched once), or a local source tree."""
 
-    name: str
+    name: str = Field(pattern=REPO_NAME)
     version: str | None = None
     sha256: str | None = None
     path: str | None = None
@@ -255,6 +278,12 @@ class TracesConfig(Section):
     repo_max_traces: int = Field(default=500, ge=0)
     repo_max_per_function: int = Field(default=5, ge=1)
     repo_wall_seconds: float = Field(default=120.0, gt=0)
+
+    @field_validator("repositories")
+    @classmethod
+    def _repositories(cls, v: list[RepositoryConfig]) -> list[RepositoryConfig]:
+        _distinct_repo_names([r.name for r in v])
+        return v
 
 
 class TokenizerConfig(Section):
@@ -419,7 +448,7 @@ class AgentRepoConfig(Section):
     """An agent environment: a PyPI sdist pinned by version and sha256 (fetched once), a local
     git repository at a pinned commit, or a local folder (path alone)."""
 
-    name: str
+    name: str = Field(pattern=REPO_NAME)
     version: str | None = None
     sha256: str | None = None
     path: str | None = None
@@ -478,6 +507,7 @@ class AgentConfig(Section):
     max_tokens: int = Field(default=32000, ge=256)
     observation_chars: int = Field(default=4000, ge=200)
     tool_wall_seconds: float = Field(default=60.0, gt=0)
+    max_workdir_mb: int = Field(default=256, ge=1)         # the working copy; past it the episode ends
     openai: OpenAIPolicyConfig = OpenAIPolicyConfig()
     # execution traces of each task's failing tests (repository tracer), for mid-training
     failing_traces: bool = True
@@ -487,10 +517,7 @@ class AgentConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "AgentConfig":
-        names = [r.name for r in self.repositories]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"duplicate repository names {dup}")
+        _distinct_repo_names([r.name for r in self.repositories])
         if "openai" in self.policies and not (self.openai.base_url and self.openai.model):
             raise ValueError("policy openai needs openai.base_url and openai.model")
         if len(set(self.policies)) != len(self.policies):
@@ -572,7 +599,7 @@ class EvaluateConfig(Section):
     (pack.heldout_percent / seed), the same programs for every phase."""
 
     # Evaluated in this order when data/checkpoints/<phase>/latest.json exists.
-    phases: list[str] = Field(default_factory=lambda: ["pretrain", "midtrain", "sft", "rl"])
+    phases: list[str] = Field(default_factory=lambda: ["pretrain", "midtrain", "sft", "rl"], min_length=1)
     # Held-out programs for trace and output prediction, a seeded draw among those whose
     # prompt + real trace fit max_program_tokens (short traces keep the CPU default to minutes).
     max_programs: int = Field(default=10, ge=1)

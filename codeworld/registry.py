@@ -59,13 +59,19 @@ def lineage(params: Params, phase: str, root: Path) -> dict[str, str]:
     return tags
 
 
-def _existing(client, name: str, fingerprint: str):
-    try:
-        versions = client.search_model_versions(f"name = '{name}'")
-    except Exception:
-        return None
-    for v in versions:
-        if v.tags.get("checkpoint.fingerprint") == fingerprint:
+def _existing(client, name: str, fingerprint: str, iteration: int):
+    """The version registered for this checkpoint (run fingerprint and iteration: a run
+    registered while training, or before a resume, has a later checkpoint still to come).
+    An error of the tracking server is raised, not taken as "none": that registered twice."""
+    if "'" not in name:
+        quoted = f"'{name}'"
+    elif '"' not in name:
+        quoted = f'"{name}"'
+    else:
+        raise RegistryError(f"registered model name {name!r}: holds both quote characters")
+    for v in client.search_model_versions(f"name = {quoted}"):
+        if (v.tags.get("checkpoint.fingerprint") == fingerprint
+                and v.tags.get("checkpoint.iteration") == str(iteration)):
             return v
     return None
 
@@ -94,7 +100,7 @@ def register_final(params: Params, name: str | None = None) -> dict:
     fp = json.loads((d / RUN).read_text())["fingerprint"]
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
-    if (found := _existing(client, name, fp)) is not None:
+    if (found := _existing(client, name, fp, iteration)) is not None:
         return {"name": name, "version": found.version, "phase": phase, "new": False,
                 "source": found.source}
     tags = lineage(params, phase, root)

@@ -102,6 +102,8 @@ class DatasetWriter:
         """Start or resume a run. Returns the manifest when a finished dataset with this
         fingerprint already exists (nothing to do), else None."""
         manifest = _read_manifest(self.out)
+        if manifest is not None and pinned_elsewhere(manifest, self.out) is not None:
+            manifest = {**manifest, "fingerprint": None}  # another root's dataset: not this one
         if manifest is not None and manifest.get("fingerprint") == self.fingerprint:
             if not self.work.exists("fingerprint"):
                 self.work.remove("")  # leftovers of a run killed while cleaning up
@@ -180,6 +182,17 @@ def _read_manifest(where: Storage) -> dict | None:
     return manifest
 
 
+def pinned_elsewhere(manifest: dict, where: Storage) -> str | None:
+    """Where the dataset lies when this manifest is a pin (see pin_manifest) of a dataset
+    stored under another root, else None."""
+    loc = manifest.get("location")
+    if loc is None:
+        return None
+    same = loc == where.root if where.is_s3 or loc.startswith("s3://") else \
+        os.path.abspath(loc) == os.path.abspath(where.root)
+    return None if same else loc
+
+
 class Dataset:
     """A finished dataset: its manifest, and verified reads of its shards."""
 
@@ -189,6 +202,12 @@ class Dataset:
         if manifest is None:
             raise ShardError(f"{storage.path(MANIFEST)}: missing: the stage writing "
                              f"{storage.root} has not finished (rerun it)")
+        elsewhere = pinned_elsewhere(manifest, storage)
+        if elsewhere is not None:
+            # the shards here (if any) are another run's: reading them would fail their checksums
+            raise ShardError(f"{storage.path(MANIFEST)}: pins the dataset stored at {elsewhere} "
+                             "(written by a run whose storage.root was there): read it there, or "
+                             "rerun the stage with this storage root")
         self.manifest = manifest
         self.shards = [ShardInfo(**s) for s in manifest["shards"]]
 

@@ -130,11 +130,25 @@ def prefect_yaml(root: Path, schedules: dict[str, str] | None = None) -> str:
 
 
 def _schedules(items: list[str] | None) -> dict[str, str]:
+    """SCHEDULES with the --cron changes; a deployment name or cron expression that is not
+    one is refused before anything is served or written (else it was silently dropped)."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
     out = dict(SCHEDULES)
     for item in items or []:
         name, sep, expr = item.partition("=")
         if not sep:
             raise SystemExit(f"--cron {item!r}: expected NAME=CRON (NAME= removes a schedule)")
+        if name not in DESCRIPTIONS:
+            raise SystemExit(f"--cron {item!r}: no deployment {name!r} (deployments: "
+                             f"{', '.join(DESCRIPTIONS)})")
+        if expr.strip():
+            try:
+                CronSchedule(cron=expr.strip(), timezone="UTC")
+            except ValidationError:
+                raise SystemExit(f"--cron {item!r}: {expr.strip()!r} is not a cron expression "
+                                 "(minute hour day-of-month month day-of-week)") from None
         out[name] = expr.strip()
     return out
 
@@ -155,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "serve":
         serve_all(root, schedules, args.paused)
     else:
-        text, target = prefect_yaml(root), root / "prefect.yaml"
+        text, target = prefect_yaml(root, schedules), root / "prefect.yaml"
         if args.check:
             if not target.exists() or target.read_text() != text:
                 print(f"{target} is stale: run `python -m flows.deploy prefect-yaml`", file=sys.stderr)

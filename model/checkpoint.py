@@ -52,17 +52,37 @@ def sharded_state_dict(chunks, optimizer=None, scheduler=None, iteration: int = 
     return sd
 
 
+def complete(root: Path) -> list[Path]:
+    """The complete checkpoints in `root`, oldest first: `iter_N/` is only ever renamed from
+    `iter_N.tmp/` once every rank has written it."""
+    return sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def has_checkpoints(root: Path) -> bool:
+    return (root / LATEST).exists() or bool(complete(root))
+
+
 def latest(root: Path) -> tuple[int, Path] | None:
+    """(iteration, folder) of the checkpoint `latest.json` names; without latest.json, the
+    newest complete one (a save killed between its rename and latest.json, or the file
+    deleted by hand: a restart from step 0 would prune those checkpoints); None when none."""
     try:
         info = json.loads((root / LATEST).read_text())
     except FileNotFoundError:
-        return None
+        found = complete(root)
+        if not found:
+            return None
+        return int(found[-1].name[len("iter_"):]), found[-1]
     except ValueError as err:
         raise ValueError(f"{root / LATEST}: not valid JSON ({err})") from None
-    path = root / info["dir"]
+    try:
+        path, iteration = root / info["dir"], int(info["iteration"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{root / LATEST}: needs {{\"iteration\": N, \"dir\": \"iter_N\"}}, "
+                         f"got {json.dumps(info)[:200]} ({type(err).__name__}: {err})") from None
     if not path.is_dir():
         raise FileNotFoundError(f"{root / LATEST} names {info['dir']}, which does not exist")
-    return int(info["iteration"]), path
+    return iteration, path
 
 
 def save(root: Path, iteration: int, chunks, optimizer, scheduler, keep: int = 2) -> Path:
@@ -93,8 +113,7 @@ def publish(root: Path, iteration: int, keep: int = 2) -> Path:
     body = json.dumps({"iteration": iteration, "dir": final.name}) + "\n"
     (root / f".{LATEST}.tmp").write_text(body)
     os.replace(root / f".{LATEST}.tmp", root / LATEST)
-    complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in complete[:-keep] if keep else []:
+    for old in complete(root)[:-keep] if keep else []:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("iter_*.tmp"):

@@ -67,7 +67,11 @@ class StepLog:
         kept = []
         if path.exists():
             for line in path.read_text().splitlines():
-                if line.strip() and json.loads(line)["step"] <= resume_after:
+                try:
+                    step = json.loads(line)["step"]
+                except (ValueError, KeyError, TypeError):
+                    continue   # blank, or half written by a killed run: that step is redone
+                if step <= resume_after:
                     kept.append(line + "\n")
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(kept))

@@ -111,26 +111,32 @@ def heldout_streams(params: Params, storage: Storage, tok, counts: dict) -> dict
             counts[f"ppl_missing_{name}"] = 1
             log.warning("perplexity: source %s (%s) unreadable: %s", name, src.dataset, err)
             continue
-        for record in ds:
-            if len(ids) >= cap:
-                break
-            if not heldout(corpus_id(record), params.pack.heldout_percent, params.pack.seed):
-                continue
-            try:
-                segments = render(record, src.format, observation_mask=src.observation_mask,
-                                  seed=params.pack.seed)
-            except NotATask:
-                continue
-            except DocumentError:
-                counts[f"ppl_broken_{name}"] = counts.get(f"ppl_broken_{name}", 0) + 1
-                continue
-            for text, keep in segments:
-                piece = tok.encode(text).ids
-                ids += piece
-                mask += [int(keep)] * len(piece)
-            ids.append(EOD_ID)
-            mask.append(1)
-            counts[f"ppl_documents_{name}"] = counts.get(f"ppl_documents_{name}", 0) + 1
+        try:
+            for record in ds:
+                if len(ids) >= cap:
+                    break
+                if not heldout(corpus_id(record), params.pack.heldout_percent, params.pack.seed):
+                    continue
+                try:
+                    segments = render(record, src.format, observation_mask=src.observation_mask,
+                                      seed=params.pack.seed)
+                except NotATask:
+                    continue
+                except DocumentError:
+                    counts[f"ppl_broken_{name}"] = counts.get(f"ppl_broken_{name}", 0) + 1
+                    continue
+                for text, keep in segments:
+                    piece = tok.encode(text).ids
+                    ids += piece
+                    mask += [int(keep)] * len(piece)
+                ids.append(EOD_ID)
+                mask.append(1)
+                counts[f"ppl_documents_{name}"] = counts.get(f"ppl_documents_{name}", 0) + 1
+        except ShardError as err:  # a damaged shard: this source is left out, and said so
+            counts[f"ppl_missing_{name}"] = 1
+            counts.pop(f"ppl_documents_{name}", None)
+            log.warning("perplexity: source %s (%s) unreadable: %s", name, src.dataset, err)
+            continue
         if len(ids) > 1:
             out[name] = (ids[:cap + 1], mask[:cap + 1])
     return out

@@ -45,6 +45,8 @@ from pathlib import Path
 
 from codeworld.sandbox import Limits, run_command
 from codeworld.storage import file_sha256
+from codeworld.tokens import END_OF_TEXT
+from codeworld.trace_metrics import parse as parse_trace
 from codeworld.sandbox.bwrap import python_install
 from stages import tracer, tracer_repo
 from stages.tracer import TraceLimits
@@ -248,7 +250,7 @@ def trace_repository(tree: str | os.PathLike, *, max_traces: int = 500,
                                           (RUNNER_DIR, "/sandbox/lib/cwrepo"),
                                           (spec_dir, "/sandbox/spec")])
     seconds = time.perf_counter() - t0
-    recs, summary, bad_lines = [], None, 0
+    recs, summary, bad_lines, malformed = [], None, 0, 0
     lines = res.stdout.splitlines()
     if res.stdout_truncated and lines:
         lines = lines[:-1]  # the last line may be cut
@@ -262,6 +264,12 @@ def trace_repository(tree: str | os.PathLike, *, max_traces: int = 500,
             summary = obj["summary"]
         elif isinstance(obj, dict) and isinstance(obj.get("test"), str) \
                 and isinstance(obj.get("seq"), int) and obj.get("status") in STATUSES:
+            # The suite's own code shares the process that writes these lines and could write
+            # lines of its own: a trace that is not well-formed CWM format is not kept.
+            trace = obj.get("trace")
+            if trace is not None and (not isinstance(trace, str) or parse_trace(trace + END_OF_TEXT).errors):
+                malformed += 1
+                continue
             recs.append(obj)
         else:
             bad_lines += 1
@@ -285,7 +293,7 @@ def trace_repository(tree: str | os.PathLike, *, max_traces: int = 500,
              "traces": len(records),
              "traces_by_status": {s: by_status.get(s, 0) for s in STATUSES},
              "completed": summary != {}, "timed_out": res.timed_out,
-             "returncode": res.returncode, "bad_lines": bad_lines,
+             "returncode": res.returncode, "bad_lines": bad_lines, "malformed_traces": malformed,
              "package_files": len(layout["pkg_files"]), "test_files": len(layout["test_files"]),
              "seconds": round(seconds, 2)}
     if not stats["completed"]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 from pathlib import Path
 
@@ -24,8 +23,8 @@ from codeworld.storage import Storage, filesystem, write_atomic
 from codeworld.tracking import StageRun
 from model import checkpoint
 from stages import train_phase
-from stages.train_phase import (PARAMS, RUN, _set_tags,
-                                phase_dir, read_steps, train, write_plot)
+from stages.train_phase import (PARAMS, RUN, _set_tags, claim, phase_dir, phase_lock,
+                                read_steps, train, write_plot)
 
 # As train_phase.CODE, with model.rl as the torchrun entry (its imports: generate, grpo, ...).
 CODE = Code(("stages.rl", "model.rl"), skip=("model.launch",))
@@ -114,38 +113,33 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
     with StageRun("rl", params.model_dump(include={"model", "parallel", "rl"}),
                   params.tracking.experiment, metrics_path, track) as run_:
         _set_tags(run_, {f"codeworld.parent_{k}": str(v) for k, v in parent.items()})
-        if out.exists():
-            try:
-                same = json.loads((out / RUN).read_text()).get("fingerprint") == fp
-            except (OSError, ValueError):
-                same = False
-            if not same:   # checkpoints of other params, data or code: never resume from those
-                shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(filesystem(str(out)), str(out / RUN), json.dumps(
-            {"phase": "rl", "fingerprint": fp, "parent": parent, "mlflow_run_id": run_.run_id},
-            sort_keys=True).encode() + b"\n")
-        if not (out / POOL).exists():   # written last (atomically): present means complete
-            from stages.tokenizer import load as load_tokenizer
-            from stages.rl_tasks import prepare_pool
+        with phase_lock(out) as lock_fd:
+            claim(out, fp)
+            out.mkdir(parents=True, exist_ok=True)
+            write_atomic(filesystem(str(out)), str(out / RUN), json.dumps(
+                {"phase": "rl", "fingerprint": fp, "parent": parent, "mlflow_run_id": run_.run_id},
+                sort_keys=True).encode() + b"\n")
+            if not (out / POOL).exists():   # written last (atomically): present means complete
+                from stages.tokenizer import load as load_tokenizer
+                from stages.rl_tasks import prepare_pool
 
-            with run_.timed("pool"):
-                tok = load_tokenizer(Storage(params.storage.root, params.storage.s3_endpoint_url))
-                stats = prepare_pool(params, tok, out / POOL.replace(".jsonl", ".tmp.jsonl"))
-            write_atomic(filesystem(str(out)), str(out / POOL_STATS),
-                         json.dumps(stats, sort_keys=True).encode() + b"\n")
-            os.replace(out / POOL.replace(".jsonl", ".tmp.jsonl"), out / POOL)
-        stats = json.loads((out / POOL_STATS).read_text())
-        run_.log(**{k: v for k, v in stats.items() if k.startswith(("pool_", "sandbox_"))})
-        done = checkpoint.latest(out)
-        if done is None or done[0] < cfg.steps:
-            train(params, "rl", out, torchrun_command(params, out, parent), run_)
-        rows = read_steps(out)
-        result = summary(rows)
-        run_.log(**{k: v for k, v in result.items() if isinstance(v, (int, float))})
-        if plot_path:
-            write_plot(rows, plot_path)
-        final = checkpoint.latest(out)
-        return {"name": "rl", "fingerprint": fp, "records": result.get("steps", 0),
-                "checkpoint": str(final[1]) if final else None, "stats": result,
-                "pool": stats, "parent": parent}
+                with run_.timed("pool"):
+                    tok = load_tokenizer(Storage(params.storage.root, params.storage.s3_endpoint_url))
+                    stats = prepare_pool(params, tok, out / POOL.replace(".jsonl", ".tmp.jsonl"))
+                write_atomic(filesystem(str(out)), str(out / POOL_STATS),
+                             json.dumps(stats, sort_keys=True).encode() + b"\n")
+                os.replace(out / POOL.replace(".jsonl", ".tmp.jsonl"), out / POOL)
+            stats = json.loads((out / POOL_STATS).read_text())
+            run_.log(**{k: v for k, v in stats.items() if k.startswith(("pool_", "sandbox_"))})
+            done = checkpoint.latest(out)
+            if done is None or done[0] < cfg.steps:
+                train(params, "rl", out, torchrun_command(params, out, parent), run_, lock_fd)
+            rows = read_steps(out)
+            result = summary(rows)
+            run_.log(**{k: v for k, v in result.items() if isinstance(v, (int, float))})
+            if plot_path:
+                write_plot(rows, plot_path)
+            final = checkpoint.latest(out)
+            return {"name": "rl", "fingerprint": fp, "records": result.get("steps", 0),
+                    "checkpoint": str(final[1]) if final else None, "stats": result,
+                    "pool": stats, "parent": parent}

@@ -11,16 +11,20 @@ sources of the phase's blend only, so packing another phase's data retrains noth
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 from codeworld.code import Code
 from codeworld import pack_cache
-from codeworld.config import PHASES, ConfigError, Params, PhaseConfig
+from codeworld.config import PHASES, ConfigError, Params, PhaseConfig, StageFailed
 from codeworld.shards import fingerprint
 from codeworld.storage import write_atomic, filesystem
 from codeworld.tracking import StageRun, repo_root, tracking_uri
@@ -37,7 +41,7 @@ PARAMS = "params.json"
 STEPS = "steps.jsonl"
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(StageFailed):
     pass
 
 
@@ -108,11 +112,21 @@ def torchrun_command(params: Params, phase: str, out: Path, extra: list[str] = (
     return launch.torchrun_command(params, phase, extra=list(extra))   # out == phase_dir(params, phase)
 
 
+def _die_with_parent() -> None:
+    # In the child before exec: SIGTERM when the stage dies, even by SIGKILL (Linux), which
+    # torchrun answers by stopping its ranks. Else a killed stage left training running
+    # unattended, and a rerun raced it on the same folder.
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def run_in_own_group(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     """Run torchrun in its own process group and, when it ends, kill what is left of the group:
-    dist_checkpointing keeps a multiprocessing Manager process that outlives a killed rank."""
+    dist_checkpointing keeps a multiprocessing Manager process that outlives a killed rank.
+    torchrun gets SIGTERM if this process dies first."""
     timeout = kwargs.pop("timeout", None)
-    proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.STDOUT, **kwargs)
+    proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.STDOUT,
+                            preexec_fn=_die_with_parent, **kwargs)
     try:
         code = proc.wait(timeout=timeout)
     finally:
@@ -123,7 +137,82 @@ def run_in_own_group(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, code)
 
 
-def train(params: Params, name: str, out: Path, cmd: list[str], run_: StageRun) -> None:
+@contextmanager
+def phase_lock(out: Path):
+    """One run at a time in a phase folder (this node's). Held by the stage and by its torchrun,
+    which inherits the descriptor (train passes it on): a torchrun still ending after its
+    stage died keeps the folder until it is gone. Yields the descriptor."""
+    path = out.parents[1] / ".work" / "locks" / f"{out.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
+            raise TrainingFailed(f"{out}: {holder} is training this phase already (lock "
+                                 f"{path}); wait for it to end or stop it, then rerun") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def claim(out: Path, fp: str) -> None:
+    """Keep `out` for a resume when its run.json names this fingerprint, else clear it for a
+    new run. Checkpoints whose run.json is missing or unreadable are not cleared: what made
+    them is unknown, and deleting them would lose the run for a damaged metadata file."""
+    if not out.exists():
+        return
+    try:
+        same = json.loads((out / RUN).read_text()).get("fingerprint") == fp
+    except (OSError, ValueError, AttributeError) as err:
+        if checkpoint.has_checkpoints(out):
+            why = "missing" if isinstance(err, FileNotFoundError) else f"unreadable ({err})"
+            raise TrainingFailed(
+                f"{out / RUN}: {why}; it records which params, data and code made the "
+                f"checkpoints in {out}: restore it to resume, or remove {out} to start over") from None
+        same = False
+    if not same:   # checkpoints of other params, data or code: never resume from those
+        shutil.rmtree(out)
+
+
+def check_pack(params: Params, phase: str, out: Path) -> None:
+    """Before torchrun: the blend's .bin/.idx files are present and match the pack manifest's
+    sha256 (Megatron's own errors on a missing or cut file name no file, or not the cause).
+    What was verified is stamped in `out` (size, mtime, inode), so unchanged files are not
+    hashed again at the next start."""
+    from codeworld.storage import file_sha256
+
+    if pack_cache.storage_of(params.storage).is_s3:
+        return   # each node's ranks fetch the pack into their cache, checking every sha256
+    local = pack_stage.local_dir(params)
+    manifest = pack_stage.read_manifest(params)
+    want = {f: sha for n in phase_config(params, phase).blend
+            for f, sha in manifest["sources"][n]["files"].items()}
+    stamp_path = out / ".pack_verified.json"
+    try:
+        stamp = json.loads(stamp_path.read_text())
+    except (OSError, ValueError):
+        stamp = {}
+    verified = {}
+    for name, sha in sorted(want.items()):
+        try:
+            st = (local / name).stat()
+        except FileNotFoundError:
+            raise TrainingFailed(f"{local / name}: missing, the pack manifest names it "
+                                 "(rerun the pack stage)") from None
+        key = [sha, st.st_size, st.st_mtime_ns, st.st_ino]
+        if stamp.get(name) != key and file_sha256(local / name) != sha:
+            raise TrainingFailed(f"{local / name}: its sha256 differs from the pack manifest's "
+                                 "(cut or modified since packing; rerun the pack stage)")
+        verified[name] = key
+    write_atomic(filesystem(str(out)), str(stamp_path), json.dumps(verified).encode())
+
+
+def train(params: Params, name: str, out: Path, cmd: list[str], run_: StageRun,
+          lock_fd: int | None = None) -> None:
     """Run a phase's torchrun `cmd` (its log in out/train.log) with what every rank needs: the
     MLflow server and run, one intra-op thread share per process; TrainingFailed with the
     log's tail when it fails."""
@@ -132,11 +221,15 @@ def train(params: Params, name: str, out: Path, cmd: list[str], run_: StageRun) 
     if run_.run_id:
         env["CODEWORLD_TRAIN_RUN_ID"] = run_.run_id
     log_path = out / "train.log"
-    with run_.timed("train"), open(log_path, "w") as log:
-        proc = run_in_own_group(cmd, cwd=repo_root(), env=env, stdout=log)
+    # appended: a killed or failed run's log stays, above the rerun's
+    with run_.timed("train"), open(log_path, "a") as log:
+        log.write(f"==== torchrun {' '.join(cmd[1:4])}... (pid {os.getpid()})\n")
+        log.flush()
+        proc = run_in_own_group(cmd, cwd=repo_root(), env=env, stdout=log,
+                                pass_fds=() if lock_fd is None else (lock_fd,))
     if proc.returncode != 0:
-        tail = "".join(l for l in log_path.read_text().splitlines(True)
-                       if "warn" not in l.lower())[-3000:]
+        this_run = log_path.read_text().rsplit("==== torchrun", 1)[-1]
+        tail = "".join(l for l in this_run.splitlines(True)[1:] if "warn" not in l.lower())[-3000:]
         raise TrainingFailed(f"{name}: torchrun exited with {proc.returncode} "
                              f"(log: {log_path})\n{tail}")
 
@@ -145,7 +238,13 @@ def read_steps(out: Path) -> list[dict]:
     path = out / STEPS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:   # blank, or a line a killed writer left half written
+            continue
+    return rows
 
 
 def summary(rows: list[dict]) -> dict:
@@ -190,31 +289,28 @@ def run_phase(params: Params, phase: str, *, track: bool = True, extra: list[str
             tags.update({f"codeworld.parent_{k}": str(v) for k, v in parent.items()})
         _set_tags(run_, tags)
         run_.log(valid_sources=len(validated), train_only_sources=len(train_only))
-        if out.exists():
-            try:
-                same = json.loads((out / RUN).read_text()).get("fingerprint") == fp
-            except (OSError, ValueError):
-                same = False
-            if not same:   # checkpoints of other params or code: never resume from those
-                shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        # mlflow_run_id: the ranks on other nodes read it here (model/metrics.tracking_run_id)
-        record = {"phase": phase, "fingerprint": fp, "parent": parent, "mlflow_run_id": run_.run_id,
-                  "valid_sources": validated, "train_only_sources": train_only}
-        write_atomic(filesystem(str(out)), str(out / RUN),
-                     json.dumps(record, sort_keys=True).encode() + b"\n")
-        done = checkpoint.latest(out)
-        if done is None or done[0] < cfg.steps:
-            train(params, phase, out, torchrun_command(params, phase, out, list(extra)), run_)
-        rows = read_steps(out)
-        stats = summary(rows)
-        run_.log(**stats)
-        if plot_path:
-            write_plot(rows, plot_path)
-        final = checkpoint.latest(out)
-        return {"name": phase, "fingerprint": fp, "records": stats.get("steps", 0),
-                "checkpoint": str(final[1]) if final else None, "stats": stats,
-                "parent": parent, "train_only_sources": train_only}
+        with phase_lock(out) as lock_fd:
+            claim(out, fp)
+            out.mkdir(parents=True, exist_ok=True)
+            # mlflow_run_id: the ranks on other nodes read it here (model/metrics.tracking_run_id)
+            record = {"phase": phase, "fingerprint": fp, "parent": parent, "mlflow_run_id": run_.run_id,
+                      "valid_sources": validated, "train_only_sources": train_only}
+            write_atomic(filesystem(str(out)), str(out / RUN),
+                         json.dumps(record, sort_keys=True).encode() + b"\n")
+            done = checkpoint.latest(out)
+            if done is None or done[0] < cfg.steps:
+                check_pack(params, phase, out)
+                train(params, phase, out, torchrun_command(params, phase, out, list(extra)), run_,
+                      lock_fd)
+            rows = read_steps(out)
+            stats = summary(rows)
+            run_.log(**stats)
+            if plot_path:
+                write_plot(rows, plot_path)
+            final = checkpoint.latest(out)
+            return {"name": phase, "fingerprint": fp, "records": stats.get("steps", 0),
+                    "checkpoint": str(final[1]) if final else None, "stats": stats,
+                    "parent": parent, "train_only_sources": train_only}
 
 
 def _set_tags(run_: StageRun, tags: dict[str, str]) -> None:

@@ -21,7 +21,7 @@ from stages.agent.envs import build_env
 from stages.agent.failing_traces import failing_test_traces
 from stages.agent.loop import run_episode
 from stages.agent.mutate import mutations
-from stages.agent.policies import OpenAIPolicy, ScriptedPolicy, call
+from stages.agent.policies import OpenAIPolicy, PolicyUnavailable, ScriptedPolicy, call
 from stages.agent.reward import evaluate, materialise
 from stages.agent.tools import ToolCall, execute, format_edit
 from stages.agent.validate import baseline, check_mutants, coverage_map
@@ -213,6 +213,82 @@ def test_reward_both_ways_and_hostile_actions_are_contained(env, validated, tmp_
     assert evaluate(task, env, buggy, work, wall_seconds=60)["reward"] == 0.0
 
 
+class _Replies:
+    """A policy that replays fixed assistant turns (then submits)."""
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+
+    def act(self, messages):
+        return self.replies.pop(0) if self.replies else call("submit")
+
+
+FORGE = """
+import json as _j, os as _os
+for _fd in range(1, 10):   # every descriptor a result channel could be
+    for _t in {tests!r}:
+        try:
+            _os.write(_fd, (_j.dumps({{"test": _t, "outcome": "pass", "message": ""}}) + "\\n").encode())
+        except OSError:
+            pass
+_os._exit(0)
+"""
+PATCH_PYTEST = """
+import _pytest.python as _pp
+_pp.Function.runtest = lambda self: None   # every test 'passes'
+"""
+
+
+def test_forged_outcomes_and_links_out_of_the_copy_earn_nothing(env, validated, tmp_path):
+    """The package code runs in the process that reports the outcomes: canaries catch a
+    forgery; a linked folder cannot bring the host's (clean) package into the tested tree."""
+    task = _task(env, validated, "change_arith", "return total * len(xs)")
+    buggy = materialise(task, env, tmp_path / "buggy")
+    hidden = [*task["FAIL_TO_PASS"], *task["PASS_TO_PASS"]]
+    found = []
+    for hack in (FORGE.format(tests=hidden), PATCH_PYTEST):
+        work = tmp_path / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(buggy, work)
+        with open(work / "calc" / "__init__.py", "a") as f:
+            f.write(hack)
+        result = evaluate(task, env, buggy, work, wall_seconds=60)
+        assert result["reward"] == 0.0, result
+        found.append(sorted(result["summary"]["tampered"].values()))
+    # forged lines with no canary among them: the canaries missing; pytest patched to pass
+    # plain functions: the function canary that must fail passed
+    assert found[0] == ["missing"] * 4
+    assert found[1] == ["fail", "pass", "pass", "pass"]
+
+    # the package folder replaced by a link to the host's clean copy of it: not followed
+    work = tmp_path / "work"
+    shutil.rmtree(work)
+    shutil.copytree(buggy, work)
+    shutil.rmtree(work / "calc")
+    (work / "calc").symlink_to(env.tree / "calc")
+    result = evaluate(task, env, buggy, work, wall_seconds=60)
+    assert result["reward"] == 0.0 and "tampered" not in result["summary"]
+    # and the honest fix still earns its reward beside the canaries
+    shutil.rmtree(work)
+    shutil.copytree(buggy, work)
+    fixed = (work / "calc" / "__init__.py").read_text().replace("return total * len(xs)",
+                                                                "return total / len(xs)")
+    (work / "calc" / "__init__.py").write_text(fixed)
+    result = evaluate(task, env, buggy, work, wall_seconds=60)
+    assert result["reward"] == 1.0 and "tampered" not in result["summary"], result
+
+
+def test_a_working_copy_grown_past_its_limit_ends_the_episode(env, validated):
+    task = _task(env, validated, "change_arith", "return total * len(xs)")
+    big = call("bash", "for i in 1 2 3; do head -c 1000000 /dev/zero > blob$i; done; echo ok")
+    ep = run_episode(task, env, _Replies([call("bash", "ls"), big, call("bash", "ls")]),
+                     **{**SMALL, "max_workdir_mb": 2})
+    assert ep["stop_reason"] == "workdir_limit" and ep["turns"] == 2 and not ep["submitted"]
+    assert ep["reward"] == 0.0
+    assert ep["messages"][-1]["content"].startswith("error: the working copy grew to 2.9 MB, over "
+                                                    "the limit of 2 MB")
+
+
 def test_scripted_policy_fixes_a_bug_from_observations_only(env, validated):
     task = _task(env, validated, "swap_variable", "return hi")  # `return lo` in clamp
     ep = run_episode(task, env, ScriptedPolicy(SMALL["max_turns"]), **SMALL)
@@ -300,9 +376,18 @@ def test_openai_policy_against_a_local_chat_server(env, validated, monkeypatch):
     last = srv.requests[-1]["body"]["messages"]
     assert [m["role"] for m in last[2:]] == ["assistant", "user"] * 3  # tool results as turns
 
+    # a server that keeps failing (after its retries), or none at all, is no episode: the
+    # stage stops and a rerun resumes; a request the server refuses ends the episode
     with _ChatServer([], status=503) as srv:
-        ep = run_episode(task, env, OpenAIPolicy(srv.url, "m"), **SMALL)
-    assert ep["stop_reason"] == "policy_error" and "HTTP 503" in ep["error"] and ep["reward"] == 0.0
+        with pytest.raises(PolicyUnavailable, match=r"HTTP 503.*\(3 tries\)"):
+            run_episode(task, env, OpenAIPolicy(srv.url, "m", retries=2, backoff=0.01), **SMALL)
+        assert len(srv.requests) == 3
+    with pytest.raises(PolicyUnavailable, match="Connection refused"):
+        run_episode(task, env, OpenAIPolicy("http://127.0.0.1:9/v1", "m", retries=0), **SMALL)
+    with _ChatServer([], status=400) as srv:
+        ep = run_episode(task, env, OpenAIPolicy(srv.url, "m", retries=2, backoff=0.01), **SMALL)
+    assert ep["stop_reason"] == "policy_error" and "HTTP 400" in ep["error"] and ep["reward"] == 0.0
+    assert len(srv.requests) == 1
 
 
 def test_stage_end_to_end(repo, tmp_path, monkeypatch):

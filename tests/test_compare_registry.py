@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,18 @@ def test_register_final_checkpoint_with_lineage_once(mlflow_url, tmp_path, monke
     assert not export_of(export, "pretrain", 200, "fp-retrained")  # a rerun of the phase
     assert not export_of(export, "sft", 200, "fp-pre")
     assert not export_of(tmp_path / "none", "pretrain", 200, "fp-pre")
+
+    # the same run trained on (a resume): its later checkpoint is a new version, registered once
+    it = tmp_path / "data" / "checkpoints" / "pretrain" / "iter_0000300"
+    shutil.copytree(it.parent / "iter_0000200", it)
+    (it.parent / "latest.json").write_text(json.dumps({"iteration": 300, "dir": it.name}))
+    later = register_final(params)
+    assert later["new"] and later["version"] != first["version"]
+    assert client.get_model_version(first["name"], later["version"]).tags["checkpoint.iteration"] == "300"
+    assert register_final(params)["version"] == later["version"]
+    # a name with a quote in it is searched for as it is: found again, not registered twice
+    quoted = register_final(params, name="team's model")
+    assert quoted["new"] and register_final(params, name="team's model")["version"] == quoted["version"]
 
 
 def test_compare_refuses_an_unknown_run_and_a_folder_as_plot(mlflow_url, tmp_path, monkeypatch):

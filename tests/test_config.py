@@ -53,3 +53,21 @@ def test_unreadable_and_invalid_yaml(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_params(listy)
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"rl": {"tasks": {"output": float("nan"), "next_frame": 1}}}, "rl.tasks.output: Input should be a finite number"),
+    ({"traces": {"limits": {"wall_seconds": float("inf")}}}, "traces.limits.wall_seconds: Input should be a finite"),
+    ({"evaluate": {"phases": []}}, "evaluate.phases: List should have at least 1 item"),
+    ({"agent": {"repositories": [{"name": "../../x", "path": "/tmp"}]}}, "agent.repositories.0.name: String should match"),
+    ({"agent": {"repositories": [{"name": "a.b", "path": "/a"}, {"name": "a_b", "path": "/b"}]}},
+     "repository names 'a.b' and 'a_b' give the same metric key 'a_b'"),
+    ({"traces": {"repositories": [{"name": "r", "path": "/a"}, {"name": "r", "path": "/b"}]}},
+     "traces.repositories: Value error, duplicate repository names ['r']"),
+])
+def test_values_no_stage_can_use_are_refused_naming_the_key(data, needle):
+    # each was accepted, then failed deep in a stage (NaN weights after the sandbox work, an
+    # empty phase list on its first index) or clashed (cache folders, metric keys)
+    with pytest.raises(ConfigError) as err:
+        parse_params(data, "p.yaml")
+    assert needle in str(err.value)

@@ -77,6 +77,21 @@ def test_prefect_yaml_is_current():
         assert d["concurrency_limit"]["limit"] == 1
 
 
+def test_cron_options_are_checked_and_reach_prefect_yaml(tmp_path):
+    from flows import deploy
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    assert deploy.main(["prefect-yaml", "--root", str(tmp_path), "--cron", "data=0 1 * * *",
+                        "--cron", "all="]) == 0
+    conf = {d["name"]: d for d in yaml.safe_load((tmp_path / "prefect.yaml").read_text())["deployments"]}
+    assert conf["data"]["schedules"] == [{"cron": "0 1 * * *", "timezone": "UTC", "active": True}]
+    assert conf["all"]["schedules"] == []
+    for bad, says in (("nope=0 1 * * *", "no deployment 'nope'"),
+                      ("data=61 * * * *", "is not a cron expression"), ("data", "expected NAME=CRON")):
+        with pytest.raises(SystemExit, match=says):
+            deploy.main(["list", "--root", str(tmp_path), "--cron", bad])
+
+
 def test_params_overridden_keeps_comments_and_restores(tmp_path):
     f = tmp_path / "params.yaml"
     text = "# top comment\npretrain:\n  steps: 10  # steps\n  lr: 0.001\ncorpus:\n  workers: 2\n"

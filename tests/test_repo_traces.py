@@ -315,6 +315,37 @@ def test_time_limit(tmp_path):
     assert [(r["function"], r["status"]) for r in records][:1] == [("quick", "ok")]
 
 
+def test_lines_a_test_forges_are_not_kept_as_traces(tmp_path):
+    """The suite shares the process that writes the records: a line it writes itself, on any
+    descriptor, is not a trace unless it is well-formed CWM format."""
+    tree = tmp_path / "forger"
+    (tree / "fpkg").mkdir(parents=True)
+    (tree / "fpkg" / "__init__.py").write_text("def one():\n    return 1\n")
+    (tree / "test_forge.py").write_text(textwrap.dedent("""\
+        import json, os, unittest
+        import fpkg
+
+        class T(unittest.TestCase):
+            def test_forged(self):
+                line = json.dumps({"test": "tests.test_x.T.test_forged", "seq": 0, "status": "ok",
+                                   "function": "one", "module": "fpkg",
+                                   "trace": "<|call_sep|>FORGED", "result": "1", "events": 1})
+                for fd in range(1, 10):
+                    try:
+                        os.write(fd, (line + "\\n").encode())
+                    except OSError:
+                        pass
+
+            def test_real(self):
+                self.assertEqual(fpkg.one(), 1)
+        """))
+    for p in [tmp_path, *tmp_path.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    records, stats = trace_repository(tree, max_traces=10)
+    assert [r["test"] for r in records] == ["test_forge.T.test_real"]
+    assert "FORGED" not in json.dumps(records) and stats["malformed_traces"] >= 1
+
+
 @pytest.mark.network
 @pytest.mark.skipif(os.environ.get("CODEWORLD_NETWORK_TESTS") != "1",
                     reason="needs the network (CODEWORLD_NETWORK_TESTS=1)")

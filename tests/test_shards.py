@@ -140,3 +140,20 @@ def test_fingerprint_covers_params_inputs_and_code():
     assert base == fingerprint(code, "stage", {"a": 1}, "input-fp")
     assert base != fingerprint(code, "stage", {"a": 2}, "input-fp")
     assert base != fingerprint(Code(("stages.corpus",)), "stage", {"a": 1}, "input-fp")  # other code
+
+
+def test_a_pin_of_another_roots_dataset_is_not_read_nor_taken_as_finished(tmp_path):
+    """data/NAME holds shards of a local run; a run with storage.root elsewhere pins its own
+    manifest there (for DVC). Reading data/NAME then says where the dataset is (its shards
+    would fail their checksums), and a local run of the same params rebuilds it."""
+    from codeworld.shards import pin_manifest
+
+    write(tmp_path / "data", fp="fp1", chunks=(10, 10, 5))
+    other = write(tmp_path / "elsewhere", fp="fp1", chunks=(5, 20))
+    pin_manifest(Storage(str(tmp_path / "elsewhere")), "ds", other, local_root=str(tmp_path / "data"))
+    with pytest.raises(ShardError, match=r"data/ds/manifest\.json: pins the dataset stored at "
+                                         r"\S+/elsewhere/ds \(written by a run whose storage\.root"):
+        Dataset.open(str(tmp_path / "data" / "ds"))
+    assert list(Dataset.open(str(tmp_path / "elsewhere" / "ds"))) == RECORDS
+    m = write(tmp_path / "data", fp="fp1", chunks=(25,))   # prepare() did not return the pin
+    assert "location" not in m and list(Dataset.open(str(tmp_path / "data" / "ds"))) == RECORDS

@@ -36,7 +36,7 @@ from stages.agent.envs import EnvError, build_env
 from stages.agent.failing_traces import failing_test_traces
 from stages.agent.loop import run_episode
 from stages.agent.mutate import OPERATORS
-from stages.agent.policies import make_policy
+from stages.agent.policies import PolicyUnavailable, make_policy
 from stages.agent.validate import synthesize
 
 CODE = Code(("stages.agent",))
@@ -90,15 +90,18 @@ def build_repo(repo, cfg: AgentConfig) -> tuple[list[dict], list[dict], list[dic
                 ep = run_episode(task, env, make_policy(name, cfg), max_turns=cfg.max_turns,
                                  max_tokens=cfg.max_tokens, observation_chars=cfg.observation_chars,
                                  tool_wall_seconds=cfg.tool_wall_seconds,
-                                 test_wall_seconds=cfg.test_wall_seconds)
-            except SandboxUnavailable:
-                raise
+                                 test_wall_seconds=cfg.test_wall_seconds,
+                                 max_workdir_mb=cfg.max_workdir_mb)
+            except (SandboxUnavailable, PolicyUnavailable):
+                raise  # the stage stops (a rerun resumes): an outage is no trajectory to keep
             except Exception as err:  # one broken episode is counted, never stops the stage
                 meta["episodes"].append({"policy": name, "broken": f"{type(err).__name__}: {err}"[:300]})
                 continue
             trajectories.append(_trajectory(task, name, ep))
             meta["episodes"].append({"policy": name, "reward": ep["reward"], "turns": ep["turns"],
-                                     "tokens": ep["tokens"], "submitted": ep["submitted"]})
+                                     "tokens": ep["tokens"], "submitted": ep["submitted"],
+                                     "stop_reason": ep["stop_reason"],
+                                     "tampered": "tampered" in ep["hidden_tests"]})
     traces = []
     for task in syn.tasks if cfg.failing_traces else ():
         try:
@@ -151,6 +154,9 @@ def summarize(metas: list[dict], cfg: AgentConfig) -> dict:
         metrics[f"success_rate_{policy}"] = round(statistics.fmean(e["reward"] for e in eps), 4) if eps else 0.0
         metrics[f"mean_turns_{policy}"] = round(statistics.fmean(e["turns"] for e in eps), 2) if eps else 0.0
         metrics[f"mean_tokens_{policy}"] = round(statistics.fmean(e["tokens"] for e in eps), 1) if eps else 0.0
+        # rewards refused because the canaries went wrong; working copies grown past the limit
+        metrics[f"tampered_{policy}"] = sum(e.get("tampered", False) for e in eps)
+        metrics[f"workdir_limit_{policy}"] = sum(e.get("stop_reason") == "workdir_limit" for e in eps)
     return {"metrics": metrics,
             "repositories": [{"repo": m["repo"], "validation": m["validation"], "pool": m.get("pool", 0),
                               "tried": m["tried"], "valid": m["valid"], "kept": m["kept"],

@@ -5,15 +5,23 @@ The trajectory keeps every turn (CWM trains on failed trajectories too): the sys
 problem statement, each assistant turn (one tool call) and each tool result as its own turn.
 Tokens are counted as UTF-8 bytes / 4 (rounded up): the usual rule of thumb for code and
 English, until the project's tokenizer counts them.
+
+The working copy lies on the host's disk, written by the agent's commands: after each tool
+call its size is measured, and a copy grown past `max_workdir_mb` ends the episode there (stop
+reason ``workdir_limit``, no reward), before the next call can add more. A policy that cannot
+be reached (a chat server down, after its retries) is no episode to keep: PolicyUnavailable
+stops the stage, which a rerun resumes (exit 75, retried by the flow); a policy that answers
+but cannot go on (its context is full) ends the episode as ``policy_error``.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from stages.agent.envs import Env
-from stages.agent.policies import SYSTEM_PROMPT
+from stages.agent.policies import SYSTEM_PROMPT, PolicyUnavailable
 from stages.agent.reward import evaluate, materialise
 from stages.agent.tools import execute, parse_call, truncate
 
@@ -27,9 +35,21 @@ def user_prompt(task: dict) -> str:
             f"tests), check that the tests pass, then submit.")
 
 
+def tree_bytes(root: Path) -> int:
+    """Bytes of the files under ``root`` (links not followed, folders not counted)."""
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
 def run_episode(task: dict, env: Env, policy, *, max_turns: int, max_tokens: int,
                 observation_chars: int, tool_wall_seconds: float,
-                test_wall_seconds: float) -> dict:
+                test_wall_seconds: float, max_workdir_mb: int = 256) -> dict:
     messages = [{"role": "system", "content": SYSTEM_PROMPT},
                 {"role": "user", "content": user_prompt(task)}]
     tokens = sum(count_tokens(m["content"]) for m in messages)
@@ -43,6 +63,8 @@ def run_episode(task: dict, env: Env, policy, *, max_turns: int, max_tokens: int
             turns += 1
             try:
                 reply = policy.act(messages)
+            except PolicyUnavailable:
+                raise
             except (ConnectionError, TimeoutError, OSError, ValueError) as err:
                 stop, error = "policy_error", f"{type(err).__name__}: {err}"[:500]
                 break
@@ -54,9 +76,17 @@ def run_episode(task: dict, env: Env, policy, *, max_turns: int, max_tokens: int
                 break
             obs = parsed if isinstance(parsed, str) else execute(
                 parsed, work, env, wall_seconds=tool_wall_seconds)
+            size = tree_bytes(work) if not isinstance(parsed, str) else 0
+            if size > max_workdir_mb << 20:
+                obs = (f"error: the working copy grew to {size / 2**20:.1f} MB, over the limit of "
+                       f"{max_workdir_mb} MB (agent.max_workdir_mb): the episode ends")
+                stop = "workdir_limit"
             obs = truncate(obs, observation_chars)
             messages.append({"role": "tool", "content": obs})
             tokens += count_tokens(obs)
+            if stop == "workdir_limit":
+                shutil.rmtree(work, ignore_errors=True)
+                break
             if tokens >= max_tokens:
                 stop = "token_budget"
                 break

@@ -24,6 +24,7 @@ import keyword
 import os
 import re
 import shlex
+import time
 import urllib.error
 import urllib.request
 from typing import Generator
@@ -256,17 +257,41 @@ def _function_lines(view: str, start: int) -> dict[int, str]:
     return lines
 
 
+class PolicyUnavailable(ConnectionError):
+    """The policy's server could not be reached, or kept failing, after its retries."""
+
+
 class OpenAIPolicy:
     """Chat completions over HTTP (the OpenAI wire format); observations go back as user
     turns, since tool results of this text protocol are not OpenAI function calls."""
     name = "openai"
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None,
-                 temperature: float = 0.0, max_tokens: int = 1024, timeout: float = 120.0):
+                 temperature: float = 0.0, max_tokens: int = 1024, timeout: float = 120.0,
+                 retries: int = 3, backoff: float = 2.0):
+        self.retries, self.backoff = retries, backoff
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
         self.key = os.environ.get(api_key_env) if api_key_env else None
         self.timeout = timeout
+
+    def _post(self, req) -> dict:
+        """The server's JSON reply. Overloaded (429, 5xx) or unreachable: retried with backoff,
+        then PolicyUnavailable. Any other HTTP error is this request's own (a context over the
+        model's length...): a ValueError, which ends the episode."""
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    return json.loads(r.read())
+            except urllib.error.HTTPError as err:
+                why = f"HTTP {err.code}: {err.read()[:300]!r}"
+                if err.code != 429 and err.code < 500:
+                    raise ValueError(f"{self.url}: {why}") from None
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+                why = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+            if attempt < self.retries:
+                time.sleep(self.backoff * 2 ** attempt)
+        raise PolicyUnavailable(f"{self.url}: {why} ({self.retries + 1} tries)")
 
     def act(self, messages: list[dict]) -> str:
         wire = [{"role": "user" if m["role"] == "tool" else m["role"], "content": m["content"]}
@@ -277,11 +302,7 @@ class OpenAIPolicy:
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                reply = json.loads(r.read())
-        except urllib.error.HTTPError as err:
-            raise ConnectionError(f"{self.url}: HTTP {err.code}: {err.read()[:300]!r}") from None
+        reply = self._post(req)
         try:
             text = reply["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):

@@ -4,11 +4,20 @@ that are neither tests nor build scripts). Everything else the agent changed (te
 conftest.py, config files, new modules, symlinks) is dropped, so editing the hidden tests, or
 skipping them through pytest's configuration, cannot earn a reward. Reward is 1.0 when every
 FAIL_TO_PASS and PASS_TO_PASS test passes, else 0.0.
+
+A package file is taken only where its path inside the working copy is a real file: not a
+link, and under no linked folder (the host reads the working copy, and a link there could reach
+any file of the host). The package code runs in the pytest process that reports the outcomes,
+so it could forge them (write "pass" records itself, or patch pytest): two canary tests the
+host writes for the run, one that must pass and one that must fail, go with the hidden tests;
+a run where either is not reported as it must be is `tampered` and earns nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from stages.agent.envs import Env, run_tests
@@ -25,23 +34,81 @@ def materialise(task: dict, env: Env, dest: Path) -> Path:
     return dest
 
 
+def _plain_file(work: Path, rel: str) -> bool:
+    """`work/rel` is a regular file reached through real folders only (lstat each part)."""
+    path = work
+    for part in Path(rel).parts:
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return False
+        if stat.S_ISLNK(mode):
+            return False
+    return stat.S_ISREG(mode)
+
+
+CANARY = """import unittest
+
+
+# written by the reward for this run: each test_holds must pass, each test_fails must fail
+def test_holds_{tag}():
+    assert sum(range(10)) == 45
+
+
+def test_fails_{tag}():
+    assert sum(range(10)) == {wrong}
+
+
+class CwCanary{tag}(unittest.TestCase):
+    def test_holds(self):
+        self.assertEqual(sum(range(10)), 45)
+
+    def test_fails(self):
+        self.assertEqual(sum(range(10)), {wrong})
+"""
+
+
+def write_canary(task: dict, tree: Path) -> tuple[list[str], list[str]]:
+    """Canary tests in ``tree``: (node ids that must pass, node ids that must fail). A plain
+    function and a unittest method of each, as pytest runs them by different code (patching
+    one way of running tests must show); the names come from the task, so the same task
+    gives the same run."""
+    tag = hashlib.sha256(f"{task['id']}:canary".encode()).hexdigest()[:12]
+    rel = f"test_cw_{tag}.py"
+    (tree / rel).write_text(CANARY.format(tag=tag, wrong=46 + int(tag[:4], 16) % 1000))
+    return ([f"{rel}::test_holds_{tag}", f"{rel}::CwCanary{tag}::test_holds"],
+            [f"{rel}::test_fails_{tag}", f"{rel}::CwCanary{tag}::test_fails"])
+
+
 def evaluate(task: dict, env: Env, buggy: Path, work: Path, *, wall_seconds: float) -> dict:
     fresh = buggy.parent / "fresh"
     if fresh.exists():
         shutil.rmtree(fresh)
     shutil.copytree(buggy, fresh, symlinks=True)
     for rel in env.pkg_files:
-        src, dst = work / rel, fresh / rel
-        if src.is_file() and not src.is_symlink():
-            shutil.copyfile(src, dst)
+        dst = fresh / rel
+        if _plain_file(work, rel):
+            shutil.copyfile(work / rel, dst)
         elif dst.exists():
             os.unlink(dst)  # the agent deleted (or replaced by a link) a package file
-    hidden = list(task["FAIL_TO_PASS"]) + list(task["PASS_TO_PASS"])
+    holds, fails = write_canary(task, fresh)
+    hidden = [*holds, *task["FAIL_TO_PASS"], *task["PASS_TO_PASS"], *fails]
     run = run_tests(fresh, env, hidden, wall_seconds=wall_seconds)
     f2p_ok = sum(run.outcomes.get(t) == "pass" for t in task["FAIL_TO_PASS"])
     p2p_ok = sum(run.outcomes.get(t) == "pass" for t in task["PASS_TO_PASS"])
-    ok = f2p_ok == len(task["FAIL_TO_PASS"]) and p2p_ok == len(task["PASS_TO_PASS"])
-    return {"reward": 1.0 if ok else 0.0,
-            "summary": {"fail_to_pass_passed": f2p_ok, "fail_to_pass": len(task["FAIL_TO_PASS"]),
-                        "pass_to_pass_passed": p2p_ok, "pass_to_pass": len(task["PASS_TO_PASS"]),
-                        "timed_out": run.timed_out}}
+    got = {t: run.outcomes.get(t, "missing") for t in holds + fails}
+    canaries_ok = all(got[t] == "pass" for t in holds) and all(got[t] == "fail" for t in fails)
+    # Nothing is earned unless every canary reports as it must. Called tampering: a failing
+    # canary passed, or hidden tests passed while a canary went wrong (a package that broke
+    # its own import makes every test error, the canaries too: no tampering).
+    tampered = any(got[t] == "pass" for t in fails) or (
+        not canaries_ok and f2p_ok + p2p_ok > 0 and not run.timed_out)
+    ok = (f2p_ok == len(task["FAIL_TO_PASS"]) and p2p_ok == len(task["PASS_TO_PASS"])
+          and canaries_ok)
+    summary = {"fail_to_pass_passed": f2p_ok, "fail_to_pass": len(task["FAIL_TO_PASS"]),
+               "pass_to_pass_passed": p2p_ok, "pass_to_pass": len(task["PASS_TO_PASS"]),
+               "timed_out": run.timed_out}
+    if tampered:
+        summary["tampered"] = {t.rsplit("::", 1)[-1]: o for t, o in got.items()}
+    return {"reward": 1.0 if ok else 0.0, "summary": summary}

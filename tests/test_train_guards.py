@@ -1,0 +1,162 @@
+"""What keeps a training phase's folder safe around the torchrun (no Megatron run needed): one
+run at a time, the training dies with its stage, damaged metadata never deletes checkpoints,
+a damaged pack file is named before the ranks start."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from model.checkpoint import LATEST, latest
+from model.metrics import StepLog
+from stages.train_phase import RUN, TrainingFailed, claim, phase_lock, read_steps
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _iters(root: Path, *its: int) -> None:
+    for it in its:
+        (root / f"iter_{it:07d}").mkdir(parents=True)
+
+
+def test_latest_without_latest_json_is_the_newest_complete_checkpoint(tmp_path):
+    assert latest(tmp_path) is None
+    _iters(tmp_path, 10, 20)
+    (tmp_path / "iter_0000030.tmp").mkdir()     # a save killed midway is not a checkpoint
+    assert latest(tmp_path) == (20, tmp_path / "iter_0000020")
+    (tmp_path / LATEST).write_text('{"iter": 10}')
+    with pytest.raises(ValueError, match=r"latest\.json: needs \{\"iteration\": N, \"dir\": "
+                                         r"\"iter_N\"\}, got \{\"iter\": 10\} \(KeyError"):
+        latest(tmp_path)
+
+
+def test_checkpoints_with_a_damaged_or_missing_run_json_are_kept_not_deleted(tmp_path):
+    out = tmp_path / "checkpoints" / "pretrain"
+    _iters(out, 5, 10)
+    (out / LATEST).write_text(json.dumps({"iteration": 10, "dir": "iter_0000010"}))
+    (out / RUN).write_text('{"phase": "pre')
+    with pytest.raises(TrainingFailed, match=r"run\.json: unreadable .*restore it to resume, or remove"):
+        claim(out, "fp")
+    (out / RUN).unlink()
+    with pytest.raises(TrainingFailed, match=r"run\.json: missing; it records which params"):
+        claim(out, "fp")
+    assert sorted(p.name for p in out.iterdir()) == ["iter_0000005", "iter_0000010", LATEST]
+    # the same run resumes; another run's checkpoints are cleared; no checkpoint: nothing to keep
+    (out / RUN).write_text(json.dumps({"fingerprint": "fp"}))
+    claim(out, "fp")
+    assert (out / "iter_0000010").is_dir()
+    claim(out, "other")
+    assert not out.exists()
+    out.mkdir(parents=True)
+    (out / RUN).write_text("{")
+    claim(out, "fp")
+    assert not out.exists()
+
+
+STAGE = """
+import sys
+from pathlib import Path
+from stages.train_phase import phase_lock, run_in_own_group
+out = Path(sys.argv[1])
+out.parent.mkdir(parents=True, exist_ok=True)
+with phase_lock(out) as fd:
+    # stands for torchrun: it holds the lock by the inherited descriptor
+    run_in_own_group(["bash", "-c", f"echo $$ > {out.parent}/child.pid; exec sleep 120"],
+                     pass_fds=(fd,), stdout=open(out.parent / "log", "w"))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead too
+    return not Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+
+
+def test_one_run_per_phase_folder_and_the_training_dies_with_its_stage(tmp_path):
+    out = tmp_path / "data" / "checkpoints" / "pretrain"
+    stage = subprocess.Popen([sys.executable, "-c", STAGE, str(out)], cwd=REPO)
+    pid_file = out.parent / "child.pid"
+    for _ in range(200):
+        if pid_file.exists() and pid_file.read_text().strip():
+            break
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    with pytest.raises(TrainingFailed, match=rf"pid {stage.pid} on \S+ is training this phase "
+                                             r"already \(lock \S+/\.work/locks/pretrain\.lock\)"):
+        with phase_lock(out):
+            pass
+    os.kill(stage.pid, signal.SIGKILL)        # the stage dies without any cleanup of its own
+    stage.wait()
+    for _ in range(100):
+        if not _alive(child):
+            break
+        time.sleep(0.05)
+    assert not _alive(child), "the training outlived its stage"
+    with phase_lock(out):                      # free again once the training is gone
+        pass
+
+
+def test_half_written_step_lines_are_dropped_not_fatal(tmp_path):
+    out = tmp_path
+    rows = [json.dumps({"step": i, "loss": 1.0}) for i in (1, 2, 3, 4)]
+    (out / "steps.jsonl").write_text("\n".join(rows[:2]) + '\n{"step": 3, "lo\n' + rows[3] + "\n")
+    assert [r["step"] for r in read_steps(out)] == [1, 2, 4]
+    log = StepLog(out / "steps.jsonl", True, resume_after=2, run_id=None)   # a resume at step 2
+    log.f.close()
+    assert [json.loads(l)["step"] for l in (out / "steps.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    from tests.train_fixtures import build_training_root
+
+    root = tmp_path_factory.mktemp("guards")
+    build_training_root(root)
+    return root
+
+
+def test_a_held_phase_is_one_error_line_from_the_command(root):
+    from codeworld.config import parse_params
+    from stages.train_phase import phase_dir
+    from tests.train_fixtures import tiny_params
+
+    with phase_lock(phase_dir(parse_params(tiny_params(root)), "pretrain")):
+        proc = subprocess.run([sys.executable, "-m", "codeworld.cli", "stage", "pretrain", "--params",
+                               str(root / "params.yaml"), "--no-track"], cwd=root,
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"codeworld stage: error: {root}/checkpoints/pretrain: pid {os.getpid()} on " in proc.stderr
+
+
+def test_a_damaged_pack_file_is_named_before_torchrun(root, tmp_path):
+    from codeworld.config import parse_params
+    from stages.train_phase import check_pack
+    from tests.train_fixtures import tiny_params
+
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    params = parse_params(tiny_params(tmp_path))
+    out = tmp_path / "checkpoints" / "pretrain"
+    out.mkdir(parents=True)
+    check_pack(params, "pretrain", out)
+    stamp = json.loads((out / ".pack_verified.json").read_text())
+    assert set(stamp) == {f for n in params.pretrain.blend for f in (f"{n}.bin", f"{n}.idx")}
+    name = sorted(stamp)[0]
+    path = tmp_path / "pack" / name
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TrainingFailed, match=rf"pack/{name}: its sha256 differs from the pack manifest"):
+        check_pack(params, "pretrain", out)
+    path.unlink()
+    with pytest.raises(TrainingFailed, match=rf"pack/{name}: missing, the pack manifest names it"):
+        check_pack(params, "pretrain", out)
