@@ -4,7 +4,8 @@ reshards to the current TP/PP/DP layout.
 Atomic: a checkpoint is written to `iter_N.tmp/`, renamed to `iter_N/` once every rank has
 finished, and only then named in `latest.json` (written by rename too). A run killed while
 saving leaves a `.tmp` directory that the next save removes; `latest.json` always names a
-complete checkpoint.
+complete checkpoint. Each checkpoint lists its files and their sizes (`codeworld_files.json`,
+written before the rename): a file cut or lost since is found before any rank loads it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 LATEST = "latest.json"
+FILES = "codeworld_files.json"   # in each checkpoint: {relative path: bytes} at save time
 # The distributed optimizer's default sharding fails in megatron-core 0.16 ("flattened_range is
 # not supported"); the fully reshardable format also loads under another layout.
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -85,6 +87,33 @@ def latest(root: Path) -> tuple[int, Path] | None:
     return iteration, path
 
 
+def damage(path: Path) -> str | None:
+    """What is wrong with the checkpoint folder `path` against the file list it was saved
+    with: a file missing or of another size (sizes, not hashes: a start must not read every
+    shard twice). None when intact, or saved before the lists were kept."""
+    try:
+        listing = json.loads((path / FILES).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as err:
+        return f"{path / FILES}: not valid JSON ({err})"
+    for name, size in sorted(listing.items()):
+        try:
+            got = (path / name).stat().st_size
+        except FileNotFoundError:
+            return f"{path / name}: missing"
+        if got != size:
+            return f"{path / name}: {got} bytes, {size} when saved"
+    return None
+
+
+def point_latest(root: Path, path: Path) -> None:
+    """Name the checkpoint folder `path` (of root) in latest.json, atomically."""
+    body = json.dumps({"iteration": int(path.name[len("iter_"):]), "dir": path.name}) + "\n"
+    (root / f".{LATEST}.tmp").write_text(body)
+    os.replace(root / f".{LATEST}.tmp", root / LATEST)
+
+
 def save(root: Path, iteration: int, chunks, optimizer, scheduler, keep: int = 2) -> Path:
     from megatron.core import dist_checkpointing
 
@@ -108,11 +137,13 @@ def publish(root: Path, iteration: int, keep: int = 2) -> Path:
     `latest.json`, keep the newest `keep` complete checkpoints, and remove what saves killed
     midway left (a rerun with another interval or step count never saves their iteration)."""
     final = root / f"iter_{iteration:07d}"
+    tmp = root / f"iter_{iteration:07d}.tmp"
+    listing = {p.relative_to(tmp).as_posix(): p.stat().st_size
+               for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != FILES}
+    (tmp / FILES).write_text(json.dumps(listing, sort_keys=True) + "\n")
     shutil.rmtree(final, ignore_errors=True)
-    os.replace(root / f"iter_{iteration:07d}.tmp", final)
-    body = json.dumps({"iteration": iteration, "dir": final.name}) + "\n"
-    (root / f".{LATEST}.tmp").write_text(body)
-    os.replace(root / f".{LATEST}.tmp", root / LATEST)
+    os.replace(tmp, final)
+    point_latest(root, final)
     for old in complete(root)[:-keep] if keep else []:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

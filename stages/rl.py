@@ -24,7 +24,7 @@ from codeworld.tracking import StageRun
 from model import checkpoint
 from stages import train_phase
 from stages.train_phase import (PARAMS, RUN, _set_tags, claim, phase_dir, phase_lock,
-                                read_steps, train, write_plot)
+                                read_steps, resume_point, train, write_plot)
 
 # As train_phase.CODE, with model.rl as the torchrun entry (its imports: generate, grpo, ...).
 CODE = Code(("stages.rl", "model.rl"), skip=("model.launch",))
@@ -131,7 +131,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
                 os.replace(out / POOL.replace(".jsonl", ".tmp.jsonl"), out / POOL)
             stats = json.loads((out / POOL_STATS).read_text())
             run_.log(**{k: v for k, v in stats.items() if k.startswith(("pool_", "sandbox_"))})
-            done = checkpoint.latest(out)
+            done = resume_point(out, "rl")
             if done is None or done[0] < cfg.steps:
                 train(params, "rl", out, torchrun_command(params, out, parent), run_, lock_fd)
             rows = read_steps(out)

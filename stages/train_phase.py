@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -86,6 +87,10 @@ def parent_record(params: Params, phase: str) -> dict | None:
         raise FileNotFoundError(f"{root}: {phase} starts from {parent}'s checkpoint and there "
                                 f"is none (run the {parent} stage first)")
     iteration, path = found
+    if (bad := checkpoint.damage(path)) is not None:
+        raise TrainingFailed(f"{bad}: {phase} starts from {parent}'s final checkpoint, which is "
+                             f"damaged; rerun the {parent} stage (it trains again from its "
+                             "newest intact checkpoint)")
     steps = phase_config(params, parent).steps
     if iteration < steps:
         raise TrainingFailed(f"{root}: {parent} stopped at iteration {iteration} of {steps}; "
@@ -176,6 +181,22 @@ def claim(out: Path, fp: str) -> None:
         same = False
     if not same:   # checkpoints of other params, data or code: never resume from those
         shutil.rmtree(out)
+
+
+def resume_point(out: Path, phase: str) -> tuple[int, Path] | None:
+    """The checkpoint to resume `phase` from: the latest, or, when a file of it was cut or
+    lost since it was saved, the newest older one that is intact (named in latest.json; the
+    steps after it are trained again). None to start from step 0."""
+    found = checkpoint.latest(out)
+    if found is None or (bad := checkpoint.damage(found[1])) is None:
+        return found
+    for older in reversed(checkpoint.complete(out)):
+        if older != found[1] and checkpoint.damage(older) is None:
+            print(f"{phase}: {bad}: resuming from {older.name} instead", file=sys.stderr)
+            checkpoint.point_latest(out, older)
+            return checkpoint.latest(out)
+    raise TrainingFailed(f"{bad}: the latest checkpoint of {phase} is damaged and no older one "
+                         f"is intact; remove {out} to train {phase} from the start")
 
 
 def check_pack(params: Params, phase: str, out: Path) -> None:
@@ -297,7 +318,7 @@ def run_phase(params: Params, phase: str, *, track: bool = True, extra: list[str
                       "valid_sources": validated, "train_only_sources": train_only}
             write_atomic(filesystem(str(out)), str(out / RUN),
                          json.dumps(record, sort_keys=True).encode() + b"\n")
-            done = checkpoint.latest(out)
+            done = resume_point(out, phase)
             if done is None or done[0] < cfg.steps:
                 check_pack(params, phase, out)
                 train(params, phase, out, torchrun_command(params, phase, out, list(extra)), run_,

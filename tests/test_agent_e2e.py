@@ -430,3 +430,19 @@ def test_stage_end_to_end(repo, tmp_path, monkeypatch):
     # finished: a rerun does nothing and returns the same datasets
     again = run(params, track=False, metrics_path=metrics_path)
     assert again == m and len(m["datasets"]["tasks"]) == 2
+
+
+def test_episode_folders_of_killed_runs_are_swept(tmp_path, monkeypatch):
+    import tempfile
+
+    from stages.agent.loop import sweep_orphans
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f"cw-agent-{dead.pid}-abc" / "work").mkdir(parents=True)   # a stage killed -9
+    (tmp_path / f"cw-agent-{os.getpid()}-def").mkdir()                     # this live process
+    (tmp_path / "cw-agent-spec-xyz").mkdir()                               # not an episode's
+    assert sweep_orphans() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"cw-agent-{os.getpid()}-def",
+                                                          "cw-agent-spec-xyz"]

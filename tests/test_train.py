@@ -142,6 +142,33 @@ def test_stage_trains_with_falling_loss_then_is_a_no_op(root, tmp_path):
     assert "seconds_train" not in again["stats"] and again["checkpoint"] == result["checkpoint"]
 
 
+def test_a_cut_checkpoint_is_passed_over_and_training_redone_bit_for_bit(root, tmp_path):
+    """The stage on real dist_checkpointing files: the latest checkpoint's shard cut since it
+    was saved, the rerun resumes from the one before and trains the same steps again."""
+    from stages import train_phase
+
+    mine = tmp_path / "root"
+    shutil.copytree(root, mine, ignore=shutil.ignore_patterns("checkpoints"))
+    params = parse_params(tiny_params(mine, pretrain={"steps": 6, "save_interval": 2,
+                                                      "eval_interval": 3}))
+    out = train_phase.phase_dir(params, "pretrain")
+    train_phase.run_phase(params, "pretrain", track=False, metrics_path=None, plot_path=None)
+    first = steps(out)
+    shard = sorted((out / "iter_0000006").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    train_phase.run_phase(params, "pretrain", track=False, metrics_path=None, plot_path=None)
+    assert json.loads((out / "latest.json").read_text())["iteration"] == 6
+    again = steps(out)
+    assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(first, again):   # steps 5 and 6 trained again from iteration 4, the same
+        assert (a["loss"], a["grad_norm"], a["lr"]) == (b["loss"], b["grad_norm"], b["lr"])
+    assert "train.log" in {p.name for p in out.iterdir()}
+    assert (out / "train.log").read_text().count("==== torchrun") == 2
+    from model.checkpoint import damage
+
+    assert damage(out / "iter_0000006") is None and shard.stat().st_size > 1000   # saved anew
+
+
 def test_layouts_the_model_cannot_take_fail_at_load(root):
     with pytest.raises(ConfigError, match="must divide model.num_attention_heads"):
         parse_params(tiny_params(root, parallel={"nproc": 3, "tensor": 3}))

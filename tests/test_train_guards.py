@@ -160,3 +160,24 @@ def test_a_damaged_pack_file_is_named_before_torchrun(root, tmp_path):
     path.unlink()
     with pytest.raises(TrainingFailed, match=rf"pack/{name}: missing, the pack manifest names it"):
         check_pack(params, "pretrain", out)
+
+
+def test_a_damaged_latest_checkpoint_resumes_from_the_newest_intact_one(tmp_path):
+    from model.checkpoint import publish
+    from stages.train_phase import resume_point
+
+    out = tmp_path / "pretrain"
+    for it in (10, 20):
+        (out / f"iter_{it:07d}.tmp").mkdir(parents=True)
+        (out / f"iter_{it:07d}.tmp" / "__0_0.distcp").write_bytes(b"x" * it)
+        publish(out, it, keep=2)
+    assert resume_point(out, "pretrain") == (20, out / "iter_0000020")
+    (out / "iter_0000020" / "__0_0.distcp").write_bytes(b"x")      # cut since it was saved
+    assert resume_point(out, "pretrain") == (10, out / "iter_0000010")
+    assert json.loads((out / LATEST).read_text()) == {"iteration": 10, "dir": "iter_0000010"}
+    (out / "iter_0000010" / "__0_0.distcp").unlink()
+    (out / LATEST).write_text(json.dumps({"iteration": 20, "dir": "iter_0000020"}))
+    with pytest.raises(TrainingFailed, match=r"iter_0000020/__0_0\.distcp: 1 bytes, 20 when saved: "
+                                             r"the latest checkpoint of pretrain is damaged and no "
+                                             r"older one is intact; remove \S+ to train"):
+        resume_point(out, "pretrain")

@@ -19,6 +19,7 @@ tools (bash/edit/create/submit), policies (scripted, openai), loop (episode), re
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import statistics
 import time
@@ -34,7 +35,7 @@ from codeworld.storage import Storage
 from codeworld.tracking import StageRun
 from stages.agent.envs import EnvError, build_env
 from stages.agent.failing_traces import failing_test_traces
-from stages.agent.loop import run_episode
+from stages.agent.loop import run_episode, sweep_orphans
 from stages.agent.mutate import OPERATORS
 from stages.agent.policies import PolicyUnavailable, make_policy
 from stages.agent.validate import synthesize
@@ -42,6 +43,7 @@ from stages.agent.validate import synthesize
 CODE = Code(("stages.agent",))
 
 REPO_CACHE = ".cache/repos"  # fetched sdists and git exports, outside the DVC outputs
+log = logging.getLogger(__name__)
 
 
 def repo_seed(seed: int, name: str) -> int:
@@ -179,6 +181,8 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         if all(d is not None for d in done):
             run_.log(**done[1]["stats"]["metrics"])
             return _result(names, done)
+        if swept := sweep_orphans():
+            log.info("agent: removed %d episode folders of killed runs", swept)
         results: dict[int, tuple] = {}  # repo index -> (shard info per dataset, meta)
         todo = []
         for i, repo in enumerate(cfg.repositories):

@@ -35,6 +35,31 @@ def user_prompt(task: dict) -> str:
             f"tests), check that the tests pass, then submit.")
 
 
+WORKDIR_PREFIX = "cw-agent-"
+
+
+def sweep_orphans() -> int:
+    """Remove the episode folders (`cw-agent-<pid>-...` in the temp dir) of processes that are
+    gone: a stage killed with -9 cleans up nothing, and each folder may hold a working copy
+    of up to max_workdir_mb. Returns how many were removed."""
+    removed = 0
+    tmp = Path(tempfile.gettempdir())
+    for d in tmp.glob(f"{WORKDIR_PREFIX}*-*"):
+        pid = d.name[len(WORKDIR_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or not d.is_dir() or d.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                      # its process lives (or its pid was taken again)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue                      # another user's live process
+        shutil.rmtree(d, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 def tree_bytes(root: Path) -> int:
     """Bytes of the files under ``root`` (links not followed, folders not counted)."""
     total = 0
@@ -54,7 +79,7 @@ def run_episode(task: dict, env: Env, policy, *, max_turns: int, max_tokens: int
                 {"role": "user", "content": user_prompt(task)}]
     tokens = sum(count_tokens(m["content"]) for m in messages)
     submitted, stop, error = False, "turn_budget", None
-    with tempfile.TemporaryDirectory(prefix="cw-agent-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-") as tmp:
         buggy = materialise(task, env, Path(tmp) / "buggy")
         work = Path(tmp) / "work"
         shutil.copytree(buggy, work, symlinks=True)
