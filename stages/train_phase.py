@@ -67,8 +67,8 @@ def pack_sources(params: Params, phase: str) -> dict[str, dict]:
     path = pack_cache.storage_of(params.storage).sub(pack_stage.OUTPUT).path(pack_stage.MANIFEST)
     missing = sorted(set(phase_config(params, phase).blend) - set(sources))
     if missing:
-        raise FileNotFoundError(f"{path}: {phase}.blend names {', '.join(missing)}, not packed "
-                                f"yet (run the pack stage)")
+        raise TrainingFailed(f"{path}: {phase}.blend names {', '.join(missing)}, not packed "
+                             f"yet (run the pack stage)")
     return {n: sources[n] for n in sorted(phase_config(params, phase).blend)}
 
 
@@ -82,10 +82,10 @@ def parent_record(params: Params, phase: str) -> dict | None:
     if not parent:
         return None
     root = phase_dir(params, parent)
-    found = checkpoint.latest(root)
+    found = latest_or_fail(root)
     if found is None:
-        raise FileNotFoundError(f"{root}: {phase} starts from {parent}'s checkpoint and there "
-                                f"is none (run the {parent} stage first)")
+        raise TrainingFailed(f"{root}: {phase} starts from {parent}'s checkpoint and there "
+                             f"is none (run the {parent} stage first)")
     iteration, path = found
     if (bad := checkpoint.damage(path)) is not None:
         raise TrainingFailed(f"{bad}: {phase} starts from {parent}'s final checkpoint, which is "
@@ -95,8 +95,14 @@ def parent_record(params: Params, phase: str) -> dict | None:
     if iteration < steps:
         raise TrainingFailed(f"{root}: {parent} stopped at iteration {iteration} of {steps}; "
                              f"finish the {parent} stage before {phase}")
+    try:
+        parent_fp = json.loads((root / RUN).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise TrainingFailed(f"{root / RUN}: unreadable ({type(err).__name__}: {err}); it says what "
+                             f"made {parent}'s checkpoint, which {phase} starts from: rerun the "
+                             f"{parent} stage") from None
     return {"phase": parent, "checkpoint": str(path), "iteration": iteration,
-            "fingerprint": json.loads((root / RUN).read_text())["fingerprint"]}
+            "fingerprint": parent_fp}
 
 
 def phase_fingerprint(params: Params, phase: str, parent: dict | None = None) -> str:
@@ -183,11 +189,20 @@ def claim(out: Path, fp: str) -> None:
         shutil.rmtree(out)
 
 
+def latest_or_fail(root: Path) -> tuple[int, Path] | None:
+    """checkpoint.latest, its errors (a garbled latest.json, a folder it names gone) as
+    TrainingFailed: their messages name the file."""
+    try:
+        return checkpoint.latest(root)
+    except (ValueError, FileNotFoundError) as err:
+        raise TrainingFailed(str(err)) from None
+
+
 def resume_point(out: Path, phase: str) -> tuple[int, Path] | None:
     """The checkpoint to resume `phase` from: the latest, or, when a file of it was cut or
     lost since it was saved, the newest older one that is intact (named in latest.json; the
     steps after it are trained again). None to start from step 0."""
-    found = checkpoint.latest(out)
+    found = latest_or_fail(out)
     if found is None or (bad := checkpoint.damage(found[1])) is None:
         return found
     for older in reversed(checkpoint.complete(out)):

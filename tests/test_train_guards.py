@@ -139,6 +139,41 @@ def test_a_held_phase_is_one_error_line_from_the_command(root):
     assert f"codeworld stage: error: {root}/checkpoints/pretrain: pid {os.getpid()} on " in proc.stderr
 
 
+MIDTRAIN = {"blend": {"code": 1.0}, "init_from": "pretrain", "steps": 2, "seq_length": 32,
+            "micro_batch_size": 2, "global_batch_size": 4, "warmup_steps": 1}
+
+
+def test_what_a_phase_needs_first_is_one_error_line_naming_it(root, tmp_path):
+    """A missing or unreadable parent checkpoint, a blend source not packed, a garbled
+    latest.json: the stage says which file and what to run, without a traceback."""
+    import yaml
+
+    from tests.train_fixtures import tiny_params
+
+    def stage(name: str, **sections) -> subprocess.CompletedProcess:
+        params = tmp_path / "params.yaml"
+        params.write_text(yaml.safe_dump(tiny_params(root, **sections)))
+        return subprocess.run([sys.executable, "-m", "codeworld.cli", "stage", name, "--params",
+                               str(params), "--no-track"], cwd=root, capture_output=True,
+                              text=True, timeout=300)
+
+    proc = stage("midtrain", midtrain=MIDTRAIN)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert (f"codeworld stage: error: {root}/checkpoints/pretrain: midtrain starts from pretrain's "
+            "checkpoint and there is none (run the pretrain stage first)") in proc.stderr
+    proc = stage("midtrain", midtrain={**MIDTRAIN, "blend": {"agent": 1.0, "nope": 1.0}})
+    assert proc.returncode == 2   # a blend naming no pack source at all: the params are wrong
+    parent = root / "checkpoints" / "pretrain"
+    (parent / "iter_0000004").mkdir(parents=True)
+    (parent / LATEST).write_text('{"iteration": 4}')
+    try:
+        proc = stage("midtrain", midtrain=MIDTRAIN)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"codeworld stage: error: {parent}/latest.json: needs" in proc.stderr
+    finally:
+        shutil.rmtree(parent)
+
+
 def test_a_damaged_pack_file_is_named_before_torchrun(root, tmp_path):
     from codeworld.config import parse_params
     from stages.train_phase import check_pack
