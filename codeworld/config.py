@@ -32,6 +32,11 @@ class Section(BaseModel):
 REPO_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
+def metric_key(name: str) -> str:
+    """A repository's name as it appears in metric keys (`tasks_<key>`)."""
+    return re.sub(r"[^A-Za-z0-9_]+", "_", name)
+
+
 def _distinct_repo_names(names: list[str]) -> None:
     """Names must differ, and still differ as metric keys (a.b and a_b both give tasks_a_b)."""
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -39,7 +44,7 @@ def _distinct_repo_names(names: list[str]) -> None:
         raise ValueError(f"duplicate repository names {dup}")
     keys: dict[str, str] = {}
     for n in names:
-        k = re.sub(r"[^A-Za-z0-9_]+", "_", n)
+        k = metric_key(n)
         if k in keys:
             raise ValueError(f"repository names {keys[k]!r} and {n!r} give the same metric key {k!r}")
         keys[k] = n

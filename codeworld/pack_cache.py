@@ -66,6 +66,28 @@ def _stamp(local: Path, manifest_sha: str, files) -> dict:
     return {"manifest_sha256": manifest_sha, "files": stats}
 
 
+def verify(local: Path, want: dict[str, str], stamp_path: Path) -> None:
+    """The files `want` ({name: sha256}) of a local pack are present and whole: StorageError
+    naming the first that is not. What was verified is stamped at `stamp_path` as fetch
+    stamps it, so files nobody has touched since are not hashed again."""
+    for name in sorted(want):
+        if not (local / name).exists():
+            raise StorageError(f"{local / name}: missing, the pack manifest names it "
+                               "(rerun the pack stage)")
+    key = hashlib.sha256(json.dumps(want, sort_keys=True).encode()).hexdigest()
+    stamp = _stamp(local, key, want)
+    try:
+        if json.loads(stamp_path.read_bytes()) == stamp:
+            return
+    except (OSError, ValueError):
+        pass
+    for name, sha in sorted(want.items()):
+        if file_sha256(local / name) != sha:
+            raise StorageError(f"{local / name}: its sha256 differs from the pack manifest's "
+                               "(cut or modified since packing; rerun the pack stage)")
+    _write(stamp_path, json.dumps(stamp).encode())
+
+
 def fetch(remote: Storage, local: Path) -> dict:
     """Make `local` a verified copy of the pack at `remote` and return its manifest.
 

@@ -132,9 +132,6 @@ def prefect_yaml(root: Path, schedules: dict[str, str] | None = None) -> str:
 def _schedules(items: list[str] | None) -> dict[str, str]:
     """SCHEDULES with the --cron changes; a deployment name or cron expression that is not
     one is refused before anything is served or written (else it was silently dropped)."""
-    from prefect.client.schemas.schedules import CronSchedule
-    from pydantic import ValidationError
-
     out = dict(SCHEDULES)
     for item in items or []:
         name, sep, expr = item.partition("=")
@@ -144,6 +141,9 @@ def _schedules(items: list[str] | None) -> dict[str, str]:
             raise SystemExit(f"--cron {item!r}: no deployment {name!r} (deployments: "
                              f"{', '.join(DESCRIPTIONS)})")
         if expr.strip():
+            from prefect.client.schemas.schedules import CronSchedule   # only with a --cron
+            from pydantic import ValidationError
+
             try:
                 CronSchedule(cron=expr.strip(), timezone="UTC")
             except ValidationError:

@@ -54,6 +54,11 @@ def sharded_state_dict(chunks, optimizer=None, scheduler=None, iteration: int = 
     return sd
 
 
+def iteration_of(path: Path) -> int:
+    """The iteration of a checkpoint folder `iter_N`."""
+    return int(path.name[len("iter_"):])
+
+
 def complete(root: Path) -> list[Path]:
     """The complete checkpoints in `root`, oldest first: `iter_N/` is only ever renamed from
     `iter_N.tmp/` once every rank has written it."""
@@ -74,7 +79,7 @@ def latest(root: Path) -> tuple[int, Path] | None:
         found = complete(root)
         if not found:
             return None
-        return int(found[-1].name[len("iter_"):]), found[-1]
+        return iteration_of(found[-1]), found[-1]
     except ValueError as err:
         raise ValueError(f"{root / LATEST}: not valid JSON ({err})") from None
     try:
@@ -109,7 +114,7 @@ def damage(path: Path) -> str | None:
 
 def point_latest(root: Path, path: Path) -> None:
     """Name the checkpoint folder `path` (of root) in latest.json, atomically."""
-    body = json.dumps({"iteration": int(path.name[len("iter_"):]), "dir": path.name}) + "\n"
+    body = json.dumps({"iteration": iteration_of(path), "dir": path.name}) + "\n"
     (root / f".{LATEST}.tmp").write_text(body)
     os.replace(root / f".{LATEST}.tmp", root / LATEST)
 

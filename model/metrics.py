@@ -55,6 +55,22 @@ def tracking_run_id(out: Path) -> str | None:
         return None
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The step rows of a steps.jsonl; a blank line, or one a killed writer left half written,
+    is dropped (that step is trained again on resume)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 class StepLog:
     def __init__(self, path: Path, active: bool, resume_after: int, run_id: str | None):
         self.path, self.active = path, active
@@ -64,17 +80,9 @@ class StepLog:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         # A resumed run recomputes the steps after its checkpoint: drop their old lines.
-        kept = []
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    step = json.loads(line)["step"]
-                except (ValueError, KeyError, TypeError):
-                    continue   # blank, or half written by a killed run: that step is redone
-                if step <= resume_after:
-                    kept.append(line + "\n")
+        kept = [r for r in read_rows(path) if r["step"] <= resume_after]
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept))
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         os.replace(tmp, path)
         self.f = open(path, "a")
         if run_id:

@@ -27,10 +27,11 @@ from codeworld.code import Code
 from codeworld import pack_cache
 from codeworld.config import PHASES, ConfigError, Params, PhaseConfig, StageFailed
 from codeworld.shards import fingerprint
-from codeworld.storage import write_atomic, filesystem
+from codeworld.storage import StorageError, write_atomic, filesystem
 from codeworld.tracking import StageRun, repo_root, tracking_uri
 from model import checkpoint
 from model.data import plan_validation
+from model.metrics import read_rows
 from stages import pack as pack_stage
 
 # The stage and the torchrun entry it launches. model.launch only builds the command line and
@@ -170,6 +171,19 @@ def phase_lock(out: Path):
         os.close(fd)
 
 
+@contextmanager
+def open_phase(out: Path, record: dict):
+    """The phase folder for this run, locked: kept for a resume or cleared (claim), and its
+    run.json written (`record`: phase, fingerprint, parent, MLflow run...). Yields the lock's
+    descriptor for train() to pass on."""
+    with phase_lock(out) as lock_fd:
+        claim(out, record["fingerprint"])
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(filesystem(str(out)), str(out / RUN),
+                     json.dumps(record, sort_keys=True).encode() + b"\n")
+        yield lock_fd
+
+
 def claim(out: Path, fp: str) -> None:
     """Keep `out` for a resume when its run.json names this fingerprint, else clear it for a
     new run. Checkpoints whose run.json is missing or unreadable are not cleared: what made
@@ -216,35 +230,17 @@ def resume_point(out: Path, phase: str) -> tuple[int, Path] | None:
 
 def check_pack(params: Params, phase: str, out: Path) -> None:
     """Before torchrun: the blend's .bin/.idx files are present and match the pack manifest's
-    sha256 (Megatron's own errors on a missing or cut file name no file, or not the cause).
-    What was verified is stamped in `out` (size, mtime, inode), so unchanged files are not
-    hashed again at the next start."""
-    from codeworld.storage import file_sha256
-
+    sha256 (Megatron's own errors on a missing or cut file name no file, or not the cause),
+    stamped in `out` so that unchanged files are not hashed again at the next start."""
     if pack_cache.storage_of(params.storage).is_s3:
         return   # each node's ranks fetch the pack into their cache, checking every sha256
-    local = pack_stage.local_dir(params)
     manifest = pack_stage.read_manifest(params)
     want = {f: sha for n in phase_config(params, phase).blend
             for f, sha in manifest["sources"][n]["files"].items()}
-    stamp_path = out / ".pack_verified.json"
     try:
-        stamp = json.loads(stamp_path.read_text())
-    except (OSError, ValueError):
-        stamp = {}
-    verified = {}
-    for name, sha in sorted(want.items()):
-        try:
-            st = (local / name).stat()
-        except FileNotFoundError:
-            raise TrainingFailed(f"{local / name}: missing, the pack manifest names it "
-                                 "(rerun the pack stage)") from None
-        key = [sha, st.st_size, st.st_mtime_ns, st.st_ino]
-        if stamp.get(name) != key and file_sha256(local / name) != sha:
-            raise TrainingFailed(f"{local / name}: its sha256 differs from the pack manifest's "
-                                 "(cut or modified since packing; rerun the pack stage)")
-        verified[name] = key
-    write_atomic(filesystem(str(out)), str(stamp_path), json.dumps(verified).encode())
+        pack_cache.verify(pack_stage.local_dir(params), want, out / ".pack_verified.json")
+    except StorageError as err:
+        raise TrainingFailed(str(err)) from None
 
 
 def train(params: Params, name: str, out: Path, cmd: list[str], run_: StageRun,
@@ -271,16 +267,7 @@ def train(params: Params, name: str, out: Path, cmd: list[str], run_: StageRun,
 
 
 def read_steps(out: Path) -> list[dict]:
-    path = out / STEPS
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:   # blank, or a line a killed writer left half written
-            continue
-    return rows
+    return read_rows(out / STEPS)
 
 
 def summary(rows: list[dict]) -> dict:
@@ -325,14 +312,10 @@ def run_phase(params: Params, phase: str, *, track: bool = True, extra: list[str
             tags.update({f"codeworld.parent_{k}": str(v) for k, v in parent.items()})
         _set_tags(run_, tags)
         run_.log(valid_sources=len(validated), train_only_sources=len(train_only))
-        with phase_lock(out) as lock_fd:
-            claim(out, fp)
-            out.mkdir(parents=True, exist_ok=True)
-            # mlflow_run_id: the ranks on other nodes read it here (model/metrics.tracking_run_id)
-            record = {"phase": phase, "fingerprint": fp, "parent": parent, "mlflow_run_id": run_.run_id,
-                      "valid_sources": validated, "train_only_sources": train_only}
-            write_atomic(filesystem(str(out)), str(out / RUN),
-                         json.dumps(record, sort_keys=True).encode() + b"\n")
+        # mlflow_run_id: the ranks on other nodes read it here (model/metrics.tracking_run_id)
+        record = {"phase": phase, "fingerprint": fp, "parent": parent, "mlflow_run_id": run_.run_id,
+                  "valid_sources": validated, "train_only_sources": train_only}
+        with open_phase(out, record) as lock_fd:
             done = resume_point(out, phase)
             if done is None or done[0] < cfg.steps:
                 check_pack(params, phase, out)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import statistics
 import time
 import urllib.error
@@ -28,7 +27,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from codeworld.code import Code
-from codeworld.config import AgentConfig, Params
+from codeworld.config import AgentConfig, Params, metric_key
 from codeworld.sandbox import SandboxUnavailable
 from codeworld.shards import DatasetWriter, fingerprint, pin_manifest
 from codeworld.storage import Storage
@@ -120,10 +119,6 @@ def build_repo(repo, cfg: AgentConfig) -> tuple[list[dict], list[dict], list[dic
     return syn.tasks, trajectories, traces, meta
 
 
-def _key(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]+", "_", name)
-
-
 def summarize(metas: list[dict], cfg: AgentConfig) -> dict:
     tried: Counter = Counter()
     valid_: Counter = Counter()
@@ -147,7 +142,7 @@ def summarize(metas: list[dict], cfg: AgentConfig) -> dict:
         metrics[f"valid_{op}"] = valid_[op]
         metrics[f"kept_{op}"] = kept[op]
     for m in metas:
-        metrics[f"tasks_{_key(m['repo'])}"] = sum(m["kept"].values())
+        metrics[f"tasks_{metric_key(m['repo'])}"] = sum(m["kept"].values())
     episodes = [e for m in metas for e in m["episodes"]]
     for policy in cfg.policies:
         eps = [e for e in episodes if e["policy"] == policy and "broken" not in e]
@@ -204,7 +199,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         for n, m in zip(names, (m_tasks, m_traj, m_traces)):
             pin_manifest(storage, f"{output}/{n}", m)
         # timings go to the metrics only: the manifests stay byte-identical run after run
-        run_.log(**report["metrics"], **{f"seconds_{_key(m['repo'])}": m["seconds"] for m in metas})
+        run_.log(**report["metrics"], **{f"seconds_{metric_key(m['repo'])}": m["seconds"] for m in metas})
         run_.artifact(report, "agent_report.json")
         return _result(names, (m_tasks, m_traj, m_traces))
 
