@@ -43,8 +43,10 @@ done
 say() { echo "[$SECONDS s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 if [ -n "${KIT:-}" ]; then
+  # (globbing is off in this script: the kit's wheels are listed by find)
+  mapfile -t wheels < <(find "$KIT/whl" -name '*.whl')
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "$KIT"/whl/*.whl || exit 1
+    --target /tmp/site "${wheels[@]}" || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   mkdir -p /tmp/devdata && tar -xzf "$KIT/data.tgz" -C /tmp/devdata || exit 1
 fi

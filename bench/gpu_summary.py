@@ -17,18 +17,29 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
 
 
+def diverged(losses: list[float]) -> str | None:
+    """Why a run's speed is no result: a loss that is not finite. (TE's op fuser with FP8 delayed
+    scaling gave NaN gradients from its first backward on the H100 and ran 1.5x BF16's speed.)"""
+    bad = next(((i, x) for i, x in enumerate(losses, 1) if not math.isfinite(x)), None)
+    return f"diverged: loss {bad[1]} at step {bad[0]}" if bad else None
+
+
 def bench_rows(out: Path) -> list[dict]:
+    """bench.jsonl's results; one whose loss went NaN or infinite is a failure, also where the run
+    that wrote it did not say so."""
     path = out / "bench.jsonl"
     rows = []
     for line in path.read_text().splitlines() if path.exists() else []:
         entry = json.loads(line)
         for res in entry["results"].values():
-            rows.append({"name": entry["name"], **res})
+            why = "error" not in res and diverged(res.get("losses") or [])
+            rows.append({"name": entry["name"], **res, **({"error": why} if why else {})})
     return rows
 
 

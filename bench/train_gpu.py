@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from gpu_profile import profile_steps  # noqa: E402
+from gpu_summary import diverged  # noqa: E402
 
 # ~1.03B parameters: 20 layers of hidden 2048 (16 heads, 4 KV groups, SwiGLU 5632), vocab 32k.
 ONE_B = ["model.num_layers=20", "model.hidden_size=2048", "model.num_attention_heads=16",
@@ -237,6 +238,10 @@ def main() -> int:
               f"{res['ms_per_step']:.0f} ms/step, {res['peak_memory_gib']:.1f} GiB "
               f"({res['reserved_memory_gib']:.1f} reserved), "
               f"loss {res['losses'][0]:.4f} -> {res['losses'][-1]:.4f}", flush=True)
+        if why := diverged(res["losses"]):   # its speed is no result: left out of the ratios
+            res["error"] = why
+            print(f"{kind}: FAILED, {why}", flush=True)
+            continue
         if res.get("profile") and "error" in res["profile"]:
             print(f"  profile failed: {res['profile']['error']}", flush=True)
         elif res.get("profile"):

@@ -73,6 +73,26 @@ def test_gpu_summary_ratios_and_loss_checks(tmp_path):
     assert rows["graph", "megatron-fp8"].endswith("|  |")   # no eager FP8 run to compare with
 
 
+def test_a_run_whose_loss_went_nan_is_a_failure_not_a_speed(tmp_path):
+    """The H100's op-fuser FP8 run: NaN from step 2 at 1.5x BF16's speed. Its bench.jsonl line
+    (written before train_gpu.py checked) reads as failed, and gives no ratio."""
+    import json
+
+    import gpu_summary
+
+    bench = [{"name": "fuser", "results": {
+        "megatron-bf16": result("megatron-bf16", 16, "full_iteration", 76000.0, [10.8, 10.8, 7.5]),
+        "megatron-fp8": result("megatron-fp8", 16, "full_iteration", 114000.0, [10.8, float("nan"), 7.0])}}]
+    (tmp_path / "bench.jsonl").write_text("".join(json.dumps(e) + "\n" for e in bench))
+    rows = gpu_summary.bench_rows(tmp_path)
+    assert [r.get("error") for r in rows] == [None, "diverged: loss nan at step 2"]
+    table = gpu_summary.bench_table(rows)
+    assert "| fuser | megatron-fp8 | failed: diverged: loss nan at step 2 |" in table[3]
+    assert not any("x |" in line for line in table)   # no FP8/BF16 ratio
+    assert gpu_summary.diverged([3.0, float("inf")]) == "diverged: loss inf at step 2"
+    assert gpu_summary.diverged([3.0, 2.0]) is None
+
+
 def test_gpu_summary_compares_train_runs_step_by_step(tmp_path):
     import json
 
