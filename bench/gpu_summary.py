@@ -45,9 +45,10 @@ def bench_rows(out: Path) -> list[dict]:
 
 def variant(r: dict) -> dict:
     """What a run changed beyond params: TransformerConfig fields (--tc), layer-spec arguments
-    (--spec)."""
+    (--spec), the TE patch (--te-gated-fix)."""
     return {**(r.get("transformer_config") or {}),
-            **{f"spec.{k}": v for k, v in (r.get("layer_spec_args") or {}).items()}}
+            **{f"spec.{k}": v for k, v in (r.get("layer_spec_args") or {}).items()},
+            **({"te_gated_fix": True} if r.get("te_gated_fix") else {})}
 
 
 def setting(r: dict) -> tuple:

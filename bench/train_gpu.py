@@ -18,6 +18,8 @@ as usual. CUDA graphs are a phase parameter (`pretrain.cuda_graph`: layer | full
 set with --set like any other. `--spec ARG=VALUE` passes an argument to Megatron's TE layer-spec
 builder (`get_gpt_layer_with_transformer_engine_spec`) for this run only, e.g. its TE op fuser
 (`use_te_op_fuser=true`: the MLP as one `te.ops.Sequential`, SwiGLU fused with its FP8 cast).
+`--te-gated-fix` patches TE 2.11's gated activations first (bench/te_gated_fix.py: the op fuser
+with FP8 delayed scaling gave NaN gradients on an H100).
 
 MFU = training FLOPs per token (model.build.flops_per_token: 6N + attention) x tokens/s /
 the GPU's peak dense BF16 FLOP/s (model.metrics.PEAK_FLOPS; 989 TFLOP/s on H100/H200). FP8
@@ -91,8 +93,13 @@ def with_spec_args(build_spec, spec_args: dict):
 
 
 def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
-           tc: dict | None = None, spec_args: dict | None = None) -> dict:
+           tc: dict | None = None, spec_args: dict | None = None, te_gated_fix: bool = False) -> dict:
     import torch
+
+    if te_gated_fix:
+        from te_gated_fix import apply
+
+        print(f"te_gated_fix: patched {apply() or 'nothing (TE >= 2.12)'}", file=sys.stderr, flush=True)
 
     from codeworld.config import load_params
     from codeworld.overrides import apply_overrides
@@ -176,6 +183,7 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
     mem = memory()
     return {"kind": kind, "backend": backend, "gpu": torch.cuda.get_device_name(), "profile": prof,
             "transformer_config": tc or {}, "layer_spec_args": spec_args or {}, "cuda_graph": cfg.cuda_graph,
+            "te_gated_fix": te_gated_fix,
             "micro_batch_size": cfg.micro_batch_size, "losses": losses,
             "params": count_parameters(m, VOCAB), "tokens_per_s": tps,
             "tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak if peak else None,
@@ -197,6 +205,8 @@ def main() -> int:
                     help="an argument of Megatron's TE layer-spec builder (repeatable)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile 2 steps of each config: GPU busy time, time by kernel")
+    ap.add_argument("--te-gated-fix", action="store_true",
+                    help="patch TE 2.11's gated activations for FP8 delayed scaling (bench/te_gated_fix.py)")
     ap.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     # malformed or unknown ones fail here, before any config runs (the workers parse them again)
@@ -207,7 +217,8 @@ def main() -> int:
 
         with_spec_args(get_gpt_layer_with_transformer_engine_spec, spec_args)   # names checked
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.set, args.profile, tc, spec_args)))
+        print(json.dumps(worker(args.worker, args.steps, args.set, args.profile, tc, spec_args,
+                                args.te_gated_fix)))
         return 0
     results: dict[str, dict] = {}
     for kind in args.only or CONFIGS:
@@ -221,7 +232,8 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps),
                *sum((["--set", s] for s in args.set), []), *sum((["--tc", t] for t in args.tc), []),
                *sum((["--spec", a] for a in args.spec), []),
-               *(["--profile"] if args.profile else [])]
+               *(["--profile"] if args.profile else []),
+               *(["--te-gated-fix"] if args.te_gated_fix else [])]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
         except subprocess.TimeoutExpired:

@@ -1,0 +1,59 @@
+"""A stopgap for Transformer Engine 2.11 on Hopper, for `bench/train_gpu.py --te-gated-fix`:
+TE's op fuser (`--spec use_te_op_fuser=true`) with FP8 delayed scaling gave NaN gradients from
+the first backward on an H100 (2026-11-27, docs/gpu-h200-2026-11-26.md).
+
+The likely cause, read in TE 2.11's source (not yet confirmed on a GPU): te.ops' gated
+activations (SwiGLU, ...) quantize their output (forward) and their input gradient (backward)
+with the next op's delayed-scaling quantizer through the fused kernels `cast_gated_fwd` /
+`cast_gated_bwd`, which write only the row-wise FP8 data. On SM90 the quantizer also allocates
+the transposed copy that the weight-gradient GEMM reads, and marks it valid, but nothing writes
+it: FC2's and FC1's weight gradients come from uninitialised memory. TE 2.12 transposes after
+the kernel (NVIDIA/TransformerEngine#2486); megatron-core 0.16.1 pins TE < 2.12. `apply()` does
+the same from Python: after each gated activation, the transposed copy is rebuilt from the
+row-wise data. No-op on TE >= 2.12.
+"""
+from __future__ import annotations
+
+import functools
+
+GATED = ("GEGLU", "QGEGLU", "ReGLU", "SReGLU", "SwiGLU", "ClampedSwiGLU")
+
+
+def _fill_transpose(y, quantizer):
+    from transformer_engine.pytorch.tensor.float8_tensor import Float8Quantizer
+    from transformer_engine.pytorch.tensor.storage.float8_tensor_storage import Float8TensorStorage
+
+    # Float8Quantizer exactly: delayed scaling (current scaling's quantizer builds the transpose)
+    if (type(quantizer) is Float8Quantizer and isinstance(y, Float8TensorStorage)
+            and y._data is not None and y._transpose is not None):
+        y._create_transpose()   # tex.fp8_transpose into the buffer the quantizer allocated
+    return y
+
+
+def _wrap(impl):
+    @functools.wraps(impl)
+    def wrapped(self, *args, **kwargs):
+        # forward (x, next op's input quantizer); backward (dy, x, previous op's grad quantizer)
+        return _fill_transpose(impl(self, *args, **kwargs), args[-1] if args else None)
+    wrapped.codeworld_gated_fix = True
+    return wrapped
+
+
+def apply() -> list[str]:
+    """Patch the gated activations of te.ops; the names of the methods patched."""
+    import transformer_engine
+    from packaging.version import Version
+
+    if Version(transformer_engine.__version__.split("+")[0]) >= Version("2.12"):
+        return []
+    import transformer_engine.pytorch.ops.basic.activation as act
+
+    patched = []
+    for name in GATED:
+        cls = getattr(act, name, None)
+        for attr in ("_activation_forward_impl", "_activation_backward_impl"):
+            impl = cls.__dict__.get(attr) if cls is not None else None
+            if impl is not None and not getattr(impl, "codeworld_gated_fix", False):
+                setattr(cls, attr, _wrap(impl))
+                patched.append(f"{name}.{attr}")
+    return patched
