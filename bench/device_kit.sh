@@ -3,7 +3,10 @@
 # machine has torch and CUDA but no package index, no megatron-core and no project data):
 #   .devkit/te/        Transformer Engine 2.11.0: the Python wheel, the core wheel cut to
 #                      sm_90 (infra/te_slim_wheel.py: 179 -> 29 MB) and the extension's sdist
-#                      (infra/install_te_offline.sh builds it there, ~1.5 min on 16 cores)
+#                      (infra/install_te_offline.sh builds it there, ~1.5 min on 16 cores;
+#                      the wheel it built comes back in the call's $OUT: copied into
+#                      .devkit/te/, it is installed in seconds by the next call, as long as
+#                      the device's torch is the same: 1.3 MB, cp312, torch 2.11.0+cu130)
 #   .devkit/whl/       the wheels the training and export paths import that the device image
 #                      lacks, at this venv's versions, for CPython 3.12 on x86-64
 #   .devkit/data.tgz   data/pack, data/tokenizer and data/traces of a finished `make run`

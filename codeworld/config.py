@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,9 +23,26 @@ class StageFailed(RuntimeError):
     prints it as one `error:` line, not a traceback)."""
 
 
+def _admits_bool(annotation) -> bool:
+    return annotation is bool or annotation is Any or any(
+        _admits_bool(a) for a in get_args(annotation) if not isinstance(a, (str, int, float)))
+
+
 class Section(BaseModel):
     # NaN and infinity are no setting (a NaN weight passes every `< 0` check)
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, data):
+        """pydantic reads `true` as 1 for a number: `steps: true` is a mistake, said so."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if isinstance(value, bool) and field and not _admits_bool(field.annotation):
+                    raise ValueError(f"{name}: {str(value).lower()} is a yes/no value, and "
+                                     f"{name} is not a yes/no setting")
+        return data
 
 
 # A repository's name names its cache folder and its metric keys: a plain file name
@@ -512,7 +529,7 @@ class AgentConfig(Section):
     max_tokens: int = Field(default=32000, ge=256)
     observation_chars: int = Field(default=4000, ge=200)
     tool_wall_seconds: float = Field(default=60.0, gt=0)
-    max_workdir_mb: int = Field(default=256, ge=1)         # the working copy; past it the episode ends
+    max_workdir_mb: int = Field(default=256, ge=1)         # the working copy's quota (a tmpfs); full: the episode ends
     openai: OpenAIPolicyConfig = OpenAIPolicyConfig()
     # execution traces of each task's failing tests (repository tracer), for mid-training
     failing_traces: bool = True

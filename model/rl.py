@@ -132,7 +132,8 @@ class Rollouts:
                              max_tokens=acfg.max_tokens,
                              observation_chars=cfg.agent_observation_chars,
                              tool_wall_seconds=acfg.tool_wall_seconds,
-                             test_wall_seconds=acfg.test_wall_seconds)
+                             test_wall_seconds=acfg.test_wall_seconds,
+                             max_workdir_mb=acfg.max_workdir_mb)
         except SandboxUnavailable:
             raise
         except Exception as err:   # one broken episode is counted, never fatal
@@ -179,6 +180,9 @@ def build_samples(groups: list[dict], episodes: list[dict], cfg: RLConfig) -> tu
     ok = [e for e in sorted(episodes, key=lambda e: e["episode"]) if "broken" not in e]
     if episodes:
         stats.update(agent_episodes=len(ok), agent_broken=len(episodes) - len(ok))
+        broken = [e["broken"] for e in sorted(episodes, key=lambda e: e["episode"]) if "broken" in e]
+        if broken:   # counted, and why (the first one), in steps.jsonl and train.log
+            stats["agent_broken_reason"] = broken[0]
     if ok:
         a = group_advantages([e["reward"] for e in ok], cfg.advantage_eps) if len(ok) > 1 \
             else [0.0]

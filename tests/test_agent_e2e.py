@@ -285,8 +285,23 @@ def test_a_working_copy_grown_past_its_limit_ends_the_episode(env, validated):
                      **{**SMALL, "max_workdir_mb": 2})
     assert ep["stop_reason"] == "workdir_limit" and ep["turns"] == 2 and not ep["submitted"]
     assert ep["reward"] == 0.0
-    assert ep["messages"][-1]["content"].startswith("error: the working copy grew to 2.9 MB, over "
-                                                    "the limit of 2 MB")
+    # the quota held within the call: the third blob did not fit
+    last = ep["messages"][-1]["content"]
+    assert "No space left on device" in last and "\nok\n\n[exit code 0]" in last, last
+    assert last.endswith("[error: the working copy is full, at its limit of 2 MB "
+                         "(agent.max_workdir_mb): the episode ends]")
+
+
+def test_malformed_edit_and_create_calls_are_observations_not_failures(env, validated):
+    # (the episode loop once failed on them: AttributeError, a broken RL episode)
+    task = _task(env, validated, "change_arith", "return total * len(xs)")
+    ep = run_episode(task, env, _Replies([call("edit", "calc/__init__.py\nno markers"),
+                                          call("create", "\nno path"), call("bash", "echo on")]),
+                     **SMALL)
+    tools = [m["content"] for m in ep["messages"] if m["role"] == "tool"]
+    assert tools[0].startswith("error: edit needs the file path on the first line")
+    assert tools[1] == "error: create needs the file path on the first line, then the content"
+    assert tools[2] == "on\n\n[exit code 0]" and ep["stop_reason"] == "submit"
 
 
 def test_scripted_policy_fixes_a_bug_from_observations_only(env, validated):

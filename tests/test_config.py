@@ -64,6 +64,10 @@ def test_unreadable_and_invalid_yaml(tmp_path):
      "repository names 'a.b' and 'a_b' give the same metric key 'a_b'"),
     ({"traces": {"repositories": [{"name": "r", "path": "/a"}, {"name": "r", "path": "/b"}]}},
      "traces.repositories: Value error, duplicate repository names ['r']"),
+    # pydantic's lax mode read `true` as 1 and `false` as 0.0
+    ({"pretrain": {"steps": True}}, "pretrain: Value error, steps: true is a yes/no value, and steps "
+                                    "is not a yes/no setting"),
+    ({"traces": {"limits": {"wall_seconds": False}}}, "wall_seconds: false is a yes/no value"),
 ])
 def test_values_no_stage_can_use_are_refused_naming_the_key(data, needle):
     # each was accepted, then failed deep in a stage (NaN weights after the sandbox work, an

@@ -380,6 +380,126 @@ def test_run_command_workdir(probe, tmp_path):
     assert r.stdout == "ro" and r.returncode != 0 and not (extra / "g").exists()
 
 
+def test_working_copy_quota_holds_within_one_command(probe, tmp_path):
+    """A writable working copy with a quota: the command writes to a tmpfs copy (ENOSPC past
+    the quota, the host's disk gets nothing more), then the copy replaces the host's folder."""
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "m.py").write_text("x = 1\n")
+    (repo / "gone.txt").write_text("bye")
+    (repo / "rel").symlink_to("pkg/m.py")
+    quota = 2 << 20
+    fill = GUARD + (
+        "import os\n"
+        "open('new.txt', 'w').write('hi')\n"
+        "os.remove('gone.txt')\n"
+        "os.symlink('/etc/passwd', 'abs')\n"        # a link out of the copy: not kept
+        "os.mkdir('locked'); open('locked/f', 'w').write('in')\n"
+        "os.chmod('new.txt', 0); os.chmod('locked', 0)\n"
+        "n = 0\n"
+        "try:\n"
+        "    while True:\n"                          # many files: the quota, not one file's size
+        "        open(f'blob{n}', 'wb').write(b'x' * 100000); n += 1\n"
+        "except OSError as e:\n"
+        "    print('stopped', e.errno, n)\n")
+    r = run_command(["python3", "-c", fill], workdir=repo, writable_workdir=True,
+                    workdir_quota_bytes=quota, limits=SMALL)
+    assert r.returncode == 0 and r.workdir_error is None, (r.stdout, r.stderr)
+    assert r.stdout.startswith("stopped 28 ") and r.workdir_free_bytes < 64 << 10   # ENOSPC
+    files = {p.relative_to(repo).as_posix() for p in repo.rglob("*")}
+    assert {"new.txt", "pkg/m.py", "rel", "locked/f"} <= files and "gone.txt" not in files
+    assert "abs" not in files and (repo / "rel").is_symlink()
+    assert (repo / "new.txt").read_text() == "hi" and (repo / "locked" / "f").read_text() == "in"
+    assert sum(p.stat().st_size for p in repo.rglob("*") if p.is_file()) <= quota
+    assert sorted(os.listdir(tmp_path)) == ["repo"]   # nothing of the exchange left beside it
+    # the next command sees the copy as it was left (the owner's rights restored)
+    r = run_command(["sh", "-c", "cat new.txt locked/f; rm blob*; ls; echo x > y; kill -9 $$"],
+                    workdir=repo, writable_workdir=True, workdir_quota_bytes=quota, limits=SMALL)
+    assert r.stdout == "hiin" + "".join(f"{n}\n" for n in ("locked", "new.txt", "pkg", "rel"))
+    assert r.returncode == -signal.SIGKILL
+    assert (repo / "y").read_text() == "x\n"   # a command killed by a signal keeps its writes
+    # over its wall time: killed, what it wrote before kept, its leftovers killed too
+    r = run_command(["sh", "-c", "echo late > late.txt; sleep 60 & sleep 60"], workdir=repo,
+                    writable_workdir=True, workdir_quota_bytes=quota,
+                    limits=SMALL.replace(wall_seconds=1))
+    assert r.timed_out and r.killed_by_signal == signal.SIGKILL and r.wall_seconds < 10
+    assert (repo / "late.txt").read_text() == "late\n"
+
+
+def test_a_command_cannot_forge_the_copy_it_sends_back(probe, tmp_path):
+    """Only the launcher holds the pipe the copy goes back through: a command that tries every
+    descriptor it can reach (its own, its launcher's and pid 1's through /proc) writes nowhere,
+    and one that kills its launcher leaves the copy as it was, said so."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "kept.txt").write_text("before")
+    forge = ("for f in /proc/self/fd/* /proc/$PPID/fd/* /proc/1/fd/*; do "
+             "printf '\\0\\0\\0\\0\\0\\0\\0\\0{}\\n' > $f 2>/dev/null && echo wrote $f; done; ")
+    r = run_command(["sh", "-c", forge + "echo after > kept.txt"], workdir=repo,
+                    writable_workdir=True, workdir_quota_bytes=1 << 20, limits=SMALL)
+    assert r.returncode == 0 and r.workdir_error is None, r
+    wrote = [w for w in r.stdout.split() if w.startswith("/proc/")]
+    assert wrote and all(w.rsplit("/", 1)[1] in "012" for w in wrote), wrote   # stdin/out/err only
+    assert (repo / "kept.txt").read_text() == "after\n"
+    r = run_command(["sh", "-c", forge + "echo later > kept.txt; kill -9 $PPID; sleep 30"],
+                    workdir=repo, writable_workdir=True, workdir_quota_bytes=1 << 20, limits=SMALL)
+    assert r.workdir_error == ("the working copy was not taken back: the sandbox ended before "
+                               "sending the working copy back") and r.wall_seconds < 5
+    assert (repo / "kept.txt").read_text() == "after\n"
+    assert sorted(os.listdir(tmp_path)) == ["repo"]
+
+
+def test_unpack_takes_only_what_stays_inside_the_copy(tmp_path):
+    """The host's unpacking of the tar the sandbox sends (its content is the command's)."""
+    import io
+    import tarfile
+
+    from codeworld.sandbox.quota import CopyRefused, unpack
+
+    def tar_of(*members):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for info, data in members:
+                tar.addfile(info, io.BytesIO(data) if data is not None else None)
+        path = tmp_path / f"t{len(list(tmp_path.iterdir()))}.tar"
+        path.write_bytes(buf.getvalue())
+        return path
+
+    def entry(name, kind=tarfile.REGTYPE, data=b"", link="", mode=0o644):
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname, info.mode, info.size = kind, link, mode, len(data)
+        return info, data if kind == tarfile.REGTYPE else None
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    ok = tar_of(entry(".", tarfile.DIRTYPE, mode=0o755), entry("d", tarfile.DIRTYPE, mode=0o500),
+                entry("d/f.py", data=b"x = 1\n", mode=0o000),
+                entry("d/up", tarfile.SYMTYPE, link="../d/f.py"),
+                entry("abs", tarfile.SYMTYPE, link="/etc/passwd"),           # left out
+                entry("esc", tarfile.SYMTYPE, link="../outside"),            # left out
+                entry("hard", tarfile.LNKTYPE, link="d/f.py"),               # left out
+                entry("fifo", tarfile.FIFOTYPE))                             # left out
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    unpack(str(ok), str(dest), 1 << 20)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == ["d", "d/f.py", "d/up"]
+    assert (dest / "d" / "up").read_text() == "x = 1\n" and os.access(dest / "d" / "f.py", os.R_OK)
+    assert os.stat(dest / "d").st_mode & 0o700 == 0o700
+    bad = [tar_of(entry("../x", data=b"no")),                                # a name leaving it
+           tar_of(entry("/abs", data=b"no")),
+           tar_of(entry("l", tarfile.SYMTYPE, link="../outside"), entry("l/x", data=b"no")),
+           tar_of(entry("d", tarfile.SYMTYPE, link="."), entry("d/x", data=b"no")),  # through a link
+           tar_of(entry("f", data=b"1"), entry("f", data=b"2")),           # nothing overwritten
+           tar_of(entry("/".join(["a"] * 300), data=b"deep")),
+           tar_of(*[entry(f"f{i}") for i in range(300)])]                   # 4 KiB each: budget
+    for i, path in enumerate(bad):
+        dest = tmp_path / f"bad{i}"
+        dest.mkdir()
+        with pytest.raises((CopyRefused, OSError)):
+            unpack(str(path), str(dest), 1 << 20)
+    assert list(outside.iterdir()) == [] and not (tmp_path / "x").exists()
+
+
 def test_run_command_pytest_in_repo_copy(probe, tmp_path):
     """The agent stage's use: ``python -m pytest`` in a writable copy bound at /work."""
     import pytest as _pytest

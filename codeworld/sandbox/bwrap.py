@@ -154,8 +154,11 @@ def _check_binds(binds: Iterable[Bind]) -> list[Bind]:
 def build_argv(command: Sequence[str], *, binds: Iterable[Bind], env: Mapping[str, str],
                chdir: str = "/tmp", tmpfs_bytes: int = 256 << 20,
                bwrap: str | os.PathLike | None = None,
-               status_fd: int | None = None) -> list[str]:
-    """The full argv (outer bwrap + setpriv + inner bwrap when root) running ``command``."""
+               status_fd: int | None = None,
+               sized_tmpfs: Sequence[tuple[str, int]] = ()) -> list[str]:
+    """The full argv (outer bwrap + setpriv + inner bwrap when root) running ``command``.
+    ``sized_tmpfs``: (destination, bytes) of further size-limited tmpfs mounts (a working
+    copy's quota)."""
     path = find_bwrap(bwrap)
     feats = _features(path)
     uid = sandbox_uid()
@@ -175,6 +178,13 @@ def build_argv(command: Sequence[str], *, binds: Iterable[Bind], env: Mapping[st
             src = f"/stage/{i}"
             outer_binds += ["--bind" if b.writable else "--ro-bind", b.src, src]
         inner += ["--bind" if b.writable else "--ro-bind", src, b.dest]
+    if sized_tmpfs and "--size" not in feats:
+        raise SandboxUnavailable(f"{path} has no --size option (bubblewrap >= 0.5): a working "
+                                 f"copy's size limit cannot be enforced; {INSTALL_HINT}")
+    for dest, nbytes in sized_tmpfs:
+        if dest in RESERVED_DESTS or not os.path.isabs(dest):
+            raise SandboxError(f"bad sandbox destination {dest!r}")
+        inner += ["--size", str(int(nbytes)), "--tmpfs", dest]
     size = ["--size", str(int(tmpfs_bytes))] if "--size" in feats else []
     inner += ["--proc", "/proc", "--dev", "/dev", *size, "--tmpfs", "/tmp",
               *size, "--tmpfs", "/dev/shm", "--remount-ro", "/", "--remount-ro", "/dev",

@@ -14,6 +14,7 @@ from .bwrap import LAUNCH_ENV, Bind, SandboxError, build_argv, ensure_available,
     host_pidns, python_install, sandbox_env, sandbox_uid
 from .forkserver import _SERVER_SOURCE, _as_bind, _kill
 from .limits import Limits
+from .quota import QuotaCopy
 
 WORKDIR = "/work"
 
@@ -28,6 +29,10 @@ class CommandResult:
     stdout_truncated: bool
     wall_seconds: float
     stderr_truncated: bool = False
+    # with a working-copy quota: why the copy could not come back (then it is as it was before
+    # the command), and the room left in it afterwards
+    workdir_error: str | None = None
+    workdir_free_bytes: int | None = None
 
 
 def _give_to_sandbox(path: str) -> None:
@@ -54,11 +59,15 @@ class _Capture:
 def run_command(argv: Sequence[str], *, workdir: str | os.PathLike | None = None,
                 writable_workdir: bool = False, limits: Limits | None = None,
                 extra_ro_binds: Iterable = (), env: Mapping[str, str] | None = None,
-                bwrap: str | os.PathLike | None = None) -> CommandResult:
+                bwrap: str | os.PathLike | None = None,
+                workdir_quota_bytes: int | None = None) -> CommandResult:
     """Run ``argv`` once in a fresh sandbox; ``workdir`` is bound at /work (the cwd).
 
     ``writable_workdir=True`` binds it read-write; as root this chowns the tree to the
     sandbox uid first (the sandbox cannot write root-owned files otherwise).
+    ``workdir_quota_bytes`` (with ``writable_workdir``): instead of the bind, /work is a tmpfs
+    of that size holding a copy of ``workdir``, which replaces ``workdir`` after the command
+    (``workdir_quota``): the command cannot write more than that to the host's disk.
     ``extra_ro_binds``: host paths (bound at the same path) or (host, sandbox) pairs.
     ``env``: extra variables on top of the allow-list (nothing is inherited).
     A program killed by signal N is reported through bwrap's exit status 128+N.
@@ -68,40 +77,68 @@ def run_command(argv: Sequence[str], *, workdir: str | os.PathLike | None = None
     limits = limits or Limits()
     ensure_available(bwrap)
     exe, binds = python_install()
-    chdir = "/tmp"
+    chdir, quota, config = "/tmp", None, {**limits.to_dict(), "host_pidns": host_pidns()}
     if workdir is not None:
         wd = os.path.realpath(workdir)
         if not os.path.isdir(wd):
             raise SandboxError(f"workdir {wd} is not a directory")
         if writable_workdir:
             _give_to_sandbox(wd)
-        binds.append(Bind(wd, WORKDIR, writable_workdir))
+        if writable_workdir and workdir_quota_bytes is not None:
+            quota = QuotaCopy(wd, workdir_quota_bytes, limits)
+            binds += quota.binds
+            config.update(quota.launcher_config)
+            limits = quota.limits
+        else:
+            binds.append(Bind(wd, WORKDIR, writable_workdir))
         chdir = WORKDIR
     binds += [_as_bind(b) for b in extra_ro_binds]
-    launcher = [exe, "-I", "-S", "-c", _SERVER_SOURCE, "launch",
-                json.dumps({**limits.to_dict(), "host_pidns": host_pidns()}), "--",
+    launcher = [exe, "-I", "-S", "-c", _SERVER_SOURCE, "launch", json.dumps(config), "--",
                 *map(str, argv)]
+    try:
+        result = _run(launcher, binds, env, chdir, limits, bwrap, quota)
+        if quota is not None:
+            quota.take_back(result)
+        return result
+    finally:
+        if quota is not None:
+            quota.close()
+
+
+def _run(launcher: list[str], binds: list[Bind], env: Mapping[str, str] | None, chdir: str,
+         limits: Limits, bwrap, quota) -> CommandResult:
     r_status, w_status = os.pipe()
     try:
         full = build_argv(launcher, binds=binds, env=sandbox_env(env), chdir=chdir,
-                          tmpfs_bytes=limits.tmpfs_bytes, bwrap=bwrap, status_fd=w_status)
+                          tmpfs_bytes=limits.tmpfs_bytes, bwrap=bwrap, status_fd=w_status,
+                          sized_tmpfs=quota.tmpfs if quota is not None else ())
         t0 = time.monotonic()
         proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, pass_fds=(w_status,), bufsize=0,
+                                stderr=subprocess.PIPE, bufsize=0,
+                                pass_fds=(w_status,) if quota is None else (w_status, quota.write_fd),
                                 start_new_session=True, env=LAUNCH_ENV)
     except BaseException:
         os.close(r_status)
         raise
     finally:
         os.close(w_status)
+        if quota is not None:
+            quota.started()
     out, err, status = (_Capture(limits.output_bytes), _Capture(limits.output_bytes),
                         _Capture(1 << 16))
     caps = {proc.stdout.fileno(): out, proc.stderr.fileno(): err, r_status: status}
+    if quota is not None:
+        caps[quota.read_fd] = quota.sink
     deadline = t0 + limits.wall_seconds
-    timed_out = False
+    timed_out = done_early = False
     try:
         open_fds = set(caps)
         while open_fds:
+            if quota is not None and quota.sink.complete and not done_early:
+                # the launcher has sent the copy and its status after killing the command:
+                # nothing of the sandbox is needed any more (its pid 1 may even be stopped)
+                done_early = True
+                _kill(proc)
             remaining = deadline - time.monotonic()
             if remaining <= 0 and not timed_out:
                 timed_out = True

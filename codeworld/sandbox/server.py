@@ -28,6 +28,7 @@ import os
 import resource
 import select
 import signal
+import stat
 import struct
 import sys
 import time
@@ -425,18 +426,154 @@ def serve(cfg):
 
 
 def launch(lim, argv):
-    """One-shot mode: check the namespace, apply the rlimits, then become the command."""
+    """One-shot mode: check the namespace, apply the rlimits, then become the command (or,
+    with a working copy to carry, run it as our child: ``launch_on_copy``)."""
     try:
         check_private_pidns(lim.get("host_pidns"))
     except RuntimeError as exc:
         os.write(2, f"sandbox: {exc}\n".encode())
         os._exit(126)
-    apply_rlimits(lim, INFRA_PROCS_LAUNCHER)
+    # (with a working copy the launcher stays, as the command's parent: one process more)
+    apply_rlimits(lim, INFRA_PROCS_LAUNCHER + bool(lim.get("workdir_copy")))
+    if lim.get("workdir_copy"):
+        os._exit(launch_on_copy(lim["workdir_copy"], argv))
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:
         os.write(2, f"sandbox: cannot execute {argv[0]!r}: {exc}\n".encode())
         os._exit(127)
+
+
+def _copy_tree(src, dest):
+    """``src`` onto the existing folder ``dest``, in sorted order (a tmpfs lists a folder in
+    the order its entries were made, so listings in the sandbox do not depend on the host's
+    filesystem); links are copied as links."""
+    import shutil
+
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, src)
+        target = dest if rel == "." else os.path.join(dest, rel)
+        for name in dirnames + sorted(filenames):
+            s, d = os.path.join(dirpath, name), os.path.join(target, name)
+            if os.path.islink(s):
+                os.symlink(os.readlink(s), d)
+            elif os.path.isdir(s):
+                os.mkdir(d)
+                shutil.copystat(s, d)
+            elif os.path.isfile(s):
+                shutil.copy2(s, d)
+        if rel != "." and not os.path.islink(dirpath):
+            shutil.copystat(dirpath, target)
+
+
+def _wait_until(pid, deadline):
+    """The exit status of child ``pid``, or None when ``deadline`` (monotonic) passed first;
+    other exited children (orphans reparented to us) are reaped meanwhile."""
+    while True:
+        try:
+            done, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if done == pid:
+            return status
+        if done:
+            continue
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.002)
+
+
+class _Frames:
+    """A write-only file over fd ``fd`` that sends what is written as frames (8-byte length,
+    then the bytes): the host can tell a complete tar (ended by an empty frame) from one cut
+    short, whatever bytes the tar holds."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def write(self, data):
+        if data:
+            _write_all(self.fd, len(data).to_bytes(8, "big") + bytes(data))
+        return len(data)
+
+    def end(self):
+        _write_all(self.fd, (0).to_bytes(8, "big"))
+
+
+def launch_on_copy(wc, argv):
+    """Run ``argv`` on a working copy held in a size-limited tmpfs, and hand the copy back.
+
+    ``wc``: ``src`` (the host's copy, read-only), ``dest`` (the tmpfs, the cwd), ``out_fd``
+    (the write end of a pipe to the host), ``deadline_seconds``. The copy is made, the command
+    runs as our child until it exits or the deadline, every process it left is killed (we are
+    a child subreaper), then ``out_fd`` gets a tar of ``dest`` in frames, an empty frame, and
+    a JSON status line last. Only this process holds ``out_fd`` (bwrap's pid 1 closes what it
+    inherits; the command never gets it, and cannot open ours through /proc: we are not
+    dumpable), so nothing the command writes can pass for the copy or the status. Returns the
+    exit code for bwrap (128+N when killed by signal N)."""
+    import tarfile
+
+    out = _Frames(int(wc["out_fd"]))
+    os.set_inheritable(out.fd, False)
+
+    def finish(head, tree=None):
+        if tree is not None:
+            try:
+                with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                    tar.add(tree, arcname=".")   # recursive, each folder's entries sorted
+            except Exception as exc:   # an unreadable or too deep tree: the frames end here
+                head = {"error": f"writing the working copy out: {type(exc).__name__}: {exc}"}
+        out.end()
+        _write_all(out.fd, json.dumps(head).encode() + b"\n")
+
+    # the command cannot signal, trace or read the fds of the process that writes its copy out
+    _prctl(PR_SET_DUMPABLE, 0)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    try:
+        _copy_tree(wc["src"], wc["dest"])
+    except Exception as exc:   # ENOSPC: the host's copy is over the quota
+        finish({"error": f"copying the working copy in: {type(exc).__name__}: {exc}"})
+        return 125
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(out.fd)
+            os.chdir(wc["dest"])
+            os.execvp(argv[0], argv)
+        except OSError as exc:
+            os.write(2, f"sandbox: cannot execute {argv[0]!r}: {exc}\n".encode())
+        os._exit(127)
+    status = _wait_until(pid, time.monotonic() + float(wc["deadline_seconds"]))
+    if status is None:
+        code, timed_out = 128 + signal.SIGKILL, True
+    else:
+        code, timed_out = os.waitstatus_to_exitcode(status), False
+        code = 128 - code if code < 0 else code
+    if not _kill_descendants():
+        finish({"error": "processes of the command outlived it"})
+        return code
+    try:
+        owner_access(wc["dest"])   # a `chmod 000` must not keep a file out of the copy
+    except Exception as exc:
+        finish({"error": f"reading the working copy: {type(exc).__name__}: {exc}"})
+        return code
+    st = os.statvfs(wc["dest"])
+    finish({"exit_code": code, "timed_out": timed_out, "free_bytes": st.f_bavail * st.f_frsize},
+           wc["dest"])
+    return code
+
+
+def owner_access(root):
+    """Read and write (and search, on folders) for the owner, everywhere under ``root``; links
+    are neither followed nor changed. A folder is opened up before it is walked into."""
+    os.chmod(root, os.lstat(root).st_mode | 0o700)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            mode = os.lstat(p).st_mode
+            if not stat.S_ISLNK(mode):
+                os.chmod(p, mode | (0o700 if stat.S_ISDIR(mode) else 0o600))
 
 
 def main(args):

@@ -119,10 +119,12 @@ def pytest_binds() -> list[tuple[str, str]]:
 
 def sandbox(argv: list[str], workdir: Path, env: Env, *, writable: bool = False,
             wall_seconds: float = 60.0, memory_mb: int = 2048, spec: dict | None = None,
-            output_bytes: int = 16 << 20):
+            output_bytes: int = 16 << 20, quota_mb: int | None = None):
     """Run ``argv`` in a fresh sandbox with ``workdir`` at /work, the runner at
     /sandbox/lib/cwagent and pytest importable; ``spec`` (JSON) is readable at
-    /sandbox/spec/spec.json. Returns the sandbox's CommandResult."""
+    /sandbox/spec/spec.json. ``quota_mb`` (with ``writable``): /work is a copy of ``workdir``
+    on a tmpfs of that size, written back after the command (``codeworld.sandbox.quota``).
+    Returns the sandbox's CommandResult."""
     limits = Limits(wall_seconds=wall_seconds, cpu_seconds=wall_seconds,
                     memory_bytes=memory_mb << 20, output_bytes=output_bytes, max_processes=32)
     binds = [(RUNNER_DIR, SANDBOX_LIB), *pytest_binds()]
@@ -135,6 +137,7 @@ def sandbox(argv: list[str], workdir: Path, env: Env, *, writable: bool = False,
         binds.append((spec_dir, SANDBOX_SPEC))
         return run_command(argv, workdir=workdir, writable_workdir=writable, limits=limits,
                            extra_ro_binds=binds,
+                           workdir_quota_bytes=quota_mb << 20 if quota_mb else None,
                            # no plugins from whatever the base interpreter has installed
                            env={"PYTHONPATH": env.pythonpath, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
 

@@ -6,9 +6,10 @@ problem statement, each assistant turn (one tool call) and each tool result as i
 Tokens are counted as UTF-8 bytes / 4 (rounded up): the usual rule of thumb for code and
 English, until the project's tokenizer counts them.
 
-The working copy lies on the host's disk, written by the agent's commands: after each tool
-call its size is measured, and a copy grown past `max_workdir_mb` ends the episode there (stop
-reason ``workdir_limit``, no reward), before the next call can add more. A policy that cannot
+The working copy lies on the host's disk, but each tool call works on a copy of it in a tmpfs
+of `max_workdir_mb` in the sandbox, written back after the call: writes past the limit fail
+(ENOSPC) within the call, and a call that leaves the copy full ends the episode there (stop
+reason ``workdir_limit``, no reward). A policy that cannot
 be reached (a chat server down, after its retries) is no episode to keep: PolicyUnavailable
 stops the stage, which a rerun resumes (exit 75, retried by the flow); a policy that answers
 but cannot go on (its context is full) ends the episode as ``policy_error``.
@@ -23,7 +24,7 @@ from pathlib import Path
 from stages.agent.envs import Env
 from stages.agent.policies import SYSTEM_PROMPT, PolicyUnavailable
 from stages.agent.reward import evaluate, materialise
-from stages.agent.tools import execute, parse_call, truncate
+from stages.agent.tools import Outcome, parse_call, run_tool, truncate
 
 
 def count_tokens(text: str) -> int:
@@ -60,18 +61,6 @@ def sweep_orphans() -> int:
     return removed
 
 
-def tree_bytes(root: Path) -> int:
-    """Bytes of the files under ``root`` (links not followed, folders not counted)."""
-    total = 0
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
 def run_episode(task: dict, env: Env, policy, *, max_turns: int, max_tokens: int,
                 observation_chars: int, tool_wall_seconds: float,
                 test_wall_seconds: float, max_workdir_mb: int = 256) -> dict:
@@ -99,12 +88,12 @@ def run_episode(task: dict, env: Env, policy, *, max_turns: int, max_tokens: int
             if not isinstance(parsed, str) and parsed.name == "submit":
                 submitted, stop = True, "submit"
                 break
-            obs = parsed if isinstance(parsed, str) else execute(
-                parsed, work, env, wall_seconds=tool_wall_seconds)
-            size = tree_bytes(work) if not isinstance(parsed, str) else 0
-            if size > max_workdir_mb << 20:
-                obs = (f"error: the working copy grew to {size / 2**20:.1f} MB, over the limit of "
-                       f"{max_workdir_mb} MB (agent.max_workdir_mb): the episode ends")
+            outcome = Outcome(parsed) if isinstance(parsed, str) else run_tool(
+                parsed, work, env, wall_seconds=tool_wall_seconds, workdir_mb=max_workdir_mb)
+            obs = outcome.text
+            if outcome.workdir_full:
+                obs += (f"\n[error: the working copy is full, at its limit of {max_workdir_mb} MB "
+                        f"(agent.max_workdir_mb): the episode ends]")
                 stop = "workdir_limit"
             obs = truncate(obs, observation_chars)
             messages.append({"role": "tool", "content": obs})
