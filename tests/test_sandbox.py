@@ -449,6 +449,34 @@ def test_a_command_cannot_forge_the_copy_it_sends_back(probe, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["repo"]
 
 
+def test_frame_sink_reads_the_launchers_stream_in_any_chunks(tmp_path):
+    from codeworld.sandbox.quota import CopyRefused, FrameSink
+
+    def frames(*parts, status=b'{"exit_code": 0, "timed_out": false, "free_bytes": 5}\n'):
+        return b"".join(len(p).to_bytes(8, "big") + p for p in parts) + bytes(8) + status
+
+    stream = frames(b"tar-", b"bytes", status=b'{"error": "' + b"x" * 20000 + b'"}\n')
+    for size in (1, 3, 7, len(stream)):   # a long status (an error naming long paths) too
+        sink = FrameSink(str(tmp_path / f"t{size}"), cap=100)
+        for i in range(0, len(stream), size):
+            sink.feed(stream[i:i + size])
+        assert sink.complete and sink.result()["error"] == "x" * 20000
+        assert (tmp_path / f"t{size}").read_bytes() == b"tar-bytes"
+    cut = FrameSink(str(tmp_path / "cut"), cap=100)
+    cut.feed(frames(b"tar-")[:10])                  # the sandbox ended mid-tar
+    with pytest.raises(CopyRefused, match="ended before sending"):
+        cut.result()
+    big = FrameSink(str(tmp_path / "big"), cap=4)
+    big.feed(frames(b"tar-", b"more"))
+    with pytest.raises(CopyRefused, match="over 4 bytes"):
+        big.result()
+    assert (tmp_path / "big").read_bytes() == b"tar-"   # nothing past the cap reached the disk
+    nan = FrameSink(str(tmp_path / "nan"), cap=100)
+    nan.feed(frames(status=b'{"exit_code": NaN}\n'))
+    with pytest.raises(CopyRefused, match="NaN"):
+        nan.result()
+
+
 def test_unpack_takes_only_what_stays_inside_the_copy(tmp_path):
     """The host's unpacking of the tar the sandbox sends (its content is the command's)."""
     import io

@@ -37,7 +37,7 @@ SRC, DEST = "/sandbox/workdir_in", "/work"
 COPY_GRACE_SECONDS = 20.0   # the host's wall clock over the command's: the copies in and out
 ENTRY_BYTES = 4096          # what a folder or an empty file costs on the host's disk, at least
 MAX_DEPTH = 256             # path components of a name in the copy
-STATUS_BYTES = 4096
+STATUS_BYTES = 1 << 16     # the launcher's status line (an error naming long paths included)
 
 
 class CopyRefused(ValueError):
