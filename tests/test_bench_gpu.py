@@ -134,6 +134,35 @@ def test_gpu_check_refuses_a_bad_plan_before_any_work(tmp_path):
     assert f"{tmp_path / 'kit'}/data.tgz missing: build the kit with bench/device_kit.sh" in proc.stderr
 
 
+def test_gpu_check_installs_the_kits_wheels_by_name(tmp_path):
+    """The kit's wheels reach pip as files (the script runs with globbing off: on the device
+    they once reached it as a literal '*.whl'). python3, nvidia-smi and tar are stand-ins here
+    that record what they are asked; the stand-in python3 refuses everything but pip, so the
+    script stops at Transformer Engine's install, before any GPU work."""
+    import subprocess
+
+    kit, bin_ = tmp_path / "kit", tmp_path / "bin"
+    (kit / "whl").mkdir(parents=True)
+    (kit / "te").mkdir()
+    (kit / "data.tgz").write_bytes(b"")
+    wheels = ["a-1.0-py3-none-any.whl", "b_c-2.0-cp312-cp312-manylinux_2_28_x86_64.whl"]
+    for w in wheels:
+        (kit / "whl" / w).write_bytes(b"")
+    bin_.mkdir()
+    log = tmp_path / "calls"
+    for name, body in {"python3": f'echo "python3 $*" >> {log}; [ "$2" = pip ]',
+                       "nvidia-smi": "echo 'NVIDIA H100, 81559 MiB'", "tar": "exit 0"}.items():
+        (bin_ / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_ / name).chmod(0o755)
+    proc = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh")], cwd=ROOT, capture_output=True,
+                          text=True, env={"PATH": f"{bin_}:/usr/bin:/bin", "KIT": str(kit),
+                                          "OUT": str(tmp_path / "out")})
+    pip = [line for line in log.read_text().splitlines() if " pip install " in line]
+    assert pip and "--target /tmp/site" in pip[0], (proc.stdout, proc.stderr)
+    assert sorted(a for a in pip[0].split() if a.endswith(".whl")) == [str(kit / "whl" / w) for w in wheels]
+    assert proc.returncode == 1   # then TE's install fails on the stand-in: nothing else ran
+
+
 @pytest.mark.parametrize("plan", sorted((ROOT / "bench/gpu_plans").glob("*.txt")), ids=lambda p: p.name)
 def test_committed_gpu_plans_read(plan):
     import subprocess
