@@ -138,13 +138,19 @@ def _system_args() -> list[str]:
     return args
 
 
+def _check_dest(dest: str) -> str:
+    """A mount destination inside the sandbox, normalised; not one of the sandbox's own."""
+    norm = os.path.normpath(dest)
+    if not os.path.isabs(norm) or any(
+            norm == r or (r != "/" and norm.startswith(r + "/")) for r in RESERVED_DESTS):
+        raise SandboxError(f"bad sandbox destination {dest!r}")
+    return norm
+
+
 def _check_binds(binds: Iterable[Bind]) -> list[Bind]:
     out = []
     for b in binds:
-        dest = os.path.normpath(b.dest)
-        if not os.path.isabs(dest) or any(
-                dest == r or (r != "/" and dest.startswith(r + "/")) for r in RESERVED_DESTS):
-            raise SandboxError(f"bad sandbox destination {b.dest!r}")
+        dest = _check_dest(b.dest)
         if not os.path.exists(b.src):
             raise SandboxError(f"bind source {b.src!r} does not exist")
         out.append(Bind(os.path.realpath(b.src), dest, b.writable))
@@ -182,9 +188,7 @@ def build_argv(command: Sequence[str], *, binds: Iterable[Bind], env: Mapping[st
         raise SandboxUnavailable(f"{path} has no --size option (bubblewrap >= 0.5): a working "
                                  f"copy's size limit cannot be enforced; {INSTALL_HINT}")
     for dest, nbytes in sized_tmpfs:
-        if dest in RESERVED_DESTS or not os.path.isabs(dest):
-            raise SandboxError(f"bad sandbox destination {dest!r}")
-        inner += ["--size", str(int(nbytes)), "--tmpfs", dest]
+        inner += ["--size", str(int(nbytes)), "--tmpfs", _check_dest(dest)]
     size = ["--size", str(int(tmpfs_bytes))] if "--size" in feats else []
     inner += ["--proc", "/proc", "--dev", "/dev", *size, "--tmpfs", "/tmp",
               *size, "--tmpfs", "/dev/shm", "--remount-ro", "/", "--remount-ro", "/dev",

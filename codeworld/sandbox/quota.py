@@ -171,7 +171,7 @@ def _open_dir(root_fd: int, parts: list[str]) -> int:
 def unpack(tar_path: str, dest: str, budget: int) -> None:
     """The tar at ``tar_path`` into the empty folder ``dest`` (see the module docstring)."""
     root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    used, dir_modes = 0, []
+    used = 0
     try:
         with tarfile.open(tar_path, mode="r:") as tar:
             for m in tar:
@@ -183,25 +183,18 @@ def unpack(tar_path: str, dest: str, budget: int) -> None:
                     raise CopyRefused(f"the working copy takes over {budget} bytes on disk")
                 parent = _open_dir(root, parts[:-1])
                 try:
-                    _make(tar, m, parts, parent, dir_modes)
+                    _make(tar, m, parts, parent)
                 finally:
                     os.close(parent)
-        for parts, mode in dir_modes:   # (folders keep the owner's rwx: order does not matter)
-            fd = _open_dir(root, parts)
-            try:
-                os.fchmod(fd, mode)
-            finally:
-                os.close(fd)
     finally:
         os.close(root)
 
 
-def _make(tar: tarfile.TarFile, m: tarfile.TarInfo, parts: list[str], parent: int,
-          dir_modes: list) -> None:
+def _make(tar: tarfile.TarFile, m: tarfile.TarInfo, parts: list[str], parent: int) -> None:
     name = parts[-1]
-    if m.isdir():
+    if m.isdir():   # its mode at once: the owner keeps rwx, so its entries can still be made
         os.mkdir(name, 0o700, dir_fd=parent)
-        dir_modes.append((parts, (m.mode & 0o755) | 0o700))
+        os.chmod(name, (m.mode & 0o755) | 0o700, dir_fd=parent)
     elif m.isreg() and m.sparse is None:
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
                      dir_fd=parent)
