@@ -9,6 +9,8 @@ Measures, in one run and with the same trivial handler (sum of a short list):
   python-c     a fresh, UNsandboxed `python -c` per request (W in parallel): the floor
                of any process-per-request design
   bwrap+python run_command (bwrap + python) per request (W in parallel)
+  bwrap_python_no_memcg  the same without the sandbox's memory cgroup
+               (CODEWORLD_SANDBOX_MEMCG=off): what the cgroup costs a command
 and prints requests/s as JSON. Startup of the fork servers is included in "forkserver".
 """
 from __future__ import annotations
@@ -80,11 +82,20 @@ def main() -> None:
             c = run_command(["python3", "-c", CODE, json.dumps(r)], limits=limits)
             assert c.returncode == 0, c
 
-        for name, fn in (("python_c_rps", fresh_python), ("bwrap_python_rps", bwrap_python)):
+        memcg_mode = os.environ.get("CODEWORLD_SANDBOX_MEMCG")
+        for name, fn, mode in (("python_c_rps", fresh_python, memcg_mode),
+                               ("bwrap_python_rps", bwrap_python, memcg_mode),
+                               ("bwrap_python_no_memcg_rps", bwrap_python, "off")):
+            if mode is not None:
+                os.environ["CODEWORLD_SANDBOX_MEMCG"] = mode
             with ThreadPoolExecutor(args.workers) as pool:
                 t0 = time.perf_counter()
                 list(pool.map(fn, small))
                 out[name] = rate(len(small), time.perf_counter() - t0)
+        if memcg_mode is None:
+            os.environ.pop("CODEWORLD_SANDBOX_MEMCG", None)
+        out["memcg_ms_per_command"] = round(
+            1000 * args.workers * (1 / out["bwrap_python_rps"] - 1 / out["bwrap_python_no_memcg_rps"]), 1)
     out["speedup_vs_python_c"] = round(out["forkserver_rps"] / out["python_c_rps"], 1)
     out["speedup_vs_bwrap_python"] = round(out["forkserver_rps"] / out["bwrap_python_rps"], 1)
     print(json.dumps(out, indent=2))

@@ -13,6 +13,7 @@ from typing import Iterable, Mapping, Sequence
 from .bwrap import LAUNCH_ENV, Bind, SandboxError, build_argv, ensure_available, \
     host_pidns, python_install, sandbox_env, sandbox_uid
 from .forkserver import _SERVER_SOURCE, _as_bind, _kill
+from . import memcg
 from .limits import Limits
 from .quota import QuotaCopy
 
@@ -33,6 +34,8 @@ class CommandResult:
     # the command), and the room left in it afterwards
     workdir_error: str | None = None
     workdir_free_bytes: int | None = None
+    # the kernel killed a process of the sandbox for its memory cap (Limits.sandbox_memory)
+    memory_limit_hit: bool = False
 
 
 def _give_to_sandbox(path: str) -> None:
@@ -107,11 +110,26 @@ def run_command(argv: Sequence[str], *, workdir: str | os.PathLike | None = None
 
 def _run(launcher: list[str], binds: list[Bind], env: Mapping[str, str] | None, chdir: str,
          limits: Limits, bwrap, quota) -> CommandResult:
+    cgroup = memcg.create(limits.sandbox_memory())
+    try:
+        result = _run_in(launcher, binds, env, chdir, limits, bwrap, quota, cgroup)
+        if cgroup is not None:
+            result.memory_limit_hit = cgroup.oom_kills() > 0
+        return result
+    finally:
+        if cgroup is not None:
+            cgroup.close()
+
+
+def _run_in(launcher: list[str], binds: list[Bind], env: Mapping[str, str] | None, chdir: str,
+            limits: Limits, bwrap, quota, cgroup) -> CommandResult:
     r_status, w_status = os.pipe()
     try:
         full = build_argv(launcher, binds=binds, env=sandbox_env(env), chdir=chdir,
                           tmpfs_bytes=limits.tmpfs_bytes, bwrap=bwrap, status_fd=w_status,
                           sized_tmpfs=quota.tmpfs if quota is not None else ())
+        if cgroup is not None:
+            full = cgroup.wrap(full)
         t0 = time.monotonic()
         proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, bufsize=0,

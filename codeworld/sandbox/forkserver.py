@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .bwrap import Bind, SandboxError, SandboxUnavailable, build_argv, ensure_available, \
     LAUNCH_ENV, host_pidns, python_install, sandbox_env
+from . import memcg
 from .limits import Limits
 
 _REQ = struct.Struct(">I")
@@ -80,7 +81,14 @@ def _base_result(header: dict, out: bytes, err: bytes) -> SandboxResult:
     elif sig is not None:
         res.status, res.signal = "killed", int(sig)
         res.error = {"type": "Killed", "message": f"killed by signal {sig}"}
+        if header.get("memory_limit"):
+            res.error = _memory_limit_error(header["memory_limit"])
     return res
+
+
+def _memory_limit_error(limit: int) -> dict:
+    return {"type": "MemoryLimit", "message": f"killed by the sandbox's memory limit "
+                                              f"({limit >> 20} MiB for all its processes and files)"}
 
 
 def _apply_envelope(res: SandboxResult, envelope: Any, header: dict, size: int) -> bool:
@@ -132,6 +140,7 @@ class ForkServer:
         self._proc: subprocess.Popen | None = None
         self._log = None
         self._started = 0
+        self._cgroup: memcg.MemoryCgroup | None = None
         self._lock = threading.Lock()
         self._finalizer = None
 
@@ -146,6 +155,9 @@ class ForkServer:
         ensure_available(self.bwrap)
         argv = build_argv(self._command, binds=self._binds, env=self._env,
                           tmpfs_bytes=self.limits.tmpfs_bytes, bwrap=self.bwrap)
+        self._cgroup = memcg.create(self.limits.sandbox_memory())
+        if self._cgroup is not None:
+            argv = self._cgroup.wrap(argv)
         self._log = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=self._log, bufsize=0, start_new_session=True,
@@ -198,6 +210,9 @@ class ForkServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+        cgroup, self._cgroup = self._cgroup, None
+        if cgroup is not None:
+            cgroup.close()
 
     def close(self) -> None:
         with self._lock:
@@ -292,17 +307,24 @@ class ForkServer:
                 if attempt:
                     raise SandboxError("fork server keeps dying before requests")
         t0 = time.monotonic()
+        cgroup = self._cgroup
+        oom_before = cgroup.oom_kills() if cgroup is not None else 0
         status, why = "killed", "fork server died during the request"
         try:
             frame = self._recv(t0 + self.limits.wall_seconds + 10.0)
         except SandboxError as exc:
             frame, why = None, str(exc)
             status = "timeout" if isinstance(exc, _Deadline) else "error"
+        oom = cgroup is not None and cgroup.oom_kills() > oom_before
         if frame is None:
             self._stop(kill=True)  # the request killed it: a new one starts next call
+            error = {"type": "ServerDied", "message": why}
+            if oom and status == "killed":
+                error = _memory_limit_error(cgroup.limit_bytes)
             return SandboxResult(status=status, wall_seconds=time.monotonic() - t0,
-                                 error={"type": "ServerDied", "message": why},
-                                 server_restarted=restarted)
+                                 error=error, server_restarted=restarted)
+        if oom:
+            frame[0]["memory_limit"] = cgroup.limit_bytes
         if frame[0].get("server_exiting"):
             self._stop(kill=False)  # it could not clean up: the next call starts afresh
         return frame, restarted

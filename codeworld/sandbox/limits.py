@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 MiB = 1 << 20
+SANDBOX_HEADROOM = 512 * MiB
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class Limits:
                      and discarded, so unbounded output costs neither memory nor disk
     response_bytes   cap on a fork-server handler's JSON response (status too_large)
     tmpfs_bytes      size of the private /tmp (and of /dev/shm)
+    sandbox_memory_bytes  cap on all the memory of the whole sandbox (every process, the
+                     tmpfs pages, kernel objects such as their inodes), by a memory cgroup
+                     (``memcg``) where one can be made; None: memory_bytes + both tmpfs +
+                     SANDBOX_HEADROOM (the launcher or server, bwrap, the kernel's share)
     """
 
     wall_seconds: float = 10.0
@@ -38,12 +43,21 @@ class Limits:
     output_bytes: int = 1 * MiB
     response_bytes: int = 16 * MiB
     tmpfs_bytes: int = 256 * MiB
+    sandbox_memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if value is None and f.name == "sandbox_memory_bytes":
+                continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"Limits.{f.name} must be a positive number, got {value!r}")
+
+    def sandbox_memory(self) -> int:
+        """The whole sandbox's memory cap in bytes."""
+        if self.sandbox_memory_bytes is not None:
+            return int(self.sandbox_memory_bytes)
+        return int(self.memory_bytes + 2 * self.tmpfs_bytes + SANDBOX_HEADROOM)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -105,7 +105,9 @@ class QuotaCopy:
         self.box = tempfile.mkdtemp(prefix=".cw-quota-", dir=os.path.dirname(wd))
         self.read_fd, self.write_fd = os.pipe()
         self.sink = FrameSink(os.path.join(self.box, "copy.tar"), 2 * self.quota + (1 << 20))
-        self.limits = limits.replace(wall_seconds=limits.wall_seconds + COPY_GRACE_SECONDS)
+        # the copy's tmpfs pages are the sandbox's memory too: its cap grows by the quota
+        self.limits = limits.replace(wall_seconds=limits.wall_seconds + COPY_GRACE_SECONDS,
+                                     sandbox_memory_bytes=limits.sandbox_memory() + self.quota)
         self.binds = [Bind(wd, SRC)]
         self.tmpfs = [(DEST, self.quota)]
         self.launcher_config = {"workdir_copy": {"src": SRC, "dest": DEST, "out_fd": self.write_fd,

@@ -220,6 +220,17 @@ def _envelope(handler, request):
                                          "traceback": ""}}).encode()
 
 
+def _oom_first():
+    """Make this process (and what it execs or forks) the first that the kernel's OOM
+    killer picks in the sandbox's memory cgroup, before the server or launcher (raising
+    one's own oom_score_adj needs no privilege)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+
+
 def _child(handler, payload, w_resp, w_out, w_err, close_fds, lim, seed):
     """Runs in the forked child: never returns.
 
@@ -227,6 +238,7 @@ def _child(handler, payload, w_resp, w_out, w_err, close_fds, lim, seed):
     requests one after the other in this one child (random reseeded before each)."""
     try:
         os.setsid()  # own session and process group
+        _oom_first()
         if _DUMPABLE_RESET:
             _prctl(PR_SET_DUMPABLE, 1)  # the program may inspect itself; not the server
         os.dup2(w_out, 1)
@@ -437,6 +449,7 @@ def launch(lim, argv):
     apply_rlimits(lim, INFRA_PROCS_LAUNCHER + bool(lim.get("workdir_copy")))
     if lim.get("workdir_copy"):
         os._exit(launch_on_copy(lim["workdir_copy"], argv))
+    _oom_first()
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:
@@ -539,6 +552,7 @@ def launch_on_copy(wc, argv):
     if pid == 0:
         try:
             os.close(out.fd)
+            _oom_first()
             os.chdir(wc["dest"])
             os.execvp(argv[0], argv)
         except OSError as exc:

@@ -96,6 +96,8 @@ def run_tool(call: ToolCall, work: Path, env: Env, *, wall_seconds: float,
         out = res.stdout
         if res.timed_out:
             out += f"\n[killed: the command ran over {wall_seconds:g} s]"
+        if res.memory_limit_hit:
+            out += "\n[killed: a process went over the sandbox's memory limit]"
         return _outcome(res, normalise(f"{out}\n[exit code {res.returncode}]"))
     if call.name == "edit":
         m = EDIT_RE.match(call.body)

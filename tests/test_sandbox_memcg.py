@@ -1,0 +1,166 @@
+"""The sandbox's memory cgroup (codeworld.sandbox.memcg): one cap on everything a sandbox holds.
+
+Hostile programs run only after the ``probe`` fixture of test_sandbox.py checked the sandbox,
+each behind its ``GUARD``. Where this machine cannot make memory cgroups (not root, no
+delegated v2 subtree) the kernel-side tests skip, unless CODEWORLD_SANDBOX_MEMCG=require (CI)
+makes that a failure.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from codeworld.sandbox import ForkServer, Limits, SandboxUnavailable, memcg, run_command
+from codeworld.sandbox.limits import MiB, SANDBOX_HEADROOM
+from codeworld.sandbox.quota import QuotaCopy
+from tests.test_sandbox import (HANDLERS, RUN_CODE, SMALL, _assert_healthy, hostile,  # noqa: F401
+                                probe, sentinel)
+
+HIERARCHY = memcg.find_hierarchy()
+needs_memcg = pytest.mark.skipif(
+    HIERARCHY is None and os.environ.get(memcg.ENV) != "require",
+    reason="no writable memory cgroup here (root, or a delegated cgroup v2 subtree)")
+CAPPED = SMALL.replace(sandbox_memory_bytes=160 * MiB)
+
+FILL_TMP_WITH_EMPTY_FILES = """
+    n = 0
+    try:
+        while True:
+            open(f'/tmp/f{n}', 'w').close()
+            n += 1
+    except OSError as e:
+        result = ['stopped', e.errno, n]
+"""
+
+
+def _ours() -> list[Path]:
+    return sorted(HIERARCHY.base.glob(f"{memcg.PREFIX}{os.getpid()}-*")) if HIERARCHY else []
+
+
+def test_the_cap_defaults_to_one_program_both_tmpfs_and_headroom(tmp_path):
+    lim = Limits(memory_bytes=512 * MiB, tmpfs_bytes=64 * MiB)
+    assert lim.sandbox_memory() == 512 * MiB + 2 * 64 * MiB + SANDBOX_HEADROOM
+    assert lim.replace(sandbox_memory_bytes=100 * MiB).sandbox_memory() == 100 * MiB
+    with pytest.raises(ValueError, match="sandbox_memory_bytes"):
+        Limits(sandbox_memory_bytes=0)
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    copy = QuotaCopy(str(wd), 32 * MiB, lim)   # the working copy's tmpfs counts too
+    try:
+        assert copy.limits.sandbox_memory() == lim.sandbox_memory() + 32 * MiB
+    finally:
+        copy.close()
+
+
+@needs_memcg
+def test_one_program_over_the_cap_is_killed_and_named(probe, sentinel):
+    # 300 MB is within RLIMIT_AS (512 MiB) but over the sandbox's 160 MiB
+    with ForkServer(RUN_CODE, HANDLERS, CAPPED) as server:
+        res = server.call(hostile("x = bytearray(300 << 20)\nresult = len(x)"))
+        assert res.status == "killed" and res.signal == signal.SIGKILL, res
+        assert res.error["type"] == "MemoryLimit" and "160 MiB" in res.error["message"], res
+        _assert_healthy(server, sentinel)   # the program went first, not the server
+        assert server.call(hostile("x = bytearray(50 << 20)\nresult = len(x)")).ok
+        assert len(_ours()) == 1
+    assert _ours() == []   # the server's cgroup goes with it
+
+
+@needs_memcg
+def test_processes_together_are_capped_though_each_is_under_its_rlimit(probe, sentinel):
+    with ForkServer(RUN_CODE, HANDLERS, CAPPED) as server:
+        res = server.call(hostile("""
+            kids = []
+            for _ in range(4):   # 4 x 60 MB: each far under RLIMIT_AS, together over the cap
+                pid = os.fork()
+                if pid == 0:
+                    import time
+                    x = bytearray(60 << 20)
+                    time.sleep(1.5)
+                    os._exit(0)
+                kids.append(pid)
+            result = sorted(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in kids)
+        """))
+        assert res.ok, res
+        assert -signal.SIGKILL in res.response["result"], res
+        _assert_healthy(server, sentinel)
+
+
+@needs_memcg
+def test_empty_files_cannot_fill_host_memory(probe, sentinel):
+    # no tmpfs byte, ~1 KiB of kernel memory each: the tmpfs's size never stops them
+    with ForkServer(RUN_CODE, HANDLERS, CAPPED) as server:
+        res = server.call(hostile(FILL_TMP_WITH_EMPTY_FILES))
+        assert res.status == "killed" and res.error["type"] == "MemoryLimit", res
+        _assert_healthy(server, sentinel)
+    r = run_command(["python3", "-c", hostile(FILL_TMP_WITH_EMPTY_FILES)["code"]],
+                    limits=CAPPED)
+    assert r.returncode == -signal.SIGKILL and r.memory_limit_hit, (r.stdout, r.stderr)
+    r = run_command(["python3", "-c", "print(len(bytearray(50 << 20)))"], limits=CAPPED)
+    assert r.returncode == 0 and r.stdout == f"{50 << 20}\n" and not r.memory_limit_hit
+    assert _ours() == []
+
+
+def test_off_runs_without_and_require_refuses_where_none_can_be_made(probe, monkeypatch):
+    monkeypatch.setenv(memcg.ENV, "off")
+    assert memcg.create(64 * MiB) is None
+    r = run_command(["sh", "-c", "echo ok"], limits=SMALL)
+    assert r.stdout == "ok\n" and not r.memory_limit_hit
+    monkeypatch.setattr(memcg, "find_hierarchy", lambda: None)
+    monkeypatch.setenv(memcg.ENV, "auto")
+    assert memcg.create(64 * MiB) is None   # warned, not failed
+    monkeypatch.setenv(memcg.ENV, "require")
+    with pytest.raises(SandboxUnavailable, match=memcg.ENV):
+        memcg.create(64 * MiB)
+    monkeypatch.setenv(memcg.ENV, "sometimes")
+    with pytest.raises(ValueError, match="sometimes"):
+        memcg.create(64 * MiB)
+
+
+def test_finds_a_v2_subtree_and_writes_its_limits(tmp_path, monkeypatch):
+    """The unified hierarchy (not on this machine's kernel setup): our cgroup's folder under
+    the mount, the memory controller enabled for children, memory.max and no swap."""
+    base = tmp_path / "cg" / "user.slice" / "app"
+    base.mkdir(parents=True)
+    (base / "cgroup.controllers").write_text("cpu io memory pids\n")
+    (base / "cgroup.subtree_control").write_text("")
+    monkeypatch.setattr(memcg, "_own_paths", lambda: (None, "/user.slice/app"))
+    monkeypatch.setattr(memcg, "_mounts", lambda: [("/", str(tmp_path / "cg"), "cgroup2", {"rw"})])
+    monkeypatch.setenv(memcg.ENV, "auto")
+    h = memcg.find_hierarchy()
+    assert h == memcg._Hierarchy(2, base)
+    assert (base / "cgroup.subtree_control").read_text() == "+memory"
+    made = []
+    real_mkdir = os.mkdir
+
+    def mkdir(p, *a):   # a real cgroupfs makes the control files itself
+        real_mkdir(p, *a)
+        (Path(p) / "memory.swap.max").write_text("max")
+        made.append(Path(p))
+
+    monkeypatch.setattr(memcg.os, "mkdir", mkdir)
+    cg = memcg.create(96 * MiB)
+    assert cg.version == 2 and cg.path == made[0] and cg.path.parent == base
+    assert (cg.path / "memory.max").read_text() == str(96 * MiB)
+    assert (cg.path / "memory.swap.max").read_text() == "0"
+    (cg.path / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n")
+    assert cg.oom_kills() == 2
+    assert cg.wrap(["bwrap", "x"])[-2:] == ["bwrap", "x"]
+    # a mount showing only another subtree does not hold our cgroup
+    monkeypatch.setattr(memcg, "_mounts", lambda: [("/other", str(tmp_path / "cg"), "cgroup2",
+                                                     set())])
+    assert memcg.find_hierarchy() is None
+
+
+@needs_memcg
+def test_a_dead_processs_cgroups_are_swept(probe):
+    stale = HIERARCHY.base / f"{memcg.PREFIX}{2 ** 22 + 12345}-0"   # above any pid_max
+    os.mkdir(stale)
+    memcg._swept.discard(HIERARCHY.base)
+    cg = memcg.create(64 * MiB)
+    try:
+        assert not stale.exists()
+    finally:
+        cg.close()
