@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from codeworld.sandbox import forkserver as fs
 from codeworld.sandbox import (INSTALL_HINT, CommandResult, ForkServer, Limits, SandboxError,
                                SandboxUnavailable, map_requests, run_command)
 
@@ -660,6 +661,32 @@ def test_batch_over_the_response_cap_keeps_what_fits_and_goes_on(probe):
     assert res[-1].response == {"result": "last"}
     # per round: one batch (3 fit) + the overflowing request alone = 4 results in 2 forks
     assert len(exchanges) <= 24, len(exchanges)
+
+
+def test_a_programs_stack_holds_no_frame_of_the_server(probe, monkeypatch):
+    """A request's child unwinds to the fixed boot code before the handler runs: a program
+    that prints its stack sees the boot's line, never server.py's line numbers (which change
+    with every edit of server.py and would change traced data)."""
+    code = ("import traceback\n"
+            "result = [[f.filename, f.lineno, f.name] for f in traceback.extract_stack()]")
+    with ForkServer(RUN_CODE, HANDLERS, SMALL) as server:
+        res = server.call({"code": code})
+        batch = server.call_batch([{"code": code}] * 2)
+    assert res.ok, res
+    stack = res.response["result"]
+    boot_line = fs.BOOT.splitlines()[stack[0][1] - 1].strip()
+    assert stack[0][::2] == ["<string>", "<module>"] and boot_line == "value = handler(request)"
+    assert [f[0] for f in stack[1:]] == ["/sandbox/lib/sandbox_handlers.py", "<string>"]
+    assert [r.response for r in batch] == [res.response] * 2
+    # the same stack from a server whose source moved every line
+    monkeypatch.setattr(fs, "_SERVER_SOURCE", "\n" * 40 + fs._SERVER_SOURCE)
+    with ForkServer(RUN_CODE, HANDLERS, SMALL) as server:
+        assert server.call({"code": code}).response == res.response
+        # an error's traceback starts at the program too
+        err = server.call({"code": "def f():\n    raise KeyError('k')\nf()"})
+    assert err.error["type"] == "KeyError" and "server" not in err.error["traceback"]
+    assert err.error["traceback"].startswith("Traceback (most recent call last):\n  File "
+                                             '"/sandbox/lib/sandbox_handlers.py"'), err.error
 
 
 def test_server_starts_without_site_yet_gives_programs_what_site_gives(probe):

@@ -31,6 +31,30 @@ from .limits import Limits
 _REQ = struct.Struct(">I")
 _RESP = struct.Struct(">IIII")
 _SERVER_SOURCE = (Path(__file__).with_name("server.py")).read_text()
+# The fork server's entry point: ``python -c BOOT <server.py's source> serve <config>``. A
+# request's child unwinds up to here before the handler runs (``server.Requests``), so these
+# lines are the only frames of the harness under a program: a program that prints its own
+# stack (traceback.extract_stack) sees them, and editing them changes traced data; editing
+# server.py does not.
+BOOT = """\
+import sys
+server = {"__name__": "sandbox_server"}
+exec(compile(sys.argv.pop(1), "<sandbox-server>", "exec"), server)
+try:
+    server["main"](sys.argv[1:])
+except server["Requests"] as job:
+    requests, finish = job.args
+try:
+    for handler, request, reply in requests:
+        try:
+            value = handler(request)
+        except BaseException as exc:
+            reply(None, exc)
+        else:
+            reply(value, None)
+finally:
+    finish()
+"""
 STATUSES = ("ok", "timeout", "killed", "error", "too_large")
 
 
@@ -135,7 +159,7 @@ class ForkServer:
         # whose interpreter has slow ones (an egress-CA hook importing certifi/pathlib here);
         # the server adds the base site-packages itself and what `site` gives programs
         # (exit, quit, help), see server.serve.
-        self._command = [exe, "-S", "-s", "-c", _SERVER_SOURCE, "serve", json.dumps(cfg)]
+        self._command = [exe, "-S", "-s", "-c", BOOT, _SERVER_SOURCE, "serve", json.dumps(cfg)]
         self._binds, self._env = binds, sandbox_env(env)
         self._proc: subprocess.Popen | None = None
         self._log = None

@@ -203,23 +203,6 @@ def _clean_dir(path):
             os.unlink(p)
 
 
-def _envelope(handler, request):
-    """Run the handler on one request: JSON bytes of ``{"ok": value}`` or ``{"error": ...}``."""
-    try:
-        return json.dumps({"ok": handler(request)}, ensure_ascii=False).encode()
-    except MemoryError:
-        return _MEMORY_ERROR
-    except BaseException as exc:  # noqa: BLE001 - the program may raise anything
-        try:
-            tb = traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next)
-            err = {"type": type(exc).__name__, "message": str(exc)[:4000],
-                   "traceback": "".join(tb)[-8000:]}
-            return json.dumps({"error": err}, ensure_ascii=False).encode()
-        except BaseException:  # noqa: BLE001
-            return json.dumps({"error": {"type": type(exc).__name__, "message": "",
-                                         "traceback": ""}}).encode()
-
-
 def _oom_first():
     """Make this process (and what it execs or forks) the first that the kernel's OOM
     killer picks in the sandbox's memory cgroup, before the server or launcher (raising
@@ -231,8 +214,37 @@ def _oom_first():
         pass
 
 
+class Requests(BaseException):
+    """Raised in a request's child once it is set up, caught by the boot code (``BOOT`` in
+    forkserver.py), which then runs the handler on each request: ``args`` = (an iterable of
+    (handler, request, reply), finish). Unwinding first leaves no frame of this file under
+    the program, so a program that walks its stack (``traceback.extract_stack()``) sees only
+    the boot's few fixed lines: traced data does not change when this file does."""
+
+
+def _envelope(value, exc):
+    """JSON bytes of ``{"ok": value}``, or ``{"error": ...}`` for the exception ``exc``."""
+    if exc is None:
+        try:
+            return json.dumps({"ok": value}, ensure_ascii=False).encode()
+        except BaseException as bad:  # noqa: BLE001 - a value JSON cannot hold
+            exc = bad
+    if isinstance(exc, MemoryError):
+        return _MEMORY_ERROR
+    try:
+        tb = exc.__traceback__
+        # the top entry is the boot's (or this function's) frame, not the program's
+        tb = traceback.format_exception(type(exc), exc, tb.tb_next if tb else None)
+        err = {"type": type(exc).__name__, "message": str(exc)[:4000],
+               "traceback": "".join(tb)[-8000:]}
+        return json.dumps({"error": err}, ensure_ascii=False).encode()
+    except BaseException:  # noqa: BLE001
+        return json.dumps({"error": {"type": type(exc).__name__, "message": "",
+                                     "traceback": ""}}).encode()
+
+
 def _child(handler, payload, w_resp, w_out, w_err, close_fds, lim, seed):
-    """Runs in the forked child: never returns.
+    """Runs in the forked child: sets it up, then raises ``Requests`` (never returns).
 
     ``payload`` is ``{"one": request}`` or ``{"batch": [request, ...]}``; a batch runs the
     requests one after the other in this one child (random reseeded before each)."""
@@ -251,26 +263,44 @@ def _child(handler, payload, w_resp, w_out, w_err, close_fds, lim, seed):
             # per-request wall deadline (reset at each finished request) stops a culprit.
             lim = dict(lim, cpu_seconds=float(lim["cpu_seconds"]) * max(1, len(msg["batch"])))
         apply_rlimits(lim, INFRA_PROCS_SERVER)
-        seed_random = sys.modules["random"].seed
-        body = b""
-        if "batch" in msg:
-            for request in msg["batch"]:
-                seed_random(seed)  # same seed for every request: deterministic
-                # One line per finished request (JSON never holds a raw newline): the
-                # server sees progress, and a batch cut short still returns its head.
-                _write_all(w_resp, _envelope(handler, request) + b"\n")
-        else:
-            seed_random(seed)
-            body = _envelope(handler, msg["one"])
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:  # noqa: BLE001
-                pass
-        if body:
-            _write_all(w_resp, body)
-    finally:
-        os._exit(0)
+    except BaseException as exc:  # noqa: BLE001 - said as the response (no newline: a batch
+        try:                      # takes it as no line, then runs each request alone)
+            _write_all(w_resp, _envelope(None, exc))
+        finally:
+            os._exit(0)
+    raise Requests(_each_request(handler, msg, w_resp, seed), _finish_child)
+
+
+def _each_request(handler, msg, w_resp, seed):
+    """(handler, request, reply) per request; ``reply(value, exc)`` sends its outcome."""
+    seed_random = sys.modules["random"].seed
+    if "batch" in msg:
+        for request in msg["batch"]:
+            # One line per finished request (JSON never holds a raw newline): the server
+            # sees progress, and a batch cut short still returns its head.
+            seed_random(seed)  # same seed for every request: deterministic
+            yield handler, request, lambda value, exc: _write_all(
+                w_resp, _envelope(value, exc) + b"\n")
+        return
+    body = []
+    seed_random(seed)
+    yield handler, msg["one"], lambda value, exc: body.append(_envelope(value, exc))
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001
+            pass
+    if body:
+        _write_all(w_resp, body[0])
+
+
+def _finish_child():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001
+            pass
+    os._exit(0)
 
 
 class _Capture:
