@@ -297,7 +297,7 @@ class TracesConfig(Section):
     workers: int = Field(default=0, ge=0, le=256)  # 0 = every core
     # Repository level: each repository's test suite runs under the tracer in the sandbox.
     repositories: list[RepositoryConfig] = Field(default_factory=lambda: list(DEFAULT_REPOSITORIES))
-    repo_max_traces: int = Field(default=500, ge=0)
+    repo_max_traces: int = Field(default=500, ge=0)   # per repository; 0: none (suites not run)
     repo_max_per_function: int = Field(default=5, ge=1)
     repo_wall_seconds: float = Field(default=120.0, gt=0)
 
@@ -542,6 +542,8 @@ class AgentConfig(Section):
         _distinct_repo_names([r.name for r in self.repositories])
         if "openai" in self.policies and not (self.openai.base_url and self.openai.model):
             raise ValueError("policy openai needs openai.base_url and openai.model")
+        if not self.policies:
+            raise ValueError("policies is empty: name at least one (scripted, openai)")
         if len(set(self.policies)) != len(self.policies):
             raise ValueError(f"policies listed twice: {self.policies}")
         return self

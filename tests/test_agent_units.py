@@ -176,6 +176,8 @@ def test_agent_params_are_validated():
         parse_params({"agent": {"policies": ["openai"]}}, "params.yaml")
     with pytest.raises(ConfigError, match="agent.policies.0"):
         parse_params({"agent": {"policies": ["random"]}}, "params.yaml")
+    with pytest.raises(ConfigError, match="policies is empty"):
+        parse_params({"agent": {"policies": []}}, "params.yaml")
     with pytest.raises(ConfigError, match="commit 'main' is not a commit hash"):
         parse_params({"agent": {"repositories": [{"name": "x", "path": ".", "commit": "main"}]}})
     with pytest.raises(ConfigError, match="agent.max_turnz"):

@@ -122,6 +122,11 @@ def test_stage_traces_a_local_repository_test_suite(tmp_path):
     assert funcs["add"]["trace"].startswith('<|call_sep|>{"a": "2", "b": "3"}<|action_sep|>def add(a, b):')
     assert funcs["ratio"]["status"] == "exception" and "ZeroDivisionError" in funcs["ratio"]["error"]
     assert m["stats"]["metrics"]["generator_repository"] == 2
+    # repo_max_traces 0: the suites do not run and no repository shard is made
+    m0 = build(tmp_path, "r0", max_programs=10, repo_max_traces=0,
+               repositories=[{"name": "calc", "path": str(tree)}])
+    assert "generator_repository" not in m0["stats"]["metrics"]
+    assert len(m0["shards"]) == len(m["shards"]) - 1
 
 
 @pytest.mark.skipif(not (STDLIB / "distutils" / "__init__.py").exists(),
