@@ -191,8 +191,8 @@ def test_no_network(server, sentinel):
             listener.accept()  # nothing ever reached the host's loopback
     finally:
         listener.close()
-    res = server.call({"code": "import socket\nresult = [n for _, n in "
-                               "socket.if_nameindex()]"})
+    res = server.call({"code": "result = [line.split(':')[0].strip() for line in "
+                               "open('/proc/net/dev').readlines()[2:]]"})
     assert res.response["result"] == ["lo"]
     _assert_healthy(server, sentinel)
 

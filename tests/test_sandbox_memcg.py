@@ -7,13 +7,14 @@ makes that a failure.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
 
 import pytest
 
-from codeworld.sandbox import ForkServer, Limits, SandboxUnavailable, memcg, run_command
+from codeworld.sandbox import ForkServer, Limits, SandboxUnavailable, memcg, run_command, seccomp
 from codeworld.sandbox.limits import MiB, SANDBOX_HEADROOM
 from codeworld.sandbox.quota import QuotaCopy
 from tests.test_sandbox import (HANDLERS, RUN_CODE, SMALL, _assert_healthy, hostile,  # noqa: F401
@@ -164,3 +165,126 @@ def test_a_dead_processs_cgroups_are_swept(probe):
         assert not stale.exists()
     finally:
         cg.close()
+
+
+# -- what the cgroup alone did not hold (an attacker-minded audit of the first version) --------
+
+KERNEL_STATE = """
+    import ctypes, errno, os, socket
+    libc = ctypes.CDLL(None, use_errno=True)
+    def err(call):
+        try:
+            call()
+            return 'ok'
+        except OSError as e:
+            return errno.errorcode[e.errno]
+    def raw(nr, *args):
+        r = libc.syscall(nr, *args)
+        return 'ok' if r >= 0 else errno.errorcode[ctypes.get_errno()]
+    result = {
+        'netlink': err(lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 2)),
+        'packet': err(lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW)),
+        'inet': err(lambda: socket.socket().close()),
+        'inet6': err(lambda: socket.socket(socket.AF_INET6).close()),
+        'unix_pair': err(lambda: [s.close() for s in socket.socketpair()]),
+        'keyctl': raw(250, 0, 0, 0, 0),            # x86-64 numbers
+        'io_uring_setup': raw(425, 1, 0),
+        'x32_socket': raw(0x40000000 + 41, 16, 3, 0),
+    }
+"""
+MAKE_IPC = """
+    import ctypes, os
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    shm = libc.shmget(0x1234, 1 << 20, 0o1000 | 0o600)     # IPC_CREAT
+    ctypes.memmove(libc.shmat(shm, None, 0), b'secret of request 1', 19)
+    msg = libc.msgget(0x5000, 0o1000 | 0o600)
+    sem = libc.semget(0x6000, 4, 0o1000 | 0o600)
+    libc.mq_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    mq = libc.mq_open(b'/q', os.O_CREAT | os.O_RDWR, 0o600, None)
+    result = [shm >= 0, msg >= 0, sem >= 0, mq, ctypes.get_errno() == 24]   # EMFILE
+"""
+LOOK_IPC = """
+    result = {k: len(open('/proc/sysvipc/' + k).read().splitlines()) - 1
+              for k in ('shm', 'msg', 'sem')}
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers of x86-64")
+def test_seccomp_refuses_what_no_cgroup_charges(probe):
+    want = {"netlink": "EAFNOSUPPORT", "packet": "EAFNOSUPPORT", "inet": "ok", "inet6": "ok",
+            "unix_pair": "ok", "keyctl": "ENOSYS", "io_uring_setup": "ENOSYS",
+            "x32_socket": "ENOSYS"}
+    with ForkServer(RUN_CODE, HANDLERS, SMALL) as server:
+        res = server.call(hostile(KERNEL_STATE))
+    assert res.ok and res.response["result"] == want, res
+    r = run_command(["python3", "-c", hostile(KERNEL_STATE)["code"]
+                     + "import json\nprint(json.dumps(result))"], limits=SMALL)
+    assert r.returncode == 0 and json.loads(r.stdout) == want, (r.stdout, r.stderr)
+
+
+def test_seccomp_program_per_architecture():
+    x86, arm = seccomp.program("x86_64"), seccomp.program("aarch64")
+    assert len(x86) % 8 == 0 and len(arm) % 8 == 0 and x86 != arm
+    assert seccomp.program("sparc64") is None
+
+
+def test_system_v_ipc_does_not_outlive_a_request(probe, sentinel):
+    with ForkServer(RUN_CODE, HANDLERS, SMALL) as server:
+        made = server.call(hostile(MAKE_IPC))
+        assert made.ok and made.response["result"] == [True, True, True, -1, True], made
+        seen = server.call(hostile(LOOK_IPC))
+        assert seen.response["result"] == {"shm": 0, "msg": 0, "sem": 0}, seen
+        assert not seen.server_restarted
+        _assert_healthy(server, sentinel)
+
+
+@needs_memcg
+def test_socket_buffers_are_capped(probe):
+    # v1 charges socket memory only with memory.kmem.tcp.limit_in_bytes: loopback TCP that
+    # nobody reads stops at memcg.TCP_BYTES (it held 1 GiB under a 160 MiB cap before)
+    code = hostile("""
+        import socket
+        srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(64)
+        queued, conns = 0, []
+        for _ in range(48):
+            c = socket.create_connection(srv.getsockname())
+            a, _ = srv.accept()
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 30)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 30)
+            c.setblocking(False)
+            conns.append((c, a))
+            try:
+                while True:
+                    queued += c.send(b'x' * 65536)
+            except OSError:
+                pass
+        result = queued
+    """)
+    with ForkServer(RUN_CODE, HANDLERS, CAPPED.replace(wall_seconds=20)) as server:
+        res = server.call(code)
+    assert res.ok and res.response["result"] <= memcg.TCP_BYTES + (8 << 20), res
+
+
+@needs_memcg
+def test_stale_cgroups_are_swept_even_under_our_own_pid(probe):
+    # a cgroup left by an earlier process that had our pid: its start time differs
+    stale = HIERARCHY.base / f"{memcg.PREFIX}{os.getpid()}-1-0"
+    os.mkdir(stale)
+    memcg._swept.discard(HIERARCHY.base)
+    cg = memcg.create(64 * MiB)
+    try:
+        assert not stale.exists() and cg.path.name.startswith(f"{memcg.PREFIX}{os.getpid()}-")
+    finally:
+        cg.close()
+
+
+@needs_memcg
+def test_a_fork_server_dropped_without_close_removes_its_cgroup(probe):
+    import gc
+
+    server = ForkServer(RUN_CODE, HANDLERS, SMALL).start()
+    assert server.call({"code": "result = 1"}).ok and len(_ours()) == 1
+    del server
+    gc.collect()
+    assert _ours() == []

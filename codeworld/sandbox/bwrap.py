@@ -7,7 +7,9 @@ Layout inside every sandbox (both ``run_command`` and the fork server):
   explicit binds (code dirs, workdir, extra_ro_binds) at their destinations
   /proc (new, own pid namespace), /dev (minimal), /tmp and /dev/shm (private tmpfs,
   size-capped); everything else, / included, is read-only and empty: no /etc, no /root,
-  no $HOME, no repository, no network (own net namespace, loopback down).
+  no $HOME, no repository, no network (own net namespace: only its own loopback, which
+  bwrap brings up). seccomp.py: sockets of AF_UNIX/INET/INET6 only, no io_uring, no keyrings;
+  memcg.py: one memory cap on the whole sandbox.
 
 Privileges. Run as root, bwrap would map the sandbox uid to kernel uid 0, and the kernel
 ignores RLIMIT_NPROC for uid 0 (measured here: a fork bomb under nproc=20 made 172 processes

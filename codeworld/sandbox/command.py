@@ -13,7 +13,7 @@ from typing import Iterable, Mapping, Sequence
 from .bwrap import LAUNCH_ENV, Bind, SandboxError, build_argv, ensure_available, \
     host_pidns, python_install, sandbox_env, sandbox_uid
 from .forkserver import _SERVER_SOURCE, _as_bind, _kill
-from . import memcg
+from . import memcg, seccomp
 from .limits import Limits
 from .quota import QuotaCopy
 
@@ -80,7 +80,8 @@ def run_command(argv: Sequence[str], *, workdir: str | os.PathLike | None = None
     limits = limits or Limits()
     ensure_available(bwrap)
     exe, binds = python_install()
-    chdir, quota, config = "/tmp", None, {**limits.to_dict(), "host_pidns": host_pidns()}
+    chdir, quota = "/tmp", None
+    config = {**limits.to_dict(), "host_pidns": host_pidns(), "seccomp": seccomp.program_hex()}
     if workdir is not None:
         wd = os.path.realpath(workdir)
         if not os.path.isdir(wd):

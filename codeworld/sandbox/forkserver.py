@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .bwrap import Bind, SandboxError, SandboxUnavailable, build_argv, ensure_available, \
     LAUNCH_ENV, host_pidns, python_install, sandbox_env
-from . import memcg
+from . import memcg, seccomp
 from .limits import Limits
 
 _REQ = struct.Struct(">I")
@@ -153,7 +153,8 @@ class ForkServer:
         exe, binds = python_install()
         binds += [Bind(os.fspath(src), dest) for dest, src in (code_dirs or {}).items()]
         binds += [_as_bind(b) for b in extra_ro_binds]
-        cfg = {"handler": handler, "sys_path": list(sys_path), "limits": self.limits.to_dict(),
+        cfg = {"handler": handler, "sys_path": list(sys_path),
+               "limits": {**self.limits.to_dict(), "seccomp": seccomp.program_hex()},
                "seed": seed, "host_pidns": host_pidns(), "site_dirs": base_site_dirs()}
         # -S: no `site` at startup. Its .pth files cost ~50 ms a server start on machines
         # whose interpreter has slow ones (an egress-CA hook importing certifi/pathlib here);
@@ -186,7 +187,7 @@ class ForkServer:
         self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=self._log, bufsize=0, start_new_session=True,
                                       env=LAUNCH_ENV)
-        self._finalizer = weakref.finalize(self, _kill, self._proc)
+        self._finalizer = weakref.finalize(self, _kill, self._proc, self._cgroup)
         if self._started:
             self.restarts += 1
         self._started += 1
@@ -323,6 +324,8 @@ class ForkServer:
                 restarted = self._proc is not None or self._started > 0
                 self._stop(kill=True)
                 self._start()
+            cgroup = self._cgroup
+            oom_before = cgroup.oom_kills() if cgroup is not None else 0
             try:
                 self._proc.stdin.write(_REQ.pack(len(payload)) + payload)
                 break
@@ -331,8 +334,6 @@ class ForkServer:
                 if attempt:
                     raise SandboxError("fork server keeps dying before requests")
         t0 = time.monotonic()
-        cgroup = self._cgroup
-        oom_before = cgroup.oom_kills() if cgroup is not None else 0
         status, why = "killed", "fork server died during the request"
         try:
             frame = self._recv(t0 + self.limits.wall_seconds + 10.0)
@@ -400,8 +401,9 @@ def _read_exact(fd: int, n: int, deadline: float) -> bytes | None:
     return bytes(buf)
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL the outer bwrap: its pid namespace, hence every sandboxed process, dies."""
+def _kill(proc: subprocess.Popen, cgroup: memcg.MemoryCgroup | None = None) -> None:
+    """SIGKILL the outer bwrap: its pid namespace, hence every sandboxed process, dies; then
+    its memory cgroup can go (a fork server collected without ``close`` ends here)."""
     try:
         proc.kill()
     except OSError:
@@ -410,6 +412,8 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
+    if cgroup is not None:
+        cgroup.close()
 
 
 def _as_bind(b) -> Bind:

@@ -4,14 +4,22 @@ The rlimits bound each process (RLIMIT_AS) and each tmpfs bounds its bytes, but 
 the sum: max_processes times RLIMIT_AS, and the inodes of a tmpfs (an empty file costs about
 1 KiB of kernel memory and no tmpfs byte: 800k files made 800 MB of slab in 3.5 s). A memory
 cgroup charges all of it to the sandbox (process memory, tmpfs pages, kernel objects such as
-those inodes); past the cap the kernel's OOM killer kills inside the sandbox only, the
-programs first (they raise their own oom_score_adj to 1000, see ``server._oom_first``).
+those inodes, socket buffers); past the cap the kernel's OOM killer kills inside the sandbox
+only, the programs first (they raise their own oom_score_adj to 1000, see
+``server._oom_first``). Memory held in files outlives the program that wrote them, so a
+program that fills /tmp can still cost the fork server its life (it is restarted for the next
+request; the result says MemoryLimit either way). What the cgroup does not see is refused by
+the seccomp filter (``seccomp.py``: netlink sockets) or removed between requests (System V
+IPC, ``server._remove_sysv_ipc``).
 
 Where: a child of this process's own cgroup, in a cgroup v1 ``memory`` hierarchy or in the
 unified (v2) hierarchy when its memory controller can be enabled there; it needs write access
-(root, or a delegated subtree). Where none can be made, sandboxes run without it (the
-per-process rlimits still hold; warned once). ``CODEWORLD_SANDBOX_MEMCG``: ``auto`` (default),
-``require`` (no cgroup is an error; CI sets it), ``off``.
+(root, or a delegated subtree). On v2 our own cgroup must then hold no process itself (the
+"no internal processes" rule): true of a delegated subtree whose processes live in a leaf,
+not of most containers, where v2 therefore gives no cgroup (only v1 is tested here). Where
+none can be made, sandboxes run without it (the per-process rlimits still hold; warned once).
+``CODEWORLD_SANDBOX_MEMCG``: ``auto`` (default), ``require`` (no cgroup is an error; CI sets
+it), ``off``.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import errno
 import itertools
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +41,7 @@ PREFIX = "codeworld-sandbox-"
 # moves itself ("0" = the writer) into the cgroup, then execs bwrap; every process of the
 # sandbox is born inside.
 _JOIN = 'echo 0 > "$0" && exec "$@"'
+TCP_BYTES = 64 << 20  # socket buffers of one sandbox (cgroup v1; within the cap on v2)
 _seq = itertools.count()
 _warned: list[str] = []
 _swept: set[Path] = set()
@@ -74,6 +84,7 @@ class MemoryCgroup:
         ``wait`` seconds (a later ``create`` in a new process sweeps it)."""
         deadline = time.monotonic() + wait
         while True:
+            self._reclaim()
             try:
                 os.rmdir(self.path)
                 return True
@@ -81,8 +92,20 @@ class MemoryCgroup:
                 return True
             except OSError as exc:
                 if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                    log.warning("could not remove the sandbox's memory cgroup %s: %s",
+                                self.path, exc.strerror)
                     return False
                 time.sleep(0.005)
+
+    def _reclaim(self) -> None:
+        """Free the pages still charged here (page cache the sandbox read): a cgroup removed
+        with charges lingers in the kernel as a "dying" one until they are reclaimed."""
+        name, value = ("memory.force_empty", "0") if self.version == 1 else \
+            ("memory.reclaim", str(self.limit_bytes))
+        try:
+            (self.path / name).write_text(value)
+        except OSError:
+            pass  # busy (processes still exiting) or not all reclaimable: rmdir tells
 
 
 def _own_paths() -> tuple[str | None, str | None]:
@@ -104,9 +127,14 @@ def _mounts() -> list[tuple[str, str, str, set[str]]]:
         left, _, right = line.partition(" - ")
         fields, rest = left.split(), right.split()
         if len(fields) >= 5 and len(rest) >= 3 and rest[0] in ("cgroup", "cgroup2"):
-            out.append((fields[3], fields[4].replace("\\040", " "), rest[0],
+            out.append((_unescape(fields[3]), _unescape(fields[4]), rest[0],
                         set(rest[2].split(","))))
     return out
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes a space, tab, newline or backslash in a path as \\ooo (octal)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _under(mount_root: str, mount_point: str, path: str) -> Path | None:
@@ -153,17 +181,29 @@ def _v2_enable_memory(base: Path) -> bool:
         return False
 
 
+def _start_time(pid: int | str) -> str | None:
+    """A process's start time (clock ticks since boot): with its pid, a name no later process
+    can have."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _owner() -> str:
+    return f"{os.getpid()}-{_start_time('self')}"
+
+
 def _sweep(base: Path) -> None:
-    """Remove cgroups left by earlier processes that died before removing theirs."""
+    """Remove the cgroups left by processes that are gone (a cgroup still holding processes
+    cannot be removed: EBUSY, so a live sandbox is never touched)."""
     if base in _swept:
         return
     _swept.add(base)
     for d in base.glob(PREFIX + "*"):
-        try:
-            pid = int(d.name[len(PREFIX):].split("-")[0])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+        pid, start, *_ = d.name[len(PREFIX):].split("-") + ["", ""]
+        if pid.isdigit() and _start_time(pid) != start:
             try:
                 os.rmdir(d)
             except OSError:
@@ -188,7 +228,7 @@ def create(limit_bytes: int) -> MemoryCgroup | None:
           "controller delegated) for this process"
     if h is not None:
         _sweep(h.base)
-        path = h.base / f"{PREFIX}{os.getpid()}-{next(_seq)}"
+        path = h.base / f"{PREFIX}{_owner()}-{next(_seq)}"
         try:
             os.mkdir(path)
         except OSError as exc:
@@ -198,8 +238,11 @@ def create(limit_bytes: int) -> MemoryCgroup | None:
                 _set_limit(path, h.version, int(limit_bytes))
                 return MemoryCgroup(path, h.version, int(limit_bytes))
             except OSError as exc:
-                os.rmdir(path)
                 why = f"cannot set the memory limit of {path}: {exc.strerror}"
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
     if mode == "require":
         raise SandboxUnavailable(f"{ENV}=require: {why}")
     if why not in _warned:
@@ -214,6 +257,13 @@ def _set_limit(path: Path, version: int, limit: int) -> None:
         swap = path / "memory.memsw.limit_in_bytes"  # present where swap is accounted
         if swap.exists():
             swap.write_text(str(limit))
+        else:  # swap not accounted: do not let the sandbox's pages go there past the cap
+            (path / "memory.swappiness").write_text("0")
+        # v1 charges socket buffers only once this is set (v2 always does): an audit queued
+        # 1 GiB in loopback TCP from a sandbox capped at 160 MiB
+        tcp = path / "memory.kmem.tcp.limit_in_bytes"
+        if tcp.exists():
+            tcp.write_text(str(min(limit, TCP_BYTES)))
     else:
         (path / "memory.max").write_text(str(limit))
         swap = path / "memory.swap.max"

@@ -61,6 +61,7 @@ def apply_rlimits(lim, infra_procs):
     # this sandbox only; it is enforced because the kernel uid is not 0.
     lower(resource.RLIMIT_NPROC, int(lim["max_processes"]) + infra_procs)
     lower(resource.RLIMIT_CORE, 0)
+    lower(resource.RLIMIT_MSGQUEUE, 0)  # no POSIX message queue: it would outlive a request
 
 
 def _read_exact(fd, n):
@@ -149,17 +150,66 @@ def _kill_descendants(budget=2.0):
 _LIBC = []
 
 
-def _prctl(option, value):
+def _libc():
     import ctypes
 
     if not _LIBC:
         _LIBC.append(ctypes.CDLL(None, use_errno=True))
-    if _LIBC[0].prctl(option, ctypes.c_ulong(value), 0, 0, 0) != 0:
+    return _LIBC[0]
+
+
+def _prctl(option, value, arg3=0):
+    import ctypes
+
+    if _libc().prctl(option, ctypes.c_ulong(value), arg3, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
 
 
 PR_SET_DUMPABLE = 4
+PR_SET_SECCOMP = 22
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+SECCOMP_MODE_FILTER = 2
+
+
+def _install_seccomp(program_hex):
+    """Put this process, and all it will start, under the host's seccomp filter (built by
+    codeworld/sandbox/seccomp.py: classic BPF, 8 bytes an instruction)."""
+    if not program_hex:
+        return
+    import ctypes
+
+    class _Fprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    code = bytes.fromhex(program_hex)
+    buf = ctypes.create_string_buffer(code, len(code))
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER,
+           ctypes.byref(_Fprog(len(code) // 8, ctypes.addressof(buf))))
+
+
+def _remove_sysv_ipc():
+    """Remove every System V shared memory segment, message queue and semaphore set of this
+    sandbox's IPC namespace: they outlive the request that made them (its memory, even its
+    data, would reach the next request). True when none is left."""
+    libc = _libc()
+    for kind, remove in (("shm", lambda i: libc.shmctl(i, 0, None)),
+                         ("msg", lambda i: libc.msgctl(i, 0, None)),
+                         ("sem", lambda i: libc.semctl(i, 0, 0))):  # IPC_RMID = 0
+        for _ in range(2):
+            try:
+                with open(f"/proc/sysvipc/{kind}") as f:
+                    ids = [int(line.split()[1]) for line in f.readlines()[1:] if line.strip()]
+            except (OSError, ValueError, IndexError):
+                return False
+            if not ids:
+                break
+            for ident in ids:
+                remove(ident)
+        else:
+            return False
+    return True
 
 
 def check_private_pidns(host_pidns):
@@ -437,6 +487,7 @@ def serve(cfg):
             handler = getattr(handler, part)
         if not callable(handler):
             raise TypeError(f"{cfg['handler']} is not callable")
+        _install_seccomp(cfg["limits"].get("seccomp"))
     except BaseException as exc:  # noqa: BLE001
         send({"fatal": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
         return 3
@@ -461,6 +512,7 @@ def serve(cfg):
                 _clean_dir(tmp)
         except OSError:
             clean = False
+        clean = _remove_sysv_ipc() and clean
         header["server_exiting"] = not clean
         send(header, out, err, resp)
         if not clean:
@@ -474,6 +526,11 @@ def launch(lim, argv):
         check_private_pidns(lim.get("host_pidns"))
     except RuntimeError as exc:
         os.write(2, f"sandbox: {exc}\n".encode())
+        os._exit(126)
+    try:
+        _install_seccomp(lim.get("seccomp"))
+    except OSError as exc:
+        os.write(2, f"sandbox: cannot install the seccomp filter: {exc}\n".encode())
         os._exit(126)
     # (with a working copy the launcher stays, as the command's parent: one process more)
     apply_rlimits(lim, INFRA_PROCS_LAUNCHER + bool(lim.get("workdir_copy")))
