@@ -26,7 +26,11 @@ LIMIT_MB=${LIMIT_MB:-60}   # of the call's 64 MiB, the rest for the working tree
 # torch, yaml, fsspec, tqdm, typer... are used as they are.
 PACKAGES=(megatron-core pydantic pydantic-core annotated-types typing-inspection
           typing-extensions webdataset braceexpand transformers safetensors tokenizers regex)
-TE_VERSION=2.11.0
+# TE 2.11.0 is what megatron-core 0.16.1 admits (< 2.12). TE 2.12 fixed the fused gated
+# activation's FP8 transpose (NVIDIA/TransformerEngine#2486; bench/te_gated_fix.py repairs
+# it on 2.11): to try a newer TE against megatron-core 0.16.1 anyway, build a second kit, e.g.
+#   KIT=.devkit-te212 TE_VERSION=2.12.0 bash bench/device_kit.sh   (then carry [".devkit-te212"])
+TE_VERSION=${TE_VERSION:-2.11.0}
 
 for f in data/pack/manifest.json data/tokenizer data/traces/manifest.json; do
   [ -e "$f" ] || { echo "device_kit: $f missing: run \`make run\` first" >&2; exit 2; }
