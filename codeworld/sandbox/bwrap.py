@@ -175,7 +175,15 @@ def build_argv(command: Sequence[str], *, binds: Iterable[Bind], env: Mapping[st
     inner = [inner_bwrap, "--unshare-all", "--unshare-user"]
     if "--disable-userns" in feats:  # no nested user namespaces for the program
         inner.append("--disable-userns")
-    inner += ["--die-with-parent", "--new-session", "--hostname", "sandbox", "--clearenv"]
+    if feats and "--as-pid-1" not in feats:   # (no features: running it will tell what fails)
+        raise SandboxUnavailable(f"{path} has no --as-pid-1 option (bubblewrap >= 0.4): the "
+                                 f"sandbox's pid 1 must be our own process; {INSTALL_HINT}")
+    # Our process (fork server or launcher: non-dumpable, under the seccomp filter) is pid 1,
+    # not bwrap's reaper: that one ran as the programs' uid, dumpable and unfiltered, holding
+    # the host's pipes on fds 0/1; a program could ptrace it (or pidfd_getfd its fds) to forge
+    # results or to run code outside the filter. Pid 1 also cannot be killed from inside.
+    inner += ["--as-pid-1", "--die-with-parent", "--new-session", "--hostname", "sandbox",
+              "--clearenv"]
     for key, value in env.items():
         inner += ["--setenv", key, value]
     inner += _system_args()

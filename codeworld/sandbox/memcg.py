@@ -41,7 +41,9 @@ PREFIX = "codeworld-sandbox-"
 # moves itself ("0" = the writer) into the cgroup, then execs bwrap; every process of the
 # sandbox is born inside.
 _JOIN = 'echo 0 > "$0" && exec "$@"'
-TCP_BYTES = 64 << 20  # socket buffers of one sandbox (cgroup v1; within the cap on v2)
+# Socket buffers of one sandbox. On v1 they are counted apart from the cap (a sandbox can
+# hold cap + TCP_BYTES); on v2 they count within it.
+TCP_BYTES = 64 << 20
 _seq = itertools.count()
 _warned: list[str] = []
 _swept: set[Path] = set()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import platform
 import socket
 import struct
@@ -86,4 +87,9 @@ def program(machine: str | None = None) -> bytes | None:
 @functools.lru_cache(maxsize=None)
 def program_hex() -> str:
     """``program()`` as the hex string the sandbox's config carries ("" for none)."""
-    return (program() or b"").hex()
+    code = program()
+    if code is None:
+        logging.getLogger(__name__).warning(
+            "no seccomp table for %s: sandboxes run without the filter (netlink sockets, "
+            "io_uring and keyrings stay open to programs)", platform.machine())
+    return (code or b"").hex()

@@ -20,6 +20,10 @@ own subtree only: the request's process group on timeout, then every descendant
 (``_kill_descendants``). If anything else shows up in the namespace, or the subtree will
 not die, the server exits and the host SIGKILLs the outer bwrap, which tears the whole
 pid namespace down.
+
+Pid 1. The server (or the launcher) is the sandbox's pid 1 (bwrap --as-pid-1): a program
+cannot kill it (the kernel drops signals to a namespace's init sent from inside), trace it or
+take its fds (it is not dumpable), and when it exits the kernel kills everything left.
 """
 import gc
 import json
@@ -36,8 +40,8 @@ import traceback
 
 REQ_HEADER = struct.Struct(">I")
 RESP_HEADER = struct.Struct(">IIII")
-INFRA_PROCS_SERVER = 2  # bwrap's pid-1 reaper + the fork server itself
-INFRA_PROCS_LAUNCHER = 1  # bwrap's pid-1 reaper
+INFRA_PROCS_SERVER = 1  # the fork server itself (pid 1 of the sandbox: bwrap --as-pid-1)
+INFRA_PROCS_LAUNCHER = 1  # the launcher (pid 1), the command's parent
 _DUMPABLE_RESET = False  # set once the server made itself non-dumpable
 _MEMORY_ERROR = b'{"error": {"type": "MemoryError", "message": "", "traceback": ""}}'
 
@@ -126,8 +130,8 @@ def _kill_descendants(budget=2.0):
     No ``kill(-1)`` and no process outside our own subtree is ever signalled: the server
     is a child subreaper, so what a request leaves behind (daemons, fork bombs, processes
     that setsid'ed away from its process group) is reparented to us and stays in our
-    subtree. Returns True when the subtree is empty (zombies reaped) and nothing but
-    bwrap's pid 1 and us is left in the namespace: anything else escaped our subtree, and
+    subtree. Returns True when the subtree is empty (zombies reaped) and nothing but us is
+    left in the namespace: anything else escaped our subtree, and
     the server then exits so that the host tears the whole sandbox down. (/proc was
     verified at startup to be this namespace's own, see ``check_private_pidns``.)"""
     me = os.getpid()
@@ -136,7 +140,7 @@ def _kill_descendants(budget=2.0):
         _reap()
         pids, others = _scan(me)
         if not pids:
-            return not [p for p in others if p != 1]
+            return not others
         if time.monotonic() > deadline:
             return False
         for pid in pids:
@@ -187,6 +191,38 @@ def _install_seccomp(program_hex):
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER,
            ctypes.byref(_Fprog(len(code) // 8, ctypes.addressof(buf))))
+
+
+def _sockets_in_use():
+    """Sockets of this network namespace, TIME_WAIT included (/proc/net/sockstat counts them
+    per namespace; the per-socket tables under /proc/net cost ms to read)."""
+    with open("/proc/net/sockstat") as f:
+        fields = {line.split(":")[0]: line.split()[1:] for line in f}
+    tcp = fields["TCP"]
+    return int(fields["sockets"][1]) + int(tcp[tcp.index("tw") + 1])
+
+
+def _sockets_gone(budget=0.1):
+    """True when no socket is left in the sandbox's network namespace once a request's
+    processes are dead. A socket can outlive them: sent over a unix socket into that socket's
+    own queue (a cycle only the kernel's collector frees: closing any unix socket starts it),
+    or a TCP connection in TIME_WAIT (60 s: the next request could not bind that port). The
+    memory, a listener still accepting, a port taken: state a later request would see. False
+    -> the server exits and the host starts a clean one (a fresh network namespace)."""
+    import socket
+
+    for s in socket.socketpair():
+        s.close()
+    deadline = time.monotonic() + budget
+    while True:
+        try:
+            if not _sockets_in_use():
+                return True
+        except (OSError, KeyError, ValueError, IndexError):
+            return False
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
 
 
 def _remove_sysv_ipc():
@@ -513,6 +549,7 @@ def serve(cfg):
         except OSError:
             clean = False
         clean = _remove_sysv_ipc() and clean
+        clean = clean and _sockets_gone()
         header["server_exiting"] = not clean
         send(header, out, err, resp)
         if not clean:
@@ -520,8 +557,10 @@ def serve(cfg):
 
 
 def launch(lim, argv):
-    """One-shot mode: check the namespace, apply the rlimits, then become the command (or,
-    with a working copy to carry, run it as our child: ``launch_on_copy``)."""
+    """One-shot mode: check the namespace, install the filter, apply the rlimits, then run
+    the command as our child (with a working copy to carry: ``launch_on_copy``) and exit
+    with its status (128+N when killed by signal N). We stay, as pid 1 and not dumpable: the
+    command cannot trace its parent or take the host's pipes from it."""
     try:
         check_private_pidns(lim.get("host_pidns"))
     except RuntimeError as exc:
@@ -532,16 +571,37 @@ def launch(lim, argv):
     except OSError as exc:
         os.write(2, f"sandbox: cannot install the seccomp filter: {exc}\n".encode())
         os._exit(126)
-    # (with a working copy the launcher stays, as the command's parent: one process more)
-    apply_rlimits(lim, INFRA_PROCS_LAUNCHER + bool(lim.get("workdir_copy")))
+    _prctl(PR_SET_DUMPABLE, 0)
+    apply_rlimits(lim, INFRA_PROCS_LAUNCHER)
     if lim.get("workdir_copy"):
         os._exit(launch_on_copy(lim["workdir_copy"], argv))
-    _oom_first()
-    try:
-        os.execvp(argv[0], argv)
-    except OSError as exc:
-        os.write(2, f"sandbox: cannot execute {argv[0]!r}: {exc}\n".encode())
+    pid = _start_command(argv)
+    while True:   # (orphans are ours too, as pid 1); the host ends the sandbox at its deadline
+        done, status = os.waitpid(-1, 0)
+        if done == pid:
+            os._exit(_exit_code(status))
+
+
+def _start_command(argv, cwd=None, close=()):
+    """Fork the command (dumpable again: exec resets it) and return its pid."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for fd in close:
+                os.close(fd)
+            _oom_first()
+            if cwd is not None:
+                os.chdir(cwd)
+            os.execvp(argv[0], argv)
+        except OSError as exc:
+            os.write(2, f"sandbox: cannot execute {argv[0]!r}: {exc}\n".encode())
         os._exit(127)
+    return pid
+
+
+def _exit_code(status):
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
 
 
 def _copy_tree(src, dest):
@@ -606,11 +666,11 @@ def launch_on_copy(wc, argv):
 
     ``wc``: ``src`` (the host's copy, read-only), ``dest`` (the tmpfs, the cwd), ``out_fd``
     (the write end of a pipe to the host), ``deadline_seconds``. The copy is made, the command
-    runs as our child until it exits or the deadline, every process it left is killed (we are
-    a child subreaper), then ``out_fd`` gets a tar of ``dest`` in frames, an empty frame, and
-    a JSON status line last. Only this process holds ``out_fd`` (bwrap's pid 1 closes what it
-    inherits; the command never gets it, and cannot open ours through /proc: we are not
-    dumpable), so nothing the command writes can pass for the copy or the status. Returns the
+    runs as our child until it exits or the deadline, every process it left is killed (as
+    pid 1 we inherit orphans), then ``out_fd`` gets a tar of ``dest`` in frames, an empty
+    frame, and a JSON status line last. Only this process holds ``out_fd`` (the command never
+    gets it, and cannot take ours: we are not dumpable), so nothing the command writes can
+    pass for the copy or the status. Returns the
     exit code for bwrap (128+N when killed by signal N)."""
     import tarfile
 
@@ -627,30 +687,17 @@ def launch_on_copy(wc, argv):
         out.end()
         _write_all(out.fd, json.dumps(head).encode() + b"\n")
 
-    # the command cannot signal, trace or read the fds of the process that writes its copy out
-    _prctl(PR_SET_DUMPABLE, 0)
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
     try:
         _copy_tree(wc["src"], wc["dest"])
     except Exception as exc:   # ENOSPC: the host's copy is over the quota
         finish({"error": f"copying the working copy in: {type(exc).__name__}: {exc}"})
         return 125
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(out.fd)
-            _oom_first()
-            os.chdir(wc["dest"])
-            os.execvp(argv[0], argv)
-        except OSError as exc:
-            os.write(2, f"sandbox: cannot execute {argv[0]!r}: {exc}\n".encode())
-        os._exit(127)
+    pid = _start_command(argv, cwd=wc["dest"], close=(out.fd,))
     status = _wait_until(pid, time.monotonic() + float(wc["deadline_seconds"]))
     if status is None:
         code, timed_out = 128 + signal.SIGKILL, True
     else:
-        code, timed_out = os.waitstatus_to_exitcode(status), False
-        code = 128 - code if code < 0 else code
+        code, timed_out = _exit_code(status), False
     if not _kill_descendants():
         finish({"error": "processes of the command outlived it"})
         return code

@@ -1,4 +1,5 @@
-"""The sandbox's memory cgroup (codeworld.sandbox.memcg): one cap on everything a sandbox holds.
+"""The sandbox's hardening beyond test_sandbox.py: its memory cgroup (codeworld.sandbox.memcg),
+its seccomp filter, pid 1, and the state that must not outlive a fork-server request.
 
 Hostile programs run only after the ``probe`` fixture of test_sandbox.py checked the sandbox,
 each behind its ``GUARD``. Where this machine cannot make memory cgroups (not root, no
@@ -288,3 +289,71 @@ def test_a_fork_server_dropped_without_close_removes_its_cgroup(probe):
     del server
     gc.collect()
     assert _ours() == []
+
+
+PID1 = """
+    import ctypes, errno
+    libc = ctypes.CDLL(None, use_errno=True)
+    status = dict(line.split(':', 1) for line in open('/proc/1/status').read().splitlines())
+    def tried(rc):
+        return 'ok' if rc >= 0 else errno.errorcode[ctypes.get_errno()]
+    pidfd = os.pidfd_open(1)
+    try:
+        fds = os.listdir('/proc/1/fd')
+    except PermissionError:
+        fds = 'EACCES'
+    result = [os.getppid(), status['Seccomp'].strip(), fds,
+              tried(libc.syscall(438, pidfd, 1, 0)),   # pidfd_getfd: pid 1's fd 1
+              tried(libc.ptrace(16, 1, 0, 0))]         # PTRACE_ATTACH
+"""
+
+
+def test_pid_1_is_our_own_filtered_undumpable_process(probe):
+    """bwrap's own pid 1 ran as the programs' uid, dumpable and unfiltered, holding the host's
+    protocol pipes: a program took them with pidfd_getfd and forged results, or ptraced it to
+    run code outside the filter. Now pid 1 is the fork server or the launcher."""
+    want = [1, "2", "EACCES", "EPERM", "EPERM"]
+    with ForkServer(RUN_CODE, HANDLERS, SMALL) as server:
+        res = server.call(hostile(PID1))
+    assert res.ok and res.response["result"] == want, res
+    r = run_command(["python3", "-c", hostile(PID1)["code"]
+                     + "import json\nprint(json.dumps(result))"], limits=SMALL)
+    assert r.returncode == 0 and json.loads(r.stdout) == want, (r.stdout, r.stderr)
+
+
+LISTENER_IN_FLIGHT = """
+    import array, socket
+    srv = socket.socket()
+    srv.bind(('127.0.0.1', 8765))
+    srv.listen(4)
+    a, b = socket.socketpair()
+    # the listener and both ends sent into b's own queue: a cycle no process holds
+    fds = array.array('i', [srv.fileno(), a.fileno(), b.fileno()])
+    a.sendmsg([b'x'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    result = 'sent'
+"""
+TIME_WAIT = """
+    import socket
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(('127.0.0.1', 8766))
+    srv.listen(1)
+    c = socket.create_connection(('127.0.0.1', 8766))
+    conn, _ = srv.accept()
+    conn.close()   # this side closes first: 127.0.0.1:8766 stays in TIME_WAIT for 60 s
+    c.close()
+    srv.close()
+    result = 'closed'
+"""
+
+
+def test_no_socket_outlives_its_request(probe):
+    with ForkServer(RUN_CODE, HANDLERS, SMALL) as server:
+        assert server.call(hostile(LISTENER_IN_FLIGHT)).response == {"result": "sent"}
+        res = server.call(hostile("import socket\nsocket.create_connection(('127.0.0.1', 8765), "
+                                  "timeout=1)\nresult = 'connected'"))
+        assert res.error and res.error["type"] == "ConnectionRefusedError", res
+        assert server.call(hostile(TIME_WAIT)).response == {"result": "closed"}
+        res = server.call(hostile("import socket\nsocket.socket().bind(('127.0.0.1', 8766))\n"
+                                  "result = 'bound'"))
+        assert res.ok and res.server_restarted, res   # a fresh network namespace
