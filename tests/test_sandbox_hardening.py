@@ -357,3 +357,61 @@ def test_no_socket_outlives_its_request(probe):
         res = server.call(hostile("import socket\nsocket.socket().bind(('127.0.0.1', 8766))\n"
                                   "result = 'bound'"))
         assert res.ok and res.server_restarted, res   # a fresh network namespace
+
+
+def test_a_request_cannot_change_what_pid_1_passes_on(probe, sentinel):
+    """prlimit/setpriority on pid 1 need only the same uid; every later request is forked from
+    it. A changed server is replaced before the next request."""
+    with ForkServer(RUN_CODE, HANDLERS, SMALL) as server:
+        res = server.call(hostile("""
+            import resource
+            resource.prlimit(1, resource.RLIMIT_NOFILE, (40, 40))
+            resource.prlimit(1, resource.RLIMIT_STACK, (128 << 10, 128 << 10))
+            os.setpriority(os.PRIO_PROCESS, 1, 19)
+            result = 'changed'
+        """))
+        assert res.ok, res
+        res = server.call(hostile("""
+            import resource
+            files = [open('/proc/self/stat') for _ in range(100)]
+            result = [os.getpriority(os.PRIO_PROCESS, 0), len(files)]
+        """))
+        assert res.ok and res.response["result"] == [0, 100] and res.server_restarted, res
+        # SIGINT has Python's handler in a process; pid 1 keeps the default (dropped)
+        res = server.call(hostile("import signal\nos.kill(1, signal.SIGINT)\nresult = 'sent'"))
+        assert res.ok and not server.call({"code": "result = 1"}).server_restarted
+        _assert_healthy(server, sentinel)
+
+
+def test_what_a_request_leaves_is_cleaned_whatever_its_modes(probe, sentinel):
+    with ForkServer(RUN_CODE, HANDLERS, SMALL) as server:
+        res = server.call(hostile("""
+            import subprocess, tempfile
+            for top in ('/tmp', '/dev/shm'):
+                os.makedirs(f'{top}/a/b/c')
+                open(f'{top}/a/b/c/f', 'w').close()
+                os.chmod(f'{top}/a/b/c', 0o000)
+                os.chmod(f'{top}/a/b', 0o300)
+            d = tempfile.mkdtemp()
+            os.mkdir(f'{d}/x')
+            os.chmod(f'{d}/x', 0)
+            # orphans (a shell's background job) are reaped as they go, not at the end:
+            # they would count against max_processes (16 here)
+            for _ in range(40):
+                subprocess.run(['sh', '-c', 'true &'], check=True)
+            result = 'left'
+        """))
+        assert res.ok, res
+        after = server.call({"code": "import os\nresult = os.listdir('/tmp') + "
+                                     "os.listdir('/dev/shm')"})
+        assert after.response == {"result": []} and not after.server_restarted, after
+        _assert_healthy(server, sentinel)
+
+
+def test_a_command_starts_with_signals_as_from_a_shell(probe):
+    r = run_command(["sh", "-c", "yes | head -1; trap 'echo trapped' INT; kill -INT 0; "
+                                 "echo after; exit 3"], limits=SMALL)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "y\ntrapped\nafter\n", ""), r
+    r = run_command(["sh", "-c", f"head -c {SMALL.file_size_bytes + 1} /dev/zero > /tmp/big"],
+                    limits=SMALL)
+    assert r.killed_by_signal == signal.SIGXFSZ, r

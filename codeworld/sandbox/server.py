@@ -43,6 +43,7 @@ RESP_HEADER = struct.Struct(">IIII")
 INFRA_PROCS_SERVER = 1  # the fork server itself (pid 1 of the sandbox: bwrap --as-pid-1)
 INFRA_PROCS_LAUNCHER = 1  # the launcher (pid 1), the command's parent
 _DUMPABLE_RESET = False  # set once the server made itself non-dumpable
+_WAKE = []  # the fork server's SIGCHLD wake-up pipe (read end, write end)
 _MEMORY_ERROR = b'{"error": {"type": "MemoryError", "message": "", "traceback": ""}}'
 
 
@@ -111,6 +112,42 @@ def _scan(root):
             todo.append(kid)
     inside = set(out)
     return out, [p for p in pids if p != root and p not in inside]
+
+
+def _reap_others(pid):
+    """Reap every exited child but ``pid`` (whose status is still to be read)."""
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or info.si_pid == pid:
+            return
+        os.waitpid(info.si_pid, 0)
+
+
+def _wait_killed(pid, budget=2.0):
+    """The status of our SIGKILLed child ``pid``. Its tracer (a process it started that
+    ptrace-seized it) would hold the status and keep a blocking wait forever: descendants
+    are killed first, then the status is polled; gone or never given: SIGKILL's."""
+    deadline = time.monotonic() + budget
+    while True:
+        try:
+            wpid, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return signal.SIGKILL
+        if wpid:
+            return status
+        if time.monotonic() > deadline:
+            return signal.SIGKILL
+        for other in _scan(os.getpid())[0]:
+            if other != pid:
+                try:
+                    os.kill(other, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        _reap_others(pid)
+        time.sleep(0.001)
 
 
 def _reap():
@@ -193,13 +230,25 @@ def _install_seccomp(program_hex):
            ctypes.byref(_Fprog(len(code) // 8, ctypes.addressof(buf))))
 
 
+def _process_settings():
+    """What a process of our uid can change on us from outside (prlimit, setpriority,
+    sched_setaffinity, sched_setscheduler: the kernel checks the uid, not dumpability) and
+    the next requests would inherit: limits that make them fail, a priority that makes them
+    time out. The server compares them after each request; changed -> it is replaced. (The
+    I/O priority is left out: it changes timings only through the disk, which is a tmpfs.)"""
+    limits = tuple(resource.getrlimit(getattr(resource, name))
+                   for name in sorted(dir(resource)) if name.startswith("RLIMIT_"))
+    return (limits, os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)),
+            os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
+
+
 def _sockets_in_use():
-    """Sockets of this network namespace, TIME_WAIT included (/proc/net/sockstat counts them
-    per namespace; the per-socket tables under /proc/net cost ms to read)."""
+    """(sockets, TCP connections in TIME_WAIT) of this network namespace (/proc/net/sockstat
+    counts both per namespace; the per-socket tables under /proc/net cost ms to read)."""
     with open("/proc/net/sockstat") as f:
         fields = {line.split(":")[0]: line.split()[1:] for line in f}
     tcp = fields["TCP"]
-    return int(fields["sockets"][1]) + int(tcp[tcp.index("tw") + 1])
+    return int(fields["sockets"][1]), int(tcp[tcp.index("tw") + 1])
 
 
 def _sockets_gone(budget=0.1):
@@ -216,10 +265,13 @@ def _sockets_gone(budget=0.1):
     deadline = time.monotonic() + budget
     while True:
         try:
-            if not _sockets_in_use():
-                return True
+            used, time_wait = _sockets_in_use()
         except (OSError, KeyError, ValueError, IndexError):
             return False
+        if time_wait:  # 60 s, not 100 ms: no use waiting
+            return False
+        if not used:
+            return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.005)
@@ -275,18 +327,27 @@ def _clean_dir(path):
         return
     import shutil
 
-    def onerror(func, p, _exc):
-        os.chmod(os.path.dirname(p), 0o700)
-        func(p)
-
     os.chmod(path, 0o1777)
     for name in names:
         p = os.path.join(path, name)
         if os.path.isdir(p) and not os.path.islink(p):
-            os.chmod(p, 0o700)
-            shutil.rmtree(p, onerror=onerror)
+            _open_up(p)
+            shutil.rmtree(p)
         else:
             os.unlink(p)
+
+
+def _open_up(top):
+    """Give the owner rwx on ``top`` and every folder under it, each before it is listed
+    (a request may leave folders of mode 000 or 0300 that cannot be listed or emptied)."""
+    os.chmod(top, 0o700)
+    todo = [top]
+    while todo:
+        with os.scandir(todo.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    os.chmod(entry.path, 0o700)
+                    todo.append(entry.path)
 
 
 def _oom_first():
@@ -337,6 +398,9 @@ def _child(handler, payload, w_resp, w_out, w_err, close_fds, lim, seed):
     try:
         os.setsid()  # own session and process group
         _oom_first()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a program's usual Python
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
         if _DUMPABLE_RESET:
             _prctl(PR_SET_DUMPABLE, 1)  # the program may inspect itself; not the server
         os.dup2(w_out, 1)
@@ -418,6 +482,8 @@ def _run_one(handler, payload, lim, seed, proto_fds):
     poller = select.poll()
     for fd in caps:
         poller.register(fd, select.POLLIN)
+    if _WAKE:
+        poller.register(_WAKE[0], select.POLLIN)
     try:
         pidfd = os.pidfd_open(pid)
         poller.register(pidfd, select.POLLIN)
@@ -437,6 +503,13 @@ def _run_one(handler, payload, lim, seed, proto_fds):
         for fd, _ev in poller.poll(max(1, int(math.ceil(wait_ms)))):
             if fd == pidfd:
                 exited = True
+            elif _WAKE and fd == _WAKE[0]:   # a child exited: an orphan is reaped now
+                try:
+                    while os.read(fd, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                _reap_others(pid)
             elif fd in open_fds:
                 chunk = os.read(fd, 1 << 16)
                 if chunk:
@@ -450,6 +523,10 @@ def _run_one(handler, payload, lim, seed, proto_fds):
             wpid, st = os.waitpid(pid, os.WNOHANG)
             if wpid:
                 status = st
+            elif pidfd is not None:   # exited, but a tracer holds its status: poll instead
+                poller.unregister(pidfd)
+                os.close(pidfd)
+                pidfd = None
     wall = time.monotonic() - t0
     if status is None:  # timeout: kill its process group (it setsid'ed), then itself
         for kill in (os.killpg, os.kill):
@@ -457,7 +534,7 @@ def _run_one(handler, payload, lim, seed, proto_fds):
                 kill(pid, signal.SIGKILL)  # pid == its pgid: only ever our own child's
             except (ProcessLookupError, PermissionError):
                 pass
-        status = os.waitpid(pid, 0)[1]
+        status = _wait_killed(pid)
     clean = _kill_descendants()  # whatever it left behind, by pid, within our subtree
     for fd in open_fds:  # every writer is dead now: drain what is buffered
         os.set_blocking(fd, False)
@@ -530,8 +607,19 @@ def serve(cfg):
     import random  # noqa: F401 - imported here so that every child can reseed it
 
     lim, seed = cfg["limits"], cfg.get("seed", 0)
+    # As pid 1 the kernel drops a signal from inside only while its action is the default:
+    # Python's own SIGINT handler would let a request interrupt the server.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # An orphan (reparented to us) that exits wakes the request loop through this pipe, to be
+    # reaped at once: zombies count against the request's process limit until reaped.
+    _WAKE[:] = os.pipe()
+    for fd in _WAKE:
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(_WAKE[1], warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
     gc.collect()
     gc.freeze()  # keep the imported heap shared copy-on-write with the children
+    settings = _process_settings()
     send({"ready": True, "pid": os.getpid()})
     while True:
         head = _read_exact(proto_in, REQ_HEADER.size)
@@ -541,15 +629,17 @@ def serve(cfg):
         if payload is None:
             return 0
         sys.stdout.flush(), sys.stderr.flush()
-        header, out, err, resp = _run_one(handler, payload, lim, seed, (proto_in, proto_out))
+        header, out, err, resp = _run_one(handler, payload, lim, seed,
+                                          (proto_in, proto_out, *_WAKE))
         clean = header.pop("clean")
         try:
             for tmp in ("/tmp", "/dev/shm"):
                 _clean_dir(tmp)
-        except OSError:
+        except Exception:  # noqa: BLE001 - whatever the tree, a new server starts clean
             clean = False
         clean = _remove_sysv_ipc() and clean
         clean = clean and _sockets_gone()
+        clean = clean and _process_settings() == settings
         header["server_exiting"] = not clean
         send(header, out, err, resp)
         if not clean:
@@ -572,6 +662,7 @@ def launch(lim, argv):
         os.write(2, f"sandbox: cannot install the seccomp filter: {exc}\n".encode())
         os._exit(126)
     _prctl(PR_SET_DUMPABLE, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # pid 1: only default actions are dropped
     apply_rlimits(lim, INFRA_PROCS_LAUNCHER)
     if lim.get("workdir_copy"):
         os._exit(launch_on_copy(lim["workdir_copy"], argv))
@@ -590,6 +681,10 @@ def _start_command(argv, cwd=None, close=()):
             for fd in close:
                 os.close(fd)
             _oom_first()
+            # a command starts as from a shell: Python ignores SIGPIPE and SIGXFSZ, and an
+            # ignored signal stays ignored across exec (`yes | head` would print errors)
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
             if cwd is not None:
                 os.chdir(cwd)
             os.execvp(argv[0], argv)
