@@ -38,6 +38,17 @@ FILL_TMP_WITH_EMPTY_FILES = """
 """
 
 
+def _in_both(code: str) -> list:
+    """``result`` of hostile ``code`` in a fork-server request and in a one-shot command."""
+    with ForkServer(RUN_CODE, HANDLERS, SMALL) as server:
+        res = server.call(hostile(code))
+    assert res.ok, res
+    r = run_command(["python3", "-c", hostile(code)["code"]
+                     + "import json\nprint(json.dumps(result))"], limits=SMALL)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    return [res.response["result"], json.loads(r.stdout)]
+
+
 def _ours() -> list[Path]:
     return sorted(HIERARCHY.base.glob(f"{memcg.PREFIX}{os.getpid()}-*")) if HIERARCHY else []
 
@@ -216,12 +227,7 @@ def test_seccomp_refuses_what_no_cgroup_charges(probe):
     want = {"netlink": "EAFNOSUPPORT", "packet": "EAFNOSUPPORT", "inet": "ok", "inet6": "ok",
             "unix_pair": "ok", "keyctl": "ENOSYS", "io_uring_setup": "ENOSYS",
             "x32_socket": "ENOSYS"}
-    with ForkServer(RUN_CODE, HANDLERS, SMALL) as server:
-        res = server.call(hostile(KERNEL_STATE))
-    assert res.ok and res.response["result"] == want, res
-    r = run_command(["python3", "-c", hostile(KERNEL_STATE)["code"]
-                     + "import json\nprint(json.dumps(result))"], limits=SMALL)
-    assert r.returncode == 0 and json.loads(r.stdout) == want, (r.stdout, r.stderr)
+    assert _in_both(KERNEL_STATE) == [want, want]
 
 
 def test_seccomp_program_per_architecture():
@@ -313,12 +319,7 @@ def test_pid_1_is_our_own_filtered_undumpable_process(probe):
     protocol pipes: a program took them with pidfd_getfd and forged results, or ptraced it to
     run code outside the filter. Now pid 1 is the fork server or the launcher."""
     want = [1, "2", "EACCES", "EPERM", "EPERM"]
-    with ForkServer(RUN_CODE, HANDLERS, SMALL) as server:
-        res = server.call(hostile(PID1))
-    assert res.ok and res.response["result"] == want, res
-    r = run_command(["python3", "-c", hostile(PID1)["code"]
-                     + "import json\nprint(json.dumps(result))"], limits=SMALL)
-    assert r.returncode == 0 and json.loads(r.stdout) == want, (r.stdout, r.stderr)
+    assert _in_both(PID1) == [want, want]
 
 
 LISTENER_IN_FLIGHT = """
