@@ -519,12 +519,17 @@ def test_unpack_takes_only_what_stays_inside_the_copy(tmp_path):
                 entry("d/up", tarfile.SYMTYPE, link="../d/f.py"),
                 entry("abs", tarfile.SYMTYPE, link="/etc/passwd"),           # left out
                 entry("esc", tarfile.SYMTYPE, link="../outside"),            # left out
-                entry("hard", tarfile.LNKTYPE, link="d/f.py"),               # left out
+                entry("hard", tarfile.LNKTYPE, link="d/f.py"),               # kept, a copy
+                entry("dot", tarfile.SYMTYPE, link="."),
+                # reads as inside, leads out: the kernel climbs from where dot/dot leads
+                entry("d/trick", tarfile.SYMTYPE, link="../dot/dot/../../outside"),  # left out
                 entry("fifo", tarfile.FIFOTYPE))                             # left out
     dest = tmp_path / "dest"
     dest.mkdir()
     unpack(str(ok), str(dest), 1 << 20)
-    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == ["d", "d/f.py", "d/up"]
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == [
+        "d", "d/f.py", "d/up", "dot", "hard"]
+    assert (dest / "hard").read_text() == "x = 1\n" and not (dest / "hard").is_symlink()
     assert (dest / "d" / "up").read_text() == "x = 1\n" and os.access(dest / "d" / "f.py", os.R_OK)
     assert os.stat(dest / "d").st_mode & 0o700 == 0o700
     bad = [tar_of(entry("../x", data=b"no")),                                # a name leaving it

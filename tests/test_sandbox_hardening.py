@@ -416,3 +416,48 @@ def test_a_command_starts_with_signals_as_from_a_shell(probe):
     r = run_command(["sh", "-c", f"head -c {SMALL.file_size_bytes + 1} /dev/zero > /tmp/big"],
                     limits=SMALL)
     assert r.killed_by_signal == signal.SIGXFSZ, r
+
+
+LEAVE_TMP_ODD = """
+    import array, errno, fcntl, struct
+    ace = lambda tag, perm: struct.pack('<HHI', tag, perm, 0xFFFFFFFF)
+    acl = struct.pack('<I', 2) + ace(1, 5) + ace(4, 5) + ace(0x20, 5)   # u::r-x g::r-x o::r-x
+    for top in ('/tmp', '/dev/shm'):
+        os.setxattr(top, 'user.msg', b'from an earlier request')
+        os.setxattr(top, 'system.posix_acl_default', acl)
+        fd = os.open(top, os.O_RDONLY)
+        fcntl.ioctl(fd, 0x40086602, array.array('i', [0x80 | 0x40]))   # NOATIME | NODUMP
+        os.close(fd)
+        os.chmod(top, 0o555)   # and left empty
+    result = 'left'
+"""
+LOOK_AT_TMP = """
+    import array, fcntl, gc, stat, sys
+    seen = {}
+    for top in ('/tmp', '/dev/shm'):
+        open(f'{top}/f', 'w').close()
+        fd = os.open(f'{top}/f', os.O_RDONLY)
+        flags = array.array('i', [0])
+        fcntl.ioctl(fd, 0x80086601, flags, True)
+        os.close(fd)
+        seen[top] = [oct(stat.S_IMODE(os.stat(top).st_mode)), os.listxattr(top), flags[0]]
+    result = [seen, len(sys.modules), gc.get_count()]
+"""
+
+
+def test_a_later_request_meets_the_sandbox_as_the_first_did(probe):
+    """What a request can change in the sandbox itself beyond files: the tmpfs roots' mode,
+    extended attributes (a default ACL, user.*), inode flags; and the server's own state the
+    next child inherits (modules it imported, its garbage collector's counts)."""
+    with ForkServer(RUN_CODE, HANDLERS, SMALL) as server:
+        first = server.call(hostile(LOOK_AT_TMP))
+        assert first.ok, first
+        assert first.response["result"][0] == {t: ["0o1777", [], 0] for t in ("/tmp", "/dev/shm")}
+        assert server.call(hostile(LEAVE_TMP_ODD)).response == {"result": "left"}
+        later = server.call(hostile(LOOK_AT_TMP))
+        assert later.response["result"][:2] == first.response["result"][:2], later
+        assert not later.server_restarted   # put back as it was, no new server needed
+        # the collector's counts: within a few objects of the first child's (were +300)
+        for res in (first, later):
+            young, older, oldest = res.response["result"][2]
+            assert young < 64 and older == oldest == 0, res

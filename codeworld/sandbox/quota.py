@@ -11,22 +11,22 @@ all.
 The host reads the pipe into a temporary file, at most ``2 N + 1 MiB`` of it, and only a tar
 followed by the launcher's status counts. The tar's content is the command's, so it is unpacked
 by ``unpack`` here, not by tarfile's extraction (whose filters have had bypasses): only folders,
-regular files and links that stay inside the copy, each created under an open folder descriptor
+regular files (a hard link as a copy of its file) and links that stay inside the copy, each created under an open folder descriptor
 with O_NOFOLLOW and O_EXCL (nothing is followed, nothing existing is overwritten), at most
 ``2 N`` bytes on the host's disk counting 4 KiB per entry, names at most MAX_DEPTH deep. The new
 folder then takes the old one's place in one atomic exchange (renameat2). Anything wrong leaves
 the folder as it was and says why (``CommandResult.workdir_error``).
 
-Not bounded here: the tmpfs's inodes (empty files and folders cost kernel memory, not quota
-bytes; so does /tmp's); that needs a memory cgroup around the sandbox.
+The tmpfs's inodes (empty files and folders cost kernel memory, not quota bytes) count in the
+sandbox's memory cap (``memcg``), which grows by N.
 """
 from __future__ import annotations
 
 import ctypes
 import json
 import os
-import posixpath
 import shutil
+import stat
 import tarfile
 import tempfile
 
@@ -181,18 +181,62 @@ def unpack(tar_path: str, dest: str, budget: int) -> None:
                 if not parts:
                     continue   # the root itself
                 used += ENTRY_BYTES + (m.size if m.isreg() else 0)
-                if used > budget:
-                    raise CopyRefused(f"the working copy takes over {budget} bytes on disk")
-                parent = _open_dir(root, parts[:-1])
+                source = _hard_link_source(root, m)
+                used += os.fstat(source).st_size if source is not None else 0
                 try:
-                    _make(tar, m, parts, parent)
+                    if used > budget:
+                        raise CopyRefused(f"the working copy takes over {budget} bytes on disk")
+                    parent = _open_dir(root, parts[:-1])
+                    try:
+                        _make(tar, m, parts, parent, source)
+                    finally:
+                        os.close(parent)
                 finally:
-                    os.close(parent)
+                    if source is not None:
+                        os.close(source)
     finally:
         os.close(root)
 
 
-def _make(tar: tarfile.TarFile, m: tarfile.TarInfo, parts: list[str], parent: int) -> None:
+def _hard_link_source(root: int, m: tarfile.TarInfo) -> int | None:
+    """For a hard link (a second name of a file the tar already held), a descriptor of that
+    file as unpacked: the name is kept as a copy of it (dropping it lost a file: tar stores
+    the first name in its order as the file, whichever the command made first)."""
+    if not m.islnk():
+        return None
+    parts = _parts(m.linkname)
+    if not parts:
+        return None
+    parent = _open_dir(root, parts[:-1])
+    try:
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=parent)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(parent)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _link_stays_inside(target: str, depth: int) -> bool:
+    """A link ``depth`` folders below the copy's root to ``target`` resolves inside the copy:
+    relative, and ".." only as a leading run no longer than ``depth``. A ".." after another
+    component is refused: that component may itself be a link (``d -> .``), and the kernel
+    climbs from where it leads, not from where the name reads (``d/d/../../etc`` would read as
+    inside and lead out)."""
+    if target.startswith("/"):
+        return False
+    segs = [s for s in target.split("/") if s not in ("", ".")]
+    lead = 0
+    while lead < len(segs) and segs[lead] == "..":
+        lead += 1
+    return ".." not in segs[lead:] and lead <= depth
+
+
+def _make(tar: tarfile.TarFile, m: tarfile.TarInfo, parts: list[str], parent: int,
+          source: int | None = None) -> None:
     name = parts[-1]
     if m.isdir():   # its mode at once: the owner keeps rwx, so its entries can still be made
         os.mkdir(name, 0o700, dir_fd=parent)
@@ -205,11 +249,18 @@ def _make(tar: tarfile.TarFile, m: tarfile.TarInfo, parts: list[str], parent: in
             os.fchmod(out.fileno(), (m.mode & 0o755) | 0o600)
             os.utime(out.fileno(), (m.mtime, m.mtime))
     elif m.issym():
-        target = m.linkname
-        inside = posixpath.normpath(posixpath.join(*parts[:-1], target) if parts[:-1] else target)
-        if not target.startswith("/") and inside != ".." and not inside.startswith("../"):
-            os.symlink(target, name, dir_fd=parent)
-    # hard links, devices, fifos, sparse files: not kept
+        if _link_stays_inside(m.linkname, len(parts) - 1):
+            os.symlink(m.linkname, name, dir_fd=parent)
+    elif source is not None:   # a hard link: a copy of the file it names
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                     dir_fd=parent)
+        with os.fdopen(fd, "wb") as out, os.fdopen(os.dup(source), "rb") as src:
+            src.seek(0)
+            shutil.copyfileobj(src, out, 1 << 20)
+            st = os.fstat(source)
+            os.fchmod(out.fileno(), stat.S_IMODE(st.st_mode))
+            os.utime(out.fileno(), ns=(st.st_mtime_ns, st.st_mtime_ns))
+    # devices, fifos, sparse files: not kept
 
 
 RENAME_EXCHANGE = 2

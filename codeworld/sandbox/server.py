@@ -230,16 +230,77 @@ def _install_seccomp(program_hex):
            ctypes.byref(_Fprog(len(code) // 8, ctypes.addressof(buf))))
 
 
+# ioprio_get and sched_getattr, which Python does not wrap
+_SYSCALL_NR = {"x86_64": (252, 315), "aarch64": (31, 274)}
+
+
 def _process_settings():
     """What a process of our uid can change on us from outside (prlimit, setpriority,
-    sched_setaffinity, sched_setscheduler: the kernel checks the uid, not dumpability) and
-    the next requests would inherit: limits that make them fail, a priority that makes them
-    time out. The server compares them after each request; changed -> it is replaced. (The
-    I/O priority is left out: it changes timings only through the disk, which is a tmpfs.)"""
+    ioprio_set, sched_setaffinity, sched_setscheduler, sched_setattr: the kernel checks the
+    uid, not dumpability) and the next requests would inherit: limits that make them fail, a
+    priority or time slice that makes them time out. The server compares them after each
+    request; changed -> it is replaced."""
+    import ctypes
+
     limits = tuple(resource.getrlimit(getattr(resource, name))
                    for name in sorted(dir(resource)) if name.startswith("RLIMIT_"))
+    kernel = None
+    numbers = _SYSCALL_NR.get(os.uname().machine)
+    if numbers is not None:
+        attr = ctypes.create_string_buffer(struct.pack("I", 56), 56)  # struct sched_attr, v1
+        got = _libc().syscall(numbers[1], 0, attr, 56, 0)
+        kernel = (_libc().syscall(numbers[0], 1, 0), attr.raw if got == 0 else got)
     return (limits, os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)),
-            os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
+            os.sched_getscheduler(0), os.sched_getparam(0).sched_priority, kernel)
+
+
+_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS = 0x80086601, 0x40086602
+TMPFS_ROOTS = ("/tmp", "/dev/shm")
+
+
+def _root_state(path):
+    """What a request may change on a tmpfs root beyond its entries, all of which a later
+    request would meet: its mode (0555: no one writes there), its extended attributes (a
+    default ACL denying creation; user.* as a channel from one request to the next) and its
+    inode flags (noatime, nodump: inherited by every file made there)."""
+    import array
+    import fcntl
+
+    xattrs = {}
+    for name in sorted(os.listxattr(path, follow_symlinks=False)):
+        try:
+            xattrs[name] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError:
+            xattrs[name] = None
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        flags = array.array("i", [0])
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags, True)
+        flags = flags[0]
+    except OSError:
+        flags = None
+    finally:
+        os.close(fd)
+    return stat.S_IMODE(os.lstat(path).st_mode), xattrs, flags
+
+
+def _restore_root(path, state):
+    """Put a tmpfs root back as ``state`` (``_root_state`` at startup); the caller checks."""
+    import array
+    import fcntl
+
+    mode, xattrs, flags = state
+    os.chmod(path, 0o700)   # user.* attributes need write permission to be removed
+    for name in os.listxattr(path, follow_symlinks=False):
+        if name not in xattrs:
+            os.removexattr(path, name, follow_symlinks=False)
+    if flags is not None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, array.array("i", [flags]))
+        finally:
+            os.close(fd)
+    os.chmod(path, mode)
 
 
 def _sockets_in_use():
@@ -471,6 +532,8 @@ def _run_one(handler, payload, lim, seed, proto_fds):
     r_out, w_out = os.pipe()
     r_err, w_err = os.pipe()
     r_resp, w_resp = os.pipe()
+    gc.collect()   # the child's collections come at about the same points (was: +300 objects
+    # and a generation-1 count that grew with every request before it)
     t0 = time.monotonic()
     pid = os.fork()
     if pid == 0:
@@ -617,9 +680,15 @@ def serve(cfg):
         os.set_blocking(fd, False)
     signal.set_wakeup_fd(_WAKE[1], warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    # what the cleanup between requests imports, imported now: a later request must not
+    # find more modules loaded than the first one did
+    import array, ctypes, fcntl, shutil, socket  # noqa: E401,F401
+    for tmp in TMPFS_ROOTS:
+        os.chmod(tmp, 0o1777)
+    roots = {tmp: _root_state(tmp) for tmp in TMPFS_ROOTS}
+    settings = _process_settings()
     gc.collect()
     gc.freeze()  # keep the imported heap shared copy-on-write with the children
-    settings = _process_settings()
     send({"ready": True, "pid": os.getpid()})
     while True:
         head = _read_exact(proto_in, REQ_HEADER.size)
@@ -633,13 +702,15 @@ def serve(cfg):
                                           (proto_in, proto_out, *_WAKE))
         clean = header.pop("clean")
         try:
-            for tmp in ("/tmp", "/dev/shm"):
+            for tmp, state in roots.items():
                 _clean_dir(tmp)
+                _restore_root(tmp, state)
         except Exception:  # noqa: BLE001 - whatever the tree, a new server starts clean
             clean = False
         clean = _remove_sysv_ipc() and clean
         clean = clean and _sockets_gone()
         clean = clean and _process_settings() == settings
+        clean = clean and all(_root_state(tmp) == state for tmp, state in roots.items())
         header["server_exiting"] = not clean
         send(header, out, err, resp)
         if not clean:
