@@ -12,8 +12,8 @@ from typing import Iterable, Mapping, Sequence
 
 from .bwrap import LAUNCH_ENV, Bind, SandboxError, build_argv, ensure_available, \
     host_pidns, python_install, sandbox_env, sandbox_uid
-from .forkserver import _SERVER_SOURCE, _as_bind, _kill
-from . import memcg, seccomp
+from . import memcg
+from .forkserver import _SERVER_SOURCE, _as_bind, _kill, _limits_config
 from .limits import Limits
 from .quota import QuotaCopy
 
@@ -81,7 +81,7 @@ def run_command(argv: Sequence[str], *, workdir: str | os.PathLike | None = None
     ensure_available(bwrap)
     exe, binds = python_install()
     chdir, quota = "/tmp", None
-    config = {**limits.to_dict(), "host_pidns": host_pidns(), "seccomp": seccomp.program_hex()}
+    config = {**_limits_config(limits), "host_pidns": host_pidns()}
     if workdir is not None:
         wd = os.path.realpath(workdir)
         if not os.path.isdir(wd):

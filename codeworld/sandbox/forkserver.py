@@ -154,7 +154,7 @@ class ForkServer:
         binds += [Bind(os.fspath(src), dest) for dest, src in (code_dirs or {}).items()]
         binds += [_as_bind(b) for b in extra_ro_binds]
         cfg = {"handler": handler, "sys_path": list(sys_path),
-               "limits": {**self.limits.to_dict(), "seccomp": seccomp.program_hex()},
+               "limits": _limits_config(self.limits),
                "seed": seed, "host_pidns": host_pidns(), "site_dirs": base_site_dirs()}
         # -S: no `site` at startup. Its .pth files cost ~50 ms a server start on machines
         # whose interpreter has slow ones (an egress-CA hook importing certifi/pathlib here);
@@ -414,6 +414,12 @@ def _kill(proc: subprocess.Popen, cgroup: memcg.MemoryCgroup | None = None) -> N
         pass
     if cgroup is not None:
         cgroup.close()
+
+
+def _limits_config(limits: Limits) -> dict:
+    """The limits as the sandbox side reads them (fork server or launcher), with the seccomp
+    filter it installs."""
+    return {**limits.to_dict(), "seccomp": seccomp.program_hex()}
 
 
 def _as_bind(b) -> Bind:

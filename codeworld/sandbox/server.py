@@ -114,51 +114,17 @@ def _scan(root):
     return out, [p for p in pids if p != root and p not in inside]
 
 
-def _reap_others(pid):
-    """Reap every exited child but ``pid`` (whose status is still to be read)."""
+def _reap(keep=None):
+    """Reap every exited child (orphans are reparented to us: we are pid 1) but ``keep``,
+    whose status is still to be read (it is only looked at, WNOWAIT)."""
     while True:
         try:
             info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
             return
-        if info is None or info.si_pid == pid:
+        if info is None or info.si_pid == keep:
             return
         os.waitpid(info.si_pid, 0)
-
-
-def _wait_killed(pid, budget=2.0):
-    """The status of our SIGKILLed child ``pid``. Its tracer (a process it started that
-    ptrace-seized it) would hold the status and keep a blocking wait forever: descendants
-    are killed first, then the status is polled; gone or never given: SIGKILL's."""
-    deadline = time.monotonic() + budget
-    while True:
-        try:
-            wpid, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return signal.SIGKILL
-        if wpid:
-            return status
-        if time.monotonic() > deadline:
-            return signal.SIGKILL
-        for other in _scan(os.getpid())[0]:
-            if other != pid:
-                try:
-                    os.kill(other, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        _reap_others(pid)
-        time.sleep(0.001)
-
-
-def _reap():
-    """Reap every exited child (orphans are reparented to us: we are a subreaper)."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if not pid:
-            return
 
 
 def _kill_descendants(budget=2.0):
@@ -284,8 +250,16 @@ def _root_state(path):
     return stat.S_IMODE(os.lstat(path).st_mode), xattrs, flags
 
 
+def _reset_root(path, state):
+    """True when the tmpfs root ``path`` is as ``state`` (``_root_state`` at startup), put
+    back first if a request changed it."""
+    if _root_state(path) == state:
+        return True
+    _restore_root(path, state)
+    return _root_state(path) == state
+
+
 def _restore_root(path, state):
-    """Put a tmpfs root back as ``state`` (``_root_state`` at startup); the caller checks."""
     import array
     import fcntl
 
@@ -379,7 +353,8 @@ def check_private_pidns(host_pidns):
 
 
 def _clean_dir(path):
-    """Remove what a request left in a writable tmpfs (next request starts pristine)."""
+    """Remove what a request left in a tmpfs root (writable again: ``_reset_root`` first),
+    so that the next request starts pristine."""
     try:
         names = os.listdir(path)
     except FileNotFoundError:
@@ -388,7 +363,6 @@ def _clean_dir(path):
         return
     import shutil
 
-    os.chmod(path, 0o1777)
     for name in names:
         p = os.path.join(path, name)
         if os.path.isdir(p) and not os.path.islink(p):
@@ -483,26 +457,15 @@ def _child(handler, payload, w_resp, w_out, w_err, close_fds, lim, seed):
 
 
 def _each_request(handler, msg, w_resp, seed):
-    """(handler, request, reply) per request; ``reply(value, exc)`` sends its outcome."""
+    """(handler, request, reply) per request; ``reply(value, exc)`` sends its outcome. In a
+    batch, one line per finished request (JSON never holds a raw newline): the server sees
+    progress, and a batch cut short still returns its head."""
     seed_random = sys.modules["random"].seed
-    if "batch" in msg:
-        for request in msg["batch"]:
-            # One line per finished request (JSON never holds a raw newline): the server
-            # sees progress, and a batch cut short still returns its head.
-            seed_random(seed)  # same seed for every request: deterministic
-            yield handler, request, lambda value, exc: _write_all(
-                w_resp, _envelope(value, exc) + b"\n")
-        return
-    body = []
-    seed_random(seed)
-    yield handler, msg["one"], lambda value, exc: body.append(_envelope(value, exc))
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:  # noqa: BLE001
-            pass
-    if body:
-        _write_all(w_resp, body[0])
+    batch = "batch" in msg
+    end = b"\n" if batch else b""
+    for request in msg["batch"] if batch else [msg["one"]]:
+        seed_random(seed)  # same seed for every request: deterministic
+        yield handler, request, lambda value, exc: _write_all(w_resp, _envelope(value, exc) + end)
 
 
 def _finish_child():
@@ -572,7 +535,7 @@ def _run_one(handler, payload, lim, seed, proto_fds):
                         pass
                 except BlockingIOError:
                     pass
-                _reap_others(pid)
+                _reap(keep=pid)
             elif fd in open_fds:
                 chunk = os.read(fd, 1 << 16)
                 if chunk:
@@ -591,13 +554,8 @@ def _run_one(handler, payload, lim, seed, proto_fds):
                 os.close(pidfd)
                 pidfd = None
     wall = time.monotonic() - t0
-    if status is None:  # timeout: kill its process group (it setsid'ed), then itself
-        for kill in (os.killpg, os.kill):
-            try:
-                kill(pid, signal.SIGKILL)  # pid == its pgid: only ever our own child's
-            except (ProcessLookupError, PermissionError):
-                pass
-        status = _wait_killed(pid)
+    if status is None:  # timeout: it goes with its subtree, next (no blocking wait: a tracer
+        status = signal.SIGKILL  # it started could hold its exit status until killed too)
     clean = _kill_descendants()  # whatever it left behind, by pid, within our subtree
     for fd in open_fds:  # every writer is dead now: drain what is buffered
         os.set_blocking(fd, False)
@@ -703,14 +661,13 @@ def serve(cfg):
         clean = header.pop("clean")
         try:
             for tmp, state in roots.items():
+                clean = _reset_root(tmp, state) and clean
                 _clean_dir(tmp)
-                _restore_root(tmp, state)
         except Exception:  # noqa: BLE001 - whatever the tree, a new server starts clean
             clean = False
         clean = _remove_sysv_ipc() and clean
         clean = clean and _sockets_gone()
         clean = clean and _process_settings() == settings
-        clean = clean and all(_root_state(tmp) == state for tmp, state in roots.items())
         header["server_exiting"] = not clean
         send(header, out, err, resp)
         if not clean:
