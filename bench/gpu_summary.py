@@ -80,6 +80,9 @@ def bench_table(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['name']} | {r['kind']} | {r.get('micro_batch_size')} | {r.get('cuda_graph')} | "
                      f"{variant(r) or ''} | {r['tokens_per_s']:.0f} | {(r['mfu'] or 0):.1%} | "
                      f"{r['ms_per_step']:.0f} | {r['peak_memory_gib']:.1f} | {ratio} | {diff} |")
+    for r in ok:   # what --te-gated-fix found: a stale kernel transpose confirms the diagnosis
+        if isinstance(r.get("te_gated_fix"), dict):
+            lines.append(f"te_gated_fix, {r['name']} {r['kind']}: {r['te_gated_fix']}")
     return lines
 
 

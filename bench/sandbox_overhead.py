@@ -3,7 +3,9 @@
     .venv/bin/python bench/sandbox_overhead.py [--requests 3000] [--workers 2] [--batch-size 16]
 
 Measures, in one run and with the same trivial handler (sum of a short list):
-  forkserver   map_requests(..., workers=W): W sandboxed fork servers, one fork per request
+  forkserver   map_requests(..., workers=W): W sandboxed fork servers, one request at a time
+               (each in namespaces of its own: a relay, an init and the request's process,
+               three forks of the server)
   forkserver_batchK  the same with batch_size=K (one fork per K requests)
   forkserver1  one ForkServer, sequential .call()s
   python-c     a fresh, UNsandboxed `python -c` per request (W in parallel): the floor

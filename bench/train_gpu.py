@@ -183,7 +183,7 @@ def worker(kind: str, steps: int, sets: list[str], profile: bool = False,
     mem = memory()
     return {"kind": kind, "backend": backend, "gpu": torch.cuda.get_device_name(), "profile": prof,
             "transformer_config": tc or {}, "layer_spec_args": spec_args or {}, "cuda_graph": cfg.cuda_graph,
-            "te_gated_fix": te_gated_fix,
+            "te_gated_fix": te_gated_fix and __import__("te_gated_fix").STATS,
             "micro_batch_size": cfg.micro_batch_size, "losses": losses,
             "params": count_parameters(m, VOCAB), "tokens_per_s": tps,
             "tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak if peak else None,

@@ -93,6 +93,25 @@ def test_a_run_whose_loss_went_nan_is_a_failure_not_a_speed(tmp_path):
     assert gpu_summary.diverged([3.0, 2.0]) is None
 
 
+def test_gpu_summary_reports_what_the_te_patch_found(tmp_path):
+    """--te-gated-fix runs carry bench/te_gated_fix.py's STATS: the summary pairs them as one
+    variant (BF16 rebuilt nothing, FP8 did) and prints what each found."""
+    import json
+
+    import gpu_summary
+
+    fp8 = result("megatron-fp8", 16, "full_iteration", 99000.0, [10.8, 9.0, 7.0])
+    bf16 = result("megatron-bf16", 16, "full_iteration", 76000.0, [10.8, 9.0, 7.0])
+    fp8["te_gated_fix"] = {"rebuilt": 640, "stale": {"SwiGLU._activation_forward_impl": True}}
+    bf16["te_gated_fix"] = {"rebuilt": 0, "stale": {}}
+    (tmp_path / "bench.jsonl").write_text(json.dumps(
+        {"name": "fuser_fix", "results": {"megatron-bf16": bf16, "megatron-fp8": fp8}}) + "\n")
+    table = gpu_summary.bench_table(gpu_summary.bench_rows(tmp_path))
+    assert "| 1.30x |" in table[3] and "'te_gated_fix': True" in table[3]
+    assert ("te_gated_fix, fuser_fix megatron-fp8: {'rebuilt': 640, 'stale': "
+            "{'SwiGLU._activation_forward_impl': True}}") in table
+
+
 def test_gpu_summary_compares_train_runs_step_by_step(tmp_path):
     import json
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from codeworld.sandbox import forkserver as fs
+from codeworld.sandbox.server import INFRA_PROCS_SERVER
 from codeworld.sandbox import (INSTALL_HINT, CommandResult, ForkServer, Limits, SandboxError,
                                SandboxUnavailable, map_requests, run_command)
 
@@ -90,15 +91,39 @@ def server(probe):
 
 
 def _pids_after(server) -> list[int]:
-    """Pids of the sandbox's namespace seen by a fresh request: must be the server (pid 1) + it."""
+    """Pids seen by a fresh request: only its own namespace's, its init (1) and itself (2)."""
     res = server.call({"code": "import os\nresult = sorted(int(p) for p in os.listdir('/proc')"
                                " if p.isdigit())"})
     assert res.ok, res
     return res.response["result"]
 
 
+def _server_subtree(server) -> list[int]:
+    """From the host: the fork server's processes below its bwrap (pid 1 of the sandbox),
+    which a request's leftovers would join; [] when the server is alone."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_bytes()
+            except OSError:
+                continue
+            ppid = int(stat[stat.rfind(b")") + 2:].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    pid = server._proc.pid   # bwrap (outer, inner): one child each, down to the server
+    while len(children.get(pid, [])) == 1 and Path(f"/proc/{pid}/cmdline").read_bytes().split(
+            b"\0")[0].endswith(b"bwrap"):
+        pid = children[pid][0]
+    todo, below = list(children.get(pid, [])), []
+    while todo:
+        below.append(todo.pop())
+        todo += children.get(below[-1], [])
+    return below
+
+
 def _assert_healthy(server, sentinel):
-    assert len(_pids_after(server)) == 2, "something survived the previous request"
+    assert _pids_after(server) == [1, 2]
+    assert _server_subtree(server) == [], "something survived the previous request"
     assert server.call({"code": "result = 6 * 7"}).response == {"result": 42}
     assert _alive(sentinel.pid)
 
@@ -106,7 +131,9 @@ def _assert_healthy(server, sentinel):
 # -- isolation -------------------------------------------------------------------------------
 
 def test_probe_isolation(probe, server):
-    assert probe["uid"] != 0 and probe["nproc"][0] == SMALL.max_processes + 1
+    # RLIMIT_NPROC counts the sandbox's own processes too: the server, a request's relay, init
+    assert probe["uid"] != 0 and probe["nproc"][0] == SMALL.max_processes + INFRA_PROCS_SERVER
+    assert probe["pid"] == 2 and probe["pids"] == [1, 2] and probe["proc_self"] == "2"
     res = server.call({"code": "import os\nresult = sorted(os.listdir('/'))"})
     assert set(res.response["result"]) <= {"bin", "dev", "etc", "lib", "lib32", "lib64",
                                             "libx32", "proc", "root", "sandbox", "sbin",

@@ -101,12 +101,20 @@ def test_processes_together_are_capped_though_each_is_under_its_rlimit(probe, se
         _assert_healthy(server, sentinel)
 
 
+def test_programs_are_the_oom_killers_first_choice(probe):
+    """oom_score_adj 1000 in a request and a command (the write failed, unseen, while the
+    process was still undumpable: its /proc files were root's)."""
+    assert _in_both("result = open('/proc/self/oom_score_adj').read().strip()\n") == ["1000"] * 2
+
+
 @needs_memcg
 def test_empty_files_cannot_fill_host_memory(probe, sentinel):
     # no tmpfs byte, ~1 KiB of kernel memory each: the tmpfs's size never stops them
     with ForkServer(RUN_CODE, HANDLERS, CAPPED) as server:
         res = server.call(hostile(FILL_TMP_WITH_EMPTY_FILES))
         assert res.status == "killed" and res.error["type"] == "MemoryLimit", res
+        # the files died with the request's mount namespace: the server lives on
+        assert not server.call({"code": "result = 1"}).server_restarted
         _assert_healthy(server, sentinel)
     r = run_command(["python3", "-c", hostile(FILL_TMP_WITH_EMPTY_FILES)["code"]],
                     limits=CAPPED)
@@ -361,23 +369,27 @@ def test_no_socket_outlives_its_request(probe):
 
 
 def test_a_request_cannot_change_what_pid_1_passes_on(probe, sentinel):
-    """prlimit/setpriority on pid 1 need only the same uid; every later request is forked from
-    it. A changed server is replaced before the next request."""
+    """prlimit/setpriority on pid 1 need only the same uid; every later request was forked from
+    the server, which was pid 1 (NOFILE 40 made a later innocent request fail). Pid 1 is now
+    the request's own init, gone with it: the server cannot be reached from a request."""
     with ForkServer(RUN_CODE, HANDLERS, SMALL) as server:
         res = server.call(hostile("""
             import resource
             resource.prlimit(1, resource.RLIMIT_NOFILE, (40, 40))
             resource.prlimit(1, resource.RLIMIT_STACK, (128 << 10, 128 << 10))
             os.setpriority(os.PRIO_PROCESS, 1, 19)
-            result = 'changed'
+            result = [resource.prlimit(1, resource.RLIMIT_NOFILE), os.getppid(),
+                      sorted(int(p) for p in os.listdir('/proc') if p.isdigit())]
         """))
-        assert res.ok, res
+        assert res.ok and res.response["result"] == [[40, 40], 1, [1, 2]], res
         res = server.call(hostile("""
             import resource
             files = [open('/proc/self/stat') for _ in range(100)]
-            result = [os.getpriority(os.PRIO_PROCESS, 0), len(files)]
+            result = [os.getpriority(os.PRIO_PROCESS, 0), len(files),
+                      resource.prlimit(1, resource.RLIMIT_NOFILE)[0] > 40]
         """))
-        assert res.ok and res.response["result"] == [0, 100] and res.server_restarted, res
+        assert res.ok and res.response["result"] == [0, 100, True], res
+        assert not res.server_restarted
         # SIGINT has Python's handler in a process; pid 1 keeps the default (dropped)
         res = server.call(hostile("import signal\nos.kill(1, signal.SIGINT)\nresult = 'sent'"))
         assert res.ok and not server.call({"code": "result = 1"}).server_restarted

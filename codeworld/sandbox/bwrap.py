@@ -163,10 +163,12 @@ def build_argv(command: Sequence[str], *, binds: Iterable[Bind], env: Mapping[st
                chdir: str = "/tmp", tmpfs_bytes: int = 256 << 20,
                bwrap: str | os.PathLike | None = None,
                status_fd: int | None = None,
-               sized_tmpfs: Sequence[tuple[str, int]] = ()) -> list[str]:
+               sized_tmpfs: Sequence[tuple[str, int]] = (),
+               caps: Sequence[str] = ()) -> list[str]:
     """The full argv (outer bwrap + setpriv + inner bwrap when root) running ``command``.
     ``sized_tmpfs``: (destination, bytes) of further size-limited tmpfs mounts (a working
-    copy's quota)."""
+    copy's quota). ``caps``: capabilities ``command`` keeps in the sandbox's user namespace
+    (the fork server's, to give each request namespaces of its own; none otherwise)."""
     path = find_bwrap(bwrap)
     feats = _features(path)
     uid = sandbox_uid()
@@ -184,6 +186,8 @@ def build_argv(command: Sequence[str], *, binds: Iterable[Bind], env: Mapping[st
     # results or to run code outside the filter. Pid 1 also cannot be killed from inside.
     inner += ["--as-pid-1", "--die-with-parent", "--new-session", "--hostname", "sandbox",
               "--clearenv"]
+    for cap in caps:
+        inner += ["--cap-add", cap]
     for key, value in env.items():
         inner += ["--setenv", key, value]
     inner += _system_args()

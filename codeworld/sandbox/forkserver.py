@@ -31,6 +31,9 @@ from .limits import Limits
 _REQ = struct.Struct(">I")
 _RESP = struct.Struct(">IIII")
 _SERVER_SOURCE = (Path(__file__).with_name("server.py")).read_text()
+# What the fork server keeps in the sandbox's user namespace: to give each request pid, mount
+# and IPC namespaces of its own (server._fork_request; each request drops them at once)
+REQUEST_CAPS = ("CAP_SYS_ADMIN", "CAP_SETPCAP")
 # The fork server's entry point: ``python -c BOOT <server.py's source> serve <config>``. A
 # request's child unwinds up to here before the handler runs (``server.Requests``), so these
 # lines are the only frames of the harness under a program: a program that prints its own
@@ -179,7 +182,8 @@ class ForkServer:
     def _start(self) -> None:
         ensure_available(self.bwrap)
         argv = build_argv(self._command, binds=self._binds, env=self._env,
-                          tmpfs_bytes=self.limits.tmpfs_bytes, bwrap=self.bwrap)
+                          tmpfs_bytes=self.limits.tmpfs_bytes, bwrap=self.bwrap,
+                          caps=REQUEST_CAPS)
         self._cgroup = memcg.create(self.limits.sandbox_memory())
         if self._cgroup is not None:
             argv = self._cgroup.wrap(argv)

@@ -6,11 +6,10 @@ the sum: max_processes times RLIMIT_AS, and the inodes of a tmpfs (an empty file
 cgroup charges all of it to the sandbox (process memory, tmpfs pages, kernel objects such as
 those inodes, socket buffers); past the cap the kernel's OOM killer kills inside the sandbox
 only, the programs first (they raise their own oom_score_adj to 1000, see
-``server._oom_first``). Memory held in files outlives the program that wrote them, so a
-program that fills /tmp can still cost the fork server its life (it is restarted for the next
-request; the result says MemoryLimit either way). What the cgroup does not see is refused by
-the seccomp filter (``seccomp.py``: netlink sockets) or removed between requests (System V
-IPC, ``server._remove_sysv_ipc``).
+``server._oom_first``). Memory held in a fork-server request's files and System V IPC
+objects lasts until the request ends: they die with its own namespaces
+(``server._fork_request``). What the cgroup does not see is refused by the seccomp filter
+(``seccomp.py``: netlink sockets).
 
 Where: a child of this process's own cgroup, in a cgroup v1 ``memory`` hierarchy or in the
 unified (v2) hierarchy when its memory controller can be enabled there; it needs write access

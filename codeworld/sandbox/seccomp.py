@@ -1,5 +1,5 @@
 """The sandbox's seccomp filter: the few system calls that reach memory or state which neither
-the sandbox's memory cgroup (``memcg``) nor the fork server's cleanup between requests sees.
+the sandbox's memory cgroup (``memcg``) nor a fork-server request's own namespaces hold.
 
 - ``socket``/``socketpair`` make AF_UNIX, AF_INET and AF_INET6 sockets only (EAFNOSUPPORT
   otherwise): a netlink socket's queued datagrams are kernel memory charged to no cgroup

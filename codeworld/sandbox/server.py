@@ -14,16 +14,18 @@ Protocol (over the server's original stdin/stdout, which are moved off fds 0/1 f
 
 Killing. Nothing here ever calls ``kill(-1)``. Both modes first check that they run in
 a pid namespace of their own, with its own /proc (``check_private_pidns``: the host sends
-the inode of its own pid namespace; same inode, or no way to tell -> refuse to run). The
-server is a child subreaper and kills what a request leaves behind by pid, within its
-own subtree only: the request's process group on timeout, then every descendant
-(``_kill_descendants``). If anything else shows up in the namespace, or the subtree will
-not die, the server exits and the host SIGKILLs the outer bwrap, which tears the whole
-pid namespace down.
+the inode of its own pid namespace; same inode, or no way to tell -> refuse to run). Each
+fork-server request runs in pid, mount and IPC namespaces of its own under an init of its own
+(``_fork_request``): when the request's process ends, its init exits and the kernel kills
+whatever the request left. The server is a child subreaper and, on a timeout, kills its whole
+subtree by pid (``_kill_descendants``). If anything else shows up in the namespace, or the
+subtree will not die, the server exits and the host SIGKILLs the outer bwrap, which tears
+the whole pid namespace down.
 
 Pid 1. The server (or the launcher) is the sandbox's pid 1 (bwrap --as-pid-1): a program
 cannot kill it (the kernel drops signals to a namespace's init sent from inside), trace it or
-take its fds (it is not dumpable), and when it exits the kernel kills everything left.
+take its fds (it is not dumpable), and when it exits the kernel kills everything left. A
+fork-server request does not even see the server: its pid 1 is its own init.
 """
 import gc
 import json
@@ -40,9 +42,8 @@ import traceback
 
 REQ_HEADER = struct.Struct(">I")
 RESP_HEADER = struct.Struct(">IIII")
-INFRA_PROCS_SERVER = 1  # the fork server itself (pid 1 of the sandbox: bwrap --as-pid-1)
+INFRA_PROCS_SERVER = 3  # the fork server (pid 1 of the sandbox), a request's relay and init
 INFRA_PROCS_LAUNCHER = 1  # the launcher (pid 1), the command's parent
-_DUMPABLE_RESET = False  # set once the server made itself non-dumpable
 _WAKE = []  # the fork server's SIGCHLD wake-up pipe (read end, write end)
 _MEMORY_ERROR = b'{"error": {"type": "MemoryError", "message": "", "traceback": ""}}'
 
@@ -196,85 +197,132 @@ def _install_seccomp(program_hex):
            ctypes.byref(_Fprog(len(code) // 8, ctypes.addressof(buf))))
 
 
-# ioprio_get and sched_getattr, which Python does not wrap
-_SYSCALL_NR = {"x86_64": (252, 315), "aarch64": (31, 274)}
+# A request's own namespaces (``_fork_request``): unshare(2) and mount(2) flags
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID = 0x00020000, 0x08000000, 0x20000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
+CAP_SETPCAP, CAP_SYS_ADMIN = 8, 21
+REQUEST_CAPS = ("CAP_SYS_ADMIN", "CAP_SETPCAP")  # bwrap --cap-add, the fork server's only
+PR_CAPBSET_DROP = 24
+TMPFS_ROOTS = ("/tmp", "/dev/shm")
+# under a fresh /proc, read-only as bwrap leaves them under its own
+_PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")
+INIT_FAILED = 71  # the request's init could not set the request up (its status, as an exit)
 
 
-def _process_settings():
-    """What a process of our uid can change on us from outside (prlimit, setpriority,
-    ioprio_set, sched_setaffinity, sched_setscheduler, sched_setattr: the kernel checks the
-    uid, not dumpability) and the next requests would inherit: limits that make them fail, a
-    priority or time slice that makes them time out. The server compares them after each
-    request; changed -> it is replaced."""
+def _check_request_capabilities():
+    """The fork server holds CAP_SYS_ADMIN and CAP_SETPCAP in the sandbox's user namespace
+    (bwrap --cap-add, nothing else): to give each request namespaces of its own. Each request
+    drops them (``_drop_capabilities``) before any of its code runs."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+    have = int(fields["CapEff"].strip(), 16)
+    for cap in (CAP_SYS_ADMIN, CAP_SETPCAP):
+        if not have >> cap & 1:
+            raise RuntimeError(f"the fork server lacks capability {cap} in its user namespace "
+                               f"(bwrap --cap-add {' --cap-add '.join(REQUEST_CAPS)})")
+
+
+def _syscall_ok(rc, what):
+    if rc != 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(source, target, fstype, flags, data=None):
+    enc = lambda v: v.encode() if v is not None else None  # noqa: E731
+    _syscall_ok(_libc().mount(enc(source), enc(target), enc(fstype), flags, enc(data)),
+                f"mount {target}")
+
+
+def _drop_capabilities():
+    """No capability left, nor any way back (the bounding set emptied; no_new_privs is set
+    already, with the seccomp filter): what a request's code starts with."""
     import ctypes
 
-    limits = tuple(resource.getrlimit(getattr(resource, name))
-                   for name in sorted(dir(resource)) if name.startswith("RLIMIT_"))
-    kernel = None
-    numbers = _SYSCALL_NR.get(os.uname().machine)
-    if numbers is not None:
-        attr = ctypes.create_string_buffer(struct.pack("I", 56), 56)  # struct sched_attr, v1
-        got = _libc().syscall(numbers[1], 0, attr, 56, 0)
-        kernel = (_libc().syscall(numbers[0], 1, 0), attr.raw if got == 0 else got)
-    return (limits, os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)),
-            os.sched_getscheduler(0), os.sched_getparam(0).sched_priority, kernel)
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        _syscall_ok(_libc().prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"dropping capability {cap}")
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)   # _LINUX_CAPABILITY_VERSION_3, this process
+    _syscall_ok(_libc().capset(header, (ctypes.c_uint32 * 6)()), "capset")
 
 
-_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS = 0x80086601, 0x40086602
-TMPFS_ROOTS = ("/tmp", "/dev/shm")
+def _fork_request(tmpfs_bytes, w_status):
+    """Fork a request's process in namespaces of its own; 0 in that process, the relay's pid
+    in the server.
 
-
-def _root_state(path):
-    """What a request may change on a tmpfs root beyond its entries, all of which a later
-    request would meet: its mode (0555: no one writes there), its extended attributes (a
-    default ACL denying creation; user.* as a channel from one request to the next) and its
-    inode flags (noatime, nodump: inherited by every file made there)."""
-    import array
-    import fcntl
-
-    xattrs = {}
-    for name in sorted(os.listxattr(path, follow_symlinks=False)):
-        try:
-            xattrs[name] = os.getxattr(path, name, follow_symlinks=False)
-        except OSError:
-            xattrs[name] = None
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    Nothing of one request reaches the next, and a request cannot see the server: the relay
+    (the server's child) unshares a pid, a mount and an IPC namespace; its child is the
+    request's init (pid 1 there), which mounts a fresh /proc (only the request's processes),
+    /tmp and /dev/shm (empty tmpfs, mode 1777), drops every capability and forks the request's
+    process: pid 2, whatever came before. System V IPC objects, files, modes, extended
+    attributes, pids and inode numbers die with the namespaces; signals, prlimit or setpriority
+    aimed at pid 1 reach the request's own init, which lives no longer than the request. The
+    init reaps orphans as they exit, writes the request's wait status to ``w_status`` when it
+    ends, and exits: the kernel then kills whatever is left in the namespace. (The network
+    namespace stays the server's: a fresh one per request costs more than the rare request
+    that leaves a socket, see ``_sockets_gone``.)"""
+    relay = os.fork()
+    if relay:
+        return relay
+    code = INIT_FAILED
     try:
-        flags = array.array("i", [0])
-        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags, True)
-        flags = flags[0]
-    except OSError:
-        flags = None
-    finally:
-        os.close(fd)
-    return stat.S_IMODE(os.lstat(path).st_mode), xattrs, flags
+        # a request's relay and init go before the server: what the request holds (its
+        # files) is freed only once they are gone. (Still not dumpable: its process must not
+        # trace its init.)
+        _oom_first(dumpable=False)
+        signal.set_wakeup_fd(-1)   # the server's pipe is the server's
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _syscall_ok(_libc().unshare(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC), "unshare")
+        init = os.fork()
+        if init == 0:
+            return _request_init(tmpfs_bytes, w_status)
+        code = 0
+        os.waitpid(init, 0)
+    except BaseException:  # noqa: BLE001 - the relay never returns into the server's loop
+        pass
+    os._exit(code)
 
 
-def _reset_root(path, state):
-    """True when the tmpfs root ``path`` is as ``state`` (``_root_state`` at startup), put
-    back first if a request changed it."""
-    if _root_state(path) == state:
-        return True
-    _restore_root(path, state)
-    return _root_state(path) == state
-
-
-def _restore_root(path, state):
-    import array
-    import fcntl
-
-    mode, xattrs, flags = state
-    os.chmod(path, 0o700)   # user.* attributes need write permission to be removed
-    for name in os.listxattr(path, follow_symlinks=False):
-        if name not in xattrs:
-            os.removexattr(path, name, follow_symlinks=False)
-    if flags is not None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+def _request_init(tmpfs_bytes, w_status):
+    """The request's pid 1 (see ``_fork_request``): returns 0 in the request's process only."""
+    try:
+        cwd = os.getcwd()
+        _mount(None, "/", None, MS_REC | MS_PRIVATE)   # nothing propagates out
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        for name in _PROC_READ_ONLY:
+            path = "/proc/" + name
+            if os.path.exists(path):
+                _mount(path, path, None, MS_BIND | MS_REC)
+                _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+                       | MS_NOEXEC)
+        for top in TMPFS_ROOTS:
+            _mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, f"size={int(tmpfs_bytes)},mode=1777")
+        os.chdir(cwd)   # the new /tmp, not the server's beneath it
+        _drop_capabilities()
+        gc.collect()   # the request's collections start where every other request's did
+        pid = os.fork()
+    except BaseException as exc:  # noqa: BLE001 - to the server's log; the request fails
+        os.write(2, f"sandbox: cannot set up a request's namespaces: {exc}\n".encode())
+        _write_all(w_status, struct.pack("=i", INIT_FAILED << 8))
+        os._exit(INIT_FAILED)
+    if pid == 0:
+        os.close(w_status)
+        return 0
+    # the server's fds and the request's pipes: the request's process has its own copies
+    os.closerange(3, w_status)
+    os.closerange(w_status + 1, max(w_status + 1, os.sysconf("SC_OPEN_MAX")))
+    while True:
         try:
-            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, array.array("i", [flags]))
-        finally:
-            os.close(fd)
-    os.chmod(path, mode)
+            done, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(INIT_FAILED)
+        if done == pid:
+            _write_all(w_status, struct.pack("=i", status))
+            os._exit(0)
 
 
 def _sockets_in_use():
@@ -312,29 +360,6 @@ def _sockets_gone(budget=0.1):
         time.sleep(0.005)
 
 
-def _remove_sysv_ipc():
-    """Remove every System V shared memory segment, message queue and semaphore set of this
-    sandbox's IPC namespace: they outlive the request that made them (its memory, even its
-    data, would reach the next request). True when none is left."""
-    libc = _libc()
-    for kind, remove in (("shm", lambda i: libc.shmctl(i, 0, None)),
-                         ("msg", lambda i: libc.msgctl(i, 0, None)),
-                         ("sem", lambda i: libc.semctl(i, 0, 0))):  # IPC_RMID = 0
-        for _ in range(2):
-            try:
-                with open(f"/proc/sysvipc/{kind}") as f:
-                    ids = [int(line.split()[1]) for line in f.readlines()[1:] if line.strip()]
-            except (OSError, ValueError, IndexError):
-                return False
-            if not ids:
-                break
-            for ident in ids:
-                remove(ident)
-        else:
-            return False
-    return True
-
-
 def check_private_pidns(host_pidns):
     """Refuse to run anywhere but in a pid namespace of our own, with its own /proc.
 
@@ -352,48 +377,23 @@ def check_private_pidns(host_pidns):
         raise RuntimeError("/proc is not this pid namespace's: refusing to run")
 
 
-def _clean_dir(path):
-    """Remove what a request left in a tmpfs root (writable again: ``_reset_root`` first),
-    so that the next request starts pristine."""
-    try:
-        names = os.listdir(path)
-    except FileNotFoundError:
-        return
-    if not names:
-        return
-    import shutil
-
-    for name in names:
-        p = os.path.join(path, name)
-        if os.path.isdir(p) and not os.path.islink(p):
-            _open_up(p)
-            shutil.rmtree(p)
-        else:
-            os.unlink(p)
-
-
-def _open_up(top):
-    """Give the owner rwx on ``top`` and every folder under it, each before it is listed
-    (a request may leave folders of mode 000 or 0300 that cannot be listed or emptied)."""
-    os.chmod(top, 0o700)
-    todo = [top]
-    while todo:
-        with os.scandir(todo.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    os.chmod(entry.path, 0o700)
-                    todo.append(entry.path)
-
-
-def _oom_first():
+def _oom_first(dumpable=True):
     """Make this process (and what it execs or forks) the first that the kernel's OOM
     killer picks in the sandbox's memory cgroup, before the server or launcher (raising
-    one's own oom_score_adj needs no privilege)."""
+    one's own oom_score_adj needs no privilege). The /proc files of a process that is not
+    dumpable belong to root, so it is dumpable for the write, and stays so only if
+    ``dumpable`` (without this the write failed, unseen, in every fork-server request and
+    command since they inherit their parent's undumpable state: the OOM killer then chose
+    by size, the server first when the memory was a request's files)."""
+    _prctl(PR_SET_DUMPABLE, 1)
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")
     except OSError:
         pass
+    finally:
+        if not dumpable:
+            _prctl(PR_SET_DUMPABLE, 0)
 
 
 class Requests(BaseException):
@@ -432,12 +432,10 @@ def _child(handler, payload, w_resp, w_out, w_err, close_fds, lim, seed):
     requests one after the other in this one child (random reseeded before each)."""
     try:
         os.setsid()  # own session and process group
-        _oom_first()
+        _oom_first()  # and dumpable again: the program may inspect itself, not its init
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a program's usual Python
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
-        if _DUMPABLE_RESET:
-            _prctl(PR_SET_DUMPABLE, 1)  # the program may inspect itself; not the server
         os.dup2(w_out, 1)
         os.dup2(w_err, 2)
         for fd in (w_out, w_err, *close_fds):
@@ -495,15 +493,17 @@ def _run_one(handler, payload, lim, seed, proto_fds):
     r_out, w_out = os.pipe()
     r_err, w_err = os.pipe()
     r_resp, w_resp = os.pipe()
+    r_status, w_status = os.pipe()
     gc.collect()   # the child's collections come at about the same points (was: +300 objects
     # and a generation-1 count that grew with every request before it)
     t0 = time.monotonic()
-    pid = os.fork()
+    pid = _fork_request(lim["tmpfs_bytes"], w_status)   # the relay (request: 0)
     if pid == 0:
-        os.close(r_out), os.close(r_err), os.close(r_resp)
+        os.close(r_out), os.close(r_err), os.close(r_resp), os.close(r_status)
         _child(handler, payload, w_resp, w_out, w_err, proto_fds, lim, seed)
-    for fd in (w_out, w_err, w_resp):
+    for fd in (w_out, w_err, w_resp, w_status):
         os.close(fd)
+    os.set_blocking(r_status, False)
     caps = {r_out: _Capture(out_cap), r_err: _Capture(out_cap), r_resp: _Capture(resp_cap + 1)}
     poller = select.poll()
     for fd in caps:
@@ -518,7 +518,7 @@ def _run_one(handler, payload, lim, seed, proto_fds):
     wall_budget = float(lim["wall_seconds"])
     deadline = t0 + wall_budget
     batch = payload.startswith(b'{"batch"')  # the wall budget is per request of a batch
-    open_fds, timed_out, status = set(caps), False, None
+    open_fds, timed_out, status, set_up = set(caps), False, None, True
     while status is None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -546,17 +546,19 @@ def _run_one(handler, payload, lim, seed, proto_fds):
                     poller.unregister(fd)
                     open_fds.discard(fd)
         if exited:
-            wpid, st = os.waitpid(pid, os.WNOHANG)
-            if wpid:
-                status = st
-            elif pidfd is not None:   # exited, but a tracer holds its status: poll instead
+            wpid, relay_status = os.waitpid(pid, os.WNOHANG)
+            if wpid:   # the request's init is gone, so is all of the request
+                status = _request_status(r_status)
+                # (killed is the request's doing, e.g. the OOM killer; not a failed set-up)
+                set_up = relay_status != INIT_FAILED << 8
+            elif pidfd is not None:   # exited but not reapable yet: poll instead
                 poller.unregister(pidfd)
                 os.close(pidfd)
                 pidfd = None
     wall = time.monotonic() - t0
     if status is None:  # timeout: it goes with its subtree, next (no blocking wait: a tracer
         status = signal.SIGKILL  # it started could hold its exit status until killed too)
-    clean = _kill_descendants()  # whatever it left behind, by pid, within our subtree
+    clean = _kill_descendants() and set_up  # what is left (a timeout), by pid, in our subtree
     for fd in open_fds:  # every writer is dead now: drain what is buffered
         os.set_blocking(fd, False)
         try:
@@ -567,7 +569,7 @@ def _run_one(handler, payload, lim, seed, proto_fds):
                 caps[fd].feed(chunk)
         except BlockingIOError:
             pass
-    for fd in caps:
+    for fd in (*caps, r_status):
         os.close(fd)
     if pidfd is not None:
         os.close(pidfd)
@@ -586,6 +588,16 @@ def _run_one(handler, payload, lim, seed, proto_fds):
     return header, bytes(out.data), bytes(err.data), body
 
 
+def _request_status(r_status):
+    """The request's wait status as its init wrote it; SIGKILL when it wrote none (its init
+    was killed, e.g. by the memory cgroup's OOM killer)."""
+    try:
+        data = os.read(r_status, 4)
+    except BlockingIOError:
+        data = b""
+    return struct.unpack("=i", data)[0] if len(data) == 4 else int(signal.SIGKILL)
+
+
 def serve(cfg):
     proto_in, proto_out = os.dup(0), os.dup(1)  # non-inheritable copies
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -601,9 +613,7 @@ def serve(cfg):
     try:
         check_private_pidns(cfg.get("host_pidns"))
         _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of requests stay in our subtree
-        global _DUMPABLE_RESET
         _prctl(PR_SET_DUMPABLE, 0)  # requests (same uid) cannot ptrace the server
-        _DUMPABLE_RESET = True
         while sys.path and sys.path[0] in ("", os.getcwd()):
             del sys.path[0]
         sys.path[:0] = list(cfg["sys_path"])
@@ -622,6 +632,7 @@ def serve(cfg):
         if not callable(handler):
             raise TypeError(f"{cfg['handler']} is not callable")
         _install_seccomp(cfg["limits"].get("seccomp"))
+        _check_request_capabilities()
     except BaseException as exc:  # noqa: BLE001
         send({"fatal": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
         return 3
@@ -638,13 +649,9 @@ def serve(cfg):
         os.set_blocking(fd, False)
     signal.set_wakeup_fd(_WAKE[1], warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    # what the cleanup between requests imports, imported now: a later request must not
-    # find more modules loaded than the first one did
-    import array, ctypes, fcntl, shutil, socket  # noqa: E401,F401
-    for tmp in TMPFS_ROOTS:
-        os.chmod(tmp, 0o1777)
-    roots = {tmp: _root_state(tmp) for tmp in TMPFS_ROOTS}
-    settings = _process_settings()
+    # what a request's relay and init and the check between requests import, imported now:
+    # a later request must not find more modules loaded than the first one did
+    import ctypes, socket  # noqa: E401,F401
     gc.collect()
     gc.freeze()  # keep the imported heap shared copy-on-write with the children
     send({"ready": True, "pid": os.getpid()})
@@ -658,16 +665,7 @@ def serve(cfg):
         sys.stdout.flush(), sys.stderr.flush()
         header, out, err, resp = _run_one(handler, payload, lim, seed,
                                           (proto_in, proto_out, *_WAKE))
-        clean = header.pop("clean")
-        try:
-            for tmp, state in roots.items():
-                clean = _reset_root(tmp, state) and clean
-                _clean_dir(tmp)
-        except Exception:  # noqa: BLE001 - whatever the tree, a new server starts clean
-            clean = False
-        clean = _remove_sysv_ipc() and clean
-        clean = clean and _sockets_gone()
-        clean = clean and _process_settings() == settings
+        clean = header.pop("clean") and _sockets_gone()
         header["server_exiting"] = not clean
         send(header, out, err, resp)
         if not clean:
