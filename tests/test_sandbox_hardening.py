@@ -254,6 +254,31 @@ def test_system_v_ipc_does_not_outlive_a_request(probe, sentinel):
         _assert_healthy(server, sentinel)
 
 
+LEAVE_SHM = """
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    sid = libc.shmget(0, 140 << 20, 0o1600)     # IPC_PRIVATE, never removed
+    addr = libc.shmat(sid, None, 0)
+    ctypes.memset(addr, 1, 140 << 20)
+    libc.shmdt(ctypes.c_void_p(addr))
+    result = sid >= 0
+"""
+
+
+@needs_memcg
+def test_a_requests_shared_memory_is_freed_before_the_next(probe, sentinel):
+    """The kernel frees a dead IPC namespace later, its segments' memory charged meanwhile: an
+    innocent 60 MiB request after one that left 140 MiB under a 160 MiB cap was killed 9 times
+    in 10. The relay removes them before the server answers."""
+    with ForkServer(RUN_CODE, HANDLERS, CAPPED) as server:
+        for _ in range(5):
+            assert server.call(hostile(LEAVE_SHM)).response == {"result": True}
+            res = server.call({"code": "result = len(bytearray(60 << 20))"})
+            assert res.ok and res.response == {"result": 60 << 20} and not res.server_restarted, res
+        _assert_healthy(server, sentinel)
+
+
 @needs_memcg
 def test_socket_buffers_are_capped(probe):
     # v1 charges socket memory only with memory.kmem.tcp.limit_in_bytes: loopback TCP that
@@ -473,3 +498,20 @@ def test_a_later_request_meets_the_sandbox_as_the_first_did(probe):
         for res in (first, later):
             young, older, oldest = res.response["result"][2]
             assert young < 64 and older == oldest == 0, res
+
+
+def test_a_request_that_cannot_be_set_up_says_so_and_replaces_the_server(probe, monkeypatch):
+    """Its init could not mount (here: a file system type that does not exist): the result
+    names it and the next request gets a new server, not the same failure (the relay said 0
+    and the server went on failing every request)."""
+    from codeworld.sandbox import forkserver
+
+    broken = forkserver._SERVER_SOURCE.replace('_mount("proc", "/proc", "proc",',
+                                               '_mount("proc", "/proc", "no-such-fs",')
+    assert broken != forkserver._SERVER_SOURCE
+    monkeypatch.setattr(forkserver, "_SERVER_SOURCE", broken)
+    with ForkServer(RUN_CODE, HANDLERS, SMALL) as server:
+        res = server.call({"code": "result = 1"})
+        assert res.status == "error" and res.error["type"] == "SandboxSetupError", res
+        assert "mount /proc" in res.error["message"], res
+        assert server.call({"code": "result = 1"}).server_restarted

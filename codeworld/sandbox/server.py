@@ -208,6 +208,9 @@ TMPFS_ROOTS = ("/tmp", "/dev/shm")
 # under a fresh /proc, read-only as bwrap leaves them under its own
 _PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")
 INIT_FAILED = 71  # the request's init could not set the request up (its status, as an exit)
+_STATUS = struct.Struct("=i")   # a wait status, init -> server (made here: struct's cache would
+# otherwise gain an entry in the server at its first request, one more object in later children)
+_OOM_REQUEST_INIT, _OOM_PROGRAM = 500, 1000   # oom_score_adj: the server's stays 0
 
 
 def _check_request_capabilities():
@@ -238,10 +241,11 @@ def _mount(source, target, fstype, flags, data=None):
 
 
 def _drop_capabilities():
-    """No capability left, nor any way back (the bounding set emptied; no_new_privs is set
-    already, with the seccomp filter): what a request's code starts with."""
+    """No capability left, nor any way back (the bounding set emptied, no_new_privs: also
+    where no seccomp filter set it): what a request's code starts with."""
     import ctypes
 
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last = int(f.read())
     for cap in range(last + 1):
@@ -250,47 +254,55 @@ def _drop_capabilities():
     _syscall_ok(_libc().capset(header, (ctypes.c_uint32 * 6)()), "capset")
 
 
-def _fork_request(tmpfs_bytes, w_status):
+def _fork_request(tmpfs_bytes, w_status, w_resp):
     """Fork a request's process in namespaces of its own; 0 in that process, the relay's pid
     in the server.
 
     Nothing of one request reaches the next, and a request cannot see the server: the relay
-    (the server's child) unshares a pid, a mount and an IPC namespace; its child is the
-    request's init (pid 1 there), which mounts a fresh /proc (only the request's processes),
-    /tmp and /dev/shm (empty tmpfs, mode 1777), drops every capability and forks the request's
-    process: pid 2, whatever came before. System V IPC objects, files, modes, extended
-    attributes, pids and inode numbers die with the namespaces; signals, prlimit or setpriority
-    aimed at pid 1 reach the request's own init, which lives no longer than the request. The
-    init reaps orphans as they exit, writes the request's wait status to ``w_status`` when it
-    ends, and exits: the kernel then kills whatever is left in the namespace. (The network
-    namespace stays the server's: a fresh one per request costs more than the rare request
-    that leaves a socket, see ``_sockets_gone``.)"""
+    (the server's child) unshares a pid and an IPC namespace; its child is the request's init
+    (pid 1 there), which unshares a mount namespace, mounts a fresh /proc (only the request's
+    processes), /tmp and /dev/shm (empty tmpfs, mode 1777), drops every capability and forks
+    the request's process: pid 2, whatever came before. Files, modes, extended attributes,
+    pids and inode numbers die with the namespaces; signals, prlimit or setpriority aimed at
+    pid 1 reach the request's own init, which lives no longer than the request. The init reaps
+    orphans as they exit, writes the request's wait status to ``w_status`` when it ends, and
+    exits: the kernel kills whatever is left in the namespace, and the mount namespace (its
+    files) goes with the init's exit. The kernel frees an IPC namespace later, asynchronously,
+    its memory charged meanwhile (the next request was killed for a segment this one left),
+    so the relay removes System V IPC objects itself once the init is gone, then exits: 0
+    when all went well (else the server is replaced). (The network namespace stays the
+    server's: a fresh one per request costs more than the rare request that leaves a socket,
+    see ``_sockets_gone``.)"""
     relay = os.fork()
     if relay:
         return relay
     code = INIT_FAILED
     try:
-        # a request's relay and init go before the server: what the request holds (its
-        # files) is freed only once they are gone. (Still not dumpable: its process must not
-        # trace its init.)
-        _oom_first(dumpable=False)
+        # a request's relay and init go before the server, after the request's programs:
+        # what a request holds is freed only once they are gone. (Still not dumpable: its
+        # process must not trace its init.)
+        _oom_first(_OOM_REQUEST_INIT, dumpable=False)
         signal.set_wakeup_fd(-1)   # the server's pipe is the server's
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        _syscall_ok(_libc().unshare(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC), "unshare")
+        _syscall_ok(_libc().unshare(CLONE_NEWPID | CLONE_NEWIPC), "unshare")
         init = os.fork()
         if init == 0:
-            return _request_init(tmpfs_bytes, w_status)
-        code = 0
-        os.waitpid(init, 0)
+            return _request_init(tmpfs_bytes, w_status, w_resp)
+        for fd in (w_status, w_resp):
+            os.close(fd)
+        _, status = os.waitpid(init, 0)
+        set_up = status != INIT_FAILED << 8
+        code = 0 if _remove_sysv_ipc() and set_up else INIT_FAILED
     except BaseException:  # noqa: BLE001 - the relay never returns into the server's loop
         pass
     os._exit(code)
 
 
-def _request_init(tmpfs_bytes, w_status):
+def _request_init(tmpfs_bytes, w_status, w_resp):
     """The request's pid 1 (see ``_fork_request``): returns 0 in the request's process only."""
     try:
         cwd = os.getcwd()
+        _syscall_ok(_libc().unshare(CLONE_NEWNS), "unshare")
         _mount(None, "/", None, MS_REC | MS_PRIVATE)   # nothing propagates out
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         for name in _PROC_READ_ONLY:
@@ -305,9 +317,10 @@ def _request_init(tmpfs_bytes, w_status):
         _drop_capabilities()
         gc.collect()   # the request's collections start where every other request's did
         pid = os.fork()
-    except BaseException as exc:  # noqa: BLE001 - to the server's log; the request fails
-        os.write(2, f"sandbox: cannot set up a request's namespaces: {exc}\n".encode())
-        _write_all(w_status, struct.pack("=i", INIT_FAILED << 8))
+    except BaseException as exc:  # noqa: BLE001 - said as the response; the server is replaced
+        _write_all(w_resp, _envelope(None, SandboxSetupError(
+            f"the sandbox could not set up the request's namespaces: {exc}")))
+        _write_all(w_status, _STATUS.pack(INIT_FAILED << 8))
         os._exit(INIT_FAILED)
     if pid == 0:
         os.close(w_status)
@@ -321,8 +334,34 @@ def _request_init(tmpfs_bytes, w_status):
         except ChildProcessError:
             os._exit(INIT_FAILED)
         if done == pid:
-            _write_all(w_status, struct.pack("=i", status))
+            _write_all(w_status, _STATUS.pack(status))
             os._exit(0)
+
+
+class SandboxSetupError(RuntimeError):
+    """The fork server could not give a request its namespaces (a result's error type)."""
+
+
+def _remove_sysv_ipc():
+    """Remove every System V shared memory segment, message queue and semaphore set of this
+    (the request's) IPC namespace. True when none is left."""
+    libc = _libc()
+    for kind, remove in (("shm", lambda i: libc.shmctl(i, 0, None)),
+                         ("msg", lambda i: libc.msgctl(i, 0, None)),
+                         ("sem", lambda i: libc.semctl(i, 0, 0))):  # IPC_RMID = 0
+        for _ in range(2):
+            try:
+                with open(f"/proc/sysvipc/{kind}") as f:   # this IPC namespace's (the reader's)
+                    ids = [int(line.split()[1]) for line in f.readlines()[1:] if line.strip()]
+            except (OSError, ValueError, IndexError):
+                return False
+            if not ids:
+                break
+            for ident in ids:
+                remove(ident)
+        else:
+            return False
+    return True
 
 
 def _sockets_in_use():
@@ -334,30 +373,20 @@ def _sockets_in_use():
     return int(fields["sockets"][1]), int(tcp[tcp.index("tw") + 1])
 
 
-def _sockets_gone(budget=0.1):
+def _sockets_gone():
     """True when no socket is left in the sandbox's network namespace once a request's
-    processes are dead. A socket can outlive them: sent over a unix socket into that socket's
-    own queue (a cycle only the kernel's collector frees: closing any unix socket starts it),
-    or a TCP connection in TIME_WAIT (60 s: the next request could not bind that port). The
-    memory, a listener still accepting, a port taken: state a later request would see. False
-    -> the server exits and the host starts a clean one (a fresh network namespace)."""
-    import socket
-
-    for s in socket.socketpair():
-        s.close()
-    deadline = time.monotonic() + budget
-    while True:
-        try:
-            used, time_wait = _sockets_in_use()
-        except (OSError, KeyError, ValueError, IndexError):
-            return False
-        if time_wait:  # 60 s, not 100 ms: no use waiting
-            return False
-        if not used:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.005)
+    processes are dead (their own sockets close with them). One that is left was sent over a
+    unix socket into that socket's own queue: a cycle that holds what it carries (the fds of
+    memfds: memory) until the kernel's collector frees it, asynchronously, even after the
+    socket count reads 0; or a TCP connection in TIME_WAIT (60 s: the next request could not
+    bind that port). The memory, a listener still accepting, a port taken: state a later
+    request would see. False -> the server exits and the host starts a clean one (a fresh
+    network namespace and memory cgroup)."""
+    try:
+        used, time_wait = _sockets_in_use()
+    except (OSError, KeyError, ValueError, IndexError):
+        return False
+    return not used and not time_wait
 
 
 def check_private_pidns(host_pidns):
@@ -377,18 +406,18 @@ def check_private_pidns(host_pidns):
         raise RuntimeError("/proc is not this pid namespace's: refusing to run")
 
 
-def _oom_first(dumpable=True):
-    """Make this process (and what it execs or forks) the first that the kernel's OOM
-    killer picks in the sandbox's memory cgroup, before the server or launcher (raising
-    one's own oom_score_adj needs no privilege). The /proc files of a process that is not
-    dumpable belong to root, so it is dumpable for the write, and stays so only if
-    ``dumpable`` (without this the write failed, unseen, in every fork-server request and
-    command since they inherit their parent's undumpable state: the OOM killer then chose
-    by size, the server first when the memory was a request's files)."""
+def _oom_first(score=_OOM_PROGRAM, dumpable=True):
+    """Make this process (and what it execs or forks) one the kernel's OOM killer picks in the
+    sandbox's memory cgroup before the server or launcher: a program first (1000), then a
+    request's relay and init (500). Raising one's own oom_score_adj needs no privilege, but
+    the /proc files of a process that is not dumpable belong to root: so it is dumpable for
+    the write, and stays so only if ``dumpable`` (without this the write failed, unseen, in
+    every fork-server request and command, which inherit their parent's undumpable state: the
+    OOM killer then chose by size, the server first when the memory was a request's files)."""
     _prctl(PR_SET_DUMPABLE, 1)
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")
+            f.write(str(score))
     except OSError:
         pass
     finally:
@@ -497,7 +526,7 @@ def _run_one(handler, payload, lim, seed, proto_fds):
     gc.collect()   # the child's collections come at about the same points (was: +300 objects
     # and a generation-1 count that grew with every request before it)
     t0 = time.monotonic()
-    pid = _fork_request(lim["tmpfs_bytes"], w_status)   # the relay (request: 0)
+    pid = _fork_request(lim["tmpfs_bytes"], w_status, w_resp)   # the relay (request: 0)
     if pid == 0:
         os.close(r_out), os.close(r_err), os.close(r_resp), os.close(r_status)
         _child(handler, payload, w_resp, w_out, w_err, proto_fds, lim, seed)
@@ -549,8 +578,7 @@ def _run_one(handler, payload, lim, seed, proto_fds):
             wpid, relay_status = os.waitpid(pid, os.WNOHANG)
             if wpid:   # the request's init is gone, so is all of the request
                 status = _request_status(r_status)
-                # (killed is the request's doing, e.g. the OOM killer; not a failed set-up)
-                set_up = relay_status != INIT_FAILED << 8
+                set_up = relay_status == 0   # else the sandbox may not be as it was
             elif pidfd is not None:   # exited but not reapable yet: poll instead
                 poller.unregister(pidfd)
                 os.close(pidfd)
@@ -592,10 +620,10 @@ def _request_status(r_status):
     """The request's wait status as its init wrote it; SIGKILL when it wrote none (its init
     was killed, e.g. by the memory cgroup's OOM killer)."""
     try:
-        data = os.read(r_status, 4)
+        data = os.read(r_status, _STATUS.size)
     except BlockingIOError:
         data = b""
-    return struct.unpack("=i", data)[0] if len(data) == 4 else int(signal.SIGKILL)
+    return _STATUS.unpack(data)[0] if len(data) == _STATUS.size else int(signal.SIGKILL)
 
 
 def serve(cfg):
