@@ -178,12 +178,19 @@ def finished(params: Params, phase: str) -> bool:
 
 
 def worker_env(params: Params) -> dict[str, str]:
-    """What the stage gives its torchrun (stages/train_phase.py), for a node without a stage."""
+    """What every node's torchrun and its ranks run with (the stage's, stages/train_phase.py,
+    and a node's without a stage): the MLflow server, one intra-op thread share per process,
+    and a fixed hash seed. Training's numbers depended on Python's string hashing: with
+    PYTHONHASHSEED=1 mid-training's first loss was 6.315738677978516 and its grad norm
+    1.771409543106613, with 0, 2 or 3 6.315736293792725 and 1.771412638733228 (a rounding
+    apart: an order of summation follows a set's iteration), so two `make run`s now and then
+    trained other weights. Every rank of every run now hashes alike."""
     from codeworld.tracking import tracking_uri
 
     threads = str(max(1, (os.cpu_count() or 1) // params.parallel.nproc))
     return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads),
+            "PYTHONHASHSEED": "0"}
 
 
 def overlay_items(path: Path) -> list[str]:

@@ -248,8 +248,9 @@ def train(params: Params, name: str, out: Path, cmd: list[str], run_: StageRun,
     """Run a phase's torchrun `cmd` (its log in out/train.log) with what every rank needs: the
     MLflow server and run, one intra-op thread share per process; TrainingFailed with the
     log's tail when it fails."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(), "OMP_NUM_THREADS":
-           os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // params.parallel.nproc)))}
+    from model import launch
+
+    env = launch.worker_env(params)
     if run_.run_id:
         env["CODEWORLD_TRAIN_RUN_ID"] = run_.run_id
     log_path = out / "train.log"

@@ -271,9 +271,10 @@ def test_a_requests_shared_memory_is_freed_before_the_next(probe, sentinel):
     """The kernel frees a dead IPC namespace later, its segments' memory charged meanwhile: an
     innocent 60 MiB request after one that left 140 MiB under a 160 MiB cap was killed 9 times
     in 10. The relay removes them before the server answers."""
-    with ForkServer(RUN_CODE, HANDLERS, CAPPED) as server:
-        for _ in range(5):
-            assert server.call(hostile(LEAVE_SHM)).response == {"result": True}
+    with ForkServer(RUN_CODE, HANDLERS, CAPPED.replace(wall_seconds=1)) as server:
+        for leave in [LEAVE_SHM] * 5 + [LEAVE_SHM + "    while True:\n        pass\n"] * 3:
+            first = server.call(hostile(leave))   # ... and the second kind times out
+            assert first.response == {"result": True} or first.status == "timeout", first
             res = server.call({"code": "result = len(bytearray(60 << 20))"})
             assert res.ok and res.response == {"result": 60 << 20} and not res.server_restarted, res
         _assert_healthy(server, sentinel)

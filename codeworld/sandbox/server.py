@@ -584,9 +584,10 @@ def _run_one(handler, payload, lim, seed, proto_fds):
                 os.close(pidfd)
                 pidfd = None
     wall = time.monotonic() - t0
-    if status is None:  # timeout: it goes with its subtree, next (no blocking wait: a tracer
-        status = signal.SIGKILL  # it started could hold its exit status until killed too)
-    clean = _kill_descendants() and set_up  # what is left (a timeout), by pid, in our subtree
+    if status is None:  # timeout: the request's namespace goes, the relay cleans up after it
+        status = signal.SIGKILL
+        set_up = _stop_request(pid)
+    clean = _kill_descendants() and set_up  # what is left, by pid, in our subtree
     for fd in open_fds:  # every writer is dead now: drain what is buffered
         os.set_blocking(fd, False)
         try:
@@ -614,6 +615,27 @@ def _run_one(handler, payload, lim, seed, proto_fds):
     # takes those results and goes on from the request that overflowed (not from the top).
     body = bytes(resp.data[:resp_cap]) if batch else b"" if header["too_large"] else bytes(resp.data)
     return header, bytes(out.data), bytes(err.data), body
+
+
+def _stop_request(relay, budget=2.0):
+    """A timed-out request: SIGKILL every process below its relay (its init, and the kernel
+    kills the rest of its namespace with it), then let the relay remove the request's System V
+    IPC and exit, as after any request (killed with the rest, it left the segments to the
+    kernel's later free: the next request was killed for their memory). True when the relay
+    exited 0 in time; else ``_kill_descendants`` takes it too and the server is replaced."""
+    deadline = time.monotonic() + budget
+    while time.monotonic() < deadline:
+        _reap(keep=relay)
+        for pid in _scan(relay)[0]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        done, status = os.waitpid(relay, os.WNOHANG)
+        if done:
+            return status == 0
+        time.sleep(0.0005)
+    return False
 
 
 def _request_status(r_status):
@@ -677,8 +699,9 @@ def serve(cfg):
         os.set_blocking(fd, False)
     signal.set_wakeup_fd(_WAKE[1], warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    # what a request's relay and init and the check between requests import, imported now:
-    # a later request must not find more modules loaded than the first one did
+    # what a request's relay and init import, imported now: a later request must not find
+    # more modules loaded than the first one did. (socket: loaded in every server so far, for
+    # a check it no longer needs; kept, so that what a program finds loaded stays the same.)
     import ctypes, socket  # noqa: E401,F401
     gc.collect()
     gc.freeze()  # keep the imported heap shared copy-on-write with the children
