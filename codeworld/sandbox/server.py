@@ -138,15 +138,18 @@ def _kill_descendants(budget=2.0):
     left in the namespace: anything else escaped our subtree, and
     the server then exits so that the host tears the whole sandbox down. (/proc was
     verified at startup to be this namespace's own, see ``check_private_pidns``.)"""
-    me = os.getpid()
-    deadline = time.monotonic() + budget
+    pids, others = _kill_subtree(os.getpid(), time.monotonic() + budget)
+    return not pids and not others
+
+
+def _kill_subtree(root, deadline, keep=None):
+    """SIGKILL the descendants of ``root`` by pid until none is left or ``deadline`` passes,
+    reaping our exited children but ``keep``; (descendants left, other pids of the namespace)."""
     while True:
-        _reap()
-        pids, others = _scan(me)
-        if not pids:
-            return not others
-        if time.monotonic() > deadline:
-            return False
+        _reap(keep=keep)
+        pids, others = _scan(root)
+        if not pids or time.monotonic() > deadline:
+            return pids, others
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -624,18 +627,14 @@ def _stop_request(relay, budget=2.0):
     kernel's later free: the next request was killed for their memory). True when the relay
     exited 0 in time; else ``_kill_descendants`` takes it too and the server is replaced."""
     deadline = time.monotonic() + budget
-    while time.monotonic() < deadline:
-        _reap(keep=relay)
-        for pid in _scan(relay)[0]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+    _kill_subtree(relay, deadline, keep=relay)
+    while True:
         done, status = os.waitpid(relay, os.WNOHANG)
         if done:
             return status == 0
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.0005)
-    return False
 
 
 def _request_status(r_status):
