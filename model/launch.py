@@ -1,7 +1,7 @@
 """This node's torchrun command for a training phase, on one node or many.
 
     python -m model.launch --phase pretrain [--params params.yaml] [--overlay FILE ...]
-                           [--set SECTION.KEY=JSON ...] [--print]
+                           [--set SECTION.KEY=JSON ...] [--metrics-dir DIR] [--print]
 
 One node (`parallel.nnodes` 1): `torchrun --standalone --nproc-per-node N`, as the stages have
 always run it. Several nodes: every node runs this same command (infra/slurm/train.sbatch,
@@ -177,6 +177,23 @@ def finished(params: Params, phase: str) -> bool:
         return False
 
 
+def metrics_paths(params: Params, phase: str, metrics_dir: str | None = None) -> tuple[str, str]:
+    """The phase's summary and per-step plot files (paths from the repository root): under
+    `metrics_dir` when given; else the repository's metrics/ (dvc.yaml's outputs) only when the
+    phase trains into the pipeline's own checkpoints (data/checkpoints/<phase>, which an S3
+    root keeps too), else a metrics/ folder beside the checkpoints/ this run writes, so a run
+    aimed at another root (a cluster's, a scratch one) leaves the pipeline's figures alone."""
+    from codeworld.tracking import repo_root
+    from stages.train_phase import phase_dir
+
+    if metrics_dir is None:
+        out = phase_dir(params, phase).resolve()
+        pipeline = (repo_root() / "data" / "checkpoints" / phase).resolve()
+        metrics_dir = "metrics" if out == pipeline else str(out.parent.parent / "metrics")
+    return (os.path.join(metrics_dir, f"{phase}.json"),
+            os.path.join(metrics_dir, "plots", f"{phase}.json"))
+
+
 def worker_env(params: Params) -> dict[str, str]:
     """What every node's torchrun and its ranks run with (the stage's, stages/train_phase.py,
     and a node's without a stage): the MLflow server, one intra-op thread share per process,
@@ -213,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a parameter (parallel.tensor=8, storage.root=/shared/data...)")
     ap.add_argument("--print", action="store_true", help="print this node's command; run nothing")
     ap.add_argument("--no-track", action="store_true", help="node 0's stage logs no MLflow run")
+    ap.add_argument("--metrics-dir", metavar="DIR",
+                    help="where node 0 writes <phase>.json and plots/<phase>.json (default: "
+                         "metrics/ for the pipeline's checkpoints, else beside the checkpoints)")
     args = ap.parse_args(argv)
     try:
         return _launch(args)
@@ -245,9 +265,11 @@ def _launch(args: argparse.Namespace) -> int:
     if rank == 0:
         import importlib
 
-        result = importlib.import_module(f"stages.{args.phase}").run(params, track=not args.no_track)
+        metrics, plot = metrics_paths(params, args.phase, args.metrics_dir)
+        result = importlib.import_module(f"stages.{args.phase}").run(
+            params, track=not args.no_track, metrics_path=metrics, plot_path=plot)
         print(json.dumps({"stage": args.phase, "records": result.get("records"),
-                          "checkpoint": result.get("checkpoint")}))
+                          "checkpoint": result.get("checkpoint"), "metrics": metrics}))
         return 0
     if finished(params, args.phase):
         print(f"model.launch: {args.phase} already finished; node {rank} has nothing to do")

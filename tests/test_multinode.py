@@ -194,6 +194,40 @@ def test_every_rank_hashes_strings_alike(tmp_path, monkeypatch):
     assert launch.worker_env(params)["PYTHONHASHSEED"] == "0"
 
 
+def test_a_run_on_another_root_keeps_its_metrics_beside_its_checkpoints(root, tmp_path):
+    """Node 0 through the CLI on a storage root of its own (a cluster's, a scratch one) trains
+    and writes the phase's summary and plot beside that root's checkpoints, leaving the
+    pipeline's metrics/ (dvc.yaml's outputs) alone; --metrics-dir puts them elsewhere."""
+    store = storage(root, "elsewhere")
+    path = write_yaml(store / "params.yaml", tiny_params(store, pretrain=RUN))
+    ours = [REPO / "metrics" / "pretrain.json", REPO / "metrics" / "plots" / "pretrain.json"]
+    before = [(f.read_bytes(), f.stat().st_mtime_ns) if f.exists() else None for f in ours]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("CODEWORLD_TRAIN_RUN_ID", None)
+    cmd = [sys.executable, "-m", "model.launch", "--phase", "pretrain", "--params", str(path),
+           "--no-track"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((store / "metrics" / "pretrain.json").read_text())
+    assert summary["steps"] == 3, summary
+    plot = json.loads((store / "metrics" / "plots" / "pretrain.json").read_text())
+    assert [r["step"] for r in plot] == [1, 2, 3]
+    assert json.loads(proc.stdout.splitlines()[-1])["metrics"] == str(store / "metrics" / "pretrain.json")
+    assert [(f.read_bytes(), f.stat().st_mtime_ns) if f.exists() else None for f in ours] == before
+    # finished: nothing trains again, and the figures go where they are asked to
+    other = tmp_path / "figures"
+    proc = subprocess.run([*cmd, "--metrics-dir", str(other)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    untimed = lambda d: {k: v for k, v in d.items() if not k.startswith("seconds")}
+    assert untimed(json.loads((other / "pretrain.json").read_text())) == untimed(summary)
+    assert json.loads((other / "plots" / "pretrain.json").read_text()) == plot
+    # the pipeline's own checkpoints keep the pipeline's metrics/
+    pipeline = parse_params(tiny_params(Path("data")))
+    assert launch.metrics_paths(pipeline, "midtrain") == ("metrics/midtrain.json",
+                                                          "metrics/plots/midtrain.json")
+
+
 # --- infra/: the SLURM script and the Kubernetes manifests agree with model/launch.py --------
 
 def launched(cmd_output: str) -> list[str]:

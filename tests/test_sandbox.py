@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from codeworld.sandbox import forkserver as fs
-from codeworld.sandbox.server import INFRA_PROCS_SERVER
+from codeworld.sandbox.server import INFRA_PROCS_SERVER, _scan, _stat_ppid
 from codeworld.sandbox import (INSTALL_HINT, CommandResult, ForkServer, Limits, SandboxError,
                                SandboxUnavailable, map_requests, run_command)
 
@@ -101,24 +101,13 @@ def _pids_after(server) -> list[int]:
 def _server_subtree(server) -> list[int]:
     """From the host: the fork server's processes below its bwrap (pid 1 of the sandbox),
     which a request's leftovers would join; [] when the server is alone."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_bytes()
-            except OSError:
-                continue
-            ppid = int(stat[stat.rfind(b")") + 2:].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
     pid = server._proc.pid   # bwrap (outer, inner): one child each, down to the server
-    while len(children.get(pid, [])) == 1 and Path(f"/proc/{pid}/cmdline").read_bytes().split(
-            b"\0")[0].endswith(b"bwrap"):
-        pid = children[pid][0]
-    todo, below = list(children.get(pid, [])), []
-    while todo:
-        below.append(todo.pop())
-        todo += children.get(below[-1], [])
-    return below
+    while True:
+        kids = [p for p in _scan(pid)[0] if _stat_ppid(p) == pid]
+        if len(kids) != 1 or not Path(f"/proc/{pid}/cmdline").read_bytes().split(
+                b"\0")[0].endswith(b"bwrap"):
+            return _scan(pid)[0]
+        pid = kids[0]
 
 
 def _assert_healthy(server, sentinel):
