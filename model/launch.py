@@ -197,11 +197,10 @@ def metrics_paths(params: Params, phase: str, metrics_dir: str | None = None) ->
 def worker_env(params: Params) -> dict[str, str]:
     """What every node's torchrun and its ranks run with (the stage's, stages/train_phase.py,
     and a node's without a stage): the MLflow server, one intra-op thread share per process,
-    and a fixed hash seed. Training's numbers depended on Python's string hashing: with
-    PYTHONHASHSEED=1 mid-training's first loss was 6.315738677978516 and its grad norm
-    1.771409543106613, with 0, 2 or 3 6.315736293792725 and 1.771412638733228 (a rounding
-    apart: an order of summation follows a set's iteration), so two `make run`s now and then
-    trained other weights. Every rank of every run now hashes alike."""
+    and one hash seed, so that nothing a rank computes can follow the order of a set of
+    strings. (Pinned when mid-training's first loss was seen to move with PYTHONHASHSEED; that
+    was oneMKL's first-call race, which model/__init__.py settles: it came back with the seed
+    fixed, and went with the warm-up.)"""
     from codeworld.tracking import tracking_uri
 
     threads = str(max(1, (os.cpu_count() or 1) // params.parallel.nproc))

@@ -186,9 +186,8 @@ def test_stages_start_torchrun_through_the_launcher(tmp_path, monkeypatch):
 
 
 def test_every_rank_hashes_strings_alike(tmp_path, monkeypatch):
-    """Training's numbers depended on Python's hash seed (PYTHONHASHSEED=1 gave mid-training
-    another first loss and grad norm than 0, 2 or 3): the torchrun of a stage and of a worker
-    node runs with one fixed seed, whatever the caller's."""
+    """The torchrun of a stage and of a worker node runs with one fixed hash seed, whatever
+    the caller's: no rank's numbers can follow the order of a set of strings."""
     monkeypatch.setenv("PYTHONHASHSEED", "1")
     params = parse_params(tiny_params(tmp_path))
     assert launch.worker_env(params)["PYTHONHASHSEED"] == "0"
