@@ -244,6 +244,9 @@ def _launch(args: argparse.Namespace) -> int:
     from codeworld.tracking import repo_root
 
     params = load_params(Path(args.params).resolve())
+    # paths as the caller meant them, before the chdir below (an s3:// URL stays as it is)
+    if args.metrics_dir and "://" not in args.metrics_dir:
+        args.metrics_dir = str(Path(args.metrics_dir).resolve())
     # One validation of the whole result: a layout that holds only with every change applied
     # (a 7B model with its TP) is never judged half-way.
     items = [i for f in args.overlay for i in overlay_items(Path(f).resolve())] + args.set
