@@ -245,8 +245,9 @@ def _launch(args: argparse.Namespace) -> int:
 
     params = load_params(Path(args.params).resolve())
     # paths as the caller meant them, before the chdir below (an s3:// URL stays as it is)
-    if args.metrics_dir and "://" not in args.metrics_dir:
-        args.metrics_dir = str(Path(args.metrics_dir).resolve())
+    metrics_dir = args.metrics_dir
+    if metrics_dir and "://" not in metrics_dir:
+        metrics_dir = str(Path(metrics_dir).resolve())
     # One validation of the whole result: a layout that holds only with every change applied
     # (a 7B model with its TP) is never judged half-way.
     items = [i for f in args.overlay for i in overlay_items(Path(f).resolve())] + args.set
@@ -267,7 +268,7 @@ def _launch(args: argparse.Namespace) -> int:
     if rank == 0:
         import importlib
 
-        metrics, plot = metrics_paths(params, args.phase, args.metrics_dir)
+        metrics, plot = metrics_paths(params, args.phase, metrics_dir)
         result = importlib.import_module(f"stages.{args.phase}").run(
             params, track=not args.no_track, metrics_path=metrics, plot_path=plot)
         print(json.dumps({"stage": args.phase, "records": result.get("records"),

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from codeworld.sandbox import forkserver as fs
-from codeworld.sandbox.server import INFRA_PROCS_SERVER, _scan, _stat_ppid
+from codeworld.sandbox.server import INFRA_PROCS_SERVER, _scan
 from codeworld.sandbox import (INSTALL_HINT, CommandResult, ForkServer, Limits, SandboxError,
                                SandboxUnavailable, map_requests, run_command)
 
@@ -102,12 +102,12 @@ def _server_subtree(server) -> list[int]:
     """From the host: the fork server's processes below its bwrap (pid 1 of the sandbox),
     which a request's leftovers would join; [] when the server is alone."""
     pid = server._proc.pid   # bwrap (outer, inner): one child each, down to the server
-    while True:
-        kids = [p for p in _scan(pid)[0] if _stat_ppid(p) == pid]
-        if len(kids) != 1 or not Path(f"/proc/{pid}/cmdline").read_bytes().split(
-                b"\0")[0].endswith(b"bwrap"):
-            return _scan(pid)[0]
-        pid = kids[0]
+    while Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"bwrap"):
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if len(kids) != 1:
+            break
+        pid = int(kids[0])
+    return _scan(pid)[0]   # every descendant, whichever of their threads forked them
 
 
 def _assert_healthy(server, sentinel):

@@ -628,13 +628,7 @@ def _stop_request(relay, budget=2.0):
     exited 0 in time; else ``_kill_descendants`` takes it too and the server is replaced."""
     deadline = time.monotonic() + budget
     _kill_subtree(relay, deadline, keep=relay)
-    while True:
-        done, status = os.waitpid(relay, os.WNOHANG)
-        if done:
-            return status == 0
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.0005)
+    return _wait_until(relay, deadline) == 0
 
 
 def _request_status(r_status):
