@@ -16,10 +16,11 @@ ignores RLIMIT_NPROC for uid 0 (measured here: a fork bomb under nproc=20 made 1
 in 0.3 s). So as root we nest two bwraps:
   outer: ``bwrap`` as root, a mount + pid namespace only: binds every host source (which
          may lie under /root, mode 700) read-only onto /stage/N, where any uid can reach it;
-  inner: ``setpriv --reuid=U`` (U = 65534 unless CODEWORLD_SANDBOX_UID) then an
-         unprivileged ``bwrap --unshare-all --unshare-user`` that binds /stage/N to the
-         final destinations. Kernel uid U != 0, so RLIMIT_NPROC holds, and it counts per
-         user namespace, i.e. per sandbox (parallel sandboxes do not share the budget).
+  inner: ``setpriv --reuid=U`` then an unprivileged ``bwrap --unshare-all --unshare-user
+         --uid 65534`` that binds /stage/N to the final destinations. Kernel uid U != 0, so
+         RLIMIT_NPROC holds, and it counts per user namespace, i.e. per sandbox. U is leased
+         for the sandbox's life (uids.py), one per live sandbox, so that the kernel's per-uid
+         quotas (inotify, pipe buffers...) are not shared either; inside it is 65534.
 Killing the outer bwrap kills its pid-1 (--die-with-parent), which tears down the whole
 pid namespace, nested one included. Not root: only the inner bwrap runs, as ourselves.
 """
@@ -33,20 +34,12 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: `apt-get install -y bubblewrap`) and allow "
-                "user namespaces (sysctl user.max_user_namespaces > 0; on Ubuntu also "
-                "kernel.apparmor_restrict_unprivileged_userns=0)")
-DEFAULT_SANDBOX_UID = 65534
+from .errors import INSTALL_HINT, SandboxError, SandboxUnavailable
+from .uids import lease
+
 SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 RESERVED_DESTS = ("/", "/proc", "/dev", "/tmp", "/usr", "/stage")
-
-
-class SandboxUnavailable(RuntimeError):
-    """The sandbox cannot be created here. Never fall back to running unsandboxed."""
-
-
-class SandboxError(RuntimeError):
-    """The sandbox was created but misbehaved, or was misconfigured."""
+INSIDE_UID = 65534   # the uid (and gid) a program sees, as root: "nobody"
 
 
 @dataclass(frozen=True)
@@ -61,16 +54,6 @@ class Bind:
 # uid), so bwrap must never inherit the host's environment (credentials!): --clearenv only
 # scrubs the program's.
 LAUNCH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-
-
-def sandbox_uid() -> int | None:
-    """Uid the sandbox runs as when we are root; None when we are already unprivileged."""
-    if os.geteuid() != 0:
-        return None
-    uid = int(os.environ.get("CODEWORLD_SANDBOX_UID", DEFAULT_SANDBOX_UID))
-    if uid <= 0:
-        raise SandboxError("CODEWORLD_SANDBOX_UID must be a non-zero uid")
-    return uid
 
 
 def host_pidns() -> int:
@@ -159,22 +142,28 @@ def _check_binds(binds: Iterable[Bind]) -> list[Bind]:
     return sorted(out, key=lambda b: b.dest.count("/"))  # parents before children
 
 
-def build_argv(command: Sequence[str], *, binds: Iterable[Bind], env: Mapping[str, str],
-               chdir: str = "/tmp", tmpfs_bytes: int = 256 << 20,
+def build_argv(command: Sequence[str], *, uid: int | None, binds: Iterable[Bind],
+               env: Mapping[str, str], chdir: str = "/tmp", tmpfs_bytes: int = 256 << 20,
                bwrap: str | os.PathLike | None = None,
                status_fd: int | None = None,
                sized_tmpfs: Sequence[tuple[str, int]] = (),
                caps: Sequence[str] = ()) -> list[str]:
     """The full argv (outer bwrap + setpriv + inner bwrap when root) running ``command``.
+    ``uid``: the kernel uid the sandbox runs as, leased for its life (``uids.lease``); None
+    only when we are not root (the sandbox then runs as ourselves).
     ``sized_tmpfs``: (destination, bytes) of further size-limited tmpfs mounts (a working
     copy's quota). ``caps``: capabilities ``command`` keeps in the sandbox's user namespace
     (the fork server's, to give each request namespaces of its own; none otherwise)."""
     path = find_bwrap(bwrap)
     feats = _features(path)
-    uid = sandbox_uid()
+    if (uid is None) != (os.geteuid() != 0) or uid == 0:
+        raise SandboxError(f"a sandbox built by uid {os.geteuid()} cannot run as uid {uid}: "
+                           f"as root it needs a leased non-zero uid, else none")
     binds = _check_binds(binds)
     inner_bwrap = path if uid is None else "/stage/bwrap"
     inner = [inner_bwrap, "--unshare-all", "--unshare-user"]
+    if uid is not None:   # whichever uid it drew, the program sees the same one
+        inner += ["--uid", str(INSIDE_UID), "--gid", str(INSIDE_UID)]
     if "--disable-userns" in feats:  # no nested user namespaces for the program
         inner.append("--disable-userns")
     if feats and "--as-pid-1" not in feats:   # (no features: running it will tell what fails)
@@ -232,16 +221,19 @@ _PROBED: set = set()
 def ensure_available(bwrap: str | os.PathLike | None = None) -> None:
     """Create a throw-away sandbox once per process; raise SandboxUnavailable if it fails."""
     path = find_bwrap(bwrap)
-    key = (path, sandbox_uid())
+    key = (path, os.geteuid())
     if key in _PROBED:
         return
     exe, binds = python_install()
-    argv = build_argv([exe, "-S", "-c", "pass"], binds=binds, env=sandbox_env(), bwrap=path)
-    try:
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=60,
-                             stdin=subprocess.DEVNULL, env=LAUNCH_ENV)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SandboxUnavailable(f"cannot run bubblewrap ({path}): {exc}; {INSTALL_HINT}") from exc
+    with lease() as held:
+        argv = build_argv([exe, "-S", "-c", "pass"], uid=held.uid, binds=binds,
+                          env=sandbox_env(), bwrap=path)
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                                 stdin=subprocess.DEVNULL, env=LAUNCH_ENV)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise SandboxUnavailable(f"cannot run bubblewrap ({path}): {exc}; "
+                                     f"{INSTALL_HINT}") from exc
     if res.returncode != 0:
         raise SandboxUnavailable(
             f"bubblewrap ({path}) could not create the sandbox (exit {res.returncode}): "

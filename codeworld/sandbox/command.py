@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from .bwrap import LAUNCH_ENV, Bind, SandboxError, build_argv, ensure_available, \
-    host_pidns, python_install, sandbox_env, sandbox_uid
-from . import memcg
+    host_pidns, python_install, sandbox_env
+from . import memcg, uids
 from .forkserver import _SERVER_SOURCE, _as_bind, _kill, _limits_config
 from .limits import Limits
 from .quota import QuotaCopy
@@ -38,9 +38,9 @@ class CommandResult:
     memory_limit_hit: bool = False
 
 
-def _give_to_sandbox(path: str) -> None:
-    """As root, the sandbox runs as an unprivileged uid: it can only write what it owns."""
-    uid = sandbox_uid()
+def _give_to_sandbox(path: str, uid: int | None) -> None:
+    """As root, the sandbox runs as the unprivileged uid it leased: it can only write what it
+    owns (a tree given to an earlier sandbox belongs to that one's uid: chowned again)."""
     if uid is None:
         return
     os.lchown(path, uid, uid)
@@ -67,7 +67,7 @@ def run_command(argv: Sequence[str], *, workdir: str | os.PathLike | None = None
     """Run ``argv`` once in a fresh sandbox; ``workdir`` is bound at /work (the cwd).
 
     ``writable_workdir=True`` binds it read-write; as root this chowns the tree to the
-    sandbox uid first (the sandbox cannot write root-owned files otherwise).
+    sandbox's leased uid first (the sandbox cannot write root-owned files otherwise).
     ``workdir_quota_bytes`` (with ``writable_workdir``): instead of the bind, /work is a tmpfs
     of that size holding a copy of ``workdir``, which replaces ``workdir`` after the command
     (``workdir_quota``): the command cannot write more than that to the host's disk.
@@ -82,51 +82,58 @@ def run_command(argv: Sequence[str], *, workdir: str | os.PathLike | None = None
     exe, binds = python_install()
     chdir, quota = "/tmp", None
     config = {**_limits_config(limits), "host_pidns": host_pidns()}
-    if workdir is not None:
-        wd = os.path.realpath(workdir)
-        if not os.path.isdir(wd):
-            raise SandboxError(f"workdir {wd} is not a directory")
-        if writable_workdir:
-            _give_to_sandbox(wd)
-        if writable_workdir and workdir_quota_bytes is not None:
-            quota = QuotaCopy(wd, workdir_quota_bytes, limits)
-            binds += quota.binds
-            config.update(quota.launcher_config)
-            limits = quota.limits
-        else:
-            binds.append(Bind(wd, WORKDIR, writable_workdir))
-        chdir = WORKDIR
-    binds += [_as_bind(b) for b in extra_ro_binds]
-    launcher = [exe, "-I", "-S", "-c", _SERVER_SOURCE, "launch", json.dumps(config), "--",
-                *map(str, argv)]
+    held = uids.lease()   # this sandbox's uid, until its processes are gone (in _run)
     try:
-        result = _run(launcher, binds, env, chdir, limits, bwrap, quota)
+        if workdir is not None:
+            wd = os.path.realpath(workdir)
+            if not os.path.isdir(wd):
+                raise SandboxError(f"workdir {wd} is not a directory")
+            if writable_workdir:
+                _give_to_sandbox(wd, held.uid)
+            if writable_workdir and workdir_quota_bytes is not None:
+                quota = QuotaCopy(wd, workdir_quota_bytes, limits)
+                binds += quota.binds
+                config.update(quota.launcher_config)
+                limits = quota.limits
+            else:
+                binds.append(Bind(wd, WORKDIR, writable_workdir))
+            chdir = WORKDIR
+        binds += [_as_bind(b) for b in extra_ro_binds]
+        launcher = [exe, "-I", "-S", "-c", _SERVER_SOURCE, "launch", json.dumps(config), "--",
+                    *map(str, argv)]
+        result = _run(launcher, held, binds, env, chdir, limits, bwrap, quota)
         if quota is not None:
             quota.take_back(result)
         return result
     finally:
         if quota is not None:
             quota.close()
+        held.release()
 
 
-def _run(launcher: list[str], binds: list[Bind], env: Mapping[str, str] | None, chdir: str,
-         limits: Limits, bwrap, quota) -> CommandResult:
+def _run(launcher: list[str], held: uids.UidLease, binds: list[Bind],
+         env: Mapping[str, str] | None, chdir: str, limits: Limits, bwrap,
+         quota) -> CommandResult:
     cgroup = memcg.create(limits.sandbox_memory())
     try:
-        result = _run_in(launcher, binds, env, chdir, limits, bwrap, quota, cgroup)
+        result = _run_in(launcher, held.uid, binds, env, chdir, limits, bwrap, quota, cgroup)
         if cgroup is not None:
             result.memory_limit_hit = cgroup.oom_kills() > 0
         return result
     finally:
         if cgroup is not None:
             cgroup.close()
+        # the sandbox's processes are gone (waited for here when there is no cgroup): its
+        # uid can go before the working copy comes back
+        held.release(0.0 if cgroup is not None else uids.SETTLE_SECONDS)
 
 
-def _run_in(launcher: list[str], binds: list[Bind], env: Mapping[str, str] | None, chdir: str,
-            limits: Limits, bwrap, quota, cgroup) -> CommandResult:
+def _run_in(launcher: list[str], uid: int | None, binds: list[Bind],
+            env: Mapping[str, str] | None, chdir: str, limits: Limits, bwrap, quota,
+            cgroup) -> CommandResult:
     r_status, w_status = os.pipe()
     try:
-        full = build_argv(launcher, binds=binds, env=sandbox_env(env), chdir=chdir,
+        full = build_argv(launcher, uid=uid, binds=binds, env=sandbox_env(env), chdir=chdir,
                           tmpfs_bytes=limits.tmpfs_bytes, bwrap=bwrap, status_fd=w_status,
                           sized_tmpfs=quota.tmpfs if quota is not None else ())
         if cgroup is not None:

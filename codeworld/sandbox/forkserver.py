@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .bwrap import Bind, SandboxError, SandboxUnavailable, build_argv, ensure_available, \
     LAUNCH_ENV, host_pidns, python_install, sandbox_env
-from . import memcg, seccomp
+from . import memcg, seccomp, uids
 from .limits import Limits
 
 _REQ = struct.Struct(">I")
@@ -169,6 +169,7 @@ class ForkServer:
         self._log = None
         self._started = 0
         self._cgroup: memcg.MemoryCgroup | None = None
+        self._uid: uids.UidLease | None = None
         self._lock = threading.Lock()
         self._finalizer = None
 
@@ -181,17 +182,22 @@ class ForkServer:
 
     def _start(self) -> None:
         ensure_available(self.bwrap)
-        argv = build_argv(self._command, binds=self._binds, env=self._env,
-                          tmpfs_bytes=self.limits.tmpfs_bytes, bwrap=self.bwrap,
-                          caps=REQUEST_CAPS)
-        self._cgroup = memcg.create(self.limits.sandbox_memory())
-        if self._cgroup is not None:
-            argv = self._cgroup.wrap(argv)
-        self._log = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=self._log, bufsize=0, start_new_session=True,
-                                      env=LAUNCH_ENV)
-        self._finalizer = weakref.finalize(self, _kill, self._proc, self._cgroup)
+        self._uid = uids.lease()   # one per server: its requests are one sandbox's
+        try:
+            argv = build_argv(self._command, uid=self._uid.uid, binds=self._binds,
+                              env=self._env, tmpfs_bytes=self.limits.tmpfs_bytes,
+                              bwrap=self.bwrap, caps=REQUEST_CAPS)
+            self._cgroup = memcg.create(self.limits.sandbox_memory())
+            if self._cgroup is not None:
+                argv = self._cgroup.wrap(argv)
+            self._log = tempfile.TemporaryFile()
+            self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=self._log, bufsize=0, start_new_session=True,
+                                          env=LAUNCH_ENV)
+        except BaseException:
+            self._stop(kill=True)   # (the cgroup and the uid back)
+            raise
+        self._finalizer = weakref.finalize(self, _kill, self._proc, self._cgroup, self._uid)
         if self._started:
             self.restarts += 1
         self._started += 1
@@ -242,6 +248,9 @@ class ForkServer:
         cgroup, self._cgroup = self._cgroup, None
         if cgroup is not None:
             cgroup.close()
+        held, self._uid = self._uid, None
+        if held is not None:   # last: the uid is free once the sandbox's processes are gone
+            held.release(0.0 if cgroup is not None else uids.SETTLE_SECONDS)
 
     def close(self) -> None:
         with self._lock:
@@ -405,9 +414,11 @@ def _read_exact(fd: int, n: int, deadline: float) -> bytes | None:
     return bytes(buf)
 
 
-def _kill(proc: subprocess.Popen, cgroup: memcg.MemoryCgroup | None = None) -> None:
+def _kill(proc: subprocess.Popen, cgroup: memcg.MemoryCgroup | None = None,
+          held: uids.UidLease | None = None) -> None:
     """SIGKILL the outer bwrap: its pid namespace, hence every sandboxed process, dies; then
-    its memory cgroup can go (a fork server collected without ``close`` ends here)."""
+    its memory cgroup and its uid can go (a fork server collected without ``close`` ends
+    here)."""
     try:
         proc.kill()
     except OSError:
@@ -418,6 +429,8 @@ def _kill(proc: subprocess.Popen, cgroup: memcg.MemoryCgroup | None = None) -> N
         pass
     if cgroup is not None:
         cgroup.close()
+    if held is not None:
+        held.release(0.0 if cgroup is not None else uids.SETTLE_SECONDS)
 
 
 def _limits_config(limits: Limits) -> dict:
