@@ -207,8 +207,84 @@ def test_a_uid_is_freed_only_once_no_process_runs_as_it(tiny_range):
             stuck.wait()
 
 
+def test_where_the_range_is_not_mapped_every_sandbox_shares_65534(probe, tmp_path,
+                                                                   monkeypatch, caplog):
+    """Root in a container with a user namespace of its own often has only uids 0-65535: the
+    default range is not there, so sandboxes run as 65534 as before leases (warned); a range
+    set but not mapped is refused."""
+    fake = tmp_path / "uid_map"
+    fake.write_text("         0          0      65536\n")
+    monkeypatch.setattr(uids, "MAP_FILES", (str(fake), str(fake)))
+    monkeypatch.setattr(uids, "_warned", [])
+    monkeypatch.setenv(uids.ENV_DIR, str(tmp_path / "locks"))
+    a, b = uids.lease(), uids.lease()
+    assert a.uid == b.uid == uids.SHARED_UID
+    assert "does not exist in this user namespace" in caplog.text
+    a.release(), b.release()
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    r = run_command(["python3", "-c", "open('f', 'w').write('x')"], workdir=wd,
+                    writable_workdir=True, limits=SMALL)
+    assert r.returncode == 0, r.stderr
+    assert (wd / "f").stat().st_uid == uids.SHARED_UID
+    monkeypatch.setenv(uids.ENV_RANGE, "100000-100009")
+    with pytest.raises(SandboxUnavailable, match=f"{uids.ENV_RANGE}=100000-100009: not all"):
+        uids.lease()
+    monkeypatch.setenv(uids.ENV_RANGE, "1000-1009")
+    with uids.lease() as mine:
+        assert mine.uid == 1000
+
+
 def _until_running_as(uid: int) -> None:
     deadline = time.monotonic() + 10
     while not uids._running_as(uid):
         assert time.monotonic() < deadline, f"no process came to run as {uid}"
         time.sleep(0.01)
+
+
+# Root of a new user namespace that has only uids and gids 0-65535, as in many containers;
+# the parent (real root) writes the maps.
+IN_SMALL_USERNS = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+r1, w1 = os.pipe()
+r2, w2 = os.pipe()
+pid = os.fork()
+if pid == 0:
+    if libc.unshare(0x10000000) != 0:   # CLONE_NEWUSER
+        os._exit(90)
+    os.write(w1, b"x")
+    os.read(r2, 1)
+    os.setgid(0)
+    os.setuid(0)
+    os.execv(sys.executable, [sys.executable, "-c", sys.argv[1]])
+os.read(r1, 1)
+for name in ("uid_map", "gid_map"):
+    with open(f"/proc/{pid}/{name}", "w") as f:
+        f.write("0 0 65536")
+os.write(w2, b"x")
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+COMMAND_IN_IT = """
+from codeworld.sandbox import Limits, run_command
+r = run_command(["python3", "-c", "import os; print(os.getuid())"], limits=Limits())
+print(r.returncode, r.stdout.strip())
+"""
+
+
+@pytest.mark.parametrize("uid_range,expected", [
+    (None, "0 65534"), ("60000-60099", "0 65534"), ("1879048192-1879048200", "not all")])
+def test_a_container_with_few_uids_runs_sandboxes_as_before(probe, tmp_path, uid_range,
+                                                             expected):
+    """Really in such a user namespace: the default range is missing there, so sandboxes run
+    as the shared 65534 (warned); a range inside it is leased; one outside it is refused."""
+    env = {**os.environ, uids.ENV_DIR: str(tmp_path / "locks")}
+    env.pop(uids.ENV_RANGE, None)
+    if uid_range:
+        env[uids.ENV_RANGE] = uid_range
+    r = subprocess.run([sys.executable, "-c", IN_SMALL_USERNS, COMMAND_IN_IT], env=env,
+                       capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert expected in r.stdout + r.stderr, (r.stdout, r.stderr)
+    assert ("does not exist in this user namespace" in r.stderr) == (uid_range is None)
+    assert (tmp_path / "locks" / "60000").exists() == (uid_range == "60000-60099")

@@ -18,12 +18,17 @@ processes are gone (the callers release after its cgroup is removed, or its bwra
 uids in the range systemd leaves unused, between its container ranges and 2^31); machines
 that share one kernel but not one ``/run`` (containers) should get disjoint ranges.
 ``CODEWORLD_SANDBOX_UID_DIR``: the lock folder (default ``/run/codeworld-sandbox-uids``, or
-under the temporary folder where /run is not writable).
+under the temporary folder where /run is not writable). Root in a container with a user
+namespace of its own may have only some uids (often 0-65535): where the default range is not
+mapped, every sandbox runs as 65534, shared, as before leases (warned once); a range set but
+not mapped is an error.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
+import logging
 import os
 import stat
 import tempfile
@@ -31,12 +36,16 @@ import time
 
 from .errors import SandboxError, SandboxUnavailable
 
+log = logging.getLogger(__name__)
 ENV_RANGE = "CODEWORLD_SANDBOX_UIDS"
 ENV_DIR = "CODEWORLD_SANDBOX_UID_DIR"
 DEFAULT_RANGE = (1879048192, 1879048192 + 4095)
 LOCK_NAME = "codeworld-sandbox-uids"
 # how long a sandbox without a memory cgroup waits for its last processes before its uid goes
 SETTLE_SECONDS = 2.0
+SHARED_UID = 65534   # where no range is mapped: every sandbox's, as before leases
+MAP_FILES = ("/proc/self/uid_map", "/proc/self/gid_map")   # (the sandbox drops both)
+_warned: list[bool] = []
 
 
 class UidLease:
@@ -103,6 +112,18 @@ def uid_range() -> tuple[int, int]:
     return lo, hi
 
 
+@functools.lru_cache(maxsize=None)
+def mapped(lo: int, hi: int, map_files: tuple[str, ...] = MAP_FILES) -> bool:
+    """Whether uids (and gids) ``lo``..``hi`` exist in our user namespace, within one line
+    of each map (the map of a process's namespace is written once: cached)."""
+    for path in map_files:
+        with open(path) as f:
+            lines = [tuple(map(int, line.split())) for line in f if line.strip()]
+        if not any(first <= lo and hi < first + count for first, _host, count in lines):
+            return False
+    return True
+
+
 def lock_dir() -> str:
     """The lock folder: made root-only on first use; refused if anyone else owns it (a
     folder someone else made in /tmp could hand out our leases)."""
@@ -128,6 +149,18 @@ def lease(wait_seconds: float = 60.0) -> UidLease:
     if os.geteuid() != 0:
         return UidLease()
     lo, hi = uid_range()
+    if not mapped(lo, hi, MAP_FILES):
+        if os.environ.get(ENV_RANGE, "").strip():
+            raise SandboxUnavailable(f"{ENV_RANGE}={lo}-{hi}: not all of these uids exist in "
+                                     f"this user namespace (see {MAP_FILES[0]}): set a range "
+                                     f"inside it")
+        if not _warned:
+            _warned.append(True)
+            log.warning("the sandbox uid range %d-%d does not exist in this user namespace "
+                        "(a container's?): every sandbox runs as uid %d and they share the "
+                        "kernel's per-uid quotas; set %s to uids it has", lo, hi, SHARED_UID,
+                        ENV_RANGE)
+        return UidLease(SHARED_UID)   # nothing to lock: shared
     folder = lock_dir()
     deadline = time.monotonic() + wait_seconds
     while True:
