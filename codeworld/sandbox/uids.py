@@ -13,7 +13,8 @@ depends on which uid it drew.
 A lease is an exclusive ``flock`` on ``<dir>/<uid>``: held by one open file, it ends with
 the process that holds it, however that process ends, and it works across processes
 (pool workers, concurrent stages) and threads alike. Released only after the sandbox's
-processes are gone (the callers release after its cgroup is removed, or its bwrap reaped).
+processes are gone: after its memory cgroup is removed, or, without one, once no live
+process runs as the uid (``release(wait_seconds)``).
 ``CODEWORLD_SANDBOX_UIDS``: the range, ``FIRST-LAST`` (default 1879048192-1879052287, 4096
 uids in the range systemd leaves unused, between its container ranges and 2^31); machines
 that share one kernel but not one ``/run`` (containers) should get disjoint ranges.
