@@ -13,7 +13,7 @@ from typing import Iterable, Mapping, Sequence
 from .bwrap import LAUNCH_ENV, Bind, SandboxError, build_argv, ensure_available, \
     host_pidns, python_install, sandbox_env
 from . import memcg, uids
-from .forkserver import _SERVER_SOURCE, _as_bind, _kill, _limits_config
+from .forkserver import _SERVER_SOURCE, _as_bind, _kill, _limits_config, _release
 from .limits import Limits
 from .quota import QuotaCopy
 
@@ -121,11 +121,7 @@ def _run(launcher: list[str], held: uids.UidLease, binds: list[Bind],
             result.memory_limit_hit = cgroup.oom_kills() > 0
         return result
     finally:
-        if cgroup is not None:
-            cgroup.close()
-        # the sandbox's processes are gone (waited for here when there is no cgroup): its
-        # uid can go before the working copy comes back
-        held.release(0.0 if cgroup is not None else uids.SETTLE_SECONDS)
+        _release(cgroup, held)   # (the uid goes before the working copy comes back)
 
 
 def _run_in(launcher: list[str], uid: int | None, binds: list[Bind],

@@ -245,12 +245,8 @@ class ForkServer:
         if self._log is not None:
             self._log.close()
             self._log = None
-        cgroup, self._cgroup = self._cgroup, None
-        if cgroup is not None:
-            cgroup.close()
-        held, self._uid = self._uid, None
-        if held is not None:   # last: the uid is free once the sandbox's processes are gone
-            held.release(0.0 if cgroup is not None else uids.SETTLE_SECONDS)
+        _release(self._cgroup, self._uid)
+        self._cgroup = self._uid = None
 
     def close(self) -> None:
         with self._lock:
@@ -427,6 +423,12 @@ def _kill(proc: subprocess.Popen, cgroup: memcg.MemoryCgroup | None = None,
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
+    _release(cgroup, held)
+
+
+def _release(cgroup: memcg.MemoryCgroup | None, held: uids.UidLease | None) -> None:
+    """A finished sandbox's memory cgroup, then its uid, which is free only once the
+    sandbox's processes are gone: removing the cgroup waits for them, else the lease does."""
     if cgroup is not None:
         cgroup.close()
     if held is not None:
