@@ -7,11 +7,13 @@ before any stage does work.
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from codeworld.storage import storage_root
 
 
 class ConfigError(ValueError):
@@ -91,7 +93,7 @@ class StorageConfig(Section):
             raise ValueError("must not be empty")
         if "://" in v and not v.startswith(("s3://", "file://", "memory://")):
             raise ValueError(f"unsupported scheme in {v!r}: use a local path or s3://bucket/prefix")
-        return v.rstrip("/") or "/"
+        return storage_root(v).rstrip("/") or "/"
 
 
 class TrackingConfig(Section):
@@ -134,10 +136,19 @@ class StdlibSource(Section):
     name: str = "stdlib"
 
 
+def _a_path(v: str) -> str:
+    # An empty path would be read as the current folder: whatever the stage runs in.
+    if not v.strip():
+        raise ValueError("path must not be empty")
+    return v
+
+
 class DirSource(Section):
     kind: Literal["dir"]
     path: str
     name: str | None = None
+
+    _path = field_validator("path")(_a_path)
 
 
 class GitSource(Section):
@@ -147,6 +158,8 @@ class GitSource(Section):
     path: str
     commit: str
     name: str | None = None
+
+    _path = field_validator("path")(_a_path)
 
     @field_validator("commit")
     @classmethod
@@ -166,7 +179,7 @@ class S3Source(Section):
     def _url(cls, v: str) -> str:
         if not v.startswith("s3://"):
             raise ValueError(f"{v!r} must start with s3://")
-        return v
+        return storage_root(v)   # refuses a URL without a bucket
 
 
 class ShardsSource(Section):
@@ -176,6 +189,8 @@ class ShardsSource(Section):
     path: str
     name: str | None = None
 
+    _path = field_validator("path")(_a_path)
+
 
 class JsonlSource(Section):
     """JSON lines with at least {"id", "text"} per line."""
@@ -184,11 +199,40 @@ class JsonlSource(Section):
     path: str
     name: str | None = None
 
+    _path = field_validator("path")(_a_path)
+
 
 Source = Annotated[
     Union[StdlibSource, DirSource, GitSource, S3Source, ShardsSource, JsonlSource],
     Field(discriminator="kind"),
 ]
+
+
+def source_name(src: Source) -> str:
+    """The name a source's records carry (ids `NAME/path`): its `name`, else the last part of
+    its path or URL without extension (a folder `src/lib` is `lib`), else its kind."""
+    if src.name:
+        return src.name
+    where = getattr(src, "path", None) or getattr(src, "url", "")
+    return PurePosixPath(where.rstrip("/")).name.split(".")[0] or src.kind
+
+
+def _describe(i: int, src: Source) -> str:
+    where = getattr(src, "path", None) or getattr(src, "url", None)
+    return f"sources[{i}] ({src.kind}{' ' + where if where else ''})"
+
+
+def _distinct_source_names(sources: list[Source]) -> None:
+    """Two sources of one name would give their records the same ids and merge their counts:
+    refused, naming both (a derived name collides as surely as a written one)."""
+    first: dict[str, int] = {}
+    for i, src in enumerate(sources):
+        name = source_name(src)
+        if name in first:
+            j = first[name]
+            raise ValueError(f"{_describe(j, sources[j])} and {_describe(i, src)} are both named "
+                             f"{name!r}: give each source its own `name`")
+        first[name] = i
 
 LANGUAGES = {".py": "python", ".pyi": "python", ".c": "c", ".h": "c", ".js": "javascript",
              ".ts": "typescript", ".rs": "rust", ".go": "go", ".java": "java", ".sh": "shell",
@@ -220,10 +264,7 @@ class CorpusConfig(Section):
     def _sizes(self) -> "CorpusConfig":
         if self.min_bytes > self.max_bytes:
             raise ValueError(f"min_bytes ({self.min_bytes}) > max_bytes ({self.max_bytes})")
-        names = [s.name for s in self.sources if s.name]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"duplicate source names {sorted(dup)}: give each source its own name")
+        _distinct_source_names(self.sources)
         if not self.sources:
             raise ValueError("sources is empty: list at least one source")
         return self

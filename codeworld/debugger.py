@@ -2,8 +2,9 @@
 
 The program runs once in the sandbox under the tracer (stages/trace_runner.py, as the traces
 stage runs it) for the real frames; the model is asked the prompt the traces stage writes for
-that program and call (`<|trace_context_start|>` context with the synthetic `main`), and
-predicts the frames greedily, one frame at a time as the session needs them. The session walks
+that program and call (`<|trace_context_start|>` + context with the synthetic `main` +
+`<|frame_sep|>`), and predicts the frames greedily, one frame at a time as the session needs
+them, until its trace ends or breaks the format (a `..` slip does not stop it). The session walks
 the predicted frames, each shown beside the real frame at the same position, mismatches
 marked: in colour on a terminal, with `!` and a list of the differing names otherwise (piped
 output, tests).
@@ -71,9 +72,17 @@ class Predictor:
                                  stop_ids={self.frame_sep, EOD_ID})[0]
             self.ids += new
             self.parsed = parse(self.text)
-            if not new or new[-1] != self.frame_sep or self.parsed.errors or self.parsed.left_main:
-                self.done = True
+            self.done = self._ended(new)
         return self.parsed.frames
+
+    def _ended(self, new: list[int]) -> bool:
+        """Whether the model's trace is over after this chunk: it did not end a frame
+        (end-of-text, or cut at FRAME_TOKENS or the budget), main's scope is left, or the
+        text broke the format (a malformed frame: the parser reads no further). A semantic
+        slip, such as a `..` with nothing to resolve to, is no end: the frames go on, as in
+        the one long generation evaluate scores."""
+        return (not new or new[-1] != self.frame_sep or self.parsed.left_main
+                or self.parsed.broken is not None)
 
     @property
     def text(self) -> str:
@@ -203,7 +212,8 @@ class Session:
             elif r is not None:
                 self.say("        " + self.style.good("match"))
         else:
-            why = "; ".join(self.predictor.parsed.errors[:1]) or "the model ended its trace"
+            # the format break it stopped at; a `..` slip in an earlier frame is not why
+            why = self.predictor.parsed.broken or "the model ended its trace"
             self.say(f"! pred: (none: {why})")
 
     # --- commands --------------------------------------------------------------------------

@@ -21,6 +21,9 @@ def read_jsonl(path: str, endpoint_url: str | None = None) -> Iterator[tuple[str
             except (ValueError, UnicodeDecodeError) as err:
                 yield where, None, f"not JSON: {err}"
                 continue
+            except RecursionError:  # e.g. "[[[[...": nested deeper than the parser recurses
+                yield where, None, "not JSON this reader can parse: nested too deeply"
+                continue
             if isinstance(obj, dict):
                 yield where, obj, None
             else:

@@ -1,8 +1,10 @@
 """The task prompts the later phases share: SFT trains on them, RL samples from them, evaluation
 and the debugger ask them. Written once so a model is always asked the way it was taught.
 
-- trace prediction: the trace record's own prompt (`<|trace_context_start|>` context with the
-  synthetic `main` + `<|frame_sep|>`); the answer is the frames, ending with end-of-text.
+- trace prediction: the trace record's own prompt, `<|trace_context_start|>` + context (the
+  source with the synthetic `def main():  # << START_OF_TRACE`) + `<|frame_sep|>`; the answer
+  is the frames from main's first line frame on (main's call frame is written nowhere),
+  ending with end-of-text, as in BRIEF.md's example.
 - output prediction (CruxEval-O style): a user turn with the code and the call, an assistant
   turn that is the repr of the return value.
 """
@@ -15,7 +17,9 @@ SYSTEM, USER, ASSISTANT, TOOL_RESULT, END_OF_TURN = ROLE_TOKENS
 
 
 def trace_prompt(record: dict) -> str:
-    """Context + `main` call frame: what the model sees before predicting frames."""
+    """`<|trace_context_start|>` + context + `<|frame_sep|>`: what the model sees before
+    predicting frames. No frame of main's is in it: the first frame the model writes is
+    main's first line (`return f(...)`)."""
     return record["prompt"]
 
 

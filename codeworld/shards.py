@@ -79,6 +79,8 @@ def decode_shard(data: bytes, where: str) -> list[dict]:
                 records.append(json.loads(tar.extractfile(member).read()))
     except (tarfile.TarError, json.JSONDecodeError, UnicodeDecodeError, EOFError) as err:
         raise ShardError(f"{where}: corrupt shard: {err}") from err
+    except RecursionError:  # a record nested deeper than the JSON parser recurses
+        raise ShardError(f"{where}: corrupt shard: a record is nested too deeply to parse") from None
     return records
 
 
@@ -128,7 +130,8 @@ class DatasetWriter:
             if done.get("fingerprint") != self.fingerprint:  # left by a run with other params
                 return None
             info = ShardInfo(**done["shard"])
-        except (ValueError, KeyError, TypeError, AttributeError):
+            meta = done["meta"]
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None   # damaged from outside (writes are atomic): redo the shard
         try:
             data = self.out.read_bytes(info.name)
@@ -136,7 +139,7 @@ class DatasetWriter:
             return None
         if hashlib.sha256(data).hexdigest() != info.sha256:
             return None
-        return info, done["meta"]
+        return info, meta
 
     def write(self, index: int, records: Iterable[dict], meta: dict | None = None) -> ShardInfo:
         """Write shard `index` atomically, then its completion record (with `meta`, e.g. the
@@ -175,8 +178,11 @@ def _read_manifest(where: Storage) -> dict | None:
         return None
     try:
         manifest = json.loads(raw)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ShardError(f"{where.path(MANIFEST)}: not valid JSON: {err}") from err
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{where.path(MANIFEST)}: a JSON {type(manifest).__name__}, expected "
+                         f"an object (a {FORMAT} manifest)")
     if manifest.get("format") != FORMAT:
         raise ShardError(f"{where.path(MANIFEST)}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
@@ -189,8 +195,14 @@ def pinned_elsewhere(manifest: dict, where: Storage) -> str | None:
     if loc is None:
         return None
     same = loc == where.root if where.is_s3 or loc.startswith("s3://") else \
-        os.path.abspath(loc) == os.path.abspath(where.root)
+        same_local_path(loc, where.root)
     return None if same else loc
+
+
+def same_local_path(a: str, b: str) -> bool:
+    """Whether two local paths name one place: through symlinks (a `data` linked to another
+    disk is that disk's folder), and whether or not it exists yet."""
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 class Dataset:
@@ -243,7 +255,7 @@ def pin_manifest(storage: Storage, name: str, manifest: dict, local_root: str = 
     a copy of the manifest there pins the dataset's exact content by its shards' sha256, so
     `dvc repro` still sees each stage's output change exactly when the data does."""
     local = os.path.abspath(os.path.join(local_root, name))
-    if not storage.is_s3 and os.path.abspath(storage.path(name)) == local:
-        return
+    if not storage.is_s3 and same_local_path(storage.path(name), local):
+        return   # the dataset itself lies there: a pin would overwrite its own manifest
     pinned = {**manifest, "location": storage.path(name)}
     write_atomic(filesystem(local), os.path.join(local, MANIFEST), dumps(pinned) + b"\n")

@@ -32,7 +32,7 @@ class StorageError(OSError):
 
 
 @functools.cache
-def _transport_errors() -> tuple[type[BaseException], ...]:
+def transport_errors() -> tuple[type[BaseException], ...]:
     """What s3fs lets through once its and botocore's retries are spent: mostly OSError, but a
     connection that keeps dropping ends in botocore's or aiohttp's own exception types."""
     errors: list[type[BaseException]] = [OSError]
@@ -49,6 +49,27 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+# Failures that are properties of a path, the same on a retry: it is missing, not permitted,
+# a folder where a file belongs. Anything else (an S3 5xx after the retries, a dropped
+# connection, an I/O error) may pass on a retry.
+UNREADABLE = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def read_url(url: str, endpoint_url: str | None = None,
+             fs: fsspec.AbstractFileSystem | None = None) -> bytes:
+    """The bytes of a local file or an s3:// object. UNREADABLE errors stay what they are (the
+    caller may count such a file); any other failure is a StorageError naming `url`."""
+    try:
+        if "://" not in url:
+            with open(url, "rb") as fh:
+                return fh.read()
+        return (fs or filesystem(url, endpoint_url)).cat_file(url)
+    except (StorageError, *UNREADABLE):
+        raise
+    except transport_errors() as err:
+        raise StorageError(f"{url}: cannot read: {type(err).__name__}: {err}") from err
+
+
 @contextmanager
 def _named(path: str, what: str, missing_is_state: bool = True):
     """Re-raise a failed operation on `path` as a StorageError naming it. A missing path stays
@@ -62,14 +83,44 @@ def _named(path: str, what: str, missing_is_state: bool = True):
         if missing_is_state:
             raise
         raise StorageError(f"{path}: cannot {what}: no such bucket or folder") from None
-    except _transport_errors() as err:
+    except transport_errors() as err:
         raise StorageError(f"{path}: cannot {what}: {type(err).__name__}: {err}") from err
+
+
+def storage_root(root: str) -> str:
+    """`root` as Storage uses it: a local path or s3://BUCKET[/prefix]. ValueError says why
+    another form cannot be one. A file:// URL is its local path (fsspec would take it, but
+    os-level writes would make a folder named `file:`). memory:// is refused: its files live
+    in one process's memory, so the shards a stage's worker processes write there are lost
+    with them, and a rerun's process finds nothing to resume."""
+    if root.startswith("file://"):
+        path = root[len("file://"):]
+        if path.startswith("localhost/"):
+            path = path[len("localhost"):]
+        if not path.startswith("/"):
+            raise ValueError(f"{root!r}: a file:// URL needs an absolute path (file:///abs/path)")
+        return path
+    if root.startswith("s3://"):
+        if not root[len("s3://"):].split("/", 1)[0]:
+            raise ValueError(f"{root!r}: an s3:// URL needs a bucket (s3://BUCKET/prefix)")
+        return root
+    if root.startswith("memory://"):
+        raise ValueError(f"{root!r}: memory:// is not a storage root: each worker process has "
+                         "its own memory, so their shards would be lost (use a local folder)")
+    return root
 
 
 @dataclass(frozen=True)
 class Storage:
     root: str
     endpoint_url: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            root = storage_root(self.root)
+        except ValueError as err:
+            raise StorageError(str(err)) from None
+        object.__setattr__(self, "root", root)   # frozen: set once, here
 
     @property
     def is_s3(self) -> bool:

@@ -6,8 +6,13 @@ Parsing: a trace is frames, each ended by `<|frame_sep|>` (BRIEF.md, "The CWM tr
     <|return_sep|> / <|exception_sep|>  <|action_sep|> SOURCE <|arg_sep|> VALUE
 
 A predicted trace is read up to its first malformed frame (the frames before it still count in
-the per-frame metrics) and is `valid` only when every frame is well formed, every `".."`
-resolves, and it ends with end-of-text once execution has left `main`.
+the per-frame metrics; `broken` names the defect) and is `finished` when it ends as a trace
+must: main's scope left (its return or exception frame) and end-of-text right after that
+frame, nothing cut, nothing after. It is `valid` when it is finished (so every frame is well
+formed) and its `".."` are right: none in a call frame, each naming a local of the scope's
+previous frame. LOCALS are compared as decoded JSON (name -> repr), so any JSON layout of a
+well-formed object (key order, spacing) is valid and equal to the tracer's: the format check
+is about the frame structure, the metrics about what the frames say.
 
 `".."` resolution needs the scope of each frame, which the text does not name. The tracer writes
 `".."` only against the previous frame when that frame is of the same scope (call frames are
@@ -19,8 +24,10 @@ frame), as is one reported at the caller's current line rather than the scope's 
 `except` clause that did not match). On the default's 2,239 function traces this gives back
 the tracer's own full-locals frames exactly (tests/test_evaluate.py checks real tracer output).
 
-Metrics of one prediction against the real trace, frame i against frame i (`frame_metrics`):
-- valid_format: the whole prediction is a well-formed, complete trace;
+Metrics of one prediction against the real trace (`frame_metrics`). Frames are compared by
+position, predicted frame i against real frame i, with no alignment: a frame left out or
+inserted shifts every later frame, and those count as misses.
+- valid_format: the whole prediction is a well-formed, complete trace (`valid`);
 - action_exact_match: share of real frames whose predicted frame has the same event kind and
   source line (the "action": what runs next);
 - state_exact_match: share of real frames whose predicted state is equal: the full locals of a
@@ -28,9 +35,13 @@ Metrics of one prediction against the real trace, frame i against frame i (`fram
 - key_match: share of real call/line frames whose predicted frame has the same local names;
 - key_value_match: per real call/line frame, the (name, value) pairs both agree on over the
   names either has (1 when both are empty), averaged;
-- trace_exact_match: the same number of frames, all with equal action and state;
-- output_from_trace: the value of main's return frame (the prediction's last frame) equals the
-  real return value (programs that returned only).
+- trace_exact_match: a valid prediction with the same number of frames, all with equal action
+  and state (a prediction that never writes end-of-text, or goes on after main's exit, is not
+  exact however right its frames are: the parser stops reading at main's exit);
+- output_from_trace: the prediction is finished with main's return frame and that frame's
+  value equals the real return value (programs that returned only). A cut prediction or one
+  that goes on past main's exit has no output: the model never said the program ends there.
+  A `".."` that resolves to nothing earlier does not void it (the value is written in full).
 A predicted frame missing (prediction too short or broken) counts as a miss everywhere.
 
 Next-frame prediction with the real trace so far (`teacher_forced`; not in Table 9, the
@@ -79,16 +90,17 @@ class Parsed:
     errors: list[str] = field(default_factory=list)   # why the text is not a valid trace
     ended: bool = False              # end-of-text seen
     left_main: bool = False          # main's scope was left (its return or exception frame)
+    broken: str | None = None        # the format defect reading stopped at, if any
+    finished: bool = False           # end-of-text right after main's exit frame (module doc)
 
     @property
     def valid(self) -> bool:
-        return not self.errors and self.ended and self.left_main and bool(self.frames)
+        return self.finished and not self.errors
 
     @property
     def returned(self) -> str | None:
-        """main's return value when the trace ends with main returning."""
-        if self.left_main and self.frames and self.frames[-1].kind == "return" \
-                and self.frames[-1].depth == 0:
+        """main's return value when the trace is finished with main returning."""
+        if self.finished and self.frames[-1].kind == "return" and self.frames[-1].depth == 0:
             return self.frames[-1].value
         return None
 
@@ -142,18 +154,21 @@ def parse(text: str) -> Parsed:
     out.ended = bool(eot)
     pieces = body.split(FRAME_SEP)
     if pieces[-1]:
-        out.errors.append(f"text after the last {FRAME_SEP}: {pieces[-1][:40]!r}")
+        out.broken = f"text after the last {FRAME_SEP}: {pieces[-1][:40]!r}"
+        out.errors.append(out.broken)
     # per open scope: [its last full locals, the source of its last call/line frame]
     scopes: list[list] = [[{}, None]]
     prev_kind = None
     for i, piece in enumerate(pieces[:-1]):
         if out.left_main:
-            out.errors.append(f"frame {i} after main was left")
+            out.broken = f"frame {i} after main was left"
+            out.errors.append(out.broken)
             break
         try:
             fr = _parse_frame(piece)
         except ValueError as err:
-            out.errors.append(f"frame {i}: {err}")
+            out.broken = f"frame {i}: {err}"
+            out.errors.append(out.broken)
             break
         if fr.kind == "exception" and len(scopes) > 1 and _propagated(fr, prev_kind, scopes):
             scopes.pop()
@@ -179,6 +194,9 @@ def parse(text: str) -> Parsed:
             out.left_main = True
         out.frames.append(fr)
         prev_kind = fr.kind
+    # not broken: every frame read, none after main's exit, nothing after the last
+    # <|frame_sep|> but end-of-text: main's exit frame is the last thing the text says
+    out.finished = out.ended and out.left_main and out.broken is None
     return out
 
 
@@ -213,7 +231,9 @@ def frame_metrics(pred: Parsed, real: Parsed, real_result: str | None = None) ->
             names = set(pl) | set(r.locals)
             agree = sum(1 for k in names if k in pl and pl.get(k) == r.locals.get(k))
             kv.append(agree / len(names) if names else 1.0)
-    exact = (len(pred.frames) == n and action == n and state == n)
+    # the parser stops at main's exit and keeps a cut prediction's frames: only a valid
+    # prediction says the trace ends where the real one does
+    exact = pred.valid and len(pred.frames) == n and action == n and state == n
     out = {"valid_format": float(pred.valid),
            "action_exact_match": action / n if n else float(not pred.frames),
            "state_exact_match": state / n if n else float(not pred.frames),

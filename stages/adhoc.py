@@ -11,6 +11,7 @@ import posixpath
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from codeworld.code import Code
 from codeworld.config import ConfigError, CorpusConfig, DedupConfig, Params, StorageConfig
@@ -29,17 +30,23 @@ def _split(out: str) -> tuple[str, str]:
     return parent or ".", name
 
 
+def _manifest_of(arg: str) -> str:
+    return posixpath.join(arg, MANIFEST) if arg.startswith("s3://") else os.path.join(arg, MANIFEST)
+
+
 def _source_spec(arg: str, i: int) -> dict:
+    """What kind of source a command-line argument is: a JSONL file, a shard dataset (its
+    manifest, looked up through fsspec: on S3 too), a git commit, else a folder or prefix."""
     name = f"src{i}"
-    if arg.startswith("s3://"):
-        return {"kind": "s3", "url": arg, "name": name}
     if arg.endswith(".jsonl"):
         return {"kind": "jsonl", "path": arg, "name": name}
+    if filesystem(arg).exists(_manifest_of(arg)):
+        return {"kind": "shards", "path": arg, "name": name}
+    if arg.startswith("s3://"):
+        return {"kind": "s3", "url": arg, "name": name}
     if "@" in arg and not Path(arg).exists():
         path, commit = arg.rsplit("@", 1)
         return {"kind": "git", "path": path, "commit": commit, "name": name}
-    if (Path(arg) / MANIFEST).exists():
-        return {"kind": "shards", "path": arg, "name": name}
     return {"kind": "dir", "path": arg, "name": Path(arg).resolve().name or name}
 
 
@@ -57,19 +64,45 @@ def corpus_adhoc(sources: list[str], out: str, *, extensions: list[str] | None =
     return corpus.run(params, track=False, metrics_path=None, output=name)
 
 
-def _read_jsonl(path: str) -> tuple[list[dict], list[str]]:
+def _checked(items: Iterable[tuple[str, dict | None, str | None]], unique_ids: bool = True,
+             keep: bool = True) -> tuple[list[dict], list[str]]:
+    """The records dedup can take from `(where, record, problem)` items (none unless `keep`),
+    and the bad ones named by `where`: no JSON object, no string `text` or no `id`, a
+    repeated id (when `unique_ids`)."""
     records, bad, seen = [], [], set()
-    for where, rec, problem in read_jsonl(path):
+    for where, rec, problem in items:
         if problem:
             bad.append(f"{where}: {problem}"[:300])
         elif not isinstance(rec.get("text"), str) or "id" not in rec:
             bad.append(f"{where}: needs string field 'text' and field 'id'")
-        elif str(rec["id"]) in seen:
+        elif unique_ids and str(rec["id"]) in seen:
             bad.append(f"{where}: duplicate id {rec['id']!r} (first one kept)")
         else:
-            seen.add(str(rec["id"]))
-            records.append(rec)
+            if unique_ids:
+                seen.add(str(rec["id"]))
+            if keep:
+                records.append(rec)
     return records, bad
+
+
+def _read_jsonl(path: str) -> tuple[list[dict], list[str]]:
+    return _checked(read_jsonl(path))
+
+
+def _dataset_items(source: Dataset, inp: str) -> Iterator[tuple[str, dict | None, str | None]]:
+    for i, rec in enumerate(source):
+        problem = None if isinstance(rec, dict) else f"not a JSON object ({type(rec).__name__})"
+        yield f"{inp}#{i}", rec if problem is None else None, problem
+
+
+def _stage(tmp: str, name: str, records: list[dict], fp: str, shard_records: int) -> Dataset:
+    """`records` as a finished shard dataset `name` under the folder `tmp`."""
+    staged = DatasetWriter(Storage(tmp), name, fp)
+    staged.prepare()
+    infos = [staged.write(i // shard_records, records[i:i + shard_records])
+             for i in range(0, len(records), shard_records)]
+    staged.finish(infos)
+    return Dataset(Storage(tmp).sub(name))
 
 
 def dedup_adhoc(inp: str, out: str, *, report_path: str | None = None, threshold: float = 0.7,
@@ -77,12 +110,21 @@ def dedup_adhoc(inp: str, out: str, *, report_path: str | None = None, threshold
     cfg = DedupConfig(threshold=threshold, workers=workers)
     report_path = report_path or f"{out.rstrip('/')}.report.json"
     fs = filesystem(inp)
-    if fs.exists(posixpath.join(inp, MANIFEST) if inp.startswith("s3://") else os.path.join(inp, MANIFEST)):
+    if fs.exists(_manifest_of(inp)):
         source = Dataset.open(inp)
+        # Records of another kind of dataset (no `text`, no `id`) are bad records, counted
+        # as in JSONL input; the good ones are then deduplicated as a staged dataset of their
+        # own. Only the problems are kept while checking: a good dataset streams as before.
+        bad = _checked(_dataset_items(source, inp), unique_ids=False, keep=False)[1]
         parent, name = _split(out)
-        dedup.dedup_dataset(source, DatasetWriter(Storage(parent), name, dedup.output_fingerprint(cfg, source)), cfg)
+        with tempfile.TemporaryDirectory(prefix="codeworld-dedup-") as tmp:
+            if bad:
+                good = _checked(_dataset_items(source, inp), unique_ids=False)[0]
+                source = _stage(tmp, "input", good, fingerprint(
+                    CODE, "adhoc-dataset", source.manifest["fingerprint"]), shard_records)
+            dedup.dedup_dataset(source, DatasetWriter(Storage(parent), name,
+                                                      dedup.output_fingerprint(cfg, source)), cfg)
         report = json.loads(Storage(parent).sub(name).read_bytes(dedup.REPORT))
-        bad: list[str] = []
     else:
         if not inp.startswith("s3://") and os.path.isdir(inp):
             # read as JSONL it would fail with a bare IsADirectoryError
@@ -90,12 +132,8 @@ def dedup_adhoc(inp: str, out: str, *, report_path: str | None = None, threshold
                              "(its stage has not finished?) nor a JSONL file")
         records, bad = _read_jsonl(inp)
         with tempfile.TemporaryDirectory(prefix="codeworld-dedup-") as tmp:
-            staged = DatasetWriter(Storage(tmp), "input", fingerprint(CODE, "adhoc-input", inp))
-            staged.prepare()
-            infos = [staged.write(i // shard_records, records[i:i + shard_records])
-                     for i in range(0, len(records), shard_records)]
-            staged.finish(infos)
-            source = Dataset(Storage(tmp).sub("input"))
+            source = _stage(tmp, "input", records, fingerprint(CODE, "adhoc-input", inp),
+                            shard_records)
             dedup.dedup_dataset(source, DatasetWriter(Storage(tmp), "output", dedup.output_fingerprint(cfg, source)), cfg)
             kept = Dataset(Storage(tmp).sub("output"))
             body = b"".join(dumps(r) + b"\n" for r in kept)

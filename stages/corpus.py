@@ -22,10 +22,10 @@ from codeworld.config import LANGUAGES, CorpusConfig, ExecutorConfig, Params
 from codeworld.executor import Witness
 from codeworld.parallel import pool_map
 from codeworld.shards import DatasetWriter, ShardInfo, fingerprint
-from codeworld.storage import Storage
+from codeworld.storage import UNREADABLE, Storage
 from codeworld.tracking import StageRun
-from stages.corpus_sources import (Candidate, GitReader, SourceError, identity, list_candidates,
-                                   read_bytes, source_name)
+from stages.corpus_sources import (Candidate, FileHashes, GitReader, SourceError, identity,
+                                   list_candidates, read_bytes, source_name)
 
 CODE = Code(("stages.corpus",))
 
@@ -87,8 +87,8 @@ def ingest_group(g: Group) -> tuple[ShardInfo, dict]:
             else:
                 try:
                     raw = read_bytes(c, git, g.endpoint)
-                except OSError as err:
-                    _skip(counts, examples, "unreadable", c, str(err)[:200])
+                except UNREADABLE as err:   # other errors fail the stage: a rerun resumes
+                    _skip(counts, examples, "unreadable", c, (err.strerror or str(err))[:200])
                     continue
             if len(raw) > g.max_bytes:
                 _skip(counts, examples, "too_large", c, f"{len(raw)} bytes")
@@ -118,14 +118,17 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
     with StageRun("corpus", params.model_dump(include={"storage", "corpus"}),
                   params.tracking.experiment, metrics_path, track) as run_:
         with run_.timed("listing"):
-            candidates, bad, skipped = list_candidates(cfg, params.storage.s3_endpoint_url)
+            hashes = _file_hashes(storage, output)
+            candidates, bad, skipped = list_candidates(cfg, params.storage.s3_endpoint_url, hashes)
+            hashes.save()
         if not candidates:
             raise SourceError("corpus: the sources hold no file with extensions "
                               f"{cfg.extensions}: nothing to ingest" + _rejected(bad, skipped))
         # What listing rejected is part of the inputs too: a finished dataset is not reused
         # with the counts of another listing.
         fp = fingerprint(CODE, "corpus", 1, cfg.model_dump(exclude={"workers"}),
-                         [(c.source, c.path, c.size, identity(c)) for c in candidates], bad, skipped)
+                         [(c.source, c.path, c.size, c.license, identity(c)) for c in candidates],
+                         bad, skipped)
         writer = DatasetWriter(storage, output, fp)
         finished = writer.prepare()
         if finished is not None:  # same inputs and params as a finished run: nothing to redo
@@ -159,6 +162,16 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         run_.log(records=manifest["records"], shards=len(manifest["shards"]), **counts)
         run_.artifact(stats, "corpus_report.json")
         return manifest
+
+
+def _file_hashes(storage: Storage, output: str) -> FileHashes:
+    """The cache of local source files' sha256 (see FileHashes), in the storage's work area,
+    beside (not in) the dataset's own .work/NAME, which a finished run removes. With an S3
+    root there is none: its keys (paths, inodes) are this machine's, which a bucket shared by
+    machines must not hold, and an S3 run writes nothing locally; files are hashed each run."""
+    if storage.is_s3:
+        return FileHashes()
+    return FileHashes.load(storage.sub(".work"), f"file-hashes/{output}.json")
 
 
 def _rejected(bad: list[str], skipped: list[dict]) -> str:

@@ -5,19 +5,25 @@ existing shards. Listing is cheap and deterministic (sorted paths); reading happ
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
+import logging
 import os
 import platform
 import stat
 import subprocess
 import sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from codeworld.config import (CorpusConfig, DirSource, GitSource, JsonlSource,
-                              S3Source, ShardsSource, Source, StdlibSource)
+                              S3Source, ShardsSource, StdlibSource, source_name)
 from codeworld.jsonl import read_jsonl
 from codeworld.shards import Dataset, dumps
-from codeworld.storage import filesystem
+from codeworld.storage import UNREADABLE, Storage, StorageError, filesystem, read_url, transport_errors
+
+log = logging.getLogger(__name__)
 
 LICENSE_NAMES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "COPYING", "COPYING.txt")
 # Ordered: the first phrase found names the license (LGPL before GPL, PSF before BSD-like text).
@@ -49,13 +55,10 @@ class Candidate:
     license: str | None
     text: str | None = None
     extra: tuple = ()
-
-
-def source_name(src: Source) -> str:
-    if src.name:
-        return src.name
-    where = getattr(src, "path", None) or getattr(src, "url", "")
-    return PurePosixPath(where.rstrip("/")).name.split(".")[0] or src.kind
+    # What the bytes are, the same on every machine: a sha256 of the file (folders, stdlib),
+    # the git blob sha, the S3 ETag, a sha256 of a record's text and fields. A marker instead
+    # for a file never read while listing ("too large", "unreadable: ...").
+    content: str = ""
 
 
 def stdlib_dir() -> Path:
@@ -63,14 +66,77 @@ def stdlib_dir() -> Path:
 
 
 def identity(c: Candidate) -> str:
-    """Where a candidate's bytes come from, as the dataset's fingerprint names it: its locator,
-    which derives from params (a folder's, repository's or bucket's path as written there),
-    except for the stdlib, whose folder is wherever this machine installed its interpreter:
-    it is named by the interpreter's version, so the same stdlib gives the same fingerprint
-    (and manifest bytes) on every machine."""
+    """A candidate's bytes as the dataset's fingerprint names them: their content identity
+    (an edit that keeps the size still makes a new dataset), never where this machine keeps
+    them (a locator may be a machine path), so the same inputs give the same fingerprint and
+    manifest bytes on every machine. The stdlib's also names its interpreter's version."""
     if c.kind == "stdlib":
-        return f"{platform.python_implementation()} {platform.python_version()}"
-    return c.locator
+        return f"{platform.python_implementation()} {platform.python_version()} {c.content}"
+    return c.content
+
+
+class FileHashes:
+    """sha256 of local files, remembered between runs by (path, size, mtime_ns, inode,
+    ctime_ns), as DVC's state db does: a rerun re-reads only the files that changed. An entry
+    is used only when all of these match, so the cache saves time and never changes a result:
+    ctime changes on every write, even one that restores the mtime (`cp -p`, `touch -r`), and
+    a file changed in the last seconds is not remembered (a second write within one tick of
+    the file system's clock would keep every stamp). It is kept in the storage's work area,
+    written atomically; an unreadable cache is started afresh."""
+
+    FORMAT = "codeworld-file-hashes/1"
+    RECENT_NS = 2_000_000_000
+
+    def __init__(self, store: Storage | None = None, rel: str = "", known: dict | None = None):
+        self.store, self.rel = store, rel
+        self.known: dict[str, list] = known or {}
+        self.used: dict[str, list] = {}   # what this listing met: the next cache, no stale path
+
+    @classmethod
+    def load(cls, store: Storage, rel: str) -> "FileHashes":
+        try:
+            data = json.loads(store.read_bytes(rel))
+            if data.get("format") != cls.FORMAT or not isinstance(data.get("files"), dict):
+                raise ValueError(f"format {data.get('format')!r}, expected {cls.FORMAT!r}")
+            return cls(store, rel, data["files"])
+        except FileNotFoundError:
+            return cls(store, rel)
+        except (OSError, ValueError, AttributeError, RecursionError) as err:
+            log.warning("corpus: file hash cache %s unusable (%s): rehashing every file",
+                        store.path(rel), err)
+            return cls(store, rel)
+
+    def sha256(self, path: str, st: os.stat_result) -> str:
+        """sha256 of the local file `path`, whose stat is `st` (OSError when it cannot be
+        read)."""
+        entry = self.known.get(path)
+        if entry is not None and entry[:-1] == self._key(st):
+            self.used[path] = entry
+            return entry[-1]
+        with open(path, "rb") as fh:
+            key = self._key(os.fstat(fh.fileno()))   # of the bytes read, not of the listing's
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            # Changed while being read, or so recently that a next write may keep its stamps:
+            # the digest is right for this run, but not remembered.
+            if self._key(os.fstat(fh.fileno())) == key and not self._recent(key):
+                self.used[path] = [*key, digest]
+        return digest
+
+    @staticmethod
+    def _key(st: os.stat_result) -> list:
+        return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+    def _recent(self, key: list) -> bool:
+        return time.time_ns() - max(key[1], key[3]) < self.RECENT_NS
+
+    def save(self) -> None:
+        if self.store is None or self.used == self.known:
+            return
+        body = json.dumps({"format": self.FORMAT, "files": self.used}, sort_keys=True)
+        try:
+            self.store.write_bytes(self.rel, body.encode("utf-8", "surrogatepass"))
+        except OSError as err:   # only a cache: the next run rehashes
+            log.warning("corpus: cannot save the file hash cache: %s", err)
 
 
 def classify_license(text: str) -> str:
@@ -135,8 +201,33 @@ def _wanted(rel: str, cfg: CorpusConfig) -> bool:
     return not any(fnmatch.fnmatch(rel, pat) for pat in cfg.exclude)
 
 
+def _file_content(full: Path, st: os.stat_result, cfg: CorpusConfig, hashes: FileHashes) -> str:
+    """The content identity of a listed file: its sha256; a file the stage will not read (too
+    large, unreadable) is named by that, and its worker counts it so."""
+    if st.st_size > cfg.max_bytes:
+        return "too large"   # skipped unread, whatever its bytes (its size is fingerprinted)
+    try:
+        return hashes.sha256(str(full), st)
+    except UNREADABLE as err:
+        return f"unreadable: {err.strerror}"
+    except OSError as err:   # an I/O error is no property of the file: fail, a rerun resumes
+        raise StorageError(f"{full}: cannot read: {err.strerror or err}") from err
+
+
+def _symlinked_dirs(dirpath: str, dirnames: list[str], root: Path, name: str,
+                    cfg: CorpusConfig, skipped: list[dict]) -> None:
+    """Count the links to folders that os.walk lists but never enters (not followed, as links
+    to files are not), unless `exclude` names them."""
+    for d in dirnames:
+        full = Path(dirpath) / d
+        if full.is_symlink():
+            rel = full.relative_to(root).as_posix()
+            if not any(fnmatch.fnmatch(rel, pat) for pat in cfg.exclude):
+                skipped.append(skipped_entry("symlink", name, rel, _link_detail(full)))
+
+
 def _list_dir(root: Path, name: str, kind: str, cfg: CorpusConfig,
-              skipped: list[dict]) -> list[Candidate]:
+              skipped: list[dict], hashes: FileHashes) -> list[Candidate]:
     if not root.is_dir():
         raise SourceError(f"source {name!r}: {root} is not a directory")
     licenses: dict[Path, str | None] = {}
@@ -168,6 +259,7 @@ def _list_dir(root: Path, name: str, kind: str, cfg: CorpusConfig,
     out = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable):
         dirnames.sort()
+        _symlinked_dirs(dirpath, dirnames, root, name, cfg, skipped)
         for fname in sorted(filenames):
             full = Path(dirpath) / fname
             rel = full.relative_to(root).as_posix()
@@ -188,8 +280,10 @@ def _list_dir(root: Path, name: str, kind: str, cfg: CorpusConfig,
                 what = _FILE_TYPES.get(stat.S_IFMT(st.st_mode), "not a regular file")
                 skipped.append(skipped_entry("not_regular", name, rel, what))
             else:
-                out.append(Candidate(name, kind, str(full), rel, st.st_size if st else -1,
-                                     license_for(full.parent)))
+                size = st.st_size if st else -1
+                content = _file_content(full, st, cfg, hashes) if st else "missing"
+                out.append(Candidate(name, kind, str(full), rel, size, license_for(full.parent),
+                                     content=content))
     return sorted(out, key=lambda c: c.path)
 
 
@@ -225,20 +319,40 @@ def _list_git(src: GitSource, name: str, cfg: CorpusConfig, skipped: list[dict])
         if rel in LICENSE_NAMES:
             license = classify_license(_git(src.path, "cat-file", "blob", sha)[:20000].decode(errors="replace"))
             break
-    return sorted((Candidate(name, "git", f"{src.path}\0{sha}", rel, size, license)
+    return sorted((Candidate(name, "git", f"{src.path}\0{sha}", rel, size, license, content=sha)
                    for rel, sha, size in entries if _wanted(rel, cfg)), key=lambda c: c.path)
 
 
 def _list_s3(src: S3Source, name: str, cfg: CorpusConfig, endpoint: str | None) -> list[Candidate]:
     fs = filesystem(src.url, endpoint)
     base = src.url[len("s3://"):].rstrip("/")
-    found = fs.find(base, detail=True)
+    try:
+        found = fs.find(base, detail=True)
+    except FileNotFoundError:   # s3fs: the bucket does not exist
+        raise SourceError(f"source {name!r}: {src.url}: no such bucket") from None
+    except PermissionError as err:
+        raise SourceError(f"source {name!r}: {src.url}: access denied: {err}") from None
+    except transport_errors() as err:   # retries spent: a rerun may list it
+        raise StorageError(f"{src.url}: cannot list: {type(err).__name__}: {err}") from err
+    if not found:   # S3 has no empty folders: a prefix without objects is a wrong path
+        raise SourceError(f"source {name!r}: {src.url}: no object under this prefix "
+                          "(a mistyped bucket path?)")
     out = []
     for key, info in found.items():
         rel = key[len(base):].lstrip("/")
         if _wanted(rel, cfg):
-            out.append(Candidate(name, "s3", f"s3://{key}", rel, int(info.get("size", -1)), None))
+            out.append(Candidate(name, "s3", f"s3://{key}", rel, int(info.get("size", -1)), None,
+                                 content=_s3_content(fs, key, info)))
     return sorted(out, key=lambda c: c.path)
+
+
+def _s3_content(fs, key: str, info: dict) -> str:
+    """An object's ETag, from the listing (free): a new upload of other bytes has another.
+    A server that lists none: the sha256 of the object's bytes."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag {etag.strip(chr(34))}"
+    return "sha256 " + hashlib.sha256(read_url(f"s3://{key}", fs=fs)).hexdigest()
 
 
 def _record_candidate(name: str, kind: str, rec: dict, where: str) -> Candidate:
@@ -256,8 +370,9 @@ def _record_candidate(name: str, kind: str, rec: dict, where: str) -> Candidate:
             raise ValueError(f"field {key!r} is not valid UTF-8 (a lone surrogate)")
     path = str(rec.get("path") or rid)
     extra = tuple(sorted((k, rec[k]) for k in ("language", "license") if rec.get(k) is not None))
-    return Candidate(name, kind, where, path, len(text.encode("utf-8", "surrogatepass")),
-                     rec.get("license"), text, extra)
+    raw = text.encode("utf-8", "surrogatepass")
+    content = hashlib.sha256(dumps(extra) + b"\0" + raw).hexdigest()
+    return Candidate(name, kind, where, path, len(raw), rec.get("license"), text, extra, content)
 
 
 def _list_records(src: JsonlSource | ShardsSource, name: str, cfg: CorpusConfig,
@@ -284,19 +399,22 @@ def _list_records(src: JsonlSource | ShardsSource, name: str, cfg: CorpusConfig,
     return out  # language is checked per record by the ingesting worker (and counted)
 
 
-def list_candidates(cfg: CorpusConfig, endpoint: str | None = None
+def list_candidates(cfg: CorpusConfig, endpoint: str | None = None,
+                    hashes: FileHashes | None = None
                     ) -> tuple[list[Candidate], list[str], list[dict]]:
     """All candidates of all sources in params order; also the bad records met while listing,
-    and the entries skipped while listing (as `skipped_entry`: links, fifos, bad names)."""
+    and the entries skipped while listing (as `skipped_entry`: links, fifos, bad names).
+    `hashes`: the cache of local files' sha256 (none: every file is hashed)."""
+    hashes = hashes if hashes is not None else FileHashes()
     out: list[Candidate] = []
     bad: list[str] = []
     skipped: list[dict] = []
     for src in cfg.sources:
         name = source_name(src)
         if isinstance(src, StdlibSource):
-            listed = _list_dir(stdlib_dir(), name, "stdlib", cfg, skipped)
+            listed = _list_dir(stdlib_dir(), name, "stdlib", cfg, skipped, hashes)
         elif isinstance(src, DirSource):
-            listed = _list_dir(Path(src.path), name, "dir", cfg, skipped)
+            listed = _list_dir(Path(src.path), name, "dir", cfg, skipped, hashes)
         elif isinstance(src, GitSource):
             listed = _list_git(src, name, cfg, skipped)
         elif isinstance(src, S3Source):
@@ -329,8 +447,11 @@ class GitReader:
         proc.stdin.write(sha.encode() + b"\n")
         proc.stdin.flush()
         header = proc.stdout.readline().split()
+        if header[-1:] == [b"missing"]:   # counted unreadable, like a file that is gone
+            raise FileNotFoundError(f"git {repo}: object {sha} missing")
         if len(header) < 3:
-            raise OSError(f"git cat-file: {b' '.join(header).decode()}")
+            raise StorageError(f"git {repo}: cat-file answered {b' '.join(header).decode()!r} "
+                               f"for {sha}")
         data = proc.stdout.read(int(header[2]))
         proc.stdout.read(1)  # the newline after the object
         return data
@@ -342,10 +463,15 @@ class GitReader:
 
 
 def read_bytes(c: Candidate, git: GitReader, endpoint: str | None) -> bytes:
+    """The candidate's bytes. UNREADABLE errors are properties of the file (gone, not
+    permitted, a folder); any other failure is a StorageError naming it, which fails the stage
+    (a transient one: a rerun resumes) rather than being counted as a file skipped for good."""
     if c.kind == "git":
         repo, sha = c.locator.split("\0")
-        return git.read(repo, sha)
-    if c.kind == "s3":
-        return filesystem(c.locator, endpoint).cat_file(c.locator)
-    with open(c.locator, "rb") as fh:
-        return fh.read()
+        try:
+            return git.read(repo, sha)
+        except (StorageError, *UNREADABLE):
+            raise
+        except OSError as err:   # cat-file died under us (a broken pipe)
+            raise StorageError(f"git {repo}: cannot read object {sha}: {err}") from err
+    return read_url(c.locator, endpoint)

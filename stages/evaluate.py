@@ -5,12 +5,17 @@ source (pack.heldout_percent / seed): no phase has seen these programs or docume
 in `evaluate.phases` whose checkpoint exists (`checkpoints/<phase>/latest.json`) is loaded in
 this process (model/generate.py, KV-cached greedy decoding) and measured on the same set:
 
-- trace prediction (CWM Table 9): given the trace prompt (context + `main`), the model writes the
-  frames until end-of-text; codeworld/trace_metrics.py compares them with the real trace;
+- trace prediction (CWM Table 9): given the trace prompt (`<|trace_context_start|>` + context
+  with the synthetic `main` + `<|frame_sep|>`, codeworld/prompts.trace_prompt), the model writes
+  the frames, from main's first line frame, until end-of-text; codeworld/trace_metrics.py
+  compares them with the real trace;
 - output prediction, CruxEval-O style: codeworld/prompts.output_prompt, the answer's repr
   against the real return value; and the value of main's return frame in the predicted trace;
-- perplexity per pack source on held-out documents rendered as pack renders them (loss-masked
-  tokens only), in windows of `ppl_seq_length` tokens for every phase alike;
+- perplexity per pack source on held-out documents rendered and tokenised by pack's own
+  function (stages/pack.document_tokens: one end-of-text per document, the source's
+  max_document_tokens and max_tokens), loss-masked tokens only, in windows of
+  `ppl_seq_length` tokens for every phase alike; a source without a held-out document has
+  none, and its count (`ppl_documents_<name>` 0) says so;
 - rl: its reward curve and success rate, read from the phase's steps log / metrics/rl.json.
 
 Programs are drawn once (a seeded hash order among the held-out traces whose prompt + trace fit
@@ -42,6 +47,7 @@ from codeworld.trace_metrics import frame_metrics, mean_metrics, parse, teacher_
 from codeworld.tracking import StageRun
 from stages import tokenizer as tokenizer_stage
 from stages.documents import DocumentError, NotATask, render
+from stages.pack import document_tokens, too_long
 from stages.train_phase import phase_dir, read_steps
 
 # model.launch (imported through train_phase) starts training; evaluation never runs it
@@ -98,48 +104,57 @@ def heldout_programs(params: Params, storage: Storage, tok, counts: dict) -> lis
 
 
 def heldout_streams(params: Params, storage: Storage, tok, counts: dict) -> dict[str, tuple]:
-    """Per pack source: held-out documents as pack renders them, concatenated (each + EOD)
-    into (token ids, loss mask) up to ppl_max_tokens."""
-    cap = params.evaluate.ppl_max_tokens
+    """Per pack source: held-out documents as pack renders them (stages/pack.document_tokens,
+    the source's max_document_tokens applied), concatenated into (token ids, loss mask) up to
+    ppl_max_tokens, and no more than the source's own max_tokens. A source with no held-out
+    document is counted (`ppl_documents_<name>` 0) and has no perplexity."""
     out = {}
     for name, src in params.pack.sources.items():
-        ids: list[int] = []
-        mask: list[int] = []
+        cap = min(params.evaluate.ppl_max_tokens, src.max_tokens or params.evaluate.ppl_max_tokens)
         try:
-            ds = Dataset(storage.sub(src.dataset))
+            ids, mask = _source_stream(params, storage, tok, name, src, cap, counts)
         except (ShardError, FileNotFoundError, OSError) as err:
-            counts[f"ppl_missing_{name}"] = 1
-            log.warning("perplexity: source %s (%s) unreadable: %s", name, src.dataset, err)
-            continue
-        try:
-            for record in ds:
-                if len(ids) >= cap:
-                    break
-                if not heldout(corpus_id(record), params.pack.heldout_percent, params.pack.seed):
-                    continue
-                try:
-                    segments = render(record, src.format, observation_mask=src.observation_mask,
-                                      seed=params.pack.seed)
-                except NotATask:
-                    continue
-                except DocumentError:
-                    counts[f"ppl_broken_{name}"] = counts.get(f"ppl_broken_{name}", 0) + 1
-                    continue
-                for text, keep in segments:
-                    piece = tok.encode(text).ids
-                    ids += piece
-                    mask += [int(keep)] * len(piece)
-                ids.append(EOD_ID)
-                mask.append(1)
-                counts[f"ppl_documents_{name}"] = counts.get(f"ppl_documents_{name}", 0) + 1
-        except ShardError as err:  # a damaged shard: this source is left out, and said so
+            # a damaged shard or a dataset not built: this source is left out, and said so
             counts[f"ppl_missing_{name}"] = 1
             counts.pop(f"ppl_documents_{name}", None)
             log.warning("perplexity: source %s (%s) unreadable: %s", name, src.dataset, err)
             continue
+        if counts[f"ppl_documents_{name}"] == 0:
+            log.warning("perplexity: source %s (%s) has no held-out document", name, src.dataset)
         if len(ids) > 1:
             out[name] = (ids[:cap + 1], mask[:cap + 1])
     return out
+
+
+def _source_stream(params: Params, storage: Storage, tok, name: str, src, cap: int,
+                   counts: dict) -> tuple[list[int], list[int]]:
+    """One source's held-out documents, each rendered and tokenised by pack's own function,
+    concatenated until `cap` tokens; counts the documents used, broken and too long."""
+    ids: list[int] = []
+    mask: list[int] = []
+    counts[f"ppl_documents_{name}"] = 0   # zero is said too: no perplexity for lack of data
+    for record in Dataset(storage.sub(src.dataset)):
+        if len(ids) >= cap:
+            break
+        if not heldout(corpus_id(record), params.pack.heldout_percent, params.pack.seed):
+            continue
+        try:
+            segments = render(record, src.format, observation_mask=src.observation_mask,
+                              seed=params.pack.seed)
+        except NotATask:
+            continue
+        except DocumentError:
+            counts[f"ppl_broken_{name}"] = counts.get(f"ppl_broken_{name}", 0) + 1
+            continue
+        pieces = [e.ids for e in tok.encode_batch([text for text, _ in segments])]
+        doc_ids, doc_mask = document_tokens(segments, pieces, src)
+        if too_long(doc_ids, src):   # pack leaves it out of the source: so does evaluation
+            counts[f"ppl_too_long_{name}"] = counts.get(f"ppl_too_long_{name}", 0) + 1
+            continue
+        ids += doc_ids
+        mask += doc_mask
+        counts[f"ppl_documents_{name}"] += 1
+    return ids, mask
 
 
 @torch.no_grad()

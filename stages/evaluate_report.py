@@ -42,6 +42,14 @@ def _table(rows: list[tuple[str, list]], phases: list[str], first: str = "metric
     return out
 
 
+def _present(r: dict, names) -> list[tuple[int, float]]:
+    """(position, value) of each metric the phase has: one it lacks (no program with an
+    output task drawn, a summary written before the metric existed) is left out of a plot,
+    never drawn as a 0."""
+    return [(i, float(r[m])) for i, m in enumerate(names)
+            if isinstance(r.get(m), (int, float)) and not isinstance(r.get(m), bool)]
+
+
 def _plots(report: Path, doc: dict) -> list[Path]:
     try:
         import matplotlib
@@ -71,13 +79,15 @@ def _plots(report: Path, doc: dict) -> list[Path]:
             left.plot([p["step"] for p in loss], [p["loss"] for p in loss])
             left.set_title(f"{phase}: training loss")
         left.set_xlabel("step")
-        vals = [r.get(m) or 0.0 for m in names]
-        right.barh(range(len(names)), vals)
+        bars = _present(r, names)
+        right.barh([i for i, _ in bars], [v for _, v in bars])
         right.set_yticks(range(len(names)), [LABELS[m] for m in names], fontsize=7)
-        for i, v in enumerate(vals):
-            right.text(v + 0.01, i, f"{v:.2f}", va="center", fontsize=7)
+        shown = dict(bars)
+        for i in range(len(names)):
+            right.text(shown[i] + 0.01 if i in shown else 0.01, i,
+                       f"{shown[i]:.2f}" if i in shown else "n/a", va="center", fontsize=7)
+        right.set_ylim(len(names) - 0.5, -0.5)   # every label, the missing ones' rows too
         right.set_xlim(0, 1.1)
-        right.invert_yaxis()
         right.set_title(f"held-out ({r.get('programs', 0)} programs)")
         fig.tight_layout()
         files.append(_save(fig, folder / f"{phase}.png"))
@@ -87,8 +97,8 @@ def _plots(report: Path, doc: dict) -> list[Path]:
         fig, ax = plt.subplots(figsize=(10, 3.6))
         width = 0.8 / len(phases)
         for i, phase in enumerate(phases):
-            ax.bar([j + i * width for j in range(len(names))],
-                   [doc["phases"][phase].get(m) or 0.0 for m in names], width, label=phase)
+            bars = _present(doc["phases"][phase], names)
+            ax.bar([j + i * width for j, _ in bars], [v for _, v in bars], width, label=phase)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))],
                       [LABELS[m].split(" (")[0] for m in names], rotation=20, fontsize=7, ha="right")
         ax.set_ylim(0, 1)
@@ -98,6 +108,22 @@ def _plots(report: Path, doc: dict) -> list[Path]:
         files.append(_save(fig, folder / "phases.png"))
         plt.close(fig)
     return files
+
+
+def _delta(a: dict, b: dict, m: str) -> str:
+    """b − a for a metric both phases have; a missing one is no 0."""
+    if not all(isinstance(r.get(m), (int, float)) for r in (a, b)):
+        return "n/a"
+    return f"{b[m] - a[m]:+.3f}"
+
+
+def _without_perplexity(counts: dict) -> list[tuple[str, str]]:
+    """Pack sources evaluate measured no perplexity on, and why (its counts)."""
+    out = [(k[len("ppl_documents_"):], "no held-out document") for k, v in counts.items()
+           if k.startswith("ppl_documents_") and v == 0]
+    out += [(k[len("ppl_missing_"):], "dataset unreadable") for k in counts
+            if k.startswith("ppl_missing_")]
+    return sorted(out)
 
 
 def _save(fig, path: Path) -> Path:
@@ -159,18 +185,21 @@ def write_report(path: Path, doc: dict, programs: list[dict],
     if "pretrain" in res and "midtrain" in res:
         a, b = res["pretrain"], res["midtrain"]
         md += ["", "**Mid-training effect** (midtrain − pretrain, same held-out programs): " +
-               ", ".join(f"{LABELS[m]} {_fmt(a.get(m))} → {_fmt(b.get(m))} "
-                         f"({(b.get(m) or 0) - (a.get(m) or 0):+.3f})"
+               ", ".join(f"{LABELS[m]} {_fmt(a.get(m))} → {_fmt(b.get(m))} ({_delta(a, b, m)})"
                          for m in ("valid_format", "action_exact_match", "state_exact_match",
                                    "next_frame_exact", "next_action_exact", "next_state_exact",
                                    "trace_token_accuracy", "trace_nll")) + "."]
     md += ["", "## Output prediction", ""]
     md += _table([(LABELS[m], [res[p].get(m) for p in phases]) for m in OUTPUT_METRICS], phases)
     sources = sorted({k[4:] for r in res.values() for k in r if k.startswith("ppl_")})
-    if sources:
+    without = _without_perplexity(c)
+    if sources or without:
         md += ["", "## Perplexity on held-out documents (loss-masked tokens)", ""]
+    if sources:
         md += _table([(s, [res[p].get(f"ppl_{s}") for p in phases]) for s in sources], phases,
                      "pack source")
+    if without:
+        md += ["", "No perplexity: " + ", ".join(f"{s} ({why})" for s, why in without) + "."]
     if any(f.name == "phases.png" for f in files):
         md += ["", f"![phases]({path.with_suffix('').name}/phases.png)"]
     by_id = {p["id"]: p for p in programs}

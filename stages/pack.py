@@ -91,14 +91,35 @@ def _documents(ds: Dataset, src: PackSourceConfig, params: Params, counts: dict)
         yield batch
 
 
+def document_tokens(segments: list[tuple[str, bool]], pieces: list[list[int]],
+                    src: PackSourceConfig) -> tuple[list[int], list[int]]:
+    """One rendered document's (token ids, loss mask) as it goes into the pack: its segments'
+    tokens (`pieces`, one list per segment, each segment encoded apart) ended with one
+    end-of-text. Evaluation's perplexity renders held-out documents through this too."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for (_, keep), piece in zip(segments, pieces, strict=True):
+        ids += piece
+        mask += [int(keep)] * len(piece)
+    if not ids or ids[-1] != EOD_ID:   # a trace answer ends with its own end-of-text
+        # SFT: the closing end-of-text is in the loss only after an answer (a trajectory that
+        # ends on a tool result ends out of it); pre-training text always learns where it ends.
+        sft = src.format.startswith("sft_")
+        ids.append(EOD_ID)
+        mask.append(int(segments[-1][1]) if sft else 1)
+    return ids, mask
+
+
+def too_long(ids: list[int], src: PackSourceConfig) -> bool:
+    """A document the source leaves out (`max_document_tokens`)."""
+    return bool(src.max_document_tokens) and len(ids) > src.max_document_tokens
+
+
 def pack_source(name: str, src: PackSourceConfig, ds: Dataset, tok, params: Params,
                 out: Path, fp: str) -> dict:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     masked = src.format in MASKED_FORMATS
-    # SFT: the closing end-of-text is in the loss only after an answer (a trajectory that
-    # ends on a tool result ends out of it); pre-training text always learns where it ends.
-    sft = src.format.startswith("sft_")
     tmp = {k: out / f".{name}{k}.tmp" for k in (".bin", ".idx", "_mask.bin", "_mask.idx")}
     builder = IndexedDatasetBuilder(str(tmp[".bin"]), dtype=token_dtype(tok.get_vocab_size()))
     mask_builder = IndexedDatasetBuilder(str(tmp["_mask.bin"]), dtype=np.uint8) if masked else None
@@ -109,16 +130,8 @@ def pack_source(name: str, src: PackSourceConfig, ds: Dataset, tok, params: Para
         texts = [t for doc in batch for t, _ in doc]
         encoded = iter(tok.encode_batch(texts))
         for doc in batch:
-            ids: list[int] = []
-            mask: list[int] = []
-            for _, keep in doc:
-                piece = next(encoded).ids
-                ids += piece
-                mask += [int(keep)] * len(piece)
-            if not ids or ids[-1] != EOD_ID:   # a trace answer ends with its own end-of-text
-                ids.append(EOD_ID)
-                mask.append(int(doc[-1][1]) if sft else 1)
-            if src.max_document_tokens and len(ids) > src.max_document_tokens:
+            ids, mask = document_tokens(doc, [next(encoded).ids for _ in doc], src)
+            if too_long(ids, src):
                 counts["too_long"] += 1
                 continue
             if counts["tokens"] + len(ids) > cap:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from codeworld.config import TraceLimitsConfig
 from codeworld.sandbox import Limits, SandboxResult, map_requests
-from stages.tracer.frames import prompt_for
+from stages.tracer.frames import prompt_for, unpack_frames
 from stages.tracer.program import InvalidProgram, context_of
 from stages.tracer.worker import request_call as worker_call
 
@@ -32,10 +32,21 @@ _STDLIB_DISTUTILS = (Path(sysconfig.get_paths()["stdlib"]) / "distutils").is_dir
 SANDBOX_ENV = {"SETUPTOOLS_USE_DISTUTILS": "stdlib"} if _STDLIB_DISTUTILS else {}
 
 
-def sandbox_limits(cfg: TraceLimitsConfig) -> Limits:
+# Room in a response for one packed frame's kind, scope, line and brackets
+# (["exception", 12345, 12345, null, ...], ) beyond what its text already pays for.
+FRAME_OVERHEAD = 64
+
+
+def sandbox_limits(cfg: TraceLimitsConfig, frames: bool = False) -> Limits:
+    """The sandbox's limits for tracing. The response cap leaves the text (at most max_bytes,
+    JSON-escaped) four times its size; requested frames get as much again as the text itself
+    plus ``FRAME_OVERHEAD`` a frame: packed (frames.pack_frames), a frame's locals take no more
+    room than in the text, so a trace within its text limits always fits."""
+    cap = max(4 * cfg.max_bytes, 1 << 20)
+    if frames:
+        cap += cfg.max_bytes + FRAME_OVERHEAD * cfg.max_events
     return Limits(wall_seconds=cfg.wall_seconds, cpu_seconds=cfg.cpu_seconds,
-                  memory_bytes=cfg.memory_mb << 20, max_processes=8,
-                  response_bytes=max(4 * cfg.max_bytes, 1 << 20))
+                  memory_bytes=cfg.memory_mb << 20, max_processes=8, response_bytes=cap)
 
 
 def _failure(req: dict, status: str, error: str) -> dict:
@@ -48,6 +59,11 @@ def interpret(req: dict, res: SandboxResult) -> dict:
     too_long / invalid)."""
     if res.status == "ok" and isinstance(res.response, dict):
         out = dict(res.response)
+        if out.get("frames") is not None:
+            try:
+                out["frames"] = unpack_frames(out["frames"])
+            except ValueError as exc:  # (the program ran in the same process as the packer)
+                return _failure(req, "invalid", f"Invalid: {exc}")
         out.setdefault("frames", None)
         if out.get("prompt") is None and out.get("status") != "invalid":
             # left out by the sandbox (see payloads below): the same text, built here
@@ -108,4 +124,4 @@ def sandbox_results(requests: list[dict], limits: TraceLimitsConfig, workers: in
                  "too_long_text": too_long_text} for req in requests]
     return map_requests(payloads, HANDLER, workers=workers or os.cpu_count() or 1,
                         batch_size=batch_size, code_dirs={"/sandbox/lib/cwtrace": TRACER_DIR},
-                        limits=sandbox_limits(limits), env=SANDBOX_ENV)
+                        limits=sandbox_limits(limits, frames), env=SANDBOX_ENV)

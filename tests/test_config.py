@@ -75,3 +75,50 @@ def test_values_no_stage_can_use_are_refused_naming_the_key(data, needle):
     with pytest.raises(ConfigError) as err:
         parse_params(data, "p.yaml")
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("sources, needle", [
+    # two folders of one basename: their records got the same ids `lib/...`
+    ([{"kind": "dir", "path": "a/lib"}, {"kind": "dir", "path": "b/lib"}],
+     "sources[0] (dir a/lib) and sources[1] (dir b/lib) are both named 'lib'"),
+    ([{"kind": "dir", "path": "x/stdlib"}, {"kind": "stdlib"}],
+     "sources[0] (dir x/stdlib) and sources[1] (stdlib) are both named 'stdlib'"),
+    ([{"kind": "jsonl", "path": "in.jsonl"}, {"kind": "dir", "path": "q", "name": "in"}],
+     "sources[0] (jsonl in.jsonl) and sources[1] (dir q) are both named 'in'"),
+    ([{"kind": "dir", "path": ""}], "corpus.sources.0.dir.path: Value error, path must not be empty"),
+    ([{"kind": "dir", "path": "  "}], "path must not be empty"),
+])
+def test_sources_that_collide_or_name_no_folder_are_refused(sources, needle):
+    with pytest.raises(ConfigError) as err:
+        parse_params({"corpus": {"sources": sources}}, "p.yaml")
+    assert needle in str(err.value)
+
+
+def test_distinct_derived_source_names_pass():
+    p = parse_params({"corpus": {"sources": [{"kind": "dir", "path": "a/lib"},
+                                             {"kind": "dir", "path": "b/lib", "name": "lib2"}]}})
+    assert [s.path for s in p.corpus.sources] == ["a/lib", "b/lib"]
+
+
+@pytest.mark.parametrize("root, needle", [
+    ("memory://x", "memory:// is not a storage root"),
+    ("s3://", "an s3:// URL needs a bucket"),
+    ("s3:///prefix", "an s3:// URL needs a bucket"),
+    ("file://relative/x", "a file:// URL needs an absolute path"),
+])
+def test_storage_roots_that_would_lose_or_misplace_data_are_refused(root, needle):
+    with pytest.raises(ConfigError) as err:
+        parse_params({"storage": {"root": root}}, "p.yaml")
+    assert "storage.root" in str(err.value) and needle in str(err.value)
+
+
+def test_a_file_url_root_is_its_local_path(tmp_path):
+    from codeworld.storage import Storage, StorageError
+
+    assert parse_params({"storage": {"root": f"file://{tmp_path}/data/"}}).storage.root == f"{tmp_path}/data"
+    store = Storage(f"file://{tmp_path}/data")
+    store.write_bytes("a/b.txt", b"x")   # was written under ./file:/...
+    assert (tmp_path / "data" / "a" / "b.txt").read_bytes() == b"x" and store.root == f"{tmp_path}/data"
+    for bad in ("memory://x", "s3://"):
+        with pytest.raises(StorageError, match="memory://|needs a bucket"):
+            Storage(bad)

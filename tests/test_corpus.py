@@ -174,3 +174,108 @@ def test_the_stdlib_gives_the_same_dataset_wherever_it_is_installed(tmp_path, mo
     monkeypatch.setattr(corpus_sources.platform, "python_version", lambda: "3.99.0")
     other = json.loads(run_with_stdlib(usr, "c"))
     assert other["fingerprint"] != json.loads(first)["fingerprint"]
+
+
+def _texts(tmp_path) -> list[str]:
+    return [r["text"] for r in Dataset.open(str(tmp_path / "data" / "corpus"))]
+
+
+def test_an_edit_that_keeps_the_size_makes_a_new_dataset(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("x = 1\n")
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "j", "text": "y = 1\n", "path": "j.py"}) + "\n")
+    sources = [{"kind": "dir", "path": str(tmp_path / "src"), "name": "d"},
+               {"kind": "jsonl", "path": str(tmp_path / "in.jsonl"), "name": "j"}]
+    first = run_corpus(tmp_path, sources)
+    assert _texts(tmp_path) == ["x = 1\n", "y = 1\n"]
+    (tmp_path / "src" / "a.py").write_text("x = 2\n")   # same size: was "nothing to redo"
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "j", "text": "y = 2\n", "path": "j.py"}) + "\n")
+    second = run_corpus(tmp_path, sources)
+    assert _texts(tmp_path) == ["x = 2\n", "y = 2\n"]
+    assert second["fingerprint"] != first["fingerprint"]
+
+
+def test_the_file_hash_cache_rehashes_only_changed_files_and_never_changes_results(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from stages.corpus_sources import FileHashes
+
+    monkeypatch.setattr(FileHashes, "RECENT_NS", 0)   # the files here were written just now
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"m{i}.py").write_text(f"v = {i}\n")
+    hashed: list[str] = []
+    digest = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda fh, algo: hashed.append(fh.name) or digest(fh, algo))
+    sources = [{"kind": "dir", "path": str(src), "name": "s"}]
+    run_corpus(tmp_path, sources)
+    assert len(hashed) == 5
+    assert list((tmp_path / "data" / ".work" / "file-hashes").iterdir()) == [
+        tmp_path / "data" / ".work" / "file-hashes" / "corpus.json"]
+    # Same size, and the mtime put back (cp -p, touch -r): the ctime still tells the change.
+    st = os.stat(src / "m3.py")
+    (src / "m3.py").write_text("v = 9\n")
+    os.utime(src / "m3.py", ns=(st.st_atime_ns, st.st_mtime_ns))
+    hashed.clear()
+    run_corpus(tmp_path, sources)
+    assert hashed == [str(src / "m3.py")]
+    assert _texts(tmp_path) == ["v = 0\n", "v = 1\n", "v = 2\n", "v = 9\n", "v = 4\n"]
+    reference = (tmp_path / "data" / "corpus" / "manifest.json").read_bytes()
+    (tmp_path / "data" / ".work" / "file-hashes" / "corpus.json").write_text("{broken")
+    (tmp_path / "data" / "corpus" / "manifest.json").unlink()
+    run_corpus(tmp_path, sources)   # an unusable cache: everything rehashed, same dataset
+    assert (tmp_path / "data" / "corpus" / "manifest.json").read_bytes() == reference
+
+
+def test_a_jsonl_line_nested_too_deeply_is_a_bad_record(tmp_path):
+    good = json.dumps({"id": "a", "text": "x = 1\n", "path": "a.py"})
+    (tmp_path / "in.jsonl").write_text(good + "\n" + "[" * 200_000 + "\n")
+    m = run_corpus(tmp_path, [{"kind": "jsonl", "path": str(tmp_path / "in.jsonl")}])
+    assert m["records"] == 1 and m["stats"]["counts"]["bad_records"] == 1
+    assert "in.jsonl:2: not JSON this reader can parse: nested too deeply" in m["stats"]["bad_records"][0]
+
+
+def test_a_missing_file_is_unreadable_but_an_io_error_fails_the_stage_naming_it(tmp_path, monkeypatch):
+    import errno
+
+    from codeworld import storage
+    from codeworld.storage import StorageError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.py", "b.py", "gone.py"):
+        (src / name).write_text(f"# {name}\n")
+    real_open = open
+
+    def flaky_open(path, *args, **kw):
+        if str(path).endswith("gone.py"):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        if str(path).endswith("b.py"):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(storage, "open", flaky_open, raising=False)   # the workers' reads only
+    sources = [{"kind": "dir", "path": str(src), "name": "s"}]
+    with pytest.raises(StorageError, match=r"src/b\.py: cannot read: OSError: \[Errno 5\]"):
+        run_corpus(tmp_path, sources)   # was counted unreadable, and the dataset final
+    assert not (tmp_path / "data" / "corpus" / "manifest.json").exists()
+    monkeypatch.setattr(storage, "open", lambda path, *a, **kw: (   # the disk recovered
+        flaky_open if str(path).endswith("gone.py") else real_open)(path, *a, **kw))
+    m = run_corpus(tmp_path, sources)   # the rerun: only the missing file is skipped
+    assert m["records"] == 2 and m["stats"]["counts"]["skipped_unreadable"] == 1
+    assert m["stats"]["examples"] == [{"reason": "unreadable", "source": "s", "path": "gone.py",
+                                       "detail": "No such file or directory"}]
+
+
+def test_a_missing_git_object_is_unreadable_not_an_io_failure(tmp_path):
+    from stages.corpus_sources import GitReader
+
+    subprocess.run(["git", "init", "-q", str(tmp_path / "repo")], check=True)
+    git = GitReader()
+    try:
+        with pytest.raises(FileNotFoundError, match="object 0{40} missing"):
+            git.read(str(tmp_path / "repo"), "0" * 40)
+    finally:
+        git.close()

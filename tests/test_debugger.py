@@ -10,11 +10,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from codeworld.debugger import Predictor, Session, Style
-from codeworld.tokens import END_OF_TEXT
+from codeworld.tokens import END_OF_TEXT, SPECIAL_TOKENS
 from codeworld.trace_metrics import parse
 from stages.tracer import trace_call
 
@@ -130,6 +131,49 @@ def test_a_prediction_that_ends_early_is_said_and_the_real_frames_go_on(tok):
     text = out.getvalue()
     assert "! pred: (none: text after the last <|frame_sep|>" in text
     assert "real: line          c = helper(a)" in text
+
+
+class CharTokenizer:
+    """A stand-in tokenizer (special tokens whole, any other character one token): the
+    predictor's logic without a trained tokenizer."""
+
+    def __init__(self):
+        self.special = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+        self.names = {i: t for t, i in self.special.items()}
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.special.get(token)
+
+    def encode(self, text: str) -> SimpleNamespace:
+        ids, i = [], 0
+        while i < len(text):
+            token = next((t for t in self.special if text.startswith(t, i)), text[i])
+            ids.append(self.special[token] if token in self.special else 1000 + ord(token))
+            i += len(token)
+        return SimpleNamespace(ids=ids)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(self.names[i] if i in self.names else chr(i - 1000) for i in ids)
+
+
+def test_a_semantic_slip_does_not_end_the_prediction():
+    # frame 3 (`c = helper(a)`) keeps a local `z` "unchanged" that never was: a '..' with
+    # nothing to resolve to, not a broken format; one long generation (what evaluate scores)
+    # goes on past it, and so must the frame-by-frame one
+    tok = CharTokenizer()
+    r = trace_call(PROGRAM, "f(2, 3)")
+    slip = r.text.replace('{"a": "..", "b": ".."}', '{"a": "..", "b": "..", "z": ".."}', 1)
+    assert slip != r.text
+    s, out = session(tok, slip)
+    t = drive(s, out, "c\nq\n")
+    assert "not a local" in s.predictor.parsed.errors[0]
+    assert len(s.predictor.parsed.frames) == len(parse(slip + END_OF_TEXT).frames) == 11
+    assert "[frame 11, 11 real]" in t[1] and "pred: return        return f(2, 3)" in t[1]
+    # ended early after the slip: the session says the model ended, not the slip
+    cut = slip[:slip.index("<|return_sep|>")]
+    s, out = session(tok, cut)
+    drive(s, out, "c\nq\n")
+    assert "! pred: (none: the model ended its trace)" in out.getvalue()
 
 
 def test_debug_command_with_a_trained_checkpoint_through_stdin(root):

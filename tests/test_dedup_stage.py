@@ -71,3 +71,22 @@ def test_adhoc_cli_on_jsonl(tmp_path):
     assert {(r["id"], r["representative"], r["step"]) for r in report["removed"]} == {
         ("enc2", "enc", "near"), ("dec-copy", "dec", "exact")}
     assert len(report["bad_records"]) == 2 and "in.jsonl:6" in report["bad_records"][0]
+
+
+def test_adhoc_dedup_of_a_dataset_counts_records_without_text(tmp_path, monkeypatch):
+    from codeworld.shards import DatasetWriter
+    from codeworld.storage import Storage
+    from stages.adhoc import dedup_adhoc
+
+    text = (STDLIB / "json" / "decoder.py").read_text()
+    w = DatasetWriter(Storage(str(tmp_path)), "traces", "fp-of-another-stage")
+    w.prepare()
+    w.finish([w.write(0, [{"id": "a", "text": text}, {"id": "b", "trace": []},
+                          {"id": "c", "text": text}, {"text": "no id"}])])
+    monkeypatch.chdir(tmp_path)
+    dedup_adhoc("traces", "out", workers=1)   # was a bare KeyError: 'text'
+    assert [r["id"] for r in Dataset.open(str(tmp_path / "out"))] == ["a"]
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert report["bad_records"] == ["traces#1: needs string field 'text' and field 'id'",
+                                     "traces#3: needs string field 'text' and field 'id'"]
+    assert report["stats"]["removed_exact"] == 1

@@ -8,11 +8,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from codeworld.config import ConfigError, parse_params
-from codeworld.tokens import END_OF_TEXT, TRACE_TOKENS
+from codeworld.storage import Storage
+from codeworld.tokens import END_OF_TEXT, SPECIAL_TOKENS, TRACE_TOKENS
 from codeworld.trace_metrics import frame_metrics, mean_metrics, parse, teacher_forced
 from stages.tracer import trace_call
 
@@ -71,7 +73,7 @@ def test_parser_resolves_real_traces_to_the_tracers_own_frames(code, call):
     r = real(code, call)
     parsed = parse(r.text + END_OF_TEXT)
     assert parsed.valid, parsed.errors
-    frames = r.frames[1:]   # main's call frame is the prompt's, not the trace's
+    frames = r.frames[1:]   # main's call frame is in no text: traces start at its first line
     assert len(parsed.frames) == len(frames)
     for p, f in zip(parsed.frames, frames):
         assert (p.kind, p.source) == (f.kind, f.source)
@@ -144,6 +146,35 @@ def test_a_cut_prediction_keeps_credit_for_its_frames_but_is_invalid():
     assert m["state_exact_match"] == pytest.approx(4 / 6)
 
 
+def test_a_prediction_that_never_ends_is_not_exact_and_has_no_output():
+    # the parser stops at main's exit and keeps a cut prediction's frames: right frames alone
+    # must not pass for a trace that ends where the real one does
+    text = _synthetic(4)
+    body = text.replace(END_OF_TEXT, "")
+    runs_on = body + f"{LINE}{{}}{ACT}    x\n{FRAME}"
+    for pred in (body, runs_on, runs_on + END_OF_TEXT, body + "tail" + END_OF_TEXT):
+        p = parse(pred)
+        m = frame_metrics(p, parse(text), "4")
+        assert m["action_exact_match"] == 1.0 and m["state_exact_match"] == 1.0
+        assert m["valid_format"] == 0.0
+        assert m["trace_exact_match"] == 0.0 and m["output_from_trace"] == 0.0
+        assert not p.finished
+
+
+def test_a_finished_trace_with_a_bad_same_keeps_its_output_but_is_not_exact():
+    # a '..' with nothing to resolve to is a semantic slip (invalid), not an unended trace:
+    # main's return value is written in full, so the output still counts
+    truth = (f"{LINE}{{}}{ACT}    return f()\n{FRAME}{CALL}{{}}{ACT}def f():\n{FRAME}"
+             f"{LINE}{{}}{ACT}    c = 1\n{FRAME}{LINE}{{\"c\": \"1\"}}{ACT}    return c\n{FRAME}"
+             f"{RET}{ACT}    return c\n{ARG}\"1\"{FRAME}{RET}{ACT}    return f()\n{ARG}\"1\"{FRAME}"
+             f"{END_OF_TEXT}")
+    p = parse(truth.replace('{"c": "1"}', '{"c": ".."}'))
+    m = frame_metrics(p, parse(truth), "1")
+    assert m["valid_format"] == 0.0 and m["trace_exact_match"] == 0.0
+    assert m["output_from_trace"] == 1.0
+    assert p.finished and not p.valid and "not a local" in p.errors[0]
+
+
 def test_bad_frames_are_reported():
     assert "'..' in a call frame" in parse(f"{CALL}{{\"a\": \"..\"}}{ACT}def f(a):\n{FRAME}").errors[0]
     assert "not a local" in parse(f"{LINE}{{\"z\": \"..\"}}{ACT}    x\n{FRAME}").errors[0]
@@ -181,6 +212,84 @@ def test_teacher_forced_next_frame_metrics_split_action_and_state():
 
 def test_mean_metrics_averages_each_metric_over_the_programs_that_have_it():
     assert mean_metrics([{"a": 1.0, "o": 1.0}, {"a": 0.0}]) == {"a": 0.5, "o": 1.0}
+
+
+class CharTokenizer:
+    """A stand-in tokenizer: every special token whole (end-of-text is id 0, as in the real
+    one), every other character one token; enough to see how documents become a stream."""
+
+    def __init__(self):
+        self.special = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+
+    def encode(self, text: str) -> SimpleNamespace:
+        return SimpleNamespace(ids=[self.special.get(text[a:b], 1000 + ord(text[a]))
+                                    for a, b in _char_tokens(text)])
+
+    def encode_batch(self, texts: list[str]) -> list[SimpleNamespace]:
+        return [self.encode(t) for t in texts]
+
+
+def _program_records(n: int) -> list[dict]:
+    """Trace records (no end-of-text of their own), every other one with a long context."""
+    out = []
+    for i in range(n):
+        pad = "# padding\n" * 20 if i % 2 else ""
+        prompt = f"{CTX}{pad}def f():\n    return {i}\n\ndef main():\n    return f()\n{FRAME}"
+        trace = (f"{LINE}{{}}{ACT}    return f()\n{FRAME}{CALL}{{}}{ACT}def f():\n{FRAME}"
+                 f"{LINE}{{}}{ACT}    return {i}\n{FRAME}"
+                 f"{RET}{ACT}    return {i}\n{ARG}\"{i}\"{FRAME}"
+                 f"{RET}{ACT}    return f()\n{ARG}\"{i}\"{FRAME}")
+        out.append({"id": f"p{i}", "prompt": prompt, "trace": trace, "status": "ok",
+                    "provenance": {"corpus_id": f"prog/{i}.py"}})
+    return out
+
+
+def test_perplexity_streams_are_the_documents_pack_would_write(tmp_path):
+    from codeworld.split import corpus_id, heldout
+    from stages.documents import render
+    from stages.evaluate import heldout_streams
+    from stages.pack import document_tokens, too_long
+    from tests.train_fixtures import write_dataset
+
+    records = _program_records(24)
+    write_dataset(tmp_path, "traces", records)
+    # a source none of whose records is held out: no perplexity, and the summary says so
+    write_dataset(tmp_path, "dedup", [{"id": f"c{i}", "text": "x = 1\n"} for i in range(40)
+                                      if not heldout(f"c{i}", 50.0)])
+    short = 200
+    params = parse_params({"storage": {"root": str(tmp_path)}, "pack": {
+        "heldout_percent": 50.0, "sources": {
+            "code": {"dataset": "dedup", "format": "code"},
+            "traces": {"dataset": "traces", "format": "trace"},
+            "traces_short": {"dataset": "traces", "format": "trace", "max_document_tokens": short},
+            "sft_trace": {"dataset": "traces", "format": "sft_trace"},
+            "traces_capped": {"dataset": "traces", "format": "trace", "max_tokens": 50}}},
+        "evaluate": {"ppl_max_tokens": 100_000}}, "p.yaml")
+    tok = CharTokenizer()
+    counts: dict = {}
+    streams = heldout_streams(params, Storage(str(tmp_path)), tok, counts)
+    held = [r for r in records if heldout(corpus_id(r), 50.0)]
+    assert held and len(held) < len(records)
+    for name in ("traces", "traces_short", "sft_trace"):
+        src = params.pack.sources[name]
+        ids, mask = [], []
+        for r in held:
+            segments = render(r, src.format)
+            doc = document_tokens(segments, [tok.encode(t).ids for t, _ in segments], src)
+            if not too_long(doc[0], src):
+                ids += doc[0]
+                mask += doc[1]
+        assert streams[name] == (ids, mask), name
+    # the SFT answer ends with its own end-of-text: not a second one in the loss
+    ids, mask = streams["sft_trace"]
+    assert not any(ids[i] == ids[i - 1] == 0 for i in range(1, len(ids)))
+    # max_document_tokens leaves the long programs out, as pack does
+    assert streams["traces_short"] != streams["traces"]
+    assert counts["ppl_too_long_traces_short"] == sum(i % 2 for i in range(24)
+                                                      if records[i] in held)
+    assert "code" not in streams and counts["ppl_documents_code"] == 0
+    # no more held-out tokens than the source packs (the window's last target included)
+    assert streams["traces_capped"][0] == streams["traces"][0][:51]
 
 
 def test_evaluate_params_are_checked(tmp_path):

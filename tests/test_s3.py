@@ -305,3 +305,64 @@ def test_s3_source_is_ingested(s3_endpoint, s3_bucket, s3_client, tmp_path):
     assert recs[0]["text"].encode() == a and recs[1]["text"].encode() == b
     assert recs[1]["sha256"] == hashlib.sha256(b).hexdigest() and recs[1]["size"] == len(b)
     assert all(r["language"] == "python" for r in recs)
+
+
+# --- S3 corpus sources -------------------------------------------------------------------------
+def s3_source_params(tmp_path: Path, endpoint: str, url: str, **storage) -> Params:
+    return load_params(write_params(tmp_path / "s3src.yaml", tmp_path / "data",
+                                    [{"kind": "s3", "url": url, "name": "s"}],
+                                    storage={"s3_endpoint_url": endpoint, **storage}))
+
+
+def test_a_missing_s3_prefix_or_bucket_is_a_source_error_naming_it(s3_endpoint, s3_bucket, s3_client, tmp_path):
+    from stages.corpus_sources import SourceError
+
+    put(s3_client, s3_bucket, "src/m.py", b"y = 2\n")
+    for url, why in ((f"{s3_bucket}/srcTYPO", "no object under this prefix"),   # was a warning
+                     (f"{s3_bucket}-nobucket/src", "no such bucket")):          # a bare FileNotFoundError
+        with pytest.raises(SourceError, match=f"source 's': {url}: {why}"):
+            corpus.run(s3_source_params(tmp_path, s3_endpoint, url), track=False, metrics_path=None)
+
+
+def test_a_same_size_edit_of_an_s3_source_object_makes_a_new_dataset(s3_endpoint, s3_bucket, s3_client, tmp_path):
+    put(s3_client, s3_bucket, "src/m.py", b"y = 1\n")
+    params = s3_source_params(tmp_path, s3_endpoint, f"{s3_bucket}/src")
+    corpus.run(params, track=False, metrics_path=None)
+    put(s3_client, s3_bucket, "src/m.py", b"y = 2\n")   # same size: a new ETag
+    corpus.run(params, track=False, metrics_path=None)
+    assert [r["text"] for r in Dataset.open(str(tmp_path / "data" / "corpus"))] == ["y = 2\n"]
+
+
+def test_a_transient_s3_read_error_fails_the_stage_and_a_rerun_resumes(s3_endpoint, s3_bucket, s3_client,
+                                                                       tmp_path, monkeypatch):
+    from codeworld.storage import StorageError
+    from tests.fault_proxy import FaultProxy
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")   # botocore's retries, quickly spent
+    put(s3_client, s3_bucket, "src/a.py", b"a = 1\n")
+    put(s3_client, s3_bucket, "src/b.py", b"b = 2\n")
+    with FaultProxy(s3_endpoint) as proxy:
+        params = s3_source_params(tmp_path, proxy.url, f"{s3_bucket}/src")
+        proxy.fail("internal", None, match=lambda method, key: method == "GET" and key.endswith("src/b.py"))
+        with pytest.raises(StorageError, match=f"{s3_bucket}/src/b.py: cannot read"):
+            corpus.run(params, track=False, metrics_path=None)   # was "unreadable", and final
+        assert not (tmp_path / "data" / "corpus" / "manifest.json").exists()
+        proxy.heal()
+        m = corpus.run(params, track=False, metrics_path=None)
+    assert m["records"] == 2 and "skipped_unreadable" not in m["stats"]["counts"]
+
+
+def test_adhoc_corpus_takes_s3_jsonl_and_s3_datasets_by_what_they_are(s3_endpoint, s3_bucket, s3_client,
+                                                                      tmp_path, monkeypatch):
+    from stages.adhoc import corpus_adhoc
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)   # how the CLI is pointed at a server
+    put(s3_client, s3_bucket, "in.jsonl", (json.dumps({"id": "a", "text": "x = 1\n", "path": "a.py"}) + "\n").encode())
+    m = corpus_adhoc([f"{s3_bucket}/in.jsonl"], str(tmp_path / "from-jsonl"), workers=1)
+    assert m["records"] == 1 and m["stats"]["sources"] == {"src0": 1}   # was listed as a prefix: 0
+    w = DatasetWriter(Storage(f"{s3_bucket}/sets", s3_endpoint), "ds", "fp")
+    w.prepare()
+    w.finish([w.write(0, [{"id": "b", "text": "y = 2\n", "path": "b.py"}])])
+    m = corpus_adhoc([f"{s3_bucket}/sets/ds"], str(tmp_path / "from-shards"), workers=1)
+    assert m["records"] == 1   # was listed as a prefix of .tar and .json files: nothing to ingest
+    assert [r["id"] for r in Dataset.open(str(tmp_path / "from-shards"))] == ["src0/b.py"]

@@ -157,3 +157,59 @@ def test_a_pin_of_another_roots_dataset_is_not_read_nor_taken_as_finished(tmp_pa
     assert list(Dataset.open(str(tmp_path / "elsewhere" / "ds"))) == RECORDS
     m = write(tmp_path / "data", fp="fp1", chunks=(25,))   # prepare() did not return the pin
     assert "location" not in m and list(Dataset.open(str(tmp_path / "data" / "ds"))) == RECORDS
+
+
+def test_a_symlinked_root_is_the_same_place_not_a_pin_of_another(tmp_path):
+    """data/ linked to a bigger disk, storage.root naming that disk: the dataset's manifest is
+    data/ds/manifest.json itself, so no pin may overwrite it (it then read as a pin of
+    another root, and the dataset as unreadable)."""
+    from codeworld.shards import pin_manifest, pinned_elsewhere
+
+    m = write(tmp_path / "disk", fp="fp1")
+    os.symlink(tmp_path / "disk", tmp_path / "data")
+    before = (tmp_path / "disk" / "ds" / "manifest.json").read_bytes()
+    pin_manifest(Storage(str(tmp_path / "disk")), "ds", m, local_root=str(tmp_path / "data"))
+    assert (tmp_path / "disk" / "ds" / "manifest.json").read_bytes() == before
+    for path in ("data", "disk"):
+        assert list(Dataset.open(str(tmp_path / path / "ds"))) == RECORDS
+    pin = {**m, "location": str(tmp_path / "disk" / "ds")}
+    assert pinned_elsewhere(pin, Storage(str(tmp_path / "data" / "ds"))) is None
+    assert pinned_elsewhere(pin, Storage(str(tmp_path / "other" / "ds"))) == pin["location"]
+
+
+def test_a_completion_record_without_meta_is_redone(tmp_path):
+    w = DatasetWriter(Storage(str(tmp_path)), "ds", "fp1")
+    w.prepare()
+    info = w.write(0, RECORDS[:10], {"n": 10})
+    side = os.path.join(w.work.root, "shard-00000.tar.json")
+    with open(side, "w") as f:
+        json.dump({"fingerprint": "fp1", "shard": {"name": info.name, "sha256": info.sha256,
+                                                   "records": info.records, "bytes": info.bytes}}, f)
+    assert w.completed(0) is None
+
+
+@pytest.mark.parametrize("body, needle", [
+    (b"[1, 2]\n", "a JSON list, expected an object"),
+    (b'"x"\n', "a JSON str, expected an object"),
+    (b"[" * 100_000, "not valid JSON"),
+])
+def test_a_manifest_that_is_no_object_is_a_shard_error(tmp_path, body, needle):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "manifest.json").write_bytes(body)
+    with pytest.raises(ShardError, match=needle) as err:
+        Dataset.open(str(tmp_path / "ds"))
+    assert "ds/manifest.json" in str(err.value)
+
+
+def test_a_record_nested_too_deeply_is_a_corrupt_shard():
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = b"[" * 200_000
+        member = tarfile.TarInfo("00000-0000000.json")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    with pytest.raises(ShardError, match="where.tar: corrupt shard: a record is nested too deeply"):
+        decode_shard(buf.getvalue(), "where.tar")

@@ -186,3 +186,17 @@ def test_unlistable_folder_is_counted_and_unlistable_root_is_fatal(tmp_path, mon
     assert "locked/hidden.py" not in records(tmp_path) and "decoder.py" in records(tmp_path)
     with pytest.raises(SourceError, match=r"source 'locked': cannot list \S+/locked: Permission denied"):
         run_corpus(tmp_path, [{"kind": "dir", "path": str(locked)}])
+
+
+def test_a_symlinked_folder_is_counted_not_dropped_silently(tmp_path):
+    src = small_tree(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "b.py").write_text("b = 2\n")
+    (src / "linkdir").symlink_to(other)               # os.walk lists it, never enters it
+    (src / "skipme").symlink_to(other)
+    m = run_corpus(tmp_path, [{"kind": "dir", "path": str(src), "name": "s"}], corpus={"exclude": ["skip*"]})
+    assert m["stats"]["counts"]["skipped_symlink"] == 1
+    assert {"reason": "symlink", "source": "s", "path": "linkdir",
+            "detail": "symlink, not followed"} in m["stats"]["examples"]
+    assert not any(p.startswith("linkdir") for p in records(tmp_path))

@@ -163,3 +163,21 @@ def test_a_value_showing_the_harness_is_dropped():
     kept, meta = traces.trace_group(cases, cfg, set())
     assert [r["id"] for r in kept] == ["plain"]
     assert meta["counts"]["exposes_harness"] == 1 and meta["counts"]["status_ok"] == 2
+
+
+def test_frames_of_a_trace_within_the_text_limits_come_back_whole():
+    # every local repeated at every frame used to pass the response cap (6 MB of frames for
+    # 0.9 MB of text): such a trace came back too_long with frames, ok without
+    from codeworld.config import TraceLimitsConfig
+    from stages.trace_runner import trace_requests
+    from stages.tracer import trace_call
+    from tests.test_tracer import BIG_FRAMES
+
+    req = {"id": 1, "code": BIG_FRAMES["code"], "call": BIG_FRAMES["call"]}
+    plain, framed = (trace_requests([req], TraceLimitsConfig(), workers=1, batch_size=1,
+                                    frames=frames)[0] for frames in (False, True))
+    assert framed["status"] == plain["status"] == "ok" and framed["trace"] == plain["trace"]
+    want = trace_call(req["code"], req["call"])
+    assert framed["trace"] == want.text
+    assert framed["frames"] == [{"kind": f.kind, "scope": f.scope, "line": f.line,
+                                 "locals": f.locals, "value": f.value} for f in want.frames]

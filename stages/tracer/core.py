@@ -18,8 +18,9 @@ Events -> frames:
 * line: before a line runs (the text writes ``..`` for unchanged values, the structured frame
   keeps full reprs). Locals are in the order of 3.11's ``f_locals`` dict (a name keeps its place
   while bound; a new or re-bound one goes last), emulated on 3.13 where that order changed;
-* return: a return, or a generator's ``yield`` (VALUE = the yielded value; the scope stays alive
-  and its next ``next()`` emits a call frame again);
+* return: a return, or a generator's ``yield`` (VALUE = the yielded value, an async generator's
+  too; the scope stays alive and its next ``next()`` emits a call frame again, at the line it
+  resumes at, even for a generator started before main);
 * exception: an exception is raised in, or propagates into, a scope; VALUE = ``repr(exc)``,
   e.g. ``"ZeroDivisionError('division by zero')"``. A scope left by an exception gets no return
   frame; a re-raise at the end of a ``finally`` emits nothing either (as in Python 3.11).
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import builtins
 import dis
+import gc
 import sys
 import threading
 from operator import is_ as _is
@@ -52,8 +54,9 @@ from .frames import (_KEYS, _SAME, ACTION_SEP, ARG_SEP, CALL, CALL_SEP, EXCEPTIO
                      FRAME_SEP, LINE, LINE_SEP, RETURN, RETURN_SEP, TraceLimits, TraceResult, _enc,
                      _key, prompt_for)
 from .program import ITER_NAME, CodeInfo, InvalidProgram, Program, compile_program
-from .reprs import (_ADDRESS, _BIG, _PLAIN, _SCALARS, MARKER, error_text, exception_repr,
-                    address_ordered_set_repr, long_sequence_prefix, repr_failed, safe_repr)
+from .reprs import (_ADDRESS, _BIG, _PLAIN, _SCALARS, MARKER, address_ordered_set_repr,
+                    error_text, exception_repr, long_sequence_prefix, nested_ordered_repr,
+                    repr_failed, safe_repr)
 
 _SEQS = (list, tuple)
 
@@ -66,6 +69,7 @@ YIELD_OPS = frozenset(_OP[n] for n in ("YIELD_VALUE", "RESUME") if n in _OP)
 # (END_SEND) report its internal StopIteration as an exception event; sys.monitoring does not.
 SEND_OPS = frozenset(_OP[n] for n in ("SEND", "END_SEND") if n in _OP)
 _NO_INTERRUPT = _OP.get("JUMP_BACKWARD_NO_INTERRUPT", -1)
+_RESUME = _OP["RESUME"]
 _TOOL_NAME = "codeworld-tracer"
 # 3.11/3.12 keep one f_locals dict per frame: a name keeps its place while bound, a new or
 # re-bound one goes last. 3.13 (PEP 667) gives a view in slot order: the recorder emulates the
@@ -73,6 +77,14 @@ _TOOL_NAME = "codeworld-tracer"
 _EMULATE_ORDER = sys.version_info >= (3, 13)
 TOO_DEEP = ("RecursionError: the recursion limit was reached while tracing (where it is reached "
              "depends on the tracer's own stack use, so the trace would not be the program's)")
+
+
+def _resumed(frame, info: CodeInfo) -> bool:
+    """Is the frame resuming after a yield or await? Entering a scope stops at its first
+    ``RESUME`` (oparg 0), resuming at the one after the suspension point (oparg > 0); a frame's
+    f_lasti alone cannot tell, since cell set-up or RETURN_GENERATOR may come before the first."""
+    code, i = info.code_bytes, frame.f_lasti
+    return 0 <= i < len(code) - 1 and code[i] == _RESUME and code[i + 1] != 0
 
 
 class TraceStop(BaseException):
@@ -91,6 +103,18 @@ _IMMUTABLE = frozenset({int, float, bool, complex, type(None), str, bytes})
 _HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE
 _OBJECT_REPR = object.__repr__
 _ANY_LENGTH = sys.maxsize
+
+# An async generator's ``yield v`` reaches the tracer as v wrapped in a C object of CPython's
+# (repr ``<async_generator_wrapped_value object>``); no attribute leads to v, but the
+# wrapper's one GC referent is v.
+_WRAPPED = "async_generator_wrapped_value"
+
+
+def _unwrapped(value):
+    if type(value).__flags__ & _HEAPTYPE:   # a class of the program's that took the name
+        return value
+    inner = gc.get_referents(value)
+    return inner[0] if len(inner) == 1 else value
 
 
 def _entry(value, t, text: str, shown: int) -> tuple | None:
@@ -143,6 +167,10 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int,
                     text = ordered   # address-ordered elements, sorted (reprs.py)
                 else:
                     text = repr(value)
+                    if (t is dict or t is list or t is tuple) and \
+                            text.find("{", 1 if t is dict else 0) >= 0 and \
+                            (ordered := nested_ordered_repr(value, text, limit)) is not None:
+                        text = ordered   # the same for sets inside it (any inner "{")
             except Exception as exc:  # a user __repr__, or an int over the str-conversion limit
                 text = repr_failed(value, exc)
                 entry = None  # (that limit is a setting the program may change)
@@ -301,7 +329,9 @@ class Recorder:
                      self.last_locals, self.next_scope)
         scope = self.scopes.get(frame)
         if scope is None:
-            line = info.def_line
+            # a generator started before tracing (outside main) resumes where it stopped, as
+            # one started inside main does
+            line = frame.f_lineno if _resumed(frame, info) else info.def_line
             scope = self.new_scope(frame)
         else:
             line = frame.f_lineno
@@ -325,6 +355,8 @@ class Recorder:
         """A return, or a generator's yield (the scope stays alive)."""
         if yielded:
             scope = self.scopes.get(frame, -1)
+            if type(value).__name__ == _WRAPPED:
+                value = _unwrapped(value)
         else:
             scope = self.end_scope(frame)
             if scope == 0:

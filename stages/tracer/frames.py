@@ -142,5 +142,64 @@ def render(frames: list[Frame]) -> str:
     return "".join([r.add(f) for f in frames])
 
 
+# Structured frames leave the sandbox packed: a frame repeats every local in full, so a trace
+# within max_bytes of text could need many times that as plain frames (big.py of the tracer
+# audit: 963 KB of text, 7.1 MB of frames). Packed, a local whose repr is the one it had in
+# the same scope's previous call/line frame is written 0 (never a repr: reprs are strings),
+# so the frames take no more room than the text, where such a value is ".." or longer.
+_KINDS = (CALL, LINE, RETURN, EXCEPTION)
+
+
+def pack_frames(records) -> list[list]:
+    """``[kind, scope, line, locals, value]`` per record ``(kind, scope, line, locals, value)``
+    (:attr:`TraceResult._records`), locals packed as above (:func:`unpack_frames` undoes it)."""
+    last: dict[int, dict] = {}  # scope -> its latest call/line locals
+    out = []
+    for kind, scope, line, loc, value in records:
+        if loc is not None:
+            prev = last.get(scope)
+            last[scope] = loc
+            if prev:
+                loc = {k: 0 if prev.get(k) == v else v for k, v in loc.items()}
+        out.append([kind, scope, line, loc, value])
+    return out
+
+
+def unpack_frames(packed: object) -> list[dict]:
+    """The frames of :func:`pack_frames`' output as dicts (kind, scope, line, locals, value),
+    every local in full; unchanged reprs are shared, not copied, so memory stays near the
+    packed size. Raises ValueError on anything malformed (it crossed the sandbox boundary)."""
+    if type(packed) is not list:
+        raise ValueError("frames: not a list")
+    last: dict[int, dict] = {}
+    out = []
+    for item in packed:
+        if type(item) is not list or len(item) != 5:
+            raise ValueError("frames: an entry is not [kind, scope, line, locals, value]")
+        kind, scope, line, loc, value = item
+        if kind not in _KINDS or type(scope) is not int or type(line) is not int or \
+                not (value is None or type(value) is str):
+            raise ValueError("frames: bad kind, scope, line or value")
+        if loc is not None:
+            loc = _unpack_locals(loc, last.get(scope, {}))
+            last[scope] = loc
+        out.append({"kind": kind, "scope": scope, "line": line, "locals": loc, "value": value})
+    return out
+
+
+def _unpack_locals(loc: object, prev: dict) -> dict[str, str]:
+    if type(loc) is not dict:
+        raise ValueError("frames: locals not an object")
+    full = {}
+    for k, v in loc.items():
+        if type(v) is str:
+            full[k] = v
+        elif type(v) is int and v == 0 and k in prev:
+            full[k] = prev[k]
+        else:
+            raise ValueError(f"frames: bad value for local {k!r}")
+    return full
+
+
 def prompt_for(context: str) -> str:
     return TRACE_CONTEXT_START + context + FRAME_SEP

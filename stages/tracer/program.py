@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import dis
+import inspect
 import re
 import sys
 from collections import OrderedDict
@@ -160,12 +161,18 @@ def code_info(code: CodeType, lines: list[str]) -> CodeInfo:
 
 
 def _def_line(code: CodeType, lines: list[str]) -> int:
+    """A decorated def or class starts (``co_firstlineno``) at its first decorator; its call
+    frame shows its own ``def``/``class`` line. A lambda or comprehension written on a decorator
+    line (``@deco(key=lambda v: v)``) starts there too, and that line is its own."""
     first = code.co_firstlineno
-    if 0 < first <= len(lines) and lines[first - 1].lstrip().startswith("@"):
-        for n in range(first, min(len(lines), first + 50)):
-            s = lines[n].lstrip()
-            if s.startswith(("def ", "async def ", "class ")):
-                return n + 1
+    name = code.co_name
+    if name.startswith("<") or not 0 < first <= len(lines) or \
+            not lines[first - 1].lstrip().startswith("@"):
+        return first
+    header = re.compile(r"[ \t]*(?:async[ \t]+def|def|class)[ \t]+" + re.escape(name) + r"\b")
+    for n in range(first, min(len(lines), first + 50)):
+        if header.match(lines[n]):
+            return n + 1
     return first
 
 
@@ -285,9 +292,21 @@ def context_of(code: str, call: str) -> str:
     return _context(_normalise(code), _check_call(call))
 
 
+# A ``yield`` in the call makes main a generator (``await`` outside async code does not
+# compile): calling it would run nothing, giving an empty "ok" trace.
+_SUSPENDS = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def _check_main(main_code: CodeType) -> None:
+    if main_code.co_flags & _SUSPENDS:
+        raise InvalidProgram("call holds 'yield': the entry point main would be a generator, "
+                             "and calling it runs nothing")
+
+
 def _program(body: _Body, call: str, modules: tuple[CodeType, ...], main_code: CodeType,
              entry_codes: list[CodeType], entry_infos: dict[int, CodeInfo],
              rewritten: bool) -> Program:
+    _check_main(main_code)
     _check_entry(entry_codes)
     lines = body.lines + ["\n", ENTRY_HEADER, "    return " + call + "\n"] if body.lines else \
         [ENTRY_HEADER, "    return " + call + "\n"]

@@ -4,12 +4,14 @@ A trace is training data, so the same program must give the same text on every r
 machine. Three things in a plain ``repr`` break that or blow up the size:
 
 * memory addresses (``<foo.Bar object at 0x7f3a...>``): every `` at 0x<hex>`` followed by
-  ``>``, ``;``, ``:``, ``,`` or ``)`` is removed, giving ``<foo.Bar object>``, ``<function f>``,
-  ``<list_iterator object>``, ``<generator object gen>``, ``<weakref; to 'A'>``;
+  ``>``, ``;``, ``:``, ``,``, ``)`` or a space is removed, giving ``<foo.Bar object>``,
+  ``<function f>``, ``<list_iterator object>``, ``<generator object gen>``, ``<weakref; to 'A'>``,
+  ``<weakproxy to A>``, ``<Future state=pending>``;
 * Python 3.11+'s ``str_ascii_iterator`` (an implementation detail of ASCII strings): written
   ``str_iterator``, the name CWM's own traces use for iterating a ``str``;
 * sets whose order may follow addresses (an element hashed by identity, or by a ``__hash__``
-  of its own class, which may be object's underneath): elements sorted by repr;
+  of its own class, which may be object's underneath): elements sorted by repr, at top level
+  and inside lists, tuples and dicts (within a search bound, see ``_address_ordered_sets``);
 * very long values: the first ``limit`` characters are kept and ``...<truncated>`` is
   appended. A long list or tuple of scalars is not repr'd whole: its repr is built element by
   element only until it passes the limit (the same prefix, a fraction of the cost: such a local
@@ -23,13 +25,17 @@ container only text matching the address pattern above would be.
 from __future__ import annotations
 
 import enum
+import gc
 import re
+import sys
+from itertools import compress
 
 DEFAULT_MAX_REPR = 200
 
-# " at 0x7f3a..." before the end of a repr or a separator: <f at 0x..>, <weakref at 0x..; to ..>,
-# <cell at 0x..: int object at 0x..>. Not before a quote, so a str inside a list stays as it is.
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+(?=[>;:,)])")
+# " at 0x7f3a..." before the end of a repr, a separator or more words: <f at 0x..>,
+# <weakref at 0x..; to ..>, <cell at 0x..: int object at 0x..>, <weakproxy at 0x.. to A>,
+# <Future at 0x.. state=pending>. Not before a quote, so a str ending so inside a list stays.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+(?=[>;:,) ])")
 # Types whose repr never carries an address: skip the scrub checks for them.
 _PLAIN = frozenset({int, float, bool, complex, type(None), str, bytes})
 
@@ -93,16 +99,38 @@ def scrub(text: str) -> str:
 # is its address, and so is an empty range's, which hashes None.) A class's own __hash__ is
 # not trusted: more-itertools' tests hash a str subclass with `super.__hash__(self)`, the
 # address again.
-_VALUE_HASHES = frozenset(t.__hash__ for t in (int, float, complex, str, bytes))
+_VALUE_HASHES = {t.__hash__ for t in (int, float, complex, str, bytes)}
 _VALUE_HASHES |= {enum.Enum.__hash__}   # hash(member name)
+# Standard-library types hashed from their value too: Fraction and timedelta (ints), Decimal
+# (its value; but a NaN hashes by identity), date/datetime/time (their bytes, through the
+# bytes hash: fixed by the pinned seed like str's; an aware one hashes its UTC fields). Their
+# modules are not imported here (a sandbox start would pay for them): a set can hold one only
+# once its module is loaded, and then its __hash__ joins _VALUE_HASHES at first sight.
+_LATER = (("fractions", "Fraction"), ("decimal", "Decimal"), ("datetime", "date"),
+          ("datetime", "datetime"), ("datetime", "time"), ("datetime", "timedelta"))
+_NAN_HASHES: set = set()   # Decimal's: value-hashed unless the value is a NaN
+
+
+def _later_value_hash(h) -> bool:
+    """Is ``h`` the __hash__ of one of the loaded ``_LATER`` types? (Remembered if so.)"""
+    for module, name in _LATER:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and cls.__hash__ is h:
+            _VALUE_HASHES.add(h)
+            if name == "Decimal":
+                _NAN_HASHES.add(h)
+            return True
+    return False
 
 
 def _hash_may_follow_address(e: object, depth: int = 0) -> bool:
     h = type(e).__hash__
     if h in _VALUE_HASHES:
-        return False
-    if (h is tuple.__hash__ or h is frozenset.__hash__) and depth < 8:
-        return any(_hash_may_follow_address(x, depth + 1) for x in e)
+        return h in _NAN_HASHES and e.is_nan()
+    if h is tuple.__hash__ or h is frozenset.__hash__:
+        return depth >= 8 or any(_hash_may_follow_address(x, depth + 1) for x in e)
+    if _later_value_hash(h):
+        return h in _NAN_HASHES and e.is_nan()
     return True
 
 
@@ -114,12 +142,145 @@ def address_ordered_set_repr(value: object, limit: int) -> str | None:
     if (t is not set and t is not frozenset) or not value:
         return None
     try:
-        if not any(_hash_may_follow_address(e) for e in value):
+        if not _set_may_follow_addresses(value):
             return None
         inner = "{" + ", ".join(sorted(safe_repr(e, limit) for e in value)) + "}"
     except RuntimeError:   # resized while iterating (another thread)
         return None
     return inner if t is set else f"frozenset({inner})"
+
+
+def _set_may_follow_addresses(value) -> bool:
+    """``any(map(_hash_may_follow_address, value))``, deciding by the elements' types alone
+    where it can (a set of ints, strs, dates: one look per type, not per element)."""
+    for t in set(map(type, value)):
+        h = t.__hash__
+        if h not in _VALUE_HASHES or h in _NAN_HASHES:
+            return any(map(_hash_may_follow_address, value))
+    return False
+
+
+# Sets inside lists, tuples and dicts (at any depth: dict keys and values, nested containers)
+# follow the same rule, within bounds: the search looks this many container levels deep and at
+# this many elements in all; a set it does not reach keeps its iteration order.
+_CONTAINERS = frozenset({list, tuple, dict})
+_SETS = frozenset({set, frozenset})
+_NESTED = _CONTAINERS | _SETS
+_SEARCH_DEPTH = 8
+_SEARCH_ELEMENTS = 4096
+_OPEN = {list: "[", tuple: "(", dict: "{"}
+_CLOSE = {list: "]", tuple: ")", dict: "}"}
+_SELF = {list: "[...]", tuple: "(...)", dict: "{...}"}   # CPython's text for a repr cycle
+
+
+def _of_types(objs: list, types: frozenset) -> list:
+    return list(compress(objs, map(types.__contains__, map(type, objs))))
+
+
+def _address_ordered_sets(value: object) -> set[int]:
+    """Ids of the sets and frozensets inside the list/tuple/dict ``value`` (within the search
+    bounds) whose iteration order may follow addresses. Level by level, through
+    ``gc.get_referents`` (the elements of lists and tuples, the values and non-str keys of
+    dicts, the elements of sets): C loops, where a walk in Python would cost more than the
+    repr itself at every frame. The order is the structure's, so the cut is the same on every
+    run."""
+    found: set[int] = set()
+    level = [value]
+    budget = _SEARCH_ELEMENTS
+    for _ in range(_SEARCH_DEPTH):
+        children = gc.get_referents(*level)
+        budget -= len(children)
+        if budget < 0:
+            break
+        kinds = set(map(type, children))
+        if not kinds.isdisjoint(_SETS):
+            sets = _of_types(children, _SETS)
+            elements = gc.get_referents(*sets)
+            budget -= len(elements)
+            if budget < 0:
+                break
+            if _set_may_follow_addresses(elements):
+                found.update(id(x) for x in sets if _set_may_follow_addresses(x))
+        if kinds.isdisjoint(_CONTAINERS):
+            break
+        level = _of_types(children, _CONTAINERS)
+    return found
+
+
+class _Full(Exception):
+    """The text being built has passed its limit: the rest would be truncated away."""
+
+
+class _Builder:
+    """The repr of a list/tuple/dict rebuilt the way CPython writes it, except that the sets in
+    ``ordered`` are written as :func:`address_ordered_set_repr` writes them; anything else is
+    its own repr, address-free. Stops (``_Full``) once past ``limit`` characters."""
+
+    __slots__ = ("parts", "size", "limit", "ordered", "path")
+
+    def __init__(self, limit: int, ordered: set[int]) -> None:
+        self.parts: list[str] = []
+        self.size = 0
+        self.limit = limit
+        self.ordered = ordered
+        self.path: set[int] = set()  # containers being written: a cycle is written "[...]"
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+        self.size += len(text)
+        if self.size > self.limit:
+            raise _Full
+
+    def value(self, v: object, depth: int) -> None:
+        t = type(v)
+        if (t is set or t is frozenset) and id(v) in self.ordered:
+            self.add(address_ordered_set_repr(v, self.limit) or scrub(repr(v)))
+        elif t not in _CONTAINERS or depth >= _SEARCH_DEPTH:  # (no ordered set below that)
+            text = repr(v)
+            self.add(text if t in _PLAIN else scrub(text))
+        elif id(v) in self.path:
+            self.add(_SELF[t])
+        else:
+            self.path.add(id(v))
+            self.container(v, t, depth + 1)
+            self.path.discard(id(v))
+
+    def container(self, v, t: type, depth: int) -> None:
+        self.add(_OPEN[t])
+        for i, x in enumerate(v.items() if t is dict else v):
+            if i:
+                self.add(", ")
+            if t is dict:
+                self.value(x[0], depth)
+                self.add(": ")
+                x = x[1]
+            self.value(x, depth)
+        self.add(",)" if t is tuple and len(v) == 1 else _CLOSE[t])
+
+
+def nested_ordered_repr(value: object, text: str, limit: int) -> str | None:
+    """The address-free repr of a list, tuple or dict holding a set whose order may follow
+    addresses (see :func:`_address_ordered_sets`), that set's elements sorted; it may stop
+    anywhere past ``limit`` characters (the caller truncates). None for any other value: its
+    plain repr ``text`` is already as deterministic as its contents. (Such a set shows in
+    ``text`` as a ``{`` of its own, so the search, which visits every inner container, is
+    skipped for the common tables and matrices with none.)"""
+    t = type(value)
+    if t is not list and t is not tuple and t is not dict or \
+            text.find("{", 1 if t is dict else 0) < 0:
+        return None
+    try:
+        ordered = _address_ordered_sets(value)
+        if not ordered:
+            return None
+        out = _Builder(limit, ordered)
+        try:
+            out.value(value, 0)
+        except _Full:
+            pass
+    except RuntimeError:   # resized while iterating (another thread)
+        return None
+    return "".join(out.parts)
 
 
 def safe_repr(value: object, limit: int = DEFAULT_MAX_REPR) -> str:
@@ -131,8 +292,11 @@ def safe_repr(value: object, limit: int = DEFAULT_MAX_REPR) -> str:
         return truncate(ordered, limit)
     try:
         text = repr(value)
+        ordered = nested_ordered_repr(value, text, limit) if "{" in text else None
     except Exception as exc:  # a user __repr__ (or int > sys.get_int_max_str_digits()) failed
         return repr_failed(value, exc)
+    if ordered is not None:
+        return truncate(ordered, limit)
     if type(value) not in _PLAIN:
         text = scrub(text)
     if len(text) > limit:

@@ -18,8 +18,10 @@ saves sending the whole program back.
 
 ``"too_long_text": false`` leaves a too_long trace's partial text (and frames) out.
 
-``"frames": true`` in the request adds the structured frames (kind, scope, line, locals,
-value), main's call frame first.
+``"frames": true`` in the request adds the structured frames, main's call frame first, packed
+(:func:`.frames.pack_frames`: ``[kind, scope, line, locals, value]``, a local unchanged since
+its scope's previous call/line frame written 0) so that they take no more room than the text;
+:func:`.frames.unpack_frames` gives them back as dicts with every local in full.
 
 ``trace`` is :attr:`TraceResult.text` (no end-of-text token), ``status`` one of "ok",
 "exception", "too_long", "invalid" (a malformed request is "invalid" too, with the reason in
@@ -33,7 +35,7 @@ so the sandbox can bind ``stages/tracer`` alone under any top-level name: with
 from __future__ import annotations
 
 from .core import trace_call
-from .frames import TraceLimits
+from .frames import TraceLimits, pack_frames
 
 _LIMIT_FIELDS = ("max_events", "max_bytes", "max_repr")
 
@@ -85,7 +87,7 @@ def handle(request: dict) -> dict:
     out = {"id": rid, "trace": "" if cut else r.text, "result": r.result, "error": r.error,
            "status": r.status, "events": r.events, "prompt": prompt}
     if request.get("frames") and not cut:
-        # Structured frames (main's call frame first); the source line is the context's line.
-        out["frames"] = [{"kind": f.kind, "scope": f.scope, "line": f.line, "locals": f.locals,
-                          "value": f.value} for f in r.frames]
+        # Structured frames (main's call frame first), packed (frames.pack_frames); the source
+        # line is the context's line.
+        out["frames"] = pack_frames(r._records)
     return out
