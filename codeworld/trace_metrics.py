@@ -21,7 +21,7 @@ enters a scope (a function, a comprehension, a resumed generator), a return fram
 exception frame stays in the scope it is raised in, and an exception frame right after another
 one is the exception propagating into the caller (a scope left by an exception has no return
 frame), as is one reported at the caller's current line rather than the scope's own (after an
-`except` clause that did not match). On the default's 2,239 function traces this gives back
+`except` clause that did not match). On the default's 2,240 function traces this gives back
 the tracer's own full-locals frames exactly (tests/test_evaluate.py checks real tracer output).
 
 Metrics of one prediction against the real trace (`frame_metrics`). Frames are compared by

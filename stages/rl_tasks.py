@@ -174,6 +174,7 @@ def _agent_items(params: Params, storage: Storage, tok, counts: Counter) -> list
     from stages.agent.envs import build_env
     from stages.agent.loop import user_prompt
     from stages.agent.policies import SYSTEM_PROMPT
+    from stages.agent.reward import TreeMismatch, check_tree
     from stages.documents import ROLES
 
     cfg = params.rl
@@ -183,7 +184,7 @@ def _agent_items(params: Params, storage: Storage, tok, counts: Counter) -> list
         counts["agent_no_tasks_dataset"] = 1
         return []
     repos = {r.name: r for r in params.agent.repositories}
-    built: dict[str, bool] = {}
+    built: dict[str, object] = {}   # repository name -> its Env, or None when it failed
     items = []
     for task in Dataset(storage.sub("agent", "tasks")):
         if not isinstance(task, dict) or "id" not in task:
@@ -199,12 +200,19 @@ def _agent_items(params: Params, storage: Storage, tok, counts: Counter) -> list
             continue
         if repo.name not in built:   # fetched (once) and checked here, not mid-training
             try:
-                build_env(repo, REPO_CACHE)
-                built[repo.name] = True
+                built[repo.name] = build_env(repo, REPO_CACHE)
             except Exception:   # counted: the other tasks stand
-                built[repo.name] = False
-        if not built[repo.name]:
+                built[repo.name] = None
+        if built[repo.name] is None:
             counts["agent_skipped_env_error"] += 1
+            continue
+        try:   # the pinned tree is still the one the bug was made in (offsets apply)
+            check_tree(task, built[repo.name])
+        except (TreeMismatch, OSError, UnicodeDecodeError):   # a file gone is a mismatch too
+            counts["agent_skipped_tree_mismatch"] += 1
+            continue
+        except (KeyError, TypeError):   # no mutation/file in the record
+            counts["agent_broken_tasks"] += 1
             continue
         try:
             first = (f"{ROLES['system']}{SYSTEM_PROMPT}{END_OF_TURN}"

@@ -128,7 +128,7 @@ def _task(env, validated, operator: str, line_text: str, stats: dict | None = No
     stats = stats if stats is not None else {"tried": Counter(), "kept": Counter(), "rejected": Counter()}
     tasks = check_mutants(env, base, covering, {"calc/__init__.py": source},
                           [("calc/__init__.py", m)], seed=0, max_tasks=1, batch=1,
-                          mutant_timeout=30, stats=stats)
+                          mutant_timeout=30, wall_seconds=60, stats=stats)
     return tasks[0] if tasks else None
 
 

@@ -11,7 +11,7 @@ from codeworld.config import ConfigError, parse_params
 from stages.agent.loop import count_tokens
 from stages.agent.mutate import OPERATORS, candidate_fixes, mutations, sample, unified_diff
 from stages.agent.policies import ScriptedPolicy, call
-from stages.agent.tools import EDIT_RE, ToolCall, normalise, parse_call, truncate
+from stages.agent.tools import EDIT_RE, ToolCall, format_edit, normalise, parse_call, parse_edit, truncate
 
 SRC = textwrap.dedent('''\
     """Module docstring."""
@@ -150,7 +150,7 @@ def test_observation_budget_and_masking():
     assert cut.startswith("head ") and cut.endswith(" tail") and "characters cut" in cut
     assert len(cut) < 400
     assert truncate("short", 300) == "short"
-    assert normalise("3 passed in 1.83s, <Foo at 0x7f3a2b1c9d40>") == "3 passed in 0.00s, <Foo at 0x?>"
+    assert normalise("3 passed in 1.83s\n<Foo at 0x7f3a2b1c9d40>") == "3 passed in 0.00s\n<Foo at 0x?>"
     assert count_tokens("abcd" * 10) == 10 and count_tokens("abcde") == 2
 
 
@@ -185,3 +185,84 @@ def test_agent_params_are_validated():
     ok = parse_params({"agent": {"repositories": [{"name": "x", "path": "."}]}})
     assert ok.agent.repositories[0].path == "."
     assert len(parse_params({}).agent.repositories) >= 5
+
+
+ONE_LINERS = textwrap.dedent('''\
+    class Box:
+        @property
+        def v(self): return self._v
+
+        def get(self, a):
+            try: x = 1
+            except ValueError: x = 2
+            if a: y = 1; z = 2
+            else: y = 3
+            next(a, None)
+            next(a, None)
+            return (x + y
+                    and z)
+''')
+
+
+def test_mutants_parse_differ_from_the_original_and_from_each_other():
+    """Whole-line edits of a statement that shares its line (with its parent's header or
+    another statement) once left `def v(self):` without a body, `try:` empty...; two
+    rules writing the same text made one bug twice."""
+    muts = mutations(ONE_LINERS)
+    outs = [m.apply(ONE_LINERS) for m in muts]
+    for m, out in zip(muts, outs):
+        ast.parse(out)  # never a syntax error
+        assert out != ONE_LINERS, m
+    assert len(set(outs)) == len(outs)
+    # statements that own their lines are still mutated; those sharing one are not
+    lines = {(m.operator, m.line) for m in muts}
+    assert ("remove_statement", 10) in lines and ("remove_return", 12) in lines
+    assert not {("remove_return", 3), ("remove_statement", 6), ("remove_statement", 7),
+                ("remove_statement", 8), ("remove_statement", 9)} & lines
+    # a boolean operator after a line break is swapped, the break kept
+    assert "return (x + y\n                or z)" in "".join(outs)
+
+
+def test_edit_markers_are_whole_lines_and_one_block_per_call():
+    sep = "# ==========\ndef f():\n    return 1"
+    assert parse_edit(format_edit("m.py", sep, sep.replace("1", "2"))) == (
+        "m.py", sep, sep.replace("1", "2"))
+    assert parse_edit("a.py\n<<<<<<< SEARCH\nx = 1\n=======\n>>>>>>> REPLACE") == ("a.py", "x = 1", "")
+    two = format_edit("a.py", "x = 1", "x = 2") + "\n" + "\n".join(format_edit("a.py", "y", "z").split("\n")[1:])
+    assert parse_edit(two).startswith("error: edit takes one SEARCH/REPLACE block, found 2 lines")
+    assert parse_edit("a.py\nx = 1 =======\ny").startswith("error: edit needs the file path")
+
+
+def test_only_run_to_run_noise_is_masked():
+    source = "MASK = 0xFFFFFFFF  # retry in 5s\nID = 0x7f3a2b1c9d40\n"
+    assert normalise(source) == source  # a file shown by cat is shown as it is
+    assert normalise("==== 1 failed, 2 passed, 1 warning in 75.10s (0:01:15) ====") == \
+        "==== 1 failed, 2 passed, 1 warning in 0.00s ===="
+    assert normalise("no tests ran in 0.01s") == "no tests ran in 0.00s"
+    assert normalise("Ran 3 tests in 0.004s") == "Ran 3 tests in 0.000s"
+    assert normalise("E   AssertionError: <pkg.Foo object at 0x7f3a2b1c9d40> != 1") == \
+        "E   AssertionError: <pkg.Foo object at 0x?> != 1"
+    assert normalise("<function f at 0x7f3a2b1c9d40>") == "<function f at 0x?>"
+
+
+def test_a_call_ends_at_a_closing_tag_on_a_line_edge():
+    c = parse_call("<tool: create>\nnotes.md\nuse </tool> to end a call\nmore\n</tool>")
+    assert c == ToolCall("create", "notes.md\nuse </tool> to end a call\nmore")
+    assert parse_call("<tool: bash>ls</tool>") == ToolCall("bash", "ls")
+    assert parse_call("<tool: submit></tool>") == ToolCall("submit", "")
+
+
+def test_failing_test_traces_are_held_out_with_their_task(monkeypatch, tmp_path):
+    from codeworld.split import corpus_id
+    from stages.agent import failing_traces as ft
+
+    rec = {"id": "r1", "test": "test_calc.test_clamp_low", "status": "ok", "module": "calc",
+           "trace": "...", "provenance": {"repo": "calc", "version": None}}
+    monkeypatch.setattr(ft, "materialise", lambda task, env, dest: dest.mkdir() or dest)
+    monkeypatch.setattr(ft, "trace_repository", lambda *a, **k: ([rec], {"tests_run": 1}))
+    env = type("E", (), {"test_files": ()})()
+    task = {"id": "abc123", "repo": "calc", "operator": "change_arith",
+            "FAIL_TO_PASS": ["tests/test_calc.py::test_clamp_low"]}
+    recs, _ = ft.failing_test_traces(task, env, max_traces=5, wall_seconds=10)
+    assert [corpus_id(r) for r in recs] == ["task:abc123"]  # as the task's trajectories
+    assert corpus_id({"task_id": "abc123", "id": "x"}) == "task:abc123"

@@ -4,6 +4,7 @@ tiny model, and (built once per session) the tokenizer and pack stages' outputs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -166,9 +167,11 @@ def calc_task() -> dict:
     start += len("total ")
     return {"id": "calc-arith-0", "repo": "calc", "version": None, "sha256": None,
             "commit": None, "file": "calc/__init__.py", "line": 5, "operator": "change_arith",
-            "mutation": {"start": start, "end": start + 1, "replacement": "*"},
+            "mutation": {"start": start, "end": start + 1, "replacement": "*", "original": "/",
+                         "file_sha256": hashlib.sha256(CALC.encode()).hexdigest()},
             "FAIL_TO_PASS": ["tests/test_calc.py::test_mean"],
             "PASS_TO_PASS": ["tests/test_calc.py::test_double"],
+            "test_order": ["tests/test_calc.py::test_mean", "tests/test_calc.py::test_double"],
             "problem_statement": "FAILED tests/test_calc.py::test_mean\n"
                                  "E   assert 48.0 == 3\n"
                                  "Run the tests with: python -m pytest -q -p no:cacheprovider "

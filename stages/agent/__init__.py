@@ -2,8 +2,9 @@
 
 Per repository environment (``agent.repositories``; one shard of each dataset, the unit of
 resume): validate the pinned tree (its suite passes in the sandbox), synthesise bugs
-(``validate.synthesize``: AST mutations on covered lines, kept when >= 1 test goes FAIL_TO_PASS
-and >= 1 stays PASS_TO_PASS), then let every policy of ``agent.policies`` work on every kept
+(``validate.synthesize``: AST mutations on covered lines, kept when, over the whole suite run
+on the buggy tree, >= 1 test goes FAIL_TO_PASS and >= 1 stays PASS_TO_PASS, and the reward
+gives the original tree 1.0 and the buggy one 0.0), then let every policy of ``agent.policies`` work on every kept
 bug (``loop.run_episode``) and score it with the hidden tests (``reward.evaluate``).
 
 Outputs: ``agent/tasks`` (the bug instances, reusable for RL), ``agent/trajectories``

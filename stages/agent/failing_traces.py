@@ -56,8 +56,11 @@ def failing_test_traces(task: dict, env: Env, *, max_traces: int, wall_seconds: 
             continue
         out.append({**r, "id": hashlib.sha256(f"{task['id']}:{r['id']}".encode()).hexdigest()[:20],
                     "task_id": task["id"], "operator": task["operator"],
+                    # held out with the task (codeworld.split.corpus_id), as its trajectories
+                    # are: by the repository module, a held-out task's failing tests would
+                    # reach training
                     "provenance": {**r["provenance"], "generator": "agent_failing_test",
-                                   "task_id": task["id"]}})
+                                   "task_id": task["id"], "corpus_id": f"task:{task['id']}"}})
         if len(out) >= max_traces:
             break
     stats.update(traces=len(out), tests_run=st.get("tests_run"), timed_out=st.get("timed_out"))

@@ -62,10 +62,22 @@ def _span(node: ast.AST, offs: list[int]) -> tuple[int, int]:
 
 
 def _stmt_span(node: ast.stmt, offs: list[int], source_b: bytes) -> tuple[int, int]:
-    """Whole lines of a statement (its indentation up to its last newline)."""
+    """Whole lines of a statement (its indentation up to its last newline). Only for a
+    statement that owns its lines (``_owns_lines``): else the span takes its neighbours."""
     start = offs[node.lineno - 1]
     end = offs[node.end_lineno] if node.end_lineno < len(offs) else len(source_b)
     return start, end
+
+
+def _owns_lines(node: ast.stmt, offs: list[int], source_b: bytes) -> bool:
+    """Nothing but blanks before the statement on its first line and nothing but blanks or a
+    comment after it on its last: no other statement (``a = 1; b = 2``) nor its parent's
+    header (``try: x = 1``, ``def v(self): return 1``) shares its lines, so replacing the
+    whole lines touches this statement only."""
+    first = source_b[offs[node.lineno - 1]:offs[node.lineno - 1] + node.col_offset]
+    last_end = offs[node.end_lineno] if node.end_lineno < len(offs) else len(source_b)
+    after = source_b[offs[node.end_lineno - 1] + node.end_col_offset:last_end].strip()
+    return not first.strip() and (not after or after.startswith(b"#"))
 
 
 def _indent(node: ast.stmt, source_b: bytes, offs: list[int]) -> str:
@@ -150,7 +162,7 @@ def _expr_mutations(fn, src_b, offs, skip, fn_locals) -> list[Mutation]:
         _, la = _span(left, offs)
         ra, _ = _span(right, offs)
         gap = src_b[la:ra].decode("utf-8")
-        core = gap.strip(" ()\t")
+        core = gap.strip(" ()\t\r\n")  # a line break before the token stays
         if " ".join(core.split()) != OP_TEXT[old]:
             return
         i = gap.index(core)
@@ -225,7 +237,9 @@ def mutations(source: str) -> list[Mutation]:
     offs = _offsets(source)
     skip = _in_fstring(tree)
     out: list[Mutation] = []
+    made_in: dict[int, ast.AST] = {}  # id(mutation) -> the function it was made in
     for fn in _functions(tree):
+        first = len(out)
         locals_ = _function_locals(fn)
         out += _expr_mutations(fn, src_b, offs, skip, locals_)
         for owner, stmts in _body_lists(fn):
@@ -245,6 +259,8 @@ def mutations(source: str) -> list[Mutation]:
                         simple = isinstance(t, (ast.Name, ast.Call, ast.Attribute, ast.Subscript))
                         new = f"not {inner}" if simple else f"not ({inner})"
                     out.append(Mutation("negate_condition", t.lineno, ta, tb, new))
+                if not _owns_lines(s, offs, src_b):
+                    continue  # a whole-line edit would take the lines' other statements
                 if isinstance(s, ast.Return):
                     out.append(Mutation("remove_return", s.lineno, a, b, f"{pad}pass\n"))
                 elif isinstance(s, ast.If) and not s.orelse and len(stmts) > 1:
@@ -259,8 +275,72 @@ def mutations(source: str) -> list[Mutation]:
                 elif isinstance(s, (ast.Expr, ast.Assign, ast.AugAssign, ast.AnnAssign)) \
                         and len(stmts) > 1:
                     out.append(Mutation("remove_statement", s.lineno, a, b, ""))
+        made_in.update((id(m), fn) for m in out[first:])
     out.sort(key=lambda m: (m.start, m.end, m.operator, m.replacement))
-    return out
+    return _distinct_valid(out, made_in, src_b, offs)
+
+
+def _block(fn: ast.AST, offs: list[int], src_b: bytes) -> tuple[int, int]:
+    """The whole lines of ``fn``, decorators included."""
+    first = min([fn.lineno, *(d.lineno for d in fn.decorator_list)])
+    return offs[first - 1], _stmt_span(fn, offs, src_b)[1]
+
+
+def _regions(fn: ast.AST, offs: list[int], src_b: bytes) -> list[tuple[int, int]]:
+    """Spans (whole lines) that parse on their own, smallest first: ``fn`` and each statement
+    inside it that owns its lines, but an ``elif`` (its line is no statement alone)."""
+    out = [_block(fn, offs, src_b)]
+    for n in ast.walk(fn):
+        if n is fn or not isinstance(n, ast.stmt) or not _owns_lines(n, offs, src_b):
+            continue
+        a, b = _stmt_span(n, offs, src_b)
+        if isinstance(n, ast.If) and src_b[a:b].lstrip().startswith(b"elif"):
+            continue
+        out.append((a, b))
+    return sorted(set(out), key=lambda r: (r[1] - r[0], r[0]))
+
+
+def _parses(text: bytes) -> bool:
+    """Whole lines of a function parse alone; indented ones under ``if 1:`` (a block may
+    open at any indentation, and the lines are not touched, so strings keep their text)."""
+    prefix = b"if 1:\n" if text[:1] in (b" ", b"\t") else b""
+    try:
+        ast.parse((prefix + text).decode("utf-8"))
+        return True
+    except (SyntaxError, ValueError, UnicodeDecodeError):
+        return False
+
+
+def _distinct_valid(muts: list[Mutation], made_in: dict[int, ast.AST], src_b: bytes,
+                    offs: list[int]) -> list[Mutation]:
+    """``muts`` less those whose result does not parse (a span edit can still break the
+    syntax somewhere no rule foresaw), leaves the source as it was, or equals an earlier
+    mutation's result (two rules writing the same text: one bug, drawn once).
+
+    Not the whole file is parsed again per mutation (a large module would cost minutes): a
+    body edit can break the grammar only inside the smallest statement (or function) that
+    holds it, and a whole-line removal inside the one around it; ast.parse checks the
+    grammar only, so that piece parsing alone is the file parsing. Sameness is decided on
+    the function's text: mutations of different functions never give the same file."""
+    regions: dict[int, list[tuple[int, int]]] = {}  # id(function) -> its _regions
+    seen: set[tuple[int, bytes]] = set()
+    kept = []
+    for m in muts:
+        fn = made_in[id(m)]
+        if id(fn) not in regions:
+            regions[id(fn)] = _regions(fn, offs, src_b)
+        fa, fb = _block(fn, offs, src_b)
+        new = m.replacement.encode("utf-8")
+        whole = src_b[fa:m.start] + new + src_b[m.end:fb]
+        if whole == src_b[fa:fb] or (fa, whole) in seen:
+            continue
+        ra, rb = next(r for r in regions[id(fn)]
+                      if r[0] <= m.start and m.end <= r[1] and r != (m.start, m.end))
+        if not _parses(src_b[ra:m.start] + new + src_b[m.end:rb]):
+            continue
+        seen.add((fa, whole))
+        kept.append(m)
+    return kept
 
 
 def sample(muts: list[Mutation], covered: set[int], seed: int, limit: int) -> list[Mutation]:

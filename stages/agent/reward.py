@@ -3,7 +3,8 @@ copy of the buggy tree that takes only the agent's version of the *package* file
 that are neither tests nor build scripts). Everything else the agent changed (test files, new
 conftest.py, config files, new modules, symlinks) is dropped, so editing the hidden tests, or
 skipping them through pytest's configuration, cannot earn a reward. Reward is 1.0 when every
-FAIL_TO_PASS and PASS_TO_PASS test passes, else 0.0.
+FAIL_TO_PASS and PASS_TO_PASS test passes, else 0.0. The hidden tests run in the suite's own
+collection order (``task["test_order"]``), as they ran when the task was validated.
 
 A package file is taken only where its path inside the working copy is a real file: not a
 link, and under no linked folder (the host reads the working copy, and a link there could reach
@@ -24,13 +25,34 @@ from stages.agent.envs import Env, run_tests
 from stages.agent.mutate import Mutation
 
 
+class TreeMismatch(ValueError):
+    """The tree a task is materialised on is not the one its bug was made on (another
+    version of the project under the same name): its byte offsets would land elsewhere."""
+
+
+def check_tree(task: dict, env: Env) -> str:
+    """The task's file as it is in ``env``'s tree, after checking it is the file the task's
+    mutation was made on (its sha256); TreeMismatch else."""
+    m = task["mutation"]
+    if "file_sha256" not in m:
+        raise TreeMismatch(f"task {task['id']}: no file_sha256 in its mutation (a record of "
+                           f"an older agent stage): rerun the agent stage")
+    # read as the synthesis read it (text mode): the offsets are into that text
+    source = (env.tree / task["file"]).read_text(encoding="utf-8")
+    if hashlib.sha256(source.encode("utf-8")).hexdigest() != m["file_sha256"]:
+        raise TreeMismatch(f"task {task['id']}: {env.name}'s {task['file']} at {env.tree} is "
+                           f"not the file the bug was made in (sha256 differs)")
+    return source
+
+
 def materialise(task: dict, env: Env, dest: Path) -> Path:
-    """The buggy tree of ``task`` at ``dest`` (a copy of the pinned tree with the bug in)."""
+    """The buggy tree of ``task`` at ``dest`` (a copy of the pinned tree with the bug in).
+    TreeMismatch when ``env``'s tree is not the one the task was made on."""
+    source = check_tree(task, env)
     shutil.copytree(env.tree, dest, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     m = task["mutation"]
     mut = Mutation(task["operator"], task["line"], m["start"], m["end"], m["replacement"])
-    path = env.tree / task["file"]
-    (dest / task["file"]).write_text(mut.apply(path.read_text(encoding="utf-8")), encoding="utf-8")
+    (dest / task["file"]).write_text(mut.apply(source), encoding="utf-8")
     return dest
 
 
@@ -93,7 +115,9 @@ def evaluate(task: dict, env: Env, buggy: Path, work: Path, *, wall_seconds: flo
         elif dst.exists():
             os.unlink(dst)  # the agent deleted (or replaced by a link) a package file
     holds, fails = write_canary(task, fresh)
-    hidden = [*holds, *task["FAIL_TO_PASS"], *task["PASS_TO_PASS"], *fails]
+    # in the suite's own order (pytest runs node ids in the order given): a test that needs
+    # an earlier one's side effect passes here as it did in the suite
+    hidden = [*holds, *task["test_order"], *fails]
     run = run_tests(fresh, env, hidden, wall_seconds=wall_seconds)
     f2p_ok = sum(run.outcomes.get(t) == "pass" for t in task["FAIL_TO_PASS"])
     p2p_ok = sum(run.outcomes.get(t) == "pass" for t in task["PASS_TO_PASS"])

@@ -12,8 +12,14 @@ Every tool runs in the sandbox on the episode's working copy (/work, the cwd: a 
 tmpfs of `workdir_mb`, written back to the host after the call): bash commands and file edits
 alike, so a path or command that aims outside the working copy meets the sandbox's empty
 read-only filesystem, and no call can write more than the limit. Observations are cut to a character budget
-(head and tail kept), and the durations pytest prints and memory addresses are masked, so the
-same actions give the same observations run after run.
+(head and tail kept). Only what really changes run after run is masked: the duration on the
+summary line of pytest (and unittest) and the address in a repr (``<... at 0x...>``, ``object
+at 0x...``); everything else, a source file's ``cat`` included, is shown as it is, so text
+copied from an observation into an edit matches the file.
+
+A call ends at the first ``</tool>`` that starts a line or ends one: ``</tool>`` inside a
+line of a file's content is content. (The openai policy's server stops at the first
+``</tool>`` it writes, wherever it is: such content is cut there.)
 """
 from __future__ import annotations
 
@@ -25,10 +31,17 @@ from codeworld.sandbox.bwrap import python_install
 from stages.agent.envs import SANDBOX_LIB, SANDBOX_SPEC, Env, sandbox
 
 TOOLS = ("bash", "edit", "create", "submit")
-CALL_RE = re.compile(r"<tool: *([A-Za-z_]+)>\n?(.*?)\n?</tool>", re.S)
-EDIT_RE = re.compile(r"\A([^\n]+)\n<<<<<<< SEARCH\n(.*?)\n?=======\n(.*?)\n?>>>>>>> REPLACE\s*\Z", re.S)
-_DURATION = re.compile(r"\b(in )\d+(\.\d+)?s\b")
-_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
+CALL_RE = re.compile(r"<tool: *([A-Za-z_]+)>\n?(.*?)\n?"
+                     r"(?:(?<=\n)</tool>|</tool>(?=[ \t]*(?:\n|\Z)))", re.S)
+# The markers are whole lines: a SEARCH text may hold "# ==========" or "x >>>>>>> y".
+SEARCH, SEP, REPLACE = "<<<<<<< SEARCH", "=======", ">>>>>>> REPLACE"
+EDIT_RE = re.compile(r"\A([^\n]+)\n<<<<<<< SEARCH\n(?:(.*?)\n)?=======\n(?:(.*?)\n)?"
+                     r">>>>>>> REPLACE[ \t\n]*\Z", re.S)
+# pytest's last line ("==== 3 passed, 1 warning in 0.12s ====", -q: "3 passed in 0.12s") and
+# unittest's "Ran 3 tests in 0.001s": the only durations a test run prints by itself
+_DURATION = re.compile(r"^(=* ?(?:\d+ [a-z]+(?:, \d+ [a-z]+)*|no tests ran) in )\d+(?:\.\d+)?s"
+                       r"(?: \(\d+:\d\d:\d\d\))?( =*)?$|^(Ran \d+ tests? in )\d+\.\d+s$", re.M)
+_ADDRESS = re.compile(r"(<[^<>\n]* at |\bobject at )0x[0-9a-fA-F]+\b")
 
 
 @dataclass(frozen=True)
@@ -59,8 +72,30 @@ def truncate(text: str, budget: int) -> str:
     return f"{text[:head]}\n[... {len(text) - budget} characters cut ...]\n{text[-tail:]}"
 
 
+def _mask_duration(m: re.Match) -> str:
+    if m.group(3):
+        return f"{m.group(3)}0.000s"
+    return f"{m.group(1)}0.00s{m.group(2) or ''}"
+
+
 def normalise(text: str) -> str:
-    return _ADDRESS.sub("0x?", _DURATION.sub(r"\g<1>0.00s", text))
+    """``text`` with the run-to-run noise of test output masked (see the module docstring)."""
+    return _ADDRESS.sub(r"\g<1>0x?", _DURATION.sub(_mask_duration, text))
+
+
+def parse_edit(body: str) -> tuple[str, str, str] | str:
+    """(path, search, replace) of an edit call's body, or an error message for the agent."""
+    lines = body.split("\n")
+    for marker in (SEARCH, SEP, REPLACE):
+        if (n := sum(ln == marker for ln in lines)) > 1:
+            # two blocks would be read as one, writing the markers between them into the file
+            return (f"error: edit takes one SEARCH/REPLACE block, found {n} lines {marker!r}; "
+                    f"make one edit call per block; nothing changed")
+    m = EDIT_RE.match(body)
+    if not m:
+        return ("error: edit needs the file path on the first line, then <<<<<<< SEARCH, the "
+                "old text, =======, the new text, >>>>>>> REPLACE (each marker on its own line)")
+    return m.group(1).strip(), m.group(2) or "", m.group(3) or ""
 
 
 def format_edit(path: str, search: str, replace: str) -> str:
@@ -68,6 +103,7 @@ def format_edit(path: str, search: str, replace: str) -> str:
 
 
 FULL_BYTES = 64 << 10   # room left under which a working copy counts as full
+OUTPUT_BYTES = 1 << 20  # a bash call's captured output (stdout and stderr merged)
 
 
 @dataclass(frozen=True)
@@ -91,26 +127,30 @@ def run_tool(call: ToolCall, work: Path, env: Env, *, wall_seconds: float,
     codeworld.sandbox.quota)."""
     if call.name == "bash":
         res = sandbox(["bash", "-c", "exec 2>&1\n" + call.body], work, env, writable=True,
-                      wall_seconds=wall_seconds, memory_mb=memory_mb, output_bytes=1 << 20,
+                      wall_seconds=wall_seconds, memory_mb=memory_mb, output_bytes=OUTPUT_BYTES,
                       quota_mb=workdir_mb)
         out = res.stdout
+        if res.stdout_truncated:  # the end (pytest's summary...) is missing: say so
+            out += (f"\n[output cut: the command wrote more than {OUTPUT_BYTES >> 20} MiB; only "
+                    f"the first {OUTPUT_BYTES >> 20} MiB is kept: write less, or redirect to a "
+                    f"file and read its tail]")
         if res.timed_out:
             out += f"\n[killed: the command ran over {wall_seconds:g} s]"
         if res.memory_limit_hit:
             out += "\n[killed: a process went over the sandbox's memory limit]"
         return _outcome(res, normalise(f"{out}\n[exit code {res.returncode}]"))
     if call.name == "edit":
-        m = EDIT_RE.match(call.body)
-        if not m:
-            return Outcome("error: edit needs the file path on the first line, then <<<<<<< "
-                           "SEARCH, the old text, =======, the new text, >>>>>>> REPLACE")
-        spec = {"tool": "edit", "path": m.group(1).strip(), "search": m.group(2),
-                "replace": m.group(3)}
+        edit = parse_edit(call.body)
+        if isinstance(edit, str):
+            return Outcome(edit)
+        spec = {"tool": "edit", "path": edit[0], "search": edit[1], "replace": edit[2]}
     elif call.name == "create":
         path, _, content = call.body.partition("\n")
         if not path.strip():
             return Outcome("error: create needs the file path on the first line, then the content")
-        spec = {"tool": "create", "path": path.strip(), "content": content}
+        # the line break before </tool> belongs to the call's syntax, and ends the last line
+        spec = {"tool": "create", "path": path.strip(),
+                "content": content + "\n" if content else ""}
     else:
         raise ValueError(f"execute: {call.name} is not an executable tool")
     argv = [python_install()[0], "-I", "-S", f"{SANDBOX_LIB}/cwtools.py", f"{SANDBOX_SPEC}/spec.json"]

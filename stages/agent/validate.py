@@ -4,23 +4,36 @@
    files: it must collect tests and pass all of them (skips allowed), else the environment is
    recorded as invalid and skipped.
 2. Mutations (``stages.agent.mutate``) are drawn only on covered lines, operators taking turns.
-3. Each mutant reruns only the tests that executed its line: a mutation inside a function body
-   cannot change the outcome of a (deterministic) test that never runs that line, so every other
-   passing test is a PASS_TO_PASS test by construction. FAIL_TO_PASS = the covering tests that
-   now fail; a bug is kept when FAIL_TO_PASS and PASS_TO_PASS are both non-empty.
-4. The problem statement is written from the failing tests' output: only the frames of test
+3. Each mutant first reruns only the tests that executed its line (a cheap filter: a mutant
+   none of them notices is dropped, ``no_fail_to_pass``). A survivor then runs the whole suite,
+   as the base run did: a mutation can also change what runs at import time (a module-level
+   table built by the mutated function) or what a cache keeps between tests, so no test's
+   outcome is assumed. FAIL_TO_PASS = the tests that passed on the original tree and do not
+   on the buggy one, PASS_TO_PASS = those that pass on both; a bug is valid when both are
+   non-empty (rejections of this run are counted ``full_suite_*``).
+4. A valid bug is kept (up to ``max_tasks``) only when the reward itself, run as after an
+   episode, gives the original tree 1.0 and the buggy tree 0.0 (``reward_check_*`` counts
+   the others): hidden tests that depend on one another, or on the suite's order, must not
+   make a task nobody can solve. ``test_order`` holds FAIL_TO_PASS and PASS_TO_PASS in the
+   suite's own collection order, the order the reward runs them in.
+5. The problem statement is written from the failing tests' output: only the frames of test
    files and the error lines, never package frames (they would point at the mutated line), and
    no line of the gold patch.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from stages.agent.envs import Env, run_mutants, run_tests
+from stages.agent.loop import WORKDIR_PREFIX
 from stages.agent.mutate import Mutation, mutations, sample, unified_diff
+from stages.agent.reward import evaluate, materialise
 
 
 @dataclass
@@ -97,50 +110,130 @@ def coverage_map(base) -> dict[tuple[str, int], list[str]]:
     return covering
 
 
+def _covering_runs(env: Env, covering: dict, sources: dict[str, str],
+                   chunk: list[tuple[str, Mutation]], *, timeout: float,
+                   stats: dict) -> list[tuple[str, Mutation, str]]:
+    """The pre-filter: each mutant's covering tests only. (file, mutation, buggy source) of
+    the mutants where one of them no longer passes; the others are counted rejected."""
+    reqs = [{"id": str(i), "file": f, "source": m.apply(sources[f]),
+             "tests": covering[(f, m.line)]} for i, (f, m) in enumerate(chunk)]
+    results = run_mutants(env.tree, env, reqs, timeout=timeout,
+                          wall_seconds=timeout * len(reqs) + 60)
+    survivors = []
+    for req, (f, m) in zip(reqs, chunk):
+        stats["tried"][m.operator] += 1
+        res = results.get(req["id"])
+        if res is None or res["status"] != "ok":
+            stats["rejected"][res["status"] if res else "lost"] += 1
+            continue
+        # a covering test missing from the run (collection broke) failed too
+        if all(res["outcomes"].get(t) == "pass" for t in req["tests"]):
+            stats["rejected"]["no_fail_to_pass"] += 1
+            continue
+        survivors.append((f, m, req["source"]))
+    return survivors
+
+
+@dataclass
+class Bug:
+    """A mutant the whole suite confirms: its test lists are in the suite's collection order."""
+    file: str
+    mutation: Mutation
+    source: str                 # the file with the bug in
+    fail_to_pass: list[str]
+    pass_to_pass: list[str]
+    test_order: list[str]       # both together, in the suite's order
+    messages: dict[str, str]    # short tracebacks of the failing tests
+
+
+def _full_runs(env: Env, base, survivors: list[tuple[str, Mutation, str]], *,
+               wall_seconds: float, stats: dict) -> list[Bug]:
+    """The whole suite on each survivor's buggy tree (each may take as long as the base
+    run): the valid bugs; the others are counted rejected."""
+    if not survivors:
+        return []
+    reqs = [{"id": str(i), "file": f, "source": src, "tests": None}
+            for i, (f, _, src) in enumerate(survivors)]
+    results = run_mutants(env.tree, env, reqs, timeout=wall_seconds,
+                          wall_seconds=wall_seconds * len(reqs) + 60)
+    order = [t for t in base.outcomes if t in base.passed]  # dicts keep the run's order
+    bugs = []
+    for req, (f, m, src) in zip(reqs, survivors):
+        res = results.get(req["id"])
+        if res is None or res["status"] != "ok":
+            stats["rejected"][f"full_suite_{res['status'] if res else 'lost'}"] += 1
+            continue
+        # a test missing from the buggy run (its module no longer imports) failed too
+        f2p = [t for t in order if res["outcomes"].get(t) != "pass"]
+        p2p = [t for t in order if res["outcomes"].get(t) == "pass"]
+        if not f2p:  # the covering tests fail alone but pass in the suite: order-dependent
+            stats["rejected"]["full_suite_no_fail_to_pass"] += 1
+        elif not p2p:
+            stats["rejected"]["no_pass_to_pass"] += 1
+        else:
+            bugs.append(Bug(f, m, src, f2p, p2p, order, res.get("messages", {})))
+    return bugs
+
+
+def reward_check(task: dict, env: Env, *, wall_seconds: float) -> str | None:
+    """None when ``reward.evaluate`` gives the original tree 1.0 and the buggy tree 0.0, as
+    a task must; else the rejection to count. (The folder is named like an episode's, so a
+    run killed with -9 leaves nothing that the next start does not sweep.)"""
+    with tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-check-") as tmp:
+        try:
+            buggy = materialise(task, env, Path(tmp) / "buggy")
+            if evaluate(task, env, buggy, env.tree, wall_seconds=wall_seconds)["reward"] != 1.0:
+                return "reward_check_original_not_1"
+            if evaluate(task, env, buggy, buggy, wall_seconds=wall_seconds)["reward"] != 0.0:
+                return "reward_check_buggy_not_0"
+        except (OSError, ValueError):  # one unreadable task is a rejection, not the repo's end
+            return "reward_check_error"
+    return None
+
+
+def _task(env: Env, bug: Bug, original: str, seed: int) -> dict:
+    f, m = bug.file, bug.mutation
+    gold = unified_diff(bug.source, original, f)
+    return {
+        "id": _task_id(env, f, m), **env.meta(), "file": f, "line": m.line,
+        "operator": m.operator, "seed": seed,
+        # the span's text and the file's hash: materialise checks that the tree it is given
+        # is the one the offsets were taken from
+        "mutation": {"start": m.start, "end": m.end, "replacement": m.replacement,
+                     "original": original.encode("utf-8")[m.start:m.end].decode("utf-8"),
+                     "file_sha256": hashlib.sha256(original.encode("utf-8")).hexdigest()},
+        "bug_patch": unified_diff(original, bug.source, f), "gold_patch": gold,
+        "FAIL_TO_PASS": sorted(bug.fail_to_pass), "PASS_TO_PASS": sorted(bug.pass_to_pass),
+        "test_order": bug.test_order,
+        "problem_statement": problem_statement(env, sorted(bug.fail_to_pass), bug.messages, gold),
+        "test_command": env.test_command,
+    }
+
+
 def check_mutants(env: Env, base, covering: dict, sources: dict[str, str],
                   picked: list[tuple[str, Mutation]], *, seed: int, max_tasks: int, batch: int,
-                  mutant_timeout: float, stats: dict) -> list[dict]:
-    """Run each picked mutant's covering tests; the kept bugs as task records."""
-    tried, kept, rejected = stats["tried"], stats["kept"], stats["rejected"]
+                  mutant_timeout: float, wall_seconds: float, stats: dict) -> list[dict]:
+    """Validate each picked mutant (covering tests, then the whole suite, then the reward
+    check of the ones the cap lets in); the kept bugs as task records."""
     stats.setdefault("valid", Counter())
     tasks: list[dict] = []
     for start in range(0, len(picked), batch):
         if len(tasks) >= max_tasks:
             break
-        chunk = picked[start:start + batch]
-        reqs = [{"id": str(i), "file": f, "source": m.apply(sources[f]),
-                 "tests": covering[(f, m.line)]} for i, (f, m) in enumerate(chunk)]
-        results = run_mutants(env.tree, env, reqs, timeout=mutant_timeout,
-                              wall_seconds=mutant_timeout * len(reqs) + 60)
-        for req, (f, m) in zip(reqs, chunk):
-            tried[m.operator] += 1
-            res = results.get(req["id"])
-            if res is None or res["status"] != "ok":
-                rejected[res["status"] if res else "lost"] += 1
-                continue
-            # a covering test missing from the run (collection broke) failed too
-            f2p = sorted(t for t in req["tests"] if res["outcomes"].get(t) != "pass")
-            p2p = sorted(base.passed - set(f2p))
-            if not f2p:
-                rejected["no_fail_to_pass"] += 1
-                continue
-            if not p2p:
-                rejected["no_pass_to_pass"] += 1
-                continue
-            stats["valid"][m.operator] += 1  # a bug, whether or not the cap lets it in
+        survivors = _covering_runs(env, covering, sources, picked[start:start + batch],
+                                   timeout=mutant_timeout, stats=stats)
+        for bug in _full_runs(env, base, survivors, wall_seconds=wall_seconds, stats=stats):
+            op = bug.mutation.operator
+            stats["valid"][op] += 1  # a bug, whether or not the cap lets it in
             if len(tasks) >= max_tasks:
+                continue  # the reward check is paid for the bugs kept only
+            task = _task(env, bug, sources[bug.file], seed)
+            why = reward_check(task, env, wall_seconds=wall_seconds)
+            if why:
+                stats["rejected"][why] += 1
                 continue
-            kept[m.operator] += 1
-            gold = unified_diff(req["source"], sources[f], f)
-            tasks.append({
-                "id": _task_id(env, f, m), **env.meta(), "file": f, "line": m.line,
-                "operator": m.operator, "seed": seed,
-                "mutation": {"start": m.start, "end": m.end, "replacement": m.replacement},
-                "bug_patch": unified_diff(sources[f], req["source"], f), "gold_patch": gold,
-                "FAIL_TO_PASS": f2p, "PASS_TO_PASS": p2p,
-                "problem_statement": problem_statement(env, f2p, res.get("messages", {}), gold),
-                "test_command": env.test_command,
-            })
+            stats["kept"][op] += 1
+            tasks.append(task)
     return tasks
 
 
@@ -169,5 +262,5 @@ def synthesize(env: Env, *, seed: int, max_mutants: int, max_tasks: int, batch: 
     picked = sample([m for _, m in pool], {m.line for _, m in pool}, seed, max_mutants)
     tasks = check_mutants(env, base, covering, sources, [(where[id(m)], m) for m in picked],
                           seed=seed, max_tasks=max_tasks, batch=batch,
-                          mutant_timeout=mutant_timeout, stats=stats)
+                          mutant_timeout=mutant_timeout, wall_seconds=wall_seconds, stats=stats)
     return Synthesis(tasks, stats)

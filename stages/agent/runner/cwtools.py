@@ -3,10 +3,23 @@ run as ``python -I -S cwtools.py /sandbox/spec/spec.json`` with the working copy
 cwd, writable). A path is resolved inside the sandbox, so ``../x`` or ``/etc/x`` reach only the
 sandbox's own read-only, empty filesystem: nothing outside the working copy can be changed.
 Prints one line saying what was done, or ``error: ...`` (exit status 1).
+
+Files are read and written with ``newline=""``: line endings stay as they are (a CRLF file
+is not turned into LF by an edit elsewhere in it).
 """
 import json
 import os
 import sys
+
+
+def occurrences(text, search):
+    """How many times ``search`` starts in ``text``, overlapping ones included: "aa" is in
+    "aaa" twice, so it is no unique SEARCH text there (str.count would say once)."""
+    n, at = 0, text.find(search)
+    while at != -1:
+        n += 1
+        at = text.find(search, at + 1)
+    return n
 
 
 def main() -> int:
@@ -18,14 +31,15 @@ def main() -> int:
             parent = os.path.dirname(path)
             if parent:
                 os.makedirs(parent, exist_ok=True)
-            with open(path, "w", encoding="utf-8") as f:
+            with open(path, "w", encoding="utf-8", newline="") as f:
                 f.write(spec["content"])
-            print(f"created {path} ({spec['content'].count(chr(10))} lines)")
+            lines = len(spec["content"].splitlines())
+            print(f"created {path} ({lines} line{'' if lines == 1 else 's'})")
             return 0
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", newline="") as f:
             text = f.read()
         search, replace = spec["search"], spec["replace"]
-        count = text.count(search) if search else 0
+        count = occurrences(text, search) if search else 0
         if count != 1:
             why = "empty SEARCH block" if not search else (
                 "SEARCH text not found" if count == 0 else f"SEARCH text found {count} times (must be unique)")
@@ -33,7 +47,7 @@ def main() -> int:
             return 1
         at = text.index(search)
         first = text.count("\n", 0, at) + 1
-        with open(path, "w", encoding="utf-8") as f:
+        with open(path, "w", encoding="utf-8", newline="") as f:
             f.write(text[:at] + replace + text[at + len(search):])
         print(f"edited {path}: replaced lines {first}-{first + search.count(chr(10))}")
         return 0

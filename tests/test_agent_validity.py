@@ -1,0 +1,203 @@
+"""Agent stage, bug validity through the sandbox on toy repositories built here: the
+PASS_TO_PASS tests are measured on the buggy tree (not assumed), the reward runs the hidden
+tests in the suite's order and gives the original tree 1.0, and a task's stored offsets are
+applied only to the file they were taken from."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from stages.agent.envs import build_env
+from stages.agent.mutate import mutations
+from stages.agent.reward import TreeMismatch, materialise
+from stages.agent.validate import baseline, check_mutants, coverage_map, reward_check
+
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None and not os.environ.get("CI"),
+                                reason="bubblewrap not installed")
+
+# a table built at import time by a function, and a cached function: a mutation of either
+# shows in tests that never execute the mutated line while they run
+CACHED = '''\
+import functools
+
+
+def build(n):
+    out = {}
+    for k in range(n):
+        out[k] = k * 2
+    return out
+
+
+TABLE = build(4)
+
+
+def lookup(k):
+    return TABLE[k]
+
+
+@functools.lru_cache(maxsize=None)
+def scale():
+    factor = 3
+    return factor
+
+
+def apply(x):
+    return x * scale()
+'''
+CACHED_TESTS = '''\
+from pkg.mod import apply, build, lookup
+
+
+def test_a_build():
+    assert build(3) == {0: 0, 1: 2, 2: 4}
+
+
+def test_b_lookup():
+    assert lookup(3) == 6
+
+
+def test_c_apply_first():
+    assert apply(2) == 6
+
+
+def test_d_apply_second():
+    assert apply(5) == 15
+'''
+
+# the second test needs the first one's side effect, and sorts before it
+ORDERED = '''\
+REGISTRY = {}
+
+
+def register(name):
+    REGISTRY[name] = len(name)
+
+
+def lookup(name):
+    return REGISTRY[name]
+
+
+def double(x):
+    return x * 2
+'''
+ORDERED_TESTS = '''\
+from pkg.core import double, lookup, register
+
+
+def test_register():
+    register("abc")
+
+
+def test_a_lookup_after_register():
+    assert lookup("abc") == 3
+
+
+def test_double():
+    assert double(4) == 8
+'''
+
+
+def _env(root: Path, name: str, module: str, source: str, tests: str):
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "__init__.py").write_text("")
+    (root / "pkg" / f"{module}.py").write_text(source)
+    (root / "tests").mkdir()
+    (root / "tests" / f"test_{module}.py").write_text(tests)
+    repo = SimpleNamespace(name=name, path=str(root), version=None, sha256=None, commit=None)
+    return build_env(repo, root.parent / f"{name}-cache")
+
+
+def _mutant(source: str, operator: str, line_text: str):
+    return next(m for m in mutations(source) if m.operator == operator
+                and m.apply(source).splitlines()[m.line - 1].strip() == line_text)
+
+
+def _check(env, file: str, muts):
+    """check_mutants on hand-picked mutants, as the stage runs it: (tasks, stats)."""
+    validation, base = baseline(env, 60)
+    assert validation["valid"], validation
+    stats = {"tried": Counter(), "kept": Counter(), "rejected": Counter()}
+    source = (env.tree / file).read_text()
+    tasks = check_mutants(env, base, coverage_map(base), {file: source},
+                          [(file, m) for m in muts], seed=0, max_tasks=len(muts),
+                          batch=len(muts), mutant_timeout=30, wall_seconds=60, stats=stats)
+    return tasks, stats
+
+
+def test_pass_to_pass_is_measured_on_the_buggy_tree(tmp_path):
+    env = _env(tmp_path / "cached", "cached", "mod", CACHED, CACHED_TESTS)
+    t = "tests/test_mod.py::"
+    muts = [_mutant(CACHED, "change_arith", "out[k] = k / 2"),   # TABLE is built with it
+            _mutant(CACHED, "off_by_one", "factor = 4")]         # the first call caches it
+    tasks, stats = _check(env, "pkg/mod.py", muts)
+    by_line = {task["line"]: task for task in tasks}
+    assert sorted(by_line) == [7, 20], stats
+    # only test_a_build runs line 7 while it runs, and only test_c_apply_first line 20; the
+    # tests that see the bug through the table or the cache fail on the buggy tree too
+    assert by_line[7]["FAIL_TO_PASS"] == [t + "test_a_build", t + "test_b_lookup"]
+    assert by_line[7]["PASS_TO_PASS"] == [t + "test_c_apply_first", t + "test_d_apply_second"]
+    assert by_line[20]["FAIL_TO_PASS"] == [t + "test_c_apply_first", t + "test_d_apply_second"]
+    assert by_line[20]["PASS_TO_PASS"] == [t + "test_a_build", t + "test_b_lookup"]
+    assert stats["kept"] == {"change_arith": 1, "off_by_one": 1}
+
+
+def test_hidden_tests_run_in_the_suites_order_and_the_reward_is_checked(tmp_path):
+    env = _env(tmp_path / "ordered", "ordered", "core", ORDERED, ORDERED_TESTS)
+    t = "tests/test_core.py::"
+    tasks, stats = _check(env, "pkg/core.py", [_mutant(ORDERED, "change_arith", "return x / 2")])
+    assert len(tasks) == 1, stats
+    task = tasks[0]
+    assert task["test_order"] == [t + "test_register", t + "test_a_lookup_after_register",
+                                    t + "test_double"]
+    assert task["PASS_TO_PASS"] == [t + "test_a_lookup_after_register", t + "test_register"]
+    # the reward gives the original tree 1 and the buggy one 0 (the check kept the task)
+    assert reward_check(task, env, wall_seconds=60) is None
+    # run in another order the lookup fails on the original tree: such a task is dropped
+    shuffled = {**task, "test_order": sorted(task["test_order"])}
+    assert reward_check(shuffled, env, wall_seconds=60) == "reward_check_original_not_1"
+
+
+def test_a_task_is_materialised_only_on_its_own_tree(tmp_path):
+    env = _env(tmp_path / "ordered", "ordered", "core", ORDERED, ORDERED_TESTS)
+    m = _mutant(ORDERED, "change_arith", "return x / 2")
+    task = {"id": "t1", "file": "pkg/core.py", "operator": m.operator, "line": m.line,
+            "mutation": {"start": m.start, "end": m.end, "replacement": m.replacement,
+                         "file_sha256": hashlib.sha256(ORDERED.encode()).hexdigest()}}
+    buggy = materialise(task, env, tmp_path / "buggy")
+    assert "return x / 2" in (buggy / "pkg/core.py").read_text()
+    # the same name, another version of the file: the offsets would land elsewhere
+    (env.tree / "pkg/core.py").write_text("# v2\n" + ORDERED)
+    with pytest.raises(TreeMismatch, match="not the file the bug was made in"):
+        materialise(task, env, tmp_path / "buggy2")
+    assert not (tmp_path / "buggy2").exists()
+
+
+def test_file_tools_keep_bytes_and_cut_output_says_so(tmp_path):
+    from stages.agent.tools import ToolCall, execute, format_edit
+
+    env = _env(tmp_path / "ordered", "ordered", "core", ORDERED, ORDERED_TESTS)
+    work = tmp_path / "work"
+    shutil.copytree(env.tree, work)
+    (work / "crlf.py").write_bytes(b"a = 1\r\nb = 2\r\n")
+    (work / "aaa.txt").write_text("aaa\n")
+
+    def run(name, body):
+        return execute(ToolCall(name, body), work, env, wall_seconds=30)
+
+    # the line break before </tool> ends the file's last line (the call syntax takes it)
+    assert run("create", "one.py\nprint(1)") == "created one.py (1 line)"
+    assert (work / "one.py").read_text() == "print(1)\n"
+    assert run("edit", format_edit("crlf.py", "a = 1", "a = 3")).startswith("edited crlf.py")
+    assert (work / "crlf.py").read_bytes() == b"a = 3\r\nb = 2\r\n"  # CRLF kept
+    # "aa" starts twice in "aaa": not unique
+    assert "found 2 times" in run("edit", format_edit("aaa.txt", "aa", "b"))
+    assert (work / "aaa.txt").read_text() == "aaa\n"
+    out = run("bash", "head -c 1100000 /dev/zero | tr '\\0' a; echo; echo END")
+    assert "END" not in out and "[output cut: the command wrote more than 1 MiB" in out
+    assert out.endswith("[exit code 0]")
