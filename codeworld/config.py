@@ -70,7 +70,8 @@ def _distinct_repo_names(names: list[str]) -> None:
 
 
 class StorageConfig(Section):
-    # Local path (relative to the repository) or s3://bucket/prefix.
+    # Local path (a relative one is taken from the working directory: dvc.yaml and `make` run
+    # from the repository root), file:///abs/path, or s3://bucket/prefix.
     root: str = "data"
     # Endpoint of an S3-compatible server (moto, MinIO, ...); None means AWS itself.
     s3_endpoint_url: str | None = None

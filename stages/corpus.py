@@ -22,7 +22,7 @@ from codeworld.config import LANGUAGES, CorpusConfig, ExecutorConfig, Params
 from codeworld.executor import Witness
 from codeworld.parallel import pool_map
 from codeworld.shards import DatasetWriter, ShardInfo, fingerprint
-from codeworld.storage import UNREADABLE, Storage
+from codeworld.storage import UNREADABLE, Storage, StorageError
 from codeworld.tracking import StageRun
 from stages.corpus_sources import (Candidate, FileHashes, GitReader, SourceError, identity,
                                    list_candidates, read_bytes, source_name)
@@ -68,6 +68,16 @@ def _record(c: Candidate, text: str, raw: bytes) -> dict:
     }
 
 
+def _check_unchanged(c: Candidate, raw: bytes) -> None:
+    """A local file must still hold the bytes its listing hashed: the fingerprint names those,
+    so a file edited in between would give a dataset its manifest does not describe. A
+    StorageError (may pass on retry): the rerun lists the file again."""
+    if c.kind in ("dir", "stdlib") and len(c.content) == 64 and \
+            hashlib.sha256(raw).hexdigest() != c.content:
+        raise StorageError(f"{c.locator}: changed while the corpus stage ran (its sha256 differs "
+                           "from the listing's): rerun the stage to list it again")
+
+
 def ingest_group(g: Group) -> tuple[ShardInfo, dict]:
     counts: Counter = Counter()
     examples: list[dict] = []
@@ -90,6 +100,7 @@ def ingest_group(g: Group) -> tuple[ShardInfo, dict]:
                 except UNREADABLE as err:   # other errors fail the stage: a rerun resumes
                     _skip(counts, examples, "unreadable", c, (err.strerror or str(err))[:200])
                     continue
+                _check_unchanged(c, raw)
             if len(raw) > g.max_bytes:
                 _skip(counts, examples, "too_large", c, f"{len(raw)} bytes")
             elif len(raw) < g.min_bytes:

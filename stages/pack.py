@@ -72,6 +72,12 @@ def _documents(ds: Dataset, src: PackSourceConfig, params: Params, counts: dict)
     """(segments) per usable record, in dataset order, in batches."""
     batch = []
     for record in ds:
+        if not isinstance(record, dict):   # a shard member that is JSON but no object
+            counts["broken"] += 1
+            reasons = counts.setdefault("broken_reasons", {})
+            why = f"a record that is a JSON {type(record).__name__}, not an object"
+            reasons[why] = reasons.get(why, 0) + 1
+            continue
         if heldout(corpus_id(record), params.pack.heldout_percent, params.pack.seed):
             counts["heldout"] += 1
             continue

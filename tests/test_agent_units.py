@@ -266,3 +266,38 @@ def test_failing_test_traces_are_held_out_with_their_task(monkeypatch, tmp_path)
     recs, _ = ft.failing_test_traces(task, env, max_traces=5, wall_seconds=10)
     assert [corpus_id(r) for r in recs] == ["task:abc123"]  # as the task's trajectories
     assert corpus_id({"task_id": "abc123", "id": "x"}) == "task:abc123"
+
+
+def test_a_killed_runs_failing_trace_folder_is_swept_at_the_next_start(monkeypatch, tmp_path):
+    import os
+    import subprocess
+    import tempfile
+
+    from stages.agent import failing_traces as ft
+    from stages.agent.loop import sweep_orphans
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()   # a pid that no process holds now
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(os, "getpid", lambda: dead.pid)   # as if made by that (killed) run
+    made = []
+
+    def materialise(task, env, dest):
+        made.append(dest.parent)
+        raise KeyboardInterrupt   # where a kill -9 would stop it
+
+    monkeypatch.setattr(ft, "materialise", materialise)
+    task = {"id": "abc123", "repo": "calc", "FAIL_TO_PASS": ["tests/test_calc.py::test_x"]}
+    with pytest.raises(KeyboardInterrupt):
+        ft.failing_test_traces(task, type("E", (), {"test_files": ()})(), max_traces=1,
+                               wall_seconds=1)
+    monkeypatch.undo()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    (made[0] / "buggy").mkdir(parents=True)   # what -9 leaves (no cleanup ran)
+    assert sweep_orphans() == 1 and not made[0].exists()
+
+
+def test_truncate_keeps_exactly_its_budget():
+    assert truncate("abcdef", 6) == "abcdef"
+    assert truncate("abcdefghij", 6) == "ab\n[... 4 characters cut ...]\nghij"
+    assert "abcdef" not in truncate("abcdef", 0)   # text[-0:] was the whole text

@@ -195,6 +195,28 @@ def test_an_edit_that_keeps_the_size_makes_a_new_dataset(tmp_path):
     assert second["fingerprint"] != first["fingerprint"]
 
 
+def test_a_file_edited_between_listing_and_reading_fails_the_stage_and_a_rerun_takes_it(
+        tmp_path, monkeypatch):
+    from codeworld.storage import StorageError
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("x = 1\n")
+    listed = corpus.list_candidates
+
+    def list_then_edit(*args, **kwargs):
+        out = listed(*args, **kwargs)
+        (tmp_path / "src" / "a.py").write_text("x = 22\n")   # after its sha256 was taken
+        return out
+
+    monkeypatch.setattr(corpus, "list_candidates", list_then_edit)
+    sources = [{"kind": "dir", "path": str(tmp_path / "src"), "name": "d"}]
+    with pytest.raises(StorageError, match="a.py: changed while the corpus stage ran"):
+        run_corpus(tmp_path, sources)
+    monkeypatch.setattr(corpus, "list_candidates", listed)
+    run_corpus(tmp_path, sources)
+    assert _texts(tmp_path) == ["x = 22\n"]
+
+
 def test_the_file_hash_cache_rehashes_only_changed_files_and_never_changes_results(tmp_path, monkeypatch):
     import hashlib
     import os

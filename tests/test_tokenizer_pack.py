@@ -180,3 +180,19 @@ def test_a_pack_killed_while_replacing_sources_is_not_left_looking_finished(root
     monkeypatch.setattr(pack_stage, "pack_source", real)
     manifest = pack_stage.run(params, track=False, metrics_path=None)
     assert json.loads((work / "pack" / "manifest.json").read_text()) == manifest
+
+
+def test_a_record_that_is_no_object_is_counted_broken():
+    from types import SimpleNamespace
+
+    from codeworld.config import PackSourceConfig
+    from stages.pack import _documents
+
+    src = PackSourceConfig(dataset="dedup", format="code")
+    params = SimpleNamespace(pack=SimpleNamespace(heldout_percent=0.0, seed=0))
+    counts = {"broken": 0, "heldout": 0}
+    records = [["a", "list"], {"id": "m.py", "text": "x = 1\n"}, "text"]
+    docs = [d for batch in _documents(records, src, params, counts) for d in batch]
+    assert docs == [[("x = 1\n", True)]]   # the object is kept; corpus_id crashed on the list
+    assert counts["broken"] == 2 and set(counts["broken_reasons"]) == {
+        "a record that is a JSON list, not an object", "a record that is a JSON str, not an object"}

@@ -11,11 +11,13 @@ parametrised pytest tests (``test_x[a-b]``) are beyond that runner and give no t
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from stages.agent.envs import Env
+from stages.agent.loop import WORKDIR_PREFIX
 from stages.agent.reward import materialise
 from stages.repo_traces import trace_repository
 from stages.tracer import TraceLimits
@@ -39,7 +41,9 @@ def failing_test_traces(task: dict, env: Env, *, max_traces: int, wall_seconds: 
     if not wanted:
         return [], stats
     keep_files = {t.split("::")[0] for t in task["FAIL_TO_PASS"]}
-    with tempfile.TemporaryDirectory(prefix="cw-agent-trace-") as tmp:
+    # named like an episode's folder, so a run killed with -9 leaves nothing that the next
+    # start does not sweep (loop.sweep_orphans)
+    with tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-trace-") as tmp:
         buggy = materialise(task, env, Path(tmp) / "buggy")
         for tf in env.test_files:
             name = Path(tf).name

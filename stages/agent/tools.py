@@ -69,7 +69,7 @@ def truncate(text: str, budget: int) -> str:
         return text
     head = budget // 3
     tail = budget - head
-    return f"{text[:head]}\n[... {len(text) - budget} characters cut ...]\n{text[-tail:]}"
+    return f"{text[:head]}\n[... {len(text) - budget} characters cut ...]\n{text[len(text) - tail:]}"
 
 
 def _mask_duration(m: re.Match) -> str:
