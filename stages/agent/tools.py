@@ -37,9 +37,11 @@ CALL_RE = re.compile(r"<tool: *([A-Za-z_]+)>\n?(.*?)\n?"
 SEARCH, SEP, REPLACE = "<<<<<<< SEARCH", "=======", ">>>>>>> REPLACE"
 EDIT_RE = re.compile(r"\A([^\n]+)\n<<<<<<< SEARCH\n(?:(.*?)\n)?=======\n(?:(.*?)\n)?"
                      r">>>>>>> REPLACE[ \t\n]*\Z", re.S)
-# pytest's last line ("==== 3 passed, 1 warning in 0.12s ====", -q: "3 passed in 0.12s") and
+# pytest's last line ("==== 3 passed, 1 warning in 0.12s ====", -q: "3 passed in 0.12s", with
+# the subtests plugin "1 failed, 37 passed, 7 subtests passed in 0.08s") and
 # unittest's "Ran 3 tests in 0.001s": the only durations a test run prints by itself
-_DURATION = re.compile(r"^(=* ?(?:\d+ [a-z]+(?:, \d+ [a-z]+)*|no tests ran) in )\d+(?:\.\d+)?s"
+_DURATION = re.compile(r"^(=* ?(?:\d+ [a-z]+(?: [a-z]+)*(?:, \d+ [a-z]+(?: [a-z]+)*)*|no tests ran)"
+                       r" in )\d+(?:\.\d+)?s"
                        r"(?: \(\d+:\d\d:\d\d\))?( =*)?$|^(Ran \d+ tests? in )\d+\.\d+s$", re.M)
 _ADDRESS = re.compile(r"(<[^<>\n]* at |\bobject at )0x[0-9a-fA-F]+\b")
 
