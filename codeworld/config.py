@@ -377,12 +377,21 @@ class PackSourceConfig(Section):
     # Documents longer than this (tokens, end-of-text included) are skipped and counted
     # (0 = none): an SFT task longer than the phase's context would be cut from its prompt.
     max_document_tokens: int = Field(default=0, ge=0)
+    # SFT: whole documents packed into windows of this many tokens, the rest of each window
+    # padded out of the loss (0 = documents end to end). Megatron cuts a source into samples
+    # of the phase's seq_length: documents end to end, a task that straddles a cut is trained
+    # without its prompt; windows of exactly seq_length each make one sample. A phase training
+    # on such a source must have this seq_length; a longer document is skipped (too_long).
+    window: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _mask(self) -> "PackSourceConfig":
         if self.observation_mask and self.format != "agent":
             raise ValueError(f"observation_mask applies to format agent only (format is "
                              f"{self.format!r}; sft_agent keeps every observation out of the loss)")
+        if self.window and self.format not in ("sft_trace", "sft_output", "sft_agent"):
+            raise ValueError(f"window applies to the SFT formats only (format is {self.format!r}: "
+                             "text without a loss mask would learn the padding)")
         return self
 
 
@@ -771,6 +780,11 @@ def check_training_layout(p: "Params") -> None:
             if src not in p.pack.sources:
                 raise ValueError(f"{where}.blend names {src!r}, which is not a pack source "
                                  f"(pack.sources: {', '.join(sorted(p.pack.sources))})")
+            window = p.pack.sources[src].window
+            if window and window != ph.seq_length:
+                raise ValueError(f"{where}.blend names {src!r}, packed in windows of {window} "
+                                 f"tokens (pack.sources.{src}.window), but {where}.seq_length is "
+                                 f"{ph.seq_length}: samples would cut its tasks; make them equal")
         if ph.init_from is not None:
             earlier = PHASES[:PHASES.index(name)]
             if ph.init_from not in earlier:

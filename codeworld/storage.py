@@ -59,25 +59,23 @@ def read_url(url: str, endpoint_url: str | None = None,
              fs: fsspec.AbstractFileSystem | None = None) -> bytes:
     """The bytes of a local file or an s3:// object. UNREADABLE errors stay what they are (the
     caller may count such a file); any other failure is a StorageError naming `url`."""
-    try:
+    with _named(url, "read", passes=UNREADABLE):
         if "://" not in url:
             with open(url, "rb") as fh:
                 return fh.read()
         return (fs or filesystem(url, endpoint_url)).cat_file(url)
-    except (StorageError, *UNREADABLE):
-        raise
-    except transport_errors() as err:
-        raise StorageError(f"{url}: cannot read: {type(err).__name__}: {err}") from err
 
 
 @contextmanager
-def _named(path: str, what: str, missing_is_state: bool = True):
+def _named(path: str, what: str, missing_is_state: bool = True,
+           passes: tuple[type[BaseException], ...] = ()):
     """Re-raise a failed operation on `path` as a StorageError naming it. A missing path stays
     FileNotFoundError where callers treat absence as a state (reads); for a write it is a
-    failure like any other (a bucket that does not exist)."""
+    failure like any other (a bucket that does not exist). Errors in `passes` stay what they
+    are (a caller that counts an unreadable file)."""
     try:
         yield
-    except StorageError:
+    except (StorageError, *passes):
         raise
     except FileNotFoundError:
         if missing_is_state:

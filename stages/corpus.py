@@ -55,7 +55,7 @@ def _language(c: Candidate) -> str | None:
     return dict(c.extra).get("language") or LANGUAGES.get(PurePosixPath(c.path).suffix)
 
 
-def _record(c: Candidate, text: str, raw: bytes) -> dict:
+def _record(c: Candidate, text: str, raw: bytes, digest: str) -> dict:
     return {
         "id": f"{c.source}/{c.path}",
         "text": text,
@@ -63,17 +63,16 @@ def _record(c: Candidate, text: str, raw: bytes) -> dict:
         "path": c.path,
         "size": len(raw),
         "language": _language(c),
-        "sha256": hashlib.sha256(raw).hexdigest(),
+        "sha256": digest,
         "license": c.license,
     }
 
 
-def _check_unchanged(c: Candidate, raw: bytes) -> None:
+def _check_unchanged(c: Candidate, digest: str) -> None:
     """A local file must still hold the bytes its listing hashed: the fingerprint names those,
     so a file edited in between would give a dataset its manifest does not describe. A
     StorageError (may pass on retry): the rerun lists the file again."""
-    if c.kind in ("dir", "stdlib") and len(c.content) == 64 and \
-            hashlib.sha256(raw).hexdigest() != c.content:
+    if c.kind in ("dir", "stdlib") and len(c.content) == 64 and digest != c.content:
         raise StorageError(f"{c.locator}: changed while the corpus stage ran (its sha256 differs "
                            "from the listing's): rerun the stage to list it again")
 
@@ -100,7 +99,9 @@ def ingest_group(g: Group) -> tuple[ShardInfo, dict]:
                 except UNREADABLE as err:   # other errors fail the stage: a rerun resumes
                     _skip(counts, examples, "unreadable", c, (err.strerror or str(err))[:200])
                     continue
-                _check_unchanged(c, raw)
+            digest = hashlib.sha256(raw).hexdigest()  # hashed once: the check and the record
+            if c.text is None:
+                _check_unchanged(c, digest)
             if len(raw) > g.max_bytes:
                 _skip(counts, examples, "too_large", c, f"{len(raw)} bytes")
             elif len(raw) < g.min_bytes:
@@ -115,7 +116,7 @@ def ingest_group(g: Group) -> tuple[ShardInfo, dict]:
                     continue
                 counts["kept"] += 1
                 counts["kept_bytes"] += len(raw)
-                records.append(_record(c, text, raw))
+                records.append(_record(c, text, raw, digest))
     finally:
         git.close()
     meta = {"counts": dict(counts), "examples": examples}

@@ -33,7 +33,7 @@ from codeworld.pack_cache import MANIFEST, OUTPUT, prune
 from codeworld.shards import Dataset, dumps, fingerprint
 from codeworld.split import corpus_id, heldout
 from codeworld.storage import Storage, file_sha256
-from codeworld.tokens import EOD_ID
+from codeworld.tokens import EOD_ID, PAD_ID
 from codeworld.tracking import StageRun
 from stages import tokenizer as tokenizer_stage
 from stages.documents import MASKED_FORMATS, DocumentError, NotATask, render
@@ -68,15 +68,20 @@ def source_fingerprint(name: str, src: PackSourceConfig, params: Params, tok_sha
                        params.pack.seed, tok_sha, ds.manifest["fingerprint"])
 
 
+def _count_reason(counts: dict, kind: str, why: str) -> None:
+    """One more record left out as `kind` (broken, skipped), and why, for the stage's report."""
+    counts[kind] += 1
+    reasons = counts.setdefault(f"{kind}_reasons", {})
+    reasons[why] = reasons.get(why, 0) + 1
+
+
 def _documents(ds: Dataset, src: PackSourceConfig, params: Params, counts: dict):
     """(segments) per usable record, in dataset order, in batches."""
     batch = []
     for record in ds:
         if not isinstance(record, dict):   # a shard member that is JSON but no object
-            counts["broken"] += 1
-            reasons = counts.setdefault("broken_reasons", {})
-            why = f"a record that is a JSON {type(record).__name__}, not an object"
-            reasons[why] = reasons.get(why, 0) + 1
+            _count_reason(counts, "broken",
+                          f"a record that is a JSON {type(record).__name__}, not an object")
             continue
         if heldout(corpus_id(record), params.pack.heldout_percent, params.pack.seed):
             counts["heldout"] += 1
@@ -85,10 +90,7 @@ def _documents(ds: Dataset, src: PackSourceConfig, params: Params, counts: dict)
             batch.append(render(record, src.format, observation_mask=src.observation_mask,
                                 seed=params.pack.seed))
         except DocumentError as err:
-            kind = "skipped" if isinstance(err, NotATask) else "broken"
-            counts[kind] += 1
-            reasons = counts.setdefault(f"{kind}_reasons", {})
-            reasons[str(err)] = reasons.get(str(err), 0) + 1
+            _count_reason(counts, "skipped" if isinstance(err, NotATask) else "broken", str(err))
             continue
         if len(batch) == BATCH:
             yield batch
@@ -117,8 +119,42 @@ def document_tokens(segments: list[tuple[str, bool]], pieces: list[list[int]],
 
 
 def too_long(ids: list[int], src: PackSourceConfig) -> bool:
-    """A document the source leaves out (`max_document_tokens`)."""
-    return bool(src.max_document_tokens) and len(ids) > src.max_document_tokens
+    """A document the source leaves out (`max_document_tokens`, or longer than a window)."""
+    limits = [n for n in (src.max_document_tokens, src.window) if n]
+    return bool(limits) and len(ids) > min(limits)
+
+
+class _Windows:
+    """Documents into the indexed dataset(s): as they come, or (``window``) packed whole into
+    windows of exactly ``window`` tokens, each padded to its end with PAD out of the loss."""
+
+    def __init__(self, builder, mask_builder, window: int, counts: dict):
+        self.builder, self.mask_builder = builder, mask_builder
+        self.window, self.counts = window, counts
+        self.ids: list[int] = []
+        self.mask: list[int] = []
+
+    def add(self, ids: list[int], mask: list[int]) -> None:
+        if not self.window:
+            self._write(ids, mask)
+            return
+        if len(self.ids) + len(ids) > self.window:
+            self.flush()
+        self.ids += ids
+        self.mask += mask
+
+    def flush(self) -> None:
+        if self.ids:
+            pad = self.window - len(self.ids)
+            self._write(self.ids + [PAD_ID] * pad, self.mask + [0] * pad)
+            self.counts["windows"] += 1
+            self.counts["pad_tokens"] += pad
+            self.ids, self.mask = [], []
+
+    def _write(self, ids: list[int], mask: list[int]) -> None:
+        self.builder.add_document(np.asarray(ids), [len(ids)])
+        if self.mask_builder is not None:
+            self.mask_builder.add_document(np.asarray(mask), [len(mask)])
 
 
 def pack_source(name: str, src: PackSourceConfig, ds: Dataset, tok, params: Params,
@@ -131,6 +167,9 @@ def pack_source(name: str, src: PackSourceConfig, ds: Dataset, tok, params: Para
     mask_builder = IndexedDatasetBuilder(str(tmp["_mask.bin"]), dtype=np.uint8) if masked else None
     counts = {"documents": 0, "tokens": 0, "loss_tokens": 0, "heldout": 0, "broken": 0,
               "skipped": 0, "too_long": 0, "truncated_at_cap": 0}
+    if src.window:
+        counts.update(windows=0, pad_tokens=0)
+    out_docs = _Windows(builder, mask_builder, src.window, counts)
     cap = src.max_tokens or float("inf")
     for batch in _documents(ds, src, params, counts):
         texts = [t for doc in batch for t, _ in doc]
@@ -143,14 +182,13 @@ def pack_source(name: str, src: PackSourceConfig, ds: Dataset, tok, params: Para
             if counts["tokens"] + len(ids) > cap:
                 counts["truncated_at_cap"] = 1
                 break
-            builder.add_document(np.asarray(ids), [len(ids)])
-            if mask_builder is not None:
-                mask_builder.add_document(np.asarray(mask), [len(mask)])
+            out_docs.add(ids, mask)
             counts["documents"] += 1
             counts["tokens"] += len(ids)
             counts["loss_tokens"] += sum(mask)
         if counts["truncated_at_cap"]:
             break
+    out_docs.flush()
     if counts["documents"] == 0:
         raise ValueError(f"pack source {name!r} ({ds.storage.path()}): no usable document "
                          f"({counts['heldout']} held out, {counts['broken']} broken, "

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from codeworld.sandbox import Limits, run_command
+from codeworld.sandbox.output import json_or_none
 from codeworld.storage import file_sha256
 from codeworld.tokens import END_OF_TEXT
 from codeworld.trace_metrics import parse as parse_trace
@@ -255,9 +256,8 @@ def trace_repository(tree: str | os.PathLike, *, max_traces: int = 500,
     if res.stdout_truncated and lines:
         lines = lines[:-1]  # the last line may be cut
     for line in lines:
-        try:
-            obj = json.loads(line)
-        except ValueError:
+        obj = json_or_none(line)
+        if obj is None:
             bad_lines += 1
             continue
         if isinstance(obj, dict) and set(obj) == {"summary"} and isinstance(obj["summary"], dict):

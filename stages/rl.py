@@ -45,6 +45,12 @@ def _manifest_fp(storage: Storage, name: str) -> str | None:
         return None
 
 
+# The agent params the episodes use (model/rl.py reads each as acfg.<field>; a test checks it
+# reads no other): a change of one starts RL over.
+AGENT_FIELDS = ("repositories", "max_tokens", "tool_wall_seconds", "test_wall_seconds",
+                "max_workdir_mb")
+
+
 def rl_fingerprint(params: Params, parent: dict) -> str:
     storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
     tok = json.loads(storage.sub("tokenizer").read_bytes("manifest.json"))["sha256"]
@@ -52,8 +58,7 @@ def rl_fingerprint(params: Params, parent: dict) -> str:
     if traces is None:
         raise FileNotFoundError(f"{storage.path('traces')}: no traces dataset (run the traces stage)")
     tasks = _manifest_fp(storage, "agent/tasks") if params.rl.agent_interval else None
-    agent = params.agent.model_dump(include={"repositories", "max_tokens", "tool_wall_seconds",
-                                             "test_wall_seconds"})
+    agent = params.agent.model_dump(include=set(AGENT_FIELDS))
     return fingerprint(CODE, "rl", 1, params.model.model_dump(), params.rl.model_dump(), tok, traces,
                        tasks, agent, params.traces.limits.model_dump(),
                        [params.pack.heldout_percent, params.pack.seed],

@@ -30,6 +30,7 @@ from codeworld.tracking import StageRun
 from stages.programs import iter_programs
 from stages.programs.parallel import parallel_harvest
 from stages.trace_runner import trace_requests
+from stages.tracer.frames import pack_frame_dicts
 
 CODE = Code(("stages.traces",))
 
@@ -41,9 +42,10 @@ REPO_CACHE = ".cache/repos"  # fetched sdists (pinned by sha256), outside the DV
 
 
 def behaviour(rec: dict, qualname: str) -> str:
-    """Same function, same path through its lines = same behaviour (kept once)."""
+    """Same function, same path through its lines = same behaviour (kept once). ``rec`` is a
+    trace record, its frames packed ([kind, scope, line, locals, value] each)."""
     frames = rec.get("frames") or []
-    path = [(f["kind"], f["line"]) for f in frames] if frames else rec.get("trace")
+    path = [(f[0], f[2]) for f in frames] if frames else rec.get("trace")
     return hashlib.sha256(repr((qualname, path, rec["status"])).encode()).hexdigest()[:20]
 
 
@@ -156,16 +158,18 @@ def trace_group(cases: list, cfg: TracesConfig, seen: set[str],
         if _exposes_harness(res):
             counts["exposes_harness"] += 1
             continue
-        sig = behaviour(res, f"{case.provenance.get('corpus_id')}:{case.provenance.get('qualname')}")
+        # frames stored packed (see frames.pack_frame_dicts; unpack_frames gives them whole)
+        record = {"id": case.id, "code": case.code, "call": case.call, "prompt": res.get("prompt"),
+                  "trace": res.get("trace"), "frames": pack_frame_dicts(res.get("frames")),
+                  "result": res.get("result"), "error": res.get("error"), "status": status,
+                  "events": res.get("events"), "provenance": case.provenance}
+        sig = behaviour(record, f"{case.provenance.get('corpus_id')}:{case.provenance.get('qualname')}")
         if sig in seen:
             counts["duplicate_behaviour"] += 1
             continue
         seen.add(sig)
         sigs.append(sig)  # dropped ones below too: `seen` must be rebuilt identically on resume
-        kept.append({"id": case.id, "code": case.code, "call": case.call, "prompt": res.get("prompt"),
-                     "trace": res.get("trace"), "frames": res.get("frames"), "result": res.get("result"),
-                     "error": res.get("error"), "status": status, "events": res.get("events"),
-                     "provenance": case.provenance})
+        kept.append(record)
     kept = _reproducible(kept, cfg, counts, executor)
     return kept, _meta(kept, counts, failures, t0, sigs)
 

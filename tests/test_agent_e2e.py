@@ -138,9 +138,9 @@ def test_environment_from_a_pinned_commit_is_validated(env, validated):
     assert (env.tree / "calc/__init__.py").read_text() == CALC  # the commit, not the work tree
     assert validation["valid"] and validation["tests"] == 5 == validation["passed"]
     assert "tests/test_calc.py::TestWindow::test_pairs" in base.passed  # unittest under pytest
-    # line 2 (`if x < lo:`) is run by the three clamp tests only
-    assert covering[("calc/__init__.py", 2)] == sorted(
-        f"tests/test_calc.py::test_clamp_{k}" for k in ("high", "inside", "low"))
+    # line 2 (`if x < lo:`) is run by the three clamp tests only, listed in the suite's order
+    assert covering[("calc/__init__.py", 2)] == [
+        f"tests/test_calc.py::test_clamp_{k}" for k in ("low", "high", "inside")]
 
 
 def test_a_failing_suite_is_recorded_and_skipped(tmp_path):

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from stages.agent.envs import build_env
-from stages.agent.mutate import mutations
+from stages.agent.mutate import mutations, read_source
 from stages.agent.reward import TreeMismatch, materialise
 from stages.agent.validate import baseline, check_mutants, coverage_map, reward_check
 
@@ -123,7 +123,7 @@ def _check(env, file: str, muts):
     validation, base = baseline(env, 60)
     assert validation["valid"], validation
     stats = {"tried": Counter(), "kept": Counter(), "rejected": Counter()}
-    source = (env.tree / file).read_text()
+    source = read_source(env.tree / file)   # as the stage reads it
     tasks = check_mutants(env, base, coverage_map(base), {file: source},
                           [(file, m) for m in muts], seed=0, max_tasks=len(muts),
                           batch=len(muts), mutant_timeout=30, wall_seconds=60, stats=stats)
@@ -176,6 +176,19 @@ def test_a_task_is_materialised_only_on_its_own_tree(tmp_path):
     with pytest.raises(TreeMismatch, match="not the file the bug was made in"):
         materialise(task, env, tmp_path / "buggy2")
     assert not (tmp_path / "buggy2").exists()
+
+
+def test_a_crlf_file_keeps_its_line_ends_in_the_buggy_tree(tmp_path):
+    crlf = ORDERED.replace("\n", "\r\n")
+    env = _env(tmp_path / "crlf", "crlf", "core", crlf, ORDERED_TESTS)
+    assert (env.tree / "pkg/core.py").read_bytes() == crlf.encode()
+    m = _mutant(crlf, "change_arith", "return x / 2")
+    tasks, stats = _check(env, "pkg/core.py", [m])
+    assert len(tasks) == 1, stats
+    buggy = materialise(tasks[0], env, tmp_path / "buggy")
+    # the buggy file is the original with the one span replaced: every CRLF kept
+    assert (buggy / "pkg/core.py").read_bytes() == m.apply(crlf).encode()
+    assert m.apply(crlf).count("\r\n") == crlf.count("\r\n")
 
 
 def test_file_tools_keep_bytes_and_cut_output_says_so(tmp_path):

@@ -269,3 +269,14 @@ def test_tiny_rl_run_logs_rewards_checkpoints_and_resumes_bit_for_bit(rl_root):
     assert json.loads((out / "latest.json").read_text())["iteration"] == 2
     _stage(rl_root, "rl")                              # resumes at step 3
     assert _rows(rl_root) == full
+
+
+def test_the_fingerprint_holds_every_agent_param_the_episodes_use():
+    # agent.max_workdir_mb ended episodes but was not in it: a changed value reran nothing
+    import ast
+
+    from stages.rl import AGENT_FIELDS
+    tree = ast.parse((Path(__file__).parents[1] / "model" / "rl.py").read_text())
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name) and n.value.id == "acfg"}
+    assert used and used <= set(AGENT_FIELDS), used - set(AGENT_FIELDS)

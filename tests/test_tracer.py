@@ -736,6 +736,76 @@ def test_sets_of_stdlib_value_types_keep_their_hash_order():
     assert safe_repr(nan) == "{Decimal('1'), Decimal('2'), Decimal('NaN')}"
 
 
+class _N:
+    """Prints as N00..N99; made in reverse order of their reprs, so that address order (the
+    order of a set of them) cannot pass for sorted."""
+
+    def __init__(self, v):
+        self.v = v
+
+    def __repr__(self):
+        return "N%02d" % self.v
+
+
+def test_sorted_sets_carry_no_address_in_any_value():
+    # a str made from a default repr, beside a set of objects: the sorted text was not scrubbed
+    # on the way to a return value (locals were scrubbed afterwards)
+    code = ("class A:\n    pass\n\ndef f():\n    a, b = A(), A()\n    v = [str(a), {a, b}]\n"
+            "    w = {str(a), a}\n    return v\n")
+    r = trace_call(code, "f()")
+    loc = r.frames[-3].locals
+    assert r.result == loc["v"] == \
+        "['<__main__.A object>', {<__main__.A object>, <__main__.A object>}]"
+    assert loc["w"] == "{'<__main__.A object>', <__main__.A object>}"
+    assert " at 0x" not in r.text
+
+
+def test_sets_holding_a_nan_do_not_follow_addresses():
+    # a float or complex NaN hashes by its identity (3.10+): such a set iterates in address order
+    nans = [float("nan") for _ in range(200)]   # alive together: 200 addresses
+    assert {safe_repr({n, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0}) for n in nans} == {
+        "{1.0, 2.0, 3.0, 4.0, 5.0, 6.0, nan}"}
+    cnans = [complex("nan+0j") for _ in range(200)]
+    assert {safe_repr({"k": [{c, 1j, 2j, 3j, 4j}]}) for c in cnans} == {
+        "{'k': [{(nan+0j), 1j, 2j, 3j, 4j}]}"}
+    assert safe_repr({2.5, 1.5, 7.0}) == repr({2.5, 1.5, 7.0})   # no NaN: Python's order
+
+
+def test_nested_sets_are_sorted_past_the_search_bound_and_in_defaultdicts():
+    from collections import defaultdict
+
+    ns = [_N(v) for v in range(11, -1, -1)]
+    first = "{" + ", ".join("N%02d" % v for v in range(12)) + "}"
+    # more elements than the search looks at: the visible text is rebuilt set by set
+    padded = {"x": [set(ns)], "pad": list(range(5000))}
+    assert safe_repr(padded, 1000).startswith("{'x': [" + first + "], 'pad': [0, 1, 2, ")
+    graph = {n: set(ns[:3]) for n in ns}
+    graph.update({_N(100 + i): {i} for i in range(3000)})
+    assert safe_repr(graph).startswith("{N11: {N09, N10, N11}, N10: {N09, N10, N11}, ")
+    adjacency = defaultdict(set)
+    adjacency["a"] |= set(ns)
+    assert safe_repr(adjacency, 1000) == "defaultdict(<class 'set'>, {'a': " + first + "})"
+    loops = defaultdict(list, {"x": [set(ns[:2])]})
+    loops["x"].append(loops)
+    assert safe_repr(loops) == ("defaultdict(<class 'list'>, {'x': [{N10, N11}, "
+                                "defaultdict(<class 'list'>, {...})]})")
+    plain = defaultdict(list, {"a": [1], "b": {2: {3}}})
+    assert safe_repr(plain) == repr(plain) and safe_repr(defaultdict(set)) == repr(defaultdict(set))
+    assert trace_call("from collections import defaultdict\n\nclass N:\n    pass\n\n"
+                      "def f():\n    g = defaultdict(set)\n    g[1].add(N())\n    return g\n",
+                      "f()").result == "defaultdict(<class 'set'>, {1: {<__main__.N object>}})"
+
+
+def test_a_value_cut_after_scrubbing_keeps_its_marker_rule():
+    # the text is cut where the address-free text passes the limit (it was cut where the text
+    # with the address did, then scrubbed shorter, without "...<truncated>")
+    ns = [_N(v) for v in range(11, -1, -1)]
+    k = "x at 0xffffffffffffffff " + "y" * 171
+    assert safe_repr({"k": k, "s": set(ns[:2])}) == "{'k': 'x " + "y" * 171 + "', 's': {N10, N11}}"
+    assert safe_repr({"k": k + "y" * 30, "s": set(ns[:2])}) == \
+        ("{'k': 'x " + "y" * 300)[:200] + "...<truncated>"
+
+
 def test_packed_frames_take_no_more_room_than_the_text():
     # frames repeat every local in full at every event (here 6 MB of them for 0.8 MB of text):
     # sent packed, they are smaller than the text, and unpack to the full frames

@@ -6,7 +6,10 @@ import pytest
 
 from codeworld.config import load_params
 from codeworld.shards import Dataset
+from codeworld.tokens import END_OF_TEXT
+from codeworld.trace_metrics import parse
 from stages import corpus, dedup, traces
+from stages.tracer.frames import unpack_frames
 from tests.helpers import STDLIB, write_params
 
 pytestmark = pytest.mark.skipif(__import__("shutil").which("bwrap") is None
@@ -44,6 +47,13 @@ def test_stage_traces_corpus_functions_deterministically(tmp_path):
         assert r["provenance"]["corpus_id"].startswith("lib/")
         assert r["provenance"]["generator"] in ("function", "doctest")
         assert r["provenance"]["input_source"]
+    # the frames are kept packed, and unpack to the states the text says (main's call first)
+    for r in recs:
+        frames = unpack_frames(r["frames"])
+        assert len(json.dumps(r["frames"])) < len(json.dumps(frames))
+        said = parse(r["trace"] + END_OF_TEXT).frames
+        assert [(f["kind"], f["locals"], f["value"]) for f in frames[1:]] == \
+            [(f.kind, f.locals, f.value) for f in said]
     # no two kept traces share a behaviour
     sigs = [traces.behaviour(r, f"{r['provenance']['corpus_id']}:{r['provenance']['qualname']}") for r in recs]
     assert len(set(sigs)) == len(sigs)

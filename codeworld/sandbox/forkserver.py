@@ -27,6 +27,7 @@ from .bwrap import Bind, SandboxError, SandboxUnavailable, build_argv, ensure_av
     LAUNCH_ENV, host_pidns, python_install, sandbox_env
 from . import memcg, seccomp, uids
 from .limits import Limits
+from .output import json_or_none
 
 _REQ = struct.Struct(">I")
 _RESP = struct.Struct(">IIII")
@@ -82,10 +83,7 @@ class SandboxResult:
 def _interpret(header: dict, out: bytes, err: bytes, body: bytes) -> SandboxResult:
     res = _base_result(header, out, err)
     if res.status == "error":  # the child exited by itself: its envelope decides
-        try:
-            envelope = json.loads(body) if body else None
-        except ValueError:
-            envelope = None
+        envelope = json_or_none(body) if body else None
         _apply_envelope(res, envelope, header, len(body))
     return res
 
@@ -307,10 +305,7 @@ class ForkServer:
         for line in body.split(b"\n")[:-1]:
             res = dataclasses.replace(base, status="error", signal=None, error=None,
                                       server_restarted=restarted)
-            try:
-                envelope = json.loads(line)
-            except ValueError:
-                envelope = None
+            envelope = json_or_none(line)
             if not _apply_envelope(res, envelope, header, len(body)) or len(results) == len(requests):
                 return [self.call(r) for r in requests], []  # malformed: isolate every request
             results.append(res)

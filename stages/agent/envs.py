@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from codeworld.sandbox import Limits, run_command
+from codeworld.sandbox.output import json_or_none
 from codeworld.sandbox.bwrap import python_install
 from stages.repo_traces import fetch_pypi_sdist, install_tree, repo_layout
 
 RUNNER_DIR = Path(__file__).resolve().parent / "runner"
 SANDBOX_LIB = "/sandbox/lib/cwagent"
+OUTCOMES = ("pass", "fail", "error", "skip")   # of one test, as runner/cwtest.py reports it
 SANDBOX_PYTEST = "/sandbox/pytest"
 SANDBOX_SPEC = "/sandbox/spec"
 # pytest and what it imports at run time (pygments: its terminal writer highlights code).
@@ -168,18 +170,19 @@ def run_tests(tree: Path, env: Env, tests: list[str] | None = None, *, coverage:
             "coverage": coverage, "pkg_files": list(env.pkg_files)}
     res = sandbox(_runner_argv(), tree, env, wall_seconds=wall_seconds, spec=spec)
     out = TestRun(timed_out=res.timed_out)
+    # the package's code runs in the process that prints these lines: take only well-formed
+    # ones (a record of another shape must not stop the stage reading it)
     for line in res.stdout.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
+        rec = json_or_none(line)
+        if not isinstance(rec, dict):
             continue
-        if isinstance(rec, dict) and "summary" in rec:
+        if isinstance(rec.get("summary"), dict):
             out.summary = rec["summary"]
-        elif isinstance(rec, dict) and isinstance(rec.get("test"), str):
+        elif isinstance(rec.get("test"), str) and rec.get("outcome") in OUTCOMES:
             out.outcomes[rec["test"]] = rec["outcome"]
-            if rec.get("message"):
+            if isinstance(rec.get("message"), str) and rec["message"]:
                 out.messages[rec["test"]] = rec["message"]
-            if "lines" in rec:
+            if isinstance(rec.get("lines"), dict):
                 out.lines[rec["test"]] = rec["lines"]
     if not out.summary:
         out.stderr_tail = res.stderr[-2000:]
@@ -194,10 +197,8 @@ def run_mutants(tree: Path, env: Env, mutants: list[dict], *, timeout: float,
     res = sandbox(_runner_argv(), tree, env, wall_seconds=wall_seconds, spec=spec)
     results = {}
     for line in res.stdout.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "mutant" in rec:
+        rec = json_or_none(line)
+        if isinstance(rec, dict) and isinstance(rec.get("mutant"), str) and \
+                isinstance(rec.get("outcomes"), dict) and isinstance(rec.get("messages"), dict):
             results[rec["mutant"]] = rec
     return results

@@ -19,6 +19,7 @@ import difflib
 import random
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 OPERATORS = ("flip_comparison", "change_arith", "change_boolop", "off_by_one",
              "negate_condition", "remove_statement", "remove_branch", "remove_return",
@@ -45,6 +46,15 @@ class Mutation:
     def apply(self, source: str) -> str:
         b = source.encode("utf-8")
         return (b[:self.start] + self.replacement.encode("utf-8") + b[self.end:]).decode("utf-8")
+
+
+def read_source(path: Path) -> str:
+    """A package file's text with its line ends as they are (CRLF stays CRLF): mutation
+    offsets are taken in this text and applied to it, so the buggy tree differs from the
+    original only in the mutated span. (Text mode would turn CRLF into LF: every line of the
+    buggy file would differ.)"""
+    with open(path, encoding="utf-8", newline="") as fh:
+        return fh.read()
 
 
 def _offsets(source: str) -> list[int]:

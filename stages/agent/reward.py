@@ -22,7 +22,7 @@ import stat
 from pathlib import Path
 
 from stages.agent.envs import Env, run_tests
-from stages.agent.mutate import Mutation
+from stages.agent.mutate import Mutation, read_source
 
 
 class TreeMismatch(ValueError):
@@ -37,8 +37,7 @@ def check_tree(task: dict, env: Env) -> str:
     if "file_sha256" not in m:
         raise TreeMismatch(f"task {task['id']}: no file_sha256 in its mutation (a record of "
                            f"an older agent stage): rerun the agent stage")
-    # read as the synthesis read it (text mode): the offsets are into that text
-    source = (env.tree / task["file"]).read_text(encoding="utf-8")
+    source = read_source(env.tree / task["file"])  # as the synthesis read it: its offsets
     if hashlib.sha256(source.encode("utf-8")).hexdigest() != m["file_sha256"]:
         raise TreeMismatch(f"task {task['id']}: {env.name}'s {task['file']} at {env.tree} is "
                            f"not the file the bug was made in (sha256 differs)")
@@ -52,7 +51,8 @@ def materialise(task: dict, env: Env, dest: Path) -> Path:
     shutil.copytree(env.tree, dest, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     m = task["mutation"]
     mut = Mutation(task["operator"], task["line"], m["start"], m["end"], m["replacement"])
-    (dest / task["file"]).write_text(mut.apply(source), encoding="utf-8")
+    with open(dest / task["file"], "w", encoding="utf-8", newline="") as fh:
+        fh.write(mut.apply(source))
     return dest
 
 

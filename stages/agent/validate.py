@@ -8,14 +8,18 @@
    none of them notices is dropped, ``no_fail_to_pass``). A survivor then runs the whole suite,
    as the base run did: a mutation can also change what runs at import time (a module-level
    table built by the mutated function) or what a cache keeps between tests, so no test's
-   outcome is assumed. FAIL_TO_PASS = the tests that passed on the original tree and do not
-   on the buggy one, PASS_TO_PASS = those that pass on both; a bug is valid when both are
-   non-empty (rejections of this run are counted ``full_suite_*``).
+   outcome is assumed. FAIL_TO_PASS = the tests that passed on the original tree and fail
+   (or error, or are missing) on the buggy one, PASS_TO_PASS = those that pass on both (a
+   test skipped on the buggy tree is in neither); a bug is valid when both are non-empty
+   (rejections of this run are counted ``full_suite_*``). Each mutant's tests run with a home
+   and temp folder of their own, so one mutant's leftovers do not change the next's outcomes.
 4. A valid bug is kept (up to ``max_tasks``) only when the reward itself, run as after an
    episode, gives the original tree 1.0 and the buggy tree 0.0 (``reward_check_*`` counts
    the others): hidden tests that depend on one another, or on the suite's order, must not
-   make a task nobody can solve. ``test_order`` holds FAIL_TO_PASS and PASS_TO_PASS in the
-   suite's own collection order, the order the reward runs them in.
+   make a task nobody can solve; and run alone the buggy tree must fail every FAIL_TO_PASS
+   test and pass every PASS_TO_PASS one (``reward_check_buggy_labels``). ``test_order``
+   holds FAIL_TO_PASS and PASS_TO_PASS in the suite's own collection order, the order the
+   reward runs them in.
 5. The problem statement is written from the failing tests' output: only the frames of test
    files and the error lines, never package frames (they would point at the mutated line), and
    no line of the gold patch.
@@ -32,8 +36,9 @@ from pathlib import Path
 
 from stages.agent.envs import Env, run_mutants, run_tests
 from stages.agent.loop import WORKDIR_PREFIX
-from stages.agent.mutate import Mutation, mutations, sample, unified_diff
+from stages.agent.mutate import Mutation, mutations, read_source, sample, unified_diff
 from stages.agent.reward import evaluate, materialise
+from stages.agent.tools import normalise
 
 
 @dataclass
@@ -49,6 +54,9 @@ def _is_test_path(path: str, env: Env) -> bool:
     return path in env.test_files or re.search(r"(^|/)(tests?/|test_[^/]*\.py$|[^/]*_test\.py$|conftest\.py$)", path) is not None
 
 
+FAILED = ("fail", "error")  # outcomes of a test that did not pass (a skip is neither)
+
+
 def problem_statement(env: Env, f2p: list[str], messages: dict[str, str], gold_patch: str) -> str:
     added = {ln[1:].strip() for ln in gold_patch.splitlines()
              if ln.startswith("+") and not ln.startswith("+++") and ln[1:].strip()}
@@ -59,7 +67,7 @@ def problem_statement(env: Env, f2p: list[str], messages: dict[str, str], gold_p
     parts += ["", f"Run the tests with: {env.test_command}", ""]
     for t in shown:
         keep, in_test = [], False
-        for line in messages.get(t, "").splitlines():
+        for line in normalise(messages.get(t, "")).splitlines():  # no addresses: reproducible
             m = _FRAME.match(line)
             if m:
                 in_test = _is_test_path(m.group(1), env)
@@ -93,6 +101,8 @@ def baseline(env: Env, wall_seconds: float) -> tuple[dict, object]:
         reason = f"runner gave no summary: {base.stderr_tail[-500:]}"
     elif not base.passed:
         reason = "no passing test"
+    elif base.summary.get("exit") not in (0, 1):  # interrupted: its later tests never ran
+        reason = f"pytest stopped before the suite's end (exit status {base.summary.get('exit')})"
     elif failing or validation["collect_errors"]:
         reason = f"{len(failing)} failing tests, {len(validation['collect_errors'])} collection errors"
     validation["valid"] = reason is None
@@ -101,9 +111,10 @@ def baseline(env: Env, wall_seconds: float) -> tuple[dict, object]:
 
 
 def coverage_map(base) -> dict[tuple[str, int], list[str]]:
-    """(file, line) -> the passing tests that executed it (sorted)."""
+    """(file, line) -> the passing tests that executed it, in the suite's order (the order
+    they ran in, which a test may depend on)."""
     covering: dict[tuple[str, int], list[str]] = {}
-    for test in sorted(base.passed):
+    for test in (t for t, o in base.outcomes.items() if o == "pass"):
         for file, lines in base.lines.get(test, {}).items():
             for ln in lines:
                 covering.setdefault((file, ln), []).append(test)
@@ -126,8 +137,9 @@ def _covering_runs(env: Env, covering: dict, sources: dict[str, str],
         if res is None or res["status"] != "ok":
             stats["rejected"][res["status"] if res else "lost"] += 1
             continue
-        # a covering test missing from the run (collection broke) failed too
-        if all(res["outcomes"].get(t) == "pass" for t in req["tests"]):
+        # a skipped test is not a failing one (a mutant that breaks an import is a crash:
+        # pytest stops the whole session on a collection error)
+        if not any(res["outcomes"].get(t, "error") in FAILED for t in req["tests"]):
             stats["rejected"]["no_fail_to_pass"] += 1
             continue
         survivors.append((f, m, req["source"]))
@@ -163,15 +175,18 @@ def _full_runs(env: Env, base, survivors: list[tuple[str, Mutation, str]], *,
         if res is None or res["status"] != "ok":
             stats["rejected"][f"full_suite_{res['status'] if res else 'lost'}"] += 1
             continue
-        # a test missing from the buggy run (its module no longer imports) failed too
-        f2p = [t for t in order if res["outcomes"].get(t) != "pass"]
+        # a test missing from the buggy run did not pass; one skipped there is in neither
+        # list (it neither fails nor shows the bug is fixed)
+        f2p = [t for t in order if res["outcomes"].get(t, "error") in FAILED]
         p2p = [t for t in order if res["outcomes"].get(t) == "pass"]
         if not f2p:  # the covering tests fail alone but pass in the suite: order-dependent
             stats["rejected"]["full_suite_no_fail_to_pass"] += 1
         elif not p2p:
-            stats["rejected"]["no_pass_to_pass"] += 1
+            stats["rejected"]["full_suite_no_pass_to_pass"] += 1
         else:
-            bugs.append(Bug(f, m, src, f2p, p2p, order, res.get("messages", {})))
+            listed = set(f2p) | set(p2p)
+            bugs.append(Bug(f, m, src, f2p, p2p, [t for t in order if t in listed],
+                            res.get("messages", {})))
     return bugs
 
 
@@ -184,10 +199,16 @@ def reward_check(task: dict, env: Env, *, wall_seconds: float) -> str | None:
             buggy = materialise(task, env, Path(tmp) / "buggy")
             if evaluate(task, env, buggy, env.tree, wall_seconds=wall_seconds)["reward"] != 1.0:
                 return "reward_check_original_not_1"
-            if evaluate(task, env, buggy, buggy, wall_seconds=wall_seconds)["reward"] != 0.0:
+            bug = evaluate(task, env, buggy, buggy, wall_seconds=wall_seconds)
+            if bug["reward"] != 0.0:
                 return "reward_check_buggy_not_0"
-        except (OSError, ValueError):  # one unreadable task is a rejection, not the repo's end
-            return "reward_check_error"
+            # run alone, the buggy tree must give the labels the suite gave (a mutant run
+            # before it in the same sandbox may have left state behind: a cache file)
+            s = bug["summary"]
+            if s["fail_to_pass_passed"] or s["pass_to_pass_passed"] != s["pass_to_pass"]:
+                return "reward_check_buggy_labels"
+        except (OSError, ValueError, RuntimeError):  # (RuntimeError: a SandboxError) one
+            return "reward_check_error"               # task's failure is not the repo's end
     return None
 
 
@@ -250,7 +271,7 @@ def synthesize(env: Env, *, seed: int, max_mutants: int, max_tasks: int, batch: 
     for f in env.pkg_files:
         if f in covered_files:
             try:
-                sources[f] = (env.tree / f).read_text(encoding="utf-8")
+                sources[f] = read_source(env.tree / f)
             except (OSError, UnicodeDecodeError):
                 stats["rejected"]["unreadable_file"] += 1  # not mutated, counted
     pool = []

@@ -54,9 +54,9 @@ from .frames import (_KEYS, _SAME, ACTION_SEP, ARG_SEP, CALL, CALL_SEP, EXCEPTIO
                      FRAME_SEP, LINE, LINE_SEP, RETURN, RETURN_SEP, TraceLimits, TraceResult, _enc,
                      _key, prompt_for)
 from .program import ITER_NAME, CodeInfo, InvalidProgram, Program, compile_program
-from .reprs import (_ADDRESS, _BIG, _PLAIN, _SCALARS, MARKER, address_ordered_set_repr,
-                    error_text, exception_repr, long_sequence_prefix, nested_ordered_repr,
-                    repr_failed, safe_repr)
+from .reprs import (_ADDRESS, _BIG, _PLAIN, _SCALARS, MARKER, NESTED_TYPES,
+                    address_ordered_set_repr, error_text, exception_repr, long_sequence_prefix,
+                    nested_ordered_repr, repr_failed, safe_repr)
 
 _SEQS = (list, tuple)
 
@@ -149,6 +149,7 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int,
     keys = _KEYS
     same = _SAME_KEYS
     plain = _PLAIN
+    nested_types = NESTED_TYPES
     cached = 0  # entries of the cache that belong to present locals
     for name, value in items:
         hit = cache.get(name)
@@ -167,8 +168,7 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int,
                     text = ordered   # address-ordered elements, sorted (reprs.py)
                 else:
                     text = repr(value)
-                    if (t is dict or t is list or t is tuple) and \
-                            text.find("{", 1 if t is dict else 0) >= 0 and \
+                    if t in nested_types and \
                             (ordered := nested_ordered_repr(value, text, limit)) is not None:
                         text = ordered   # the same for sets inside it (any inner "{")
             except Exception as exc:  # a user __repr__, or an int over the str-conversion limit

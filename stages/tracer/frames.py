@@ -165,6 +165,15 @@ def pack_frames(records) -> list[list]:
     return out
 
 
+def pack_frame_dicts(frames: list[dict] | None) -> list[list] | None:
+    """:func:`pack_frames` of frames as :func:`unpack_frames` gives them: the form a trace
+    record keeps them in (the full form repeats every local at every event: 7.4 MB of the
+    default's 2,240 function traces, 2.9 MB packed)."""
+    if frames is None:
+        return None
+    return pack_frames((f["kind"], f["scope"], f["line"], f["locals"], f["value"]) for f in frames)
+
+
 def unpack_frames(packed: object) -> list[dict]:
     """The frames of :func:`pack_frames`' output as dicts (kind, scope, line, locals, value),
     every local in full; unchanged reprs are shared, not copied, so memory stays near the

@@ -10,8 +10,9 @@ machine. Three things in a plain ``repr`` break that or blow up the size:
 * Python 3.11+'s ``str_ascii_iterator`` (an implementation detail of ASCII strings): written
   ``str_iterator``, the name CWM's own traces use for iterating a ``str``;
 * sets whose order may follow addresses (an element hashed by identity, or by a ``__hash__``
-  of its own class, which may be object's underneath): elements sorted by repr, at top level
-  and inside lists, tuples and dicts (within a search bound, see ``_address_ordered_sets``);
+  of its own class, which may be object's underneath, or a float/complex/Decimal NaN, which
+  hashes by identity too): elements sorted by their address-free reprs, at top level and
+  inside lists, tuples, dicts and defaultdicts (see ``nested_ordered_repr``);
 * very long values: the first ``limit`` characters are kept and ``...<truncated>`` is
   appended. A long list or tuple of scalars is not repr'd whole: its repr is built element by
   element only until it passes the limit (the same prefix, a fraction of the cost: such a local
@@ -24,10 +25,13 @@ container only text matching the address pattern above would be.
 
 from __future__ import annotations
 
+import cmath
 import enum
 import gc
+import math
 import re
 import sys
+from collections import defaultdict
 from itertools import compress
 
 DEFAULT_MAX_REPR = 200
@@ -108,7 +112,9 @@ _VALUE_HASHES |= {enum.Enum.__hash__}   # hash(member name)
 # once its module is loaded, and then its __hash__ joins _VALUE_HASHES at first sight.
 _LATER = (("fractions", "Fraction"), ("decimal", "Decimal"), ("datetime", "date"),
           ("datetime", "datetime"), ("datetime", "time"), ("datetime", "timedelta"))
-_NAN_HASHES: set = set()   # Decimal's: value-hashed unless the value is a NaN
+# Value hashes but for a NaN, which hashes by identity (3.10+): hash -> "is this one a NaN?"
+# (C functions: no user code runs). Decimal's joins when its module is loaded.
+_NAN_CHECKS = {float.__hash__: math.isnan, complex.__hash__: cmath.isnan}
 
 
 def _later_value_hash(h) -> bool:
@@ -118,7 +124,7 @@ def _later_value_hash(h) -> bool:
         if cls is not None and cls.__hash__ is h:
             _VALUE_HASHES.add(h)
             if name == "Decimal":
-                _NAN_HASHES.add(h)
+                _NAN_CHECKS[h] = cls.is_nan
             return True
     return False
 
@@ -126,28 +132,31 @@ def _later_value_hash(h) -> bool:
 def _hash_may_follow_address(e: object, depth: int = 0) -> bool:
     h = type(e).__hash__
     if h in _VALUE_HASHES:
-        return h in _NAN_HASHES and e.is_nan()
+        nan = _NAN_CHECKS.get(h)
+        return nan is not None and nan(e)
     if h is tuple.__hash__ or h is frozenset.__hash__:
         return depth >= 8 or any(_hash_may_follow_address(x, depth + 1) for x in e)
     if _later_value_hash(h):
-        return h in _NAN_HASHES and e.is_nan()
+        nan = _NAN_CHECKS.get(h)
+        return nan is not None and nan(e)
     return True
 
 
 def address_ordered_set_repr(value: object, limit: int) -> str | None:
     """A set or frozenset whose elements' hashes may be addresses iterates in address order,
     which differs from run to run and machine to machine: its elements are written sorted by
-    their (address-free) reprs instead. None for any other value."""
+    their address-free reprs instead (a str element's too: it sits inside a container), the
+    text cut at ``limit``. None for any other value."""
     t = type(value)
     if (t is not set and t is not frozenset) or not value:
         return None
     try:
         if not _set_may_follow_addresses(value):
             return None
-        inner = "{" + ", ".join(sorted(safe_repr(e, limit) for e in value)) + "}"
+        inner = "{" + ", ".join(sorted(scrub(safe_repr(e, limit)) for e in value)) + "}"
     except RuntimeError:   # resized while iterating (another thread)
         return None
-    return inner if t is set else f"frozenset({inner})"
+    return truncate(inner if t is set else f"frozenset({inner})", limit)
 
 
 def _set_may_follow_addresses(value) -> bool:
@@ -155,21 +164,22 @@ def _set_may_follow_addresses(value) -> bool:
     where it can (a set of ints, strs, dates: one look per type, not per element)."""
     for t in set(map(type, value)):
         h = t.__hash__
-        if h not in _VALUE_HASHES or h in _NAN_HASHES:
+        if h not in _VALUE_HASHES or h in _NAN_CHECKS:
             return any(map(_hash_may_follow_address, value))
     return False
 
 
-# Sets inside lists, tuples and dicts (at any depth: dict keys and values, nested containers)
-# follow the same rule, within bounds: the search looks this many container levels deep and at
-# this many elements in all; a set it does not reach keeps its iteration order.
-_CONTAINERS = frozenset({list, tuple, dict})
+# Sets inside lists, tuples, dicts and defaultdicts (at any depth: dict keys and values,
+# nested containers) follow the same rule. A search first finds them, within bounds: this many
+# container levels deep, this many elements in all; past the element bound the text is rebuilt
+# deciding each set as it is reached (only the first ``limit`` characters are rebuilt).
+_CONTAINERS = frozenset({list, tuple, dict, defaultdict})
+NESTED_TYPES = _CONTAINERS   # the types nested_ordered_repr may rewrite
 _SETS = frozenset({set, frozenset})
-_NESTED = _CONTAINERS | _SETS
 _SEARCH_DEPTH = 8
 _SEARCH_ELEMENTS = 4096
-_OPEN = {list: "[", tuple: "(", dict: "{"}
-_CLOSE = {list: "]", tuple: ")", dict: "}"}
+_OPEN = {list: "[", tuple: "(", dict: "{", defaultdict: "{"}
+_CLOSE = {list: "]", tuple: ")", dict: "}", defaultdict: "})"}
 _SELF = {list: "[...]", tuple: "(...)", dict: "{...}"}   # CPython's text for a repr cycle
 
 
@@ -177,13 +187,12 @@ def _of_types(objs: list, types: frozenset) -> list:
     return list(compress(objs, map(types.__contains__, map(type, objs))))
 
 
-def _address_ordered_sets(value: object) -> set[int]:
-    """Ids of the sets and frozensets inside the list/tuple/dict ``value`` (within the search
-    bounds) whose iteration order may follow addresses. Level by level, through
-    ``gc.get_referents`` (the elements of lists and tuples, the values and non-str keys of
-    dicts, the elements of sets): C loops, where a walk in Python would cost more than the
-    repr itself at every frame. The order is the structure's, so the cut is the same on every
-    run."""
+def _address_ordered_sets(value: object) -> set[int] | None:
+    """Ids of the sets and frozensets inside the container ``value`` (within the search depth)
+    whose iteration order may follow addresses; None when there are more elements than the
+    search looks at (undecided). Level by level, through ``gc.get_referents`` (the elements of
+    lists and tuples, the values and non-str keys of dicts, the elements of sets): C loops,
+    where a walk in Python would cost more than the repr itself at every frame."""
     found: set[int] = set()
     level = [value]
     budget = _SEARCH_ELEMENTS
@@ -191,14 +200,14 @@ def _address_ordered_sets(value: object) -> set[int]:
         children = gc.get_referents(*level)
         budget -= len(children)
         if budget < 0:
-            break
+            return None
         kinds = set(map(type, children))
         if not kinds.isdisjoint(_SETS):
             sets = _of_types(children, _SETS)
             elements = gc.get_referents(*sets)
             budget -= len(elements)
             if budget < 0:
-                break
+                return None
             if _set_may_follow_addresses(elements):
                 found.update(id(x) for x in sets if _set_may_follow_addresses(x))
         if kinds.isdisjoint(_CONTAINERS):
@@ -212,18 +221,20 @@ class _Full(Exception):
 
 
 class _Builder:
-    """The repr of a list/tuple/dict rebuilt the way CPython writes it, except that the sets in
-    ``ordered`` are written as :func:`address_ordered_set_repr` writes them; anything else is
-    its own repr, address-free. Stops (``_Full``) once past ``limit`` characters."""
+    """The repr of a container rebuilt the way CPython writes it, except that the sets in
+    ``ordered`` (every set, when it is None) are written as :func:`address_ordered_set_repr`
+    writes them; anything else is its own repr, address-free (a str's too: it is inside a
+    container). Stops (``_Full``) once past ``limit`` characters."""
 
-    __slots__ = ("parts", "size", "limit", "ordered", "path")
+    __slots__ = ("parts", "size", "limit", "ordered", "path", "reordered")
 
-    def __init__(self, limit: int, ordered: set[int]) -> None:
+    def __init__(self, limit: int, ordered: set[int] | None) -> None:
         self.parts: list[str] = []
         self.size = 0
         self.limit = limit
         self.ordered = ordered
         self.path: set[int] = set()  # containers being written: a cycle is written "[...]"
+        self.reordered = False       # has a set been written sorted?
 
     def add(self, text: str) -> None:
         self.parts.append(text)
@@ -233,24 +244,32 @@ class _Builder:
 
     def value(self, v: object, depth: int) -> None:
         t = type(v)
-        if (t is set or t is frozenset) and id(v) in self.ordered:
-            self.add(address_ordered_set_repr(v, self.limit) or scrub(repr(v)))
+        if t is set or t is frozenset:
+            if self.ordered is None or id(v) in self.ordered:
+                text = address_ordered_set_repr(v, self.limit)
+                if text is not None:
+                    self.reordered = True
+                    self.add(text)
+                    return
+            self.add(scrub(repr(v)))
         elif t not in _CONTAINERS or depth >= _SEARCH_DEPTH:  # (no ordered set below that)
-            text = repr(v)
-            self.add(text if t in _PLAIN else scrub(text))
+            self.add(scrub(repr(v)))
         elif id(v) in self.path:
-            self.add(_SELF[t])
+            self.add(_SELF.get(t) or f"defaultdict({scrub(repr(v.default_factory))}, {{...}})")
         else:
             self.path.add(id(v))
             self.container(v, t, depth + 1)
             self.path.discard(id(v))
 
     def container(self, v, t: type, depth: int) -> None:
+        if t is defaultdict:
+            self.add(f"defaultdict({scrub(repr(v.default_factory))}, ")
         self.add(_OPEN[t])
-        for i, x in enumerate(v.items() if t is dict else v):
+        mapping = t is dict or t is defaultdict
+        for i, x in enumerate(v.items() if mapping else v):
             if i:
                 self.add(", ")
-            if t is dict:
+            if mapping:
                 self.value(x[0], depth)
                 self.add(": ")
                 x = x[1]
@@ -258,29 +277,38 @@ class _Builder:
         self.add(",)" if t is tuple and len(v) == 1 else _CLOSE[t])
 
 
+def _may_show_a_set(t: type, text: str) -> bool:
+    """Can ``text``, the repr of a ``t``, show a set inside? A set shows as a "{" of its own:
+    the common tables and matrices with none skip the search."""
+    if t is dict:
+        return text.find("{", 1) >= 0
+    if t is defaultdict:
+        return text.count("{") > 1
+    return (t is list or t is tuple) and "{" in text
+
+
 def nested_ordered_repr(value: object, text: str, limit: int) -> str | None:
-    """The address-free repr of a list, tuple or dict holding a set whose order may follow
-    addresses (see :func:`_address_ordered_sets`), that set's elements sorted; it may stop
-    anywhere past ``limit`` characters (the caller truncates). None for any other value: its
-    plain repr ``text`` is already as deterministic as its contents. (Such a set shows in
-    ``text`` as a ``{`` of its own, so the search, which visits every inner container, is
-    skipped for the common tables and matrices with none.)"""
-    t = type(value)
-    if t is not list and t is not tuple and t is not dict or \
-            text.find("{", 1 if t is dict else 0) < 0:
+    """The address-free repr of a list, tuple, dict or defaultdict holding a set whose order may
+    follow addresses, that set's elements sorted, cut at ``limit`` as ``truncate`` cuts. None
+    for any other value: its plain repr ``text`` is already as deterministic as its contents."""
+    if not _may_show_a_set(type(value), text):
         return None
     try:
         ordered = _address_ordered_sets(value)
-        if not ordered:
+        if ordered is not None and not ordered:
             return None
         out = _Builder(limit, ordered)
+        full = False
         try:
             out.value(value, 0)
         except _Full:
-            pass
+            full = True
     except RuntimeError:   # resized while iterating (another thread)
         return None
-    return "".join(out.parts)
+    if not out.reordered:   # (undecided, and no set needed it)
+        return None
+    text = scrub("".join(out.parts))
+    return text[:limit] + MARKER if full or len(text) > limit else text
 
 
 def safe_repr(value: object, limit: int = DEFAULT_MAX_REPR) -> str:
@@ -289,14 +317,14 @@ def safe_repr(value: object, limit: int = DEFAULT_MAX_REPR) -> str:
         return short
     ordered = address_ordered_set_repr(value, limit)
     if ordered is not None:
-        return truncate(ordered, limit)
+        return ordered
     try:
         text = repr(value)
-        ordered = nested_ordered_repr(value, text, limit) if "{" in text else None
+        ordered = nested_ordered_repr(value, text, limit) if type(value) in NESTED_TYPES else None
     except Exception as exc:  # a user __repr__ (or int > sys.get_int_max_str_digits()) failed
         return repr_failed(value, exc)
     if ordered is not None:
-        return truncate(ordered, limit)
+        return ordered
     if type(value) not in _PLAIN:
         text = scrub(text)
     if len(text) > limit:

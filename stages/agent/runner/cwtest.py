@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -85,12 +86,19 @@ class _Collector:
         nid = report.nodeid
         if nid not in self.outcome:
             self.order.append(nid)
-            self.outcome[nid] = "pass"
-        if report.failed:
+            self.outcome[nid] = "pending"  # a pass needs a passed call: a run cut short
+        if report.failed:                  # after setup passes nothing
             self.outcome[nid] = "fail" if report.when == "call" else "error"
             self.message[nid] = report.longreprtext[-3000:]
-        elif report.skipped and self.outcome[nid] == "pass":
-            self.outcome[nid] = "skip"
+        elif self.outcome[nid] == "pending":
+            if report.skipped:
+                self.outcome[nid] = "skip"
+            elif report.when == "call":
+                self.outcome[nid] = "pass"
+
+    def outcome_of(self, nid: str) -> str:
+        outcome = self.outcome[nid]
+        return "error" if outcome == "pending" else outcome
 
     def pytest_collectreport(self, report):
         if report.failed:
@@ -111,7 +119,7 @@ def run(spec: dict) -> None:
     t0 = time.perf_counter()
     code = pytest.main(_pytest_args(spec), plugins=[col, col._protocol_wrapper()])
     for nid in col.order:
-        rec = {"test": nid, "outcome": col.outcome[nid], "message": col.message.get(nid, "")}
+        rec = {"test": nid, "outcome": col.outcome_of(nid), "message": col.message.get(nid, "")}
         if pkg is not None:
             by_file: dict[str, list] = {}
             for fn, line in sorted(col.lines.get(nid, ())):
@@ -124,6 +132,30 @@ def run(spec: dict) -> None:
     real_out.flush()
 
 
+def _write(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as f:  # line ends as they are
+        f.write(text)
+
+
+def _run_group(argv: list[str], cwd: str, env: dict, timeout: float):
+    """subprocess.run in a process group of its own: on timeout the whole group is killed,
+    so processes the tests started do not live on into the next mutant's run."""
+    with subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        finally:
+            try:   # the tests' own children, even after a normal end
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 def mutants(spec: dict) -> None:
     work = "/tmp/w"
     shutil.copytree(spec["root"], work, symlinks=True,
@@ -131,10 +163,14 @@ def mutants(spec: dict) -> None:
     here = os.path.abspath(__file__)
     for m in spec["mutants"]:
         path = os.path.join(work, m["file"])
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", newline="") as f:
             original = f.read()
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(m["source"])
+        _write(path, m["source"])
+        # a home and temp folder of its own: what one mutant's tests leave there (a cache
+        # file) must not change the next one's outcomes
+        home = f"/tmp/home-{m['id']}"
+        os.makedirs(home)
+        env = {**os.environ, "HOME": home, "TMPDIR": home}
         sub = {"mode": "run", "root": work, "sys_path": spec.get("sys_path", []),
                "tests": m["tests"]}
         spec_path = "/tmp/mutant-spec.json"
@@ -142,8 +178,8 @@ def mutants(spec: dict) -> None:
             json.dump(sub, f)
         status, outcomes, messages = "ok", {}, {}
         try:
-            res = subprocess.run([sys.executable, "-s", "-P", here, spec_path], cwd=work,
-                                 capture_output=True, text=True, timeout=spec["timeout"])
+            res = _run_group([sys.executable, "-s", "-P", here, spec_path], work, env,
+                             spec["timeout"])
             for line in res.stdout.splitlines():
                 try:
                     rec = json.loads(line)
@@ -151,15 +187,16 @@ def mutants(spec: dict) -> None:
                     continue
                 if "test" in rec:
                     outcomes[rec["test"]] = rec["outcome"]
-                    if rec["message"]:
-                        messages[rec["test"]] = rec["message"]
+                    if rec["message"]:   # paths as in the tree the agent gets
+                        messages[rec["test"]] = rec["message"].replace(work + "/",
+                                                                       spec["root"] + "/")
             if not outcomes:
                 status = "crash"
         except subprocess.TimeoutExpired:
             status = "timeout"
         finally:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(original)
+            _write(path, original)
+            shutil.rmtree(home, ignore_errors=True)
         print(json.dumps({"mutant": m["id"], "status": status, "outcomes": outcomes,
                           "messages": messages}), flush=True)
 

@@ -1,0 +1,66 @@
+"""What sandboxed code prints is untrusted: a line nested deeper than the JSON parser recurses,
+or a record of another shape, is malformed output, never an exception on the host (it
+stopped the traces stage, and an agent's package stopped RL's reward run)."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from codeworld.config import TraceLimitsConfig
+from codeworld.sandbox.output import json_or_none
+from stages.agent.envs import run_tests
+from stages.trace_runner import trace_requests
+from tests.test_agent_validity import _env
+
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None and not os.environ.get("CI"),
+                                reason="bubblewrap not installed")
+
+DEEP = b"[" * 200000 + b"]" * 200000
+
+# writes to every pipe it holds but stderr: the handler's response pipe (tracer), the runner's
+# result pipe (tests)
+WRITE_PIPES = '''\
+import os, stat
+_err = os.fstat(2).st_ino
+for _fd in range(3, 64):
+    try:
+        _st = os.fstat(_fd)
+    except OSError:
+        continue
+    if stat.S_ISFIFO(_st.st_mode) and _st.st_ino != _err:
+        for _line in LINES:
+            os.write(_fd, _line + b"\\n")
+'''
+
+
+def test_deep_json_is_malformed_not_a_recursion_error():
+    assert json_or_none(DEEP) is None and json_or_none(b'{"ok": 1}') == {"ok": 1}
+    with pytest.raises(RecursionError):   # why: json.loads raises no ValueError for it
+        __import__("json").loads(DEEP)
+
+
+def test_a_program_printing_deep_json_on_the_response_pipe_fails_alone():
+    evil = (f"LINES = [b'{{\"ok\": ' + {DEEP[:1]!r} * 200000 + {DEEP[-1:]!r} * 200000 + b'}}']\n"
+            + WRITE_PIPES + "os._exit(0)\n\ndef f(x):\n    return x\n")
+    reqs = [{"id": "0", "code": "def f(x):\n    return x + 1\n", "call": "f(1)"},
+            {"id": "1", "code": evil, "call": "f(1)"}]
+    for batch in (1, 2):
+        good, bad = trace_requests(reqs, TraceLimitsConfig(), workers=1, batch_size=batch)
+        assert good["status"] == "ok" and good["result"] == "2", batch
+        assert bad["status"] not in ("ok", "exception"), (batch, bad)
+
+
+def test_a_package_printing_deep_or_misshapen_records_cannot_stop_the_test_run(tmp_path):
+    lines = [DEEP, b'{"test": "tests/test_mod.py::test_x", "outcome": ["pass"]}',
+             b'{"test": "tests/test_mod.py::test_y", "outcome": "pass", "message": 5}',
+             b'{"summary": 7}']
+    env = _env(tmp_path / "evil", "evil", "mod", f"LINES = {lines!r}\n" + WRITE_PIPES
+               + "\n\ndef add(a, b):\n    return a + b\n",
+               "from pkg.mod import add\n\n\ndef test_add():\n    assert add(1, 2) == 3\n")
+    run = run_tests(env.tree, env, None, wall_seconds=60)
+    assert run.outcomes["tests/test_mod.py::test_add"] == "pass"
+    assert run.outcomes["tests/test_mod.py::test_y"] == "pass"   # forged, but well-formed
+    assert "tests/test_mod.py::test_x" not in run.outcomes
+    assert run.messages.get("tests/test_mod.py::test_y") is None and run.summary["exit"] == 0
