@@ -305,3 +305,22 @@ def test_truncate_keeps_exactly_its_budget():
     assert truncate("abcdef", 6) == "abcdef"
     assert truncate("abcdefghij", 6) == "ab\n[... 4 characters cut ...]\nghij"
     assert "abcdef" not in truncate("abcdef", 0)   # text[-0:] was the whole text
+
+
+def test_reward_check_counts_a_sandbox_error_and_stops_without_a_sandbox(monkeypatch, tmp_path):
+    # a misbehaving sandbox costs one task; no sandbox at all stops the stage with its hint
+    from codeworld.sandbox import SandboxError, SandboxUnavailable
+    from stages.agent import validate
+
+    monkeypatch.setattr(validate, "materialise", lambda task, env, dest: dest)
+    env = __import__("types").SimpleNamespace(tree=tmp_path)
+    for exc, want in ((SandboxError("bad"), "reward_check_error"),
+                      (SandboxUnavailable("none"), SandboxUnavailable)):
+        def evaluate(*args, exc=exc, **kwargs):
+            raise exc
+        monkeypatch.setattr(validate, "evaluate", evaluate)
+        if isinstance(want, str):
+            assert validate.reward_check({}, env, wall_seconds=1) == want
+        else:
+            with pytest.raises(want):
+                validate.reward_check({}, env, wall_seconds=1)

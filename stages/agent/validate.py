@@ -34,6 +34,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from codeworld.sandbox import SandboxError, SandboxUnavailable
 from stages.agent.envs import Env, run_mutants, run_tests
 from stages.agent.loop import WORKDIR_PREFIX
 from stages.agent.mutate import Mutation, mutations, read_source, sample, unified_diff
@@ -207,8 +208,10 @@ def reward_check(task: dict, env: Env, *, wall_seconds: float) -> str | None:
             s = bug["summary"]
             if s["fail_to_pass_passed"] or s["pass_to_pass_passed"] != s["pass_to_pass"]:
                 return "reward_check_buggy_labels"
-        except (OSError, ValueError, RuntimeError):  # (RuntimeError: a SandboxError) one
-            return "reward_check_error"               # task's failure is not the repo's end
+        except SandboxUnavailable:   # no sandbox at all: the stage stops, saying how to get one
+            raise
+        except (OSError, ValueError, SandboxError):  # one task's failure is not the repo's end
+            return "reward_check_error"
     return None
 
 
