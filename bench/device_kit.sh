@@ -9,7 +9,8 @@
 #                      the device's torch is the same: 1.3 MB, cp312, torch 2.11.0+cu130)
 #   .devkit/whl/       the wheels the training and export paths import that the device image
 #                      lacks, at this venv's versions, for CPython 3.12 on x86-64
-#   .devkit/data.tgz   data/pack, data/tokenizer and data/traces of a finished `make run`
+#   .devkit/data.tgz   data/pack, data/tokenizer, data/traces and RL's task pool
+#                      (data/checkpoints/rl/pool.jsonl) of a finished `make run`
 # then checks the whole kit fits a call beside the working tree (64 MiB together). The device
 # call (run with carry [".devkit"]):
 #   KIT=.devkit PLAN=bench/gpu_plans/fp8_next.txt bash bench/gpu_check.sh
@@ -32,7 +33,7 @@ PACKAGES=(megatron-core pydantic pydantic-core annotated-types typing-inspection
 #   KIT=.devkit-te212 TE_VERSION=2.12.0 bash bench/device_kit.sh   (then carry [".devkit-te212"])
 TE_VERSION=${TE_VERSION:-2.11.0}
 
-for f in data/pack/manifest.json data/tokenizer data/traces/manifest.json; do
+for f in data/pack/manifest.json data/tokenizer data/traces/manifest.json data/checkpoints/rl/pool.jsonl; do
   [ -e "$f" ] || { echo "device_kit: $f missing: run \`make run\` first" >&2; exit 2; }
 done
 mkdir -p "$KIT/te" "$KIT/whl"
@@ -77,8 +78,9 @@ if [ ${#slim[@]} -eq 0 ]; then  # the 179 MB core wheel, cut to Hopper outside t
 fi
 
 [ -s "$KIT/data.tgz" ] && [ "$KIT/data.tgz" -nt data/pack/manifest.json ] \
-  && [ "$KIT/data.tgz" -nt data/traces/manifest.json ] || {
-  tar -czf "$KIT/data.tgz.tmp" data/pack data/tokenizer data/traces
+  && [ "$KIT/data.tgz" -nt data/traces/manifest.json ] \
+  && [ "$KIT/data.tgz" -nt data/checkpoints/rl/pool.jsonl ] || {
+  tar -czf "$KIT/data.tgz.tmp" data/pack data/tokenizer data/traces data/checkpoints/rl/pool.jsonl
   mv "$KIT/data.tgz.tmp" "$KIT/data.tgz"
 }
 

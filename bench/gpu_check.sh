@@ -8,7 +8,9 @@
 # Each plan line is `bench NAME ARGS` (bench/train_gpu.py --steps 10 ARGS), `train NAME
 # [kill-after=N] ARGS` (30 steps of the default pretrain in /tmp/gpu_NAME; the first train
 # line's run is the reference the others are compared with, step by step) or `export NAME`
-# (train NAME's checkpoint as a Hugging Face folder, checked against transformers on the GPU).
+# (train NAME's checkpoint as a Hugging Face folder, checked against transformers on the GPU)
+# or `rl NAME FROM ARGS` (bench/rl_step_check.py: one GRPO update from train FROM's checkpoint
+# on the default's RL pool: RL samples with the model it trains, in FP8 too).
 # Needs megatron-core (+ pydantic) importable. Results go to ${OUT:-/tmp/gpu_check}, in at most
 # 8 files (what the device machine returns) for a plan of at most 4 train names:
 #   te_install.log, bench.log (every benchmark's table), bench.jsonl (a line per benchmark:
@@ -36,7 +38,7 @@ export PYTHONUNBUFFERED=1
 mapfile -t plan < <(grep -v -e '^[[:space:]]*#' -e '^[[:space:]]*$' "$PLAN")
 for line in "${plan[@]}"; do
   read -r kind name _ <<< "$line"
-  case "$kind" in bench|train|export) ;; *) echo "$PLAN: '$kind' is not bench, train or export, in: $line" >&2; exit 2 ;; esac
+  case "$kind" in bench|train|export|rl) ;; *) echo "$PLAN: '$kind' is not bench, train, export or rl, in: $line" >&2; exit 2 ;; esac
   [ -n "$name" ] || { echo "$PLAN: a $kind line without a name" >&2; exit 2; }
 done
 [ "${1:-}" != --check ] || { echo "$PLAN: ${#plan[@]} steps"; exit 0; }
@@ -94,6 +96,21 @@ export_() {  # export NAME: train NAME's checkpoint through `codeworld export` o
   grep -v -i warn "/tmp/gpu_export_$name.log" | tail -4 | tee -a "$OUT/pipeline.log"
 }
 
+rl() {  # rl NAME FROM [--set ...]: one forced GRPO update from train FROM's checkpoint
+  # (bench/rl_step_check.py: real sampling with the model set up for the precision, then a
+  # step on padded rows and one on unpadded rows)
+  local name=$1 from=$2 log=/tmp/gpu_rl_$1.log; shift 2
+  sed "s|^  root: data |  root: ${DATA:-data} |" params.yaml > "/tmp/gpu_rl_$name.params.yaml"
+  python3 -m torch.distributed.run --standalone --nproc-per-node=1 bench/rl_step_check.py \
+    --params "/tmp/gpu_rl_$name.params.yaml" --pool "${DATA:-data}/checkpoints/rl/pool.jsonl" \
+    --init-from "/tmp/gpu_$from" --unpadded "$@" > "$log" 2>&1 < /dev/null
+  local rc=$?
+  say "rl $name from $from $*: exit $rc" | tee -a "$OUT/pipeline.log"
+  grep -m1 "^RL_STEP" "$log" | tee -a "$OUT/pipeline.log"
+  [ $rc -eq 0 ] || grep -v -i warn "$log" | grep -v ChildFailedError | grep -B12 -m1 "^[A-Za-z_.]*Error" \
+    | tail -12 | tee -a "$OUT/pipeline.log"
+}
+
 trains=()
 for line in "${plan[@]}"; do
   read -r kind name args <<< "$line"
@@ -101,6 +118,7 @@ for line in "${plan[@]}"; do
     bench) bench "$name" $args < /dev/null ;;
     train) train "$name" $args; [[ " ${trains[*]-} " == *" $name "* ]] || trains+=("$name") ;;
     export) export_ "$name" ;;
+    rl) rl "$name" $args ;;
   esac
 done
 say "plan done"

@@ -4,7 +4,9 @@
 
 Programs: real small functions of the standard library (colorsys, bisect, heapq, textwrap,
 fnmatch, ...) with generated inputs, from the traces stage's own program generator. In one run:
-  ours          stages.trace_runner.trace_requests: W sandboxed fork servers, batched forks
+  ours          stages.trace_runner.trace_requests: W sandboxed fork servers, batched forks,
+                the programs of a batch in one process (--isolation shared, the default's
+                traces.isolation) and, as a second row, each in its own (process)
   python        a fresh, UNsandboxed `python` per program running the same tracer (W parallel)
   bwrap+python  the sandbox's run_command (bwrap + python) per program (W parallel)
 Prints a table (traces/s, and ours / each baseline) and JSON with --json.
@@ -70,6 +72,8 @@ def main() -> None:
     ap.add_argument("--per-process", type=int, default=60, help="programs for the baselines")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--batch-size", type=int, default=TracesConfig().batch_size)
+    ap.add_argument("--isolation", choices=("shared", "process"), default="shared",
+                    help="ours: params traces.isolation (the other mode is measured too)")
     ap.add_argument("--wall", type=float, default=TraceLimitsConfig().wall_seconds,
                     help="wall/CPU seconds per program (params traces.limits)")
     ap.add_argument("--json")
@@ -77,8 +81,14 @@ def main() -> None:
     reqs = programs(args.programs)
     limits = TraceLimitsConfig(wall_seconds=args.wall, cpu_seconds=args.wall)
     t = time.perf_counter()
-    out = trace_requests(reqs, limits, args.workers, args.batch_size, too_long_text=False)  # as the stage
+    out = trace_requests(reqs, limits, args.workers, args.batch_size, too_long_text=False,
+                         isolation=args.isolation)  # as the stage
     ours = len(reqs) / (time.perf_counter() - t)
+    other = "process" if args.isolation == "shared" else "shared"
+    t = time.perf_counter()
+    trace_requests(reqs, limits, args.workers, args.batch_size, too_long_text=False,
+                   isolation=other)
+    other_rate = len(reqs) / (time.perf_counter() - t)
     statuses: dict = {}
     for r in out:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
@@ -90,10 +100,11 @@ def main() -> None:
     few = reqs[: args.per_process]
     python = per_process(few, args.workers, False, link_dir)
     bwrap = per_process(few, args.workers, True, link_dir)
-    rows = [("ours (sandboxed fork server)", ours), ("python per program", python),
-            ("bwrap + python per program", bwrap)]
+    rows = [("ours (sandboxed fork server)", ours), (f"ours, isolation {other}", other_rate),
+            ("python per program", python), ("bwrap + python per program", bwrap)]
     print(f"{len(reqs)} programs ({len(few)} for the per-process baselines), workers={args.workers}, "
-          f"batch={args.batch_size}, cpus={os.cpu_count()}; statuses {statuses}")
+          f"batch={args.batch_size}, isolation={args.isolation}, cpus={os.cpu_count()}; "
+          f"statuses {statuses}")
     print(f"{'method':32} {'traces/s':>10} {'ours / this':>12}")
     for name, rate in rows:
         print(f"{name:32} {rate:10.1f} {ours / rate:12.1f}")

@@ -335,6 +335,13 @@ class TracesConfig(Section):
     # larger batches amortise the fork and the child's copy-on-write of the server's heap
     # (~15 ms a batch here): 64 -> 256 took bench/traces.py from ~1,390 to ~1,510 traces/s.
     batch_size: int = Field(default=256, ge=1, le=256)
+    # How the programs of a batch are kept apart. shared: all run in the batch's process
+    # (~0.1 ms a program), but a program can change its neighbours' state (decimal's precision,
+    # os.environ, cwd) and write their responses: a hostile corpus program could forge other
+    # programs' traces. process: each runs in a process of its own forked from the batch's
+    # (~2 ms a program; ~6x fewer traces/s, bench/traces.py): state and response pipe its own.
+    # The default's programs give the same traces either way (measured, README).
+    isolation: Literal["shared", "process"] = "shared"
     limits: TraceLimitsConfig = TraceLimitsConfig()
     workers: int = Field(default=0, ge=0, le=256)  # 0 = every core
     # Repository level: each repository's test suite runs under the tracer in the sandbox.
@@ -360,6 +367,12 @@ class TokenizerConfig(Section):
     sources: list[str] = Field(default_factory=lambda: ["code", "traces"], min_length=1)  # pack sources
     # Cap on training text (characters, taken in dataset order; 0 = all): BPE's cost grows with it.
     max_chars: int = Field(default=20_000_000, ge=0)
+
+
+# SFT formats: the loss on the answers only, and packable into whole-document windows.
+SFT_FORMATS = frozenset({"sft_trace", "sft_output", "sft_agent"})
+# Formats whose documents have tokens out of the loss: pack writes a `<name>_mask` for them.
+MASKED_FORMATS = SFT_FORMATS | {"agent"}
 
 
 class PackSourceConfig(Section):
@@ -389,7 +402,7 @@ class PackSourceConfig(Section):
         if self.observation_mask and self.format != "agent":
             raise ValueError(f"observation_mask applies to format agent only (format is "
                              f"{self.format!r}; sft_agent keeps every observation out of the loss)")
-        if self.window and self.format not in ("sft_trace", "sft_output", "sft_agent"):
+        if self.window and self.format not in SFT_FORMATS:
             raise ValueError(f"window applies to the SFT formats only (format is {self.format!r}: "
                              "text without a loss mask would learn the padding)")
         return self

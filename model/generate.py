@@ -96,6 +96,24 @@ def _without_cpu_compat():
 
 
 @contextlib.contextmanager
+def fp8_off(model):
+    """Run `model` without FP8 while inside: Transformer Engine's layers take their BF16 GEMMs
+    (Megatron enters TE's FP8 autocast only while its config's `fp8` is set). FP8 GEMMs need
+    row counts in multiples of 16 (32 for MXFP8) and decoding feeds rows of n tokens; RL
+    samples with the model it trains in FP8, evaluation loads checkpoints in BF16 already."""
+    config = getattr(model, "config", None)
+    saved = getattr(config, "fp8", None)
+    if saved is None:
+        yield
+        return
+    config.fp8 = None   # one TransformerConfig object is shared by every layer of the model
+    try:
+        yield
+    finally:
+        config.fp8 = saved
+
+
+@contextlib.contextmanager
 def one_thread():
     """On CPU, one intra-op thread while inside. A one-token step is many tiny ops: one thread
     runs them as fast as two on an idle machine, and ~8x faster on a busy one (OpenMP threads
@@ -146,7 +164,15 @@ def sample(model, prompt: list[int], *, vocab_size: int, n: int = 1, max_new_tok
            max_length: int | None = None, cache: bool = True) -> list[list[int]]:
     """n continuations of one prompt (greedy at temperature 0), each cut after its first stop
     token (kept) or at max_new_tokens / max_length total tokens. Deterministic for a seed.
-    cache=False recomputes the whole sequence per token (same tokens, slower)."""
+    cache=False recomputes the whole sequence per token (same tokens, slower). A model set up
+    for FP8 samples without it (fp8_off)."""
+    with fp8_off(model):
+        return _sample(model, prompt, vocab_size, n, max_new_tokens, stop_ids, temperature,
+                       seed, max_length, cache)
+
+
+def _sample(model, prompt, vocab_size, n, max_new_tokens, stop_ids, temperature, seed,
+            max_length, cache) -> list[list[int]]:
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)

@@ -36,13 +36,15 @@ def group_advantages(rewards: list[float], eps: float) -> list[float]:
     return [(r - mean) / (std + eps) for r in rewards]
 
 
-def microbatches(samples: list[Sample], micro_batch_size: int) -> list[dict]:
-    """Rows of `micro_batch_size` samples, each padded to its longest row (pads are out of the
-    loss; attention is causal, so right padding never changes a real token's log-prob)."""
+def microbatches(samples: list[Sample], micro_batch_size: int, width_multiple: int = 1) -> list[dict]:
+    """Rows of `micro_batch_size` samples, each padded to its longest row, rounded up to a
+    multiple of `width_multiple` (FP8 GEMMs need aligned row counts: FP8_WIDTH). Pads are out of
+    the loss; attention is causal, so right padding never changes a real token's log-prob."""
     out = []
     for start in range(0, len(samples), micro_batch_size):
         chunk = samples[start:start + micro_batch_size]
-        width = max(len(s.prompt) + len(s.completion) for s in chunk) - 1
+        width = _round_up(max(len(s.prompt) + len(s.completion) for s in chunk) - 1,
+                          width_multiple)
         tokens = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
         labels = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.float)
@@ -64,10 +66,19 @@ def microbatches(samples: list[Sample], micro_batch_size: int) -> list[dict]:
     return out
 
 
-def empty_microbatch() -> dict:
-    """A one-token row with nothing in the loss: a data-parallel rank with no samples this step
+def empty_microbatch(width: int = 1) -> dict:
+    """A row of pads with nothing in the loss: a data-parallel rank with no samples this step
     still joins the step's collective gradient reduction."""
-    return {"tokens": torch.full((1, 1), PAD_ID, dtype=torch.long),
-            "labels": torch.full((1, 1), PAD_ID, dtype=torch.long),
-            "loss_mask": torch.zeros((1, 1)), "advantage": torch.zeros((1, 1)),
-            "position_ids": torch.zeros((1, 1), dtype=torch.long)}
+    return {"tokens": torch.full((1, width), PAD_ID, dtype=torch.long),
+            "labels": torch.full((1, width), PAD_ID, dtype=torch.long),
+            "loss_mask": torch.zeros((1, width)), "advantage": torch.zeros((1, width)),
+            "position_ids": torch.arange(width, dtype=torch.long).unsqueeze(0)}
+
+
+# Transformer Engine's FP8 GEMMs take row counts in multiples of 16 (MXFP8: 32): RL's rows
+# (prompt + completion, any length) are padded to this when the phase trains in FP8.
+FP8_WIDTH = 32
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

@@ -36,7 +36,7 @@ from codeworld.tokens import EOD_ID, ROLE_TOKENS, SPECIAL_TOKENS, TRACE_TOKENS
 from model import checkpoint
 from model.build import TrainingSetupError, resolve_precision
 from model.generate import sample
-from model.grpo import Sample, empty_microbatch, group_advantages, microbatches
+from model.grpo import FP8_WIDTH, Sample, empty_microbatch, group_advantages, microbatches
 from model.metrics import StepLog, memory, tracking_run_id
 from model.trainer import PolicyLoss, Trainer, finish_step, init_distributed, policy_nll, shutdown
 
@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     log = StepLog(Path(args.steps_log), dp_rank == 0, resume_after=iteration,
                   run_id=tracking_run_id(Path(args.out)))
-    roll = Rollouts(params, trainer.chunks[0].module, tok, vocab)
+    roll = Rollouts(params, trainer.chunks[0].module, tok, vocab)   # samples without FP8
+    width = FP8_WIDTH if trainer.precision.name == "fp8" else 1
     while iteration < cfg.steps:
         step = iteration + 1
         t0 = time.perf_counter()
@@ -269,12 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         samples, stats = build_samples(groups, episodes, cfg)
         t1 = time.perf_counter()
         if samples:
-            batches = microbatches(samples[dp_rank::dp_size], cfg.micro_batch_size) \
-                or [empty_microbatch()]
+            batches = microbatches(samples[dp_rank::dp_size], cfg.micro_batch_size, width) \
+                or [empty_microbatch(width)]
             if reference is not None:
                 add_reference(reference, batches, vocab, cfg.temperature)
             row = trainer.train_step(batches)
-            row["updated"] = 1
+            row["updated"] = 1 - row["skipped"]   # (a non-finite gradient skips the update)
         else:   # no group has signal: nothing to learn from this step's samples
             trainer.scheduler.step(increment=cfg.global_batch_size)
             row = {"loss": None, "grad_norm": None, "skipped": 0, "updated": 0,

@@ -31,10 +31,6 @@ class NotATask(DocumentError):
     call that raised has no output to predict): skipped and counted apart from broken ones."""
 
 
-# Formats whose documents have tokens out of the loss: pack writes a `<name>_mask` for them.
-MASKED_FORMATS = frozenset({"agent", "sft_trace", "sft_output", "sft_agent"})
-
-
 def _field(record: dict, name: str, kind: type = str):
     value = record.get(name)
     if not isinstance(value, kind):

@@ -28,7 +28,7 @@ import numpy as np
 
 from codeworld.code import Code
 from codeworld import pack_cache
-from codeworld.config import Params, PackSourceConfig
+from codeworld.config import MASKED_FORMATS, SFT_FORMATS, Params, PackSourceConfig
 from codeworld.pack_cache import MANIFEST, OUTPUT, prune
 from codeworld.shards import Dataset, dumps, fingerprint
 from codeworld.split import corpus_id, heldout
@@ -36,7 +36,7 @@ from codeworld.storage import Storage, file_sha256
 from codeworld.tokens import EOD_ID, PAD_ID
 from codeworld.tracking import StageRun
 from stages import tokenizer as tokenizer_stage
-from stages.documents import MASKED_FORMATS, DocumentError, NotATask, render
+from stages.documents import DocumentError, NotATask, render
 
 CODE = Code(("stages.pack",))
 
@@ -112,7 +112,7 @@ def document_tokens(segments: list[tuple[str, bool]], pieces: list[list[int]],
     if not ids or ids[-1] != EOD_ID:   # a trace answer ends with its own end-of-text
         # SFT: the closing end-of-text is in the loss only after an answer (a trajectory that
         # ends on a tool result ends out of it); pre-training text always learns where it ends.
-        sft = src.format.startswith("sft_")
+        sft = src.format in SFT_FORMATS
         ids.append(EOD_ID)
         mask.append(int(segments[-1][1]) if sft else 1)
     return ids, mask

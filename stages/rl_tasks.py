@@ -153,7 +153,8 @@ def _sandbox_check(params: Params, items: list[dict], counts: Counter) -> list[d
         programs.setdefault((it["code"], it["call"]), len(programs))
     requests = [{"id": str(i), "code": code, "call": call} for (code, call), i in programs.items()]
     runs = trace_requests(requests, params.traces.limits, workers=params.traces.workers,
-                          batch_size=params.traces.batch_size) if requests else []
+                          batch_size=params.traces.batch_size,
+                          isolation=params.traces.isolation) if requests else []
     counts["sandbox_runs"] = len(requests)
     kept = []
     for it in items:

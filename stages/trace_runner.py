@@ -92,11 +92,12 @@ def _compile_tracer() -> None:
 
 def trace_requests(requests: list[dict], limits: TraceLimitsConfig, workers: int = 0,
                    batch_size: int = 256, frames: bool = False,
-                   too_long_text: bool = True) -> list[dict]:
+                   too_long_text: bool = True, isolation: str = "process") -> list[dict]:
     """Trace each request ({"id", "code", "call"} or {"id", "code", "input", "entry"}) in the
     sandbox; one record per request, in order. Malformed requests become status "invalid".
     ``too_long_text=False``: a too_long record comes back without its partial trace (up to
-    max_bytes each, for a record the traces stage drops anyway)."""
+    max_bytes each, for a record the traces stage drops anyway). ``isolation``: the
+    programs of a batch each in a process of their own, or ``"shared"`` (traces.isolation)."""
     todo, out = [], [None] * len(requests)
     for i, req in enumerate(requests):
         if not isinstance(req, dict) or not isinstance(req.get("code"), str) or not (
@@ -106,7 +107,7 @@ def trace_requests(requests: list[dict], limits: TraceLimitsConfig, workers: int
         else:
             todo.append(i)
     results = sandbox_results([requests[i] for i in todo], limits, workers, batch_size, frames,
-                              too_long_text)
+                              too_long_text, isolation)
     for i, res in zip(todo, results):
         out[i] = interpret(requests[i], res)
     return out  # type: ignore[return-value]
@@ -114,7 +115,7 @@ def trace_requests(requests: list[dict], limits: TraceLimitsConfig, workers: int
 
 def sandbox_results(requests: list[dict], limits: TraceLimitsConfig, workers: int = 0,
                     batch_size: int = 256, frames: bool = False,
-                    too_long_text: bool = True) -> list[SandboxResult]:
+                    too_long_text: bool = True, isolation: str = "process") -> list[SandboxResult]:
     """The sandbox's raw result for each well-formed request, in order (with ``batch_size=1``
     its ``wall_seconds`` is that program's own: bench/trace_margin.py)."""
     bounds = {"max_events": limits.max_events, "max_bytes": limits.max_bytes}
@@ -124,4 +125,11 @@ def sandbox_results(requests: list[dict], limits: TraceLimitsConfig, workers: in
                  "too_long_text": too_long_text} for req in requests]
     return map_requests(payloads, HANDLER, workers=workers or os.cpu_count() or 1,
                         batch_size=batch_size, code_dirs={"/sandbox/lib/cwtrace": TRACER_DIR},
-                        limits=sandbox_limits(limits, frames), env=SANDBOX_ENV)
+                        limits=sandbox_limits(limits, frames), env=SANDBOX_ENV,
+                        share_batch=_shared(isolation))
+
+
+def _shared(isolation: str) -> bool:
+    if isolation not in ("process", "shared"):
+        raise ValueError(f"isolation {isolation!r}: expected 'process' or 'shared'")
+    return isolation == "shared"

@@ -86,7 +86,7 @@ class TraceChunk:
 def _trace_chunk(c: TraceChunk) -> list[dict]:
     # too_long records are dropped (as CWM dropped them): their partial text need not travel
     return trace_requests(c.requests, c.cfg.limits, c.cfg.workers, c.cfg.batch_size,
-                          frames=c.frames, too_long_text=False)
+                          frames=c.frames, too_long_text=False, isolation=c.cfg.isolation)
 
 
 def trace_all(requests: list[dict], cfg: TracesConfig, executor: ExecutorConfig | None,

@@ -144,7 +144,7 @@ def test_gpu_check_refuses_a_bad_plan_before_any_work(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh")], cwd=ROOT, capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "PLAN": str(plan), "OUT": str(out)})
     assert proc.returncode == 2
-    assert f"{plan}: 'benchmark' is not bench, train or export, in: benchmark mbs8 --profile" in proc.stderr
+    assert f"{plan}: 'benchmark' is not bench, train, export or rl, in: benchmark mbs8 --profile" in proc.stderr
     assert proc.stdout == ""   # nothing ran: no nvidia-smi, no install
     # a kit folder without its data (bench/device_kit.sh not run, or not carried) is refused too
     proc = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh")], cwd=ROOT, capture_output=True, text=True,

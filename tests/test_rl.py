@@ -11,13 +11,14 @@ import shutil
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from codeworld.config import ConfigError, load_params, parse_params
 from codeworld.split import corpus_id, heldout
 from codeworld.storage import Storage
-from model.grpo import Sample, group_advantages, microbatches
+from model.grpo import FP8_WIDTH, Sample, empty_microbatch, group_advantages, microbatches
 from model.rl import allocate, step_plan
 from stages.rl_tasks import frame_reward, output_reward, prepare_pool, read_pool, split_frames
 from stages.train_phase import run_in_own_group
@@ -44,6 +45,47 @@ def test_microbatches_put_the_loss_on_completions_only():
     assert b["loss_mask"].tolist() == [[0, 0, 1, 1], [1, 0, 0, 0]]     # labels 8, 9 and 4
     assert b["advantage"][0, 2].item() == 2.0 and b["advantage"][1, 0].item() == -1.0
     assert b["position_ids"].tolist() == [[0, 1, 2, 3]] * 2
+
+
+def test_fp8_rows_are_padded_to_an_aligned_width_out_of_the_loss():
+    samples = [Sample([5, 6, 7], [8, 9], 2.0), Sample([5], [4], -1.0)]
+    plain, = microbatches(samples, 4)
+    b, = microbatches(samples, 4, FP8_WIDTH)
+    assert b["tokens"].shape == (2, FP8_WIDTH)        # TE's FP8 GEMMs need aligned rows
+    for key in ("tokens", "labels", "loss_mask", "advantage", "position_ids"):
+        assert b[key][:, :4].tolist() == plain[key].tolist()
+    assert b["loss_mask"][:, 4:].sum() == 0 and set(b["tokens"][:, 4:].flatten().tolist()) == {1}
+    assert b["position_ids"][0].tolist() == list(range(FP8_WIDTH))
+    empty = empty_microbatch(FP8_WIDTH)
+    assert empty["tokens"].shape == (1, FP8_WIDTH) and empty["loss_mask"].sum() == 0
+
+
+def test_sampling_runs_without_fp8_and_restores_it():
+    """RL samples with the model it trains: in FP8 decoding's rows of n tokens would fail TE's
+    alignment check, so sampling turns FP8 off (Megatron reads config.fp8 at each forward)."""
+    import torch
+
+    from model.generate import sample
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(fp8="hybrid")
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen = []
+
+        def forward(self, tokens, pos, mask):
+            self.seen.append(self.config.fp8)
+            if len(self.seen) == 3:
+                raise RuntimeError("boom")
+            return torch.zeros(*tokens.shape, 8)
+
+    m = Model()
+    assert sample(m, [1, 2], vocab_size=8, max_new_tokens=2, cache=False) == [[0, 0]]
+    assert m.seen == [None, None] and m.config.fp8 == "hybrid"
+    with pytest.raises(RuntimeError):
+        sample(m, [1, 2], vocab_size=8, max_new_tokens=2, cache=False)
+    assert m.config.fp8 == "hybrid"
 
 
 def test_step_plan_is_a_function_of_the_step():

@@ -52,7 +52,8 @@ def read_source(path: Path) -> str:
     """A package file's text with its line ends as they are (CRLF stays CRLF): mutation
     offsets are taken in this text and applied to it, so the buggy tree differs from the
     original only in the mutated span. (Text mode would turn CRLF into LF: every line of the
-    buggy file would differ.)"""
+    buggy file would differ.) The sandbox side keeps them too and cannot import this:
+    runner/cwtest.py's ``_write`` and runner/cwtools.py open with ``newline=""`` as well."""
     with open(path, encoding="utf-8", newline="") as fh:
         return fh.read()
 

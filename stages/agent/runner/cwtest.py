@@ -133,7 +133,9 @@ def run(spec: dict) -> None:
 
 
 def _write(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8", newline="") as f:  # line ends as they are
+    # Line ends as they are, as the host's mutate.read_source reads them (this runs in the
+    # sandbox and cannot import host code): a CRLF mutant stays CRLF.
+    with open(path, "w", encoding="utf-8", newline="") as f:
         f.write(text)
 
 
