@@ -395,6 +395,7 @@ class PackSourceConfig(Section):
     # of the phase's seq_length: documents end to end, a task that straddles a cut is trained
     # without its prompt; windows of exactly seq_length each make one sample. A phase training
     # on such a source must have this seq_length; a longer document is skipped (too_long).
+    # sft_agent: one document per assistant turn, its task and the latest messages that fit.
     window: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")

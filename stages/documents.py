@@ -6,7 +6,8 @@ Formats: `code`, `trace`, `agent` (pre- and mid-training: everything in the loss
 observations) and the SFT tasks, whose prompts are out of the loss and answers in it, written
 with codeworld/prompts.py so RL, evaluation and the debugger ask exactly what SFT taught:
 `sft_trace` (trace prompt -> frames + end-of-text), `sft_output` (code + call -> the return
-value's repr), `sft_agent` (a trajectory with the loss on the assistant's turns only).
+value's repr), `sft_agent` (a trajectory with the loss on the assistant's turns only; pack
+makes one document per assistant turn when the source has a window, history_that_fits).
 """
 
 from __future__ import annotations
@@ -100,6 +101,21 @@ def _turns(record: dict) -> list[tuple[int, str, str]]:
                                 f"(one of {', '.join(sorted(ROLES))})")
         out.append((turn, ROLES[msg["role"]], _field(msg, "content")))
     return out
+
+
+def history_that_fits(lengths: list[int], budget: int) -> int:
+    """How many of the latest messages (token counts ``lengths``, oldest first) fit whole in
+    ``budget`` tokens, counted from the newest back. An agent turn's context when its whole
+    history does not fit: the system prompt and the task, then the most recent messages.
+    SFT's per-turn documents (stages/pack.py) and the model as the agent's policy
+    (stages/agent/policies.ModelPolicy) both cut history this way."""
+    used = kept = 0
+    for length in reversed(lengths):
+        if used + length > budget:
+            break
+        used += length
+        kept += 1
+    return kept
 
 
 def text_of(segments: list[Segment]) -> str:

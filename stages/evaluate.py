@@ -12,8 +12,8 @@ this process (model/generate.py, KV-cached greedy decoding) and measured on the 
 - output prediction, CruxEval-O style: codeworld/prompts.output_prompt, the answer's repr
   against the real return value; and the value of main's return frame in the predicted trace;
 - perplexity per pack source on held-out documents rendered and tokenised by pack's own
-  function (stages/pack.document_tokens: one end-of-text per document, the source's
-  max_document_tokens and max_tokens), loss-masked tokens only, in windows of
+  function (stages/pack.source_documents: one end-of-text per document, the source's
+  max_document_tokens, window and max_tokens), loss-masked tokens only, in windows of
   `ppl_seq_length` tokens for every phase alike; a source without a held-out document has
   none, and its count (`ppl_documents_<name>` 0) says so;
 - rl: its reward curve and success rate, read from the phase's steps log / metrics/rl.json.
@@ -47,7 +47,7 @@ from codeworld.trace_metrics import frame_metrics, mean_metrics, parse, teacher_
 from codeworld.tracking import StageRun
 from stages import tokenizer as tokenizer_stage
 from stages.documents import DocumentError, NotATask, render
-from stages.pack import document_tokens, too_long
+from stages.pack import source_documents
 from stages.train_phase import phase_dir, read_steps
 
 # model.launch (imported through train_phase) starts training; evaluation never runs it
@@ -104,9 +104,9 @@ def heldout_programs(params: Params, storage: Storage, tok, counts: dict) -> lis
 
 
 def heldout_streams(params: Params, storage: Storage, tok, counts: dict) -> dict[str, tuple]:
-    """Per pack source: held-out documents as pack renders them (stages/pack.document_tokens,
-    the source's max_document_tokens applied), concatenated into (token ids, loss mask) up to
-    ppl_max_tokens, and no more than the source's own max_tokens. A source with no held-out
+    """Per pack source: held-out documents as pack renders them (stages/pack.source_documents,
+    the source's max_document_tokens and window applied), concatenated into (token ids, loss
+    mask) up to ppl_max_tokens, and no more than the source's own max_tokens. A source with no held-out
     document is counted (`ppl_documents_<name>` 0) and has no perplexity."""
     out = {}
     for name, src in params.pack.sources.items():
@@ -147,13 +147,13 @@ def _source_stream(params: Params, storage: Storage, tok, name: str, src, cap: i
             counts[f"ppl_broken_{name}"] = counts.get(f"ppl_broken_{name}", 0) + 1
             continue
         pieces = [e.ids for e in tok.encode_batch([text for text, _ in segments])]
-        doc_ids, doc_mask = document_tokens(segments, pieces, src)
-        if too_long(doc_ids, src):   # pack leaves it out of the source: so does evaluation
-            counts[f"ppl_too_long_{name}"] = counts.get(f"ppl_too_long_{name}", 0) + 1
-            continue
-        ids += doc_ids
-        mask += doc_mask
-        counts[f"ppl_documents_{name}"] += 1
+        docs, left_out = source_documents(segments, pieces, src)
+        if left_out:   # pack leaves them out of the source: so does evaluation
+            counts[f"ppl_too_long_{name}"] = counts.get(f"ppl_too_long_{name}", 0) + left_out
+        for doc_ids, doc_mask in docs:
+            ids += doc_ids
+            mask += doc_mask
+            counts[f"ppl_documents_{name}"] += 1
     return ids, mask
 
 

@@ -36,7 +36,7 @@ from codeworld.storage import Storage, file_sha256
 from codeworld.tokens import EOD_ID, PAD_ID
 from codeworld.tracking import StageRun
 from stages import tokenizer as tokenizer_stage
-from stages.documents import DocumentError, NotATask, render
+from stages.documents import ASSISTANT, DocumentError, NotATask, history_that_fits, render
 
 CODE = Code(("stages.pack",))
 
@@ -120,8 +120,62 @@ def document_tokens(segments: list[tuple[str, bool]], pieces: list[list[int]],
 
 def too_long(ids: list[int], src: PackSourceConfig) -> bool:
     """A document the source leaves out (`max_document_tokens`, or longer than a window)."""
-    limits = [n for n in (src.max_document_tokens, src.window) if n]
-    return bool(limits) and len(ids) > min(limits)
+    limit = _limit(src)
+    return bool(limit) and len(ids) > limit
+
+
+def _limit(src: PackSourceConfig) -> int:
+    return min((n for n in (src.max_document_tokens, src.window) if n), default=0)
+
+
+def source_documents(segments: list[tuple[str, bool]], pieces: list[list[int]],
+                     src: PackSourceConfig) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """The (token ids, loss mask) documents one rendered record gives its source, and how many
+    it leaves out as too long. Pack and evaluation's perplexity both take documents here."""
+    if src.format == "sft_agent" and src.window:
+        return agent_turn_documents(segments, pieces, _limit(src))
+    ids, mask = document_tokens(segments, pieces, src)
+    return ([], 1) if too_long(ids, src) else ([(ids, mask)], 0)
+
+
+def agent_turn_documents(segments: list[tuple[str, bool]], pieces: list[list[int]],
+                         limit: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """A trajectory as one document per assistant turn, each at most ``limit`` tokens: the
+    messages before the first assistant turn (system prompt, task), the latest messages before
+    the turn that fit whole (documents.history_that_fits), then the turn, the only tokens in
+    the loss. A trajectory longer than the window, cut into consecutive samples, would train
+    most turns without their task; whole-window documents make one sample each. A turn whose
+    task and own tokens alone overflow is left out (counted too long). The closing end-of-text
+    is out of the loss: the conversation goes on after the turn."""
+    # render's sft_agent segments: one per message, but an assistant turn is two (its role
+    # marker out of the loss, then its text in it)
+    messages: list[tuple[list[int], list[int], bool]] = []   # (ids, mask, an assistant turn)
+    i = 0
+    while i < len(segments):
+        text, keep = segments[i]
+        if text == ASSISTANT and not keep and i + 1 < len(segments) and segments[i + 1][1]:
+            ids = pieces[i] + pieces[i + 1]
+            messages.append((ids, [0] * len(pieces[i]) + [1] * len(pieces[i + 1]), True))
+            i += 2
+        else:
+            messages.append((pieces[i], [int(keep)] * len(pieces[i]), False))
+            i += 1
+    first = next((k for k, m in enumerate(messages) if m[2]), len(messages))
+    head = [t for m in messages[:first] for t in m[0]]
+    docs, left_out = [], 0
+    for k in range(first, len(messages)):
+        ids, mask, assistant = messages[k]
+        if not assistant:
+            continue
+        budget = limit - len(head) - len(ids) - 1
+        if budget < 0:
+            left_out += 1
+            continue
+        kept = history_that_fits([len(m[0]) for m in messages[first:k]], budget)
+        history = [t for m in messages[k - kept:k] for t in m[0]]
+        doc = head + history + ids + [EOD_ID]
+        docs.append((doc, [0] * (len(head) + len(history)) + mask + [0]))
+    return docs, left_out
 
 
 class _Windows:
@@ -175,17 +229,18 @@ def pack_source(name: str, src: PackSourceConfig, ds: Dataset, tok, params: Para
         texts = [t for doc in batch for t, _ in doc]
         encoded = iter(tok.encode_batch(texts))
         for doc in batch:
-            ids, mask = document_tokens(doc, [next(encoded).ids for _ in doc], src)
-            if too_long(ids, src):
-                counts["too_long"] += 1
-                continue
-            if counts["tokens"] + len(ids) > cap:
-                counts["truncated_at_cap"] = 1
+            docs, left_out = source_documents(doc, [next(encoded).ids for _ in doc], src)
+            counts["too_long"] += left_out
+            for ids, mask in docs:
+                if counts["tokens"] + len(ids) > cap:
+                    counts["truncated_at_cap"] = 1
+                    break
+                out_docs.add(ids, mask)
+                counts["documents"] += 1
+                counts["tokens"] += len(ids)
+                counts["loss_tokens"] += sum(mask)
+            if counts["truncated_at_cap"]:
                 break
-            out_docs.add(ids, mask)
-            counts["documents"] += 1
-            counts["tokens"] += len(ids)
-            counts["loss_tokens"] += sum(mask)
         if counts["truncated_at_cap"]:
             break
     out_docs.flush()

@@ -322,3 +322,43 @@ def test_the_fingerprint_holds_every_agent_param_the_episodes_use():
     used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
             and isinstance(n.value, ast.Name) and n.value.id == "acfg"}
     assert used and used <= set(AGENT_FIELDS), used - set(AGENT_FIELDS)
+
+
+def test_model_policy_keeps_the_task_and_the_latest_messages_that_fit():
+    # a conversation longer than the context ended the episode (policy_error): it is now cut
+    # as SFT's per-turn documents are, the task kept, the oldest messages left out
+    from stages.agent.policies import ModelPolicy
+    from stages.documents import ASSISTANT, END_OF_TURN, ROLES
+
+    class Tok:   # one token per character (role markers included)
+        def encode(self, text):
+            return SimpleNamespace(ids=[ord(c) for c in text])
+
+        def token_to_id(self, tok):
+            assert tok == ASSISTANT
+            return 7
+
+        def decode(self, ids, skip_special_tokens=False):
+            return "done"
+
+    def enc(m):
+        return [ord(c) for c in ROLES[m["role"]] + m["content"] + END_OF_TURN]
+
+    task = [{"role": "system", "content": "S" * 8}, {"role": "user", "content": "T" * 8}]
+    later = [{"role": "assistant", "content": "a" * 8}, {"role": "tool", "content": "o" * 40},
+             {"role": "assistant", "content": "b" * 8}, {"role": "tool", "content": "p" * 5}]
+    head = enc(task[0]) + enc(task[1])
+    fits = len(enc(later[2])) + len(enc(later[3]))     # the latest two, not the observation
+    prompts = []
+    policy = ModelPolicy(lambda prompt, turn: prompts.append(prompt) or [1], Tok(),
+                         max_context=len(head) + fits + 1 + 10 + 30, max_new_tokens=10)
+    policy.act(task)
+    assert prompts[0] == head + [7]
+    policy.act(task + later)
+    assert prompts[1] == head + enc(later[2]) + enc(later[3]) + [7]
+    policy.max_context += 200   # room for everything: nothing is left out
+    policy.act(task + later)
+    assert prompts[2] == head + [t for m in later for t in enc(m)] + [7]
+    with pytest.raises(ValueError, match="no room for a reply"):
+        ModelPolicy(lambda p, t: [1], Tok(), max_context=len(head) + 10,
+                    max_new_tokens=10).act(task + later)

@@ -435,8 +435,9 @@ def test_what_a_request_leaves_is_cleaned_whatever_its_modes(probe, sentinel):
             os.mkdir(f'{d}/x')
             os.chmod(f'{d}/x', 0)
             # orphans (a shell's background job) are reaped as they go, not at the end:
-            # they would count against max_processes (16 here)
-            for _ in range(40):
+            # they would count against max_processes (16 here). 24 > 16 shows it; 40 ran
+            # past the 5 s wall clock once on 2 busy cores
+            for _ in range(24):
                 subprocess.run(['sh', '-c', 'true &'], check=True)
             result = 'left'
         """))

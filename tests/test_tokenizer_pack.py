@@ -258,3 +258,43 @@ def test_a_window_that_is_not_the_phases_seq_length_fails_at_load(root):
     with pytest.raises(ConfigError, match="window applies to the SFT formats only"):
         parse_params(tiny_params(root, pack={"sources": sources}, pretrain={"blend": {"code": 1.0}},
                                  tokenizer={"sources": ["code"]}))
+
+
+def test_agent_trajectories_become_one_document_per_assistant_turn():
+    # a trajectory longer than the window, cut into consecutive samples, trained most turns
+    # without their task: each turn is now its own document with the task and what fits
+    from codeworld.config import PackSourceConfig
+    from stages.documents import ASSISTANT, SYSTEM, TOOL_RESULT, USER
+    from stages.pack import source_documents
+
+    def tokens(tag, n):
+        return [tag] * n
+
+    segments = [(SYSTEM + "s", False), (USER + "task", False),
+                (ASSISTANT, False), ("a1", True), (TOOL_RESULT + "o1", False),
+                (ASSISTANT, False), ("a2", True), (TOOL_RESULT + "o2", False),
+                (ASSISTANT, False), ("a3", True), (TOOL_RESULT + "o3", False)]
+    # token counts: system 5, task 10, markers 1, turns 4/6/3, observations 20/8/2
+    pieces = [tokens(100, 5), tokens(101, 10), [7], tokens(201, 4), tokens(301, 20),
+              [7], tokens(202, 6), tokens(302, 8), [7], tokens(203, 3), tokens(303, 2)]
+    src = PackSourceConfig(dataset="agent/trajectories", format="sft_agent", window=40)
+    docs, left_out = source_documents(segments, pieces, src)
+    assert left_out == 0 and len(docs) == 3
+    for (ids, mask), turn in zip(docs, (201, 202, 203)):
+        assert len(ids) <= 40 and len(ids) == len(mask)
+        assert ids[:15] == tokens(100, 5) + tokens(101, 10)          # the task, always
+        assert [t for t, m in zip(ids, mask) if m] == [turn] * ids.count(turn)   # its turn only
+        assert ids[-1] == EOD_ID and mask[-1] == 0                   # the talk goes on
+    # turn 2: 15 + 7 + 1 leaves 17 for history: the 20-token observation does not fit whole,
+    # so neither does the turn before it (only the latest messages, whole, are kept)
+    assert docs[1][0] == tokens(100, 5) + tokens(101, 10) + [7] + tokens(202, 6) + [EOD_ID]
+    # turn 3: 15 + 4 + 1 leaves 20: o2 (8) and turn 2 (7) fit, o1 (20) does not
+    assert docs[2][0] == (tokens(100, 5) + tokens(101, 10) + [7] + tokens(202, 6)
+                          + tokens(302, 8) + [7] + tokens(203, 3) + [EOD_ID])
+    # a window the task and a turn overflow: that turn is left out, counted
+    small = src.model_copy(update={"window": 21})
+    docs, left_out = source_documents(segments, pieces, small)
+    assert left_out == 1 and [d[0][-5:-1] for d in docs][0] == tokens(201, 4)
+    # without a window: the whole trajectory, one document
+    whole, _ = source_documents(segments, pieces, src.model_copy(update={"window": 0}))
+    assert len(whole) == 1 and len(whole[0][0]) == sum(map(len, pieces)) + 1

@@ -320,8 +320,10 @@ class ModelPolicy:
     token ids, turn number -> sampled ids) writes the turn up to its end-of-turn. Every
     (prompt, completion) pair is kept in ``turns`` for the policy-gradient update.
 
-    A context that no longer leaves room for a reply is a ValueError: the loop ends the
-    episode there (stop reason ``policy_error``) with no reward, as a budget would."""
+    A conversation longer than the context keeps its system prompt and task and the latest
+    messages that fit whole, as SFT's per-turn documents do (stages/pack.agent_turn_documents).
+    A task that alone leaves no room for a reply is a ValueError: the loop ends the episode
+    there (stop reason ``policy_error``) with no reward, as a budget would."""
     name = "megatron"
 
     def __init__(self, generate, tokenizer, *, max_context: int, max_new_tokens: int):
@@ -330,14 +332,23 @@ class ModelPolicy:
         self.turns: list[tuple[list[int], list[int]]] = []
 
     def act(self, messages: list[dict]) -> str:
-        from stages.documents import ASSISTANT, END_OF_TURN, ROLES
+        from stages.documents import ASSISTANT, END_OF_TURN, ROLES, history_that_fits
         from codeworld.tokens import END_OF_TEXT
 
-        text = "".join(f"{ROLES[m['role']]}{m['content']}{END_OF_TURN}" for m in messages)
-        prompt = self.tok.encode(text + ASSISTANT).ids
-        if len(prompt) + self.max_new_tokens > self.max_context:
-            raise ValueError(f"context of {len(prompt)} tokens leaves no room for a reply of "
+        # each message apart (its role and end-of-turn are special tokens: the same ids as the
+        # whole text's), so that whole messages can be left out
+        pieces = [self.tok.encode(f"{ROLES[m['role']]}{m['content']}{END_OF_TURN}").ids
+                  for m in messages]
+        first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"),
+                     len(messages))
+        head = [t for p in pieces[:first] for t in p]
+        budget = self.max_context - self.max_new_tokens - 1 - len(head)
+        if budget < 0:
+            raise ValueError(f"the task's {len(head)} tokens leave no room for a reply of "
                              f"{self.max_new_tokens} in {self.max_context} (rl.agent_seq_length)")
+        kept = history_that_fits([len(p) for p in pieces[first:]], budget)
+        prompt = head + [t for p in pieces[len(pieces) - kept:] for t in p] \
+            + [self.tok.token_to_id(ASSISTANT)]
         out = self.generate(prompt, len(self.turns))
         self.turns.append((prompt, out))
         reply = self.tok.decode(out, skip_special_tokens=False)
