@@ -362,3 +362,25 @@ def test_model_policy_keeps_the_task_and_the_latest_messages_that_fit():
     with pytest.raises(ValueError, match="no room for a reply"):
         ModelPolicy(lambda p, t: [1], Tok(), max_context=len(head) + 10,
                     max_new_tokens=10).act(task + later)
+
+
+@needs_bwrap
+def test_the_device_plans_rl_step_check_runs(rl_root):
+    # bench/rl_step_check.py is what a GPU session runs for RL in FP8 (bench/gpu_plans): it must
+    # not rot between the rare sessions that have a GPU, so it runs here in FP32
+    _stage(rl_root, "pretrain")
+    pool = rl_root / "check_pool.jsonl"
+    prepare_pool(load_params(rl_root / "params.yaml"), _tokenizer(rl_root), pool)
+    script = Path(__file__).resolve().parents[1] / "bench" / "rl_step_check.py"
+    with open(rl_root / "rl_step_check.log", "w") as log:
+        proc = run_in_own_group(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+             str(script), "--params", str(rl_root / "params.yaml"), "--pool", str(pool),
+             "--init-from", str(rl_root / "checkpoints" / "pretrain"), "--unpadded",
+             "--set", "rl.precision=fp32"],
+            cwd=rl_root, stdout=log, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    text = (rl_root / "rl_step_check.log").read_text()
+    assert proc.returncode == 0, text[-4000:]
+    out = json.loads(next(ln for ln in text.splitlines() if ln.startswith("RL_STEP "))[8:])
+    assert out["precision"] == "fp32" and out["samples"] > 0 and out["finite"]
+    assert out["padded"]["skipped"] == 0 and out["unpadded"]["loss"] is not None
