@@ -21,9 +21,9 @@ from stages.agent.envs import build_env
 from stages.agent.failing_traces import failing_test_traces
 from stages.agent.loop import run_episode
 from stages.agent.mutate import mutations
-from stages.agent.policies import OpenAIPolicy, PolicyUnavailable, ScriptedPolicy, call
+from stages.agent.policies import STOPS, OpenAIPolicy, PolicyUnavailable, ScriptedPolicy, call
 from stages.agent.reward import evaluate, materialise
-from stages.agent.tools import ToolCall, execute, format_edit
+from stages.agent.tools import ToolCall, execute, format_edit, parse_call
 from stages.agent.validate import baseline, check_mutants, coverage_map
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None and not os.environ.get("CI"),
@@ -346,7 +346,9 @@ class _ChatServer:
                     self.wfile.write(b'{"error": "overloaded"}')
                     return
                 text = outer.replies.pop(0) if outer.replies else call("submit")
-                text = text.replace("</tool>", "")  # a real server stops before the stop sequence
+                # a real server stops before the first stop sequence it writes
+                cuts = [i for i in (text.find(st) for st in body["stop"]) if i >= 0]
+                text = text[:min(cuts)] if cuts else text
                 data = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
                                    "choices": [{"index": 0, "finish_reason": "stop",
                                                 "message": {"role": "assistant", "content": text}}]}).encode()
@@ -371,6 +373,18 @@ class _ChatServer:
         self.server.server_close()
 
 
+def test_openai_policy_keeps_a_tool_end_inside_a_files_line():
+    # the server stopped at the first "</tool>" it wrote: a file content that mentions it was
+    # cut there. Only a "</tool>" that starts or ends a line ends a call (tools.CALL_RE).
+    content = "notes.md\nwrite </tool> to end a call\nthe end"
+    with _ChatServer([call("create", content), "thinking\n" + call("bash", "ls</tool>")]) as srv:
+        policy = OpenAIPolicy(srv.url, "tiny-model", max_tokens=256)
+        first = policy.act([{"role": "user", "content": "go"}])
+        second = policy.act([{"role": "user", "content": "go"}])
+    assert parse_call(first) == ToolCall("create", content)
+    assert parse_call(second) == ToolCall("bash", "ls")
+
+
 def test_openai_policy_against_a_local_chat_server(env, validated, monkeypatch):
     task = _task(env, validated, "change_arith", "return total * len(xs)")
     fix = format_edit("calc/__init__.py", "return total * len(xs)", "return total / len(xs)")
@@ -384,7 +398,7 @@ def test_openai_policy_against_a_local_chat_server(env, validated, monkeypatch):
     assert ep["reward"] == 1.0 and ep["turns"] == 4 and ep["submitted"]
     req = srv.requests[0]
     assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-local"
-    assert req["body"]["model"] == "tiny-model" and req["body"]["stop"] == ["</tool>"]
+    assert req["body"]["model"] == "tiny-model" and req["body"]["stop"] == STOPS
     assert [m["role"] for m in req["body"]["messages"]] == ["system", "user"]
     assert "total" in ep["messages"][3]["content"]  # the grep's output came back as a turn
     assert ep["messages"][5]["content"].startswith("error: no tool call")

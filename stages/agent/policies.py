@@ -30,7 +30,7 @@ import urllib.request
 from typing import Generator
 
 from stages.agent.mutate import candidate_fixes
-from stages.agent.tools import format_edit
+from stages.agent.tools import CALL_RE, format_edit
 
 SYSTEM_PROMPT = """You are a software engineer fixing a bug in a Python repository (the current \
 directory). Use one tool per turn, written exactly as
@@ -48,6 +48,11 @@ new text
 - create: the file path on the first line, then the whole file content.
 - submit: (empty body) when the tests pass; your changes are then evaluated.
 """
+
+
+# A call ends at a `</tool>` that starts or ends a line (tools.CALL_RE): the openai policy's
+# server stops there, not at one inside a line of a file's content.
+STOPS = ["\n</tool>", "</tool>\n"]
 
 
 def call(name: str, body: str = "") -> str:
@@ -297,7 +302,7 @@ class OpenAIPolicy:
         wire = [{"role": "user" if m["role"] == "tool" else m["role"], "content": m["content"]}
                 for m in messages]
         body = json.dumps({"model": self.model, "messages": wire, "temperature": self.temperature,
-                           "max_tokens": self.max_tokens, "stop": ["</tool>"]}).encode()
+                           "max_tokens": self.max_tokens, "stop": STOPS}).encode()
         headers = {"Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
@@ -307,8 +312,8 @@ class OpenAIPolicy:
             text = reply["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
             raise ValueError(f"{self.url}: not a chat-completions reply: {str(reply)[:300]}") from None
-        # the stop sequence is cut from the reply: put it back so the call parses
-        if "<tool:" in text and "</tool>" not in text:
+        # the stop sequence is cut from the reply: put the call's end back so that it parses
+        if "<tool:" in text and not CALL_RE.search(text):
             text = text.rstrip("\n") + "\n</tool>"
         return text
 

@@ -18,8 +18,8 @@ at 0x...``); everything else, a source file's ``cat`` included, is shown as it i
 copied from an observation into an edit matches the file.
 
 A call ends at the first ``</tool>`` that starts a line or ends one: ``</tool>`` inside a
-line of a file's content is content. (The openai policy's server stops at the first
-``</tool>`` it writes, wherever it is: such content is cut there.)
+line of a file's content is content (the openai policy's stop sequences are these ends only:
+policies.STOPS).
 """
 from __future__ import annotations
 
