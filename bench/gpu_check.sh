@@ -70,6 +70,13 @@ bench() {  # bench NAME ARGS...: one train_gpu.py run, its table to bench.log, r
   rm -f /tmp/gpu_check_bench.json
 }
 
+traceback() {  # traceback LOG: a failed torchrun's own traceback to pipeline.log, not
+  # torchrun's summary of it (a kill by the fault injection has none); torchrun prefixes its
+  # workers' lines with "[rank0]: "
+  grep -v -i warn "$1" | grep -v ChildFailedError | grep -E -B12 -m1 "^(\[rank[0-9]+\]: )?[A-Za-z_.]*Error" \
+    | tail -12 | tee -a "$OUT/pipeline.log"
+}
+
 train() {  # train NAME [kill-after=N] [--set ...]: 30 steps of the default pretrain on this GPU
   local name=$1 dir=/tmp/gpu_$1 fault=(); shift
   case "${1:-}" in kill-after=*) fault=("CODEWORLD_FAULT_KILL_AFTER_STEP=${1#kill-after=}"); shift;; esac
@@ -80,9 +87,7 @@ train() {  # train NAME [kill-after=N] [--set ...]: 30 steps of the default pret
     "$@" > "$dir.log" 2>&1 < /dev/null
   local rc=$?
   say "train $name ${fault[*]} $*: exit $rc" | tee -a "$OUT/pipeline.log"
-  # a failure's own traceback, not torchrun's summary of it (a kill by the fault injection has none)
-  [ $rc -eq 0 ] || grep -v -i warn "$dir.log" | grep -v ChildFailedError | grep -B12 -m1 "^[A-Za-z_.]*Error" \
-    | tail -12 | tee -a "$OUT/pipeline.log"
+  [ $rc -eq 0 ] || traceback "$dir.log"
   cp "$dir/steps.jsonl" "$OUT/steps_$name.jsonl" 2>/dev/null
 }
 
@@ -107,8 +112,7 @@ rl() {  # rl NAME FROM [--set ...]: one forced GRPO update from train FROM's che
   local rc=$?
   say "rl $name from $from $*: exit $rc" | tee -a "$OUT/pipeline.log"
   grep -m1 "^RL_STEP" "$log" | tee -a "$OUT/pipeline.log"
-  [ $rc -eq 0 ] || grep -v -i warn "$log" | grep -v ChildFailedError | grep -B12 -m1 "^[A-Za-z_.]*Error" \
-    | tail -12 | tee -a "$OUT/pipeline.log"
+  [ $rc -eq 0 ] || traceback "$log"
 }
 
 trains=()

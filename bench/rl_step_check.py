@@ -55,7 +55,7 @@ def main() -> int:
     trainer.policy = PolicyLoss(vocab, cfg.temperature, cfg.kl_coef)
     found = checkpoint.latest(Path(args.init_from))
     if found is None:
-        raise SystemExit(f"{args.init_from}: no checkpoint")
+        raise FileNotFoundError(f"{args.init_from}: no checkpoint to start from")   # as model.rl
     checkpoint.load(found[1], trainer.chunks)
     trainer.optimizer.reload_model_params()
     roll = Rollouts(params, trainer.chunks[0].module, tok, vocab)
