@@ -25,11 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codeworld.config import load_params  # noqa: E402
 from codeworld.overrides import apply_overrides  # noqa: E402
-from codeworld.storage import Storage  # noqa: E402
-from model import checkpoint  # noqa: E402
 from model.grpo import FP8_WIDTH, Sample, microbatches  # noqa: E402
-from model.rl import Rollouts, check_rl_layout, step_plan  # noqa: E402
-from model.trainer import PolicyLoss, Trainer, init_distributed  # noqa: E402
+from model.rl import (Rollouts, check_rl_layout, initial_policy, load_policy,  # noqa: E402
+                      policy_trainer, step_plan)
+from model.trainer import init_distributed  # noqa: E402
 
 
 def main() -> int:
@@ -47,17 +46,9 @@ def main() -> int:
     import torch
 
     from stages.rl_tasks import read_pool
-    from stages.tokenizer import load as load_tokenizer
 
-    tok = load_tokenizer(Storage(params.storage.root, params.storage.s3_endpoint_url))
-    vocab = tok.get_vocab_size()
-    trainer = Trainer(params, "rl", vocab)
-    trainer.policy = PolicyLoss(vocab, cfg.temperature, cfg.kl_coef)
-    found = checkpoint.latest(Path(args.init_from))
-    if found is None:
-        raise FileNotFoundError(f"{args.init_from}: no checkpoint to start from")   # as model.rl
-    checkpoint.load(found[1], trainer.chunks)
-    trainer.optimizer.reload_model_params()
+    trainer, tok, vocab = policy_trainer(params)
+    load_policy(trainer, initial_policy(Path(args.init_from))[1])
     roll = Rollouts(params, trainer.chunks[0].module, tok, vocab)
     groups = [roll.text_group(i, item, 1) for i, item in enumerate(step_plan(cfg, read_pool(Path(args.pool)), 1))]
     samples = [Sample(g["prompt"], c, 1.0 if j % 2 == 0 else -1.0)

@@ -201,6 +201,34 @@ def build_samples(groups: list[dict], episodes: list[dict], cfg: RLConfig) -> tu
     return samples, stats
 
 
+def policy_trainer(params: Params):
+    """(trainer, tokenizer, vocabulary size) of phase rl on this rank: the phase's Trainer with
+    the policy-gradient loss. The process group is up (init_distributed)."""
+    from codeworld.storage import Storage
+    from stages.tokenizer import load as load_tokenizer
+
+    tok = load_tokenizer(Storage(params.storage.root, params.storage.s3_endpoint_url))
+    vocab = tok.get_vocab_size()
+    trainer = Trainer(params, "rl", vocab)
+    trainer.policy = PolicyLoss(vocab, params.rl.temperature, params.rl.kl_coef)
+    return trainer, tok, vocab
+
+
+def initial_policy(init_from: Path) -> tuple[int, Path]:
+    """The latest checkpoint of the phase RL starts from (``checkpoint.latest``)."""
+    start = checkpoint.latest(init_from)
+    if start is None:
+        raise FileNotFoundError(f"{init_from}: no checkpoint to start from")
+    return start
+
+
+def load_policy(trainer: Trainer, path: Path) -> None:
+    """The weights at ``path`` into the trainer's model, and into its optimizer's FP32 main
+    copies (a fresh optimizer state: RL's first step)."""
+    checkpoint.load(path, trainer.chunks)
+    trainer.optimizer.reload_model_params()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
@@ -223,25 +251,17 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed(params.parallel.backend)
     from megatron.core import parallel_state as ps
 
-    from codeworld.storage import Storage
     from stages.rl_tasks import read_pool
-    from stages.tokenizer import load as load_tokenizer
 
-    tok = load_tokenizer(Storage(params.storage.root, params.storage.s3_endpoint_url))
-    vocab = tok.get_vocab_size()
-    trainer = Trainer(params, "rl", vocab)
-    trainer.policy = PolicyLoss(vocab, cfg.temperature, cfg.kl_coef)
+    trainer, tok, vocab = policy_trainer(params)
     out = Path(args.out)
     iteration = 0
-    start = checkpoint.latest(Path(args.init_from))
-    if start is None:
-        raise FileNotFoundError(f"{args.init_from}: no checkpoint to start from")
+    start = initial_policy(Path(args.init_from))
     found = checkpoint.latest(out)
     if found is not None:
         iteration = checkpoint.load(found[1], trainer.chunks, trainer.optimizer, trainer.scheduler)
     else:
-        checkpoint.load(start[1], trainer.chunks)
-        trainer.optimizer.reload_model_params()   # main (fp32) copies of the loaded weights
+        load_policy(trainer, start[1])
     reference = None
     if cfg.kl_coef > 0:   # the initial policy, frozen
         from model.build import build_chunks

@@ -211,6 +211,18 @@ class _Windows:
             self.mask_builder.add_document(np.asarray(mask), [len(mask)])
 
 
+def _token_documents(ds: Dataset, src: PackSourceConfig, params: Params, counts: dict, tok):
+    """(ids, mask) of each training document of the source, in order, encoded a batch of
+    records at a time; records that give none are counted in ``counts`` as they pass."""
+    for batch in _documents(ds, src, params, counts):
+        texts = [t for doc in batch for t, _ in doc]
+        encoded = iter(tok.encode_batch(texts))
+        for doc in batch:
+            docs, left_out = source_documents(doc, [next(encoded).ids for _ in doc], src)
+            counts["too_long"] += left_out
+            yield from docs
+
+
 def pack_source(name: str, src: PackSourceConfig, ds: Dataset, tok, params: Params,
                 out: Path, fp: str) -> dict:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -225,24 +237,14 @@ def pack_source(name: str, src: PackSourceConfig, ds: Dataset, tok, params: Para
         counts.update(windows=0, pad_tokens=0)
     out_docs = _Windows(builder, mask_builder, src.window, counts)
     cap = src.max_tokens or float("inf")
-    for batch in _documents(ds, src, params, counts):
-        texts = [t for doc in batch for t, _ in doc]
-        encoded = iter(tok.encode_batch(texts))
-        for doc in batch:
-            docs, left_out = source_documents(doc, [next(encoded).ids for _ in doc], src)
-            counts["too_long"] += left_out
-            for ids, mask in docs:
-                if counts["tokens"] + len(ids) > cap:
-                    counts["truncated_at_cap"] = 1
-                    break
-                out_docs.add(ids, mask)
-                counts["documents"] += 1
-                counts["tokens"] += len(ids)
-                counts["loss_tokens"] += sum(mask)
-            if counts["truncated_at_cap"]:
-                break
-        if counts["truncated_at_cap"]:
+    for ids, mask in _token_documents(ds, src, params, counts, tok):
+        if counts["tokens"] + len(ids) > cap:
+            counts["truncated_at_cap"] = 1
             break
+        out_docs.add(ids, mask)
+        counts["documents"] += 1
+        counts["tokens"] += len(ids)
+        counts["loss_tokens"] += sum(mask)
     out_docs.flush()
     if counts["documents"] == 0:
         raise ValueError(f"pack source {name!r} ({ds.storage.path()}): no usable document "

@@ -481,18 +481,13 @@ def _child(handler, payload, w_resp, w_out, w_err, close_fds, lim, seed):
         for fd in (w_out, w_err, *close_fds):
             os.close(fd)
         msg = json.loads(payload)
-        if "batch" in msg and msg.get("shared"):
+        if "batch" in msg:
             # CPU time adds up over a batch: the budget is per request; the server's
-            # per-request wall deadline (reset at each finished request) stops a culprit.
+            # per-request wall deadline (reset at each finished request) stops a culprit. A
+            # batch whose requests run in processes of their own (_each_request) counts one
+            # more: this child, which forks and relays them (their CPU time is their own).
             apply_rlimits(dict(lim, cpu_seconds=float(lim["cpu_seconds"]) * len(msg["batch"])),
-                          INFRA_PROCS_SERVER)
-        elif "batch" in msg:
-            # its requests run in processes of their own (_each_request), each with the
-            # per-request limits; this child, one more process, forks and relays them: the
-            # CPU time of a batch's forks is their own. The server's per-request wall deadline
-            # (reset at each finished request) stops a culprit.
-            apply_rlimits(dict(lim, cpu_seconds=float(lim["cpu_seconds"]) * len(msg["batch"])),
-                          INFRA_PROCS_SERVER + 1)
+                          INFRA_PROCS_SERVER + (0 if msg.get("shared") else 1))
         else:
             apply_rlimits(lim, INFRA_PROCS_SERVER)
     except BaseException as exc:  # noqa: BLE001 - said as the response (no newline: a batch
