@@ -52,6 +52,11 @@ _fraction = _option(float, lambda v: 0 < v <= 1, "in (0, 1]")
 STAGES = ("corpus", "dedup", "traces", "tokenizer", "pack", "pretrain", "midtrain", "sft", "rl", "agent", "evaluate", "export")  # each is stages/<name>.py with run(params, track=...)
 
 
+# stages whose output is no shard dataset; each returns what pins its content (file or
+# summary checksums), which the copy in data/NAME carries
+PINNED_ON_S3 = ("tokenizer", "pack", "evaluate", "export")
+
+
 def _stage(args: argparse.Namespace) -> int:
     import importlib
 
@@ -63,10 +68,11 @@ def _stage(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown stage {args.name!r} (known: {', '.join(STAGES)})")
     m = importlib.import_module(f"stages.{args.name}").run(params, track=not args.no_track)
     # With the data elsewhere, DVC's data/NAME is a copy of the output's manifest: for a shard
-    # dataset, and for the tokenizer and the pack once they are on S3 (on a local disk they
-    # are written where the storage root is, and the training phases read them there).
+    # dataset, and for the other outputs once they are on S3 (on a local disk they are
+    # written where the storage root is, and the training phases read them there); without
+    # it `dvc repro` ends with "output 'data/NAME' does not exist".
     storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
-    if "shards" in m or (args.name in ("tokenizer", "pack") and storage.is_s3):
+    if "shards" in m or (args.name in PINNED_ON_S3 and storage.is_s3):
         pin_manifest(storage, args.name, m)
     print(json.dumps({"stage": args.name, "records": m.get("records"),
                       "shards": len(m.get("shards", []))}))

@@ -102,8 +102,12 @@ def fetch(remote: Storage, local: Path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{remote.path(MANIFEST)}: no pack manifest on S3 (run the pack "
                                 "stage)") from None
-    manifest = json.loads(body)
-    want = pack_files(manifest)
+    try:
+        manifest = json.loads(body)
+        want = pack_files(manifest)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise StorageError(f"{remote.path(MANIFEST)}: not a pack manifest ({err!r}); rerun the "
+                           f"pack stage") from None
     manifest_sha = hashlib.sha256(body).hexdigest()
     local.mkdir(parents=True, exist_ok=True)
     with open(local / LOCK, "a") as lock:

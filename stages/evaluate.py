@@ -348,7 +348,8 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
             # timings are in the metrics, not here: the same inputs give the same file
             "phases": {n: {k: v for k, v in r.items() if k not in ("seconds", "tokens_per_s")}
                        for n, r in results.items()}})
-        out.write_bytes("summary.json", json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n")
+        summary_bytes = json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+        out.write_bytes("summary.json", summary_bytes)
         if report_path:
             with run_.timed("report"):
                 files = write_report(Path(report_path), doc, programs, predictions)
@@ -365,4 +366,5 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
         flat["phases_evaluated"] = len(results)
         run_.log(**flat)
         return {"name": OUTPUT, "fingerprint": fp, "records": len(programs),
-                "phases": list(results)}
+                "phases": list(results),
+                "summary_sha256": hashlib.sha256(summary_bytes).hexdigest()}

@@ -193,6 +193,26 @@ def lineage(params: Params, phase: str) -> list[dict]:
     return chain
 
 
+def evaluation_of(storage: Storage, phase: str, iteration_dir: Path) -> dict | None:
+    """The evaluate stage's figures of ``phase`` when they are of the checkpoint at
+    ``iteration_dir`` (a phase retrained since its evaluation has none on record yet)."""
+    rel = "evaluate/summary.json"
+    if not storage.exists(rel):
+        return None
+    try:
+        evaluation = json.loads(storage.read_bytes(rel))["phases"].get(phase)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ConfigError(f"{storage.path(rel)}: not an evaluate summary ({err!r}); rerun the "
+                          f"evaluate stage") from None
+    if not isinstance(evaluation, dict):
+        return None
+    if Path(str(evaluation.get("checkpoint"))).resolve() != Path(iteration_dir).resolve():
+        log.warning("export: %s's evaluation is of %s, not of %s: the card leaves it out",
+                    phase, evaluation.get("checkpoint"), iteration_dir)
+        return None
+    return evaluation
+
+
 def run(params: Params, *, track: bool = True, metrics_path: str | None = METRICS_PATH) -> dict:
     """The stage: export.phase's latest checkpoint to `export/` under the storage root, its
     card with the phase chain and the evaluate stage's held-out figures of that phase."""
@@ -205,12 +225,32 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
     if found is None:
         raise ConfigError(f"export.phase {phase!r}: no checkpoint to export (no latest.json "
                           f"in {ckdir}); train that phase first")
-    evaluation = None
-    if storage.exists("evaluate/summary.json"):
-        summary = json.loads(storage.read_bytes("evaluate/summary.json"))
-        evaluation = summary.get("phases", {}).get(phase)
+    evaluation = evaluation_of(storage, phase, found[1])
     return export(params, found, storage.sub(OUTPUT), lineage(params, phase), evaluation,
                   track=track, metrics_path=metrics_path)
+
+
+def earlier_export(out: Storage) -> dict:
+    """The manifest an earlier export left in ``out`` (a pending one too: a run killed while
+    publishing), ``{"files": {}}`` for an empty or missing folder. ConfigError for a folder
+    that holds files no export wrote: publishing replaces what is there, and must not delete a
+    user's files or mix an export into them (``codeworld export --out`` takes any folder)."""
+    if out.exists(MANIFEST):
+        try:
+            done = json.loads(out.read_bytes(MANIFEST))
+            files = done["files"]
+            if not isinstance(files, dict):
+                raise TypeError("'files' is not an object")
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{out.path(MANIFEST)}: not an export manifest ({err}); remove "
+                              f"it, or export to another folder") from None
+        return done
+    strangers = out.list()
+    if strangers:
+        shown = ", ".join(strangers[:5]) + (", ..." if len(strangers) > 5 else "")
+        raise ConfigError(f"export: {out.path()} holds files no codeworld export wrote "
+                          f"({shown}) and would lose them: export to an empty or new folder")
+    return {"files": {}}
 
 
 def export(params: Params, found: tuple[int, Path], out: Storage, chain: list[dict],
@@ -227,13 +267,15 @@ def export(params: Params, found: tuple[int, Path], out: Storage, chain: list[di
     storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
     iteration, iteration_dir = found
     phase = chain[0]["phase"]
-    fp = fingerprint(CODE, OUTPUT, 1, cfg.model_dump(), params.model.model_dump(), chain)
-    if out.exists(MANIFEST):
-        done = json.loads(out.read_bytes(MANIFEST))
-        if done.get("fingerprint") == fp and all(
-                out.exists(f) and out.sha256(f) == h for f, h in done["files"].items()):
-            log.info("export: %s is up to date (%s)", out.path(), fp[:12])
-            return {"name": OUTPUT, "fingerprint": fp, "records": len(done["files"])}
+    # the card prints the evaluation's figures: new figures are a new export
+    fp = fingerprint(CODE, OUTPUT, 1, cfg.model_dump(), params.model.model_dump(), chain,
+                     evaluation)
+    done = earlier_export(out)
+    if done.get("fingerprint") == fp and all(
+            out.exists(f) and out.sha256(f) == h for f, h in done["files"].items()):
+        log.info("export: %s is up to date (%s)", out.path(), fp[:12])
+        return {"name": OUTPUT, "fingerprint": fp, "records": len(done["files"]),
+                "files": done["files"]}
     tok = tokenizer_stage.load(storage)
     with StageRun(OUTPUT, params.model_dump(include={"export", "model"}),
                   params.tracking.experiment, metrics_path, track) as run_, \
@@ -262,11 +304,14 @@ def export(params: Params, found: tuple[int, Path], out: Storage, chain: list[di
                     # are in the metrics), and the same checkpoint must give the same bytes
                     "check": {"greedy_tokens": cfg.greedy_tokens,
                               **{k: stats[k] for k in ("programs", "dtype", "tolerance")}}}
-        if out.exists(MANIFEST):
-            out.remove(MANIFEST)   # from here until the new one lands, the folder is not whole
-        for f in out.list():
-            if f not in files:
-                out.remove(f)    # a file of an earlier export that this one no longer writes
+        # From here until the final manifest lands the folder is not whole: a pending one
+        # (no fingerprint, so never up to date) names every file an export may have left
+        # there, so that a rerun after a kill still knows them for its own.
+        ours = sorted(set(done["files"]) | set(files))
+        out.write_bytes(MANIFEST, json.dumps({"name": OUTPUT, "pending": True, "files": {
+            f: None for f in ours}}, indent=1, sort_keys=True).encode() + b"\n")
+        for f in set(done["files"]) - set(files):
+            out.remove(f)    # a file of an earlier export that this one no longer writes
         for f in files:
             out.upload(folder / f, f)
         out.write_bytes(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
@@ -275,4 +320,5 @@ def export(params: Params, found: tuple[int, Path], out: Storage, chain: list[di
         log.info("export: %s iteration %d -> %s (%d parameters; logits within %.2g, greedy "
                  "%d/%d equal)", phase, iteration, out.path(), n_params,
                  stats["logits_max_abs_diff"], stats["greedy_equal"], stats["programs"])
-    return {"name": OUTPUT, "fingerprint": fp, "records": len(files), **stats}
+    return {"name": OUTPUT, "fingerprint": fp, "records": len(files), **stats,
+            "files": manifest["files"]}

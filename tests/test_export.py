@@ -277,6 +277,31 @@ def test_codeworld_export_takes_any_phase_checkpoint_directory(root, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "is the same path as checkpoint" in proc.stderr
 
+    # a folder of the user's is refused before any work, and loses nothing
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "notes" / "a.txt").write_text("keep me")
+    (mine / "README.md").write_text("my own readme")
+    proc = subprocess.run([*cmd, "--out", str(mine)], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{mine} holds files no codeworld export wrote (README.md, notes)" in proc.stderr
+    assert (mine / "notes" / "a.txt").read_text() == "keep me"
+    assert (mine / "README.md").read_text() == "my own readme"
+
+    # killed while publishing (the pending manifest names the files an export may have left):
+    # the rerun publishes whole and removes what the earlier export wrote and this one does not
+    files = json.loads((out / "codeworld.json").read_text())["files"]
+    (out / "model.safetensors").unlink()
+    (out / "old.bin").write_bytes(b"an earlier export's file")
+    (out / "codeworld.json").write_text(json.dumps(
+        {"name": "export", "pending": True, "files": dict.fromkeys([*files, "old.bin"])}))
+    proc = subprocess.run([*cmd, "--out", str(out)], cwd=root, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "codeworld.json").read_text())["files"] == files
+    assert sorted(p.name for p in out.iterdir()) == sorted([*files, "codeworld.json"])
+
 
 def test_export_without_a_checkpoint_names_the_phase_and_where(tmp_path):
     from stages.export import run
@@ -285,3 +310,62 @@ def test_export_without_a_checkpoint_names_the_phase_and_where(tmp_path):
                           "p.yaml")
     with pytest.raises(ConfigError, match="export.phase 'pretrain': no checkpoint"):
         run(params, track=False, metrics_path=None)
+
+
+def _copy_root(root: Path, tmp_path: Path) -> Path:
+    """A copy of the module's trained root at tmp_path/data, its params at tmp_path."""
+    shutil.copytree(root, tmp_path / "data", ignore=shutil.ignore_patterns("export", "params.yaml"))
+    (tmp_path / "params.yaml").write_text(
+        (root / "params.yaml").read_text().replace(str(root), str(tmp_path / "data")))
+    return tmp_path / "params.yaml"
+
+
+def test_the_card_carries_the_evaluation_of_the_exported_checkpoint_only(root, tmp_path):
+    """The card prints the evaluate stage's figures: new figures are a new export (it was
+    'up to date' with the old ones), and figures of another checkpoint are left out."""
+    params, data = _copy_root(root, tmp_path), tmp_path / "data"
+    exported = data / "checkpoints" / "pretrain" / "iter_0000004"
+    assert exported.is_dir()
+    (data / "evaluate").mkdir()
+
+    def export_with(figure: float, checkpoint: Path) -> tuple[str, str]:
+        (data / "evaluate" / "summary.json").write_text(json.dumps({"phases": {"pretrain": {
+            "checkpoint": str(checkpoint), "iteration": 4, "valid_format": figure}}}))
+        proc = subprocess.run([sys.executable, "-m", "codeworld.cli", "stage", "export",
+                               "--params", str(params), "--no-track"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr, (data / "export" / "README.md").read_text()
+
+    _, card = export_with(0.25, exported)
+    assert "| valid_format | 0.250 |" in card
+    err, card = export_with(0.75, exported)
+    assert "up to date" not in err and "| valid_format | 0.750 |" in card
+    err, card = export_with(0.75, exported.parent / "iter_0000002")
+    assert "No held-out evaluation of this checkpoint on record" in card
+    assert "the card leaves it out" in err
+
+
+def test_an_export_on_s3_is_pinned_where_dvc_looks_for_it(root, tmp_path, s3_endpoint, s3_bucket):
+    """With storage.root on S3 the export goes there and data/export/ holds a copy of its
+    manifest (its files' sha256 and where it is): dvc.yaml's output, which DVC needs."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    prefix = f"{s3_bucket}/run"
+    for name in ("tokenizer", "traces"):
+        fs.put(str(root / name), f"{prefix}/{name}", recursive=True)
+    ws = tmp_path / "ws"
+    shutil.copytree(root / "checkpoints" / "pretrain", ws / "data" / "checkpoints" / "pretrain")
+    text = (root / "params.yaml").read_text()
+    assert f"root: {root}\n" in text
+    (ws / "params.yaml").write_text(text.replace(
+        f"root: {root}\n", f"root: {prefix}\n  s3_endpoint_url: {s3_endpoint}\n"))
+    proc = subprocess.run([sys.executable, "-m", "codeworld.cli", "stage", "export", "--params",
+                           str(ws / "params.yaml"), "--no-track"], cwd=ws, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote = json.loads(fs.cat_file(f"{prefix}/export/codeworld.json"))
+    pinned = json.loads((ws / "data" / "export" / "manifest.json").read_text())
+    assert pinned["location"] == f"{prefix}/export" and pinned["files"] == remote["files"]
+    assert pinned["fingerprint"] == remote["fingerprint"]

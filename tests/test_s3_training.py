@@ -265,6 +265,13 @@ def test_a_corrupt_or_missing_object_on_s3_is_named(s3_run, tmp_path):
         pack_cache.fetch(remote, cache)
     assert not (cache / "manifest.json").exists()
 
+    # a manifest that is not one (cut short, or of something else) is named too
+    for body in (b'{"sources": {"code": ', b'{"name": "corpus", "shards": []}'):
+        client.put_object(Bucket=bucket, Key="bad/pack/manifest.json", Body=body)
+        with pytest.raises(StorageError, match=rf"s3://{bucket}/bad/pack/manifest\.json: not a "
+                                               r"pack manifest"):
+            pack_cache.fetch(remote, cache)
+
 
 def test_transient_errors_are_retried_and_a_lasting_one_names_the_path(s3_run, tmp_path, monkeypatch):
     bucket = s3_run["bucket"]
