@@ -13,6 +13,7 @@ makes one document per assistant turn when the source has a window, history_that
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 
 from codeworld import prompts
 from codeworld.tokens import ROLE_TOKENS
@@ -48,6 +49,16 @@ def _masked(seed: int, record_id: str, turn: int, share: float) -> bool:
     return int.from_bytes(h[:8], "big") / 2**64 < share
 
 
+def object_records(records: Iterable, counts: dict, key: str) -> Iterator[dict]:
+    """The records that are JSON objects; each that is not (a shard member of a foreign
+    dataset that is a JSON list or number) is counted under ``counts[key]`` and left out."""
+    for record in records:
+        if isinstance(record, dict):
+            yield record
+        else:
+            counts[key] = counts.get(key, 0) + 1
+
+
 def render(record: dict, fmt: str, *, observation_mask: float = 0.0, seed: int = 0) -> list[Segment]:
     if fmt == "code":
         return [(_field(record, "text"), True)]
@@ -70,6 +81,10 @@ def render(record: dict, fmt: str, *, observation_mask: float = 0.0, seed: int =
             _field(record, name)   # a wrong type is a broken record, not a missing task
         return [(prompts.trace_prompt(record), False), (prompts.trace_answer(record), True)]
     if fmt == "sft_output":
+        if record.get("status") == "ok":
+            for name in ("code", "call", "result"):   # present with a wrong type: broken
+                if record.get(name) is not None:
+                    _field(record, name)
         if not prompts.has_output_task(record):
             raise NotATask(f"no output task: the call did not return (status "
                            f"{record.get('status')!r})" if record.get("status") != "ok" else

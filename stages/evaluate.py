@@ -46,7 +46,7 @@ from codeworld.tokens import EOD_ID
 from codeworld.trace_metrics import frame_metrics, mean_metrics, parse, teacher_forced
 from codeworld.tracking import StageRun
 from stages import tokenizer as tokenizer_stage
-from stages.documents import DocumentError, NotATask, render
+from stages.documents import DocumentError, NotATask, object_records, render
 from stages.pack import source_documents
 from stages.train_phase import phase_dir, read_steps
 
@@ -68,7 +68,7 @@ def heldout_programs(params: Params, storage: Storage, tok, counts: dict) -> lis
     that returned or raised), small enough, drawn in a seeded order, returned sorted by id."""
     cfg = params.evaluate
     cands = []
-    for record in Dataset(storage.sub("traces")):
+    for record in object_records(Dataset(storage.sub("traces")), counts, "skipped_broken"):
         if not heldout(corpus_id(record), params.pack.heldout_percent, params.pack.seed):
             continue
         counts["heldout_traces"] += 1
@@ -133,7 +133,7 @@ def _source_stream(params: Params, storage: Storage, tok, name: str, src, cap: i
     ids: list[int] = []
     mask: list[int] = []
     counts[f"ppl_documents_{name}"] = 0   # zero is said too: no perplexity for lack of data
-    for record in Dataset(storage.sub(src.dataset)):
+    for record in object_records(Dataset(storage.sub(src.dataset)), counts, f"ppl_broken_{name}"):
         if len(ids) >= cap:
             break
         if not heldout(corpus_id(record), params.pack.heldout_percent, params.pack.seed):

@@ -19,7 +19,7 @@ from codeworld.split import corpus_id, heldout
 from codeworld.storage import Storage
 from codeworld.tokens import EOD_ID, PAD_ID, SPECIAL_TOKENS
 from codeworld.tracking import StageRun
-from stages.documents import DocumentError, render, text_of
+from stages.documents import DocumentError, object_records, render, text_of
 
 CODE = Code(("stages.tokenizer",))
 
@@ -42,7 +42,7 @@ def training_texts(params: Params, inputs: dict[str, Dataset], counts: dict) -> 
     for name, ds in inputs.items():
         src = params.pack.sources[name]
         budget = share
-        for record in ds:
+        for record in object_records(ds, counts, "broken"):
             if heldout(corpus_id(record), params.pack.heldout_percent, params.pack.seed):
                 counts["heldout"] += 1
                 continue

@@ -198,6 +198,38 @@ def test_a_record_that_is_no_object_is_counted_broken():
         "a record that is a JSON list, not an object", "a record that is a JSON str, not an object"}
 
 
+def test_the_tokenizer_and_evaluation_count_a_record_that_is_no_object():
+    from types import SimpleNamespace
+
+    from stages.documents import object_records
+    from stages.tokenizer import training_texts
+
+    params = SimpleNamespace(
+        tokenizer=SimpleNamespace(max_chars=0),
+        pack=SimpleNamespace(heldout_percent=0.0, seed=0, sources={
+            "dedup": SimpleNamespace(format="code")}))
+    counts = {"documents": 0, "chars": 0, "heldout": 0, "broken": 0}
+    records = [["a", "list"], {"id": "m.py", "text": "x = 1\n"}, 7]
+    assert list(training_texts(params, {"dedup": records}, counts)) == ["x = 1\n"]
+    assert counts["broken"] == 2 and counts["documents"] == 1
+    counts = {}   # evaluation's two readers go through the same filter
+    assert list(object_records(records, counts, "skipped_broken")) == [records[1]]
+    assert counts == {"skipped_broken": 2}
+
+
+def test_an_output_task_with_a_field_of_the_wrong_type_is_broken_not_missing():
+    from stages.documents import DocumentError, NotATask, render
+
+    ok = {"id": "a", "status": "ok", "code": "def f():\n    return 1\n", "call": "f()",
+          "result": "1"}
+    assert render(ok, "sft_output")
+    with pytest.raises(DocumentError, match="field 'result' is int, expected str") as err:
+        render({**ok, "result": 1}, "sft_output")
+    assert not isinstance(err.value, NotATask)
+    with pytest.raises(NotATask, match="a repository trace"):   # no code, no call: no task
+        render({"id": "b", "status": "ok", "result": "1"}, "sft_output")
+
+
 def test_sft_documents_packed_in_windows_make_whole_samples(root, tmp_path):
     # end to end, Megatron cut SFT tasks across samples: ~44% of the default's answer tokens
     # were trained without the start of their prompt. Packed whole into windows of the
