@@ -253,6 +253,21 @@ def earlier_export(out: Storage) -> dict:
     return {"files": {}}
 
 
+def check_tokenizer(ckdir: Path, storage: Storage) -> None:
+    """ConfigError when the phase at ``ckdir`` recorded (run.json) training with another
+    tokenizer than the storage root's: the export would ship ids the weights never learned,
+    and its check, which runs both sides on the same tokenizer, could not tell."""
+    try:
+        trained = json.loads((ckdir / RUN).read_text()).get("tokenizer_sha256")
+    except (OSError, ValueError, AttributeError):
+        return   # no record (a checkpoint of an older run): nothing to compare
+    have = tokenizer_stage.recorded_sha256(storage)
+    if trained and trained != have:
+        raise ConfigError(f"export: {ckdir} was trained with tokenizer sha256 {trained[:12]}..., "
+                          f"{storage.path(tokenizer_stage.OUTPUT)} holds {have[:12]}...: export "
+                          f"with the params whose storage root has the tokenizer it was trained with")
+
+
 def export(params: Params, found: tuple[int, Path], out: Storage, chain: list[dict],
            evaluation: dict | None = None, *, track: bool = False,
            metrics_path: str | None = None) -> dict:
@@ -276,6 +291,7 @@ def export(params: Params, found: tuple[int, Path], out: Storage, chain: list[di
         log.info("export: %s is up to date (%s)", out.path(), fp[:12])
         return {"name": OUTPUT, "fingerprint": fp, "records": len(done["files"]),
                 "files": done["files"]}
+    check_tokenizer(iteration_dir.parent, storage)
     tok = tokenizer_stage.load(storage)
     with StageRun(OUTPUT, params.model_dump(include={"export", "model"}),
                   params.tracking.experiment, metrics_path, track) as run_, \

@@ -24,7 +24,7 @@ from codeworld.tracking import StageRun
 from model import checkpoint
 from stages import train_phase
 from stages.train_phase import (PARAMS, _set_tags, open_phase, phase_dir, read_steps,
-                                resume_point, train, write_plot)
+                                resume_point, tokenizer_of, train, write_plot)
 
 # As train_phase.CODE, with model.rl as the torchrun entry (its imports: generate, grpo, ...).
 CODE = Code(("stages.rl", "model.rl"), skip=("model.launch",))
@@ -118,7 +118,8 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
     with StageRun("rl", params.model_dump(include={"model", "parallel", "rl"}),
                   params.tracking.experiment, metrics_path, track) as run_:
         _set_tags(run_, {f"codeworld.parent_{k}": str(v) for k, v in parent.items()})
-        record = {"phase": "rl", "fingerprint": fp, "parent": parent, "mlflow_run_id": run_.run_id}
+        record = {"phase": "rl", "fingerprint": fp, "parent": parent, "mlflow_run_id": run_.run_id,
+                  "tokenizer_sha256": tokenizer_of(params)}
         with open_phase(out, record) as lock_fd:
             if not (out / POOL).exists():   # written last (atomically): present means complete
                 from stages.tokenizer import load as load_tokenizer

@@ -104,6 +104,16 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         return manifest
 
 
+def recorded_sha256(storage: Storage) -> str:
+    """The sha256 of the storage root's tokenizer.json as its manifest records it (which
+    ``load`` checks the file against): what a training phase records it trained with."""
+    out = storage.sub(OUTPUT)
+    try:
+        return json.loads(out.read_bytes(MANIFEST))["sha256"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{out.path(MANIFEST)}: not a tokenizer manifest ({err!r})") from None
+
+
 def load(storage: Storage):
     """The trained tokenizer, verified against its manifest."""
     from tokenizers import Tokenizer

@@ -62,6 +62,18 @@ def phase_config(params: Params, phase: str) -> PhaseConfig:
     return cfg
 
 
+def tokenizer_of(params: Params) -> str | None:
+    """sha256 of the tokenizer a phase trains with, for its run.json: the export refuses to
+    ship a checkpoint with another (same vocabulary size, other ids: nothing else would say).
+    None when the storage root has none (a pack made without the tokenizer stage)."""
+    from stages.tokenizer import recorded_sha256
+
+    try:
+        return recorded_sha256(pack_cache.storage_of(params.storage))
+    except FileNotFoundError:
+        return None
+
+
 def pack_sources(params: Params, phase: str) -> dict[str, dict]:
     """The pack manifest's entries of the phase's blend sources."""
     sources = pack_stage.read_manifest(params)["sources"]   # on S3 with an S3 root
@@ -315,7 +327,8 @@ def run_phase(params: Params, phase: str, *, track: bool = True, extra: list[str
         run_.log(valid_sources=len(validated), train_only_sources=len(train_only))
         # mlflow_run_id: the ranks on other nodes read it here (model/metrics.tracking_run_id)
         record = {"phase": phase, "fingerprint": fp, "parent": parent, "mlflow_run_id": run_.run_id,
-                  "valid_sources": validated, "train_only_sources": train_only}
+                  "valid_sources": validated, "train_only_sources": train_only,
+                  "tokenizer_sha256": tokenizer_of(params)}
         with open_phase(out, record) as lock_fd:
             done = resume_point(out, phase)
             if done is None or done[0] < cfg.steps:

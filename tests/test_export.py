@@ -369,3 +369,22 @@ def test_an_export_on_s3_is_pinned_where_dvc_looks_for_it(root, tmp_path, s3_end
     pinned = json.loads((ws / "data" / "export" / "manifest.json").read_text())
     assert pinned["location"] == f"{prefix}/export" and pinned["files"] == remote["files"]
     assert pinned["fingerprint"] == remote["fingerprint"]
+
+
+def test_a_checkpoint_trained_with_another_tokenizer_is_refused(root, tmp_path):
+    """run.json records the tokenizer a phase trained with; the export refuses another one
+    (same vocabulary size, other ids: its own check runs both sides on the same tokenizer)."""
+    tokenizer = json.loads((root / "tokenizer" / "manifest.json").read_text())
+    assert json.loads((root / "checkpoints" / "pretrain" / "run.json").read_text())[
+        "tokenizer_sha256"] == tokenizer["sha256"]
+    params = _copy_root(root, tmp_path)
+    run_json = tmp_path / "data" / "checkpoints" / "pretrain" / "run.json"
+    run_json.write_text(json.dumps({**json.loads(run_json.read_text()),
+                                    "tokenizer_sha256": "ab" * 32}))
+    proc = subprocess.run([sys.executable, "-m", "codeworld.cli", "stage", "export", "--params",
+                           str(params), "--no-track"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (f"was trained with tokenizer sha256 abababababab..., {tmp_path / 'data' / 'tokenizer'}"
+            f" holds {tokenizer['sha256'][:12]}...") in proc.stderr
+    assert not (tmp_path / "data" / "export").exists()
