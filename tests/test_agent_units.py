@@ -324,3 +324,72 @@ def test_reward_check_counts_a_sandbox_error_and_stops_without_a_sandbox(monkeyp
         else:
             with pytest.raises(want):
                 validate.reward_check({}, env, wall_seconds=1)
+
+
+def _git_repo(root, files: dict, links: dict = {}):
+    """A git repository at ``root`` with one commit of ``files`` (and symlinks ``links``)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True,
+                              text=True, env=env).stdout.strip()
+    root.mkdir(parents=True)
+    for rel, text in files.items():
+        (root / rel).write_text(text)
+    for rel, target in links.items():
+        (root / rel).symlink_to(target)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    return git, git("rev-parse", "HEAD")
+
+
+def test_a_repository_whose_tree_cannot_be_made_is_recorded_by_name(monkeypatch, tmp_path):
+    # (these escaped build_repo and stopped the whole stage without naming the repository)
+    import subprocess
+    from types import SimpleNamespace
+
+    import stages.agent as agent
+    from stages.agent import envs
+
+    monkeypatch.setattr(agent, "REPO_CACHE", str(tmp_path / "cache"))
+    cfg = parse_params({"agent": {"repositories": [{"name": "x", "path": "."}]}}).agent
+
+    def repo(name, path, commit):
+        return SimpleNamespace(name=name, path=str(path), commit=commit, version=None, sha256=None)
+
+    def reason(r):
+        tasks, trajs, traces, meta = agent.build_repo(r, cfg)
+        assert (tasks, trajs, traces) == ([], [], []) and meta["validation"]["valid"] is False
+        return meta["validation"]["reason"]
+
+    # a symlink to a host file in the committed tree: the extraction refuses it
+    _, commit = _git_repo(tmp_path / "linked", {"m.py": "x = 1\n"}, {"host": "/etc/hostname"})
+    why = reason(repo("linked", tmp_path / "linked", commit))
+    assert why.startswith("agent.repositories[linked]: ") and "AbsoluteLinkError" in why, why
+
+    # a blob of the commit's tree is gone: git archive fails; git's own words are kept
+    git, commit = _git_repo(tmp_path / "holed", {"m.py": "x = 1\n", "n.py": "y = 2\n"})
+    blob = git("rev-parse", f"{commit}:n.py")
+    (tmp_path / "holed" / ".git" / "objects" / blob[:2] / blob[2:]).unlink()
+    why = reason(repo("holed", tmp_path / "holed", commit))
+    assert why.startswith("agent.repositories[holed]: ") and "git archive" in why, why
+    assert blob in why or "unable to read" in why, why
+
+    # git that does not answer in time
+    def slow(argv, **kwargs):
+        raise subprocess.TimeoutExpired(argv, kwargs.get("timeout"))
+    monkeypatch.setattr(envs.subprocess, "run", slow)
+    why = reason(repo("slow", tmp_path / "holed", commit))
+    assert why.startswith("agent.repositories[slow]: ") and "TimeoutExpired" in why, why
+    monkeypatch.undo()
+
+    # an outage is no property of the repository: it still stops the stage (a rerun resumes)
+    monkeypatch.setattr(agent, "build_env", lambda r, cache: (_ for _ in ()).throw(
+        ConnectionError("index down")))
+    with pytest.raises(ConnectionError, match=r"agent.repositories\[x\]: cannot fetch"):
+        agent.build_repo(repo("x", tmp_path, None), cfg)

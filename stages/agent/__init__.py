@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import statistics
+import subprocess
+import tarfile
 import time
 import urllib.error
 from collections import Counter
@@ -67,8 +69,17 @@ def build_repo(repo, cfg: AgentConfig) -> tuple[list[dict], list[dict], list[dic
         env = build_env(repo, REPO_CACHE)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
         raise ConnectionError(f"agent.repositories[{repo.name}]: cannot fetch: {err}") from err
-    except (EnvError, ValueError, OSError) as err:  # bad pin, missing commit...: recorded
-        meta["validation"] = {"repo": repo.name, "valid": False, "reason": str(err)[:500]}
+    except (EnvError, ValueError, OSError, tarfile.TarError, subprocess.SubprocessError) as err:
+        # bad pin, missing commit or blob, a link out of the tree, git too slow: recorded,
+        # named (envs names most; whatever else comes through is named here)
+        reason = str(err) if isinstance(err, EnvError) else \
+            f"agent.repositories[{repo.name}]: {type(err).__name__}: {err}"
+        stderr = getattr(err, "stderr", None)
+        if isinstance(stderr, bytes):
+            stderr = stderr.decode("utf-8", "replace")
+        if stderr and stderr.strip():
+            reason += f": {stderr.strip()[-300:]}"
+        meta["validation"] = {"repo": repo.name, "valid": False, "reason": reason[:500]}
         meta["seconds"] = round(time.perf_counter() - t0, 3)
         return [], [], [], meta
     try:

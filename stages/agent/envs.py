@@ -71,17 +71,29 @@ def _git_tree(name: str, path: str, commit: str, cache_dir: Path) -> Path:
     try:
         full = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", f"{commit}^{{commit}}"],
                               capture_output=True, text=True, timeout=60, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError) as err:
+    except (OSError, subprocess.SubprocessError) as err:
         raise EnvError(f"agent.repositories[{name}]: {repo}: commit {commit!r} not found: "
-                       f"{getattr(err, 'stderr', err)}") from None
+                       f"{_git_error(err)}") from None
     dest = cache_dir / f"{name}-{full[:12]}"
     if (dest / ".codeworld-commit").is_file():
         return dest
-    archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", full],
-                             capture_output=True, timeout=120, check=True).stdout
+    try:  # the commit can be there and a blob of its tree not (a damaged or partial clone)
+        archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", full],
+                                 capture_output=True, timeout=120, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise EnvError(f"agent.repositories[{name}]: {repo}: git archive {full} failed: "
+                       f"{_git_error(err)}") from None
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         install_tree(tar, dest, ".codeworld-commit", full)
     return dest
+
+
+def _git_error(err: Exception) -> str:
+    """What git said (its stderr) when it said something, else the error itself."""
+    stderr = getattr(err, "stderr", None)
+    if isinstance(stderr, bytes):
+        stderr = stderr.decode("utf-8", "replace")
+    return stderr.strip()[-500:] if stderr and stderr.strip() else f"{type(err).__name__}: {err}"
 
 
 def build_env(repo, cache_dir: str | os.PathLike) -> Env:
@@ -89,15 +101,20 @@ def build_env(repo, cache_dir: str | os.PathLike) -> Env:
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     commit = None
-    if repo.version is not None:
-        tree = fetch_pypi_sdist(repo.name, repo.version, repo.sha256, cache)
-    elif repo.commit is not None:
-        tree = _git_tree(repo.name, repo.path, repo.commit, cache)
-        commit = (tree / ".codeworld-commit").read_text().strip()
-    else:
+    if repo.version is None and repo.commit is None:
         tree = Path(repo.path).resolve()
         if not tree.is_dir():
             raise EnvError(f"agent.repositories[{repo.name}]: {tree} is not a directory")
+    else:
+        try:
+            if repo.version is not None:
+                tree = fetch_pypi_sdist(repo.name, repo.version, repo.sha256, cache)
+            else:
+                tree = _git_tree(repo.name, repo.path, repo.commit, cache)
+                commit = (tree / ".codeworld-commit").read_text().strip()
+        except tarfile.TarError as err:  # a link out of the tree (to /etc/...), a corrupt archive
+            raise EnvError(f"agent.repositories[{repo.name}]: its source tree cannot be "
+                           f"extracted safely: {type(err).__name__}: {err}") from None
     lay = repo_layout(tree)
     sys_path = tuple(os.path.relpath(p, "/work") for p in lay["sys_path"])
     return Env(repo.name, tree, repo.version, repo.sha256, commit,
