@@ -346,11 +346,16 @@ class _ChatServer:
                     self.wfile.write(b'{"error": "overloaded"}')
                     return
                 text = outer.replies.pop(0) if outer.replies else call("submit")
-                # a real server stops before the first stop sequence it writes
+                # a real server stops before the first stop sequence it writes, or where the
+                # reply reaches max_tokens (here 4 characters a token, as loop.count_tokens)
                 cuts = [i for i in (text.find(st) for st in body["stop"]) if i >= 0]
-                text = text[:min(cuts)] if cuts else text
+                budget, finish = 4 * body["max_tokens"], "stop"
+                if cuts and min(cuts) <= budget:
+                    text = text[:min(cuts)]
+                elif len(text) > budget:
+                    text, finish = text[:budget], "length"
                 data = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
-                                   "choices": [{"index": 0, "finish_reason": "stop",
+                                   "choices": [{"index": 0, "finish_reason": finish,
                                                 "message": {"role": "assistant", "content": text}}]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -383,6 +388,19 @@ def test_openai_policy_keeps_a_tool_end_inside_a_files_line():
         second = policy.act([{"role": "user", "content": "go"}])
     assert parse_call(first) == ToolCall("create", content)
     assert parse_call(second) == ToolCall("bash", "ls")
+
+
+def test_openai_policy_runs_no_call_cut_at_max_tokens():
+    # the reply reached max_tokens inside a create: with its end put back, half a file was
+    # written; unfinished, it is no call, and the agent is told so as for any bad call
+    half = call("create", "big.py\n" + "x = 1\n" * 100)
+    with _ChatServer([half, call("bash", "ls")]) as srv:
+        policy = OpenAIPolicy(srv.url, "tiny-model", max_tokens=32)
+        cut = policy.act([{"role": "user", "content": "go"}])
+        whole = policy.act([{"role": "user", "content": "go"}])
+    assert half.startswith(cut) and len(cut) == 128 and "</tool>" not in cut
+    assert parse_call(cut).startswith("error: no tool call found")
+    assert parse_call(whole) == ToolCall("bash", "ls")  # stopped at its end: put back
 
 
 def test_openai_policy_against_a_local_chat_server(env, validated, monkeypatch):

@@ -309,11 +309,14 @@ class OpenAIPolicy:
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         reply = self._post(req)
         try:
-            text = reply["choices"][0]["message"]["content"] or ""
+            choice = reply["choices"][0]
+            text = choice["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
             raise ValueError(f"{self.url}: not a chat-completions reply: {str(reply)[:300]}") from None
-        # the stop sequence is cut from the reply: put the call's end back so that it parses
-        if "<tool:" in text and not CALL_RE.search(text):
+        # the stop sequence is cut from the reply: put the call's end back so that it parses.
+        # Not when the reply was cut at max_tokens ("length"): its call is unfinished (a create
+        # with half a file) and must not run; unparsed, the agent is told as for any bad call.
+        if "<tool:" in text and not CALL_RE.search(text) and choice.get("finish_reason") != "length":
             text = text.rstrip("\n") + "\n</tool>"
         return text
 
