@@ -393,3 +393,85 @@ def test_a_repository_whose_tree_cannot_be_made_is_recorded_by_name(monkeypatch,
         ConnectionError("index down")))
     with pytest.raises(ConnectionError, match=r"agent.repositories\[x\]: cannot fetch"):
         agent.build_repo(repo("x", tmp_path, None), cfg)
+
+
+class _FakeRepos:
+    """build_repo stand-in: each repository gives one task and one trajectory after a short
+    while; the ones named in ``fail`` raise an outage at once. Records the calls."""
+
+    def __init__(self, fail=()):
+        self.fail, self.calls = set(fail), []
+
+    def __call__(self, repo, cfg):
+        import time
+
+        self.calls.append(repo.name)
+        if repo.name in self.fail:
+            raise ConnectionError(f"agent.repositories[{repo.name}]: cannot fetch: down")
+        time.sleep(0.3)
+        meta = {"repo": repo.name, "tried": {}, "valid": {}, "kept": {}, "rejected": {},
+                "episodes": [], "traces": 0, "broken_traces": 0, "seconds": 0.3,
+                "validation": {"repo": repo.name, "valid": True}}
+        return [{"id": repo.name}], [{"id": f"{repo.name}-t"}], [], meta
+
+
+def _stage(tmp_path, root: str, workers: int, fake, monkeypatch):
+    """Run the agent stage over three repositories a, b, c with ``fake`` building them."""
+    import stages.agent as agent
+
+    monkeypatch.setattr(agent, "build_repo", fake)
+    params = parse_params({"storage": {"root": str(tmp_path / root)}, "agent": {
+        "repositories": [{"name": n, "path": str(tmp_path)} for n in "abc"], "workers": workers}})
+    return agent.run(params, track=False, metrics_path=str(tmp_path / f"{root}.json"))
+
+
+def _manifests(tmp_path, root: str) -> list[bytes]:
+    return [(tmp_path / root / "agent" / n / "manifest.json").read_bytes()
+            for n in ("tasks", "trajectories", "traces")]
+
+
+def test_repositories_finished_before_an_outage_are_written(monkeypatch, tmp_path):
+    # (the stage raised at the first failed repository in order and never wrote the others
+    # it waited for: a rerun redid them all)
+    _stage(tmp_path, "straight", 3, _FakeRepos(), monkeypatch)
+    fake = _FakeRepos(fail={"a"})
+    with pytest.raises(ConnectionError, match=r"repositories\[a\]"):
+        _stage(tmp_path, "out", 3, fake, monkeypatch)
+    shards = tmp_path / "out" / "agent" / "tasks"
+    assert sorted(p.name for p in shards.glob("shard-*")) == ["shard-00001.tar", "shard-00002.tar"]
+    again = _FakeRepos()
+    _stage(tmp_path, "out", 3, again, monkeypatch)
+    assert again.calls == ["a"]   # b and c were kept
+    # shard index = repository index: the same datasets as a run that never stopped
+    assert _manifests(tmp_path, "out") == _manifests(tmp_path, "straight")
+
+    # one at a time: the repositories not started are cancelled, not built for nothing
+    fake = _FakeRepos(fail={"a"})
+    with pytest.raises(ConnectionError):
+        _stage(tmp_path, "serial", 1, fake, monkeypatch)
+    assert fake.calls == ["a"]
+
+
+def test_a_run_killed_between_the_datasets_finishes_redoes_nothing(monkeypatch, tmp_path):
+    from codeworld.shards import DatasetWriter
+
+    _stage(tmp_path, "straight", 2, _FakeRepos(), monkeypatch)
+    finish = DatasetWriter.finish
+
+    def killed(self, infos, extra=None):   # tasks finish, then the run dies
+        if self.name.endswith("trajectories"):
+            raise KeyboardInterrupt
+        return finish(self, infos, extra)
+
+    for root, damage in (("out", None), ("damaged", "traces")):
+        with monkeypatch.context() as mp:
+            mp.setattr(DatasetWriter, "finish", killed)
+            with pytest.raises(KeyboardInterrupt):
+                _stage(tmp_path, root, 2, _FakeRepos(), mp)
+        assert (tmp_path / root / "agent" / "tasks" / "manifest.json").exists()
+        if damage:   # one record of an unfinished dataset lost: that repository only is redone
+            (tmp_path / root / ".work" / "agent" / damage / "shard-00001.tar.json").unlink()
+        again = _FakeRepos()
+        _stage(tmp_path, root, 2, again, monkeypatch)
+        assert again.calls == ([] if damage is None else ["b"])
+        assert _manifests(tmp_path, root) == _manifests(tmp_path, "straight")

@@ -27,12 +27,12 @@ import tarfile
 import time
 import urllib.error
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from codeworld.code import Code
 from codeworld.config import AgentConfig, Params, metric_key
 from codeworld.sandbox import SandboxUnavailable
-from codeworld.shards import DatasetWriter, fingerprint, pin_manifest
+from codeworld.shards import MANIFEST, DatasetWriter, ShardInfo, fingerprint, pin_manifest, shard_name
 from codeworld.storage import Storage
 from codeworld.tracking import StageRun
 from stages.agent.envs import EnvError, build_env
@@ -192,17 +192,21 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
             log.info("agent: removed %d episode folders of killed runs", swept)
         results: dict[int, tuple] = {}  # repo index -> (shard info per dataset, meta)
         todo = []
-        for i, repo in enumerate(cfg.repositories):
-            finished = [w.completed(i) for w in writers]
-            if all(f is not None for f in finished):
-                results[i] = ([f[0] for f in finished], finished[0][1])
+        for i in range(len(cfg.repositories)):
+            known = _completed(writers, done, i)
+            if known is not None:
+                results[i] = known
             else:
                 todo.append(i)
-        with ThreadPoolExecutor(max_workers=cfg.workers) as pool:  # sandboxes are processes
-            futures = {i: pool.submit(build_repo, cfg.repositories[i], cfg) for i in todo}
-            for i in todo:  # in order: a failure stops the stage with its repository's name
-                *parts, meta = futures[i].result()
-                results[i] = ([w.write(i, recs, meta) for w, recs in zip(writers, parts)], meta)
+        if todo:
+            # shards of a dataset finished before the kill are about to be rewritten (an openai
+            # policy's episodes need not come out the same): unfinished again first, so that no
+            # manifest lists a shard that is not the file's
+            for w, d in zip(writers, done):
+                if d is not None:
+                    w.out.remove(MANIFEST)
+                    w.prepare()
+        _build_all(todo, cfg, writers, results)
         order = sorted(results)
         metas = [results[i][1] for i in order]
         report = summarize(metas, cfg)
@@ -214,6 +218,68 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         run_.log(**report["metrics"], **{f"seconds_{metric_key(m['repo'])}": m["seconds"] for m in metas})
         run_.artifact(report, "agent_report.json")
         return _result(names, (m_tasks, m_traj, m_traces))
+
+
+def _completed(writers, done, index: int) -> tuple[list[ShardInfo], dict] | None:
+    """(shard info per dataset, meta) of repository ``index`` when an earlier run wrote it in
+    every dataset, else None. A dataset already finished (the run was killed between the
+    writers' finishes) has its shards in its manifest, the meta in the others' records."""
+    infos, meta = [], None
+    for w, manifest in zip(writers, done):
+        if manifest is None:
+            got = w.completed(index)
+            if got is not None:
+                meta = got[1]
+            infos.append(got and got[0])
+        else:
+            infos.append(_finished_shard(w, manifest, index))
+    if meta is None or any(info is None for info in infos):
+        return None
+    return infos, meta
+
+
+def _finished_shard(writer: DatasetWriter, manifest: dict, index: int) -> ShardInfo | None:
+    """Shard ``index`` as a finished dataset's manifest lists it, when the file is that one."""
+    name = shard_name(index)
+    listed = next((s for s in manifest.get("shards", []) if s.get("name") == name), None)
+    if listed is None:
+        return None
+    try:
+        info = ShardInfo(**listed)
+        data = writer.out.read_bytes(name)
+    except (TypeError, FileNotFoundError):
+        return None
+    return info if hashlib.sha256(data).hexdigest() == info.sha256 else None
+
+
+def _build_all(todo: list[int], cfg: AgentConfig, writers: list[DatasetWriter],
+               results: dict[int, tuple]) -> None:
+    """Build the repositories of ``todo`` and write each one's shards as it finishes (shard
+    index = repository index: the datasets are the same whatever order they finish in). The
+    first error (an outage: build_repo records everything else) cancels the repositories not
+    started; those running finish and are written, then it is raised, so that a rerun redoes
+    only what was not written."""
+    first = None
+    with ThreadPoolExecutor(max_workers=cfg.workers) as pool:  # sandboxes are processes
+        futures = {pool.submit(build_repo, cfg.repositories[i], cfg): i for i in todo}
+        for fut in as_completed(futures):
+            i = futures[fut]
+            if fut.cancelled():
+                continue
+            try:
+                *parts, meta = fut.result()
+            except Exception as err:
+                if first is None:
+                    first = err
+                    log.error("agent: repository %s stopped the stage: %s: %s; the repositories "
+                              "still running are finished and written first",
+                              cfg.repositories[i].name, type(err).__name__, err)
+                    for other in futures:
+                        other.cancel()
+                continue
+            results[i] = ([w.write(i, recs, meta) for w, recs in zip(writers, parts)], meta)
+    if first is not None:
+        raise first
 
 
 def _result(names, manifests) -> dict:
