@@ -214,3 +214,82 @@ def test_file_tools_keep_bytes_and_cut_output_says_so(tmp_path):
     out = run("bash", "head -c 1100000 /dev/zero | tr '\\0' a; echo; echo END")
     assert "END" not in out and "[output cut: the command wrote more than 1 MiB" in out
     assert out.endswith("[exit code 0]")
+
+
+# a suite whose pytest config collects files not named test_*: its tests live in check_mod.py
+CHECKED = '''\
+def double(x):
+    return x * 2
+
+
+def inc(x):
+    return x + 1
+'''
+CHECKED_TESTS = '''\
+from pkg.mod import double, inc
+
+
+def test_double():
+    assert double(4) == 8
+
+
+def test_inc():
+    assert inc(1) == 2
+'''
+
+
+def _checked_env(root: Path):
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "__init__.py").write_text("")
+    (root / "pkg" / "mod.py").write_text(CHECKED)
+    (root / "check_mod.py").write_text(CHECKED_TESTS)
+    (root / "pytest.ini").write_text("[pytest]\npython_files = check_*.py\n")
+    repo = SimpleNamespace(name="checked", path=str(root), version=None, sha256=None, commit=None)
+    env = build_env(repo, root.parent / "checked-cache")
+    assert "check_mod.py" in env.pkg_files   # by its name alone it looks like package code
+    return env
+
+
+def test_files_of_collected_tests_are_never_mutated(tmp_path, monkeypatch):
+    from stages.agent import validate
+
+    env = _checked_env(tmp_path / "checked")
+    seen = {}
+
+    def check_mutants(env, base, covering, sources, picked, **kwargs):
+        seen.update(env=env, sources=set(sources), picked={f for f, _ in picked})
+        return []
+    monkeypatch.setattr(validate, "check_mutants", check_mutants)
+    syn = validate.synthesize(env, seed=0, max_mutants=50, max_tasks=1, batch=4,
+                              mutant_timeout=30, wall_seconds=60)
+    assert syn.stats["validation"]["valid"] and syn.stats["validation"]["tests"] == 2, syn.stats
+    assert seen["sources"] == {"pkg/mod.py"} == seen["picked"], seen
+    # the environment the episodes and the reward get: check_mod.py is a test file there
+    assert syn.env is seen["env"] and "check_mod.py" not in syn.env.pkg_files
+    assert "check_mod.py" in syn.env.test_files and "pkg/mod.py" in syn.env.pkg_files
+
+
+def test_the_agent_cannot_rewrite_a_hidden_test_of_any_name(tmp_path):
+    from stages.agent.reward import evaluate
+
+    env = _checked_env(tmp_path / "checked")
+    tasks, stats = _check(env, "pkg/mod.py", [_mutant(CHECKED, "change_arith", "return x / 2")])
+    assert len(tasks) == 1, stats
+    task = tasks[0]
+    assert task["FAIL_TO_PASS"] == ["check_mod.py::test_double"]
+    buggy = materialise(task, env, tmp_path / "buggy")
+    work = tmp_path / "work"
+    shutil.copytree(buggy, work)
+    # the failing test rewritten to pass, the bug left in: nothing earned, with the stage's
+    # environment (after the baseline run) and with one built from the names alone (RL's)
+    (work / "check_mod.py").write_text("def test_double():\n    pass\n\n\ndef test_inc():\n"
+                                       "    pass\n")
+    assert evaluate(task, env, buggy, work, wall_seconds=60)["reward"] == 0.0
+    from stages.agent.envs import with_collected_tests
+
+    _, base = baseline(env, 60)
+    staged = with_collected_tests(env, base.outcomes)
+    assert evaluate(task, staged, buggy, work, wall_seconds=60)["reward"] == 0.0
+    # the package file is still the agent's to fix
+    (work / "pkg" / "mod.py").write_text(CHECKED)
+    assert evaluate(task, env, buggy, work, wall_seconds=60)["reward"] == 1.0

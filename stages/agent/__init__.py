@@ -93,6 +93,7 @@ def build_repo(repo, cfg: AgentConfig) -> tuple[list[dict], list[dict], list[dic
                               "reason": f"synthesis failed: {type(err).__name__}: {err}"[:500]}
         meta["seconds"] = round(time.perf_counter() - t0, 3)
         return [], [], [], meta
+    env = syn.env  # the baseline run's view: files holding collected tests are test files
     meta.update(validation=syn.stats["validation"], tried=dict(syn.stats["tried"]),
                 valid=dict(syn.stats["valid"]), kept=dict(syn.stats["kept"]), rejected=dict(syn.stats["rejected"]),
                 pool=syn.stats.get("pool", 0))

@@ -18,8 +18,9 @@ import os
 import subprocess
 import tarfile
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterable
 
 from codeworld.sandbox import Limits, run_command
 from codeworld.sandbox.output import json_or_none
@@ -119,6 +120,20 @@ def build_env(repo, cache_dir: str | os.PathLike) -> Env:
     sys_path = tuple(os.path.relpath(p, "/work") for p in lay["sys_path"])
     return Env(repo.name, tree, repo.version, repo.sha256, commit,
                tuple(lay["pkg_files"]), tuple(lay["test_files"]), sys_path)
+
+
+def with_collected_tests(env: Env, nodeids: Iterable[str]) -> Env:
+    """``env`` with every package file that holds one of ``nodeids`` (pytest node ids: the file
+    is what comes before the first "::") moved to its test files. repo_layout tells test files
+    by their names; a suite's own config may collect others (``python_files = check_*.py``),
+    and they are tests all the same: the reward must not take the agent's version of them,
+    nor the synthesis put bugs in them. Unchanged (the same object) when none moves."""
+    held = {n.split("::", 1)[0] for n in nodeids}
+    moved = tuple(f for f in env.pkg_files if f in held)
+    if not moved:
+        return env
+    return replace(env, pkg_files=tuple(f for f in env.pkg_files if f not in held),
+                   test_files=(*env.test_files, *moved))
 
 
 def pytest_binds() -> list[tuple[str, str]]:

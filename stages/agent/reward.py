@@ -21,7 +21,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from stages.agent.envs import Env, run_tests
+from stages.agent.envs import Env, run_tests, with_collected_tests
 from stages.agent.mutate import Mutation, read_source
 
 
@@ -104,6 +104,9 @@ def write_canary(task: dict, tree: Path) -> tuple[list[str], list[str]]:
 
 
 def evaluate(task: dict, env: Env, buggy: Path, work: Path, *, wall_seconds: float) -> dict:
+    # the hidden tests' own files are never package files, whatever their names, also where
+    # ``env`` was built without the baseline run that tells them (the RL phase's episodes)
+    env = with_collected_tests(env, task["test_order"])
     fresh = buggy.parent / "fresh"
     if fresh.exists():
         shutil.rmtree(fresh)

@@ -2,7 +2,9 @@
 
 1. The environment's whole suite runs once in the sandbox with line coverage of the package
    files: it must collect tests and pass all of them (skips allowed), else the environment is
-   recorded as invalid and skipped.
+   recorded as invalid and skipped. Every file a collected test lies in is a test file from
+   then on, whatever its name (a config's ``python_files = check_*.py``): no mutation goes
+   there, and the reward never takes the agent's version of it.
 2. Mutations (``stages.agent.mutate``) are drawn only on covered lines, operators taking turns.
 3. Each mutant first reruns only the tests that executed its line (a cheap filter: a mutant
    none of them notices is dropped, ``no_fail_to_pass``). A survivor then runs the whole suite,
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from codeworld.sandbox import SandboxError, SandboxUnavailable
-from stages.agent.envs import Env, run_mutants, run_tests
+from stages.agent.envs import Env, run_mutants, run_tests, with_collected_tests
 from stages.agent.loop import WORKDIR_PREFIX
 from stages.agent.mutate import Mutation, mutations, read_source, sample, unified_diff
 from stages.agent.reward import evaluate, materialise
@@ -46,6 +48,7 @@ from stages.agent.tools import normalise
 class Synthesis:
     tasks: list[dict]
     stats: dict
+    env: Env    # the environment as the baseline run showed it: its collected tests' files are tests
 
 
 _FRAME = re.compile(r"^(\S+\.py):(\d+): in (\S+)")
@@ -266,8 +269,11 @@ def synthesize(env: Env, *, seed: int, max_mutants: int, max_tasks: int, batch: 
     stats = {"tried": Counter(), "valid": Counter(), "kept": Counter(), "rejected": Counter(),
              "pool": 0}
     stats["validation"], base = baseline(env, wall_seconds)
+    # every file pytest collected a test from is a test file, whatever its name: never a
+    # mutation source, never taken from the agent's working copy by the reward
+    env = with_collected_tests(env, base.outcomes)
     if not stats["validation"]["valid"]:
-        return Synthesis([], stats)
+        return Synthesis([], stats, env)
     covering = coverage_map(base)
     covered_files = {f for f, _ in covering}
     sources = {}
@@ -287,4 +293,4 @@ def synthesize(env: Env, *, seed: int, max_mutants: int, max_tasks: int, batch: 
     tasks = check_mutants(env, base, covering, sources, [(where[id(m)], m) for m in picked],
                           seed=seed, max_tasks=max_tasks, batch=batch,
                           mutant_timeout=mutant_timeout, wall_seconds=wall_seconds, stats=stats)
-    return Synthesis(tasks, stats)
+    return Synthesis(tasks, stats, env)
