@@ -395,6 +395,46 @@ def test_a_repository_whose_tree_cannot_be_made_is_recorded_by_name(monkeypatch,
         agent.build_repo(repo("x", tmp_path, None), cfg)
 
 
+def test_a_name_the_package_index_does_not_know_is_recorded_not_retried(monkeypatch, tmp_path):
+    """A 404 from the index (a mistyped project name) is a bad pin, recorded by name; it was a
+    ConnectionError: exit 75, and the flow retried it as an outage. A 503 still is one."""
+    import functools
+    import http.server
+    import threading
+    from types import SimpleNamespace
+
+    import stages.agent as agent
+    from stages.agent import envs
+
+    status = {"code": 404}
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(status["code"])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        index = f"http://127.0.0.1:{server.server_address[1]}/simple"
+        monkeypatch.setattr(envs, "fetch_pypi_sdist",
+                            functools.partial(envs.fetch_pypi_sdist, index_url=index, timeout=10))
+        monkeypatch.setattr(agent, "REPO_CACHE", str(tmp_path / "cache"))
+        cfg = parse_params({"agent": {"repositories": [{"name": "x", "path": "."}]}}).agent
+        repo = SimpleNamespace(name="attrz", version="1.0", sha256="0" * 64, path=None, commit=None)
+        *parts, meta = agent.build_repo(repo, cfg)
+        assert parts == [[], [], []] and meta["validation"]["valid"] is False
+        assert meta["validation"]["reason"].startswith(
+            f"agent.repositories[attrz]: {index}/attrz/: HTTP 404 (no such project"), meta
+        status["code"] = 503
+        with pytest.raises(ConnectionError, match=r"agent.repositories\[attrz\]: cannot fetch"):
+            agent.build_repo(repo, cfg)
+    finally:
+        server.shutdown()
+
+
 class _FakeRepos:
     """build_repo stand-in: each repository gives one task and one trajectory after a short
     while; the ones named in ``fail`` raise an outage at once. Records the calls."""

@@ -35,7 +35,7 @@ from codeworld.sandbox import SandboxUnavailable
 from codeworld.shards import MANIFEST, DatasetWriter, ShardInfo, fingerprint, pin_manifest, shard_name
 from codeworld.storage import Storage
 from codeworld.tracking import StageRun
-from stages.agent.envs import EnvError, build_env
+from stages.agent.envs import EnvError, build_env, error_text
 from stages.agent.failing_traces import failing_test_traces
 from stages.agent.loop import run_episode, sweep_orphans
 from stages.agent.mutate import OPERATORS
@@ -60,6 +60,13 @@ def _trajectory(task: dict, policy: str, ep: dict) -> dict:
             "task_id": task["id"], "repo": task["repo"], "policy": policy, "task": meta, **ep}
 
 
+def _invalid(meta: dict, t0: float, reason: str) -> tuple[list, list, list, dict]:
+    """What build_repo returns for a repository recorded as invalid (and why)."""
+    meta["validation"] = {"repo": meta["repo"], "valid": False, "reason": reason[:500]}
+    meta["seconds"] = round(time.perf_counter() - t0, 3)
+    return [], [], [], meta
+
+
 def build_repo(repo, cfg: AgentConfig) -> tuple[list[dict], list[dict], list[dict], dict]:
     """(tasks, trajectories, failing-test traces, shard meta) of one repository environment."""
     t0 = time.perf_counter()
@@ -67,21 +74,18 @@ def build_repo(repo, cfg: AgentConfig) -> tuple[list[dict], list[dict], list[dic
             "traces": 0, "broken_traces": 0}
     try:
         env = build_env(repo, REPO_CACHE)
+    except urllib.error.HTTPError as err:
+        if err.code not in (404, 410):   # the index answered "no such project or file": a
+            raise ConnectionError(f"agent.repositories[{repo.name}]: cannot fetch: {err}") from err
+        return _invalid(meta, t0, f"agent.repositories[{repo.name}]: {err.url}: HTTP {err.code}"
+                                  f" (no such project or file on the index: check the name)")
     except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
         raise ConnectionError(f"agent.repositories[{repo.name}]: cannot fetch: {err}") from err
     except (EnvError, ValueError, OSError, tarfile.TarError, subprocess.SubprocessError) as err:
         # bad pin, missing commit or blob, a link out of the tree, git too slow: recorded,
         # named (envs names most; whatever else comes through is named here)
-        reason = str(err) if isinstance(err, EnvError) else \
-            f"agent.repositories[{repo.name}]: {type(err).__name__}: {err}"
-        stderr = getattr(err, "stderr", None)
-        if isinstance(stderr, bytes):
-            stderr = stderr.decode("utf-8", "replace")
-        if stderr and stderr.strip():
-            reason += f": {stderr.strip()[-300:]}"
-        meta["validation"] = {"repo": repo.name, "valid": False, "reason": reason[:500]}
-        meta["seconds"] = round(time.perf_counter() - t0, 3)
-        return [], [], [], meta
+        return _invalid(meta, t0, str(err) if isinstance(err, EnvError) else
+                        f"agent.repositories[{repo.name}]: {error_text(err)}")
     try:
         syn = synthesize(env, seed=repo_seed(cfg.seed, repo.name), max_mutants=cfg.max_mutants_per_repo,
                          max_tasks=cfg.max_tasks_per_repo, batch=cfg.mutant_batch,
@@ -89,10 +93,7 @@ def build_repo(repo, cfg: AgentConfig) -> tuple[list[dict], list[dict], list[dic
     except SandboxUnavailable:
         raise
     except Exception as err:  # one broken repository is recorded, never stops the stage
-        meta["validation"] = {"repo": repo.name, "valid": False,
-                              "reason": f"synthesis failed: {type(err).__name__}: {err}"[:500]}
-        meta["seconds"] = round(time.perf_counter() - t0, 3)
-        return [], [], [], meta
+        return _invalid(meta, t0, f"synthesis failed: {type(err).__name__}: {err}")
     env = syn.env  # the baseline run's view: files holding collected tests are test files
     meta.update(validation=syn.stats["validation"], tried=dict(syn.stats["tried"]),
                 valid=dict(syn.stats["valid"]), kept=dict(syn.stats["kept"]), rejected=dict(syn.stats["rejected"]),

@@ -74,7 +74,7 @@ def _git_tree(name: str, path: str, commit: str, cache_dir: Path) -> Path:
                               capture_output=True, text=True, timeout=60, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError) as err:
         raise EnvError(f"agent.repositories[{name}]: {repo}: commit {commit!r} not found: "
-                       f"{_git_error(err)}") from None
+                       f"{error_text(err)}") from None
     dest = cache_dir / f"{name}-{full[:12]}"
     if (dest / ".codeworld-commit").is_file():
         return dest
@@ -83,14 +83,14 @@ def _git_tree(name: str, path: str, commit: str, cache_dir: Path) -> Path:
                                  capture_output=True, timeout=120, check=True).stdout
     except (OSError, subprocess.SubprocessError) as err:
         raise EnvError(f"agent.repositories[{name}]: {repo}: git archive {full} failed: "
-                       f"{_git_error(err)}") from None
+                       f"{error_text(err)}") from None
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         install_tree(tar, dest, ".codeworld-commit", full)
     return dest
 
 
-def _git_error(err: Exception) -> str:
-    """What git said (its stderr) when it said something, else the error itself."""
+def error_text(err: Exception) -> str:
+    """What a command said (its stderr) when it said something, else the error itself."""
     stderr = getattr(err, "stderr", None)
     if isinstance(stderr, bytes):
         stderr = stderr.decode("utf-8", "replace")
