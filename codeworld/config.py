@@ -450,6 +450,13 @@ class ModelConfig(Section):
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible "
                              f"by num_query_groups {self.num_query_groups}")
+        head = self.hidden_size // self.num_attention_heads
+        if head % 2:
+            # RoPE rotates each head's dimensions in pairs: Megatron's rotary code fails deep in
+            # the first forward on an odd head size, with a shape error naming no setting.
+            raise ValueError(f"hidden_size {self.hidden_size} / num_attention_heads "
+                             f"{self.num_attention_heads} = head size {head}, which is odd; "
+                             f"rotary embeddings need an even head size")
         return self
 
 
@@ -816,6 +823,8 @@ def check_training_layout(p: "Params") -> None:
                              f"model.max_position_embeddings {m.max_position_embeddings}")
         if par.context > 1 and ph.seq_length % (2 * par.context):
             raise ValueError(f"{where}.seq_length must be divisible by 2 x parallel.context")
+        _check_sequence_split(where, ph, par)
+        _check_interleaved_microbatches(where, ph, par, dp)
     if p.rl is not None:
         if p.rl.init_from not in PHASES:
             raise ValueError(f"rl.init_from {p.rl.init_from!r} is not a training phase "
@@ -827,6 +836,32 @@ def check_training_layout(p: "Params") -> None:
             if getattr(p.rl, key) > m.max_position_embeddings:
                 raise ValueError(f"rl.{key} {getattr(p.rl, key)} exceeds "
                                  f"model.max_position_embeddings {m.max_position_embeddings}")
+
+
+def _check_sequence_split(where: str, ph: PhaseConfig, par: ParallelConfig) -> None:
+    """Sequence parallel splits each context-parallel rank's part of a sequence across the
+    tensor-parallel ranks: Megatron otherwise fails at the first forward, naming no setting."""
+    if par.sequence_parallel and ph.seq_length % (par.context * par.tensor):
+        raise ValueError(f"{where}.seq_length {ph.seq_length} is not divisible by parallel.context "
+                         f"x tensor = {par.context} x {par.tensor}: parallel.sequence_parallel "
+                         f"splits each sequence across the tensor-parallel ranks")
+
+
+def _check_interleaved_microbatches(where: str, ph: PhaseConfig, par: ParallelConfig,
+                                    dp: int) -> None:
+    """Megatron's interleaved schedule (virtual_pipeline) runs micro-batches in groups of
+    `pipeline`: it refuses fewer micro-batches than that, and a last group smaller than
+    `pipeline` (megatron/core/pipeline_parallel/schedules.py), i.e. any count that is not a
+    multiple of it. Evaluation runs the same micro-batches per step."""
+    if par.virtual_pipeline is None:
+        return
+    micro = ph.global_batch_size // (ph.micro_batch_size * dp)
+    if micro % par.pipeline:
+        raise ValueError(f"{where}.global_batch_size {ph.global_batch_size} makes {micro} "
+                         f"micro-batches per step (global_batch_size / (micro_batch_size x "
+                         f"data-parallel size {ph.micro_batch_size} x {dp})); "
+                         f"parallel.virtual_pipeline needs a multiple of parallel.pipeline "
+                         f"{par.pipeline}")
 
 
 def _format(err: ValidationError, origin: str) -> str:

@@ -77,6 +77,42 @@ def test_values_no_stage_can_use_are_refused_naming_the_key(data, needle):
     assert needle in str(err.value)
 
 
+VP = {"model": {"num_layers": 4}, "parallel": {"nproc": 2, "pipeline": 2, "virtual_pipeline": 2}}
+
+
+@pytest.mark.parametrize("data, needle", [
+    # RoPE rotates pairs of a head's dimensions: Megatron failed on a shape in its first forward
+    ({"model": {"hidden_size": 72, "num_attention_heads": 8}},
+     "model: Value error, hidden_size 72 / num_attention_heads 8 = head size 9, which is odd"),
+    # sequence parallel splits each sequence over the TP ranks: Megatron failed at the first
+    # forward naming no setting
+    ({"parallel": {"nproc": 2, "tensor": 2, "sequence_parallel": True},
+      "pretrain": {"seq_length": 129}},
+     "pretrain.seq_length 129 is not divisible by parallel.context x tensor = 1 x 2"),
+    # the interleaved schedule takes micro-batches in groups of `pipeline`: fewer (1 of 2), or
+    # a last group smaller (3 = 2 + 1), and Megatron refuses the first step
+    ({**VP, "pretrain": {"micro_batch_size": 4, "global_batch_size": 4}},
+     "pretrain.global_batch_size 4 makes 1 micro-batches per step (global_batch_size / "
+     "(micro_batch_size x data-parallel size 4 x 1)); parallel.virtual_pipeline needs a multiple "
+     "of parallel.pipeline 2"),
+    ({**VP, "pretrain": {"micro_batch_size": 4, "global_batch_size": 12}},
+     "pretrain.global_batch_size 12 makes 3 micro-batches"),
+])
+def test_layouts_megatron_would_refuse_mid_run_fail_at_load(data, needle):
+    with pytest.raises(ConfigError) as err:
+        parse_params(data, "p.yaml")
+    assert needle in str(err.value)
+
+
+def test_layouts_that_split_evenly_pass():
+    sp = parse_params({"parallel": {"nproc": 4, "tensor": 2, "context": 2, "sequence_parallel": True},
+                       "pretrain": {"seq_length": 132}})     # 132 / 2 = 66 per context rank, 33 per TP rank
+    assert sp.parallel.sequence_parallel
+    vp = parse_params({**VP, "pretrain": {"micro_batch_size": 2, "global_batch_size": 8}})
+    assert vp.pretrain.global_batch_size == 8                 # 4 micro-batches: two groups of 2
+    assert parse_params({"model": {"hidden_size": 80, "num_attention_heads": 8}}).model.hidden_size == 80
+
+
 @pytest.mark.parametrize("sources, needle", [
     # two folders of one basename: their records got the same ids `lib/...`
     ([{"kind": "dir", "path": "a/lib"}, {"kind": "dir", "path": "b/lib"}],
