@@ -182,14 +182,22 @@ def build_chunks(model: ModelConfig, par: ParallelConfig, config, precision: Pre
 
 def count_parameters(model: ModelConfig, vocab_size: int) -> int:
     """Parameters of the whole (unsharded) model, for MFU."""
+    emb = vocab_size * model.hidden_size * (1 if model.tie_embeddings else 2)
+    return _block_parameters(model) + emb
+
+
+def _block_parameters(model: ModelConfig) -> int:
+    """The transformer layers' parameters and the final norm's: all but the embeddings."""
     h, f, L = model.hidden_size, model.ffn_hidden_size, model.num_layers
     kv = model.num_query_groups * (h // model.num_attention_heads)
     per_layer = h * (h + 2 * kv) + h * h + 3 * h * f + 2 * h
-    emb = vocab_size * h * (1 if model.tie_embeddings else 2)
-    return L * per_layer + emb + h
+    return L * per_layer + h
 
 
 def flops_per_token(model: ModelConfig, vocab_size: int, seq_length: int) -> float:
-    """Training FLOPs per token: 6 x non-embedding-input parameters + attention (PaLM's count)."""
-    n = count_parameters(model, vocab_size) - vocab_size * model.hidden_size
+    """Training FLOPs per token: 6 x the parameters a token multiplies by (the layers' and the
+    output layer's, not the input embedding's lookup) + attention (PaLM's count). The output
+    layer's matmul is counted whether or not its weight is the input embedding's
+    (tie_embeddings): sharing the weight does not share the compute."""
+    n = _block_parameters(model) + vocab_size * model.hidden_size
     return 6 * n + 12 * model.num_layers * model.hidden_size * seq_length
