@@ -154,8 +154,8 @@ def torchrun_command(params: Params, phase: str, env: Mapping[str, str] | None =
 
 
 def finished(params: Params, phase: str) -> bool:
-    """Whether node 0's stage will find this phase done (same fingerprint, last step saved)
-    and start no torchrun: then the other nodes must not wait for it either."""
+    """Whether node 0's stage will find this phase done (same fingerprint, last step saved
+    and intact) and start no torchrun: then the other nodes must not wait for it either."""
     from model import checkpoint
     from stages import train_phase
 
@@ -164,6 +164,12 @@ def finished(params: Params, phase: str) -> bool:
         found = checkpoint.latest(out)
         steps = params.rl.steps if phase == "rl" else train_phase.phase_config(params, phase).steps
         if found is None or found[0] < steps:
+            return False
+        if (bad := checkpoint.damage(found[1])) is not None:
+            # node 0's stage resumes from an older intact checkpoint and starts its torchrun:
+            # this node must join it, not leave it waiting at the rendezvous
+            print(f"model.launch: {bad}: the final checkpoint is damaged, so the phase is "
+                  f"trained again from an intact one", file=sys.stderr)
             return False
         recorded = json.loads((out / train_phase.RUN).read_text())["fingerprint"]
         if phase == "rl":

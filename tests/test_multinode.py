@@ -143,6 +143,13 @@ def test_a_worker_node_of_a_finished_phase_starts_nothing(root, tmp_path):
         {"fingerprint": train_phase.phase_fingerprint(params, "pretrain")}))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "already finished" in proc.stdout, proc.stderr
+    # a final checkpoint cut since it was saved: node 0 trains again from an older one, so
+    # this node must join its torchrun, not exit and leave the rendezvous waiting
+    from model.checkpoint import FILES
+
+    (out / "iter_0000003" / "__0_0.distcp").write_bytes(b"x")
+    (out / "iter_0000003" / FILES).write_text(json.dumps({"__0_0.distcp": 100}))
+    assert not launch.finished(params, "pretrain")
 
 
 def test_missing_rendezvous_variables_are_named():
