@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from codeworld.config import ModelConfig, ParallelConfig, PhaseConfig
+from codeworld.config import ConfigError, ModelConfig, ParallelConfig, Params, PhaseConfig
 
 
-class TrainingSetupError(RuntimeError):
-    """A configuration this hardware cannot run (said before any work)."""
+class TrainingSetupError(ConfigError):
+    """A configuration this hardware cannot run (said before any work): a ConfigError, so the
+    commands print its one line, as for any other setting that cannot be."""
 
 
 def have_te() -> bool:
@@ -44,7 +45,8 @@ class Precision:
         return torch.float32 if self.name == "fp32" else torch.bfloat16
 
 
-def resolve_precision(phase: PhaseConfig) -> Precision:
+def resolve_precision(phase: PhaseConfig, name: str = "precision") -> Precision:
+    """The phase's precision on this machine; `name` is the setting's, for the error."""
     gpu = torch.cuda.is_available()
     hopper = gpu and torch.cuda.get_device_capability() >= (8, 9)
     te = gpu and have_te()
@@ -54,7 +56,7 @@ def resolve_precision(phase: PhaseConfig) -> Precision:
     if wanted == "fp8" and not (hopper and te):
         # Megatron accepts fp8 with its local spec and silently trains in BF16: refuse instead.
         raise TrainingSetupError(
-            "precision fp8 needs Transformer Engine and an FP8-capable GPU (Hopper/Ada or newer); "
+            f"{name} fp8 needs Transformer Engine and an FP8-capable GPU (Hopper/Ada or newer); "
             f"found gpu={gpu}, fp8-capable={hopper}, transformer_engine={have_te()}")
     return Precision(wanted, use_te=te)
 
@@ -68,6 +70,26 @@ def check_cuda_graph(phase: str, graph: str, precision: Precision) -> None:
         # Megatron's per-layer graphs pass the attention mask through TE's helpers
         raise TrainingSetupError(f"{phase}.cuda_graph='layer' needs Transformer Engine; "
                                  f"'full_iteration' does not")
+
+
+def check_backend(backend: str) -> None:
+    """NCCL runs on CUDA devices only: on CPU the process group would fail at its first use."""
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise TrainingSetupError("parallel.backend='nccl' needs CUDA GPUs; this machine has none: "
+                                 "set it to \"auto\" (gloo on CPU) or \"gloo\"")
+
+
+def check_machine(params: Params, phase: str) -> Precision:
+    """What `phase` needs of this machine (its precision, CUDA graphs, the process group's
+    backend), checked before any work: by the stage before it claims the phase's folder (a
+    new precision or graph mode is a new fingerprint, which clears it), by the ranks before
+    the process group. Returns the precision."""
+    cfg = getattr(params, phase)
+    precision = resolve_precision(cfg, f"{phase}.precision")
+    # rl has no cuda_graph: it samples with the model it trains, at other shapes
+    check_cuda_graph(phase, getattr(cfg, "cuda_graph", "none"), precision)
+    check_backend(params.parallel.backend)
+    return precision
 
 
 def padded_vocab(vocab_size: int, tensor: int, multiple: int = 64) -> int:

@@ -19,7 +19,7 @@ import torch
 from codeworld.config import load_params
 from codeworld.pack_cache import materialise
 from model import checkpoint
-from model.build import check_cuda_graph, resolve_precision
+from model.build import check_machine
 from model.data import MicroBatches, build_datasets, plan_validation
 from model.metrics import StepLog, memory, peak_flops, tracking_run_id
 from model.trainer import Trainer, finish_step, init_distributed, shutdown
@@ -43,9 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
         params = apply_overrides(params, args.set)
     cfg = getattr(params, args.phase)
-    # before any process group: a setup this machine lacks fails now
-    precision = resolve_precision(cfg)
-    check_cuda_graph(args.phase, cfg.cuda_graph, precision)
+    check_machine(params, args.phase)   # before any process group: what this machine lacks
     # With an S3 storage root, --pack is this node's cache: the pack is fetched into it and
     # verified (one local rank downloads, the others wait on its lock) before Megatron maps it.
     materialise(params.storage, Path(args.pack))

@@ -106,12 +106,12 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         plot_path: str | None = "metrics/plots/rl.json") -> dict:
     if params.rl is None:
         raise ConfigError("params has no rl section: the rl phase is not configured")
-    from model.build import resolve_precision
+    from model.build import check_machine
     from model.rl import check_rl_layout
 
     cfg = params.rl
     check_rl_layout(params)   # before any work: sampling needs each process's whole model
-    resolve_precision(cfg)   # a precision this machine lacks fails now too
+    check_machine(params, "rl")   # a precision or backend this machine lacks fails now too
     out = phase_dir(params, "rl")
     parent = parent_record(params)
     fp = rl_fingerprint(params, parent)

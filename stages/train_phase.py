@@ -307,6 +307,12 @@ def write_plot(rows: list[dict], path: str) -> None:
 def run_phase(params: Params, phase: str, *, track: bool = True, extra: list[str] = (),
               metrics_path: str | None = "default", plot_path: str | None = "default") -> dict:
     assert phase in PHASES, phase
+    from model.build import check_machine
+
+    # First: a precision, graph mode or backend this machine lacks must fail before
+    # open_phase, whose claim clears the phase's checkpoints for a new fingerprint (precision
+    # and cuda_graph are in it), only for torchrun to fail on the same setting.
+    check_machine(params, phase)
     metrics_path = f"metrics/{phase}.json" if metrics_path == "default" else metrics_path
     plot_path = f"metrics/plots/{phase}.json" if plot_path == "default" else plot_path
     cfg = phase_config(params, phase)

@@ -1,11 +1,13 @@
 """What keeps a training phase's folder safe around the torchrun (no Megatron run needed): one
 run at a time, the training dies with its stage, damaged metadata never deletes checkpoints,
-a damaged pack file is named before the ranks start."""
+a damaged pack file is named before the ranks start, a setup this machine lacks fails before
+the phase's folder is touched."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -172,6 +174,50 @@ def test_what_a_phase_needs_first_is_one_error_line_naming_it(root, tmp_path):
         assert f"codeworld stage: error: {parent}/latest.json: needs" in proc.stderr
     finally:
         shutil.rmtree(parent)
+
+
+@pytest.mark.parametrize("sections, needle", [
+    ({"pretrain": {"precision": "fp8"}}, "pretrain.precision fp8 needs Transformer Engine"),
+    ({"pretrain": {"cuda_graph": "full_iteration"}}, "pretrain.cuda_graph='full_iteration' needs a GPU"),
+    ({"parallel": {"backend": "nccl"}}, "parallel.backend='nccl' needs CUDA GPUs"),
+], ids=["fp8", "cuda_graph", "nccl"])
+def test_a_setup_this_machine_lacks_keeps_the_finished_checkpoints(root, tmp_path, monkeypatch,
+                                                                   sections, needle):
+    """precision and cuda_graph are in the phase's fingerprint: a new value made open_phase
+    clear the finished phase's checkpoints, and only then did torchrun find that this machine
+    cannot run it. The stage checks the machine first."""
+    import torch
+
+    from codeworld.config import parse_params
+    from model.build import TrainingSetupError
+    from stages.train_phase import phase_dir, run_phase
+    from tests.train_fixtures import tiny_params
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # a CPU machine
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    params = parse_params(tiny_params(tmp_path, **sections))
+    out = phase_dir(params, "pretrain")
+    _iters(out, 4)
+    (out / LATEST).write_text(json.dumps({"iteration": 4, "dir": "iter_0000004"}))
+    (out / RUN).write_text(json.dumps({"fingerprint": "the finished run's"}))
+    with pytest.raises(TrainingSetupError, match=re.escape(needle)):
+        run_phase(params, "pretrain", track=False, metrics_path=None, plot_path=None)
+    assert (out / "iter_0000004").is_dir()
+    assert json.loads((out / RUN).read_text()) == {"fingerprint": "the finished run's"}
+
+
+def test_a_setup_this_machine_lacks_is_one_error_line_from_the_command(root, tmp_path):
+    import yaml
+
+    from tests.train_fixtures import tiny_params
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(root, pretrain={"precision": "fp8"})))
+    proc = subprocess.run([sys.executable, "-m", "codeworld.cli", "stage", "pretrain", "--params",
+                           str(params), "--no-track"], cwd=root, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "codeworld stage: error: pretrain.precision fp8 needs Transformer Engine" in proc.stderr
 
 
 def test_a_damaged_pack_file_is_named_before_torchrun(root, tmp_path):
