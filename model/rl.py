@@ -297,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
             row = trainer.train_step(batches)
             row["updated"] = 1 - row["skipped"]   # (a non-finite gradient skips the update)
         else:   # no group has signal: nothing to learn from this step's samples
+            # (the lr logged is this step's, as train_step logs it, read before the schedule moves)
+            row = {"loss": None, "grad_norm": None, "skipped": 0, "updated": 0, "lr": trainer.lr()}
             trainer.scheduler.step(increment=cfg.global_batch_size)
-            row = {"loss": None, "grad_norm": None, "skipped": 0, "updated": 0,
-                   "lr": trainer.scheduler.get_lr(trainer.optimizer.param_groups[0])}
         iteration = step
         row.pop("step_seconds", None)
         row.update(stats, step=step, sample_seconds=round(t1 - t0, 3),

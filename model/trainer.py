@@ -176,11 +176,16 @@ class Trainer:
         self.optimizer.zero_grad()
         losses = self.run_batches(batches, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
+        lr = self.lr()   # the one this update used: the scheduler's step sets the next one
         self.scheduler.step(increment=self.cfg.global_batch_size)
         loss = reduce_loss(losses)
-        return {"loss": loss, "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
+        return {"loss": loss, "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "skipped": int(not ok), "step_seconds": time.perf_counter() - t0}
+
+    def lr(self) -> float:
+        """The learning rate the optimizer's next update uses (what the scheduler set last)."""
+        return self.scheduler.get_lr(self.optimizer.param_groups[0])
 
     @torch.no_grad()
     def evaluate(self, batches_list: list[list[dict]]) -> float | None:

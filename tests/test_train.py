@@ -68,6 +68,25 @@ def baseline(root, tmp_path_factory):
     return out, train(root, out)
 
 
+def test_each_step_logs_the_lr_its_update_used(baseline):
+    """Warm-up over step 1 from 0, then cosine to min_lr over the 4 steps (the schedule counts
+    samples: 4 a step). The row of step k is the lr at k - 1 steps: it was read after the
+    scheduler's step, i.e. step k + 1's (0.003 at step 1, whose update used 0)."""
+    import math
+
+    _, rows = baseline
+    lr, min_lr, warmup, total = 0.003, 3e-4, 4, 16
+
+    def used(k: int) -> float:
+        n = (k - 1) * 4
+        if n <= warmup:
+            return lr * n / warmup
+        return min_lr + 0.5 * (math.cos(math.pi * (n - warmup) / (total - warmup)) + 1) * (lr - min_lr)
+
+    assert [r["lr"] for r in rows] == pytest.approx([used(k) for k in (1, 2, 3, 4)])
+    assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(lr)
+
+
 def test_tensor_parallel_2_matches_a_single_process(root, baseline, tmp_path):
     _, base = baseline
     tp2 = train(root, tmp_path, nproc=2, parallel={"tensor": 2})
