@@ -1,5 +1,6 @@
-"""Per-step training metrics from the one logging rank: JSON lines (the DVC plot source and the
-resume record) and MLflow step metrics when the stage started a run for this phase."""
+"""Per-step training metrics from the one logging rank (its memory figures the maximum over all
+ranks): JSON lines (the DVC plot source and the resume record) and MLflow step metrics when the
+stage started a run for this phase."""
 
 from __future__ import annotations
 
@@ -37,6 +38,19 @@ def memory() -> dict:
     import psutil
 
     return {"memory_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
+
+
+def memory_over_ranks() -> dict:
+    """memory()'s figures at their maximum over all ranks (one all_reduce of a few numbers on
+    the default process group; every rank calls it): the logging rank's own peak says nothing
+    of a pipeline's first stage or a rank with more of the model, which run out first."""
+    mine = memory()
+    # NCCL reduces device tensors only; gloo reduces host tensors on any machine
+    gpu = torch.distributed.get_backend() == "nccl"
+    values = torch.tensor(list(mine.values()), dtype=torch.float64,
+                          device=torch.cuda.current_device() if gpu else "cpu")
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return {k: round(v, 1) for k, v in zip(mine, values.tolist())}
 
 
 RUN_ID_ENV = "CODEWORLD_TRAIN_RUN_ID"

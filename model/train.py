@@ -21,7 +21,7 @@ from codeworld.pack_cache import materialise
 from model import checkpoint
 from model.build import check_machine
 from model.data import MicroBatches, build_datasets, plan_validation
-from model.metrics import StepLog, memory, peak_flops, tracking_run_id
+from model.metrics import StepLog, memory_over_ranks, peak_flops, tracking_run_id
 from model.trainer import Trainer, finish_step, init_distributed, shutdown
 
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         tps = cfg.global_batch_size * cfg.seq_length / row["step_seconds"]
         flops = trainer.flops_per_token * tps / world
         row.update(step=iteration, tokens_per_s=round(tps, 1), tflops_per_gpu=round(flops / 1e12, 4),
-                   **memory(), step_seconds=round(row["step_seconds"], 4))
+                   step_seconds=round(row["step_seconds"], 4))
         if peak:
             row["mfu"] = round(flops / peak, 4)
         if iteration % cfg.eval_interval == 0 or iteration == cfg.steps:
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             if loss is not None:
                 row["valid_loss"] = loss
         if iteration % cfg.log_interval == 0 or iteration == cfg.steps:
+            row.update(memory_over_ranks())   # a collective: every rank, logged steps only
             log.write(row)
         finish_step(trainer, out, iteration, cfg.steps, cfg.save_interval)
     shutdown(log)
