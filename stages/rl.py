@@ -24,7 +24,8 @@ from codeworld.tracking import StageRun
 from model import checkpoint
 from stages import train_phase
 from stages.train_phase import (PARAMS, _set_tags, open_phase, phase_dir, read_steps,
-                                resume_point, tokenizer_of, train, write_plot)
+                                resolved_precision, resume_point, tokenizer_of, train,
+                                write_plot)
 
 # As train_phase.CODE, with model.rl as the torchrun entry (its imports: generate, grpo, ...).
 CODE = Code(("stages.rl", "model.rl"), skip=("model.launch",))
@@ -62,7 +63,7 @@ def rl_fingerprint(params: Params, parent: dict) -> str:
     return fingerprint(CODE, "rl", 1, params.model.model_dump(), params.rl.model_dump(), tok, traces,
                        tasks, agent, params.traces.limits.model_dump(),
                        [params.pack.heldout_percent, params.pack.seed],
-                       [parent["fingerprint"], parent["iteration"]])
+                       [parent["fingerprint"], parent["iteration"]], resolved_precision(params.rl))
 
 
 def summary(rows: list[dict]) -> dict:

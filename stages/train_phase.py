@@ -123,7 +123,16 @@ def phase_fingerprint(params: Params, phase: str, parent: dict | None = None) ->
     parent = parent if parent is not None else parent_record(params, phase)
     sources = {n: m["fingerprint"] for n, m in pack_sources(params, phase).items()}
     return fingerprint(CODE, "train", 2, phase, params.model.model_dump(), cfg.model_dump(), sources,
-                       parent and [parent["fingerprint"], parent["iteration"]])
+                       parent and [parent["fingerprint"], parent["iteration"]],
+                       resolved_precision(cfg))
+
+
+def resolved_precision(cfg) -> str:
+    """What the phase's precision is on this machine: "auto" is fp32 on a CPU, bf16 or fp8 on
+    a GPU, and a checkpoint of one is no resume point for another (other optimizer state)."""
+    from model.build import resolve_precision
+
+    return resolve_precision(cfg).name
 
 
 

@@ -206,6 +206,28 @@ def test_a_setup_this_machine_lacks_keeps_the_finished_checkpoints(root, tmp_pat
     assert json.loads((out / RUN).read_text()) == {"fingerprint": "the finished run's"}
 
 
+def test_a_checkpoint_of_auto_precision_is_no_resume_point_on_a_machine_that_resolves_it_otherwise(
+        root, monkeypatch):
+    """precision "auto" is fp32 on a CPU and bf16 on a GPU: the same params there must not
+    resume the other's checkpoint (its optimizer state is of another layout)."""
+    import torch
+
+    from codeworld.config import parse_params
+    from model import build
+    from stages.train_phase import phase_fingerprint
+    from tests.train_fixtures import tiny_params
+
+    params = parse_params(tiny_params(root))
+    assert params.pretrain.precision == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    on_cpu = phase_fingerprint(params, "pretrain", parent={})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # an Ampere GPU, no TE
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(build, "have_te", lambda: False)
+    assert build.resolve_precision(params.pretrain).name == "bf16"
+    assert phase_fingerprint(params, "pretrain", parent={}) != on_cpu
+
+
 def test_a_setup_this_machine_lacks_is_one_error_line_from_the_command(root, tmp_path):
     import yaml
 
