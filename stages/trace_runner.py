@@ -15,6 +15,7 @@ from pathlib import Path
 
 from codeworld.config import TraceLimitsConfig
 from codeworld.sandbox import Limits, SandboxResult, map_requests
+from codeworld.tokens import SPECIAL_TOKENS
 from stages.tracer.frames import prompt_for, unpack_frames
 from stages.tracer.program import InvalidProgram, context_of
 from stages.tracer.worker import request_call as worker_call
@@ -54,11 +55,32 @@ def _failure(req: dict, status: str, error: str) -> dict:
             "events": 0, "prompt": None, "frames": None}
 
 
+_TEXT_FIELDS = ("trace", "result", "error", "prompt")
+
+
+def _malformed(out: dict, req: dict) -> str | None:
+    """What makes a tracer response no trace record (the worker's fields, tracer/worker.py),
+    None when nothing does: the stage reads these fields as the types they must have."""
+    if out.get("id") != req.get("id"):
+        return f"is for id {out.get('id')!r}"
+    if out.get("status") not in STATUSES:
+        return f"has status {out.get('status')!r}"
+    for name in _TEXT_FIELDS:
+        if out.get(name) is not None and not isinstance(out[name], str):
+            return f"has a {type(out[name]).__name__} {name}"
+    if type(out.get("events")) is not int:
+        return f"has events {out.get('events')!r}"
+    return None
+
+
 def interpret(req: dict, res: SandboxResult) -> dict:
     """One sandbox result as a trace record (status ok / exception / timeout / killed /
     too_long / invalid)."""
     if res.status == "ok" and isinstance(res.response, dict):
         out = dict(res.response)
+        problem = _malformed(out, req)
+        if problem:   # (the program ran in the process that wrote it: it may have forged it)
+            return _failure(req, "invalid", f"Invalid: the sandbox's response {problem}")
         if out.get("frames") is not None:
             try:
                 out["frames"] = unpack_frames(out["frames"])
@@ -104,6 +126,11 @@ def trace_requests(requests: list[dict], limits: TraceLimitsConfig, workers: int
                 isinstance(req.get("call"), str) or isinstance(req.get("input"), str)):
             out[i] = _failure(req if isinstance(req, dict) else {}, "invalid",
                               "Invalid: needs string fields 'code' and 'call' (or 'input')")
+        elif reserved := _reserved_token(req):
+            # its source lines would hold the token as text: the trace's own markup to the
+            # parser, the special token itself to the tokenizer
+            out[i] = _failure(req, "invalid", f"Invalid: the program holds {reserved}, a token "
+                                              f"of the trace format")
         else:
             todo.append(i)
     results = sandbox_results([requests[i] for i in todo], limits, workers, batch_size, frames,
@@ -111,6 +138,15 @@ def trace_requests(requests: list[dict], limits: TraceLimitsConfig, workers: int
     for i, res in zip(todo, results):
         out[i] = interpret(requests[i], res)
     return out  # type: ignore[return-value]
+
+
+def _reserved_token(req: dict) -> str | None:
+    """The first token of the format (codeworld.tokens.SPECIAL_TOKENS) that the request's
+    code, call or input holds, else None."""
+    text = "\0".join(req.get(k) or "" for k in ("code", "call", "input"))
+    if "<|" not in text and "tool" not in text:
+        return None
+    return next((t for t in SPECIAL_TOKENS if t in text), None)
 
 
 def sandbox_results(requests: list[dict], limits: TraceLimitsConfig, workers: int = 0,

@@ -437,6 +437,21 @@ def test_more_address_free_reprs():
     assert "0x" not in "".join(loc.values())
 
 
+def test_module_reprs_say_no_host_path():
+    # <module 'json' from '/usr/lib/python3.11/json/__init__.py'>: the interpreter's install
+    # prefix, another on another machine (and "(frozen)" / "(built-in)" follow the build)
+    code = ("def f():\n    import json\n    import sys\n    import os\n"
+            "    mods = [json, {'s': sys}]\n    return mods\n")
+    r = trace_call(code, "f()")
+    loc = r.frames[-3].locals
+    assert (loc["json"], loc["sys"], loc["os"]) == ("<module 'json'>", "<module 'sys'>",
+                                                    "<module 'os'>")
+    assert loc["mods"] == "[<module 'json'>, {'s': <module 'sys'>}]"
+    assert r.result == "[<module 'json'>, {'s': <module 'sys'>}]"
+    assert " from '" not in r.text and "(frozen)" not in r.text
+    assert safe_repr(json) == "<module 'json'>"
+
+
 def test_sets_of_identity_hashed_objects_do_not_follow_addresses():
     # Their iteration order is the objects' addresses: written sorted, the same on any machine
     # (seen: one trace in 2,714 differed between two machines). Other sets keep their order.
@@ -863,3 +878,25 @@ def test_async_generator_yields_show_the_value():
         r = trace_call(code, "f(2)", backend=backend)
         yields = [fr.value for fr in r.frames if fr.kind == "return" and fr.line == 5]
         assert yields == ["[0]", "[1]"], backend
+
+
+def test_a_value_holding_a_token_of_the_format_is_written_without_it():
+    # a str local '<|frame_sep|>' went into the frame as is: the parser split the frame there
+    # and the tokenizer read the special token (end-of-text mid-document). (A program whose
+    # own text holds one is refused before it runs: trace_runner.)
+    from codeworld.tokens import END_OF_TEXT, SPECIAL_TOKENS
+    from codeworld.trace_metrics import parse
+
+    code = ("def f(n):\n    lt = chr(60)\n    t = lt + '|frame_sep|>' + lt + '|end_of_text|>'\n"
+            "    u = [lt + '/tool>', lt + 'tool: bash>'] * n\n    return t\n")
+    r = trace_call(code, "f(1)")
+    body = r.text
+    for sep in ("<|frame_sep|>", "<|line_sep|>", "<|call_sep|>", "<|return_sep|>",
+                "<|action_sep|>", "<|arg_sep|>"):
+        body = body.replace(sep, "")
+    assert not [t for t in SPECIAL_TOKENS if t in body], body
+    assert r.frames[-4].locals["t"] == "'<|frame_sep|><|end_of_text|>'"   # the value itself
+    assert r.frames[-3].locals["u"] == "['</tool>', '<tool: bash>']"
+    assert r.result == "'<|frame_sep|><|end_of_text|>'"
+    parsed = parse(r.text + END_OF_TEXT)
+    assert parsed.valid and parsed.frames[-1].value == r.result, parsed

@@ -115,3 +115,49 @@ def test_a_program_cannot_change_its_neighbours_state():
     shared = trace_requests(reqs, TraceLimitsConfig(), workers=1, batch_size=2,
                             isolation="shared")
     assert shared[1]["result"].startswith("('0.143', 'X', '/')")   # carried over
+
+
+MISSHAPEN = '''\
+import json, os, stat
+for _fd in range(3, 64):
+    try:
+        if stat.S_ISFIFO(os.fstat(_fd).st_mode):
+            os.write(_fd, json.dumps({"ok": RESPONSE}).encode() + b"\\n")
+    except OSError:
+        continue
+os._exit(0)
+
+def f(x):
+    return x
+'''
+
+
+@pytest.mark.parametrize("isolation", ["process", "shared"])
+def test_a_response_of_the_wrong_shape_is_an_invalid_record_not_a_crash(isolation):
+    # the stage read status and trace as str: a program writing its own response with other
+    # types (well-formed JSON) stopped the traces stage with AttributeError, again on resume
+    responses = [{"id": "0", "status": 7, "trace": 5, "events": 1},
+                 {"id": "0", "status": "ok", "trace": ["x"], "events": 1},
+                 {"id": "0", "status": "ok", "trace": "", "events": "1"},
+                 {"id": "other", "status": "ok", "trace": "", "events": 1}]
+    reqs = [{"id": "0", "code": MISSHAPEN.replace("RESPONSE", repr(r)), "call": "f(1)"}
+            for r in responses]
+    for req, rec in zip(reqs, [trace_requests([r], TraceLimitsConfig(), workers=1,
+                                              isolation=isolation)[0] for r in reqs]):
+        assert rec["status"] == "invalid", rec
+        assert rec["error"].startswith("Invalid: the sandbox's response "), rec
+    good = trace_requests([{"id": "0", "code": "def f(x):\n    return x\n", "call": "f(1)"}],
+                          TraceLimitsConfig(), workers=1, isolation=isolation)[0]
+    assert good["status"] == "ok" and good["result"] == "1"
+
+
+def test_a_program_whose_text_holds_a_token_of_the_format_is_refused_before_it_runs():
+    # its source lines (the trace's actions) would carry the token as text
+    reqs = [{"id": "a", "code": "def f(x):\n    return x + '<|frame_sep|>'\n", "call": "f('')"},
+            {"id": "b", "code": "def f(x):\n    return x\n", "call": "f('</tool>')"},
+            {"id": "c", "code": "def f(x):\n    return x\n", "call": "f('tool')"}]
+    a, b, c = trace_requests(reqs, TraceLimitsConfig(), workers=1)
+    assert (a["status"], a["error"]) == (
+        "invalid", "Invalid: the program holds <|frame_sep|>, a token of the trace format")
+    assert b["status"] == "invalid" and "</tool>" in b["error"]
+    assert c["status"] == "ok" and c["result"] == "'tool'"

@@ -51,10 +51,10 @@ import threading
 from operator import is_ as _is
 
 from .frames import (_KEYS, _SAME, ACTION_SEP, ARG_SEP, CALL, CALL_SEP, EXCEPTION, EXCEPTION_SEP,
-                     FRAME_SEP, LINE, LINE_SEP, RETURN, RETURN_SEP, TraceLimits, TraceResult, _enc,
-                     _key, prompt_for)
+                     FRAME_SEP, LINE, LINE_SEP, RETURN, RETURN_SEP, TraceLimits, TraceResult,
+                     _enc, _json, _key, prompt_for, unreserved)
 from .program import ITER_NAME, CodeInfo, InvalidProgram, Program, compile_program
-from .reprs import (_ADDRESS, _BIG, _PLAIN, _SCALARS, MARKER, NESTED_TYPES,
+from .reprs import (_ADDRESS, _BIG, _MODULE, _PLAIN, _SCALARS, MARKER, NESTED_TYPES,
                     address_ordered_set_repr, error_text, exception_repr, long_sequence_prefix,
                     nested_ordered_repr, repr_failed, safe_repr)
 
@@ -179,6 +179,8 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int,
                     if t not in plain:
                         if " at 0x" in text:
                             text = _ADDRESS.sub("", text)
+                        if "<module '" in text:
+                            text = _MODULE.sub(r"<module '\1'>", text)
                         if "str_ascii_iterator" in text:
                             text = text.replace("str_ascii_iterator", "str_iterator")
                     if len(text) > limit:
@@ -193,11 +195,12 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int,
         if prev is not None and prev.get(name) == text:
             out.append(same.get(name) or _same_key(name))
         else:
-            out.append((keys.get(name) or _key(name)) + _enc(text))
+            out.append((keys.get(name) or _key(name)) + _json(text))
     if len(cache) > cached:  # a local was deleted: the cache must not keep its value alive
         for name in [k for k in cache if k not in loc]:
             del cache[name]
-    return loc, "{" + ", ".join(out) + "}"
+    js = "{" + ", ".join(out) + "}"
+    return loc, (unreserved(js) if "<|" in js or "tool" in js else js)   # (inlined check)
 
 
 _SAME_KEYS: dict[str, str] = {}  # local name -> '"name": ".."'

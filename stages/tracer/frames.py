@@ -20,7 +20,7 @@ tests check that :func:`render` of its frames gives back its text.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from json.encoder import encode_basestring_ascii as _enc
+from json.encoder import encode_basestring_ascii as _json
 
 TRACE_CONTEXT_START = "<|trace_context_start|>"
 FRAME_SEP = "<|frame_sep|>"
@@ -30,6 +30,24 @@ RETURN_SEP = "<|return_sep|>"
 EXCEPTION_SEP = "<|exception_sep|>"
 ACTION_SEP = "<|action_sep|>"
 ARG_SEP = "<|arg_sep|>"
+
+# The special tokens (codeworld/tokens.py) open with "<|", "<tool" or "</tool": a value (or a
+# name) whose text holds one, say '<|frame_sep|>' or '<|end_of_text|>', would be read as the
+# token itself, by the parser and by the tokenizer (its special tokens match anywhere in a
+# text). In the JSON of a frame's locals and values their "<" is written "\u003c": still
+# JSON, read back as the same text.
+def unreserved(js: str) -> str:
+    """JSON text with no special token in it (see above)."""
+    if "<|" not in js and "tool" not in js:   # (core._snapshot inlines this check)
+        return js
+    return js.replace("<|", "\\u003c|").replace("<tool", "\\u003ctool").replace(
+        "</tool", "\\u003c/tool")
+
+
+def _enc(text: str) -> str:
+    """``text`` as a JSON string, with no token of the format in it."""
+    return unreserved(_json(text))
+
 
 CALL, LINE, RETURN, EXCEPTION = "call", "line", "return", "exception"
 _SEP = {CALL: CALL_SEP, LINE: LINE_SEP, RETURN: RETURN_SEP, EXCEPTION: EXCEPTION_SEP}
@@ -89,7 +107,7 @@ _KEYS: dict[str, str] = {}  # local name -> '"name": ' (names repeat across fram
 def _key(name: str) -> str:
     if len(_KEYS) > 100_000:
         _KEYS.clear()
-    key = _KEYS[name] = _enc(name) + ": "
+    key = _KEYS[name] = _json(name) + ": "   # (a name is an identifier: no "<|")
     return key
 
 
@@ -99,10 +117,12 @@ def render_locals(loc: dict[str, str], prev: dict[str, str] | None) -> str:
         return "{}"
     keys = _KEYS
     if prev is None:
-        return "{" + ", ".join([(keys.get(k) or _key(k)) + _enc(v) for k, v in loc.items()]) + "}"
+        return unreserved("{" + ", ".join([(keys.get(k) or _key(k)) + _json(v)
+                                           for k, v in loc.items()]) + "}")
     get = prev.get
-    return "{" + ", ".join([(keys.get(k) or _key(k)) + (_SAME if get(k) == v else _enc(v))
-                            for k, v in loc.items()]) + "}"
+    return unreserved("{" + ", ".join([(keys.get(k) or _key(k))
+                                       + (_SAME if get(k) == v else _json(v))
+                                       for k, v in loc.items()]) + "}")
 
 
 class Renderer:

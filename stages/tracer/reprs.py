@@ -7,6 +7,8 @@ machine. Three things in a plain ``repr`` break that or blow up the size:
   ``>``, ``;``, ``:``, ``,``, ``)`` or a space is removed, giving ``<foo.Bar object>``,
   ``<function f>``, ``<list_iterator object>``, ``<generator object gen>``, ``<weakref; to 'A'>``,
   ``<weakproxy to A>``, ``<Future state=pending>``;
+* where a module was loaded from (``<module 'json' from '/usr/lib/python3.11/json/...'>``, a
+  host path) or how (``(frozen)``, ``(built-in)``: how Python was built): ``<module 'json'>``;
 * Python 3.11+'s ``str_ascii_iterator`` (an implementation detail of ASCII strings): written
   ``str_iterator``, the name CWM's own traces use for iterating a ``str``;
 * sets whose order may follow addresses (an element hashed by identity, or by a ``__hash__``
@@ -40,6 +42,10 @@ DEFAULT_MAX_REPR = 200
 # <weakref at 0x..; to ..>, <cell at 0x..: int object at 0x..>, <weakproxy at 0x.. to A>,
 # <Future at 0x.. state=pending>. Not before a quote, so a str ending so inside a list stays.
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+(?=[>;:,) ])")
+# Where a module was loaded from (a host path: the interpreter's install prefix, which differs
+# between machines) or how (frozen or built-in: how Python was built): <module 'json'> only.
+_MODULE = re.compile(r"<module '([^'\\]*)' (?:from '[^']*'|\((?:frozen|built-in)\)|"
+                     r"\(namespace\) from \[[^\]]*\])>")
 # Types whose repr never carries an address: skip the scrub checks for them.
 _PLAIN = frozenset({int, float, bool, complex, type(None), str, bytes})
 
@@ -90,9 +96,12 @@ def repr_failed(value: object, exc: BaseException) -> str:
 
 
 def scrub(text: str) -> str:
-    """Remove memory addresses and version-specific iterator names from a repr."""
+    """Remove memory addresses, module origins and version-specific iterator names from a
+    repr."""
     if " at 0x" in text:
         text = _ADDRESS.sub("", text)
+    if "<module '" in text:
+        text = _MODULE.sub(r"<module '\1'>", text)
     if "str_ascii_iterator" in text:
         text = text.replace("str_ascii_iterator", "str_iterator")
     return text
