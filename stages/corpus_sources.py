@@ -452,9 +452,21 @@ class GitReader:
         if len(header) < 3:
             raise StorageError(f"git {repo}: cat-file answered {b' '.join(header).decode()!r} "
                                f"for {sha}")
-        data = proc.stdout.read(int(header[2]))
+        size = int(header[2])
+        data = proc.stdout.read(size)
+        if len(data) != size:
+            # cat-file ended mid-object (killed, out of memory): the bytes are cut, never a
+            # file's text. Its pipe is spent too: the next read starts a new process.
+            self._drop(repo)
+            raise StorageError(f"git {repo}: object {sha}: cat-file gave {len(data)} of its "
+                               f"{size} bytes")
         proc.stdout.read(1)  # the newline after the object
         return data
+
+    def _drop(self, repo: str) -> None:
+        proc = self.procs.pop(repo)
+        proc.kill()
+        proc.wait()
 
     def close(self) -> None:
         for proc in self.procs.values():
@@ -470,8 +482,10 @@ def read_bytes(c: Candidate, git: GitReader, endpoint: str | None) -> bytes:
         repo, sha = c.locator.split("\0")
         try:
             return git.read(repo, sha)
-        except (StorageError, *UNREADABLE):
+        except UNREADABLE:
             raise
+        except StorageError as err:
+            raise StorageError(f"{c.path}: {err}") from err
         except OSError as err:   # cat-file died under us (a broken pipe)
-            raise StorageError(f"git {repo}: cannot read object {sha}: {err}") from err
+            raise StorageError(f"{c.path}: git {repo}: cannot read object {sha}: {err}") from err
     return read_url(c.locator, endpoint)

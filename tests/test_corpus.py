@@ -301,3 +301,31 @@ def test_a_missing_git_object_is_unreadable_not_an_io_failure(tmp_path):
             git.read(str(tmp_path / "repo"), "0" * 40)
     finally:
         git.close()
+
+
+def test_a_git_object_cut_short_fails_naming_the_repository_and_path():
+    import io
+
+    from codeworld.storage import StorageError
+    from stages.corpus_sources import Candidate, GitReader, read_bytes
+
+    sha = "ab" * 20
+
+    class Cut:   # a cat-file that dies after 5 of the object's 100 bytes
+        stdin = io.BytesIO()
+        stdout = io.BytesIO(f"{sha} blob 100\n".encode() + b"short")
+        killed = False
+
+        def kill(self):
+            self.killed = True
+
+        def wait(self):
+            return -9
+
+    git = GitReader()
+    git.procs["/r/repo"] = proc = Cut()
+    c = Candidate("g", "git", f"/r/repo\0{sha}", "pkg/a.py", 100, None, content=sha)
+    with pytest.raises(StorageError, match=rf"^pkg/a\.py: git /r/repo: object {sha}: cat-file gave 5 "
+                                           "of its 100 bytes$"):
+        read_bytes(c, git, None)   # was b"short", ingested as the file's text
+    assert proc.killed and git.procs == {}   # the next read starts a new cat-file
