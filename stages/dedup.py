@@ -172,7 +172,9 @@ def dedup_dataset(source: Dataset, writer: DatasetWriter, cfg: DedupConfig,
     del shingles
     near_rep = cluster(n, kept_pairs)
     near_removed = (near_rep != np.arange(n)) & ~exact_removed
-    final_rep = np.where(exact_removed, rep, near_rep)
+    # An exact duplicate's representative may itself be a near duplicate of another document:
+    # the removed one then names the document kept for both (near_rep of a survivor is kept).
+    final_rep = np.where(exact_removed, near_rep[rep], near_rep)
     jac_of = {(int(a), int(b)): float(j) for (a, b), j in zip(kept_pairs.tolist(), jac.tolist())}
 
     infos = []
@@ -187,6 +189,8 @@ def dedup_dataset(source: Dataset, writer: DatasetWriter, cfg: DedupConfig,
         r = int(final_rep[doc])
         step = "exact" if exact_removed[doc] else "near"
         entry = {"id": ids[doc], "representative": ids[r], "step": step}
+        if step == "exact" and rep[doc] != r:   # the copy it matched exactly was removed too
+            entry["via"] = ids[int(rep[doc])]
         if step == "near":
             entry["jaccard"] = round(jac_of.get((min(doc, r), max(doc, r)), float("nan")), 4)
         removed.append(entry)

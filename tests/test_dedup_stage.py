@@ -90,3 +90,22 @@ def test_adhoc_dedup_of_a_dataset_counts_records_without_text(tmp_path, monkeypa
     assert report["bad_records"] == ["traces#1: needs string field 'text' and field 'id'",
                                      "traces#3: needs string field 'text' and field 'id'"]
     assert report["stats"]["removed_exact"] == 1
+
+
+def test_an_exact_copy_of_a_near_duplicate_names_the_kept_document(tmp_path):
+    from stages.adhoc import dedup_adhoc
+
+    enc = (STDLIB / "json" / "encoder.py").read_text()
+    near = enc.replace("Encoder", "Coder", 3)
+    rows = [{"id": "enc", "text": enc}, {"id": "near", "text": near},
+            {"id": "near-copy", "text": near + "\n\n"}]   # exact duplicate of the removed "near"
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = dedup_adhoc(str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), workers=1)
+    kept = [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert kept == ["enc"]
+    removed = {r["id"]: r for r in report["removed"]}
+    assert removed["near"]["representative"] == "enc" and removed["near"]["step"] == "near"
+    # was "near", itself removed: the report named no document of the output
+    assert removed["near-copy"] == {"id": "near-copy", "representative": "enc", "step": "exact",
+                                    "via": "near"}
+    assert {r["representative"] for r in report["removed"]} <= set(kept)
