@@ -19,6 +19,7 @@ from codeworld.jsonl import read_jsonl
 from codeworld.shards import MANIFEST, Dataset, DatasetWriter, ShardError, dumps, fingerprint
 from codeworld.storage import Storage, filesystem, write_atomic
 from stages import corpus, dedup
+from stages.corpus_sources import printable
 
 CODE = Code(("stages.adhoc",))
 
@@ -67,14 +68,16 @@ def corpus_adhoc(sources: list[str], out: str, *, extensions: list[str] | None =
 def _checked(items: Iterable[tuple[str, dict | None, str | None]], unique_ids: bool = True,
              keep: bool = True) -> tuple[list[dict], list[str]]:
     """The records dedup can take from `(where, record, problem)` items (none unless `keep`),
-    and the bad ones named by `where`: no JSON object, no string `text` or no `id`, a
-    repeated id (when `unique_ids`)."""
+    and the bad ones named by `where`: no JSON object, no string `text` or no `id`, a field
+    that is not valid UTF-8, a repeated id (when `unique_ids`)."""
     records, bad, seen = [], [], set()
     for where, rec, problem in items:
         if problem:
             bad.append(f"{where}: {problem}"[:300])
         elif not isinstance(rec.get("text"), str) or "id" not in rec:
             bad.append(f"{where}: needs string field 'text' and field 'id'")
+        elif (field := _unwritable_field(rec)) is not None:
+            bad.append(f"{where}: field {field!r} is not valid UTF-8 (a lone surrogate)"[:300])
         elif unique_ids and str(rec["id"]) in seen:
             bad.append(f"{where}: duplicate id {rec['id']!r} (first one kept)")
         else:
@@ -83,6 +86,17 @@ def _checked(items: Iterable[tuple[str, dict | None, str | None]], unique_ids: b
             if keep:
                 records.append(rec)
     return records, bad
+
+
+def _unwritable_field(rec: dict) -> str | None:
+    """The first field (by name) of `rec` that UTF-8 cannot hold: JSON allows a lone surrogate
+    escape ("\\ud800"), which staging and writing the record would fail on, killing the run."""
+    for key in sorted(rec, key=lambda k: k.encode("utf-8", "surrogatepass")):
+        try:
+            dumps({key: rec[key]})
+        except UnicodeEncodeError:
+            return printable(key)
+    return None
 
 
 def _read_jsonl(path: str) -> tuple[list[dict], list[str]]:

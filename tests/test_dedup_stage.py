@@ -92,6 +92,24 @@ def test_adhoc_dedup_of_a_dataset_counts_records_without_text(tmp_path, monkeypa
     assert report["stats"]["removed_exact"] == 1
 
 
+def test_adhoc_dedup_counts_a_line_with_a_lone_surrogate(tmp_path):
+    from stages.adhoc import dedup_adhoc
+
+    text = (STDLIB / "json" / "scanner.py").read_text()
+    lines = [json.dumps({"id": "a", "text": text}),
+             '{"id": "b", "text": "x = 1\\ud800"}',                  # valid JSON, no UTF-8
+             '{"id": "c", "text": "y = 2", "meta": {"note": "\\udfff"}}',
+             json.dumps({"id": "d", "text": "z = 3\n"})]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    # was a UnicodeEncodeError, and nothing written
+    report = dedup_adhoc(str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), workers=1)
+    kept = [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert kept == ["a", "d"]
+    assert report["bad_records"] == [
+        f"{tmp_path / 'in.jsonl'}:2: field 'text' is not valid UTF-8 (a lone surrogate)",
+        f"{tmp_path / 'in.jsonl'}:3: field 'meta' is not valid UTF-8 (a lone surrogate)"]
+
+
 def test_an_exact_copy_of_a_near_duplicate_names_the_kept_document(tmp_path):
     from stages.adhoc import dedup_adhoc
 
