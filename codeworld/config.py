@@ -210,8 +210,9 @@ Source = Annotated[
 
 
 def source_name(src: Source) -> str:
-    """The name a source's records carry (ids `NAME/path`): its `name`, else the last part of
-    its path or URL without extension (a folder `src/lib` is `lib`), else its kind."""
+    """The name a source's records carry (ids `NAME/path`, `NAME/id` for JSONL and shards
+    records): its `name`, else the last part of its path or URL without extension (a folder
+    `src/lib` is `lib`), else its kind."""
     if src.name:
         return src.name
     where = getattr(src, "path", None) or getattr(src, "url", "")

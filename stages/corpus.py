@@ -1,11 +1,12 @@
 """Stage `corpus`: ingest source files into shards, one record per file with its provenance.
 
-Record: {id, text, source, path, size, language, sha256, license}. Candidates are listed in a
-fixed order and cut into groups of `shard_files` before filtering, so shard i always holds the
-same files: each group is an independent unit that workers build in parallel and a killed run
-resumes. Binary, non-UTF-8, unreadable and out-of-size files are skipped and counted; so are,
-while listing, symlinks (never followed), fifos, sockets and devices (never opened) and entries
-whose path is not valid UTF-8.
+Record: {id, text, source, path, size, language, sha256, license}; the id is SOURCE/PATH for a
+file, SOURCE/ID for a record of a JSONL or shards source (its own id; a repeated one is a bad
+record). Candidates are listed in a fixed order and cut into groups of `shard_files` before
+filtering, so shard i always holds the same files: each group is an independent unit that
+workers build in parallel and a killed run resumes. Binary, non-UTF-8, unreadable and
+out-of-size files are skipped and counted; so are, while listing, symlinks (never followed),
+fifos, sockets and devices (never opened) and entries whose path or id is not valid UTF-8.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def _language(c: Candidate) -> str | None:
 
 def _record(c: Candidate, text: str, raw: bytes, digest: str) -> dict:
     return {
-        "id": f"{c.source}/{c.path}",
+        # A record's own id where it has one (JSONL, shards: see _list_records), else its path.
+        "id": f"{c.source}/{c.path if c.record_id is None else c.record_id}",
         "text": text,
         "source": c.source,
         "path": c.path,

@@ -16,6 +16,7 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Iterator
 
 from codeworld.config import (CorpusConfig, DirSource, GitSource, JsonlSource,
                               S3Source, ShardsSource, StdlibSource, source_name)
@@ -56,9 +57,12 @@ class Candidate:
     text: str | None = None
     extra: tuple = ()
     # What the bytes are, the same on every machine: a sha256 of the file (folders, stdlib),
-    # the git blob sha, the S3 ETag, a sha256 of a record's text and fields. A marker instead
+    # the git blob sha, the S3 ETag, a sha256 of a record's text, id and fields. A marker instead
     # for a file never read while listing ("too large", "unreadable: ...").
     content: str = ""
+    # A record's own id (JSONL, shards): the output record's id is SOURCE/ID (a file's is
+    # SOURCE/PATH). None for files.
+    record_id: str | None = None
 
 
 def stdlib_dir() -> Path:
@@ -355,9 +359,11 @@ def _s3_content(fs, key: str, info: dict) -> str:
     return "sha256 " + hashlib.sha256(read_url(f"s3://{key}", fs=fs)).hexdigest()
 
 
-def _record_candidate(name: str, kind: str, rec: dict, where: str) -> Candidate:
+def _record_candidate(name: str, kind: str, rec: object, where: str) -> Candidate:
     """The candidate of one record; ValueError says what is wrong with it (the caller names
     the record)."""
+    if not isinstance(rec, dict):   # a JSON list or string: no field to take
+        raise ValueError(f"not a JSON object ({type(rec).__name__})")
     text = rec.get("text")
     rid = rec.get("id")
     if not isinstance(text, str) or rid is None:
@@ -371,31 +377,51 @@ def _record_candidate(name: str, kind: str, rec: dict, where: str) -> Candidate:
     path = str(rec.get("path") or rid)
     extra = tuple(sorted((k, rec[k]) for k in ("language", "license") if rec.get(k) is not None))
     raw = text.encode("utf-8", "surrogatepass")
-    content = hashlib.sha256(dumps(extra) + b"\0" + raw).hexdigest()
-    return Candidate(name, kind, where, path, len(raw), rec.get("license"), text, extra, content)
+    # The id is part of what the record is: an edited id makes a new dataset. Length-prefixed
+    # (no id and text run into each other) and surrogatepass (a bad one is skipped by name).
+    rb = str(rid).encode("utf-8", "surrogatepass")
+    content = hashlib.sha256(dumps(extra) + b"\0" + b"%d:" % len(rb) + rb + raw).hexdigest()
+    return Candidate(name, kind, where, path, len(raw), rec.get("license"), text, extra, content,
+                     str(rid))
+
+
+def _source_records(src: JsonlSource | ShardsSource, name: str,
+                    endpoint: str | None) -> Iterator[tuple[str, object, str | None]]:
+    """(where, record, problem) of each record of a JSONL or shards source."""
+    if isinstance(src, JsonlSource):
+        if not filesystem(src.path, endpoint).exists(src.path):
+            raise SourceError(f"source {name!r}: {src.path} does not exist")
+        yield from read_jsonl(src.path, endpoint)
+    else:
+        for i, rec in enumerate(Dataset.open(src.path, endpoint)):
+            yield f"{src.path}#{i}", rec, None
 
 
 def _list_records(src: JsonlSource | ShardsSource, name: str, cfg: CorpusConfig,
                   endpoint: str | None, bad: list[str]) -> list[Candidate]:
-    out = []
-    if isinstance(src, JsonlSource):
-        fs = filesystem(src.path, endpoint)
-        if not fs.exists(src.path):
-            raise SourceError(f"source {name!r}: {src.path} does not exist")
-        for where, rec, problem in read_jsonl(src.path, endpoint):
-            try:
-                if problem:
-                    raise ValueError(problem)
-                out.append(_record_candidate(name, "jsonl", rec, where))
-            except ValueError as err:
-                bad.append(f"{where}: {err}"[:300])
-    else:
-        for i, rec in enumerate(Dataset.open(src.path, endpoint)):
-            where = f"{src.path}#{i}"
-            try:
-                out.append(_record_candidate(name, "shards", rec, where))
-            except ValueError as err:  # a dataset of another kind: fatal, naming the record
+    kind = "jsonl" if isinstance(src, JsonlSource) else "shards"
+    out, seen = [], set()
+    for where, rec, problem in _source_records(src, name, endpoint):
+        try:
+            if problem:
+                raise ValueError(problem)
+            c = _record_candidate(name, kind, rec, where)
+        except ValueError as err:
+            if kind == "shards":  # a dataset of another kind: fatal, naming the record
                 raise SourceError(f"source {name!r}: {where}: {err}") from err
+            bad.append(f"{where}: {err}"[:300])
+            continue
+        # Output ids are SOURCE/ID: the record's own id, which its user gave to name it (paths
+        # repeat: two repositories' setup.py, a corpus of several folders ingested again).
+        # Two records with one id would be one record to every later stage (dedup's report,
+        # evaluation names records by id), so a repeat is a bad record, counted and named,
+        # as `codeworld dedup` counts it; the first one is kept: the result does not depend
+        # on which records follow.
+        if c.record_id in seen:
+            bad.append(f"{where}: duplicate id {rec['id']!r} (first one kept)"[:300])
+            continue
+        seen.add(c.record_id)
+        out.append(c)
     return out  # language is checked per record by the ingesting worker (and counted)
 
 
@@ -422,13 +448,14 @@ def list_candidates(cfg: CorpusConfig, endpoint: str | None = None,
         else:
             listed = _list_records(src, name, cfg, endpoint, bad)
         for c in listed:
-            # A path the records and the fingerprint cannot hold (a non-UTF-8 file name, a
-            # lone surrogate in a JSONL path) would kill the stage: skip that one entry.
-            if _writable(c.path):
+            # A path or id the records and the fingerprint cannot hold (a non-UTF-8 file name,
+            # a lone surrogate in a JSONL path or id) would kill the stage: skip that one entry.
+            field = "path" if not _writable(c.path) else "id" if not _writable(c.record_id) else None
+            if field is None:
                 out.append(c)
             else:
                 where = f"{c.locator}: " if c.text is not None else ""  # a record: name its line
-                skipped.append(skipped_entry("bad_name", name, c.path, f"{where}path is not valid UTF-8"))
+                skipped.append(skipped_entry("bad_name", name, c.path, f"{where}{field} is not valid UTF-8"))
     return out, bad, skipped
 
 

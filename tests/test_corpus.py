@@ -329,3 +329,40 @@ def test_a_git_object_cut_short_fails_naming_the_repository_and_path():
                                            "of its 100 bytes$"):
         read_bytes(c, git, None)   # was b"short", ingested as the file's text
     assert proc.killed and git.procs == {}   # the next read starts a new cat-file
+
+
+def test_records_keep_their_own_ids_and_a_repeated_id_is_a_bad_record(tmp_path):
+    rows = [{"id": "r1", "text": "a = 1\n", "path": "setup.py"},
+            {"id": "r2", "text": "b = 2\n", "path": "setup.py"},   # another repository's setup.py
+            {"id": "r1", "text": "c = 3\n", "path": "c.py"}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = run_corpus(tmp_path, [{"kind": "jsonl", "path": str(tmp_path / "in.jsonl"), "name": "j"}])
+    recs = list(Dataset.open(str(tmp_path / "data" / "corpus")))   # were two records "j/setup.py"
+    assert [(r["id"], r["path"], r["text"]) for r in recs] == [("j/r1", "setup.py", "a = 1\n"),
+                                                               ("j/r2", "setup.py", "b = 2\n")]
+    assert m["stats"]["bad_records"] == [f"{tmp_path / 'in.jsonl'}:3: duplicate id 'r1' (first one kept)"]
+    assert m["stats"]["counts"]["bad_records"] == 1
+
+
+def test_a_corpus_of_several_folders_ingested_again_keeps_distinct_ids(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.py").write_text(f"x = {name!r}\n")
+    run_corpus(tmp_path, [{"kind": "dir", "path": str(tmp_path / n)} for n in ("a", "b")])
+    (tmp_path / "again").mkdir()
+    run_corpus(tmp_path / "again", [{"kind": "shards", "path": str(tmp_path / "data" / "corpus"),
+                                     "name": "c"}])
+    recs = list(Dataset.open(str(tmp_path / "again" / "data" / "corpus")))
+    assert [(r["id"], r["path"]) for r in recs] == [("c/a/x.py", "x.py"), ("c/b/x.py", "x.py")]
+
+
+def test_a_shards_record_that_is_not_an_object_fails_naming_it(tmp_path):
+    from codeworld.shards import DatasetWriter
+    from codeworld.storage import Storage
+
+    writer = DatasetWriter(Storage(str(tmp_path)), "other", "fp")
+    writer.prepare()
+    writer.finish([writer.write(0, [{"id": "a", "text": "x = 1\n"}, [1, 2]])])
+    with pytest.raises(SourceError) as err:   # was AttributeError: 'list' object has no attribute 'get'
+        run_corpus(tmp_path, [{"kind": "shards", "path": str(tmp_path / "other"), "name": "o"}])
+    assert str(err.value) == f"source 'o': {tmp_path / 'other'}#1: not a JSON object (list)"

@@ -365,4 +365,4 @@ def test_adhoc_corpus_takes_s3_jsonl_and_s3_datasets_by_what_they_are(s3_endpoin
     w.finish([w.write(0, [{"id": "b", "text": "y = 2\n", "path": "b.py"}])])
     m = corpus_adhoc([f"{s3_bucket}/sets/ds"], str(tmp_path / "from-shards"), workers=1)
     assert m["records"] == 1   # was listed as a prefix of .tar and .json files: nothing to ingest
-    assert [r["id"] for r in Dataset.open(str(tmp_path / "from-shards"))] == ["src0/b.py"]
+    assert [r["id"] for r in Dataset.open(str(tmp_path / "from-shards"))] == ["src0/b"]   # SOURCE/ID
