@@ -6,7 +6,8 @@ record). Candidates are listed in a fixed order and cut into groups of `shard_fi
 filtering, so shard i always holds the same files: each group is an independent unit that
 workers build in parallel and a killed run resumes. Binary, non-UTF-8, unreadable and
 out-of-size files are skipped and counted; so are, while listing, symlinks (never followed),
-fifos, sockets and devices (never opened) and entries whose path or id is not valid UTF-8.
+fifos, sockets and devices (never opened), entries whose path or id is not valid UTF-8 and
+license files that cannot be read (their files' license is "unreadable").
 """
 
 from __future__ import annotations

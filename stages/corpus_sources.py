@@ -4,18 +4,22 @@ existing shards. Listing is cheap and deterministic (sorted paths); reading happ
 
 from __future__ import annotations
 
+import csv
+import errno
 import fnmatch
 import hashlib
+import io
 import json
 import logging
 import os
 import platform
+import re
 import stat
 import subprocess
 import sysconfig
 import time
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Iterator
 
 from codeworld.config import (CorpusConfig, DirSource, GitSource, JsonlSource,
@@ -27,16 +31,58 @@ from codeworld.storage import UNREADABLE, Storage, StorageError, filesystem, rea
 log = logging.getLogger(__name__)
 
 LICENSE_NAMES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "COPYING", "COPYING.txt")
-# Ordered: the first phrase found names the license (LGPL before GPL, PSF before BSD-like text).
-LICENSE_PHRASES = (
-    ("PYTHON SOFTWARE FOUNDATION LICENSE", "PSF-2.0"),
-    ("Apache License", "Apache-2.0"),
-    ("GNU LESSER GENERAL PUBLIC LICENSE", "LGPL"),
-    ("GNU AFFERO GENERAL PUBLIC LICENSE", "AGPL"),
-    ("GNU GENERAL PUBLIC LICENSE", "GPL"),
-    ("Mozilla Public License", "MPL-2.0"),
-    ("Permission is hereby granted, free of charge", "MIT"),
-    ("Redistribution and use in source and binary forms", "BSD"),
+# The labels a record's license takes: one of LICENSE_RULES' below; "unknown" for a license
+# file none of them recognises; "unreadable" for one that could not be read (counted as a
+# `unreadable_license` entry skipped while listing); None where no license file applies.
+UNKNOWN_LICENSE, UNREADABLE_LICENSE = "unknown", "unreadable"
+LICENSE_BYTES = 20_000  # a license names itself near its start; bundled ones follow it
+
+
+def _words(phrase: str) -> str:
+    """A regex of `phrase`'s words, whatever whitespace (line breaks too) lies between them."""
+    return r"\s+".join(re.escape(w) for w in phrase.split())
+
+
+def _title(pattern: str) -> re.Pattern:
+    """A line that is a license's title and nothing else (an optional version after it)."""
+    return re.compile(rf"^[ \t]*(?:the[ \t]+)?{pattern}"
+                      r"(?:,?[ \t]+(?:version|v\.?)[ \t]*\d[\d.]*)?[ \t]*$", re.M | re.I)
+
+
+def _phrase(phrase: str) -> re.Pattern:
+    return re.compile(_words(phrase), re.I)
+
+
+_GNU = r"GNU[ \t]+{}GENERAL[ \t]+PUBLIC[ \t]+LICENSE"
+# Each license by its own identifying text. A bare mention is no evidence: the MPL-2.0 names
+# the GNU GPL among its "Secondary Licenses", and the BSD license files of numpy and scipy
+# append the GPL texts of libraries their wheels bundle. Text (True): a title as a line of its
+# own, or words of the license's body no mention quotes; the earliest decides (a file's own
+# license comes before those of code it bundles). Notice (False): "licensed under ...", which
+# may describe a part of the code, so it decides only where no text is found (a file holding
+# just a notice). Most specific first: the order breaks a tie at one position.
+LICENSE_RULES: tuple[tuple[str, re.Pattern, bool], ...] = (   # (label, pattern, is text)
+    ("LGPL", _title(_GNU.format(r"(?:LESSER|LIBRARY)[ \t]+")), True),
+    ("LGPL", _phrase("GNU Lesser General Public License as published by"), False),
+    ("LGPL", _phrase("GNU Library General Public License as published by"), False),
+    ("AGPL", _title(_GNU.format(r"AFFERO[ \t]+")), True),
+    ("AGPL", _phrase("GNU Affero General Public License as published by"), False),
+    ("GPL", _title(_GNU.format("")), True),
+    ("GPL", _phrase("GNU General Public License as published by"), False),
+    ("MPL-2.0", _title(r"Mozilla[ \t]+Public[ \t]+License,?[ \t]+(?:version|v\.?)[ \t]*2\.0"), True),
+    ("MPL-2.0", _phrase("Mozilla Public License, v. 2.0"), False),
+    ("MPL-2.0", _phrase("under the Mozilla Public License"), False),
+    # Apache's title is two lines: "Apache License" above "Version 2.0, January 2004".
+    ("Apache-2.0", re.compile(r"^[ \t]*Apache[ \t]+License,?\s+Version[ \t]+2\.0\b", re.M | re.I), True),
+    ("Apache-2.0", _phrase("Licensed under the Apache License"), False),
+    ("PSF-2.0", _title(r"PYTHON[ \t]+SOFTWARE[ \t]+FOUNDATION[ \t]+LICENSE(?:[ \t]+AGREEMENT)?"), True),
+    ("PSF-2.0", _phrase("PSF LICENSE AGREEMENT FOR PYTHON"), True),
+    ("PSF-2.0", _phrase("licensed under the Python Software Foundation License"), False),
+    ("MIT", _title(r"MIT[ \t]+License(?:[ \t]+\(MIT\))?"), True),
+    ("MIT", _phrase("Permission is hereby granted, free of charge"), True),
+    ("BSD", _title(r"(?:(?:new|simplified|modified|revised)[ \t]+)?BSD(?:[ -][0-9]-clause)?[ \t]+License"),
+     True),
+    ("BSD", _phrase("Redistribution and use in source and binary forms"), True),
 )
 
 
@@ -144,22 +190,165 @@ class FileHashes:
 
 
 def classify_license(text: str) -> str:
-    for phrase, spdx in LICENSE_PHRASES:
-        if phrase.lower() in text.lower():
-            return spdx
-    return "unknown"
+    """The label of a license file's text (see LICENSE_RULES): its earliest license text, else
+    its earliest notice; "unknown" when it has neither."""
+    text = text[:LICENSE_BYTES]
+    best: tuple | None = None
+    for rank, (label, pattern, is_text) in enumerate(LICENSE_RULES):
+        m = pattern.search(text)
+        if m is not None:
+            key = (not is_text, m.start(), rank, label)
+            best = key if best is None else min(best, key)
+    return best[-1] if best is not None else UNKNOWN_LICENSE
 
 
-def _dist_info_license(site: Path, top: str) -> str | None:
-    norm = top.lower().replace("-", "_")
-    for info in sorted(site.glob("*.dist-info")):
-        if info.name.split("-")[0].lower().replace("-", "_") != norm:
-            continue
-        files = sorted(p for p in info.rglob("*") if p.is_file() and
-                       p.name.upper().startswith(("LICENSE", "LICENCE", "COPYING")))
-        if files:
-            return classify_license(files[0].read_text(errors="replace")[:20000])
-    return None
+def _import_names(record: bytes) -> set[str]:
+    """The top-level import names a wheel's RECORD installs: a package folder (`yaml/...`),
+    a module (`six.py`, `_cffi_backend.cpython-311-x86_64-linux-gnu.so`)."""
+    names = set()
+    for row in csv.reader(io.StringIO(record.decode("utf-8", "replace"))):
+        parts = PurePosixPath(row[0]).parts if row else ()
+        if not parts or parts[0] in ("..", "/", "__pycache__") or parts[0].endswith((".dist-info", ".data")):
+            continue   # scripts installed elsewhere, the metadata itself
+        names.add(parts[0] if len(parts) > 1 else parts[0].split(".")[0])
+    return names
+
+
+def _norm(name: str) -> str:
+    """A distribution or import name as they are compared (PyYAML, python-dateutil...)."""
+    return name.lower().replace("-", "_").replace(".", "_")
+
+
+class _LocalTree:
+    """A folder source's files, as `_Licenses` looks them up (absolute paths)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def is_file(self, p: Path) -> bool:
+        return p.is_file()
+
+    def read(self, p: Path, limit: int = -1) -> bytes:
+        with p.open("rb") as fh:
+            return fh.read(limit)
+
+    def dist_infos(self, site: Path) -> list[Path]:
+        return sorted(site.glob("*.dist-info"), key=str)
+
+    def files(self, folder: Path) -> list[Path]:
+        return sorted((p for p in folder.rglob("*") if p.is_file()), key=str)
+
+    def rel(self, p: Path) -> str:
+        return Path(os.path.relpath(p, self.root)).as_posix()   # may lead above the root
+
+
+class _GitTree:
+    """A commit's files from its `ls-tree` listing (blob sha by relative path), as `_Licenses`
+    looks them up: the same answers as `_LocalTree` gives for a checkout of that commit."""
+
+    def __init__(self, repo: str, blobs: dict[PurePosixPath, str]):
+        self.repo, self.blobs = repo, blobs
+
+    def is_file(self, p: PurePosixPath) -> bool:
+        return p in self.blobs
+
+    def read(self, p: PurePosixPath, limit: int = -1) -> bytes:
+        try:
+            data = _git(self.repo, "cat-file", "blob", self.blobs[p])
+        except SourceError as err:   # a missing object: unreadable, as GitReader counts it
+            raise FileNotFoundError(errno.ENOENT, str(err)) from err
+        return data if limit < 0 else data[:limit]
+
+    def dist_infos(self, site: PurePosixPath) -> list[PurePosixPath]:
+        found = {site / p.relative_to(site).parts[0] for p in self.blobs if site in p.parents}
+        return sorted((d for d in found if d.name.endswith(".dist-info")), key=str)
+
+    def files(self, folder: PurePosixPath) -> list[PurePosixPath]:
+        return sorted((p for p in self.blobs if folder in p.parents), key=str)
+
+    def rel(self, p: PurePosixPath) -> str:
+        return p.as_posix()
+
+
+class _Licenses:
+    """The license of each file of one source: the nearest license file (LICENSE_NAMES order)
+    from the file's folder up to the source root. An installed package's license lives in its
+    .dist-info, found through the import names the distribution installs (yaml is PyYAML's,
+    six.py six's); a site-packages folder is a boundary (the interpreter's own license does
+    not cover third-party packages). Folder and git sources share it, so one tree gives the
+    same licenses either way. A license file that cannot be read is labelled "unreadable" and
+    counted in `skipped`, never fatal: it changes no file's text."""
+
+    def __init__(self, tree: _LocalTree | _GitTree, root: PurePath, source: str, skipped: list[dict]):
+        self.tree, self.root, self.source, self.skipped = tree, root, source, skipped
+        self.folders: dict[PurePath, str | None] = {}
+        self.labels: dict[PurePath, str] = {}
+        self.sites: dict[PurePath, dict[str, PurePath]] = {}
+
+    def of(self, path: PurePath) -> str | None:
+        if path.parent.name == "site-packages":
+            return self._installed(path.parent, path.name.split(".")[0])   # six.py
+        return self._folder(path.parent)
+
+    def _folder(self, d: PurePath) -> str | None:
+        if d not in self.folders:
+            found = next((d / n for n in LICENSE_NAMES if self.tree.is_file(d / n)), None)
+            if found is not None:
+                self.folders[d] = self._classify(found)
+            elif d.parent.name == "site-packages":
+                self.folders[d] = self._installed(d.parent, d.name)
+            elif d == self.root or d.name == "site-packages":
+                self.folders[d] = None
+            else:
+                self.folders[d] = self._folder(d.parent)
+        return self.folders[d]
+
+    def _classify(self, p: PurePath) -> str:
+        if p not in self.labels:
+            try:
+                text = self.tree.read(p, LICENSE_BYTES).decode("utf-8", "replace")
+                self.labels[p] = classify_license(text)
+            except OSError as err:
+                self.labels[p] = UNREADABLE_LICENSE
+                self.skipped.append(skipped_entry("unreadable_license", self.source, self.tree.rel(p),
+                                                  err.strerror or str(err)))
+        return self.labels[p]
+
+    def _installed(self, site: PurePath, name: str) -> str | None:
+        info = self._site(site).get(_norm(name))
+        if info is None:
+            return None
+        files = [p for p in self.tree.files(info)
+                 if p.name.upper().startswith(("LICENSE", "LICENCE", "COPYING"))]
+        return self._classify(files[0]) if files else None
+
+    def _site(self, site: PurePath) -> dict[str, PurePath]:
+        """Import name -> its distribution's .dist-info: the names its top_level.txt and RECORD
+        declare, then (for metadata without either) the distribution's own name. The first
+        distribution in name order wins a name two declare (a namespace package)."""
+        if site not in self.sites:
+            index: dict[str, PurePath] = {}
+            infos = self.tree.dist_infos(site)
+            for info in infos:
+                for name in sorted(self._declared(info)):
+                    index.setdefault(_norm(name), info)
+            for info in infos:
+                index.setdefault(_norm(info.name.split("-")[0]), info)
+            self.sites[site] = index
+        return self.sites[site]
+
+    def _declared(self, info: PurePath) -> set[str]:
+        names: set[str] = set()
+        try:
+            if self.tree.is_file(info / "top_level.txt"):
+                top = self.tree.read(info / "top_level.txt").decode("utf-8", "replace")
+                names.update(line.strip().split("/")[0] for line in top.splitlines() if line.strip())
+            if self.tree.is_file(info / "RECORD"):
+                names |= _import_names(self.tree.read(info / "RECORD"))
+        except OSError as err:   # only a lookup aid: the distribution's name still maps
+            log.warning("corpus: cannot read %s's metadata: %s", self.tree.rel(info),
+                        err.strerror or err)
+        return names
 
 
 def printable(s: str) -> str:
@@ -234,23 +423,7 @@ def _list_dir(root: Path, name: str, kind: str, cfg: CorpusConfig,
               skipped: list[dict], hashes: FileHashes) -> list[Candidate]:
     if not root.is_dir():
         raise SourceError(f"source {name!r}: {root} is not a directory")
-    licenses: dict[Path, str | None] = {}
-
-    def license_for(d: Path) -> str | None:
-        # Nearest LICENSE file from the file's folder up to the source root; an installed
-        # package's license lives in its .dist-info, and a site-packages folder is a boundary
-        # (the interpreter's own license does not cover third-party packages).
-        if d not in licenses:
-            found = next((d / n for n in LICENSE_NAMES if (d / n).is_file()), None)
-            if found is not None:
-                licenses[d] = classify_license(found.read_text(errors="replace")[:20000])
-            elif d.parent.name == "site-packages":
-                licenses[d] = _dist_info_license(d.parent, d.name)
-            elif d == root or d.name == "site-packages":
-                licenses[d] = None
-            else:
-                licenses[d] = license_for(d.parent)
-        return licenses[d]
+    licenses = _Licenses(_LocalTree(root), root, name, skipped)
 
     def unlistable(err: OSError) -> None:
         # os.walk passes over a folder it cannot list; silently, that would drop its files
@@ -286,7 +459,7 @@ def _list_dir(root: Path, name: str, kind: str, cfg: CorpusConfig,
             else:
                 size = st.st_size if st else -1
                 content = _file_content(full, st, cfg, hashes) if st else "missing"
-                out.append(Candidate(name, kind, str(full), rel, size, license_for(full.parent),
+                out.append(Candidate(name, kind, str(full), rel, size, licenses.of(full),
                                      content=content))
     return sorted(out, key=lambda c: c.path)
 
@@ -304,7 +477,7 @@ def _list_git(src: GitSource, name: str, cfg: CorpusConfig, skipped: list[dict])
         raise SourceError(f"source {name!r}: {src.path} does not exist")
     _git(src.path, "cat-file", "-e", f"{src.commit}^{{commit}}")
     listing = _git(src.path, "ls-tree", "-r", "-l", "-z", src.commit)
-    entries = []
+    entries, blobs = [], {}
     for item in listing.split(b"\0"):
         if not item:
             continue
@@ -317,14 +490,14 @@ def _list_git(src: GitSource, name: str, cfg: CorpusConfig, skipped: list[dict])
             if _wanted(rel, cfg):
                 skipped.append(skipped_entry("symlink", name, rel, "symlink, not followed"))
             continue
-        entries.append((rel, sha.decode(), int(size)))
-    license = None
-    for rel, sha, _ in entries:
-        if rel in LICENSE_NAMES:
-            license = classify_license(_git(src.path, "cat-file", "blob", sha)[:20000].decode(errors="replace"))
-            break
-    return sorted((Candidate(name, "git", f"{src.path}\0{sha}", rel, size, license, content=sha)
-                   for rel, sha, size in entries if _wanted(rel, cfg)), key=lambda c: c.path)
+        blobs[PurePosixPath(rel)] = sha.decode()
+        if _wanted(rel, cfg):
+            entries.append((rel, sha.decode(), int(size)))
+    # Every file's nearest license, as a folder source finds it in a checkout of the commit.
+    licenses = _Licenses(_GitTree(src.path, blobs), PurePosixPath("."), name, skipped)
+    return sorted((Candidate(name, "git", f"{src.path}\0{sha}", rel, size,
+                             licenses.of(PurePosixPath(rel)), content=sha)
+                   for rel, sha, size in entries), key=lambda c: c.path)
 
 
 def _list_s3(src: S3Source, name: str, cfg: CorpusConfig, endpoint: str | None) -> list[Candidate]:

@@ -366,3 +366,118 @@ def test_a_shards_record_that_is_not_an_object_fails_naming_it(tmp_path):
     with pytest.raises(SourceError) as err:   # was AttributeError: 'list' object has no attribute 'get'
         run_corpus(tmp_path, [{"kind": "shards", "path": str(tmp_path / "other"), "name": "o"}])
     assert str(err.value) == f"source 'o': {tmp_path / 'other'}#1: not a JSON object (list)"
+
+
+MIT = "MIT License\n\nPermission is hereby granted, free of charge, to any person ...\n"
+APACHE = "                Apache License\n           Version 2.0, January 2004\n\nTERMS AND CONDITIONS\n"
+GPL = "        GNU GENERAL PUBLIC LICENSE\n           Version 3, 29 June 2007\n\nPreamble\n"
+
+
+@pytest.mark.parametrize("text, label", [
+    # The MPL-2.0 names the GPL among its "Secondary Licenses": a mention, not its license.
+    ("Mozilla Public License Version 2.0\n==================================\n\n1.12. \"Secondary "
+     "License\"\n    means either the GNU General Public License, Version 2.0, the GNU Lesser\n"
+     "    General Public License, Version 2.1, or any later versions\n", "MPL-2.0"),
+    # hypothesis: a preamble in its own words, then the MPL text
+    ("Copyright (c) 2013, someone\n\nAll code here is released\nunder the Mozilla Public License "
+     "v 2.0.\n", "MPL-2.0"),
+    # numpy, scipy: their BSD text, then the GPL texts of the libraries their wheels bundle
+    ("Copyright (c) 2005, someone\nAll rights reserved.\n\nRedistribution and use in source and "
+     "binary forms, with or without\nmodification, are permitted ...\n" + "\n" * 40 + "libgcc:\n"
+     + GPL + "it under the terms of the GNU General Public License as published by\n", "BSD"),
+    # sympy: BSD first, a bundled MIT text after it
+    ("Redistribution and use in source and binary forms ...\n\n" + MIT, "BSD"),
+    ("GNU LESSER GENERAL PUBLIC LICENSE\n  Version 3, 29 June 2007\n\nThis version incorporates the "
+     "terms of version 3 of the GNU General Public License, supplemented ...\n", "LGPL"),
+    (GPL + "  The GNU General Public License is a free, copyleft license\n", "GPL"),
+    ("Python was created ... Historically, most Python releases have also been GPL-compatible,\n"
+     "unlike the GNU General Public License (GPL) ...\n\nPYTHON SOFTWARE FOUNDATION LICENSE VERSION 2\n"
+     "--------------------------------------------\n", "PSF-2.0"),
+    (APACHE, "Apache-2.0"),
+    (MIT, "MIT"),
+    ("We do not use the GNU General Public License.\n", "unknown"),
+])
+def test_a_license_is_named_by_its_own_text_not_by_licenses_it_mentions(text, label):
+    from stages.corpus_sources import classify_license
+
+    assert classify_license(text) == label
+
+
+def test_an_installed_package_takes_the_license_of_the_distribution_that_installs_it(tmp_path):
+    # Import names differ from distribution names (yaml: PyYAML, attr: attrs, dateutil:
+    # python-dateutil), and a module may be one file (six.py): all were None.
+    site = tmp_path / "lib" / "site-packages"
+    files = {"yaml/__init__.py": "", "PyYAML-6.0.dist-info/LICENSE": MIT,
+             "PyYAML-6.0.dist-info/RECORD": "yaml/__init__.py,sha256=x,1\n_yaml/__init__.py,,\n"
+                                            "PyYAML-6.0.dist-info/RECORD,,\n../../bin/yaml,,\n",
+             "attr/__init__.py": "", "attrs-26.1.0.dist-info/licenses/LICENSE": MIT,
+             "attrs-26.1.0.dist-info/RECORD": "attr/__init__.py,,\nattrs/__init__.py,,\n",
+             "dateutil/tz/tz.py": "", "python_dateutil-2.9.dist-info/top_level.txt": "dateutil\n",
+             "python_dateutil-2.9.dist-info/LICENSE": APACHE,
+             "six.py": "", "six-1.17.0.dist-info/LICENSE": MIT,
+             "orphan.py": "", "nometa/__init__.py": ""}
+    for rel, text in files.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text(text)
+    (tmp_path / "lib" / "LICENSE").write_text("PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2\n")
+    (tmp_path / "lib" / "os.py").write_text("")
+    run_corpus(tmp_path, [{"kind": "dir", "path": str(tmp_path / "lib"), "name": "lib"}])
+    licenses = {r["path"]: r["license"] for r in Dataset.open(str(tmp_path / "data" / "corpus"))}
+    assert licenses == {"os.py": "PSF-2.0", "site-packages/yaml/__init__.py": "MIT",
+                        "site-packages/attr/__init__.py": "MIT",
+                        "site-packages/dateutil/tz/tz.py": "Apache-2.0",
+                        "site-packages/six.py": "MIT", "site-packages/orphan.py": None,
+                        "site-packages/nometa/__init__.py": None}
+
+
+def test_an_unreadable_license_file_is_counted_not_fatal(tmp_path, monkeypatch):
+    import errno
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "LICENSE").write_text(MIT)
+    (src / "sub" / "LICENSE").write_text(APACHE)
+    (src / "a.py").write_text("a = 1\n")
+    (src / "sub" / "b.py").write_text("b = 2\n")
+    real_open = Path.open
+
+    def refused(self, *args, **kw):   # root reads any file: the refusal a user meets is made here
+        if self == src / "sub" / "LICENSE":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_open(self, *args, **kw)
+
+    monkeypatch.setattr(Path, "open", refused)
+    m = run_corpus(tmp_path, [{"kind": "dir", "path": str(src), "name": "s"}])   # was fatal
+    assert {r["path"]: r["license"] for r in Dataset.open(str(tmp_path / "data" / "corpus"))} == {
+        "a.py": "MIT", "sub/b.py": "unreadable"}
+    assert m["stats"]["counts"]["skipped_unreadable_license"] == 1
+    assert m["stats"]["examples"] == [{"reason": "unreadable_license", "source": "s",
+                                       "path": "sub/LICENSE", "detail": "Permission denied"}]
+
+
+def _commit(repo: Path) -> str:
+    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "one"], check=True)
+    return subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def test_a_git_commit_and_its_checkout_give_the_same_licenses(tmp_path):
+    from codeworld.config import CorpusConfig
+    from stages.corpus_sources import list_candidates
+
+    repo = tmp_path / "repo"
+    for rel, text in {"COPYING": GPL, "LICENSE": MIT, "a.py": "a = 1\n",   # LICENSE before COPYING
+                      "sub/COPYING": GPL, "sub/LICENSE.txt": APACHE, "sub/deep/b.py": "b = 2\n",
+                      "other/c.py": "c = 3\n"}.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(text)
+    commit = _commit(repo)
+    cfg = CorpusConfig.model_validate({"sources": [
+        {"kind": "dir", "path": str(repo), "name": "d"},
+        {"kind": "git", "path": str(repo), "commit": commit, "name": "g"}]})
+    listed, _, _ = list_candidates(cfg)
+    by_source = {s: {c.path: c.license for c in listed if c.source == s} for s in ("d", "g")}
+    assert by_source["d"] == {"a.py": "MIT", "sub/deep/b.py": "Apache-2.0", "other/c.py": "MIT"}
+    assert by_source["g"] == by_source["d"]   # was GPL for all: the first top-level one listed
