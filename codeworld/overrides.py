@@ -1,5 +1,6 @@
 """`SECTION.KEY=VALUE` overrides of params.yaml (like `dvc exp run -S`), validated like the
-file itself: VALUE is JSON (numbers, booleans, lists, objects) or else a plain string."""
+file itself: VALUE is JSON (numbers, booleans, lists, objects) or else a plain string. The flow
+then writes the validated values into params.yaml (write_overrides) for the stages to read."""
 
 from __future__ import annotations
 
@@ -67,3 +68,87 @@ def apply_overrides(params: Params, items: list[str]) -> Params:
             value = item.partition("=")[2]   # the text as written, not its JSON reading
         node[parts[-1]] = value
     return parse_params(data, "overrides")
+
+
+# --- writing validated overrides into params.yaml --------------------------------------------
+# The stage reads params.yaml again (PyYAML, YAML 1.1) and DVC records it (ruamel, YAML 1.2), so
+# what is written must be the value validated above, in a form both read as that value: writing
+# the override's own JSON reading instead turned `experiment=2024` into a number, `=no` into a
+# boolean, and a section missing from the file into only the overridden key, without the
+# defaults the validation had filled in.
+
+class _Text(str):
+    """Text written double-quoted: `"2024"`, `"no"` and `"1.10"` stay text for every reader."""
+
+
+class _Float(float):
+    """A float written so YAML 1.1 reads it as one too (`1.0e-05`, not `1e-05`, a string there)."""
+
+
+def _float_text(value: float) -> str:
+    text = repr(float(value))
+    mantissa, e, exponent = text.partition("e")
+    if e and "." not in mantissa:
+        mantissa += ".0"
+    return mantissa + e + exponent
+
+
+def _yaml_value(value):
+    """A validated value (model_dump in JSON mode) as something ruamel writes unambiguously."""
+    if isinstance(value, dict):
+        return {_yaml_key(k): _yaml_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml_value(v) for v in value]
+    if isinstance(value, str):
+        return _Text(value)
+    if isinstance(value, float):
+        return _Float(value)
+    return value   # int, bool, None: written the same way by every YAML reader
+
+
+def _yaml_key(key: str) -> str:
+    """A mapping key quoted only where YAML 1.1 would read it as no text (`on`, `1`), so an
+    inserted section looks like the rest of the file."""
+    import yaml
+
+    plain = yaml.resolver.Resolver().resolve(yaml.ScalarNode, key, (True, False))
+    return key if plain == "tag:yaml.org,2002:str" else _Text(key)
+
+
+def _yaml_writer():
+    from ruamel.yaml import YAML  # DVC's own YAML library (round trip keeps the comments)
+
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.representer.add_representer(
+        _Text, lambda r, v: r.represent_scalar("tag:yaml.org,2002:str", str(v), style='"'))
+    rt.representer.add_representer(
+        _Float, lambda r, v: r.represent_scalar("tag:yaml.org,2002:float", _float_text(v)))
+    return rt
+
+
+def write_overrides(text: str, validated: Params, items: list[str]) -> str:
+    """params.yaml's `text` (comments and order kept) with each overridden key set to its value
+    in `validated` (apply_overrides' result). Where the file lacks a section or field on the
+    key's path, the validated subtree goes there whole (a section left out: its defaults too,
+    as validated), so the stage reads what was validated."""
+    import io
+
+    rt = _yaml_writer()
+    data = rt.load(text)
+    if data is None:
+        data = {}
+    dumped = validated.model_dump(mode="json")
+    for item in items:
+        key, _ = split_assignment(item)
+        node, value = data, dumped
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            value = value[part]
+            if i == len(parts) - 1 or not isinstance(node.get(part), dict):
+                node[part] = _yaml_value(value)
+                break
+            node = node[part]
+    buf = io.StringIO()
+    rt.dump(data, buf)
+    return buf.getvalue()

@@ -9,7 +9,7 @@ transient (DVC lock held, connection errors reported by a stage) is retried; any
 fails the flow with the stage's name and the tail of its output.
 
 `overrides` (`SECTION.KEY=VALUE`, like `dvc exp run -S`) are validated with the params first,
-written into params.yaml for the run (so DVC sees and records them in dvc.lock, as `dvc exp run
+their validated values written into params.yaml for the run (so DVC sees and records them in dvc.lock, as `dvc exp run
 -S` does) and params.yaml is put back as it was when the flow ends.
 
 After each stage that ran, its MLflow run gets lineage tags read from dvc.lock (md5 of each dep
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import json
 import threading
 import os
@@ -36,8 +35,8 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from codeworld.config import load_params
-from codeworld.overrides import apply_overrides
+from codeworld.config import ConfigError, load_params
+from codeworld.overrides import apply_overrides, write_overrides
 from codeworld.tracking import PARENT_ENV, repo_root, run_url, start_run, tracking_uri
 
 TRANSIENT_MARKERS = ("Unable to acquire lock", "transient error (retry)", "Connection reset",
@@ -140,40 +139,24 @@ def stage_groups(dvc_yaml: Path) -> dict[str, list[str]]:
     return {g: groups[g] for g in ("data", "train", "evaluate") if g in groups}
 
 
-def _override_value(raw: str):
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
-
-
 @contextmanager
 def params_overridden(params_file: Path, overrides: list[str]) -> Iterator[None]:
-    """params.yaml with `overrides` set (comments and order kept), restored on exit unless
-    someone else changed it meanwhile. Validate the overrides (apply_overrides) first."""
+    """params.yaml with `overrides` set to their validated values (comments and order kept,
+    see write_overrides), restored on exit unless someone else changed it meanwhile. A bad
+    override is a ConfigError here, before the file is touched."""
     if not overrides:
         yield
         return
-    from ruamel.yaml import YAML  # DVC's own YAML library (round trip keeps the comments)
-
     original = params_file.read_text()
-    rt = YAML()
-    rt.preserve_quotes = True
-    data = rt.load(original)
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        *sections, leaf = key.split(".")
-        node = data
-        for section in sections:
-            if node.get(section) is None:
-                node[section] = {}
-            node = node[section]
-        node[leaf] = _override_value(raw)
-    buf = io.StringIO()
-    rt.dump(data, buf)
-    written = buf.getvalue()
+    validated = apply_overrides(load_params(params_file), overrides)
+    written = write_overrides(original, validated, overrides)
     params_file.write_text(written)
     try:
+        # What the stages will read must be what was validated; a difference would be a silent
+        # config change recorded in dvc.lock, so it stops the run before any stage.
+        if load_params(params_file) != validated:
+            raise ConfigError(f"{params_file}: the overrides {overrides} as written do not read "
+                              "back as validated (a bug in codeworld.overrides.write_overrides)")
         yield
     finally:
         if params_file.read_text() == written:
