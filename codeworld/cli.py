@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import math
@@ -297,22 +296,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# A StorageError (codeworld.storage) wraps what the storage layer raised, local or S3: these
-# causes are a path that is wrong (missing, a folder, not writable); any other (a dropped
-# connection, an S3 5xx, a timeout after botocore's and s3fs's retries) may pass on retry.
-_BAD_PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-                    FileExistsError)
-_BAD_PATH_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM,
-                    errno.EEXIST, errno.EROFS, errno.ENAMETOOLONG}
-
-
-def _storage_error_is_transient(err: OSError) -> bool:
-    cause = err.__cause__
-    if cause is None:   # raised by storage.py itself: no such bucket, a corrupt download
-        return False
-    return not (isinstance(cause, _BAD_PATH_ERRORS) or getattr(cause, "errno", None) in _BAD_PATH_ERRNOS)
-
-
 def _input_error(err: BaseException) -> str:
     """The one-line message for an input error that is not one of codeworld's own."""
     from pydantic import ValidationError
@@ -337,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from codeworld.sandbox import SandboxUnavailable
     from codeworld.shards import ShardError
-    from codeworld.storage import StorageError
+    from codeworld.storage import BAD_PATH_ERRORS, StorageError
     from stages.corpus_sources import SourceError
 
     try:
@@ -352,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"codeworld {args.cmd}: error: {err}", file=sys.stderr)
         return 1
     except StorageError as err:   # its message names the path
-        if _storage_error_is_transient(err):
+        if err.transient:   # decided where it was raised (a worker's cause does not come back)
             print(f"codeworld {args.cmd}: transient error (retry): {err}", file=sys.stderr)
             return EXIT_TRANSIENT
         print(f"codeworld {args.cmd}: error: {err}", file=sys.stderr)
@@ -361,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     # unreadable input, a folder where a file belongs, a value a config model refuses). Other
     # exceptions keep their traceback: they are bugs. So do these in `stage` and `pipeline`,
     # whose files are the pipeline's own (params.yaml is checked by load_params).
-    except (*_BAD_PATH_ERRORS, UnicodeDecodeError, ValidationError) as err:
+    except (*BAD_PATH_ERRORS, UnicodeDecodeError, ValidationError) as err:
         if args.cmd in ("stage", "pipeline"):
             raise
         print(f"codeworld {args.cmd}: error: {_input_error(err)}", file=sys.stderr)

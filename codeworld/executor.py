@@ -128,14 +128,16 @@ def _where() -> str:
 
 
 def _named(exc: BaseException, prefix: str) -> BaseException:
-    """`exc` with `prefix` in its message, same type (the CLI's error handling keys on types):
-    rebuilt when its type takes one message argument, else the prefix becomes a note."""
+    """`exc` with `prefix` in its message, same type and attributes (the CLI's error handling
+    keys on them: a StorageError's `transient`): rebuilt when its type takes one message
+    argument, else the prefix becomes a note."""
     if len(exc.args) <= 1:
         try:
             new = type(exc)(f"{prefix}: {exc}")
         except Exception:  # noqa: BLE001 - a constructor with another signature
             new = None
         if new is not None and str(new).startswith(prefix):
+            new.__dict__.update(exc.__dict__)
             return new.with_traceback(exc.__traceback__)
     exc.add_note(prefix)
     return exc

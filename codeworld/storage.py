@@ -14,6 +14,7 @@ the path whatever the transport raised.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import os
@@ -27,8 +28,31 @@ from pathlib import Path
 import fsspec
 
 
+# Failures that are properties of a path, the same on a retry: missing, not permitted, a folder
+# where a file belongs, a read-only file system.
+BAD_PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+                    FileExistsError)
+_BAD_PATH_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM,
+                    errno.EEXIST, errno.EROFS, errno.ENAMETOOLONG}
+
+
 class StorageError(OSError):
-    """A storage operation failed; the message names the path."""
+    """A storage operation failed; the message names the path. `transient`: whether a retry
+    may pass (the CLI exits 75 then, else 2). It is decided where the error is made, from what
+    the storage layer raised, and kept as an attribute: the cause itself does not survive a
+    worker process (ProcessPoolExecutor replaces __cause__ with the remote traceback) or a
+    Dask worker (pickled without it)."""
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)   # args stay (message,): unpickling calls StorageError(message)
+        self.transient = transient  # restored from __dict__ when unpickled
+
+
+def is_transient(cause: BaseException) -> bool:
+    """Whether a failure the storage layer saw may pass on a retry: a dropped connection, an S3
+    5xx or a timeout after botocore's and s3fs's retries may; a wrong path does not."""
+    return not (isinstance(cause, BAD_PATH_ERRORS)
+                or getattr(cause, "errno", None) in _BAD_PATH_ERRNOS)
 
 
 @functools.cache
@@ -80,9 +104,11 @@ def _named(path: str, what: str, missing_is_state: bool = True,
     except FileNotFoundError:
         if missing_is_state:
             raise
+        # not transient: a retry finds no bucket either
         raise StorageError(f"{path}: cannot {what}: no such bucket or folder") from None
     except transport_errors() as err:
-        raise StorageError(f"{path}: cannot {what}: {type(err).__name__}: {err}") from err
+        raise StorageError(f"{path}: cannot {what}: {type(err).__name__}: {err}",
+                           transient=is_transient(err)) from err
 
 
 def storage_root(root: str) -> str:

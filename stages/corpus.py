@@ -77,7 +77,7 @@ def _check_unchanged(c: Candidate, digest: str) -> None:
     StorageError (may pass on retry): the rerun lists the file again."""
     if c.kind in ("dir", "stdlib") and len(c.content) == 64 and digest != c.content:
         raise StorageError(f"{c.locator}: changed while the corpus stage ran (its sha256 differs "
-                           "from the listing's): rerun the stage to list it again")
+                           "from the listing's): rerun the stage to list it again", transient=True)
 
 
 def ingest_group(g: Group) -> tuple[ShardInfo, dict]:

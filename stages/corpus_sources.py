@@ -26,7 +26,8 @@ from codeworld.config import (CorpusConfig, DirSource, GitSource, JsonlSource,
                               S3Source, ShardsSource, StdlibSource, source_name)
 from codeworld.jsonl import read_jsonl
 from codeworld.shards import Dataset, dumps
-from codeworld.storage import UNREADABLE, Storage, StorageError, filesystem, read_url, transport_errors
+from codeworld.storage import (UNREADABLE, Storage, StorageError, filesystem, is_transient, read_url,
+                               transport_errors)
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +405,8 @@ def _file_content(full: Path, st: os.stat_result, cfg: CorpusConfig, hashes: Fil
     except UNREADABLE as err:
         return f"unreadable: {err.strerror}"
     except OSError as err:   # an I/O error is no property of the file: fail, a rerun resumes
-        raise StorageError(f"{full}: cannot read: {err.strerror or err}") from err
+        raise StorageError(f"{full}: cannot read: {err.strerror or err}",
+                           transient=is_transient(err)) from err
 
 
 def _symlinked_dirs(dirpath: str, dirnames: list[str], root: Path, name: str,
@@ -510,7 +512,8 @@ def _list_s3(src: S3Source, name: str, cfg: CorpusConfig, endpoint: str | None) 
     except PermissionError as err:
         raise SourceError(f"source {name!r}: {src.url}: access denied: {err}") from None
     except transport_errors() as err:   # retries spent: a rerun may list it
-        raise StorageError(f"{src.url}: cannot list: {type(err).__name__}: {err}") from err
+        raise StorageError(f"{src.url}: cannot list: {type(err).__name__}: {err}",
+                           transient=is_transient(err)) from err
     if not found:   # S3 has no empty folders: a prefix without objects is a wrong path
         raise SourceError(f"source {name!r}: {src.url}: no object under this prefix "
                           "(a mistyped bucket path?)")
@@ -685,7 +688,8 @@ def read_bytes(c: Candidate, git: GitReader, endpoint: str | None) -> bytes:
         except UNREADABLE:
             raise
         except StorageError as err:
-            raise StorageError(f"{c.path}: {err}") from err
+            raise StorageError(f"{c.path}: {err}", transient=err.transient) from err
         except OSError as err:   # cat-file died under us (a broken pipe)
-            raise StorageError(f"{c.path}: git {repo}: cannot read object {sha}: {err}") from err
+            raise StorageError(f"{c.path}: git {repo}: cannot read object {sha}: {err}",
+                               transient=is_transient(err)) from err
     return read_url(c.locator, endpoint)

@@ -113,20 +113,37 @@ def test_check_params_on_a_file_that_is_not_utf8(tmp_path, capsys):
     assert rc == 2 and f"codeworld check-params: error: {params}: not UTF-8 text" in err
 
 
-@pytest.mark.parametrize("cause, rc", [
+def fail_in_storage(cause: BaseException | None) -> None:
+    """A write that fails in the storage layer with `cause` (None: no such bucket), the
+    StorageError made as codeworld.storage makes it. Module level: a worker process runs it."""
+    from codeworld.storage import _named
+
+    with _named("s3://b/o.jsonl", "write", missing_is_state=False):
+        raise cause or FileNotFoundError(2, "No such file or directory")
+
+
+STORAGE_CAUSES = [
     (PermissionError(13, "Permission denied"), 2),        # a read-only output folder
     (IsADirectoryError(21, "Is a directory"), 2),
     (None, 2),                                            # storage.py's own: no such bucket
     (ConnectionResetError(104, "Connection reset by peer"), 75),
     (OSError(121, "Remote I/O error"), 75),               # s3fs's S3 InternalError
     (TimeoutError("read timed out"), 75),
-])
-def test_a_storage_error_is_bad_input_or_transient_by_its_cause(cause, rc, jsonl, tmp_path,
-                                                                 monkeypatch, capsys):
-    from codeworld.storage import StorageError
+]
+
+
+@pytest.mark.parametrize("in_workers", [False, True], ids=["in-process", "in-worker-processes"])
+@pytest.mark.parametrize("cause, rc", STORAGE_CAUSES)
+def test_a_storage_error_is_bad_input_or_transient_by_its_cause(cause, rc, in_workers, jsonl,
+                                                                 tmp_path, monkeypatch, capsys):
+    """Also when raised in a worker process, whose error comes back with the remote traceback
+    as its __cause__ (a PermissionError there was exit 75, a retry that cannot pass)."""
+    from codeworld.parallel import pool_map
 
     def fail(*_a, **_k):
-        raise StorageError(f"s3://b/o.jsonl: cannot write: {cause}") from cause
+        if in_workers:
+            pool_map(fail_in_storage, [cause, cause], 2, "dedup")
+        fail_in_storage(cause)
 
     monkeypatch.setattr("stages.adhoc.dedup_adhoc", fail)
     got, err = run(capsys, "dedup", jsonl, tmp_path / "o.jsonl")

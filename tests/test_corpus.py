@@ -210,8 +210,9 @@ def test_a_file_edited_between_listing_and_reading_fails_the_stage_and_a_rerun_t
 
     monkeypatch.setattr(corpus, "list_candidates", list_then_edit)
     sources = [{"kind": "dir", "path": str(tmp_path / "src"), "name": "d"}]
-    with pytest.raises(StorageError, match="a.py: changed while the corpus stage ran"):
+    with pytest.raises(StorageError, match="a.py: changed while the corpus stage ran") as failed:
         run_corpus(tmp_path, sources)
+    assert failed.value.transient   # exit 75: the flow's retry lists the file again
     monkeypatch.setattr(corpus, "list_candidates", listed)
     run_corpus(tmp_path, sources)
     assert _texts(tmp_path) == ["x = 22\n"]

@@ -1,14 +1,19 @@
-"""pool_map on this machine's processes: job order, and a worker that dies mid-job."""
+"""pool_map on this machine's processes: job order, a worker that dies mid-job, and a job's
+StorageError coming back as transient or not, as it was raised."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from codeworld.parallel import WorkerDied, pool_map
+from codeworld.storage import StorageError, _named
 
 
 def _square_after(job: tuple[int, float]) -> int:
@@ -60,3 +65,31 @@ def test_a_killed_worker_fails_the_map_naming_its_job_and_keeps_finished_work(tm
     assert msg.startswith("corpus: a worker process died") and "OOM killer" in msg
     assert "shard 1" in msg and "shard 0" not in msg
     assert (tmp_path / "0").read_text() == "done"   # a rerun resumes from it
+
+
+def _write_fails(cause: BaseException) -> None:
+    with _named("s3://b/shard-0", "write", missing_is_state=False):
+        raise cause
+
+
+@pytest.mark.parametrize("cause, transient", [
+    (PermissionError(13, "Permission denied"), False),
+    (ConnectionResetError(104, "Connection reset by peer"), True),
+])
+def test_a_storage_error_from_a_worker_keeps_whether_it_is_transient(cause, transient):
+    # The parent gets the job's error with a _RemoteTraceback as its __cause__: whether a retry
+    # may pass is what the error says, not what its cause now is.
+    with pytest.raises(StorageError, match="s3://b/shard-0: cannot write") as failed:
+        pool_map(_write_fails, [cause, cause], 2, "corpus")
+    assert failed.value.transient is transient
+
+
+def test_a_storage_errors_transience_survives_pickling_and_the_dask_jobs_renaming():
+    from codeworld.executor import _named as named_on_worker
+
+    for transient in (True, False):
+        err = StorageError("s3://b/x: cannot read", transient=transient)
+        back = pickle.loads(pickle.dumps(err))   # how a Dask worker's error comes back
+        assert type(back) is StorageError and back.transient is transient
+        renamed = named_on_worker(back, "corpus shard 3 on Dask worker tcp://w:1")
+        assert str(renamed).startswith("corpus shard 3") and renamed.transient is transient
