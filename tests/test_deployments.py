@@ -26,6 +26,7 @@ import yaml
 from flows.deploy import SCHEDULES, prefect_yaml, specs
 
 EXPERIMENT = "codeworld-deployments"
+from codeworld.config import ConfigError
 from flows.pipeline import dvc_lineage, params_overridden, stage_groups
 from tests.helpers import make_tree
 from tests.servers import prefect_server, stop_process
@@ -94,16 +95,22 @@ def test_cron_options_are_checked_and_reach_prefect_yaml(tmp_path):
 
 def test_params_overridden_keeps_comments_and_restores(tmp_path):
     f = tmp_path / "params.yaml"
-    text = "# top comment\npretrain:\n  steps: 10  # steps\n  lr: 0.001\ncorpus:\n  workers: 2\n"
+    text = "# top comment\npretrain:\n  steps: 100  # steps\n  lr: 0.001\ncorpus:\n  workers: 2\n"
     f.write_text(text)
-    with params_overridden(f, ["pretrain.steps=50", 'corpus.extensions=[".py", ".pyi"]', "dedup.x=a"]):
+    with params_overridden(f, ["pretrain.steps=50", 'corpus.extensions=[".py", ".pyi"]',
+                               "dedup.threshold=0.8"]):
         during = f.read_text()
         data = yaml.safe_load(during)
         assert data["pretrain"] == {"steps": 50, "lr": 0.001}
-        assert data["corpus"]["extensions"] == [".py", ".pyi"] and data["dedup"] == {"x": "a"}
+        assert data["corpus"]["extensions"] == [".py", ".pyi"]
+        assert data["dedup"]["threshold"] == 0.8   # (the section as validated: its defaults too)
         assert "# top comment" in during and "# steps" in during
     assert f.read_text() == text
-    with params_overridden(f, ["pretrain.steps=7"]):
+    with pytest.raises(ConfigError, match="dedup.x"):   # validated before the file is touched
+        with params_overridden(f, ["dedup.x=a"]):
+            pass
+    assert f.read_text() == text
+    with params_overridden(f, ["pretrain.steps=70"]):
         f.write_text(text + "# edited by someone\n")
     assert f.read_text().endswith("# edited by someone\n")  # not clobbered
 
