@@ -1,6 +1,7 @@
 """The CLI's user errors: a bad path or option value ends in one `codeworld CMD: error: ...` line
 and exit 2 (EXIT_BAD_INPUT), before any work, never in a traceback or in lost data; a storage
-failure that may pass is exit 75 (EXIT_TRANSIENT); a bug keeps its traceback."""
+failure that may pass, or a tracking server that is down, is exit 75 (EXIT_TRANSIENT); a bug
+keeps its traceback."""
 
 from __future__ import annotations
 
@@ -192,3 +193,70 @@ def test_a_stage_keeps_the_traceback_of_a_missing_file(tmp_path, monkeypatch):
     monkeypatch.setattr("stages.dedup.run", run_stage)
     with pytest.raises(FileNotFoundError):
         cli.main(["stage", "dedup", "--params", str(params), "--no-track"])
+
+
+@pytest.fixture
+def tracking_down(tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI at a closed loopback port (a tracking server that is down), MLflow's
+    HTTP retries off so that the failure comes at once; MLflow's global state put back after."""
+    import contextlib
+    import socket
+
+    import mlflow
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    yield uri
+    with contextlib.suppress(Exception):
+        mlflow.end_run()   # a run a test left active (popped even when closing it fails)
+    mlflow.set_tracking_uri(None)
+
+
+def _stage_params(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "data")}}))
+    return params
+
+
+def test_a_tracking_server_that_is_down_is_a_transient_error_naming_it(tracking_down, tmp_path,
+                                                                        monkeypatch, capsys):
+    from codeworld.tracking import StageRun
+
+    ran = []
+
+    def run_stage(params, track):
+        with StageRun("dedup", {}, track=track):
+            ran.append("dedup")
+
+    monkeypatch.setattr("stages.dedup.run", run_stage)
+    rc, err = run(capsys, "stage", "dedup", "--params", _stage_params(tmp_path))
+    # was an MlflowException traceback, exit 1: never retried by the flow
+    assert rc == 75 and not ran, err
+    assert (f"codeworld stage: transient error (retry): MLflow tracking server {tracking_down} "
+            "unreachable: ") in err and "Connection refused" in err
+    assert "Traceback" not in err
+
+
+def test_a_stages_own_error_is_not_hidden_by_the_tracking_server_going_down(tracking_down,
+                                                                            tmp_path, monkeypatch,
+                                                                            capsys):
+    import mlflow
+
+    from codeworld.config import ConfigError
+    from codeworld.tracking import StageRun
+
+    def run_stage(params, track, fail):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        with StageRun("dedup", {}, track=track):
+            mlflow.set_tracking_uri(tracking_down)   # the server goes down during the stage
+            if fail:
+                raise ConfigError("dedup.threshold: the stage's own error")
+
+    for fail, rc, says in ((True, 2, "error: dedup.threshold: the stage's own error"),
+                           (False, 75, f"MLflow tracking server {tracking_down} unreachable")):
+        monkeypatch.setattr("stages.dedup.run", lambda p, track: run_stage(p, track, fail))
+        got, err = run(capsys, "stage", "dedup", "--params", _stage_params(tmp_path))
+        assert got == rc and says in err and "Traceback" not in err, err

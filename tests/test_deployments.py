@@ -115,6 +115,36 @@ def test_params_overridden_keeps_comments_and_restores(tmp_path):
     assert f.read_text().endswith("# edited by someone\n")  # not clobbered
 
 
+def test_closing_the_pipeline_run_with_the_tracking_server_gone_does_not_raise(tmp_path,
+                                                                              monkeypatch, capsys):
+    """_end_parent_run runs in the flow's `finally`: raising there replaced the failed stage's
+    own error (or failed a flow whose stages all succeeded) with an MlflowException."""
+    import contextlib
+    import socket
+
+    import mlflow
+
+    from codeworld.tracking import start_run
+    from flows.pipeline import _end_parent_run
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    start_run("pipeline", "codeworld-end-run", {})
+    try:
+        mlflow.set_tracking_uri(down)   # the server is gone by the end of the flow
+        _end_parent_run("FAILED")
+        assert mlflow.active_run() is None
+        out = capsys.readouterr().out
+        assert f"warning: MLflow pipeline run not closed at {down}" in out and "FAILED" in out
+    finally:
+        with contextlib.suppress(Exception):
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)
+
+
 def test_dvc_lineage_reads_the_stage_entry(tmp_path):
     lock = {"schema": "2.0", "stages": {"dedup": {
         "cmd": "codeworld stage dedup",
