@@ -49,33 +49,49 @@ class StageFailed(RuntimeError):
         super().__init__(f"stage {stage!r} failed (exit {code}):\n{tail}")
 
 
-def dag_order(dvc_yaml: Path) -> list[str]:
-    """Stages in dependency order (a stage after every stage whose outs it depends on);
-    ties keep their order in dvc.yaml."""
+def stage_needs(dvc_yaml: Path) -> dict[str, set[str]]:
+    """Each stage's direct upstream stages: those with an out that is one of its deps or a
+    folder holding one."""
     stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
 
     def paths(entries: list) -> list[str]:
         return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
 
     outs = {name: paths(s.get("outs")) for name, s in stages.items()}
-    needs = {name: {other for other, o in outs.items() if other != name and any(
+    return {name: {other for other, o in outs.items() if other != name and any(
         d == p or d.startswith(p.rstrip("/") + "/") for d in paths(s.get("deps")) for p in o)}
         for name, s in stages.items()}
+
+
+def dag_order(dvc_yaml: Path) -> list[str]:
+    """Stages in dependency order (a stage after every stage whose outs it depends on);
+    ties keep their order in dvc.yaml."""
+    needs = stage_needs(dvc_yaml)
     order: list[str] = []
-    while len(order) < len(stages):
-        ready = [n for n in stages if n not in order and needs[n] <= set(order)]
+    while len(order) < len(needs):
+        ready = [n for n in needs if n not in order and needs[n] <= set(order)]
         if not ready:
-            raise ValueError(f"{dvc_yaml}: dependency cycle among {sorted(set(stages) - set(order))}")
+            raise ValueError(f"{dvc_yaml}: dependency cycle among {sorted(set(needs) - set(order))}")
         order.append(ready[0])
     return order
 
 
-def upstream(order: list[str], wanted: list[str]) -> list[str]:
+def upstream(dvc_yaml: Path, wanted: list[str]) -> list[str]:
+    """`wanted` and every stage they need, directly or through others, in DAG order. Only
+    those: a stage that merely comes earlier in the order (agent before tokenizer) is no
+    input of theirs, and running it could take hours."""
+    order, needs = dag_order(dvc_yaml), stage_needs(dvc_yaml)
     unknown = sorted(set(wanted) - set(order))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml has {order}")
-    # Earlier stages are cheap no-ops when up to date, so run the prefix up to the last wanted.
-    return order[: max(order.index(w) for w in wanted) + 1]
+    closure: set[str] = set()
+    todo = list(wanted)
+    while todo:
+        stage = todo.pop()
+        if stage not in closure:
+            closure.add(stage)
+            todo.extend(needs[stage])
+    return [s for s in order if s in closure]
 
 
 _held: dict[str, int] = {}
@@ -326,8 +342,9 @@ def register_model(parent_run_id: str | None) -> dict:
 @flow(name="codeworld-pipeline", log_prints=True)
 def pipeline(stages: list[str] | None = None, force: bool = False,
              overrides: list[str] | None = None, group: str | None = None) -> list[dict]:
-    """Run the dvc.yaml stages in DAG order: all of them, or up to the named `stages`, or up to
-    the stages of `group` (data / train / evaluate, see stage_groups). `overrides`:
+    """Run the dvc.yaml stages in DAG order: all of them, or the named `stages`, or the stages
+    of `group` (data / train / evaluate, see stage_groups), with the stages these need (see
+    upstream). `overrides`:
     `SECTION.KEY=VALUE` items set in params.yaml for this run only (like `dvc exp run -S`)."""
     root = repo_root()
     overrides = list(overrides or [])
@@ -339,7 +356,7 @@ def pipeline(stages: list[str] | None = None, force: bool = False,
         if group not in groups:
             raise ValueError(f"no stage in group {group!r}; dvc.yaml has {groups}")
         stages = [*(stages or []), *groups[group]]
-    todo = upstream(order, stages) if stages else order
+    todo = upstream(root / "dvc.yaml", stages) if stages else order
     results: list[dict] = []
     with _workspace_slot(root), workspace_lock(root), params_overridden(root / "params.yaml", overrides):
         parent = _start_parent_run(todo, params.tracking.experiment, overrides)

@@ -27,7 +27,7 @@ from flows.deploy import SCHEDULES, prefect_yaml, specs
 
 EXPERIMENT = "codeworld-deployments"
 from codeworld.config import ConfigError
-from flows.pipeline import dvc_lineage, params_overridden, stage_groups
+from flows.pipeline import dag_order, dvc_lineage, params_overridden, stage_groups, upstream
 from tests.helpers import make_tree
 from tests.servers import prefect_server, stop_process
 from tests.test_flow_e2e import base_env, make_workspace
@@ -91,6 +91,24 @@ def test_cron_options_are_checked_and_reach_prefect_yaml(tmp_path):
                       ("data=61 * * * *", "is not a cron expression"), ("data", "expected NAME=CRON")):
         with pytest.raises(SystemExit, match=says):
             deploy.main(["list", "--root", str(tmp_path), "--cron", bad])
+
+
+def test_a_named_stage_runs_with_what_it_needs_only(tmp_path):
+    dvc_yaml = tmp_path / "dvc.yaml"
+    dvc_yaml.write_text(yaml.safe_dump({"stages": {
+        "corpus": {"cmd": "c", "outs": ["data/corpus"]},
+        "agent": {"cmd": "a", "outs": [{"data/agent": {"cache": False}}]},   # needs nothing
+        "tokenizer": {"cmd": "t", "deps": ["data/corpus/manifest.json"], "outs": ["data/tok"]},
+        "pack": {"cmd": "p", "deps": ["data/tok", "data/agent"], "outs": ["data/pack"]}}},
+                                       sort_keys=False))
+    assert dag_order(dvc_yaml) == ["corpus", "agent", "tokenizer", "pack"]
+    # was every stage before it in DAG order: agent ran for the tokenizer
+    assert upstream(dvc_yaml, ["tokenizer"]) == ["corpus", "tokenizer"]
+    assert upstream(dvc_yaml, ["pack"]) == ["corpus", "agent", "tokenizer", "pack"]
+    assert upstream(dvc_yaml, ["agent", "corpus"]) == ["corpus", "agent"]
+    assert "agent" not in upstream(REPO / "dvc.yaml", ["tokenizer"])   # the project's own
+    with pytest.raises(ValueError, match="unknown stage"):
+        upstream(dvc_yaml, ["nosuch"])
 
 
 def test_params_overridden_keeps_comments_and_restores(tmp_path):
