@@ -84,6 +84,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     from codeworld.tracking import repo_root
 
     load_params(repo_root() / "params.yaml")  # a bad param fails in a second, before Prefect starts
+    _known_stages(repo_root() / "dvc.yaml", args.stage or [])   # and so does a misspelt --stage
     # Prefect's temporary server may need more than its default 20 s on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # The temporary server's usage telemetry needs the internet: offline (CI, clusters) it logged
@@ -93,6 +94,20 @@ def _pipeline(args: argparse.Namespace) -> int:
 
     pipeline(stages=args.stage or None, force=args.force)
     return 0
+
+
+def _known_stages(dvc_yaml: Path, names: list[str]) -> None:
+    """ConfigError naming the stages `dvc_yaml` has when one of `names` is none of them (the
+    flow would find out only after Prefect's temporary server had started)."""
+    import yaml
+
+    try:
+        known = list((yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {})
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{dvc_yaml}: cannot read the pipeline's stages: {err}") from None
+    if unknown := [n for n in names if n not in known]:
+        raise ConfigError(f"--stage {', '.join(unknown)}: no such stage in {dvc_yaml} "
+                          f"(its stages: {', '.join(known)})")
 
 
 def _same_path(a: str, b: str) -> bool:

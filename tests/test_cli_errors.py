@@ -260,3 +260,14 @@ def test_a_stages_own_error_is_not_hidden_by_the_tracking_server_going_down(trac
         monkeypatch.setattr("stages.dedup.run", lambda p, track: run_stage(p, track, fail))
         got, err = run(capsys, "stage", "dedup", "--params", _stage_params(tmp_path))
         assert got == rc and says in err and "Traceback" not in err, err
+
+
+def test_pipeline_refuses_an_unknown_stage_before_starting_prefect(monkeypatch, capsys):
+    def pipeline(*_a, **_k):
+        raise AssertionError("the flow started (and Prefect's temporary server with it)")
+
+    monkeypatch.setattr("flows.pipeline.pipeline", pipeline)
+    rc, err = run(capsys, "pipeline", "--stage", "dedup", "--stage", "nosuch")
+    # was a traceback and exit 1, after the temporary server had started
+    assert rc == 2 and "codeworld pipeline: error: --stage nosuch: no such stage in " in err
+    assert "dvc.yaml (its stages: corpus, dedup, " in err and "Traceback" not in err
