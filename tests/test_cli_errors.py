@@ -209,6 +209,7 @@ def tracking_down(tmp_path, monkeypatch):
         uri = f"http://127.0.0.1:{s.getsockname()[1]}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.chdir(tmp_path)   # a sqlite store's artifacts go to ./mlruns
     yield uri
     with contextlib.suppress(Exception):
         mlflow.end_run()   # a run a test left active (popped even when closing it fails)

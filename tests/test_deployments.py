@@ -150,6 +150,7 @@ def test_closing_the_pipeline_run_with_the_tracking_server_gone_does_not_raise(t
         down = f"http://127.0.0.1:{s.getsockname()[1]}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.chdir(tmp_path)   # a sqlite store's artifacts go to ./mlruns
     start_run("pipeline", "codeworld-end-run", {})
     try:
         mlflow.set_tracking_uri(down)   # the server is gone by the end of the flow
