@@ -21,8 +21,25 @@ enters a scope (a function, a comprehension, a resumed generator), a return fram
 exception frame stays in the scope it is raised in, and an exception frame right after another
 one is the exception propagating into the caller (a scope left by an exception has no return
 frame), as is one reported at the caller's current line rather than the scope's own (after an
-`except` clause that did not match). On the default's 2,240 function traces this gives back
-the tracer's own full-locals frames exactly (tests/test_evaluate.py checks real tracer output).
+`except` clause that did not match, or a `finally` whose re-raise emits nothing).
+
+A scope can also end with no frame at all: C code that called it swallows its exception and the
+caller goes on (`list()` ending on a `__next__`'s StopIteration, `hasattr` or `getattr` with a
+default on an AttributeError, `g.close()` on a generator whose `finally` re-raises the
+GeneratorExit). Only a scope an exception was reported in can end so; a line or return frame is
+then its caller's (`_swallowed`; every scope in between must have raised too) when the scope
+could not have written it: a return at the caller's current line and not at the scope's; a line
+written in full right after the scope's own exception frame (nothing of the scope ran since, so
+a line of it would write its locals as `..`), or repeating a value of the scope's previous frame
+(the tracer writes `..` for those); or a line without some name of the scope (or after a
+GeneratorExit: the generator is ending) that has every name of the caller's last frame and one
+of its values. And main's exit (its return or exception frame at main's line, `return <call>` at
+a top-level body's indentation, where no other scope returns or raises but at its own current
+line) closes whatever is still open once the trace had an exception. Where the text cannot tell
+(a scope and caller both without locals) the caller's frames stay in the scope: the trace still
+ends, valid, at main's exit; only those frames' depth is one too deep. On the default's 2,240
+function traces this gives back the tracer's own full-locals frames and its scope depths exactly
+(tests/test_evaluate.py checks real tracer output, the four swallowing cases too).
 
 Metrics of one prediction against the real trace (`frame_metrics`). Frames are compared by
 position, predicted frame i against real frame i, with no alignment: a frame left out or
@@ -147,6 +164,17 @@ def _parse_frame(piece: str) -> Frame:
     return Frame(kind, source, raw, None, value)
 
 
+class _Scope:
+    """An open scope of the stack `parse` rebuilds."""
+
+    __slots__ = ("locals", "source", "raised")
+
+    def __init__(self, locals_: dict[str, str], source: str | None):
+        self.locals = locals_      # its last full locals
+        self.source = source       # the source of its last call/line frame (its current line)
+        self.raised: str | None = None   # the last exception VALUE reported in it, if any
+
+
 def parse(text: str) -> Parsed:
     """Frames of a trace text (the part after the prompt), resolved; see the module doc."""
     out = Parsed()
@@ -156,9 +184,12 @@ def parse(text: str) -> Parsed:
     if pieces[-1]:
         out.broken = f"text after the last {FRAME_SEP}: {pieces[-1][:40]!r}"
         out.errors.append(out.broken)
-    # per open scope: [its last full locals, the source of its last call/line frame]
-    scopes: list[list] = [[{}, None]]
+    scopes = [_Scope({}, None)]
     prev_kind = None
+    # the tracer's `..` reference: the scope of the previous frame and the locals a line frame
+    # of that scope is written against (None after a value frame that entered it)
+    ref: tuple[_Scope | None, dict[str, str] | None] = (None, None)
+    raised = False   # an exception frame seen: a scope may have ended without a frame
     for i, piece in enumerate(pieces[:-1]):
         if out.left_main:
             out.broken = f"frame {i} after main was left"
@@ -170,22 +201,35 @@ def parse(text: str) -> Parsed:
             out.broken = f"frame {i}: {err}"
             out.errors.append(out.broken)
             break
-        if fr.kind == "exception" and len(scopes) > 1 and _propagated(fr, prev_kind, scopes):
-            scopes.pop()
+        if len(scopes) > 1:
+            if fr.kind == "exception" and _propagated(fr, prev_kind, scopes):
+                scopes.pop()
+            elif fr.kind in ("line", "return"):
+                del scopes[_swallowed(fr, prev_kind, ref, scopes):]
+            if raised and fr.kind in ("return", "exception") and \
+                    fr.source == scopes[0].source != scopes[-1].source:
+                del scopes[1:]   # main's exit (module doc)
         if fr.kind == "call":
             if SAME in fr.raw.values():
                 out.errors.append(f"frame {i}: '..' in a call frame (always written in full)")
             fr.locals = {k: v for k, v in fr.raw.items() if v != SAME}
-            scopes.append([fr.locals, fr.source])
+            scopes.append(_Scope(fr.locals, fr.source))
         elif fr.kind == "line":
-            prev = scopes[-1][0]
+            prev = scopes[-1].locals
             missing = [k for k, v in fr.raw.items() if v == SAME and k not in prev]
             if missing:
                 out.errors.append(f"frame {i}: '..' for {missing[0]!r}, not a local of the "
                                   f"scope's previous frame")
             fr.locals = {k: (prev.get(k, SAME) if v == SAME else v) for k, v in fr.raw.items()}
-            scopes[-1] = [fr.locals, fr.source]
+            scopes[-1].locals, scopes[-1].source = fr.locals, fr.source
         fr.depth = len(scopes) - 1
+        if fr.kind in ("call", "line"):
+            ref = (scopes[-1], fr.locals)
+        elif ref[0] is not scopes[-1]:
+            ref = (scopes[-1], None)
+        if fr.kind == "exception":
+            scopes[-1].raised = fr.value
+            raised = True
         if fr.kind == "return":
             scopes.pop()
         # main's body is one `return <call>` line: it cannot catch, so an exception in main
@@ -200,14 +244,52 @@ def parse(text: str) -> Parsed:
     return out
 
 
-def _propagated(fr: Frame, prev_kind: str | None, scopes: list[list]) -> bool:
+def _propagated(fr: Frame, prev_kind: str | None, scopes: list[_Scope]) -> bool:
     """Is this exception frame the exception arriving in the caller of the current scope? Yes
     right after another exception frame (the scope did not catch it: no line ran in between),
     or when it is reported at the caller's current line and not at the scope's own (a scope
-    whose last line was a non-matching `except` clause)."""
+    whose last line was a non-matching `except` clause, or a `finally` that re-raised)."""
     if prev_kind == "exception":
         return True
-    return fr.source != scopes[-1][1] and fr.source == scopes[-2][1]
+    return fr.source != scopes[-1].source and fr.source == scopes[-2].source
+
+
+def _swallowed(fr: Frame, prev_kind: str | None, ref: tuple, scopes: list[_Scope]) -> int:
+    """How many scopes stay open under a line or return frame: fewer than `scopes` when the
+    current scope (and any between it and the frame's, all having raised) ended without a
+    frame after an exception C code swallowed (module doc)."""
+    top, s = len(scopes), scopes[-1]
+    if s.raised is None:   # no exception in it: it can only end with a return frame
+        return top
+    if fr.kind == "return":   # a return is at its scope's current line
+        if fr.source == s.source:
+            return top
+        for j in range(top - 2, -1, -1):
+            if scopes[j].source == fr.source:
+                return j + 1
+            if scopes[j].raised is None:
+                break
+        return top
+    if not fr.raw or SAME in fr.raw.values():   # `..`: the previous frame's scope goes on
+        return top
+    # written in full: a line of this scope would have written `..` for every value equal in
+    # the tracer's reference (its previous frame), and right after its own exception frame
+    # nothing of it ran, so every value would be equal
+    own = ref[0] is s and ref[1] is not None
+    sure = own and (prev_kind == "exception"
+                    or any(ref[1].get(k) == v for k, v in fr.raw.items()))
+    # else only a line without some name of the scope (names leave a scope by `del` alone), or
+    # one of a closed generator (it can only end), is weighed against the ancestors
+    if not sure and s.locals.keys() <= fr.raw.keys() and not s.raised.startswith("GeneratorExit("):
+        return top
+    for j in range(top - 2, 0, -1):   # main (0) has no second line
+        a = scopes[j].locals
+        if a.keys() <= fr.raw.keys() and (any(fr.raw[k] == v for k, v in a.items())
+                                           or (sure and not a)):
+            return j + 1
+        if scopes[j].raised is None:
+            break
+    return top
 
 
 def frame_metrics(pred: Parsed, real: Parsed, real_result: str | None = None) -> dict[str, float]:

@@ -224,3 +224,35 @@ def test_a_wrong_predicted_line_shows_the_real_line_and_the_predicted_one(tok):
     t = drive(s, out, "s\ns\nl\nq\n")
     assert "[frame 3, 11 real] line 6 (pred: line 7), depth 1" in t[2]
     assert "   6 ->     c = helper(a)" in t[3] and "   7 p>     d = c + b" in t[3]
+
+
+SWALLOWED = """\
+class A:
+    @property
+    def x(self):
+        raise AttributeError("x")
+
+def f(a):
+    b = hasattr(a, "x")
+    c = b or 1
+    return c
+"""
+
+
+def test_next_and_out_after_an_exception_c_code_swallowed():
+    # hasattr() swallows the AttributeError of A.x: A.x's scope ends with its exception frame
+    # and no return frame; f goes on at depth 1, so `n` from the hasattr line stops at f's
+    # next line and `o` from inside A.x leaves it there too
+    tok = CharTokenizer()
+    r = trace_call(SWALLOWED, "f(A())")
+    out = io.StringIO()
+    context = r.prompt.split("<|trace_context_start|>", 1)[1].rsplit("<|frame_sep|>", 1)[0]
+    s = Session(Predictor(Replay(tok, r.prompt, r.text), tok, r.prompt),
+                parse(r.text + END_OF_TEXT), [f.line for f in r.frames[1:]], context, out)
+    t = drive(s, out, "s\ns\nn\nw\nb\nb\no\nc\nq\n")
+    assert "[frame 3, 10 real] line 7, depth 1" in t[2] and "b = hasattr(a, \"x\")" in t[2]
+    assert t[3].startswith("n\n[frame 7, 10 real] line 8, depth 1") and "c = b or 1" in t[3]
+    assert t[4] == "w\npred: main > def f(a):\nreal: main > def f(a):\n"
+    assert "[frame 5, 10 real] line 4, depth 2" in t[6]               # back x2: raise in A.x
+    assert t[7].startswith("o\n[frame 7, 10 real] line 8, depth 1")   # out of A.x
+    assert "[frame 10, 10 real]" in t[8] and "value=1" in t[8] and "depth 0" in t[8]

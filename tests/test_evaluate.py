@@ -81,6 +81,148 @@ def test_parser_resolves_real_traces_to_the_tracers_own_frames(code, call):
     assert parsed.returned == r.result
 
 
+# A Python scope whose exception C code swallows ends with no frame that says so: its exception
+# frame (or, for a generator closed through a `finally`, the finally's lines) and then the
+# caller's next frame. The guards after the four are what the parser told apart before.
+ITERATOR = """\
+class It:
+    def __init__(self, n):
+        self.n = n
+    def __iter__(self):
+        return self
+    def __next__(self):
+        if self.n == 0:
+            raise StopIteration
+        self.n -= 1
+        return self.n
+
+def f(n):
+    out = list(It(n))
+    return out
+"""
+HASATTR = """\
+class A:
+    @property
+    def x(self):
+        raise AttributeError("x")
+
+def f():
+    a = A()
+    return hasattr(a, "x")
+"""
+GETATTR = """\
+class A:
+    def __getattr__(self, name):
+        raise AttributeError(name)
+
+def f():
+    a = A()
+    v = getattr(a, "x", 5)
+    return v
+"""
+CLOSED = """\
+def gen():
+    try:
+        yield 1
+    finally:
+        x = 0
+
+def f():
+    g = gen()
+    next(g)
+    g.close()
+    return 1
+"""
+CAUGHT_IN_SCOPE = """\
+def h(x):
+    try:
+        y = 1 / x
+    except ZeroDivisionError:
+        y = 0
+    return y
+
+def f(x):
+    y = h(x)
+    return y
+"""
+PROPAGATES = """\
+def a(x):
+    return 1 / x
+
+def b(x):
+    try:
+        return a(x) + 1
+    finally:
+        x = 2
+
+def f(x):
+    try:
+        return b(x)
+    except ZeroDivisionError:
+        return -1
+"""
+EXIT_AFTER_RAISE = """\
+class CM:
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return True
+
+def f(x):
+    with CM():
+        x = 1 / x
+    return x
+"""
+RECURSES = """\
+def f(n):
+    try:
+        if n == 0:
+            raise KeyError(n)
+        return f(n - 1) + 1
+    except KeyError:
+        return 0
+"""
+
+
+def _scope_depths(frames) -> list[int]:
+    """Each frame's depth from the tracer's own scope ids: a frame of an open scope closes the
+    scopes above it, a frame of another one opens it, a return closes it."""
+    stack, out = [0], []
+    for f in frames:
+        if f.scope in stack:
+            del stack[stack.index(f.scope) + 1:]
+        else:
+            stack.append(f.scope)
+        out.append(len(stack) - 1)
+        if f.kind == "return":
+            stack.pop()
+    return out
+
+
+@pytest.mark.parametrize("code, call", [
+    (ITERATOR, "f(2)"), (HASATTR, "f()"), (GETATTR, "f()"), (CLOSED, "f()"),
+    (CAUGHT_IN_SCOPE, "f(0)"), (PROPAGATES, "f(0)"), (EXIT_AFTER_RAISE, "f(0)"),
+    (RECURSES, "f(2)"), (GENERATOR, "f(2)"), (NESTED, "f([1, 2], 5)")],
+    ids=["list-iterator", "hasattr-property", "getattr-default", "generator-close-finally",
+         "caught-in-scope", "propagates-through-finally", "with-exit", "recursion",
+         "generator", "nested"])
+def test_a_scope_whose_exception_c_code_swallowed_is_left_and_the_caller_goes_on(code, call):
+    # list() ends on It.__next__'s StopIteration, hasattr()/getattr(..., default) on an
+    # AttributeError, g.close() on the GeneratorExit its `finally` re-raises: the scope keeps
+    # no frame after that, and the parser must not keep it open (else main's return never
+    # empties the stack: no valid trace, no output, every depth after it off by one)
+    r = real(code, call)
+    parsed = parse(r.text + END_OF_TEXT)
+    assert parsed.valid and parsed.finished, parsed.errors
+    frames = r.frames[1:]
+    assert [(p.kind, p.source, p.state) for p in parsed.frames] == \
+        [(f.kind, f.source, f.locals if f.kind in ("call", "line") else f.value) for f in frames]
+    assert [p.depth for p in parsed.frames] == _scope_depths(frames)
+    assert parsed.returned == r.result
+    m = frame_metrics(parsed, parse(r.text + END_OF_TEXT), r.result)
+    assert m["valid_format"] == m["trace_exact_match"] == m["output_from_trace"] == 1.0
+
+
 def test_perfect_prediction_scores_one_everywhere():
     r = real(NESTED, "f([1, 2], 5)")
     text = r.text + END_OF_TEXT
