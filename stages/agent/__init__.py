@@ -27,7 +27,7 @@ import tarfile
 import time
 import urllib.error
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from codeworld.code import Code
 from codeworld.config import AgentConfig, Params, metric_key
@@ -257,29 +257,40 @@ def _finished_shard(writer: DatasetWriter, manifest: dict, index: int) -> ShardI
 def _build_all(todo: list[int], cfg: AgentConfig, writers: list[DatasetWriter],
                results: dict[int, tuple]) -> None:
     """Build the repositories of ``todo`` and write each one's shards as it finishes (shard
-    index = repository index: the datasets are the same whatever order they finish in). The
-    first error (an outage: build_repo records everything else) cancels the repositories not
-    started; those running finish and are written, then it is raised, so that a rerun redoes
-    only what was not written."""
+    index = repository index: the datasets are the same whatever order they finish in). At
+    most ``cfg.workers`` are submitted at a time, the next one when one finishes: after the
+    first error (an outage: build_repo records everything else) none is started; those
+    running finish and are written, then it is raised, so that a rerun redoes only what was
+    not written. (Cancelling queued futures instead raced the pool's threads, which take the
+    next item as soon as they are free.)"""
     first = None
+    queue = iter(todo)
     with ThreadPoolExecutor(max_workers=cfg.workers) as pool:  # sandboxes are processes
-        futures = {pool.submit(build_repo, cfg.repositories[i], cfg): i for i in todo}
-        for fut in as_completed(futures):
-            i = futures[fut]
-            if fut.cancelled():
-                continue
-            try:
-                *parts, meta = fut.result()
-            except Exception as err:
+        running: dict = {}
+
+        def start_next() -> None:
+            i = next(queue, None)
+            if i is not None:
+                running[pool.submit(build_repo, cfg.repositories[i], cfg)] = i
+
+        for _ in range(cfg.workers):
+            start_next()
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in sorted(done, key=running.get):
+                i = running.pop(fut)
+                try:
+                    *parts, meta = fut.result()
+                except Exception as err:
+                    if first is None:
+                        first = err
+                        log.error("agent: repository %s stopped the stage: %s: %s; the "
+                                  "repositories still running are finished and written first",
+                                  cfg.repositories[i].name, type(err).__name__, err)
+                    continue
+                results[i] = ([w.write(i, recs, meta) for w, recs in zip(writers, parts)], meta)
                 if first is None:
-                    first = err
-                    log.error("agent: repository %s stopped the stage: %s: %s; the repositories "
-                              "still running are finished and written first",
-                              cfg.repositories[i].name, type(err).__name__, err)
-                    for other in futures:
-                        other.cancel()
-                continue
-            results[i] = ([w.write(i, recs, meta) for w, recs in zip(writers, parts)], meta)
+                    start_next()
     if first is not None:
         raise first
 
