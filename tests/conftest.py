@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,26 @@ except ImportError:  # tests/ collected as plain folder (rootdir not importable)
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _data_manifests(data: Path) -> dict[str, bytes]:
+    """The manifests of the repository's pipeline data (data/NAME/, data/agent/NAME/)."""
+    return {str(p): p.read_bytes() for pattern in ("*/manifest.json", "*/*/manifest.json",
+                                                   "*/codeworld.json")
+            for p in sorted(data.glob(pattern))}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_data_untouched():
+    """No test may change the repository's own data/ (a developer's `make run` output): a stage
+    run in-process with the repository as its working folder pins its manifests there (tests
+    of session 28 replaced data/agent's with their tmp datasets', unseen until dvc status)."""
+    data = Path(__file__).resolve().parents[1] / "data"
+    before = _data_manifests(data)
+    yield
+    after = _data_manifests(data)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"the tests changed the repository's data: {changed}"
 
 
 @pytest.fixture(scope="session")

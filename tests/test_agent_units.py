@@ -460,6 +460,9 @@ def _stage(tmp_path, root: str, workers: int, fake, monkeypatch):
     import stages.agent as agent
 
     monkeypatch.setattr(agent, "build_repo", fake)
+    # the stage pins its manifests in data/agent/ of the working folder (DVC's outputs): here,
+    # not the repository's, whose pipeline data they would replace
+    monkeypatch.chdir(tmp_path)
     params = parse_params({"storage": {"root": str(tmp_path / root)}, "agent": {
         "repositories": [{"name": n, "path": str(tmp_path)} for n in "abc"], "workers": workers}})
     return agent.run(params, track=False, metrics_path=str(tmp_path / f"{root}.json"))
