@@ -66,7 +66,10 @@ def stage_needs(dvc_yaml: Path) -> dict[str, set[str]]:
 def dag_order(dvc_yaml: Path) -> list[str]:
     """Stages in dependency order (a stage after every stage whose outs it depends on);
     ties keep their order in dvc.yaml."""
-    needs = stage_needs(dvc_yaml)
+    return _in_order(stage_needs(dvc_yaml), dvc_yaml)
+
+
+def _in_order(needs: dict[str, set[str]], dvc_yaml: Path) -> list[str]:
     order: list[str] = []
     while len(order) < len(needs):
         ready = [n for n in needs if n not in order and needs[n] <= set(order)]
@@ -80,7 +83,8 @@ def upstream(dvc_yaml: Path, wanted: list[str]) -> list[str]:
     """`wanted` and every stage they need, directly or through others, in DAG order. Only
     those: a stage that merely comes earlier in the order (agent before tokenizer) is no
     input of theirs, and running it could take hours."""
-    order, needs = dag_order(dvc_yaml), stage_needs(dvc_yaml)
+    needs = stage_needs(dvc_yaml)   # (read once: the order comes from the same needs)
+    order = _in_order(needs, dvc_yaml)
     unknown = sorted(set(wanted) - set(order))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml has {order}")
