@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from codeworld import prompts
-from codeworld.tokens import END_OF_TEXT, EOD_ID, TRACE_TOKENS
+from codeworld.tokens import END_OF_TEXT, EOD_ID, TRACE_TOKENS, reserved_token
 from codeworld.trace_metrics import Frame, Parsed, parse
 
 FRAME_SEP = TRACE_TOKENS[1]
@@ -434,6 +434,10 @@ def start(file: str, call: str, params, *, checkpoint: str | None = None, hf: st
         # ValueError: null bytes, on some versions; RecursionError: nesting too deep to parse
         where = f"{file}:{err.lineno}" if getattr(err, "lineno", None) else file
         raise DebugError(f"{where}: {type(err).__name__}: {getattr(err, 'msg', err)}") from None
+    for what, text in ((file, code), (f"--call {call!r}", call)):
+        if token := reserved_token(text):   # the model would read it as the format's markup
+            raise DebugError(f"{what}: holds {token!r}, a token of the trace format; a program "
+                             f"to debug must not spell one")
     try:
         context = context_of(code, call)
         compile(call.strip(), "<call>", "eval", dont_inherit=True)

@@ -11,7 +11,7 @@ and the debugger ask them. Written once so a model is always asked the way it wa
 
 from __future__ import annotations
 
-from codeworld.tokens import END_OF_TEXT, ROLE_TOKENS
+from codeworld.tokens import END_OF_TEXT, ROLE_TOKENS, Plain, Text
 
 SYSTEM, USER, ASSISTANT, TOOL_RESULT, END_OF_TURN = ROLE_TOKENS
 
@@ -33,8 +33,10 @@ def output_prompt(code: str, call: str) -> str:
             f"{END_OF_TURN}{ASSISTANT}")
 
 
-def output_answer(result_repr: str) -> str:
-    return f"{result_repr}{END_OF_TURN}"
+def output_answer(result_repr: str) -> Text:
+    """The repr, then the end of the turn. The repr is text the program made: a token's text
+    in it (a function that returns "<|user|>") is text (codeworld/tokens.Plain)."""
+    return (Plain(result_repr), END_OF_TURN)
 
 
 def parse_output_answer(text: str) -> str:

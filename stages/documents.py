@@ -16,12 +16,15 @@ import hashlib
 from collections.abc import Iterable, Iterator
 
 from codeworld import prompts
-from codeworld.tokens import ROLE_TOKENS
+from codeworld.tokens import ROLE_TOKENS, Plain, Text, assistant_parts, joined
 
 SYSTEM, USER, ASSISTANT, TOOL_RESULT, END_OF_TURN = ROLE_TOKENS
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT, "tool": TOOL_RESULT,
          "observation": TOOL_RESULT}
-Segment = tuple[str, bool]   # (text, counts in the loss)
+Segment = tuple[Text, bool]   # (text, counts in the loss)
+# Text from outside (a corpus file, a message's content, a call's result) is Plain: its special
+# tokens' text is tokenised as text (codeworld/tokens.py); the traces are our own markup, their
+# values escaped by the tracer and their programs free of the tokens (trace_runner).
 
 
 class DocumentError(ValueError):
@@ -61,7 +64,7 @@ def object_records(records: Iterable, counts: dict, key: str) -> Iterator[dict]:
 
 def render(record: dict, fmt: str, *, observation_mask: float = 0.0, seed: int = 0) -> list[Segment]:
     if fmt == "code":
-        return [(_field(record, "text"), True)]
+        return [(Plain(_field(record, "text")), True)]
     if fmt == "trace":
         # The prompt (context + `main` call) and the frames: CWM trains on both. A repository
         # trace (a call from a test into the package) has frames only.
@@ -71,7 +74,7 @@ def render(record: dict, fmt: str, *, observation_mask: float = 0.0, seed: int =
         return [(prompt or "", True), (_field(record, "trace"), True)]
     if fmt == "agent":
         rid = str(record.get("id", ""))
-        return [(f"{role}{content}{END_OF_TURN}",
+        return [(message_text(role, content),
                  not (role == TOOL_RESULT and _masked(seed, rid, turn, observation_mask)))
                 for turn, role, content in _turns(record)]
     if fmt == "sft_trace":
@@ -97,9 +100,9 @@ def render(record: dict, fmt: str, *, observation_mask: float = 0.0, seed: int =
         out: list[Segment] = []
         for _, role, content in _turns(record):
             if role == ASSISTANT:
-                out += [(role, False), (f"{content}{END_OF_TURN}", True)]
+                out += [(role, False), ((*message_parts(role, content), END_OF_TURN), True)]
             else:
-                out.append((f"{role}{content}{END_OF_TURN}", False))
+                out.append((message_text(role, content), False))
         if not any(keep for _, keep in out):
             raise NotATask("no assistant turn")
         return out
@@ -118,6 +121,18 @@ def _turns(record: dict) -> list[tuple[int, str, str]]:
     return out
 
 
+def message_parts(role: str, content: str) -> tuple[str, ...]:
+    """A message's content as text parts: an assistant turn's tool-call markers are tokens,
+    everything else any message holds (a task, a command's output, a file) is Plain."""
+    return assistant_parts(content) if role == ASSISTANT else (Plain(content),)
+
+
+def message_text(role: str, content: str) -> tuple[str, ...]:
+    """One whole message as the agent formats render and the model as policy write it:
+    `<role>content<|end_of_turn|>`."""
+    return (role, *message_parts(role, content), END_OF_TURN)
+
+
 def history_that_fits(lengths: list[int], budget: int) -> int:
     """How many of the latest messages (token counts ``lengths``, oldest first) fit whole in
     ``budget`` tokens, counted from the newest back. An agent turn's context when its whole
@@ -134,4 +149,4 @@ def history_that_fits(lengths: list[int], budget: int) -> int:
 
 
 def text_of(segments: list[Segment]) -> str:
-    return "".join(t for t, _ in segments)
+    return "".join(joined(t) for t, _ in segments)

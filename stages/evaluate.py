@@ -42,7 +42,7 @@ from codeworld.config import Params
 from codeworld.shards import Dataset, ShardError, dumps, fingerprint
 from codeworld.split import corpus_id, heldout
 from codeworld.storage import Storage
-from codeworld.tokens import EOD_ID
+from codeworld.tokens import EOD_ID, encode_batch
 from codeworld.trace_metrics import frame_metrics, mean_metrics, parse, teacher_forced
 from codeworld.tracking import StageRun
 from stages import tokenizer as tokenizer_stage
@@ -146,7 +146,7 @@ def _source_stream(params: Params, storage: Storage, tok, name: str, src, cap: i
         except DocumentError:
             counts[f"ppl_broken_{name}"] = counts.get(f"ppl_broken_{name}", 0) + 1
             continue
-        pieces = [e.ids for e in tok.encode_batch([text for text, _ in segments])]
+        pieces = encode_batch(tok, [text for text, _ in segments])
         docs, left_out = source_documents(segments, pieces, src)
         if left_out:   # pack leaves them out of the source: so does evaluation
             counts[f"ppl_too_long_{name}"] = counts.get(f"ppl_too_long_{name}", 0) + left_out

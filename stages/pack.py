@@ -33,7 +33,7 @@ from codeworld.pack_cache import MANIFEST, OUTPUT, prune
 from codeworld.shards import Dataset, dumps, fingerprint
 from codeworld.split import corpus_id, heldout
 from codeworld.storage import Storage, file_sha256
-from codeworld.tokens import EOD_ID, PAD_ID
+from codeworld.tokens import EOD_ID, PAD_ID, encode_batch, joined
 from codeworld.tracking import StageRun
 from stages import tokenizer as tokenizer_stage
 from stages.documents import ASSISTANT, DocumentError, NotATask, history_that_fits, render
@@ -153,7 +153,7 @@ def agent_turn_documents(segments: list[tuple[str, bool]], pieces: list[list[int
     i = 0
     while i < len(segments):
         text, keep = segments[i]
-        if text == ASSISTANT and not keep and i + 1 < len(segments) and segments[i + 1][1]:
+        if joined(text) == ASSISTANT and not keep and i + 1 < len(segments) and segments[i + 1][1]:
             ids = pieces[i] + pieces[i + 1]
             messages.append((ids, [0] * len(pieces[i]) + [1] * len(pieces[i + 1]), True))
             i += 2
@@ -216,9 +216,9 @@ def _token_documents(ds: Dataset, src: PackSourceConfig, params: Params, counts:
     records at a time; records that give none are counted in ``counts`` as they pass."""
     for batch in _documents(ds, src, params, counts):
         texts = [t for doc in batch for t, _ in doc]
-        encoded = iter(tok.encode_batch(texts))
+        encoded = iter(encode_batch(tok, texts))
         for doc in batch:
-            docs, left_out = source_documents(doc, [next(encoded).ids for _ in doc], src)
+            docs, left_out = source_documents(doc, [next(encoded) for _ in doc], src)
             counts["too_long"] += left_out
             yield from docs
 

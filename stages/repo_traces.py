@@ -46,7 +46,7 @@ from pathlib import Path
 from codeworld.sandbox import Limits, run_command
 from codeworld.sandbox.output import json_or_none
 from codeworld.storage import file_sha256
-from codeworld.tokens import END_OF_TEXT
+from codeworld.tokens import END_OF_TEXT, TRACE_TOKENS, reserved_token
 from codeworld.trace_metrics import parse as parse_trace
 from codeworld.sandbox.bwrap import python_install
 from stages import tracer, tracer_repo
@@ -205,6 +205,16 @@ def repo_layout(tree: Path) -> dict:
 # --------------------------------------------------------------------------- tracing
 
 
+def _source_token(trace: str) -> str | None:
+    """A special token's text in a trace besides the format's own markup: the repository's
+    source (a line the frames show) spells one, a chat template's "<|user|>" say. The tracer
+    escapes values, not source, and the tokenizer would read it as the token, so the trace is
+    not kept (as trace_runner refuses such a program)."""
+    for t in TRACE_TOKENS:
+        trace = trace.replace(t, "")
+    return reserved_token(trace)
+
+
 def _record_id(repo: str, version: str | None, rec: dict) -> str:
     key = json.dumps([repo, version, rec["test"], rec["seq"], rec["module"], rec["function"]])
     return hashlib.sha256(key.encode()).hexdigest()[:20]
@@ -251,7 +261,7 @@ def trace_repository(tree: str | os.PathLike, *, max_traces: int = 500,
                                           (RUNNER_DIR, "/sandbox/lib/cwrepo"),
                                           (spec_dir, "/sandbox/spec")])
     seconds = time.perf_counter() - t0
-    recs, summary, bad_lines, malformed = [], None, 0, 0
+    recs, summary, bad_lines, malformed, reserved = [], None, 0, 0, 0
     lines = res.stdout.splitlines()
     if res.stdout_truncated and lines:
         lines = lines[:-1]  # the last line may be cut
@@ -269,6 +279,9 @@ def trace_repository(tree: str | os.PathLike, *, max_traces: int = 500,
             trace = obj.get("trace")
             if trace is not None and (not isinstance(trace, str) or parse_trace(trace + END_OF_TEXT).errors):
                 malformed += 1
+                continue
+            if trace is not None and _source_token(trace):
+                reserved += 1
                 continue
             recs.append(obj)
         else:
@@ -294,6 +307,7 @@ def trace_repository(tree: str | os.PathLike, *, max_traces: int = 500,
              "traces_by_status": {s: by_status.get(s, 0) for s in STATUSES},
              "completed": summary != {}, "timed_out": res.timed_out,
              "returncode": res.returncode, "bad_lines": bad_lines, "malformed_traces": malformed,
+             "reserved_token_traces": reserved,
              "package_files": len(layout["pkg_files"]), "test_files": len(layout["test_files"]),
              "seconds": round(seconds, 2)}
     if not stats["completed"]:

@@ -33,7 +33,7 @@ from codeworld.config import Params
 from codeworld.shards import Dataset, dumps
 from codeworld.split import corpus_id, heldout
 from codeworld.storage import Storage, filesystem, write_atomic
-from codeworld.tokens import END_OF_TEXT, ROLE_TOKENS, TRACE_TOKENS
+from codeworld.tokens import END_OF_TEXT, ROLE_TOKENS, TRACE_TOKENS, Text, encode
 
 FRAME_SEP = TRACE_TOKENS[1]
 END_OF_TURN = ROLE_TOKENS[4]
@@ -82,8 +82,8 @@ def _rank(seed: int, kind: str, rid: str) -> str:
     return hashlib.sha256(f"{seed}\0{kind}\0{rid}".encode()).hexdigest()
 
 
-def _count(tok, text: str) -> int:
-    return len(tok.encode(text).ids)
+def _count(tok, text: Text) -> int:
+    return len(encode(tok, text))
 
 
 def _candidates(params: Params, tok, records: list[dict], counts: Counter) -> dict[str, list[dict]]:

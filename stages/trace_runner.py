@@ -15,7 +15,7 @@ from pathlib import Path
 
 from codeworld.config import TraceLimitsConfig
 from codeworld.sandbox import Limits, SandboxResult, map_requests
-from codeworld.tokens import SPECIAL_TOKENS
+from codeworld.tokens import reserved_token
 from stages.tracer.frames import prompt_for, unpack_frames
 from stages.tracer.program import InvalidProgram, context_of
 from stages.tracer.worker import request_call as worker_call
@@ -143,10 +143,7 @@ def trace_requests(requests: list[dict], limits: TraceLimitsConfig, workers: int
 def _reserved_token(req: dict) -> str | None:
     """The first token of the format (codeworld.tokens.SPECIAL_TOKENS) that the request's
     code, call or input holds, else None."""
-    text = "\0".join(req.get(k) or "" for k in ("code", "call", "input"))
-    if "<|" not in text and "tool" not in text:
-        return None
-    return next((t for t in SPECIAL_TOKENS if t in text), None)
+    return reserved_token("\0".join(req.get(k) or "" for k in ("code", "call", "input")))
 
 
 def sandbox_results(requests: list[dict], limits: TraceLimitsConfig, workers: int = 0,

@@ -207,6 +207,12 @@ def test_debug_refuses_a_bad_call_or_checkpoint(root):
     proc = subprocess.run([*base, "--call", "f(1, 2)", "--checkpoint", str(root)], input="",
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 2 and "not a phase checkpoint directory" in proc.stderr
+    # a program that spells a token of the format: the model would read it as the markup
+    spelled = root / "spelled.py"
+    spelled.write_text("def f(a, b):\n    return '<|frame_sep|>' * a\n")
+    proc = subprocess.run([*base[:4], str(spelled), *base[5:], "--call", "f(1, 2)"], input="",
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2 and f"{spelled}: holds '<|frame_sep|>'" in proc.stderr
 
 
 def test_a_wrong_predicted_line_shows_the_real_line_and_the_predicted_one(tok):

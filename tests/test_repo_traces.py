@@ -346,6 +346,30 @@ def test_lines_a_test_forges_are_not_kept_as_traces(tmp_path):
     assert "FORGED" not in json.dumps(records) and stats["malformed_traces"] >= 1
 
 
+def test_traces_whose_source_spells_a_special_token_are_not_kept(tmp_path):
+    """A repository line that spells a special token (a chat template's "<|user|>") would be
+    read by the tokenizer as the token: that trace is dropped and counted, the others kept."""
+    tree = tmp_path / "chat"
+    (tree / "cpkg").mkdir(parents=True)
+    (tree / "cpkg" / "__init__.py").write_text(
+        "def turn(text):\n    return '<|user|>' + text\n\n"
+        "def plain(x):\n    return x + 1\n")
+    (tree / "test_chat.py").write_text(textwrap.dedent("""\
+        import unittest
+        import cpkg
+
+        class T(unittest.TestCase):
+            def test_both(self):
+                self.assertEqual(cpkg.plain(1), 2)
+                self.assertTrue(cpkg.turn("hi").endswith("hi"))
+        """))
+    for p in [tmp_path, *tmp_path.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    records, stats = trace_repository(tree, max_traces=10)
+    assert [r["function"] for r in records] == ["plain"]
+    assert stats["reserved_token_traces"] == 1 and "<|user|>" not in json.dumps(records)
+
+
 @pytest.mark.network
 @pytest.mark.skipif(os.environ.get("CODEWORLD_NETWORK_TESTS") != "1",
                     reason="needs the network (CODEWORLD_NETWORK_TESTS=1)")

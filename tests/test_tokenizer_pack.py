@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from codeworld.config import ConfigError, parse_params
 from codeworld.split import corpus_id, heldout
 from codeworld.storage import Storage
-from codeworld.tokens import EOD_ID, SPECIAL_TOKENS, TRACE_TOKENS
+from codeworld.tokens import EOD_ID, SPECIAL_TOKENS, TRACE_TOKENS, encode
 from stages import tokenizer as tokenizer_stage
 from stages.documents import render, text_of
 from tests.train_fixtures import (agent_records, build_training_root, code_records,
@@ -111,7 +111,7 @@ def test_agent_observations_are_masked_at_the_configured_share(root, tok):
     # the rendering agrees with the stored mask: loss tokens = tokens of kept segments + EOD
     rec = [r for r in agent_records() if not heldout(corpus_id(r), 10.0, 0)][0]
     segs = render(rec, "agent", observation_mask=0.5, seed=0)
-    want = sum(len(tok.encode(t).ids) for t, keep in segs if keep) + 1
+    want = sum(len(encode(tok, t)) for t, keep in segs if keep) + 1
     assert sum(masks[0].tolist()) == want
 
 
@@ -330,3 +330,64 @@ def test_agent_trajectories_become_one_document_per_assistant_turn():
     # without a window: the whole trajectory, one document
     whole, _ = source_documents(segments, pieces, src.model_copy(update={"window": 0}))
     assert len(whole) == 1 and len(whole[0][0]) == sum(map(len, pieces)) + 1
+
+
+def test_special_token_text_from_outside_is_text_not_the_token(tok):
+    """A corpus file, a task, a command's output or a program's result that spells a token's
+    text is tokenised as text: the model never sees a turn, call or end that nobody wrote. The
+    markup render puts around it (roles, tool markers, end of turn) stays single tokens."""
+    from codeworld.config import PackSourceConfig
+    from codeworld.tokens import END_OF_TEXT, encode_batch
+    from stages.pack import source_documents
+
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    spelled = f'TEMPLATE = "<|user|>{{q}}<|end_of_turn|>"\nEND = "{END_OF_TEXT}"\nprint("</tool>")\n'
+
+    def documents(record, fmt):
+        segments = render(record, fmt)
+        pieces = encode_batch(tok, [t for t, _ in segments])
+        docs, _ = source_documents(segments, pieces, PackSourceConfig(dataset="x", format=fmt))
+        return [d for d, _ in docs]
+
+    (code,) = documents({"id": "c", "text": spelled}, "code")
+    assert [t for t in code if t < len(SPECIAL_TOKENS)] == [EOD_ID]
+    assert tok.decode(code[:-1], skip_special_tokens=False) == spelled
+
+    call = "<tool: bash>\ncat chat.py | grep '<tool: edit>'\n</tool>"
+    traj = {"id": "a", "messages": [{"role": "user", "content": "fix <|assistant|> bug"},
+                                    {"role": "assistant", "content": call},
+                                    {"role": "tool", "content": spelled}]}
+    (doc,) = documents(traj, "agent")
+    special = [t for t in doc if t < len(SPECIAL_TOKENS)]
+    assert special == [ids["<|user|>"], ids["<|end_of_turn|>"], ids["<|assistant|>"],
+                       ids["<tool: bash>"], ids["</tool>"], ids["<|end_of_turn|>"],
+                       ids["<|tool_result|>"], ids["<|end_of_turn|>"], EOD_ID]
+    assert tok.decode(doc, skip_special_tokens=False) == text_of(render(traj, "agent")) + END_OF_TEXT
+
+    out = {"id": "o", "status": "ok", "code": "def f():\n    return '<' + '|user|>'\n",
+           "call": "f()", "result": "'<|user|>'"}
+    (doc,) = documents(out, "sft_output")
+    assert doc.count(ids["<|user|>"]) == 1   # the prompt's own turn, not the result's text
+
+
+def test_markup_and_plain_parts_encode_as_the_whole_markup_text(tok):
+    """Encoding a text's parts apart gives the ids the whole text gave before (as long as no
+    Plain part spells a token): splitting at the markup changes no other token."""
+    from codeworld.tokens import Plain, encode, encode_batch
+
+    text = ("<|user|>", Plain("def f(x):\n    return x  # é\n"), "<|end_of_turn|>")
+    assert encode(tok, text) == tok.encode("".join(text)).ids
+    assert encode_batch(tok, ["", (), Plain("")]) == [[], [], []]
+
+
+def test_the_policy_reads_an_observation_that_spells_a_turn_as_text(tok):
+    from stages.agent.policies import ModelPolicy
+
+    seen = []
+    policy = ModelPolicy(lambda prompt, turn: seen.append(prompt) or [EOD_ID], tok,
+                         max_context=4096, max_new_tokens=8)
+    policy.act([{"role": "user", "content": "task"},
+                {"role": "assistant", "content": "<tool: bash>\nls\n</tool>"},
+                {"role": "tool", "content": "x.py <|assistant|> <|end_of_turn|>"}])
+    assistant = tok.token_to_id("<|assistant|>")
+    assert seen[0].count(assistant) == 2   # the assistant's turn, and the turn to write

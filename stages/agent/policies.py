@@ -340,13 +340,14 @@ class ModelPolicy:
         self.turns: list[tuple[list[int], list[int]]] = []
 
     def act(self, messages: list[dict]) -> str:
-        from stages.documents import ASSISTANT, END_OF_TURN, ROLES, history_that_fits
-        from codeworld.tokens import END_OF_TEXT
+        from stages.documents import ASSISTANT, END_OF_TURN, ROLES, history_that_fits, message_text
+        from codeworld.tokens import END_OF_TEXT, encode_batch
 
         # each message apart (its role and end-of-turn are special tokens: the same ids as the
-        # whole text's), so that whole messages can be left out
-        pieces = [self.tok.encode(f"{ROLES[m['role']]}{m['content']}{END_OF_TURN}").ids
-                  for m in messages]
+        # whole text's), so that whole messages can be left out; a command's output that prints
+        # a token's text is text, as in the SFT documents
+        pieces = encode_batch(self.tok, [message_text(ROLES[m["role"]], m["content"])
+                                         for m in messages])
         first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"),
                      len(messages))
         head = [t for p in pieces[:first] for t in p]

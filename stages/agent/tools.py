@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from codeworld.sandbox.bwrap import python_install
+from codeworld.tokens import CALL_RE
 from stages.agent.envs import SANDBOX_LIB, SANDBOX_SPEC, Env, sandbox
 
 TOOLS = ("bash", "edit", "create", "submit")
-CALL_RE = re.compile(r"<tool: *([A-Za-z_]+)>\n?(.*?)\n?"
-                     r"(?:(?<=\n)</tool>|</tool>(?=[ \t]*(?:\n|\Z)))", re.S)
 # The markers are whole lines: a SEARCH text may hold "# ==========" or "x >>>>>>> y".
 SEARCH, SEP, REPLACE = "<<<<<<< SEARCH", "=======", ">>>>>>> REPLACE"
 EDIT_RE = re.compile(r"\A([^\n]+)\n<<<<<<< SEARCH\n(?:(.*?)\n)?=======\n(?:(.*?)\n)?"
