@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"codeworld {args.cmd}: transient error (retry): {err}", file=sys.stderr)
         return EXIT_TRANSIENT
     except StageFailed as err:   # a training run that failed (its log's tail), a held lock...
+        if getattr(err, "transient", False):   # a pipeline stage that failed its retries too
+            print(f"codeworld {args.cmd}: transient error (retry): {err}", file=sys.stderr)
+            return EXIT_TRANSIENT
         print(f"codeworld {args.cmd}: error: {err}", file=sys.stderr)
         return 1
     except StorageError as err:   # its message names the path

@@ -35,6 +35,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from codeworld import config
 from codeworld.config import ConfigError, load_params
 from codeworld.overrides import apply_overrides, write_overrides
 from codeworld.tracking import PARENT_ENV, repo_root, run_url, start_run, tracking_uri
@@ -43,7 +44,10 @@ TRANSIENT_MARKERS = ("Unable to acquire lock", "transient error (retry)", "Conne
                      "Temporary failure in name resolution")
 
 
-class StageFailed(RuntimeError):
+class StageFailed(config.StageFailed):
+    """A stage's `dvc repro` that exited non-zero: the command line prints its message (the
+    log's tail) as an error, exit 75 when it failed for a cause a retry may clear."""
+
     def __init__(self, stage: str, code: int, tail: str, transient: bool):
         self.stage, self.transient = stage, transient
         super().__init__(f"stage {stage!r} failed (exit {code}):\n{tail}")

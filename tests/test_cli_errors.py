@@ -272,3 +272,19 @@ def test_pipeline_refuses_an_unknown_stage_before_starting_prefect(monkeypatch, 
     # was a traceback and exit 1, after the temporary server had started
     assert rc == 2 and "codeworld pipeline: error: --stage nosuch: no such stage in " in err
     assert "dvc.yaml (its stages: corpus, dedup, " in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("transient, rc, says", [(False, 1, "error: stage 'sft' failed (exit 3)"),
+                                                 (True, 75, "transient error (retry): stage 'sft'")])
+def test_a_pipeline_stage_that_fails_for_good_is_an_error_not_a_traceback(
+        transient, rc, says, monkeypatch, capsys):
+    from flows.pipeline import StageFailed
+
+    def pipeline(*_a, **_k):   # what the flow raises once a stage's retries are spent
+        raise StageFailed("sft", 3, "RuntimeError: loss is nan at step 7", transient)
+
+    monkeypatch.setattr("flows.pipeline.pipeline", pipeline)
+    got, err = run(capsys, "pipeline", "--stage", "sft")
+    # was a traceback and exit 1 (flows' StageFailed was not the one the command line caught)
+    assert got == rc and says in err and "loss is nan at step 7" in err, err
+    assert "Traceback" not in err
