@@ -22,7 +22,7 @@ from stages.agent.failing_traces import failing_test_traces
 from stages.agent.loop import run_episode
 from stages.agent.mutate import mutations
 from stages.agent.policies import STOPS, OpenAIPolicy, PolicyUnavailable, ScriptedPolicy, call
-from stages.agent.reward import evaluate, materialise
+from stages.agent.reward import canary_order, evaluate, materialise, write_canary
 from stages.agent.tools import ToolCall, execute, format_edit, parse_call
 from stages.agent.validate import baseline, check_mutants, coverage_map
 
@@ -276,6 +276,35 @@ def test_forged_outcomes_and_links_out_of_the_copy_earn_nothing(env, validated, 
     (work / "calc" / "__init__.py").write_text(fixed)
     result = evaluate(task, env, buggy, work, wall_seconds=60)
     assert result["reward"] == 1.0 and "tampered" not in result["summary"], result
+
+
+NAME_AWARE = """
+import _pytest.python as _pp
+_run = _pp.Function.runtest
+def _runtest(self, _run=_run):
+    if "fail" in self.name:   # a test named to fail runs as it is: every other one passes
+        return _run(self)
+_pp.Function.runtest = _runtest
+"""
+
+
+def test_a_forgery_cannot_tell_the_canaries_apart(env, validated, tmp_path):
+    """Package code that passes every test but those whose names say they must fail: the
+    canaries' names said so (test_fails_...), and it earned the reward with the bug left in."""
+    task = _task(env, validated, "change_arith", "return total * len(xs)")
+    buggy = materialise(task, env, tmp_path / "buggy")
+    work = tmp_path / "work"
+    shutil.copytree(buggy, work)
+    with open(work / "calc" / "__init__.py", "a") as f:
+        f.write(NAME_AWARE)
+    result = evaluate(task, env, buggy, work, wall_seconds=60)
+    assert result["reward"] == 0.0 and "tampered" in result["summary"], result
+    # the canaries: the same for the same task, nothing in a name, one of each kind either side
+    holds, fails = write_canary(task, tmp_path)
+    assert (holds, fails) == write_canary(task, tmp_path)
+    assert not any(w in t for t in holds + fails for w in ("hold", "fail", "pass"))
+    before, after = canary_order(holds, fails)
+    assert {len(set(before) & set(holds)), len(set(after) & set(holds))} == {1}
 
 
 def test_a_working_copy_grown_past_its_limit_ends_the_episode(env, validated):

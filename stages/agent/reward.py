@@ -70,37 +70,47 @@ def _plain_file(work: Path, rel: str) -> bool:
     return stat.S_ISREG(mode)
 
 
-CANARY = """import unittest
+CANARY_FILE = """import unittest
 
 
-# written by the reward for this run: each test_holds must pass, each test_fails must fail
-def test_holds_{tag}():
-    assert sum(range(10)) == 45
+{functions}
 
-
-def test_fails_{tag}():
-    assert sum(range(10)) == {wrong}
-
-
-class CwCanary{tag}(unittest.TestCase):
-    def test_holds(self):
-        self.assertEqual(sum(range(10)), 45)
-
-    def test_fails(self):
-        self.assertEqual(sum(range(10)), {wrong})
-"""
+class Test{tag}(unittest.TestCase):
+{methods}"""
+CANARY_FUNCTION = "def {name}():\n    assert sum(range({n})) == {value}\n\n"
+CANARY_METHOD = "    def {name}(self):\n        self.assertEqual(sum(range({n})), {value})\n\n"
 
 
 def write_canary(task: dict, tree: Path) -> tuple[list[str], list[str]]:
     """Canary tests in ``tree``: (node ids that must pass, node ids that must fail). A plain
     function and a unittest method of each, as pytest runs them by different code (patching
-    one way of running tests must show); the names come from the task, so the same task
-    gives the same run."""
-    tag = hashlib.sha256(f"{task['id']}:canary".encode()).hexdigest()[:12]
-    rel = f"test_cw_{tag}.py"
-    (tree / rel).write_text(CANARY.format(tag=tag, wrong=46 + int(tag[:4], 16) % 1000))
-    return ([f"{rel}::test_holds_{tag}", f"{rel}::CwCanary{tag}::test_holds"],
-            [f"{rel}::test_fails_{tag}", f"{rel}::CwCanary{tag}::test_fails"])
+    one way of running tests must show). Nothing but running them tells which must fail: the
+    names are hashes, each test is `sum(range(n)) == value` with its own n, the file's order
+    is the names' order; a forgery that passes every test but one named "fail" (or written
+    last, or comparing with a round number) gives itself away. Derived from the task, so the
+    same task gives the same run."""
+    tag = hashlib.sha256(f"{task['id']}:canary".encode()).hexdigest()
+    rel = f"test_cw_{tag[:12]}.py"
+    tests = []   # (name, holds, is a method, n, value)
+    for i, (holds, method) in enumerate(((True, False), (True, True), (False, False), (False, True))):
+        h = hashlib.sha256(f"{tag}:{i}".encode()).digest()
+        n = 10 + h[0] % 90
+        value = n * (n - 1) // 2 + (0 if holds else 1 + h[1] % 97)
+        tests.append((f"test_{h[2:8].hex()}", holds, method, n, value))
+    tests.sort()
+    functions = "".join(CANARY_FUNCTION.format(name=t[0], n=t[3], value=t[4])
+                        for t in tests if not t[2])
+    methods = "".join(CANARY_METHOD.format(name=t[0], n=t[3], value=t[4]) for t in tests if t[2])
+    (tree / rel).write_text(CANARY_FILE.format(tag=tag[:12], functions=functions, methods=methods))
+    ids = {t[0]: f"{rel}::Test{tag[:12]}::{t[0]}" if t[2] else f"{rel}::{t[0]}" for t in tests}
+    return ([ids[t[0]] for t in tests if t[1]], [ids[t[0]] for t in tests if not t[1]])
+
+
+def canary_order(holds: list[str], fails: list[str]) -> tuple[list[str], list[str]]:
+    """The canaries to run before the hidden tests and after them: one that must pass and one
+    that must fail on each side, in the names' order, so that no place says which is which."""
+    (h1, h2), (f1, f2) = holds, fails
+    return sorted((h1, f1)), sorted((h2, f2))
 
 
 def evaluate(task: dict, env: Env, buggy: Path, work: Path, *, wall_seconds: float) -> dict:
@@ -120,7 +130,8 @@ def evaluate(task: dict, env: Env, buggy: Path, work: Path, *, wall_seconds: flo
     holds, fails = write_canary(task, fresh)
     # in the suite's own order (pytest runs node ids in the order given): a test that needs
     # an earlier one's side effect passes here as it did in the suite
-    hidden = [*holds, *task["test_order"], *fails]
+    before, after = canary_order(holds, fails)
+    hidden = [*before, *task["test_order"], *after]
     run = run_tests(fresh, env, hidden, wall_seconds=wall_seconds)
     f2p_ok = sum(run.outcomes.get(t) == "pass" for t in task["FAIL_TO_PASS"])
     p2p_ok = sum(run.outcomes.get(t) == "pass" for t in task["PASS_TO_PASS"])
