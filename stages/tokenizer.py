@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Iterator
 
 from codeworld.code import Code
@@ -17,9 +18,9 @@ from codeworld.config import Params
 from codeworld.shards import Dataset, dumps, fingerprint
 from codeworld.split import corpus_id, heldout
 from codeworld.storage import Storage
-from codeworld.tokens import EOD_ID, PAD_ID, SPECIAL_TOKENS
+from codeworld.tokens import EOD_ID, PAD_ID, SPECIAL_TOKENS, Plain
 from codeworld.tracking import StageRun
-from stages.documents import DocumentError, object_records, render, text_of
+from stages.documents import DocumentError, Segment, object_records, render
 
 CODE = Code(("stages.tokenizer",))
 
@@ -35,9 +36,25 @@ def output_fingerprint(params: Params, inputs: dict[str, Dataset]) -> str:
                        {n: d.manifest["fingerprint"] for n, d in inputs.items()})
 
 
+_MARKUP = re.compile("|".join(map(re.escape, SPECIAL_TOKENS)))
+
+
+def training_pieces(segments: list[Segment]) -> list[str]:
+    """A document's text as the BPE trainer must see it: cut at its markup. Encoding splits a
+    special token out before anything else, so no other token ever spans one; the trainer does
+    not split them itself, and learnt merges such as '"}<|' out of the traces' markup, tokens
+    no encoding uses. Plain text is whole: a token's text there is text (codeworld/tokens)."""
+    out: list[str] = []
+    for text, _ in segments:
+        for part in (text,) if isinstance(text, str) else text:
+            out += [part] if isinstance(part, Plain) else _MARKUP.split(part)
+    return [p for p in out if p]
+
+
 def training_texts(params: Params, inputs: dict[str, Dataset], counts: dict) -> Iterator[str]:
-    """Documents of each source in order, held-out ids skipped; max_chars is shared equally
-    between the sources, so a large code corpus does not crowd out the traces' vocabulary."""
+    """Documents of each source in order (each cut at its markup, training_pieces), held-out
+    ids skipped; max_chars is shared equally between the sources, so a large code corpus does
+    not crowd out the traces' vocabulary."""
     share = params.tokenizer.max_chars / len(inputs) if params.tokenizer.max_chars else float("inf")
     for name, ds in inputs.items():
         src = params.pack.sources[name]
@@ -47,17 +64,20 @@ def training_texts(params: Params, inputs: dict[str, Dataset], counts: dict) -> 
                 counts["heldout"] += 1
                 continue
             try:
-                text = text_of(render(record, src.format))
+                pieces = training_pieces(render(record, src.format))
             except DocumentError:
                 counts["broken"] += 1
                 continue
-            if budget <= 0:
+            if budget < 1:
                 break
-            text = text[: int(min(len(text), budget))]
-            budget -= len(text)
             counts["documents"] += 1
-            counts["chars"] += len(text)
-            yield text
+            for text in pieces:
+                text = text[: int(min(len(text), budget))]
+                if not text:
+                    break
+                budget -= len(text)
+                counts["chars"] += len(text)
+                yield text
 
 
 def train(params: Params, texts: Iterator[str]):

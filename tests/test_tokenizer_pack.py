@@ -39,6 +39,15 @@ def test_special_tokens_are_single_ids_in_fixed_order(tok):
     assert tok.encode("<tool: bash>\nls\n</tool>").ids[0] == tok.token_to_id("<tool: bash>")
 
 
+def test_no_learnt_token_spans_markup(tok):
+    """Encoding splits special tokens out first, so a learnt token holding part of one (a
+    merge such as '"}<|' out of the traces' text) is a vocabulary slot no encoding uses: the
+    trainer sees the documents cut at their markup."""
+    learnt = [t for t, i in tok.get_vocab().items() if i >= len(SPECIAL_TOKENS)]
+    assert len(learnt) > 300
+    assert not [t for t in learnt if "<|" in t or "|>" in t or "tool>" in t]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet=st.characters(codec="utf-8"), max_size=200)
        | st.lists(st.sampled_from([*TRACE_TOKENS, "x = 1\n", "  ", "é", "\x00", "🙂"])).map("".join))
