@@ -32,8 +32,8 @@ from codeworld.storage import (UNREADABLE, Storage, StorageError, filesystem, is
 log = logging.getLogger(__name__)
 
 LICENSE_NAMES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "COPYING", "COPYING.txt")
-# The labels a record's license takes: one of LICENSE_RULES' below; "unknown" for a license
-# file none of them recognises; "unreadable" for one that could not be read (counted as a
+# The labels a record's license takes: one of LICENSE_RULES' below, or a choice of them
+# ("Apache-2.0 OR MIT", see _CHOICE); "unknown" for a license file none of them recognises; "unreadable" for one that could not be read (counted as a
 # `unreadable_license` entry skipped while listing); None where no license file applies.
 UNKNOWN_LICENSE, UNREADABLE_LICENSE = "unknown", "unreadable"
 LICENSE_BYTES = 20_000  # a license names itself near its start; bundled ones follow it
@@ -71,6 +71,9 @@ LICENSE_RULES: tuple[tuple[str, re.Pattern, bool], ...] = (   # (label, pattern,
     ("GPL", _title(_GNU.format("")), True),
     ("GPL", _phrase("GNU General Public License as published by"), False),
     ("MPL-2.0", _title(r"Mozilla[ \t]+Public[ \t]+License,?[ \t]+(?:version|v\.?)[ \t]*2\.0"), True),
+    # A term the MPL-2.0 defines (1.5) before its "Secondary License" (1.12), which means
+    # "either the GNU General Public License, ..., or" and is no choice of those.
+    ("MPL-2.0", _phrase("Incompatible With Secondary Licenses"), True),
     ("MPL-2.0", _phrase("Mozilla Public License, v. 2.0"), False),
     ("MPL-2.0", _phrase("under the Mozilla Public License"), False),
     # Apache's title is two lines: "Apache License" above "Version 2.0, January 2004".
@@ -85,6 +88,27 @@ LICENSE_RULES: tuple[tuple[str, re.Pattern, bool], ...] = (   # (label, pattern,
      True),
     ("BSD", _phrase("Redistribution and use in source and binary forms"), True),
 )
+
+# A choice between licenses (a dual license): "either A or B" up to the sentence's end or "at
+# your option" (PyPA's "either of the licenses found in LICENSE.APACHE or LICENSE.BSD", Rust's
+# "Licensed under either of" list), "dual-licensed under A or B", or an SPDX expression line
+# "A OR B". Without "or" it is no choice: "both MIT and PSF" (parso) covers some files under
+# two at once. Its options are named by mentions (names, file names), so a text need not follow.
+_CHOICE = re.compile(
+    r"\b(?:either|dual[- ]licen[cs]ed)\b((?:(?!at\s+your\s+option|\.\s)[\s\S]){1,400})"
+    r"|^[ \t]*(?:SPDX-License-Identifier:[ \t]*)?(\(?[\w.+-]+(?:[ \t]+OR[ \t]+\(?[\w.+-]+\)?)+)[ \t]*$",
+    re.I | re.M)
+_OR = re.compile(r"\bor\b", re.I)
+_OPTIONS: tuple[tuple[str, re.Pattern], ...] = tuple((label, re.compile(p)) for label, p in (
+    ("LGPL", r"\bLGPL|(?i:lesser\s+general\s+public|library\s+general\s+public)"),
+    ("AGPL", r"\bAGPL|(?i:affero)"),
+    ("GPL", r"\bGPL|(?i:gnu\s+general\s+public)"),
+    ("MPL-2.0", r"\bMPL\b|(?i:mozilla)"),
+    ("Apache-2.0", r"(?i:apache)"),
+    ("PSF-2.0", r"\bPSF\b|(?i:python\s+software\s+foundation)"),
+    ("MIT", r"\bMIT\b"),
+    ("BSD", r"\bBSD\b"),
+))
 
 
 class SourceError(ValueError):
@@ -191,16 +215,33 @@ class FileHashes:
 
 
 def classify_license(text: str) -> str:
-    """The label of a license file's text (see LICENSE_RULES): its earliest license text, else
-    its earliest notice; "unknown" when it has neither."""
+    """The label of a license file's text (see LICENSE_RULES): its earliest license text or
+    choice of licenses, else its earliest notice; "unknown" when it has none."""
     text = text[:LICENSE_BYTES]
     best: tuple | None = None
+    choice = _choice(text)
+    if choice is not None:   # the file's own statement, as a text is: a tie goes to it
+        best = (False, choice[0], -1, choice[1])
     for rank, (label, pattern, is_text) in enumerate(LICENSE_RULES):
         m = pattern.search(text)
         if m is not None:
             key = (not is_text, m.start(), rank, label)
             best = key if best is None else min(best, key)
     return best[-1] if best is not None else UNKNOWN_LICENSE
+
+
+def _choice(text: str) -> tuple[int, str] | None:
+    """The position and expression ("Apache-2.0 OR MIT": the options in one order, whatever
+    the text's) of the earliest choice (_CHOICE) naming two licenses LICENSE_RULES know; an
+    option they do not know (ISC) is left out of it."""
+    for m in _CHOICE.finditer(text):
+        prose, spdx = m.groups()
+        if prose is not None and not _OR.search(prose):
+            continue
+        options = sorted({label for label, p in _OPTIONS if p.search(prose or spdx)})
+        if len(options) >= 2:
+            return m.start(), " OR ".join(options)
+    return None
 
 
 def _import_names(record: bytes) -> set[str]:

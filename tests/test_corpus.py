@@ -482,3 +482,54 @@ def test_a_git_commit_and_its_checkout_give_the_same_licenses(tmp_path):
     by_source = {s: {c.path: c.license for c in listed if c.source == s} for s in ("d", "g")}
     assert by_source["d"] == {"a.py": "MIT", "sub/deep/b.py": "Apache-2.0", "other/c.py": "MIT"}
     assert by_source["g"] == by_source["d"]   # was GPL for all: the first top-level one listed
+
+
+@pytest.mark.parametrize("text, label", [
+    # PyPA's (cryptography, packaging) and Trio's (trio, sniffio, outcome) LICENSE: the texts
+    # are in other files, named by the choice.
+    ("This software is made available under the terms of *either* of the licenses\nfound in "
+     "LICENSE.APACHE or LICENSE.BSD. Contributions to cryptography are made\nunder the terms of "
+     "*both* these licenses.\n", "Apache-2.0 OR BSD"),
+    ("This software is made available under the terms of *either* of the\nlicenses found in "
+     "LICENSE.APACHE2 or LICENSE.MIT. Contributions to\nTrio are made under the terms of *both* "
+     "these licenses.\n", "Apache-2.0 OR MIT"),
+    # The Rust convention, its options a list
+    ("Licensed under either of\n\n * Apache License, Version 2.0\n   ([LICENSE-APACHE](LICENSE-APACHE)"
+     " or http://www.apache.org/licenses/LICENSE-2.0)\n * MIT license\n   ([LICENSE-MIT](LICENSE-MIT)"
+     " or http://opensource.org/licenses/MIT)\n\nat your option.\n", "Apache-2.0 OR MIT"),
+    # An SPDX expression, bare or as an identifier line; the options in one order whatever the text's
+    ("MIT OR Apache-2.0\n", "Apache-2.0 OR MIT"),
+    ("SPDX-License-Identifier: Apache-2.0 OR MIT\n", "Apache-2.0 OR MIT"),
+    # The choice, then both texts: was the first text alone
+    ("This project is dual-licensed under the MIT license or the Apache License 2.0, at your "
+     "option.\n\n" + MIT + "\n" + APACHE, "Apache-2.0 OR MIT"),
+    # No choice: "either" in the GPL's "or any later version" and Apache's "express or implied"
+    ("This library is free software; you can redistribute it and/or modify it under the terms of "
+     "the GNU Lesser General Public License as published by the Free Software Foundation; either\n"
+     "version 2.1 of the License, or (at your option) any later version.\n\nSee the GNU General "
+     "Public License for more details.\n", "LGPL"),
+    ("Licensed under the Apache License, Version 2.0 (the \"License\");\n...distributed on an "
+     "\"AS IS\" BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.\n"
+     "See the License for the specific language governing permissions and\nlimitations under the "
+     "License. The MIT-licensed parts...\n", "Apache-2.0"),
+    # The MPL-2.0's "Secondary License" means "either the GNU General Public License, ...":
+    # certifi's copy, whose title spans two lines, was AGPL OR GPL OR LGPL
+    ("Mozilla Public License\nVersion 2.0\n\n1. Definitions\n\n1.5. \u201cIncompatible With "
+     "Secondary Licenses\u201d\nmeans\n...\n1.12. \u201cSecondary License\u201d\nmeans either the "
+     "GNU General Public License, Version 2.0, the GNU Lesser General Public License, Version "
+     "2.1, the GNU Affero General Public License, Version 3.0, or any later versions of those "
+     "licenses.\n", "MPL-2.0"),
+    # parso, libcst: some files under both (AND), the whole MIT
+    ("All contributions towards parso are MIT licensed.\n\nSome Python files have been taken from "
+     "the standard library and are therefore\nPSF licensed. Modifications on these files are dual "
+     "licensed (both MIT and\nPSF).\n\n" + MIT, "MIT"),
+    # A choice that covers bundled code, after the file's own license text
+    (MIT + "\nvendor/ holds code available under either the BSD or the Apache License 2.0.\n", "MIT"),
+    # Two texts without a choice stay the first (a bundled license follows the file's own)
+    (MIT + "\n" + APACHE, "MIT"),
+])
+def test_a_dual_license_is_the_expression_of_its_options(text, label):
+    # Were "unknown" (no text, no notice) or the first text alone.
+    from stages.corpus_sources import classify_license
+
+    assert classify_license(text) == label
