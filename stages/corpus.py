@@ -7,7 +7,8 @@ filtering, so shard i always holds the same files: each group is an independent 
 workers build in parallel and a killed run resumes. Binary, non-UTF-8, unreadable and
 out-of-size files are skipped and counted; so are, while listing, symlinks (never followed),
 fifos, sockets and devices (never opened), entries whose path or id is not valid UTF-8 and
-license files that cannot be read (their files' license is "unreadable").
+license files that cannot be read or are links leading out of the source (their files' license
+is "unreadable"; a link within it is followed).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import posixpath
 import re
 import stat
 import subprocess
@@ -261,52 +262,83 @@ def _norm(name: str) -> str:
     return name.lower().replace("-", "_").replace(".", "_")
 
 
+# A license file (or package metadata) that is a link is read as the file it names only within
+# the source: the bytes it reaches elsewhere are this machine's, no part of the source (another
+# machine holds others, or none). Refused, its files' license is "unreadable" (counted).
+OUTSIDE_LINK = "symlink to a file outside the source, not followed"
+MAX_LINKS = 40   # links followed in a row, as the kernel's ELOOP
+
+
 class _LocalTree:
     """A folder source's files, as `_Licenses` looks them up (absolute paths)."""
 
     def __init__(self, root: Path):
         self.root = root
+        self.real_root = os.path.realpath(root)
 
     def is_file(self, p: Path) -> bool:
-        return p.is_file()
+        return p.is_file() or p.is_symlink()   # a dangling link too: unreadable, not absent
 
     def read(self, p: Path, limit: int = -1) -> bytes:
-        with p.open("rb") as fh:
+        real = Path(os.path.realpath(p))
+        if os.path.commonpath([real, self.real_root]) != self.real_root:
+            raise OSError(OUTSIDE_LINK)
+        with real.open("rb") as fh:   # the path checked, not the link: it may change since
             return fh.read(limit)
 
     def dist_infos(self, site: Path) -> list[Path]:
         return sorted(site.glob("*.dist-info"), key=str)
 
     def files(self, folder: Path) -> list[Path]:
-        return sorted((p for p in folder.rglob("*") if p.is_file()), key=str)
+        return sorted((p for p in folder.rglob("*") if self.is_file(p)), key=str)
 
     def rel(self, p: Path) -> str:
         return Path(os.path.relpath(p, self.root)).as_posix()   # may lead above the root
 
 
 class _GitTree:
-    """A commit's files from its `ls-tree` listing (blob sha by relative path), as `_Licenses`
-    looks them up: the same answers as `_LocalTree` gives for a checkout of that commit."""
+    """A commit's files from its `ls-tree` listing (blob sha by relative path; links apart, by
+    the sha of the path they hold), as `_Licenses` looks them up: the same answers as
+    `_LocalTree` gives for a checkout of that commit."""
 
-    def __init__(self, repo: str, blobs: dict[PurePosixPath, str]):
-        self.repo, self.blobs = repo, blobs
+    def __init__(self, repo: str, blobs: dict[PurePosixPath, str], links: dict[PurePosixPath, str]):
+        self.repo, self.blobs, self.links = repo, blobs, links
 
     def is_file(self, p: PurePosixPath) -> bool:
-        return p in self.blobs
+        return p in self.blobs or p in self.links
 
     def read(self, p: PurePosixPath, limit: int = -1) -> bytes:
+        sha = self.blobs.get(self._resolve(p))
+        if sha is None:   # a dangling link, or one to a folder
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        data = self._cat(sha)
+        return data if limit < 0 else data[:limit]
+
+    def _resolve(self, p: PurePosixPath) -> PurePosixPath:
+        """The path a link leads to within the commit (`p` itself when no link); a link whose
+        path is absolute or climbs above the tree's root leads outside it (OUTSIDE_LINK)."""
+        for _ in range(MAX_LINKS):
+            if p not in self.links:
+                return p
+            target = self._cat(self.links[p]).decode("utf-8", "surrogateescape")
+            path = posixpath.normpath(posixpath.join(p.parent.as_posix(), target))
+            if posixpath.isabs(target) or path == ".." or path.startswith("../"):
+                raise OSError(OUTSIDE_LINK)
+            p = PurePosixPath(path)
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+
+    def _cat(self, sha: str) -> bytes:
         try:
-            data = _git(self.repo, "cat-file", "blob", self.blobs[p])
+            return _git(self.repo, "cat-file", "blob", sha)
         except SourceError as err:   # a missing object: unreadable, as GitReader counts it
             raise FileNotFoundError(errno.ENOENT, str(err)) from err
-        return data if limit < 0 else data[:limit]
 
     def dist_infos(self, site: PurePosixPath) -> list[PurePosixPath]:
         found = {site / p.relative_to(site).parts[0] for p in self.blobs if site in p.parents}
         return sorted((d for d in found if d.name.endswith(".dist-info")), key=str)
 
     def files(self, folder: PurePosixPath) -> list[PurePosixPath]:
-        return sorted((p for p in self.blobs if folder in p.parents), key=str)
+        return sorted((p for p in (*self.blobs, *self.links) if folder in p.parents), key=str)
 
     def rel(self, p: PurePosixPath) -> str:
         return p.as_posix()
@@ -318,8 +350,9 @@ class _Licenses:
     .dist-info, found through the import names the distribution installs (yaml is PyYAML's,
     six.py six's); a site-packages folder is a boundary (the interpreter's own license does
     not cover third-party packages). Folder and git sources share it, so one tree gives the
-    same licenses either way. A license file that cannot be read is labelled "unreadable" and
-    counted in `skipped`, never fatal: it changes no file's text."""
+    same licenses either way. A license file that cannot be read (or is a link leading out of
+    the source: OUTSIDE_LINK) is labelled "unreadable" and counted in `skipped`, never fatal:
+    it changes no file's text."""
 
     def __init__(self, tree: _LocalTree | _GitTree, root: PurePath, source: str, skipped: list[dict]):
         self.tree, self.root, self.source, self.skipped = tree, root, source, skipped
@@ -520,7 +553,7 @@ def _list_git(src: GitSource, name: str, cfg: CorpusConfig, skipped: list[dict])
         raise SourceError(f"source {name!r}: {src.path} does not exist")
     _git(src.path, "cat-file", "-e", f"{src.commit}^{{commit}}")
     listing = _git(src.path, "ls-tree", "-r", "-l", "-z", src.commit)
-    entries, blobs = [], {}
+    entries, blobs, links = [], {}, {}
     for item in listing.split(b"\0"):
         if not item:
             continue
@@ -529,7 +562,8 @@ def _list_git(src: GitSource, name: str, cfg: CorpusConfig, skipped: list[dict])
         if typ != b"blob":
             continue
         rel = path.decode(errors="surrogateescape")  # a non-UTF-8 name is skipped by list_candidates
-        if mode == b"120000":  # symlinks are not followed (see _list_dir), only counted
+        if mode == b"120000":  # symlinks are not ingested (see _list_dir), only counted
+            links[PurePosixPath(rel)] = sha.decode()   # a license file may be one, as in folders
             if _wanted(rel, cfg):
                 skipped.append(skipped_entry("symlink", name, rel, "symlink, not followed"))
             continue
@@ -537,7 +571,7 @@ def _list_git(src: GitSource, name: str, cfg: CorpusConfig, skipped: list[dict])
         if _wanted(rel, cfg):
             entries.append((rel, sha.decode(), int(size)))
     # Every file's nearest license, as a folder source finds it in a checkout of the commit.
-    licenses = _Licenses(_GitTree(src.path, blobs), PurePosixPath("."), name, skipped)
+    licenses = _Licenses(_GitTree(src.path, blobs, links), PurePosixPath("."), name, skipped)
     return sorted((Candidate(name, "git", f"{src.path}\0{sha}", rel, size,
                              licenses.of(PurePosixPath(rel)), content=sha)
                    for rel, sha, size in entries), key=lambda c: c.path)

@@ -533,3 +533,44 @@ def test_a_dual_license_is_the_expression_of_its_options(text, label):
     from stages.corpus_sources import classify_license
 
     assert classify_license(text) == label
+
+
+def test_a_license_file_that_is_a_link_is_followed_only_within_the_source(tmp_path):
+    # A LICENSE link leading out of the tree was read (a file of this machine, no part of the
+    # source, classified into its files' license); in git sources every LICENSE link was passed
+    # over (its folder took its parent's license) where a checkout followed it.
+    from codeworld.config import CorpusConfig
+    from stages.corpus_sources import list_candidates
+
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "LICENSE").write_text(GPL)
+    repo = tmp_path / "repo"
+    links = {"inside/LICENSE": "../legal/MIT.txt", "escape/LICENSE": "../../outside/LICENSE",
+             "abs/LICENSE": str(tmp_path / "outside" / "LICENSE"), "dangling/LICENSE": "gone",
+             "site-packages/pkg-1.0.dist-info/LICENSE": "../../../outside/LICENSE"}
+    files = {"LICENSE": APACHE, "a.py": "", "legal/MIT.txt": MIT, "inside/b.py": "",
+             "escape/c.py": "", "abs/d.py": "", "dangling/e.py": "",
+             "site-packages/pkg/__init__.py": "",
+             "site-packages/pkg-1.0.dist-info/RECORD": "pkg/__init__.py,,\n"}
+    for rel, text in files.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(text)
+    for rel, target in links.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).symlink_to(target)
+    commit = _commit(repo)
+    cfg = CorpusConfig.model_validate({"sources": [
+        {"kind": "dir", "path": str(repo), "name": "d"},
+        {"kind": "git", "path": str(repo), "commit": commit, "name": "g"}]})
+    listed, _, skipped = list_candidates(cfg)
+    by_source = {s: {c.path: c.license for c in listed if c.source == s} for s in ("d", "g")}
+    assert by_source["d"] == {"a.py": "Apache-2.0", "inside/b.py": "MIT", "escape/c.py": "unreadable",
+                              "abs/d.py": "unreadable", "dangling/e.py": "unreadable",
+                              "site-packages/pkg/__init__.py": "unreadable"}
+    assert by_source["g"] == by_source["d"]
+    outside = "symlink to a file outside the source, not followed"
+    counted = {(s["path"], s["detail"]) for s in skipped if s["reason"] == "unreadable_license"}
+    assert counted == {("escape/LICENSE", outside), ("abs/LICENSE", outside),
+                       ("dangling/LICENSE", "No such file or directory"),
+                       ("site-packages/pkg-1.0.dist-info/LICENSE", outside)}
+    assert sorted(s["source"] for s in skipped) == ["d"] * 4 + ["g"] * 4
