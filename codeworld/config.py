@@ -131,7 +131,9 @@ class ExecutorConfig(Section):
 
 
 class StdlibSource(Section):
-    """The running interpreter's standard library (its Lib directory, without site-packages)."""
+    """The running interpreter's Lib directory: the standard library and, on purpose, the base
+    interpreter's site-packages within it (README, "Embedded default corpus": more real code on
+    every machine; a virtualenv's own packages lie elsewhere and are not read)."""
 
     kind: Literal["stdlib"]
     name: str = "stdlib"
