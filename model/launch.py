@@ -51,6 +51,8 @@ NODE_RANK_FALLBACK = ("SLURM_NODEID", "JOB_COMPLETION_INDEX")
 DEFAULT_PORT = 29400      # c10d's own default
 DEFAULT_TIMEOUT = 1800
 ALL_PHASES = (*PHASES, "rl")
+# What a rank's MLflow call waits at most (worker_env), about: 3 tries of 20 s, 2 + 4 s apart.
+RANK_MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 class LaunchError(ConfigError):
@@ -206,11 +208,16 @@ def worker_env(params: Params) -> dict[str, str]:
     and one hash seed, so that nothing a rank computes can follow the order of a set of
     strings. (Pinned when mid-training's first loss was seen to move with PYTHONHASHSEED; that
     was oneMKL's first-call race, which model/__init__.py settles: it came back with the seed
-    fixed, and went with the warm-up.)"""
+    fixed, and went with the warm-up.) MLflow's HTTP retries and timeout are short unless set:
+    by default a server that is down holds the logging rank 4 minutes and more per call (7
+    retries, 2 s to 2 minutes apart, each try up to 120 s), and the other ranks with it at
+    their next collective;
+    the logging rank stops sending at the first failure and the stage sends the rest later
+    (model/metrics.StepLog)."""
     from codeworld.tracking import tracking_uri
 
     threads = str(max(1, (os.cpu_count() or 1) // params.parallel.nproc))
-    return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(),
+    return {**RANK_MLFLOW_HTTP, **os.environ, "MLFLOW_TRACKING_URI": tracking_uri(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads),
             "PYTHONHASHSEED": "0"}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -85,7 +86,78 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def unsent_path(steps: Path) -> Path:
+    """Beside a steps.jsonl: the step rows the logging rank kept from MLflow (unsent_runs)."""
+    return steps.with_name(f"{steps.name}.unsent")
+
+
+def unsent_runs(steps: Path) -> list[dict]:
+    """The runs with step rows in `steps` that never reached MLflow, oldest first: each
+    {"run_id", "tracking_uri", "first", "last"}, its rows those of steps first..last (last
+    None: to the end of the file). A StepLog adds one when the tracking server goes down."""
+    try:
+        runs = json.loads(unsent_path(steps).read_text())
+    except FileNotFoundError:
+        return []
+    except ValueError as err:
+        raise ValueError(f"{unsent_path(steps)}: unreadable ({err})") from None
+    return runs if isinstance(runs, list) else []
+
+
+def _write_unsent(steps: Path, runs: list[dict]) -> None:
+    path = unsent_path(steps)
+    if not runs:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(runs, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def step_metrics(row: dict, timestamp_ms: int) -> list:
+    """A step row's numbers as MLflow metrics at its step."""
+    from mlflow.entities import Metric
+
+    return [Metric(k, float(v), timestamp_ms, row["step"]) for k, v in row.items()
+            if k != "step" and isinstance(v, (int, float))]
+
+
+def send_unsent(steps: Path) -> int:
+    """Send MLflow the step rows unsent_runs names, run by run (each to its own run on its own
+    tracking server), each run's entry dropped once its rows are in; returns the number of
+    steps sent. What the run holds already (a request that landed although its answer was
+    lost, a send cut short) is not sent again: each step of a metric is there once. MLflow's
+    errors are raised (the stage tells an outage from others: codeworld.tracking)."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    sent = 0
+    while runs := unsent_runs(steps):
+        entry = runs[0]
+        last = entry.get("last")
+        rows = [r for r in read_rows(steps)
+                if r["step"] >= entry["first"] and (last is None or r["step"] <= last)]
+        client = MlflowClient(entry["tracking_uri"])
+        now = int(time.time() * 1000)
+        metrics = [m for r in rows for m in step_metrics(r, now)]
+        there = {(m.key, m.step) for key in {m.key for m in metrics}
+                 for m in client.get_metric_history(entry["run_id"], key)}
+        metrics = [m for m in metrics if (m.key, m.step) not in there]
+        if metrics:
+            client.log_batch(entry["run_id"], metrics=metrics)
+        sent += len({m.step for m in metrics})
+        _write_unsent(steps, runs[1:])
+    return sent
+
+
 class StepLog:
+    """Each step's row to the JSONL file and, when `run_id` is given, to that MLflow run. A
+    tracking server that is down costs training nothing: at the first failure to reach it
+    (after MLflow's own retries, which launch.worker_env keeps short for the ranks) one
+    warning line is printed and nothing more is sent; the file keeps every row, and
+    unsent_path says from which step on, for the stage to send (send_unsent)."""
+
     def __init__(self, path: Path, active: bool, resume_after: int, run_id: str | None):
         self.path, self.active = path, active
         self.client = None
@@ -95,14 +167,26 @@ class StepLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         # A resumed run recomputes the steps after its checkpoint: drop their old lines.
         kept = [r for r in read_rows(path) if r["step"] <= resume_after]
+        # An earlier run's unsent rows (none when the stage sent them before this run began)
+        # end at the checkpoint too: the rows after it are this run's to send.
+        try:
+            unsent = unsent_runs(path)
+        except ValueError:
+            unsent = []   # unreadable: what it said is lost, and the file no use to keep
+        capped = [{**u, "last": min(resume_after, u.get("last") or resume_after)}
+                  for u in unsent if u["first"] <= resume_after]
+        if capped != unsent:
+            _write_unsent(path, capped)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         os.replace(tmp, path)
         self.f = open(path, "a")
         if run_id:
+            import mlflow
             from mlflow.tracking import MlflowClient
 
-            self.client = MlflowClient()
+            self.uri = mlflow.get_tracking_uri()
+            self.client = MlflowClient(self.uri)
 
     def write(self, row: dict) -> None:
         if not self.active:
@@ -112,13 +196,29 @@ class StepLog:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in row.items()), flush=True)
         if self.client is not None:
-            from mlflow.entities import Metric
             import time
 
-            now = int(time.time() * 1000)
-            metrics = [Metric(k, float(v), now, row["step"]) for k, v in row.items()
-                       if k != "step" and isinstance(v, (int, float))]
-            self.client.log_batch(self.run_id, metrics=metrics)
+            try:
+                now = int(time.time() * 1000)
+                self.client.log_batch(self.run_id, metrics=step_metrics(row, now))
+            except Exception as err:
+                from codeworld.tracking import _outage
+
+                if (root := _outage(err)) is None:
+                    raise   # not the server's absence (a run that is gone...): a fault to see
+                self._stop_sending(row["step"], root)
+
+    def _stop_sending(self, step: int, why: BaseException) -> None:
+        self.client = None
+        try:
+            runs = unsent_runs(self.path)
+        except ValueError:
+            runs = []
+        _write_unsent(self.path, runs + [{"run_id": self.run_id, "tracking_uri": self.uri,
+                                          "first": step, "last": None}])
+        print(f"warning: MLflow tracking server {self.uri} unreachable at step {step} ({why}); "
+              f"training goes on, its steps from {step} on only in {self.path}, for the stage "
+              f"to send to MLflow after training (or at its rerun)", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.active:

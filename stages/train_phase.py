@@ -198,6 +198,9 @@ def open_phase(out: Path, record: dict):
     run.json written (`record`: phase, fingerprint, parent, MLflow run...). Yields the lock's
     descriptor for train() to pass on."""
     with phase_lock(out) as lock_fd:
+        if record.get("mlflow_run_id"):
+            # an earlier run's steps its ranks could not send: before claim may clear them
+            send_unsent_steps(out)
         claim(out, record["fingerprint"])
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(filesystem(str(out)), str(out / RUN),
@@ -286,6 +289,40 @@ def train(params: Params, name: str, out: Path, cmd: list[str], run_: StageRun,
         tail = "".join(l for l in this_run.splitlines(True)[1:] if "warn" not in l.lower())[-3000:]
         raise TrainingFailed(f"{name}: torchrun exited with {proc.returncode} "
                              f"(log: {log_path})\n{tail}")
+    if run_.run_id:
+        send_unsent_steps(out)
+
+
+def send_unsent_steps(out: Path) -> None:
+    """Send MLflow the step rows the logging rank kept from it while the tracking server was
+    down (model/metrics.StepLog, send_unsent), after training and before a rerun. A server
+    still down is TrackingUnavailable (exit 75): the rerun sends them, its training done."""
+    from codeworld.tracking import TrackingUnavailable, _outage
+    from model.metrics import send_unsent, unsent_path, unsent_runs
+
+    steps, marker = out / STEPS, unsent_path(out / STEPS)
+    try:
+        if not unsent_runs(steps):
+            return
+    except ValueError as err:
+        raise TrainingFailed(f"{err}: it names the training steps not sent to MLflow yet "
+                             f"(their rows are in {steps}); remove it to give them up") from None
+    try:
+        sent = send_unsent(steps)
+    except Exception as err:
+        run = unsent_runs(steps)[0]
+        what = (f"steps {run['first']} on of MLflow run {run['run_id']} are not sent yet "
+                f"(their rows are in {steps}, {marker} names them)")
+        if (root := _outage(err)) is not None:
+            raise TrackingUnavailable(
+                f"MLflow tracking server {run['tracking_uri']} unreachable: {root}; training "
+                f"{what}: rerun the stage once the server is back, or remove {marker} to give "
+                "them up") from err
+        raise TrainingFailed(f"{what}; MLflow refused them ({type(err).__name__}: {err}): "
+                             f"remove {marker} to give them up") from err
+    if sent:
+        print(f"{out.name}: sent MLflow the {sent} training steps its tracking server missed",
+              file=sys.stderr)
 
 
 def read_steps(out: Path) -> list[dict]:

@@ -161,6 +161,51 @@ def test_stage_trains_with_falling_loss_then_is_a_no_op(root, tmp_path):
     assert "seconds_train" not in again["stats"] and again["checkpoint"] == result["checkpoint"]
 
 
+def test_a_tracking_server_lost_during_training_loses_no_step(root, tmp_path, mlflow_url,
+                                                               monkeypatch):
+    """The stage's torchrun with the tracking server cut (tests/fault_proxy.py) from step 4's
+    send on: training finishes all the same, with one warning in train.log; the stage then
+    fails as for an outage (TrackingUnavailable, exit 75). Its rerun, the server back, trains
+    nothing and sends the missing steps to the run that trained them, each step once."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from codeworld.tracking import TrackingUnavailable
+    from model.metrics import read_rows
+    from stages import train_phase
+    from tests.fault_proxy import FaultProxy
+
+    params = parse_params(tiny_params(root, pretrain={"steps": 8, "save_interval": 4,
+                                                      "eval_interval": 4}))
+    out = train_phase.phase_dir(params, "pretrain")
+    shutil.rmtree(out, ignore_errors=True)   # another test's (other params: cleared anyway)
+    run = dict(metrics_path=str(tmp_path / "pretrain.json"), plot_path=None)
+    with FaultProxy(mlflow_url) as proxy:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.url)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        # the steps' sends fail from the one of step 4 on (its row is written before it)
+        proxy.fail("reset", times=None, match=lambda method, key: key.endswith(
+            "runs/log-batch") and len(read_rows(out / "steps.jsonl")) >= 4)
+        try:
+            with pytest.raises(TrackingUnavailable, match=f"{proxy.url} unreachable: .*steps 4 on"):
+                train_phase.run_phase(params, "pretrain", **run)
+            assert [r["step"] for r in read_rows(out / "steps.jsonl")] == list(range(1, 9))
+            log = (out / "train.log").read_text()
+            assert log.count(f"MLflow tracking server {proxy.url} unreachable at step 4") == 1
+            trained = json.loads((out / "run.json").read_text())["mlflow_run_id"]
+            proxy.heal()
+            again = train_phase.run_phase(params, "pretrain", **run)
+        finally:
+            mlflow.set_tracking_uri(None)
+        assert "seconds_train" not in again["stats"] and again["stats"]["steps"] == 8
+        client = MlflowClient(proxy.url)
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+            assert sorted(m.step for m in client.get_metric_history(trained, key)) == \
+                list(range(1, 9)), key
+        rerun = json.loads((out / "run.json").read_text())["mlflow_run_id"]
+        assert rerun != trained and client.get_metric_history(rerun, "loss") == []
+
+
 def test_a_cut_checkpoint_is_passed_over_and_training_redone_bit_for_bit(root, tmp_path):
     """The stage on real dist_checkpointing files: the latest checkpoint's shard cut since it
     was saved, the rerun resumes from the one before and trains the same steps again."""

@@ -83,3 +83,153 @@ def test_logged_memory_is_the_maximum_over_all_ranks(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
     assert got == [{"memory_mb": 1200.5}] * 3
+
+
+# --- a tracking server lost during training ---------------------------------------------------
+
+ROWS = [{"step": s, "loss": round(10.0 / s, 4), "lr": 1e-3 * s, "tokens_per_s": 100.0 + s}
+        for s in range(1, 9)]
+KEYS = ("loss", "lr", "tokens_per_s")
+
+
+@pytest.fixture
+def tracking_proxy(mlflow_url, monkeypatch):
+    """The real MLflow server behind tests/fault_proxy.py, which can cut it off (every request
+    reset unanswered: a server gone down) and bring it back; MLFLOW_TRACKING_URI at the proxy,
+    MLflow's HTTP retries off so that a failure comes at once."""
+    import mlflow
+
+    from tests.fault_proxy import FaultProxy
+
+    with FaultProxy(mlflow_url) as proxy:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.url)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        mlflow.set_tracking_uri(None)   # the environment's, as in a rank
+        yield proxy
+    mlflow.set_tracking_uri(None)
+
+
+def new_run(uri: str) -> str:
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    return client.create_run(client.create_experiment(f"steps-{uuid.uuid4().hex[:8]}")).info.run_id
+
+
+def history(uri: str, run_id: str) -> dict[str, list[int]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    return {k: sorted(m.step for m in client.get_metric_history(run_id, k))
+            for k in KEYS}
+
+
+def test_a_tracking_server_lost_mid_run_costs_training_nothing_and_its_steps_come_after(
+        tracking_proxy, tmp_path, capsys):
+    """StepLog on the logging rank with the server cut at step 4: training goes on (was: the
+    MlflowException out of write ended the run, after minutes of MLflow's retries), one
+    warning, every row in the JSONL, nothing more tried; the stage sends the missing steps
+    when the server is back, each step once in the run's history."""
+    from model.metrics import StepLog, read_rows
+
+    proxy = tracking_proxy
+    run_id = new_run(proxy.url)
+    out = tmp_path / "checkpoints" / "pretrain"
+    log = StepLog(out / "steps.jsonl", True, resume_after=0, run_id=run_id)
+    for row in ROWS[:3]:
+        log.write(row)
+    proxy.fail("reset", times=None)   # the server down from here on
+    for row in ROWS[3:]:
+        log.write(row)
+    log.close()
+    assert read_rows(out / "steps.jsonl") == ROWS
+    warnings = [l for l in capsys.readouterr().err.splitlines() if "warning" in l.lower()]
+    assert len(warnings) == 1, warnings
+    assert f"MLflow tracking server {proxy.url} unreachable at step 4" in warnings[0]
+    sends = [s.action for s in proxy.log if s.key.endswith("runs/log-batch")]
+    assert sends == ["forwarded"] * 3 + ["reset"], sends   # given up at the first failure
+
+    from codeworld.tracking import TrackingUnavailable
+    from model.metrics import unsent_path
+    from stages.train_phase import send_unsent_steps
+
+    # after training, the server still down: the stage's outage error (exit 75), nothing lost
+    with pytest.raises(TrackingUnavailable, match=f"{proxy.url} unreachable: .*steps 4 on of "
+                                                   f"MLflow run {run_id} are not sent yet"):
+        send_unsent_steps(out)
+    assert unsent_path(out / "steps.jsonl").exists()
+    proxy.heal()
+    send_unsent_steps(out)
+    assert history(proxy.url, run_id) == {k: list(range(1, 9)) for k in KEYS}
+    assert not unsent_path(out / "steps.jsonl").exists()
+    assert "sent MLflow the 5 training steps" in capsys.readouterr().err
+
+
+def test_a_rerun_sends_an_earlier_runs_missing_steps_before_anything_else(tracking_proxy,
+                                                                          tmp_path):
+    """The rerun of a phase (open_phase, which a finished phase's rerun passes too) sends what
+    an earlier run's ranks could not, to that run; before claim, which clears the folder for
+    other params; a step that reached the run although its sender saw a failure is not sent
+    twice. With the server still down the rerun is the outage error, the folder untouched."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from codeworld.tracking import TrackingUnavailable
+    from model.metrics import unsent_path
+    from stages.train_phase import open_phase
+
+    proxy = tracking_proxy
+    earlier, rerun = new_run(proxy.url), new_run(proxy.url)
+    out = tmp_path / "checkpoints" / "pretrain"
+    out.mkdir(parents=True)
+    (out / "run.json").write_text(json.dumps({"fingerprint": "old", "mlflow_run_id": earlier}))
+    (out / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    MlflowClient(proxy.url).log_batch(earlier, metrics=[
+        Metric(k, float(v), 0, r["step"]) for r in ROWS[:4] for k, v in r.items() if k != "step"])
+    unsent_path(out / "steps.jsonl").write_text(json.dumps(
+        [{"run_id": earlier, "tracking_uri": proxy.url, "first": 4, "last": None}]))
+    record = {"fingerprint": "new", "mlflow_run_id": rerun}
+    proxy.fail("reset", times=None)
+    with pytest.raises(TrackingUnavailable):
+        with open_phase(out, record):
+            pass
+    assert json.loads((out / "run.json").read_text())["fingerprint"] == "old"
+    proxy.heal()
+    with open_phase(out, record):
+        assert not (out / "steps.jsonl").exists()   # claimed for the new fingerprint
+    assert history(proxy.url, earlier) == {k: list(range(1, 9)) for k in KEYS}
+    assert history(proxy.url, rerun) == {k: [] for k in KEYS}
+
+
+def test_a_resumed_run_keeps_only_the_unsent_steps_it_does_not_train_again(tmp_path):
+    """StepLog on resume drops the rows after the checkpoint: an earlier run's unsent steps
+    end there (what the new run trains again it logs itself), or go with them."""
+    from model.metrics import StepLog, unsent_path, unsent_runs
+
+    steps = tmp_path / "steps.jsonl"
+    for resume_after, left in ((5, [{"run_id": "r1", "tracking_uri": "u", "first": 4, "last": 5}]),
+                               (3, [])):
+        steps.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+        unsent_path(steps).write_text(json.dumps(
+            [{"run_id": "r1", "tracking_uri": "u", "first": 4, "last": None}]))
+        StepLog(steps, True, resume_after=resume_after, run_id=None).close()
+        assert unsent_runs(steps) == left
+
+
+def test_ranks_wait_briefly_on_mlflow_unless_told_otherwise(tmp_path, monkeypatch):
+    """MLflow's defaults (7 retries up to 2 minutes apart, 120 s a try) held the logging rank,
+    and every rank with it, minutes per step while the tracking server was down."""
+    from codeworld.config import parse_params
+    from model import launch
+    from tests.train_fixtures import tiny_params
+
+    params = parse_params(tiny_params(tmp_path))
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    env = launch.worker_env(params)
+    assert int(env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 2
+    assert int(env["MLFLOW_HTTP_REQUEST_TIMEOUT"]) <= 30
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
+    assert launch.worker_env(params)["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"
