@@ -28,7 +28,7 @@ from codeworld import pack_cache
 from codeworld.config import PHASES, ConfigError, Params, PhaseConfig, StageFailed
 from codeworld.shards import fingerprint
 from codeworld.storage import StorageError, write_atomic, filesystem
-from codeworld.tracking import StageRun, repo_root, tracking_uri
+from codeworld.tracking import StageRun, repo_root, tracking_server, tracking_uri
 from model import checkpoint
 from model.data import plan_validation
 from model.metrics import read_rows
@@ -404,5 +404,6 @@ def _set_tags(run_: StageRun, tags: dict[str, str]) -> None:
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri())
-        for key, value in tags.items():
-            client.set_tag(run_.run_id, key, value)
+        with tracking_server():   # an outage here is one (exit 75), not a traceback
+            for key, value in tags.items():
+                client.set_tag(run_.run_id, key, value)

@@ -288,3 +288,15 @@ def test_a_pipeline_stage_that_fails_for_good_is_an_error_not_a_traceback(
     # was a traceback and exit 1 (flows' StageFailed was not the one the command line caught)
     assert got == rc and says in err and "loss is nan at step 7" in err, err
     assert "Traceback" not in err
+
+
+def test_tagging_a_training_run_during_an_outage_is_an_outage(tracking_down):
+    """A phase tags its MLflow run (parent checkpoint, sources) before training: the server
+    going down right then was an MlflowException traceback, exit 1, never retried."""
+    from types import SimpleNamespace
+
+    from codeworld.tracking import TrackingUnavailable
+    from stages.train_phase import _set_tags
+
+    with pytest.raises(TrackingUnavailable, match=f"MLflow tracking server {tracking_down} unreachable"):
+        _set_tags(SimpleNamespace(run_id="0" * 32), {"codeworld.parent_iteration": "4"})
