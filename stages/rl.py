@@ -23,9 +23,9 @@ from codeworld.storage import Storage, filesystem, write_atomic
 from codeworld.tracking import StageRun
 from model import checkpoint
 from stages import train_phase
+from stages.tokenizer import recorded_sha256
 from stages.train_phase import (PARAMS, _set_tags, open_phase, phase_dir, read_steps,
-                                resolved_precision, resume_point, tokenizer_of, train,
-                                write_plot)
+                                resolved_precision, resume_point, train, write_plot)
 
 # As train_phase.CODE, with model.rl as the torchrun entry (its imports: generate, grpo, ...).
 CODE = Code(("stages.rl", "model.rl"), skip=("model.launch",))
@@ -52,9 +52,11 @@ AGENT_FIELDS = ("repositories", "max_tokens", "tool_wall_seconds", "test_wall_se
                 "max_workdir_mb")
 
 
-def rl_fingerprint(params: Params, parent: dict) -> str:
+def rl_fingerprint(params: Params, parent: dict, tokenizer_sha256: str | None = None) -> str:
+    """`tokenizer_sha256`: what the stage read once (recorded_sha256) for this run's fingerprint
+    and its run.json alike; read here when not given (model/launch.py)."""
     storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
-    tok = json.loads(storage.sub("tokenizer").read_bytes("manifest.json"))["sha256"]
+    tok = tokenizer_sha256 if tokenizer_sha256 is not None else recorded_sha256(storage)
     traces = _manifest_fp(storage, "traces")
     if traces is None:
         raise FileNotFoundError(f"{storage.path('traces')}: no traces dataset (run the traces stage)")
@@ -115,12 +117,14 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
     check_machine(params, "rl")   # a precision or backend this machine lacks fails now too
     out = phase_dir(params, "rl")
     parent = parent_record(params)
-    fp = rl_fingerprint(params, parent)
+    # read once: the fingerprint and run.json name the same tokenizer (rl needs one: no None)
+    tokenizer_sha256 = recorded_sha256(Storage(params.storage.root, params.storage.s3_endpoint_url))
+    fp = rl_fingerprint(params, parent, tokenizer_sha256)
     with StageRun("rl", params.model_dump(include={"model", "parallel", "rl"}),
                   params.tracking.experiment, metrics_path, track) as run_:
         _set_tags(run_, {f"codeworld.parent_{k}": str(v) for k, v in parent.items()})
         record = {"phase": "rl", "fingerprint": fp, "parent": parent, "mlflow_run_id": run_.run_id,
-                  "tokenizer_sha256": tokenizer_of(params)}
+                  "tokenizer_sha256": tokenizer_sha256}
         with open_phase(out, record) as lock_fd:
             if not (out / POOL).exists():   # written last (atomically): present means complete
                 from stages.tokenizer import load as load_tokenizer

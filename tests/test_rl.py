@@ -384,3 +384,74 @@ def test_the_device_plans_rl_step_check_runs(rl_root):
     out = json.loads(next(ln for ln in text.splitlines() if ln.startswith("RL_STEP "))[8:])
     assert out["precision"] == "fp32" and out["samples"] > 0 and out["finite"]
     assert out["padded"]["skipped"] == 0 and out["unpadded"]["loss"] is not None
+
+
+# --- the stage's own work before torchrun (stages/rl.py), torchrun and the pool stubbed -----
+
+PARENT = {"phase": "pretrain", "checkpoint": "ckpt", "iteration": 4, "fingerprint": "parent"}
+
+
+def _stage_root(root: Path, **rl) -> "Params":
+    """A storage root with what stages/rl.py reads itself: a (tiny) tokenizer and its
+    manifest, the traces dataset's manifest."""
+    import hashlib
+
+    from tokenizers import Tokenizer, models
+
+    body = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).to_str().encode()
+    (root / "tokenizer").mkdir(parents=True)
+    (root / "tokenizer" / "tokenizer.json").write_bytes(body)
+    (root / "tokenizer" / "manifest.json").write_text(json.dumps(
+        {"sha256": hashlib.sha256(body).hexdigest(), "fingerprint": "tok"}))
+    (root / "traces").mkdir()
+    (root / "traces" / "manifest.json").write_text(json.dumps({"fingerprint": "traces"}))
+    return parse_params({"storage": {"root": str(root)}, "pretrain": {},
+                         "rl": {"init_from": "pretrain", "agent_interval": 0, **rl}})
+
+
+def _run_stage(params, monkeypatch) -> dict:
+    from stages import rl, rl_tasks
+
+    def pool(params, tok, path):
+        path.write_text("")
+        return {"pool_output": 0}
+
+    monkeypatch.setattr(rl, "parent_record", lambda params: dict(PARENT))
+    monkeypatch.setattr(rl_tasks, "prepare_pool", pool)
+    monkeypatch.setattr(rl, "torchrun_command", lambda *a: [])
+    monkeypatch.setattr(rl, "train", lambda *a, **k: None)
+    return rl.run(params, track=False, metrics_path=None, plot_path=None)
+
+
+def _count_manifest_reads(monkeypatch) -> list[str]:
+    reads: list[str] = []
+    real = Storage.read_bytes
+
+    def read_bytes(self, rel):
+        if self.path(rel).endswith(os.path.join("tokenizer", "manifest.json")):
+            reads.append(rel)
+        return real(self, rel)
+
+    monkeypatch.setattr(Storage, "read_bytes", read_bytes)
+    return reads
+
+
+def test_the_stage_reads_the_tokenizer_sha256_once_through_its_helper(tmp_path, monkeypatch):
+    # rl_fingerprint read the manifest itself (json, ["sha256"]) and run.json's
+    # tokenizer_sha256 read it again (train_phase.tokenizer_of): two reads that could disagree
+    from stages import rl
+
+    params = _stage_root(tmp_path)
+    first = _run_stage(params, monkeypatch)               # makes the pool
+    reads = _count_manifest_reads(monkeypatch)
+    again = _run_stage(params, monkeypatch)               # the same fingerprint: the pool kept
+    assert again["fingerprint"] == first["fingerprint"]
+    assert len(reads) == 1, reads
+    sha = json.loads((tmp_path / "tokenizer" / "manifest.json").read_text())["sha256"]
+    run_json = json.loads((tmp_path / "checkpoints" / "rl" / "run.json").read_text())
+    assert run_json["tokenizer_sha256"] == sha and run_json["fingerprint"] == again["fingerprint"]
+    # the helper's error, which names the file, for a manifest that is not a tokenizer's
+    (tmp_path / "tokenizer" / "manifest.json").write_text(json.dumps({"fingerprint": "tok"}))
+    with pytest.raises(ValueError, match="manifest.json: not a tokenizer manifest"):
+        rl.rl_fingerprint(params, PARENT)
+
