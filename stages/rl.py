@@ -52,9 +52,11 @@ AGENT_FIELDS = ("repositories", "max_tokens", "tool_wall_seconds", "test_wall_se
                 "max_workdir_mb")
 
 
-def rl_fingerprint(params: Params, parent: dict, tokenizer_sha256: str | None = None) -> str:
+def rl_fingerprint(params: Params, parent: dict, tokenizer_sha256: str | None = None,
+                   precision: str | None = None) -> str:
     """`tokenizer_sha256`: what the stage read once (recorded_sha256) for this run's fingerprint
-    and its run.json alike; read here when not given (model/launch.py)."""
+    and its run.json alike; `precision`: the one check_machine resolved ("auto" as fp32, bf16
+    or fp8 on this machine). Each read or resolved here when not given (model/launch.py)."""
     storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
     tok = tokenizer_sha256 if tokenizer_sha256 is not None else recorded_sha256(storage)
     traces = _manifest_fp(storage, "traces")
@@ -65,7 +67,8 @@ def rl_fingerprint(params: Params, parent: dict, tokenizer_sha256: str | None = 
     return fingerprint(CODE, "rl", 1, params.model.model_dump(), params.rl.model_dump(), tok, traces,
                        tasks, agent, params.traces.limits.model_dump(),
                        [params.pack.heldout_percent, params.pack.seed],
-                       [parent["fingerprint"], parent["iteration"]], resolved_precision(params.rl))
+                       [parent["fingerprint"], parent["iteration"]],
+                       precision if precision is not None else resolved_precision(params.rl))
 
 
 def summary(rows: list[dict]) -> dict:
@@ -114,12 +117,14 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
 
     cfg = params.rl
     check_rl_layout(params)   # before any work: sampling needs each process's whole model
-    check_machine(params, "rl")   # a precision or backend this machine lacks fails now too
+    # a precision or backend this machine lacks fails now too; the precision it resolves is
+    # the fingerprint's (resolved once)
+    precision = check_machine(params, "rl").name
     out = phase_dir(params, "rl")
     parent = parent_record(params)
     # read once: the fingerprint and run.json name the same tokenizer (rl needs one: no None)
     tokenizer_sha256 = recorded_sha256(Storage(params.storage.root, params.storage.s3_endpoint_url))
-    fp = rl_fingerprint(params, parent, tokenizer_sha256)
+    fp = rl_fingerprint(params, parent, tokenizer_sha256, precision)
     with StageRun("rl", params.model_dump(include={"model", "parallel", "rl"}),
                   params.tracking.experiment, metrics_path, track) as run_:
         _set_tags(run_, {f"codeworld.parent_{k}": str(v) for k, v in parent.items()})

@@ -455,3 +455,14 @@ def test_the_stage_reads_the_tokenizer_sha256_once_through_its_helper(tmp_path, 
     with pytest.raises(ValueError, match="manifest.json: not a tokenizer manifest"):
         rl.rl_fingerprint(params, PARENT)
 
+
+def test_the_stage_resolves_the_precision_once(tmp_path, monkeypatch):
+    # check_machine resolved it (and threw the answer away), then rl_fingerprint again
+    from model import build
+
+    calls = []
+    real = build.resolve_precision
+    monkeypatch.setattr(build, "resolve_precision", lambda *a, **k: calls.append(a) or real(*a, **k))
+    _run_stage(_stage_root(tmp_path), monkeypatch)
+    assert len(calls) == 1, calls
+
