@@ -6,7 +6,8 @@ Like the other phases (stages/train_phase.py): `checkpoints/rl` holds the checkp
 with the answers the sandbox gave, made once per fingerprint (a resumed run reuses it). A rerun
 with the same fingerprint resumes from the latest checkpoint or returns at once; another
 starts over. The fingerprint covers the rl and model params, the parent checkpoint, the traces
-and agent-task datasets, the tokenizer, the split, the sandbox limits and the code.
+and agent-task datasets, the tokenizer, the split, the sandbox settings that can change the
+pool (SANDBOX_FIELDS) and the code.
 """
 
 from __future__ import annotations
@@ -52,6 +53,18 @@ AGENT_FIELDS = ("repositories", "max_tokens", "tool_wall_seconds", "test_wall_se
                 "max_workdir_mb")
 
 
+# The sandbox settings (params traces) the pool's answers are checked under (stages/rl_tasks.py
+# reads these and workers; a test checks it reads no other). limits: a program over one is
+# dropped. batch_size and isolation: with isolation "shared" a batch's programs run in one
+# process, and a program can change its neighbours' state (decimal's precision, os.environ,
+# cwd), so which programs share a batch can change a rerun's answer and with it which items
+# the pool keeps (the traces stage's fingerprint holds both for the same reason). All three
+# are in the fingerprint and in dvc.yaml's params of stage rl. workers is in neither: the
+# batches follow the input order only, so any number of fork servers gives the same results
+# (codeworld/sandbox/forkserver.map_requests), as the traces stage's fingerprint also says.
+SANDBOX_FIELDS = ("limits", "batch_size", "isolation")
+
+
 def rl_fingerprint(params: Params, parent: dict, tokenizer_sha256: str | None = None,
                    precision: str | None = None) -> str:
     """`tokenizer_sha256`: what the stage read once (recorded_sha256) for this run's fingerprint
@@ -65,7 +78,7 @@ def rl_fingerprint(params: Params, parent: dict, tokenizer_sha256: str | None = 
     tasks = _manifest_fp(storage, "agent/tasks") if params.rl.agent_interval else None
     agent = params.agent.model_dump(include=set(AGENT_FIELDS))
     return fingerprint(CODE, "rl", 1, params.model.model_dump(), params.rl.model_dump(), tok, traces,
-                       tasks, agent, params.traces.limits.model_dump(),
+                       tasks, agent, params.traces.model_dump(include=set(SANDBOX_FIELDS)),
                        [params.pack.heldout_percent, params.pack.seed],
                        [parent["fingerprint"], parent["iteration"]],
                        precision if precision is not None else resolved_precision(params.rl))

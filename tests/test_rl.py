@@ -466,3 +466,34 @@ def test_the_stage_resolves_the_precision_once(tmp_path, monkeypatch):
     _run_stage(_stage_root(tmp_path), monkeypatch)
     assert len(calls) == 1, calls
 
+
+def test_the_sandbox_settings_that_can_change_the_pool_are_in_fingerprint_and_dvc_yaml(tmp_path):
+    # traces.isolation and traces.batch_size decide which programs share a process when the
+    # pool's answers are checked in the sandbox ("shared": a program can change its
+    # neighbours' state), so which items the pool keeps; traces.workers never does
+    # (forkserver.map_requests: batches follow the input order only). None was in either.
+    import ast
+
+    import yaml
+
+    from stages import rl
+
+    params = _stage_root(tmp_path)
+    base = rl.rl_fingerprint(params, PARENT)
+
+    def changed(**traces) -> bool:
+        data = params.model_dump()
+        data["traces"].update(traces)
+        return rl.rl_fingerprint(parse_params(data), PARENT) != base
+
+    assert changed(isolation="process") and changed(batch_size=1)
+    assert not changed(workers=params.traces.workers + 3)
+    repo = Path(__file__).resolve().parents[1]
+    listed = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["rl"]["params"]
+    assert {f"traces.{f}" for f in rl.SANDBOX_FIELDS} <= set(listed)
+    assert "traces" not in listed and "traces.workers" not in listed
+    # every traces setting the pool reads is one of the two kinds
+    tree = ast.parse((repo / "stages" / "rl_tasks.py").read_text())
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Attribute) and n.value.attr == "traces"}
+    assert used == set(rl.SANDBOX_FIELDS) | {"workers"}, used
