@@ -37,7 +37,7 @@ from model import checkpoint
 from model.build import TrainingSetupError, resolve_precision
 from model.generate import sample
 from model.grpo import FP8_WIDTH, Sample, empty_microbatch, group_advantages, microbatches
-from model.metrics import StepLog, memory, tracking_run_id
+from model.metrics import StepLog, memory_over_ranks, tracking_run_id
 from model.trainer import PolicyLoss, Trainer, finish_step, init_distributed, policy_nll, shutdown
 
 END_OF_TURN_ID = SPECIAL_TOKENS.index(ROLE_TOKENS[4])
@@ -301,17 +301,32 @@ def main(argv: list[str] | None = None) -> int:
             row = {"loss": None, "grad_norm": None, "skipped": 0, "updated": 0, "lr": trainer.lr()}
             trainer.scheduler.step(increment=cfg.global_batch_size)
         iteration = step
-        row.pop("step_seconds", None)
-        row.update(stats, step=step, sample_seconds=round(t1 - t0, 3),
-                   train_seconds=round(time.perf_counter() - t1, 3),
-                   step_seconds=round(time.perf_counter() - t0, 3), **memory())
+        logged = iteration % cfg.log_interval == 0 or iteration == cfg.steps
+        row = step_row(row, stats, step, t0, t1, logged)
         if task is not None:
             row["agent_task"] = task["id"]
-        if iteration % cfg.log_interval == 0 or iteration == cfg.steps:
+        if logged:
             log.write({k: v for k, v in row.items() if v is not None})
         finish_step(trainer, out, iteration, cfg.steps, cfg.save_interval)
     shutdown(log)
     return 0
+
+
+def step_row(row: dict, stats: dict, step: int, t0: float, t1: float, logged: bool) -> dict:
+    """The step's metrics: the update's (`row`, train_step's or the no-update step's) and the
+    rewards' (`stats`), with the step's times: `t0` its start, `t1` the end of sampling and
+    scoring. step_seconds is the whole step, to now: sampling, scoring, gathering, batching and
+    the update (train_step's own figure is the update's only), and sample_seconds +
+    train_seconds add up to it. On a `logged` step the memory figures, the maximum over all
+    ranks as the training phases log them: a collective, so every rank calls this with the
+    same `logged`."""
+    t2 = time.perf_counter()
+    out = {k: v for k, v in row.items() if k != "step_seconds"}
+    out.update(stats, step=step, sample_seconds=round(t1 - t0, 3),
+               train_seconds=round(t2 - t1, 3), step_seconds=round(t2 - t0, 3))
+    if logged:
+        out.update(memory_over_ranks())
+    return out
 
 
 @torch.no_grad()

@@ -497,3 +497,43 @@ def test_the_sandbox_settings_that_can_change_the_pool_are_in_fingerprint_and_dv
     used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
             and isinstance(n.value, ast.Attribute) and n.value.attr == "traces"}
     assert used == set(rl.SANDBOX_FIELDS) | {"workers"}, used
+
+
+RL_ROW_PROBE = """
+import json, sys, time, torch
+from model import metrics
+
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+metrics.memory = lambda: {"memory_mb": [300.0, 1200.5][rank]}   # rank 1 holds the most
+from model.rl import step_row
+
+now = time.perf_counter()
+row = step_row({"loss": 1.0, "step_seconds": 0.01}, {"reward_mean": 0.5}, 3, now - 2.0, now - 0.5,
+               logged=True)
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
+    json.dump(row, f)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_rl_logs_the_memory_peak_over_all_ranks_and_the_whole_step(tmp_path):
+    """The logging rank (data-parallel rank 0) logged its own peak only, where the training
+    phases log the maximum over ranks (model/metrics.memory_over_ranks); step_seconds runs from
+    the step's start (sampling, scoring, batching) to the end of its update, as
+    sample_seconds + train_seconds do."""
+    (tmp_path / "probe.py").write_text(RL_ROW_PROBE)
+    repo = Path(__file__).resolve().parents[1]
+    with open(tmp_path / "log", "w") as log:
+        proc = run_in_own_group([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc-per-node=2", str(tmp_path / "probe.py"), str(tmp_path)],
+                                stdout=log, timeout=300, cwd=repo,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, (tmp_path / "log").read_text()[-3000:]
+    for r in range(2):
+        row = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert row["memory_mb"] == 1200.5, row
+        assert row["step"] == 3 and row["loss"] == 1.0 and row["reward_mean"] == 0.5
+        assert 2.0 <= row["step_seconds"] < 5.0 and 1.5 <= row["sample_seconds"] < 1.6
+        assert row["sample_seconds"] + row["train_seconds"] == pytest.approx(row["step_seconds"],
+                                                                             abs=0.0015)
