@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +25,22 @@ from model.data import MicroBatches, build_datasets, plan_validation
 from model.metrics import StepLog, memory_over_ranks, peak_flops, tracking_run_id
 from model.trainer import Trainer, finish_step, init_distributed, shutdown
 
+
+def timed_step(trainer: Trainer, data: MicroBatches, cfg, world: int, peak: float | None) -> dict:
+    """One step on this rank, with its throughput figures (tokens/s over the global batch,
+    TFLOP/s per GPU over `world` processes, MFU against `peak`). step_seconds is the whole
+    step: reading and collating this rank's micro-batches of the global batch, then the update
+    (train_step's own figure is the update's only), and the figures are per step_seconds."""
+    t0 = time.perf_counter()
+    row = trainer.train_step(list(data.next_global_batch()))
+    seconds = time.perf_counter() - t0
+    tps = cfg.global_batch_size * cfg.seq_length / seconds
+    flops = trainer.flops_per_token * tps / world
+    row.update(tokens_per_s=round(tps, 1), tflops_per_gpu=round(flops / 1e12, 4),
+               step_seconds=round(seconds, 4))
+    if peak:
+        row["mfu"] = round(flops / peak, 4)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,14 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     world = torch.distributed.get_world_size()
     peak = peak_flops(trainer.precision.name)
     while iteration < cfg.steps:
-        row = trainer.train_step(list(data.next_global_batch()))
+        row = timed_step(trainer, data, cfg, world, peak)
         iteration += 1
-        tps = cfg.global_batch_size * cfg.seq_length / row["step_seconds"]
-        flops = trainer.flops_per_token * tps / world
-        row.update(step=iteration, tokens_per_s=round(tps, 1), tflops_per_gpu=round(flops / 1e12, 4),
-                   step_seconds=round(row["step_seconds"], 4))
-        if peak:
-            row["mfu"] = round(flops / peak, 4)
+        row["step"] = iteration
         if iteration % cfg.eval_interval == 0 or iteration == cfg.steps:
             valid = MicroBatches(valid_ds, cfg.global_batch_size, cfg.micro_batch_size,
                                  dp_rank, dp_size)

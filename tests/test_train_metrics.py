@@ -233,3 +233,33 @@ def test_ranks_wait_briefly_on_mlflow_unless_told_otherwise(tmp_path, monkeypatc
     assert int(env["MLFLOW_HTTP_REQUEST_TIMEOUT"]) <= 30
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
     assert launch.worker_env(params)["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"
+
+
+def test_step_seconds_and_throughput_cover_reading_the_batch():
+    """step_seconds was train_step's own time: the global batch, read from the dataset and
+    collated before it started, was in no figure, and tokens/s, TFLOP/s and MFU (divided by
+    it) counted a step as shorter than it is. Now they cover the whole step."""
+    import time
+    from types import SimpleNamespace
+
+    from model.train import timed_step
+
+    class Data:
+        def next_global_batch(self):
+            for m in range(2):
+                time.sleep(0.15)         # reading and collating a micro-batch
+                yield {"m": m}
+
+    class FakeTrainer:
+        flops_per_token = 1e9
+
+        def train_step(self, batches):
+            assert batches == [{"m": 0}, {"m": 1}]
+            return {"loss": 1.0, "step_seconds": 0.001}    # the update's own time
+
+    cfg = SimpleNamespace(global_batch_size=4, seq_length=8)
+    row = timed_step(FakeTrainer(), Data(), cfg, world=2, peak=1e12)
+    assert 0.3 <= row["step_seconds"] < 2.0 and row["loss"] == 1.0
+    assert row["tokens_per_s"] == pytest.approx(32 / row["step_seconds"], rel=1e-3)
+    assert row["tflops_per_gpu"] == pytest.approx(1e9 * row["tokens_per_s"] / 2 / 1e12, rel=1e-3)
+    assert row["mfu"] == pytest.approx(row["tflops_per_gpu"], rel=1e-3)
