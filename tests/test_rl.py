@@ -450,6 +450,8 @@ def test_the_stage_reads_the_tokenizer_sha256_once_through_its_helper(tmp_path, 
     sha = json.loads((tmp_path / "tokenizer" / "manifest.json").read_text())["sha256"]
     run_json = json.loads((tmp_path / "checkpoints" / "rl" / "run.json").read_text())
     assert run_json["tokenizer_sha256"] == sha and run_json["fingerprint"] == again["fingerprint"]
+    # what a worker node computes (model/launch.finished: nothing passed, all read here)
+    assert rl.rl_fingerprint(params, PARENT) == again["fingerprint"]
     # the helper's error, which names the file, for a manifest that is not a tokenizer's
     (tmp_path / "tokenizer" / "manifest.json").write_text(json.dumps({"fingerprint": "tok"}))
     with pytest.raises(ValueError, match="manifest.json: not a tokenizer manifest"):
