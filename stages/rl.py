@@ -149,7 +149,8 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
                 from stages.rl_tasks import prepare_pool
 
                 with run_.timed("pool"):
-                    tok = load_tokenizer(Storage(params.storage.root, params.storage.s3_endpoint_url))
+                    tok = load_tokenizer(Storage(params.storage.root, params.storage.s3_endpoint_url),
+                                         tokenizer_sha256)   # the one the fingerprint names
                     stats = prepare_pool(params, tok, out / POOL.replace(".jsonl", ".tmp.jsonl"))
                 write_atomic(filesystem(str(out)), str(out / POOL_STATS),
                              json.dumps(stats, sort_keys=True).encode() + b"\n")

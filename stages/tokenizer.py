@@ -134,13 +134,17 @@ def recorded_sha256(storage: Storage) -> str:
         raise ValueError(f"{out.path(MANIFEST)}: not a tokenizer manifest ({err!r})") from None
 
 
-def load(storage: Storage):
-    """The trained tokenizer, verified against its manifest."""
+def load(storage: Storage, sha256: str | None = None):
+    """The trained tokenizer, verified against its manifest, or against `sha256` when given:
+    what the caller read with recorded_sha256 and recorded (one read for both, so the
+    tokenizer it uses is the one it named)."""
     from tokenizers import Tokenizer
 
     out = storage.sub(OUTPUT)
-    manifest = json.loads(out.read_bytes(MANIFEST))
+    want = recorded_sha256(storage) if sha256 is None else sha256
     body = out.read_bytes(FILE)
-    if hashlib.sha256(body).hexdigest() != manifest["sha256"]:
-        raise ValueError(f"{out.path(FILE)}: sha256 differs from its manifest (corrupt or edited)")
+    if hashlib.sha256(body).hexdigest() != want:
+        what = "its manifest" if sha256 is None else f"the recorded {sha256[:12]}"
+        raise ValueError(f"{out.path(FILE)}: sha256 differs from {what} (corrupt, edited or "
+                         f"retrained since)")
     return Tokenizer.from_str(body.decode())

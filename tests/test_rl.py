@@ -539,3 +539,35 @@ def test_rl_logs_the_memory_peak_over_all_ranks_and_the_whole_step(tmp_path):
         assert 2.0 <= row["step_seconds"] < 5.0 and 1.5 <= row["sample_seconds"] < 1.6
         assert row["sample_seconds"] + row["train_seconds"] == pytest.approx(row["step_seconds"],
                                                                              abs=0.0015)
+
+
+def test_the_pool_is_made_with_the_tokenizer_the_fingerprint_names(tmp_path, monkeypatch):
+    # the stage read the manifest for its fingerprint, then load() read it again for the
+    # tokenizer it made the pool with: a tokenizer replaced in between made the pool while
+    # run.json named the other. Now one read serves all three, and load checks the file
+    # against it.
+    from stages import rl
+
+    params = _stage_root(tmp_path)
+    reads = _count_manifest_reads(monkeypatch)
+    _run_stage(params, monkeypatch)                        # makes the pool
+    assert len(reads) == 1, reads
+    shutil.rmtree(tmp_path / "checkpoints")
+    read_once = rl.recorded_sha256
+
+    def then_replaced(storage):
+        import hashlib
+
+        from tokenizers import Tokenizer, models
+
+        sha = read_once(storage)
+        other = Tokenizer(models.WordLevel({"b": 0, "[UNK]": 1}, unk_token="[UNK]")).to_str()
+        (tmp_path / "tokenizer" / "tokenizer.json").write_text(other)    # another tokenizer,
+        (tmp_path / "tokenizer" / "manifest.json").write_text(json.dumps(   # its manifest too
+            {"sha256": hashlib.sha256(other.encode()).hexdigest(), "fingerprint": "other"}))
+        return sha
+
+    monkeypatch.setattr(rl, "recorded_sha256", then_replaced)
+    with pytest.raises(ValueError, match="sha256 differs"):
+        _run_stage(params, monkeypatch)
+    assert not (tmp_path / "checkpoints" / "rl" / "pool.jsonl").exists()
