@@ -324,7 +324,7 @@ def test_the_fingerprint_holds_every_agent_param_the_episodes_use():
     assert used and used <= set(AGENT_FIELDS), used - set(AGENT_FIELDS)
 
 
-def test_model_policy_keeps_the_task_and_the_latest_messages_that_fit():
+def test_model_policy_keeps_the_task_and_the_latest_messages_that_fit(monkeypatch):
     # a conversation longer than the context ended the episode (policy_error): it is now cut
     # as SFT's per-turn documents are, the task kept, the oldest messages left out
     from stages.agent.policies import ModelPolicy
@@ -333,6 +333,9 @@ def test_model_policy_keeps_the_task_and_the_latest_messages_that_fit():
     class Tok:   # one token per character (role markers included)
         def encode(self, text):
             return SimpleNamespace(ids=[ord(c) for c in text])
+
+        def encode_batch(self, texts):
+            return [self.encode(t) for t in texts]
 
         def token_to_id(self, tok):
             assert tok == ASSISTANT
@@ -344,6 +347,8 @@ def test_model_policy_keeps_the_task_and_the_latest_messages_that_fit():
     def enc(m):
         return [ord(c) for c in ROLES[m["role"]] + m["content"] + END_OF_TURN]
 
+    # (its plain text, a message's content, needs no twin: no special token to leave unsplit)
+    monkeypatch.setattr("codeworld.tokens._literal", lambda tok: tok)
     task = [{"role": "system", "content": "S" * 8}, {"role": "user", "content": "T" * 8}]
     later = [{"role": "assistant", "content": "a" * 8}, {"role": "tool", "content": "o" * 40},
              {"role": "assistant", "content": "b" * 8}, {"role": "tool", "content": "p" * 5}]
