@@ -15,7 +15,7 @@ from codeworld.config import ConfigError, parse_params
 from codeworld.shards import Dataset
 from codeworld.split import corpus_id, heldout
 from codeworld.storage import Storage
-from codeworld.tokens import END_OF_TEXT, ROLE_TOKENS
+from codeworld.tokens import END_OF_TEXT, ROLE_TOKENS, joined
 from stages.documents import END_OF_TURN, NotATask, render
 from tests.train_fixtures import agent_records, build_phase_root, phase_params, sft_trace_records
 
@@ -28,7 +28,7 @@ def root(tmp_path_factory):
 
 
 def loss_text(segments) -> str:
-    return "".join(t for t, keep in segments if keep)
+    return "".join(joined(t) for t, keep in segments if keep)
 
 
 def test_sft_segments_put_only_the_answers_in_the_loss():
@@ -48,7 +48,7 @@ def test_sft_segments_put_only_the_answers_in_the_loss():
     assistant = ROLE_TOKENS[2]
     answers = [m["content"] + END_OF_TURN for m in traj["messages"] if m["role"] == "assistant"]
     assert loss_text(agent) == "".join(answers)
-    assert [t for t, keep in agent if not keep].count(assistant) == len(answers)
+    assert [joined(t) for t, keep in agent if not keep].count(assistant) == len(answers)
 
 
 def _documents(root: Path, name: str) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -73,7 +73,7 @@ def test_packed_sft_masks_exactly_the_answers_and_skip_held_out_programs(root):
                 for ids, mask in _documents(root, name)]
 
     with_output = [r for r in kept if prompts.has_output_task(r)]
-    assert answers("sft_output") == [prompts.output_answer(r["result"]) + END_OF_TEXT
+    assert answers("sft_output") == [joined(prompts.output_answer(r["result"])) + END_OF_TEXT
                                      for r in with_output]
     assert meta["sft_output"]["skipped"] == len(kept) - len(with_output)
     with_prompt = [r for r in kept if isinstance(r.get("prompt"), str)]
