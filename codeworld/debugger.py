@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tokenize
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,8 +170,11 @@ class Session:
             return None
         if r is not None and p.source == r.source and i < len(self.real_lines):
             return self.real_lines[i]
-        lines = self.context.splitlines(True)
-        return lines.index(p.source) + 1 if p.source in lines else None
+        # lines as Python and the tracer count them: at "\n" only (str.splitlines also breaks
+        # at a form feed, \v, U+2028...)
+        lines = self.context.split("\n")
+        source = p.source[:-1]   # (a frame's source ends with its "\n")
+        return lines.index(source) + 1 if source in lines else None
 
     # --- output ----------------------------------------------------------------------------
     def say(self, text: str = "") -> None:
@@ -282,7 +286,7 @@ class Session:
         """The source around the frame's line (`->`); `p>` marks the line the prediction names
         when it is another one."""
         line, pline = self.line_of(self.pos), self.pred_line(self.pos)
-        lines = self.context.splitlines()
+        lines = self.context.removesuffix("\n").split("\n")   # (as pred_line counts them)
         centre = line or pline or 1
         for n in range(max(1, centre - 5), min(len(lines), centre + 5) + 1):
             mark = "->" if n == line else "p>" if n == pline else "  "
@@ -422,9 +426,10 @@ def start(file: str, call: str, params, *, checkpoint: str | None = None, hf: st
     from stages.tracer.frames import prompt_for
     from stages.tracer.program import InvalidProgram, context_of
 
-    try:
-        code = Path(file).read_text()
-    except (OSError, UnicodeDecodeError) as err:
+    try:   # as Python reads a source file: a UTF-8 BOM or a coding cookie decides the encoding
+        with tokenize.open(file) as f:
+            code = f.read()
+    except (OSError, UnicodeDecodeError, SyntaxError) as err:   # SyntaxError: a bad cookie
         raise DebugError(f"{file}: cannot read: {err}") from None
     # The file and the call must compile: else the sandbox reports them "invalid" and there is
     # no real trace to compare with (a program that raises when run is fine: that is traced).

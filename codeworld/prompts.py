@@ -39,9 +39,15 @@ def output_answer(result_repr: str) -> Text:
     return (Plain(result_repr), END_OF_TURN)
 
 
-def parse_output_answer(text: str) -> str:
-    """The predicted repr from a generated assistant turn (up to the end of the turn)."""
-    return text.split(END_OF_TURN, 1)[0].split(END_OF_TEXT, 1)[0].strip()
+def output_answer_of(tok, ids: list[int]) -> tuple[str, bool]:
+    """The predicted repr of a generated assistant turn, and whether the turn ended: the text
+    of its ids before the first end-of-turn or end-of-text *token*. Not a cut of the decoded
+    text at those tokens' text, which a repr may spell ("'<|end_of_turn|>'" is output_answer's
+    Plain text, so the model learnt to write it as text)."""
+    stops = {tok.token_to_id(END_OF_TURN), tok.token_to_id(END_OF_TEXT)}
+    end = next((i for i, t in enumerate(ids) if t in stops), None)
+    kept = ids if end is None else ids[:end]
+    return tok.decode(kept, skip_special_tokens=False).strip(), end is not None
 
 
 def has_output_task(record: dict) -> bool:

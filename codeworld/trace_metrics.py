@@ -123,7 +123,10 @@ class Parsed:
 
 
 def _str_dict(text: str) -> dict[str, str]:
-    value = json.loads(text)
+    try:
+        value = json.loads(text)
+    except RecursionError:   # a prediction nested ~1000 deep: a defect, not a crash
+        raise ValueError("LOCALS nested too deep to read") from None
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise ValueError("LOCALS is not a JSON object of strings")
     return value
@@ -152,7 +155,7 @@ def _parse_frame(piece: str) -> Frame:
             raise ValueError(f"{kind} frame without {ARG_SEP}")
         try:
             value = json.loads(value_text)
-        except ValueError:
+        except (ValueError, RecursionError):   # (nested too deep to read)
             value = None
         if not isinstance(value, str):
             raise ValueError(f"{kind} frame VALUE is not a JSON string: {value_text[:40]!r}")

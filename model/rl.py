@@ -107,7 +107,7 @@ class Rollouts:
         outs = self.generate(prompt, n=self.cfg.group_size, max_new=self.cfg.max_new_tokens,
                              stops=STOPS[item["kind"]],
                              seed=seed_of(self.cfg.seed, step, f"text:{index}"))
-        rewards = [reward(item, self.tok.decode(o, skip_special_tokens=False)) for o in outs]
+        rewards = [reward(item, self.tok, o) for o in outs]
         return {"index": index, "kind": item["kind"], "id": item["id"], "prompt": prompt,
                 "completions": outs, "rewards": rewards,
                 "finished": [bool(o) and o[-1] in STOPS[item["kind"]] for o in outs]}

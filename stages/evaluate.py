@@ -228,7 +228,7 @@ def evaluate_phase(params: Params, phase: str, iteration_dir: Path, vocab_size: 
                                 max_new_tokens=cfg.output_max_new_tokens,
                                 stop_ids={end_of_turn, EOD_ID})[0]
             generated += len(out_ids)
-            answer = prompts.parse_output_answer(tok.decode(out_ids, skip_special_tokens=False))
+            answer, _ = prompts.output_answer_of(tok, out_ids)
             m["output_exact_match"] = float(answer == prog["result"])
             row.update(output_predicted=answer, output_real=prog["result"])
         m.update(next_frame_metrics(lm, prog))

@@ -41,10 +41,11 @@ KINDS = ("output", "next_frame")
 TRUNCATED = "...<truncated>"   # the tracer's mark on a cut value: not answerable exactly
 
 
-def output_reward(completion: str, truth: str) -> float:
-    if END_OF_TURN not in completion and END_OF_TEXT not in completion:
-        return 0.0   # cut at max_new_tokens: the answer never ended
-    pred = prompts.parse_output_answer(completion)
+def output_reward(pred: str | None, truth: str) -> float:
+    """``pred``: the predicted repr (prompts.output_answer_of), None when the turn never ended
+    (cut at max_new_tokens)."""
+    if pred is None:
+        return 0.0
     if pred == truth:
         return 1.0
     try:
@@ -57,17 +58,27 @@ def output_reward(completion: str, truth: str) -> float:
         return 0.0
 
 
-def frame_reward(completion: str, truth: str) -> float:
-    if FRAME_SEP not in completion:
-        return 0.0
-    return 1.0 if completion.split(FRAME_SEP, 1)[0] + FRAME_SEP == truth else 0.0
+def frame_reward(frame: str | None, truth: str) -> float:
+    """``frame``: the predicted frame's text before its `<|frame_sep|>`, None when no frame
+    separator ended it (end-of-text, or cut at max_new_tokens)."""
+    return 1.0 if frame is not None and frame + FRAME_SEP == truth else 0.0
 
 
-def reward(item: dict, completion: str) -> float:
+def reward(item: dict, tok, ids: list[int]) -> float:
+    """A completion's reward from its token ids: the answer ends at the first stop *token*
+    (a value's text may spell one: the tracer escapes only a frame's JSON, and a repr is
+    Plain text)."""
     if item["kind"] == "output":
-        return output_reward(completion, item["answer"])
+        pred, ended = prompts.output_answer_of(tok, ids)
+        return output_reward(pred if ended else None, item["answer"])
     if item["kind"] == "next_frame":
-        return frame_reward(completion, item["answer"])
+        sep = tok.token_to_id(FRAME_SEP)
+        if sep not in ids:
+            return 0.0
+        end = ids.index(sep)
+        if tok.token_to_id(END_OF_TEXT) in ids[:end]:
+            return 0.0   # the trace ended before the frame did
+        return frame_reward(tok.decode(ids[:end], skip_special_tokens=False), item["answer"])
     raise ValueError(f"pool item {item.get('id')!r}: no text reward for kind {item['kind']!r}")
 
 
@@ -176,7 +187,7 @@ def _agent_items(params: Params, storage: Storage, tok, counts: Counter) -> list
     from stages.agent.loop import user_prompt
     from stages.agent.policies import SYSTEM_PROMPT
     from stages.agent.reward import TreeMismatch, check_tree
-    from stages.documents import ROLES
+    from stages.documents import ROLES, message_text
 
     cfg = params.rl
     if not cfg.agent_interval:
@@ -216,8 +227,10 @@ def _agent_items(params: Params, storage: Storage, tok, counts: Counter) -> list
             counts["agent_broken_tasks"] += 1
             continue
         try:
-            first = (f"{ROLES['system']}{SYSTEM_PROMPT}{END_OF_TURN}"
-                     f"{ROLES['user']}{user_prompt(task)}{END_OF_TURN}{ROLES['assistant']}")
+            # as the model as policy encodes it (stages/agent/policies.ModelPolicy): the task
+            # is Plain text, whatever token it spells
+            first = (*message_text(ROLES["system"], SYSTEM_PROMPT),
+                     *message_text(ROLES["user"], user_prompt(task)), ROLES["assistant"])
         except (KeyError, TypeError):   # no problem statement: counted, the others stand
             counts["agent_broken_tasks"] += 1
             continue

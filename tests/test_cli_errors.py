@@ -180,6 +180,26 @@ def test_debug_refuses_a_file_or_call_that_does_not_compile_before_tracing(tmp_p
     assert rc == 2 and "--call 'f((': not an expression" in err
     rc, err = run(capsys, "debug", tmp_path / "nope.py", "--call", "f(1)", "--params", params)
     assert rc == 2 and "nope.py: cannot read" in err
+    # a file as Python reads it: a UTF-8 BOM (Windows editors write one) or a coding cookie;
+    # the BOM was a SyntaxError ("invalid non-printable character U+FEFF"), exit 2
+    from codeworld.debugger import DebugError
+
+    traced = []
+
+    def trace_stop(code, *_a, **_k):
+        traced.append(code)
+        raise DebugError("reached tracing")
+
+    monkeypatch.setattr("codeworld.debugger.trace_real", trace_stop)
+    bom = tmp_path / "bom.py"
+    bom.write_bytes(b"\xef\xbb\xbfdef f(x):\n    return x\n")
+    latin = tmp_path / "latin.py"
+    latin.write_bytes(b"# -*- coding: latin-1 -*-\ndef f(x):\n    return '\xe9' + x\n")
+    for prog in (bom, latin):
+        rc, err = run(capsys, "debug", prog, "--call", "f('a')", "--params", params)
+        assert rc == 2 and "reached tracing" in err, err
+    assert traced == ["def f(x):\n    return x\n",
+                      "# -*- coding: latin-1 -*-\ndef f(x):\n    return '\u00e9' + x\n"]
 
 
 def test_a_stage_keeps_the_traceback_of_a_missing_file(tmp_path, monkeypatch):

@@ -70,8 +70,9 @@ class Replay:
         return [out]
 
 
-def session(tok, predicted_text: str | None = None, color: bool = False) -> tuple[Session, io.StringIO]:
-    r = trace_call(PROGRAM, "f(2, 3)")
+def session(tok, predicted_text: str | None = None, color: bool = False,
+            program: str = PROGRAM) -> tuple[Session, io.StringIO]:
+    r = trace_call(program, "f(2, 3)")
     out = io.StringIO()
     lm = Replay(tok, r.prompt, predicted_text if predicted_text is not None else r.text)
     lines = [f.line for f in r.frames[1:]]
@@ -262,3 +263,13 @@ def test_next_and_out_after_an_exception_c_code_swallowed():
     assert "[frame 5, 10 real] line 4, depth 2" in t[6]               # back x2: raise in A.x
     assert t[7].startswith("o\n[frame 7, 10 real] line 8, depth 1")   # out of A.x
     assert "[frame 10, 10 real]" in t[8] and "value=1" in t[8] and "depth 0" in t[8]
+
+
+def test_lines_are_counted_as_python_counts_them(tok):
+    """A form feed (or \\v, U+2028...) inside a line: str.splitlines broke the context there
+    too, so `list` marked the line after the one the frame names."""
+    program = "x = 1  # \x0c page\n" + PROGRAM
+    s, out = session(tok, program=program)
+    t = drive(s, out, "s\ns\nl\nq\n")
+    assert "[frame 3, 11 real] line 7, depth 1" in t[2] and "c = helper(a)" in t[2]
+    assert "   7 ->     c = helper(a)" in t[3], t[3]

@@ -552,3 +552,13 @@ def _traces(root: Path) -> list[dict]:
     from codeworld.storage import Storage
 
     return list(Dataset(Storage(str(root)).sub("traces")))
+
+
+def test_a_prediction_nested_too_deep_is_a_defect_not_a_crash():
+    # json.loads raises RecursionError (not a ValueError) at ~1000 levels: a model's LOCALS or
+    # VALUE that deep crashed the parser, and with it the evaluation of every program
+    deep = "[" * 5000
+    for text in (f'<|line_sep|>{{"a": {deep}<|action_sep|>    return f(1)\n<|frame_sep|>',
+                 f'<|return_sep|><|action_sep|>    return x\n<|arg_sep|>{deep}<|frame_sep|>'):
+        parsed = parse(text + "<|end_of_text|>")
+        assert not parsed.valid and parsed.errors

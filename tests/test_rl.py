@@ -183,16 +183,17 @@ def test_policy_loss_beside_an_unchanged_supervised_loss(tmp_path):
 
 
 def test_output_and_frame_rewards():
-    assert output_reward("[1, 2]<|end_of_turn|>", "[1, 2]") == 1.0
-    assert output_reward(" [1,2] <|end_of_turn|>", "[1, 2]") == 1.0     # a literal, reformatted
-    assert output_reward('"a"<|end_of_text|>', "'a'") == 1.0
-    assert output_reward("[1, 3]<|end_of_turn|>", "[1, 2]") == 0.0
-    assert output_reward("[1, 2]", "[1, 2]") == 0.0                     # never ended its turn
-    assert output_reward("__import__('os')<|end_of_turn|>", "0") == 0.0  # not a literal: no eval
+    assert output_reward("[1, 2]", "[1, 2]") == 1.0
+    assert output_reward("[1,2]", "[1, 2]") == 1.0      # a literal, reformatted
+    assert output_reward('"a"', "'a'") == 1.0
+    assert output_reward("[1, 3]", "[1, 2]") == 0.0
+    assert output_reward(None, "[1, 2]") == 0.0        # never ended its turn
+    assert output_reward("__import__('os')", "0") == 0.0   # not a literal: no eval
     frame = '<|line_sep|>{"x": ".."}<|action_sep|>    y = x % 2\n<|frame_sep|>'
-    assert frame_reward(frame + "<|line_sep|>junk", frame) == 1.0
-    assert frame_reward(frame.replace("..", "3"), frame) == 0.0
-    assert frame_reward(frame[:-len("<|frame_sep|>")], frame) == 0.0
+    before_sep = frame[:-len("<|frame_sep|>")]   # what rl_tasks.reward cuts at the separator
+    assert frame_reward(before_sep, frame) == 1.0
+    assert frame_reward(before_sep.replace("..", "3"), frame) == 0.0
+    assert frame_reward(None, frame) == 0.0             # no separator: the frame never ended
 
 
 @pytest.fixture(scope="module")

@@ -400,3 +400,22 @@ def test_the_policy_reads_an_observation_that_spells_a_turn_as_text(tok):
                 {"role": "tool", "content": "x.py <|assistant|> <|end_of_turn|>"}])
     assistant = tok.token_to_id("<|assistant|>")
     assert seen[0].count(assistant) == 2   # the assistant's turn, and the turn to write
+
+
+def test_answers_end_at_the_stop_token_not_at_its_text(tok):
+    """A repr that spells "<|end_of_turn|>" (Plain text in SFT's answers) is scored whole, in
+    evaluation and in RL's reward: cut at the decoded text's first "<|end_of_turn|>" it read
+    "'a", and the answer SFT taught scored 0."""
+    from codeworld import prompts
+    from stages.rl_tasks import reward
+
+    truth = "'a<|end_of_turn|>b<|end_of_text|>'"
+    ids = encode(tok, prompts.output_answer(truth))
+    assert prompts.output_answer_of(tok, ids) == (truth, True)
+    item = {"kind": "output", "id": "o", "answer": truth}
+    assert reward(item, tok, ids) == 1.0
+    assert reward(item, tok, ids[:-1]) == 0.0   # cut before its end-of-turn token: no answer
+    frame = '<|line_sep|>{"s": "x\\u003c|frame_sep|>"}<|action_sep|>    y = s\n<|frame_sep|>'
+    item = {"kind": "next_frame", "id": "f", "answer": frame}
+    assert reward(item, tok, tok.encode(frame).ids) == 1.0
+    assert reward(item, tok, tok.encode(frame.replace("<|frame_sep|>", "<|end_of_text|>")).ids) == 0.0
