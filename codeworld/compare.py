@@ -103,14 +103,22 @@ def columns_for(experiment: str, *, runs: list[str] | None = None, pipelines: in
     return [_column(c) for c in children]
 
 
+def names_metric(key: str, name: str) -> bool:
+    """Whether --metric NAME picks the row `key`: its whole key, or a dotted tail of it
+    (`final_loss` and `midtrain.final_loss` both pick --pipelines' `midtrain.final_loss`;
+    `state_exact_match` and `midtrain.state_exact_match` pick `evaluate.midtrain.state_exact_match`).
+    The one rule for both the check of unknown names and the rows picked."""
+    return key == name or key.endswith("." + name)
+
+
 def metric_rows(cols: list[Column], wanted: list[str] | None) -> list[str]:
     present = {k for c in cols for k in c.metrics}
     if wanted:
-        missing = [m for m in wanted if m not in present and not any(k.endswith("." + m) for k in present)]
+        missing = [m for m in wanted if not any(names_metric(k, m) for k in present)]
         if missing:
             raise CompareError(f"no run has metric(s) {', '.join(missing)} "
                                f"(known: {', '.join(sorted(present)[:30])})")
-        return [k for k in sorted(present) if k in wanted or k.split(".")[-1] in wanted]
+        return [k for k in sorted(present) if any(names_metric(k, m) for m in wanted)]
     first = [k for k in KEY_METRICS if k in present]
     return first + sorted(present - set(first))
 

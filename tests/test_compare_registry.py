@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -210,3 +211,22 @@ def test_compare_bar_chart_marks_a_missing_value_instead_of_a_zero_bar(tmp_path,
     assert bars == [([0, 2], [10.0, 4.0])]                  # no bar for dedup, not a bar at 0
     assert what == "bar chart of records (1 of 3 runs without it: n/a)"
     assert (tmp_path / "bar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_metric_picks_rows_by_the_rule_it_checks_them_by():
+    """--metric NAME names a row by its whole key or by a dotted tail of it; the check for
+    unknown names and the row filter use that one rule (a tail of two parts, as --pipelines
+    keys evaluate.midtrain.state_exact_match, passed the check and then gave no row)."""
+    from codeworld.compare import Column, CompareError, metric_rows
+
+    cols = [Column("p1", "p1", {"evaluate.midtrain.state_exact_match": 0.5,
+                                "evaluate.sft.state_exact_match": 0.6,
+                                "midtrain.final_loss": 5.1, "midtrain.final_loss_ema": 5.2})]
+    assert metric_rows(cols, ["midtrain.state_exact_match"]) == ["evaluate.midtrain.state_exact_match"]
+    assert metric_rows(cols, ["state_exact_match"]) == ["evaluate.midtrain.state_exact_match",
+                                                        "evaluate.sft.state_exact_match"]
+    assert metric_rows(cols, ["evaluate.sft.state_exact_match"]) == ["evaluate.sft.state_exact_match"]
+    assert metric_rows(cols, ["final_loss"]) == ["midtrain.final_loss"]   # not final_loss_ema
+    for name in ("exact_match", "t.state_exact_match", "sft"):   # no key ends in "." + name
+        with pytest.raises(CompareError, match=rf"no run has metric\(s\) {re.escape(name)} \(known"):
+            metric_rows(cols, [name])
