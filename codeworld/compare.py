@@ -5,8 +5,9 @@
     codeworld compare --runs ID ID ...   any runs
     ... [--metric final_loss ...] [--plot compare.png] [--csv out.csv]
 
-Columns are runs, rows are metrics (and the git commit). For training phases the plot draws
-each run's per-step loss; otherwise a bar chart of the first metric.
+Columns are runs, rows are metrics (and the git commit); runs that share a name (the same
+phase of two pipeline runs) are told apart by a short run id. For training phases the plot
+draws each run's per-step loss; otherwise a bar chart of the first metric.
 """
 
 from __future__ import annotations
@@ -81,7 +82,21 @@ def _run(client, run_id: str):
         raise CompareError(f"--runs {run_id}: no such MLflow run at this tracking URI") from None
 
 
+def labelled(cols: list[Column]) -> list[Column]:
+    """The columns, a name that two runs share suffixed with each one's short run id (the
+    same phase of two pipeline runs: `midtrain (1a2b3c4d)`, `midtrain (5e6f7a8b)`)."""
+    runs_of: dict[str, set[str]] = {}
+    for c in cols:
+        runs_of.setdefault(c.name, set()).add(c.run_id)
+    return [Column(c.run_id, f"{c.name} ({c.run_id[:8]})", c.metrics, c.tags)
+            if len(runs_of[c.name]) > 1 else c for c in cols]
+
+
 def columns_for(experiment: str, *, runs: list[str] | None = None, pipelines: int = 0) -> list[Column]:
+    return labelled(_columns_for(experiment, runs=runs, pipelines=pipelines))
+
+
+def _columns_for(experiment: str, *, runs: list[str] | None = None, pipelines: int = 0) -> list[Column]:
     client = _client()
     exp_id = _experiment_id(client, experiment)
     if runs:
@@ -181,13 +196,16 @@ def plot(cols: list[Column], rows: list[str], path: Path) -> str:
 
     fmt = plot_format(path)
     client = _client()
-    curves = {c.name: client.get_metric_history(c.run_id, "loss") for c in cols if "loss" in c.metrics}
+    cols = labelled(cols)
+    # keyed by run id: runs may share a name (the same phase of two pipeline runs)
+    label = {c.run_id: c.name for c in cols}
+    curves = {c.run_id: client.get_metric_history(c.run_id, "loss") for c in cols if "loss" in c.metrics}
     curves = {k: v for k, v in curves.items() if len(v) > 1}
     fig, ax = plt.subplots(figsize=(7, 4))
     if curves:
-        for name, hist in curves.items():
+        for run_id, hist in curves.items():
             hist = sorted(hist, key=lambda m: m.step)
-            ax.plot([m.step for m in hist], [m.value for m in hist], label=name)
+            ax.plot([m.step for m in hist], [m.value for m in hist], label=label[run_id])
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.legend()

@@ -230,3 +230,41 @@ def test_compare_metric_picks_rows_by_the_rule_it_checks_them_by():
     for name in ("exact_match", "t.state_exact_match", "sft"):   # no key ends in "." + name
         with pytest.raises(CompareError, match=rf"no run has metric\(s\) {re.escape(name)} \(known"):
             metric_rows(cols, [name])
+
+
+def test_compare_same_phase_of_two_pipelines_gets_two_curves_and_two_columns(mlflow_url, tmp_path,
+                                                                            monkeypatch):
+    """Two runs with one name (midtrain of two pipeline runs): the plot drew one curve (curves
+    were keyed by run name) and the table had two columns headed alike. Each run is its own
+    curve and column, the duplicates labelled with a short run id."""
+    from matplotlib.axes import Axes
+    from mlflow.tracking import MlflowClient
+
+    from codeworld import compare
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
+    exp = f"compare-same-{tmp_path.name}"
+    first = _fake_pipeline(exp, {"pretrain": [8.0, 7.0], "midtrain": [6.4, 5.9, 5.1]})
+    second = _fake_pipeline(exp, {"pretrain": [8.1, 7.2], "midtrain": [6.8, 6.0, 5.5]})
+    client = MlflowClient(mlflow_url)
+    exp_id = client.get_experiment_by_name(exp).experiment_id
+    mid = [next(r.info.run_id for r in compare._children(client, exp_id, p)
+                if r.data.tags["mlflow.runName"] == "midtrain") for p in (first, second)]
+
+    cols = compare.columns_for(exp, runs=mid + [mid[0]])      # the same run twice, too
+    names = [f"midtrain ({mid[0][:8]})", f"midtrain ({mid[1][:8]})"]
+    assert [c.name for c in cols] == [names[0], names[1], names[0]]
+    header = compare.markdown(cols, compare.metric_rows(cols, ["final_loss"])).splitlines()
+    assert header[0] == f"| metric | {names[0]} | {names[1]} | {names[0]} |"
+    assert header[3] == "| final_loss | 5.1 | 5.5 | 5.1 |"
+
+    drawn = []
+    real_plot = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, x, y, *a, **k: drawn.append((k.get("label"), list(y)))
+                        or real_plot(self, x, y, *a, **k))
+    what = compare.plot(cols, [], tmp_path / "curves.png")
+    assert what == "loss curves of 2 runs"
+    assert drawn == [(names[0], [6.4, 5.9, 5.1]), (names[1], [6.8, 6.0, 5.5])]
+    # names that differ stay as they are
+    cols = compare.columns_for(exp, runs=[mid[1], compare._children(client, exp_id, second)[0].info.run_id])
+    assert [c.name for c in cols] == ["midtrain", "pretrain"]
