@@ -3,9 +3,13 @@
 The final checkpoint is the last training phase (dvc.yaml order) whose checkpoint exists. It is
 logged as an artifact of a `register` run (a child of the pipeline run when there is one), with
 the tokenizer and the params it was trained with (and, when the `export` stage exported that
-checkpoint, its Hugging Face folder as artifact `hf`, tag `export.hf`), and registered as a new version of the model
-(`tracking.registered_model`, default `codeworld`) from `runs:/<run>/checkpoint`: an artifact
-URI works with a local store and an MLflow server alike. The version's tags carry the lineage:
+checkpoint, its Hugging Face folder as artifact `hf`, tag `export.hf`), and registered as a new
+version of the model (`tracking.registered_model`, default `codeworld`) from
+`runs:/<run>/checkpoint`: an artifact URI works with a local store and an MLflow server alike.
+The tokenizer and the export are read where their stages write them, under the storage root (on
+S3 with an S3 root, where the local data/tokenizer holds only a pinned manifest); a checkpoint
+is not registered without the tokenizer its run.json records training with (tag
+`tokenizer.sha256`). The version's tags carry the lineage:
 the phase chain with each phase's fingerprint and parent, the git commit, and dvc.lock's md5 of
 every stage output from the raw corpus to the checkpoint. Registering the same checkpoint
 twice (same fingerprint) returns the existing version.
@@ -13,13 +17,16 @@ twice (same fingerprint) returns the existing version.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import yaml
 
 from codeworld.config import PHASES, Params
+from codeworld.storage import Storage
 from codeworld.tracking import PARENT_ENV, repo_root, tracking_uri
 
 
@@ -76,14 +83,58 @@ def _existing(client, name: str, fingerprint: str, iteration: int):
     return None
 
 
-def export_of(folder: Path, phase: str, iteration: int, fingerprint: str) -> bool:
-    """Whether `folder` holds a whole export (its manifest is written last) of that checkpoint:
-    the phase's run (fingerprint) and iteration, not an export of an earlier training run."""
+def export_of(out: Storage | Path, phase: str, iteration: int, fingerprint: str) -> dict | None:
+    """The manifest of the export in `out` (the `export` stage writes it last) when that is a
+    whole export of that checkpoint: the phase's run (fingerprint) and iteration, not an export
+    of an earlier training run. None when there is none; a storage failure is raised."""
+    if not isinstance(out, Storage):
+        out = Storage(str(out))
+    from stages.export import MANIFEST
+
     try:
-        exported = json.loads((folder / "codeworld.json").read_text())["lineage"][0]
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return False
-    return exported == {"phase": phase, "iteration": iteration, "fingerprint": fingerprint}
+        manifest = json.loads(out.read_bytes(MANIFEST))
+        exported = manifest["lineage"][0]
+        files = manifest["files"]
+    except (FileNotFoundError, ValueError, KeyError, IndexError, TypeError):
+        return None   # none, a pending one (an export being published), or not an export's
+    if not (isinstance(files, dict) and all(isinstance(h, str) for h in files.values())):
+        return None
+    if exported != {"phase": phase, "iteration": iteration, "fingerprint": fingerprint}:
+        return None
+    return manifest
+
+
+def trained_tokenizer(storage: Storage, ckdir: Path) -> tuple[bytes, str]:
+    """The storage root's tokenizer.json (where the tokenizer stage writes it) and its sha256,
+    checked against the one the phase at `ckdir` recorded training with (run.json), or for a
+    run that recorded none against the tokenizer's manifest. RegistryError, naming where it
+    was looked for, when there is none or it is another."""
+    from stages import tokenizer as tokenizer_stage
+    from stages.train_phase import RUN
+
+    out = storage.sub(tokenizer_stage.OUTPUT)
+    where = out.path(tokenizer_stage.FILE)
+    try:
+        body = out.read_bytes(tokenizer_stage.FILE)
+    except FileNotFoundError:
+        raise RegistryError(f"{where}: no tokenizer there (the tokenizer stage writes it under "
+                            f"storage.root); the checkpoint is not registered without the "
+                            f"tokenizer it was trained with") from None
+    have = hashlib.sha256(body).hexdigest()
+    want = json.loads((ckdir / RUN).read_text()).get("tokenizer_sha256")
+    what = f"{ckdir / RUN} records training with"
+    if not want:
+        try:
+            want, what = tokenizer_stage.recorded_sha256(storage), "its manifest records"
+        except FileNotFoundError:
+            return body, have   # no record of either kind to check it against
+        except ValueError as err:
+            raise RegistryError(str(err)) from None
+    if have != want:
+        raise RegistryError(f"{where}: sha256 {have[:12]}..., {what} {want[:12]}...: not the "
+                            f"tokenizer of this checkpoint (retrained since, or another storage "
+                            f"root); the checkpoint is not registered with it")
+    return body, have
 
 
 def register_final(params: Params, name: str | None = None) -> dict:
@@ -103,8 +154,11 @@ def register_final(params: Params, name: str | None = None) -> dict:
     if (found := _existing(client, name, fp, iteration)) is not None:
         return {"name": name, "version": found.version, "phase": phase, "new": False,
                 "source": found.source}
+    storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
+    tok, tok_sha = trained_tokenizer(storage, d)   # before the run: none is left behind without it
     tags = lineage(params, phase, root)
-    tags.update({"checkpoint.fingerprint": fp, "checkpoint.iteration": str(iteration)})
+    tags.update({"checkpoint.fingerprint": fp, "checkpoint.iteration": str(iteration),
+                 "tokenizer.sha256": tok_sha})
     run_tags = {"codeworld.stage": "register", **{k: v[:5000] for k, v in tags.items()}}
     if parent := os.environ.get(PARENT_ENV):
         run_tags["mlflow.parentRunId"] = parent
@@ -120,15 +174,25 @@ def register_final(params: Params, name: str | None = None) -> dict:
                                run_name="register").info.run_id
     status = "FAILED"
     try:
+        from stages import export as export_stage
+        from stages import tokenizer as tokenizer_stage
+
         client.log_artifacts(run_id, str(ckpt), "checkpoint")
-        tok = d.parents[1] / "tokenizer" / "tokenizer.json"
-        if tok.exists():
-            client.log_artifact(run_id, str(tok), "checkpoint")
+        with tempfile.TemporaryDirectory(prefix="codeworld-register-") as tmp:
+            (Path(tmp) / tokenizer_stage.FILE).write_bytes(tok)
+            client.log_artifact(run_id, str(Path(tmp) / tokenizer_stage.FILE), "checkpoint")
         if (d / PARAMS).exists():
             client.log_artifact(run_id, str(d / PARAMS), "checkpoint")
-        if export_of(d.parents[1] / "export", phase, iteration, fp):
-            # the `export` stage's Hugging Face folder of this very checkpoint, beside it
-            client.log_artifacts(run_id, str(d.parents[1] / "export"), "hf")
+        out = storage.sub(export_stage.OUTPUT)
+        if (manifest := export_of(out, phase, iteration, fp)) is not None:
+            # the `export` stage's Hugging Face folder of this very checkpoint: the files its
+            # manifest names, each checked against its sha256 on the way
+            with tempfile.TemporaryDirectory(prefix="codeworld-register-") as tmp:
+                for f, sha in manifest["files"].items():
+                    out.download(f, Path(tmp) / f, sha256=sha)
+                (Path(tmp) / export_stage.MANIFEST).write_text(
+                    json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+                client.log_artifacts(run_id, tmp, "hf")
             tags["export.hf"] = f"runs:/{run_id}/hf"
         status = "FINISHED"
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from codeworld.config import load_params
+from codeworld.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,16 +91,36 @@ def test_compare_tables_phases_and_pipelines_and_plots(mlflow_url, tmp_path, mon
     assert missing.returncode != 0 and "never-created" in missing.stderr
 
 
-def _checkpoint(root: Path, phase: str, fingerprint: str, iteration: int) -> None:
+def _checkpoint(root: Path, phase: str, fingerprint: str, iteration: int,
+                tokenizer_sha256: str | None = None) -> None:
     """A phase directory in the layout training writes (run.json, latest.json, iter_N/)."""
     d = root / "checkpoints" / phase
     it = d / f"iter_{iteration:07d}"
     it.mkdir(parents=True)
     (it / "__0_0.distcp").write_bytes(bytes(range(256)) * 64)
     (it / "metadata.json").write_text("{}")
-    (d / "run.json").write_text(json.dumps({"phase": phase, "fingerprint": fingerprint}))
+    (d / "run.json").write_text(json.dumps({"phase": phase, "fingerprint": fingerprint,
+                                            "tokenizer_sha256": tokenizer_sha256}))
     (d / "latest.json").write_text(json.dumps({"iteration": iteration, "dir": it.name}))
     (d / "params.json").write_text("{}")
+
+
+def _tokenizer(storage, body: bytes) -> str:
+    """The tokenizer stage's output under a storage root: tokenizer.json and its manifest."""
+    sha = hashlib.sha256(body).hexdigest()
+    storage.write_bytes("tokenizer/tokenizer.json", body)
+    storage.write_bytes("tokenizer/manifest.json", json.dumps({"name": "tokenizer", "sha256": sha}).encode())
+    return sha
+
+
+def _export(storage, phase: str, iteration: int, fingerprint: str) -> None:
+    """The export stage's folder under a storage root: its files, then codeworld.json naming them."""
+    config = b"{}"
+    storage.write_bytes("export/config.json", config)
+    storage.write_bytes("export/codeworld.json", json.dumps({
+        "phase": phase, "iteration": iteration,
+        "lineage": [{"phase": phase, "iteration": iteration, "fingerprint": fingerprint}],
+        "files": {"config.json": hashlib.sha256(config).hexdigest()}}).encode())
 
 
 def test_register_final_checkpoint_with_lineage_once(mlflow_url, tmp_path, monkeypatch):
@@ -114,14 +136,16 @@ def test_register_final_checkpoint_with_lineage_once(mlflow_url, tmp_path, monke
     with pytest.raises(RegistryError, match="no training phase has a checkpoint"):
         register_final(params)
 
-    _checkpoint(tmp_path / "data", "pretrain", "fp-pre", 200)
+    storage = Storage(str(tmp_path / "data"))
+    _checkpoint(tmp_path / "data", "pretrain", "fp-pre", 200, hashlib.sha256(b'{"model": "bpe"}').hexdigest())
+    # no tokenizer: not registered without it, and told where it was looked for
+    with pytest.raises(RegistryError, match=re.escape(
+            f"{tmp_path / 'data' / 'tokenizer' / 'tokenizer.json'}: no tokenizer there")):
+        register_final(params)
+    tok_sha = _tokenizer(storage, b'{"model": "bpe"}')
     # the export stage's folder of that checkpoint goes with it; one of another iteration would not
     export = tmp_path / "data" / "export"
-    export.mkdir()
-    (export / "config.json").write_text("{}")
-    (export / "codeworld.json").write_text(json.dumps({
-        "phase": "pretrain", "iteration": 200,
-        "lineage": [{"phase": "pretrain", "iteration": 200, "fingerprint": "fp-pre"}]}))
+    _export(storage, "pretrain", 200, "fp-pre")
     import mlflow
 
     mlflow.set_experiment(params.tracking.experiment)
@@ -139,7 +163,8 @@ def test_register_final_checkpoint_with_lineage_once(mlflow_url, tmp_path, monke
     assert v.tags["dvc.corpus.data/corpus"] == "abc.dir"
     # the registered version's artifacts are the checkpoint's files
     files = {f.path for f in client.list_artifacts(first["run_id"], "checkpoint")}
-    assert "checkpoint/__0_0.distcp" in files and "checkpoint/params.json" in files
+    assert {"checkpoint/__0_0.distcp", "checkpoint/params.json", "checkpoint/tokenizer.json"} <= files
+    assert v.tags["tokenizer.sha256"] == tok_sha
     assert v.tags["export.hf"] == f"runs:/{first['run_id']}/hf"
     assert {f.path for f in client.list_artifacts(first["run_id"], "hf")} == {
         "hf/codeworld.json", "hf/config.json"}
@@ -268,3 +293,56 @@ def test_compare_same_phase_of_two_pipelines_gets_two_curves_and_two_columns(mlf
     # names that differ stay as they are
     cols = compare.columns_for(exp, runs=[mid[1], compare._children(client, exp_id, second)[0].info.run_id])
     assert [c.name for c in cols] == ["midtrain", "pretrain"]
+
+
+def test_register_reads_tokenizer_and_export_under_an_s3_storage_root(mlflow_url, s3_endpoint, s3_bucket,
+                                                                     tmp_path, monkeypatch):
+    """With storage.root on S3 the checkpoints stay in data/checkpoints/<phase> but the
+    tokenizer and the export are written under the root, and data/tokenizer holds only a pinned
+    manifest: the registry looked beside the checkpoints, so it left the tokenizer out (or
+    registered a stale local copy) and never attached the export. It reads them under the
+    root, refuses a missing tokenizer naming where it looked, and one the phase did not train with."""
+    from mlflow.tracking import MlflowClient
+
+    from codeworld.registry import RegistryError, register_final
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
+    monkeypatch.chdir(tmp_path)
+    root = f"{s3_bucket}/prefix"
+    exp = f"registry-s3-{tmp_path.name}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "storage": {"root": root, "s3_endpoint_url": s3_endpoint},
+        "tracking": {"experiment": exp, "registered_model": f"{exp}-model"}}))
+    params = load_params(tmp_path / "params.yaml")
+    storage = Storage(root, s3_endpoint)
+    body = b'{"model": "bpe trained on the S3 root"}'
+    sha = hashlib.sha256(body).hexdigest()
+    _checkpoint(tmp_path / "data", "pretrain", "fp-s3", 100, sha)
+    # what the tokenizer stage leaves locally with an S3 root (pin_manifest), and a stale
+    # tokenizer.json of an earlier run on a local root
+    pinned = tmp_path / "data" / "tokenizer"
+    pinned.mkdir(parents=True)
+    (pinned / "manifest.json").write_text(json.dumps({"sha256": sha, "location": f"{root}/tokenizer"}))
+    (pinned / "tokenizer.json").write_bytes(b'{"model": "stale local"}')
+    client = MlflowClient()
+
+    where = f"{root}/tokenizer/tokenizer.json"
+    with pytest.raises(RegistryError, match=re.escape(f"{where}: no tokenizer there")):
+        register_final(params)
+    _tokenizer(storage, b'{"model": "retrained since"}')
+    with pytest.raises(RegistryError, match=re.escape(where) + r".*records training with "
+                       + sha[:12] + r".*not the tokenizer of this checkpoint"):
+        register_final(params)
+    assert client.search_model_versions(f"name = '{exp}-model'") == []   # nothing registered
+
+    _tokenizer(storage, body)
+    _export(storage, "pretrain", 100, "fp-s3")
+    info = register_final(params)
+    assert info["new"]
+    got = Path(client.download_artifacts(info["run_id"], "checkpoint/tokenizer.json", str(tmp_path / "dl")))
+    assert got.read_bytes() == body                       # the root's, not the stale local one
+    v = client.get_model_version(info["name"], info["version"])
+    assert v.tags["tokenizer.sha256"] == sha
+    assert v.tags["export.hf"] == f"runs:/{info['run_id']}/hf"
+    assert {f.path for f in client.list_artifacts(info["run_id"], "hf")} == {
+        "hf/codeworld.json", "hf/config.json"}
