@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from codeworld.sandbox import Limits, run_command
-from codeworld.sandbox.output import json_or_none
+from codeworld.sandbox.output import JsonLines
 from codeworld.storage import file_sha256
 from codeworld.tokens import END_OF_TEXT, TRACE_TOKENS, reserved_token
 from codeworld.trace_metrics import parse as parse_trace
@@ -59,6 +59,11 @@ RUNNER_DIR = Path(tracer_repo.__file__).resolve().parent
 PYPI_SIMPLE_URL = "https://pypi.org/simple"
 KEEP = ("ok", "exception")
 STATUSES = ("ok", "exception", "too_long", "invalid")
+# Reading the run's stdout: the runner writes at most max_traces records and a summary, so
+# no more lines than that plus this slack (for lines the suite forges) are parsed; and no
+# more of its stderr is kept than its tail (all that is used of it: stats["stderr_tail"]).
+READ_SLACK = 1000
+STDERR_TAIL_BYTES = 16 << 10
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,49 @@ def _record_id(repo: str, version: str | None, rec: dict) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
+def _read_output(data: bytes | bytearray, *, cut: bool, max_traces: int,
+                 limits: TraceLimits) -> tuple[list[dict], dict | None, int, int, int]:
+    """The runner's stdout (bytes, ``cut`` at its cap): (records, summary, bad lines,
+    malformed traces, traces spelling a special token).
+
+    The suite's own code shares the process that writes these lines and could write lines of
+    its own, as many as the output cap holds: a line that does not start with "{" is counted
+    as bad without being decoded or parsed, and so is one longer than any record can be; at
+    most ``max_traces`` + 1 + READ_SLACK lines are parsed, after which only the last line
+    is, for the summary the runner writes last. A line not parsed counts as bad."""
+    # a record's trace is at most max_bytes of UTF-8, up to 6 bytes each in JSON (\u00XX)
+    lines = JsonLines(data, cut=cut, max_line_bytes=6 * limits.max_bytes + (1 << 20))
+    recs, summary, good, malformed, reserved = [], None, 0, 0, 0
+    budget = max_traces + 1 + READ_SLACK
+
+    def take(obj) -> None:
+        nonlocal summary, good, malformed, reserved
+        if isinstance(obj, dict) and set(obj) == {"summary"} and isinstance(obj["summary"], dict):
+            summary = obj["summary"]
+            good += 1
+        elif isinstance(obj, dict) and isinstance(obj.get("test"), str) \
+                and isinstance(obj.get("seq"), int) and obj.get("status") in STATUSES:
+            good += 1
+            # a trace that is not well-formed CWM format is not kept
+            trace = obj.get("trace")
+            if trace is not None and (not isinstance(trace, str)
+                                      or parse_trace(trace + END_OF_TEXT).errors):
+                malformed += 1
+            elif trace is not None and _source_token(trace):
+                reserved += 1
+            else:
+                recs.append(obj)
+
+    for i, (start, stop) in enumerate(lines.spans()):
+        if i == budget:
+            last = lines.last()
+            if isinstance(last, dict) and set(last) == {"summary"}:
+                take(last)
+            break
+        take(lines.value(start, stop))
+    return recs, summary, lines.lines - good, malformed, reserved
+
+
 def trace_repository(tree: str | os.PathLike, *, max_traces: int = 500,
                      max_per_function: int = 5, limits: TraceLimits = TraceLimits(),
                      wall_seconds: float = 60.0, memory_mb: int = 2048,
@@ -256,36 +304,13 @@ def trace_repository(tree: str | os.PathLike, *, max_traces: int = 500,
         # of str keys would change from run to run); the sandbox's environment is an
         # allow-list.
         res = run_command([exe, "-s", "-P", "-c", boot, "/sandbox/spec/spec.json"],
-                          workdir=tree, limits=sb_limits,
+                          workdir=tree, limits=sb_limits, stderr_tail_bytes=STDERR_TAIL_BYTES,
                           extra_ro_binds=[(TRACER_DIR, "/sandbox/lib/cwtrace"),
                                           (RUNNER_DIR, "/sandbox/lib/cwrepo"),
                                           (spec_dir, "/sandbox/spec")])
     seconds = time.perf_counter() - t0
-    recs, summary, bad_lines, malformed, reserved = [], None, 0, 0, 0
-    lines = res.stdout.splitlines()
-    if res.stdout_truncated and lines:
-        lines = lines[:-1]  # the last line may be cut
-    for line in lines:
-        obj = json_or_none(line)
-        if obj is None:
-            bad_lines += 1
-            continue
-        if isinstance(obj, dict) and set(obj) == {"summary"} and isinstance(obj["summary"], dict):
-            summary = obj["summary"]
-        elif isinstance(obj, dict) and isinstance(obj.get("test"), str) \
-                and isinstance(obj.get("seq"), int) and obj.get("status") in STATUSES:
-            # The suite's own code shares the process that writes these lines and could write
-            # lines of its own: a trace that is not well-formed CWM format is not kept.
-            trace = obj.get("trace")
-            if trace is not None and (not isinstance(trace, str) or parse_trace(trace + END_OF_TEXT).errors):
-                malformed += 1
-                continue
-            if trace is not None and _source_token(trace):
-                reserved += 1
-                continue
-            recs.append(obj)
-        else:
-            bad_lines += 1
+    recs, summary, bad_lines, malformed, reserved = _read_output(
+        res.stdout_bytes, cut=res.stdout_truncated, max_traces=max_traces, limits=limits)
     recs.sort(key=lambda r: (r["test"], r["seq"]))
     provenance = {"repo": repo, "version": version, "sha256": sha256, "generator": "repository"}
     records = [{"id": _record_id(repo, version, r), "repo": repo, "function": r.get("function"),
@@ -311,7 +336,7 @@ def trace_repository(tree: str | os.PathLike, *, max_traces: int = 500,
              "package_files": len(layout["pkg_files"]), "test_files": len(layout["test_files"]),
              "seconds": round(seconds, 2)}
     if not stats["completed"]:
-        stats["stderr_tail"] = res.stderr[-2000:]
+        stats["stderr_tail"] = res.stderr[-2000:]   # (of its last STDERR_TAIL_BYTES)
     return records, stats
 
 

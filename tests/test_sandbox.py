@@ -371,6 +371,32 @@ def test_output_floods_are_capped(server, sentinel):
 
 # -- run_command -----------------------------------------------------------------------------
 
+def test_run_command_can_keep_only_the_tail_of_stderr():
+    """A caller that reads only stderr's tail keeps no more: the whole stderr (up to
+    output_bytes, e.g. 1 GiB for a repository's suite) was held, decoded, for its last 2000
+    characters."""
+    r = run_command(["sh", "-c", "head -c 300000 /dev/zero | tr '\\0' x >&2; echo END >&2;"
+                                 "echo out"], limits=SMALL, stderr_tail_bytes=1000)
+    assert r.returncode == 0 and r.stdout == "out\n" and not r.stdout_truncated
+    assert r.stderr_truncated and len(r.stderr_bytes) == 1000
+    assert r.stderr == "x" * 996 + "END\n"
+    r = run_command(["sh", "-c", "echo short >&2"], limits=SMALL, stderr_tail_bytes=1000)
+    assert r.stderr == "short\n" and not r.stderr_truncated
+    with pytest.raises(ValueError):
+        run_command(["true"], limits=SMALL, stderr_tail_bytes=0)
+
+
+def test_tail_capture_keeps_the_last_bytes_in_bounded_memory():
+    from codeworld.sandbox.command import _TailCapture
+    cap, fed = _TailCapture(100), b""
+    for i in range(2000):
+        chunk = bytes([65 + i % 26]) * (i % 150)
+        cap.feed(chunk)
+        fed += chunk
+        assert len(cap.data) <= 200
+    assert cap.total == len(fed) and bytes(cap.result()) == fed[-100:]
+
+
 def test_run_command_basics(probe, tmp_path):
     r = run_command(["python3", "-c", "import os, sys; print(os.getcwd(), os.getuid());"
                                       "sys.exit(3)"], limits=SMALL)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +163,133 @@ def test_a_program_whose_text_holds_a_token_of_the_format_is_refused_before_it_r
         "invalid", "Invalid: the program holds <|frame_sep|>, a token of the trace format")
     assert b["status"] == "invalid" and "</tool>" in b["error"]
     assert c["status"] == "ok" and c["result"] == "'tool'"
+
+
+# -- output as bytes, read lazily: a flood of short lines costs no str and no parse per line --
+# A test writing b"\xff\n" * 32M to the runner's stdout (and stderr) made the host build a
+# str per line and parse each: 205 s and 3.3 GiB at the 64 MiB cap (bench/junk_output.py).
+
+class _Parses:
+    """Counts json.loads calls (wherever the host reads from)."""
+
+    def __init__(self, monkeypatch):
+        import json
+        self.calls, real = [], json.loads
+
+        def loads(s, *a, **kw):
+            self.calls.append(s if isinstance(s, str) else s.decode("utf-8", "replace"))
+            return real(s, *a, **kw)
+
+        monkeypatch.setattr(json, "loads", loads)
+
+
+def _fake_result(stdout: bytes, stderr: bytes = b"", truncated: bool = False):
+    from types import SimpleNamespace
+    return SimpleNamespace(stdout_bytes=stdout, stdout=stdout.decode("utf-8", "replace"),
+                           stderr_bytes=stderr, stderr=stderr.decode("utf-8", "replace"),
+                           stdout_truncated=truncated, stderr_truncated=False, timed_out=False,
+                           returncode=0, killed_by_signal=None, memory_limit_hit=False,
+                           workdir_error=None, workdir_free_bytes=None)
+
+
+def test_json_lines_parse_only_lines_that_start_with_a_brace(monkeypatch):
+    from codeworld.sandbox.output import JsonLines
+    parses = _Parses(monkeypatch)
+    data = b"\xff\n" * 5000 + b'{"a": 1}\n' + b"plain\n" * 10 + b"{bad\n" + b"[1]\n" \
+        + b'{"b": "' + b"x" * 100 + b'"}\n' + b'{"cut'
+    lines = JsonLines(data, max_line_bytes=50)
+    assert list(lines) == [{"a": 1}, None, None, None]   # the long line: None, never decoded
+    assert parses.calls == ['{"a": 1}', "{bad", '{"cut'] and lines.lines == 5015
+    assert lines.last() is None
+    cut = JsonLines(data, cut=True)    # at the cap: the text after the last line break is no line
+    assert cut.lines == 5014 and cut.last() == {"b": "x" * 100}
+    assert [v for v in cut if v is not None] == [{"a": 1}, {"b": "x" * 100}]
+
+
+def test_repo_traces_reads_its_output_lazily_and_parses_no_more_than_its_cap(monkeypatch,
+                                                                               tmp_path):
+    import stages.repo_traces as rt
+    tree = tmp_path / "r"
+    (tree / "pkg").mkdir(parents=True)
+    (tree / "pkg" / "__init__.py").write_text("")
+    rec = (b'{"test": "t.T.test_a", "seq": %d, "status": "invalid", "trace": null, '
+           b'"module": "pkg", "function": "f"}\n')
+    summary = b'{"summary": {"tests_run": 1}}\n'
+    junk_braces = rt.READ_SLACK + 500
+    out = rec % 0 + b"\xff\n" * 20000 + b"{\n" * junk_braces + rec % 1 + summary
+    calls = []
+
+    def fake_run(argv, **kw):
+        calls.append(kw)
+        return _fake_result(out, b"E" * 100 + b"END")
+
+    monkeypatch.setattr(rt, "run_command", fake_run)
+    parses = _Parses(monkeypatch)
+    records, stats = rt.trace_repository(tree, max_traces=2)
+    # the runner's stderr: only its tail is kept (all that is read of it)
+    assert calls[0]["stderr_tail_bytes"] == rt.STDERR_TAIL_BYTES
+    # no line of the \xff flood is parsed; of the "{" lines, max_traces + 1 + READ_SLACK, then
+    # the last (the summary)
+    assert len([c for c in parses.calls if c.startswith("{")]) == 2 + 1 + rt.READ_SLACK + 1
+    assert not [c for c in parses.calls if not c.startswith("{")]
+    assert stats["completed"] and stats["tests_run"] == 1
+    assert [r["test"] for r in records] == ["t.T.test_a"]   # (the second: past the cap)
+    # every line not taken is a bad line, parsed or not
+    assert stats["bad_lines"] == 20000 + junk_braces + 1 and stats["malformed_traces"] == 0
+
+
+def test_agent_runs_read_their_output_lazily_and_keep_stderrs_tail(monkeypatch):
+    from types import SimpleNamespace
+    import stages.agent.envs as envs
+    out = (b"\xff\n" * 20000 + b'{"test": "t::a", "outcome": "pass"}\n'
+           + b'{"mutant": "m1", "outcomes": {}, "messages": {}}\n' + b'{"summary": {"exit": 0}}\n')
+    calls = []
+
+    def fake_run(argv, **kw):
+        calls.append(kw)
+        return _fake_result(out)
+
+    monkeypatch.setattr(envs, "run_command", fake_run)
+    parses = _Parses(monkeypatch)
+    env = SimpleNamespace(pythonpath="/work", sys_path=["/work"], pkg_files=[])
+    run = envs.run_tests(Path("/nonexistent"), env)
+    assert run.outcomes == {"t::a": "pass"} and run.summary == {"exit": 0}
+    assert list(envs.run_mutants(Path("/nonexistent"), env, [], timeout=1, wall_seconds=1)) \
+        == ["m1"]
+    assert [kw["stderr_tail_bytes"] for kw in calls] == [envs.STDERR_TAIL_BYTES] * 2
+    assert len(parses.calls) == 2 * 3   # the three "{" lines, of each run; none of the flood
+
+
+def test_a_suite_flooding_the_runners_output_leaves_its_records_and_summary(tmp_path):
+    """The same in the sandbox: after a test traced, the next writes junk lines to the
+    runner's stdout pipe (more "{" lines than are parsed) and to stderr; the record before and
+    the summary after them are still taken."""
+    from stages.repo_traces import READ_SLACK, trace_repository
+    tree = tmp_path / "flood"
+    (tree / "fpkg").mkdir(parents=True)
+    (tree / "fpkg" / "__init__.py").write_text("def one():\n    return 1\n")
+    (tree / "test_flood.py").write_text(textwrap.dedent(f"""\
+        import os, stat, sys, unittest
+        import fpkg
+
+        class T(unittest.TestCase):
+            def test_a(self):
+                self.assertEqual(fpkg.one(), 1)
+
+            def test_b(self):
+                sys.stderr.write("e" * 100000)
+                err = os.fstat(2).st_ino
+                for fd in range(3, 64):
+                    try:
+                        st = os.fstat(fd)
+                    except OSError:
+                        continue
+                    if stat.S_ISFIFO(st.st_mode) and st.st_ino != err:
+                        os.write(fd, b"\\xff\\n" * 100000 + b"{{\\n" * {READ_SLACK + 100})
+        """))
+    for p in [tmp_path, *tmp_path.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    records, stats = trace_repository(tree, max_traces=10)
+    assert stats["completed"] and stats["tests_run"] == 2, stats
+    assert [(r["function"], r["status"]) for r in records] == [("one", "ok")]
+    assert stats["bad_lines"] == 100000 + READ_SLACK + 100

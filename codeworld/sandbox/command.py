@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterable, Mapping, Sequence
 
 from .bwrap import LAUNCH_ENV, Bind, SandboxError, build_argv, ensure_available, \
@@ -22,9 +23,13 @@ WORKDIR = "/work"
 
 @dataclass
 class CommandResult:
+    """What the command did. Its output is kept as bytes (``stdout_bytes``, ``stderr_bytes``);
+    ``stdout`` and ``stderr`` are their text (UTF-8, a bad byte read as U+FFFD), decoded on
+    first use: a caller that reads the output as bytes, line by line, never holds the text of
+    all of it (up to 4 times its bytes, more again split into lines)."""
     returncode: int  # -N when killed by signal N (timeout: -9)
-    stdout: str
-    stderr: str
+    stdout_bytes: bytes | bytearray
+    stderr_bytes: bytes | bytearray
     timed_out: bool
     killed_by_signal: int | None
     stdout_truncated: bool
@@ -36,6 +41,14 @@ class CommandResult:
     workdir_free_bytes: int | None = None
     # the kernel killed a process of the sandbox for its memory cap (Limits.sandbox_memory)
     memory_limit_hit: bool = False
+
+    @cached_property
+    def stdout(self) -> str:
+        return self.stdout_bytes.decode("utf-8", "replace")
+
+    @cached_property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode("utf-8", "replace")
 
 
 def _give_to_sandbox(path: str, uid: int | None) -> None:
@@ -50,6 +63,8 @@ def _give_to_sandbox(path: str, uid: int | None) -> None:
 
 
 class _Capture:
+    """The first ``cap`` bytes of a stream (``total``: all it carried)."""
+
     def __init__(self, cap: int):
         self.cap, self.data, self.total = cap, bytearray(), 0
 
@@ -58,12 +73,31 @@ class _Capture:
         if len(self.data) < self.cap:
             self.data += chunk[: self.cap - len(self.data)]
 
+    def result(self) -> bytearray:
+        return self.data
+
+
+class _TailCapture(_Capture):
+    """The last ``cap`` bytes of a stream (held: at most twice that)."""
+
+    def feed(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        self.data += chunk[-self.cap:]
+        if len(self.data) > 2 * self.cap:
+            del self.data[:-self.cap]
+
+    def result(self) -> bytearray:
+        if len(self.data) > self.cap:
+            del self.data[:-self.cap]
+        return self.data
+
 
 def run_command(argv: Sequence[str], *, workdir: str | os.PathLike | None = None,
                 writable_workdir: bool = False, limits: Limits | None = None,
                 extra_ro_binds: Iterable = (), env: Mapping[str, str] | None = None,
                 bwrap: str | os.PathLike | None = None,
-                workdir_quota_bytes: int | None = None) -> CommandResult:
+                workdir_quota_bytes: int | None = None,
+                stderr_tail_bytes: int | None = None) -> CommandResult:
     """Run ``argv`` once in a fresh sandbox; ``workdir`` is bound at /work (the cwd).
 
     ``writable_workdir=True`` binds it read-write; as root this chowns the tree to the
@@ -73,10 +107,15 @@ def run_command(argv: Sequence[str], *, workdir: str | os.PathLike | None = None
     (``workdir_quota``): the command cannot write more than that to the host's disk.
     ``extra_ro_binds``: host paths (bound at the same path) or (host, sandbox) pairs.
     ``env``: extra variables on top of the allow-list (nothing is inherited).
+    ``stderr_tail_bytes``: keep only the last that many bytes of stderr (None: its first
+    ``limits.output_bytes``, as of stdout), for a caller that reads no more than its tail: a
+    command's stderr is then no more than that in the host's memory, whatever it writes.
     A program killed by signal N is reported through bwrap's exit status 128+N.
     """
     if not argv:
         raise ValueError("empty argv")
+    if stderr_tail_bytes is not None and stderr_tail_bytes <= 0:
+        raise ValueError(f"stderr_tail_bytes must be positive, got {stderr_tail_bytes!r}")
     limits = limits or Limits()
     ensure_available(bwrap)
     exe, binds = python_install()
@@ -101,7 +140,8 @@ def run_command(argv: Sequence[str], *, workdir: str | os.PathLike | None = None
         binds += [_as_bind(b) for b in extra_ro_binds]
         launcher = [exe, "-I", "-S", "-c", _SERVER_SOURCE, "launch", json.dumps(config), "--",
                     *map(str, argv)]
-        result = _run(launcher, held, binds, env, chdir, limits, bwrap, quota)
+        result = _run(launcher, held, binds, env, chdir, limits, bwrap, quota,
+                      stderr_tail_bytes)
         if quota is not None:
             quota.take_back(result)
         return result
@@ -113,10 +153,11 @@ def run_command(argv: Sequence[str], *, workdir: str | os.PathLike | None = None
 
 def _run(launcher: list[str], held: uids.UidLease, binds: list[Bind],
          env: Mapping[str, str] | None, chdir: str, limits: Limits, bwrap,
-         quota) -> CommandResult:
+         quota, stderr_tail_bytes: int | None = None) -> CommandResult:
     cgroup = memcg.create(limits.sandbox_memory())
     try:
-        result = _run_in(launcher, held.uid, binds, env, chdir, limits, bwrap, quota, cgroup)
+        result = _run_in(launcher, held.uid, binds, env, chdir, limits, bwrap, quota, cgroup,
+                         stderr_tail_bytes)
         if cgroup is not None:
             result.memory_limit_hit = cgroup.oom_kills() > 0
         return result
@@ -126,7 +167,7 @@ def _run(launcher: list[str], held: uids.UidLease, binds: list[Bind],
 
 def _run_in(launcher: list[str], uid: int | None, binds: list[Bind],
             env: Mapping[str, str] | None, chdir: str, limits: Limits, bwrap, quota,
-            cgroup) -> CommandResult:
+            cgroup, stderr_tail_bytes: int | None = None) -> CommandResult:
     r_status, w_status = os.pipe()
     try:
         full = build_argv(launcher, uid=uid, binds=binds, env=sandbox_env(env), chdir=chdir,
@@ -146,8 +187,9 @@ def _run_in(launcher: list[str], uid: int | None, binds: list[Bind],
         os.close(w_status)
         if quota is not None:
             quota.started()
-    out, err, status = (_Capture(limits.output_bytes), _Capture(limits.output_bytes),
-                        _Capture(1 << 16))
+    err = (_Capture(limits.output_bytes) if stderr_tail_bytes is None
+           else _TailCapture(stderr_tail_bytes))
+    out, status = _Capture(limits.output_bytes), _Capture(1 << 16)
     caps = {proc.stdout.fileno(): out, proc.stderr.fileno(): err, r_status: status}
     if quota is not None:
         caps[quota.read_fd] = quota.sink
@@ -188,7 +230,7 @@ def _run_in(launcher: list[str], uid: int | None, binds: list[Bind],
     status_text = bytes(status.data).decode("utf-8", "replace")
     if not timed_out and '"child-pid"' not in status_text:
         raise SandboxError(f"bubblewrap could not set up the sandbox (exit {rc}): "
-                           f"{bytes(err.data).decode('utf-8', 'replace').strip()[-2000:]}")
+                           f"{bytes(err.data[-8000:]).decode('utf-8', 'replace').strip()[-2000:]}")
     for line in status_text.splitlines():
         try:
             rc = int(json.loads(line).get("exit-code", rc))
@@ -200,7 +242,8 @@ def _run_in(launcher: list[str], uid: int | None, binds: list[Bind],
     elif rc > 128 and (rc - 128) < signal.NSIG:
         sig = rc - 128
         rc = -sig
-    return CommandResult(returncode=rc, stdout=bytes(out.data).decode("utf-8", "replace"),
-                         stderr=bytes(err.data).decode("utf-8", "replace"), timed_out=timed_out,
+    # (the captures themselves, not copies: a 1 GiB cap is not held twice)
+    return CommandResult(returncode=rc, stdout_bytes=out.result(), stderr_bytes=err.result(),
+                         timed_out=timed_out,
                          killed_by_signal=sig, stdout_truncated=out.total > out.cap,
                          wall_seconds=wall, stderr_truncated=err.total > err.cap)

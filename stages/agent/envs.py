@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable
 
 from codeworld.sandbox import Limits, run_command
-from codeworld.sandbox.output import json_or_none
+from codeworld.sandbox.output import JsonLines
 from codeworld.sandbox.bwrap import python_install
 from stages.repo_traces import fetch_pypi_sdist, install_tree, repo_layout
 
@@ -32,6 +32,9 @@ SANDBOX_LIB = "/sandbox/lib/cwagent"
 OUTCOMES = ("pass", "fail", "error", "skip")   # of one test, as runner/cwtest.py reports it
 SANDBOX_PYTEST = "/sandbox/pytest"
 SANDBOX_SPEC = "/sandbox/spec"
+# a command's stderr kept: its tail, all that is read of it (TestRun.stderr_tail, a tool's
+# observation)
+STDERR_TAIL_BYTES = 16 << 10
 # pytest and what it imports at run time (pygments: its terminal writer highlights code).
 PYTEST_MODULES = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "pygments", "py")
 
@@ -158,6 +161,7 @@ def sandbox(argv: list[str], workdir: Path, env: Env, *, writable: bool = False,
     /sandbox/lib/cwagent and pytest importable; ``spec`` (JSON) is readable at
     /sandbox/spec/spec.json. ``quota_mb`` (with ``writable``): /work is a copy of ``workdir``
     on a tmpfs of that size, written back after the command (``codeworld.sandbox.quota``).
+    Of its stderr only the last STDERR_TAIL_BYTES are kept.
     Returns the sandbox's CommandResult."""
     limits = Limits(wall_seconds=wall_seconds, cpu_seconds=wall_seconds,
                     memory_bytes=memory_mb << 20, output_bytes=output_bytes, max_processes=32)
@@ -172,6 +176,7 @@ def sandbox(argv: list[str], workdir: Path, env: Env, *, writable: bool = False,
         return run_command(argv, workdir=workdir, writable_workdir=writable, limits=limits,
                            extra_ro_binds=binds,
                            workdir_quota_bytes=quota_mb << 20 if quota_mb else None,
+                           stderr_tail_bytes=STDERR_TAIL_BYTES,
                            # no plugins from whatever the base interpreter has installed
                            env={"PYTHONPATH": env.pythonpath, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
 
@@ -204,8 +209,7 @@ def run_tests(tree: Path, env: Env, tests: list[str] | None = None, *, coverage:
     out = TestRun(timed_out=res.timed_out)
     # the package's code runs in the process that prints these lines: take only well-formed
     # ones (a record of another shape must not stop the stage reading it)
-    for line in res.stdout.splitlines():
-        rec = json_or_none(line)
+    for rec in JsonLines(res.stdout_bytes, cut=res.stdout_truncated):
         if not isinstance(rec, dict):
             continue
         if isinstance(rec.get("summary"), dict):
@@ -228,8 +232,7 @@ def run_mutants(tree: Path, env: Env, mutants: list[dict], *, timeout: float,
             "timeout": timeout, "mutants": mutants}
     res = sandbox(_runner_argv(), tree, env, wall_seconds=wall_seconds, spec=spec)
     results = {}
-    for line in res.stdout.splitlines():
-        rec = json_or_none(line)
+    for rec in JsonLines(res.stdout_bytes, cut=res.stdout_truncated):
         if isinstance(rec, dict) and isinstance(rec.get("mutant"), str) and \
                 isinstance(rec.get("outcomes"), dict) and isinstance(rec.get("messages"), dict):
             results[rec["mutant"]] = rec
