@@ -225,6 +225,35 @@ def _record_id(repo: str, version: str | None, rec: dict) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
+def _record_shaped(obj: dict) -> bool:
+    """The runner's record: the fields a record is built from (its id among them), of the
+    types the runner writes; anything else is not a record, whoever wrote it (its trace is
+    checked apart: one not in CWM format is a malformed trace)."""
+    return (isinstance(obj.get("test"), str) and type(obj.get("seq")) is int
+            and obj.get("status") in STATUSES and isinstance(obj.get("module"), str)
+            and isinstance(obj.get("function"), str)
+            and all(obj.get(k) is None or isinstance(obj[k], str)
+                    for k in ("result", "error"))
+            and (obj.get("events") is None or type(obj["events"]) is int))
+
+
+_SUMMARY_INTS = ("tests_run", "tests_passed", "tests_failed", "tests_errors", "tests_skipped",
+                 "expected_failures", "activations")
+
+
+def _summary_shaped(summary: object) -> bool:
+    """The runner's summary: its fields (those present) of the types the runner writes, the
+    ones stats and the traces stage read as such."""
+    def strs(v) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    untraced = summary.get("tests_untraced", {}) if isinstance(summary, dict) else None
+    return (isinstance(summary, dict)
+            and all(type(summary.get(k, 0)) is int for k in _SUMMARY_INTS)
+            and strs(summary.get("load_errors", [])) and strs(summary.get("functions_seen", []))
+            and isinstance(untraced, dict) and all(type(n) is int for n in untraced.values()))
+
+
 def _read_output(data: bytes | bytearray, *, cut: bool, max_traces: int,
                  limits: TraceLimits) -> tuple[list[dict], dict | None, int, int, int]:
     """The runner's stdout (bytes, ``cut`` at its cap): (records, summary, bad lines,
@@ -242,11 +271,10 @@ def _read_output(data: bytes | bytearray, *, cut: bool, max_traces: int,
 
     def take(obj) -> None:
         nonlocal summary, good, malformed, reserved
-        if isinstance(obj, dict) and set(obj) == {"summary"} and isinstance(obj["summary"], dict):
+        if isinstance(obj, dict) and set(obj) == {"summary"} and _summary_shaped(obj["summary"]):
             summary = obj["summary"]
             good += 1
-        elif isinstance(obj, dict) and isinstance(obj.get("test"), str) \
-                and isinstance(obj.get("seq"), int) and obj.get("status") in STATUSES:
+        elif isinstance(obj, dict) and _record_shaped(obj):
             good += 1
             # a trace that is not well-formed CWM format is not kept
             trace = obj.get("trace")

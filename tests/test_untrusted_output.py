@@ -3,6 +3,7 @@ or a record of another shape, is malformed output, never an exception on the hos
 stopped the traces stage, and an agent's package stopped RL's reward run)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import textwrap
@@ -293,3 +294,33 @@ def test_a_suite_flooding_the_runners_output_leaves_its_records_and_summary(tmp_
     assert stats["completed"] and stats["tests_run"] == 2, stats
     assert [(r["function"], r["status"]) for r in records] == [("one", "ok")]
     assert stats["bad_lines"] == 100000 + READ_SLACK + 100
+
+
+def test_a_record_line_of_another_shape_is_a_bad_line_not_a_crash(monkeypatch, tmp_path):
+    """A line the suite forges with the record's keys but other values (a missing module, an
+    int error) was kept: trace_repository raised KeyError building its id, and the traces
+    stage (error.split, HARNESS_PATH in result) would have on others; a summary of other
+    types raised in len(functions_seen), or in the traces stage's int(tests_run)."""
+    import stages.repo_traces as rt
+    tree = tmp_path / "r"
+    (tree / "pkg").mkdir(parents=True)
+    (tree / "pkg" / "__init__.py").write_text("")
+    good = {"test": "t.T.test_a", "seq": 0, "status": "invalid", "trace": None, "module": "pkg",
+            "function": "f", "result": None, "error": "untraceable: x", "events": 0}
+    forged = [{k: v for k, v in good.items() if k != "module"}, {**good, "function": 7},
+              {**good, "error": 5}, {**good, "result": 5}, {**good, "events": "many"},
+              {**good, "module": None}]
+    # and summaries (the runner's comes first here; one written later replaced it)
+    summaries = [{"summary": {"tests_run": 1, "tests_untraced": {"clock": 1},
+                              "functions_seen": ["pkg.f"], "load_errors": []}},
+                 {"summary": {"functions_seen": 5}}, {"summary": {"tests_run": "many"}},
+                 {"summary": {"tests_untraced": ["clock"]}},
+                 {"summary": {"tests_untraced": {"clock": "1"}}}, {"summary": {"load_errors": 3}}]
+    out = b"".join(json.dumps(r).encode() + b"\n" for r in [good, *forged, *summaries])
+    monkeypatch.setattr(rt, "run_command", lambda argv, **kw: _fake_result(out))
+    records, stats = rt.trace_repository(tree, max_traces=10)
+    assert [(r["module"], r["function"], r["error"]) for r in records] == \
+        [("pkg", "f", "untraceable: x")]
+    assert stats["bad_lines"] == len(forged) + len(summaries) - 1 and stats["completed"]
+    assert (stats["tests_run"], stats["tests_untraced"], stats["functions_seen"]) == \
+        (1, {"clock": 1}, 1)
