@@ -703,6 +703,49 @@ def test_batch_deadline_is_per_request_and_the_batch_goes_on(probe):
     assert took < 4.5, took  # one timeout (1 s), the sleeps (1.2 s), no rerun of the batch
 
 
+def test_the_hosts_deadline_for_a_batch_grows_with_it(probe, monkeypatch):
+    """The server gives each request of a batch the wall budget; the host gave the whole batch
+    one (wall + slack): 24 programs of 0.5 s (wall 1 s) were killed at 11 s and all run again
+    alone. Here the slack is cut to 0.5 s, so that 4 programs of 0.45 s overran it."""
+    monkeypatch.setattr(fs, "ANSWER_SLACK", 0.5)
+    nap = {"code": "import time\ntime.sleep(0.45)\nresult = 'nap'"}
+    with ForkServer(RUN_CODE, HANDLERS, SMALL.replace(wall_seconds=1, cpu_seconds=1)) as srv:
+        exchanges = []
+        exchange = srv._exchange
+        srv._exchange = lambda *a: exchanges.append(a[1:]) or exchange(*a)
+        res = srv.call_batch([nap] * 4)
+        restarts = srv.restarts
+    assert [(r.status, r.response) for r in res] == [("ok", {"result": "nap"})] * 4
+    assert exchanges == [(4,)] and restarts == 0 and not any(r.server_restarted for r in res)
+    assert fs._answer_within(1, 1) == 1 + fs.ANSWER_SLACK
+    assert fs._answer_within(1, 24) == 25 + fs.ANSWER_SLACK
+
+
+def test_a_batch_that_never_ends_is_still_cut_by_the_host(probe, monkeypatch):
+    """A shared batch's program that writes a line break to the response pipe every 0.4 s
+    makes the server reset its deadline for ever: the host's (a wall budget per request, one
+    more, the slack) still ends it, and each request runs again alone."""
+    monkeypatch.setattr(fs, "ANSWER_SLACK", 0.5)
+    forever = {"code": textwrap.dedent("""\
+        import os, stat, time
+        while True:
+            for fd in range(3, 64):
+                try:
+                    if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                        os.write(fd, b"\\n")
+                except OSError:
+                    pass
+            time.sleep(0.4)
+        """)}
+    with ForkServer(RUN_CODE, HANDLERS, SMALL.replace(wall_seconds=1, cpu_seconds=1),
+                    share_batch=True) as srv:
+        t0 = time.monotonic()
+        res = srv.call_batch([{"code": "result = 1"}, forever])
+        took = time.monotonic() - t0
+    assert [r.status for r in res] == ["ok", "timeout"] and res[0].response == {"result": 1}
+    assert took < 15, took   # the batch cut at 3 * 1 + 0.5 s, then 1 s alone
+
+
 def test_batch_over_the_response_cap_keeps_what_fits_and_goes_on(probe):
     # Each response is a third of the cap: a batch fills the cap after 3 requests. The lines
     # that fit are kept and the batch goes on after them (it used to start over from the
@@ -714,7 +757,7 @@ def test_batch_over_the_response_cap_keeps_what_fits_and_goes_on(probe):
     with ForkServer(RUN_CODE, HANDLERS, SMALL.replace(response_bytes=cap)) as srv:
         exchanges = []
         exchange = srv._exchange
-        srv._exchange = lambda payload: exchanges.append(1) or exchange(payload)
+        srv._exchange = lambda *a: exchanges.append(1) or exchange(*a)
         res = srv.call_batch(reqs)
     assert [r.status for r in res] == ["ok"] * 40 + ["too_large", "ok"]
     assert all(len(r.response["result"]) == cap // 3 - 64 for r in res[:40])
