@@ -3,7 +3,10 @@
 Held out means the corpus ids `codeworld/split.py` keeps out of the tokenizer and every training
 source (pack.heldout_percent / seed): no phase has seen these programs or documents. Each phase
 in `evaluate.phases` whose checkpoint exists (`checkpoints/<phase>/latest.json`) is loaded in
-this process (model/generate.py, KV-cached greedy decoding) and measured on the same set:
+this process (model/generate.py, KV-cached greedy decoding) and measured on the same set. A
+phase that cannot be evaluated is left out like one without a checkpoint (listed in
+summary.json's `missing`), the reason in its `unusable`: one trained with another tokenizer
+than the storage root's (run.json's tokenizer_sha256, as the export checks).
 
 - trace prediction (CWM Table 9): given the trace prompt (`<|trace_context_start|>` + context
   with the synthetic `main` + `<|frame_sep|>`, codeworld/prompts.trace_prompt), the model writes
@@ -48,7 +51,7 @@ from codeworld.tracking import StageRun
 from stages import tokenizer as tokenizer_stage
 from stages.documents import DocumentError, NotATask, object_records, render
 from stages.pack import source_documents
-from stages.train_phase import phase_dir, read_steps
+from stages.train_phase import RUN, phase_dir, read_steps
 
 # model.launch (imported through train_phase) starts training; evaluation never runs it
 CODE = Code(("stages.evaluate",), skip=("model.launch",))
@@ -267,6 +270,25 @@ def rl_curve(ckdir: Path, metrics_file: Path) -> tuple[list[dict], dict]:
     return curve, final
 
 
+def tokenizer_mismatch(ckdir: Path, storage: Storage, have: str | None = None) -> str | None:
+    """What is wrong when the phase at ``ckdir`` recorded (its run.json's tokenizer_sha256)
+    training with another tokenizer than the storage root's (``have``: its manifest's sha256,
+    read here when not given): same vocabulary size, other ids, so nothing else would say. None
+    when they agree, or when run.json records none (a pack made without the tokenizer stage, a
+    run from before the record). The evaluate and export stages both check it."""
+    try:
+        trained = json.loads((ckdir / RUN).read_text()).get("tokenizer_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None   # no record: nothing to compare
+    if not trained:
+        return None
+    have = tokenizer_stage.recorded_sha256(storage) if have is None else have
+    if trained == have:
+        return None
+    return (f"{ckdir / RUN}: {ckdir.name} was trained with tokenizer sha256 {trained[:12]}..., "
+            f"{storage.path(tokenizer_stage.OUTPUT)} holds {have[:12]}...")
+
+
 def _finite(obj):
     """JSON has no NaN: a perplexity without tokens is written null."""
     if isinstance(obj, float):
@@ -297,7 +319,22 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
     if not phases:
         raise ConfigError(f"evaluate.phases {cfg.phases}: no checkpoint to evaluate (no "
                           f"latest.json under {phase_dir(params, cfg.phases[0]).parent})")
-    tok = tokenizer_stage.load(storage)
+    # One read of the tokenizer's sha256: the phases are checked against the tokenizer loaded.
+    have = tokenizer_stage.recorded_sha256(storage)
+    tok = tokenizer_stage.load(storage, have)
+    # A phase that cannot be evaluated is left out, like one without a checkpoint, and said
+    # so (summary.json's `unusable`: why); the others are evaluated.
+    unusable: dict[str, str] = {}
+    for name, ckdir, _ in phases:
+        if (why := tokenizer_mismatch(ckdir, storage, have)) is not None:
+            unusable[name] = (f"{why}: its ids are not this tokenizer's; retrain {name}, or "
+                              f"evaluate with the params whose storage root has its tokenizer")
+    for name, why in unusable.items():
+        log.warning("evaluate: %s left out: %s", name, why)
+    phases = [p for p in phases if p[0] not in unusable]
+    if not phases:
+        raise ConfigError(f"evaluate.phases {cfg.phases}: no checkpoint to evaluate: "
+                          + "; ".join(unusable.values()))
     try:
         pack = json.loads((pack_stage.local_dir(params) / pack_stage.MANIFEST).read_text())
         vocab_size = int(pack["vocab_size"])   # what the phases were built with
@@ -344,6 +381,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
             out.remove(f"{n}.jsonl")
         doc = _finite({
             "name": OUTPUT, "fingerprint": fp, "counts": counts, "missing": missing,
+            "unusable": unusable,
             "programs": [p["id"] for p in programs],
             # timings are in the metrics, not here: the same inputs give the same file
             "phases": {n: {k: v for k, v in r.items() if k not in ("seconds", "tokens_per_s")}
@@ -364,6 +402,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     flat[f"{n}.{k}"] = round(v, 6)
         flat["phases_evaluated"] = len(results)
+        flat["phases_unusable"] = len(unusable)
         run_.log(**flat)
         return {"name": OUTPUT, "fingerprint": fp, "records": len(programs),
                 "phases": list(results),

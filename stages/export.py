@@ -256,16 +256,13 @@ def earlier_export(out: Storage) -> dict:
 def check_tokenizer(ckdir: Path, storage: Storage) -> None:
     """ConfigError when the phase at ``ckdir`` recorded (run.json) training with another
     tokenizer than the storage root's: the export would ship ids the weights never learned,
-    and its check, which runs both sides on the same tokenizer, could not tell."""
-    try:
-        trained = json.loads((ckdir / RUN).read_text()).get("tokenizer_sha256")
-    except (OSError, ValueError, AttributeError):
-        return   # no record (a checkpoint of an older run): nothing to compare
-    have = tokenizer_stage.recorded_sha256(storage)
-    if trained and trained != have:
-        raise ConfigError(f"export: {ckdir} was trained with tokenizer sha256 {trained[:12]}..., "
-                          f"{storage.path(tokenizer_stage.OUTPUT)} holds {have[:12]}...: export "
-                          f"with the params whose storage root has the tokenizer it was trained with")
+    and its check, which runs both sides on the same tokenizer, could not tell (the check is
+    the evaluate stage's, stages/evaluate.tokenizer_mismatch)."""
+    from stages.evaluate import tokenizer_mismatch
+
+    if (why := tokenizer_mismatch(ckdir, storage)) is not None:
+        raise ConfigError(f"export: {why}: export with the params whose storage root has the "
+                          f"tokenizer it was trained with")
 
 
 def export(params: Params, found: tuple[int, Path], out: Storage, chain: list[dict],

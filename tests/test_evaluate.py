@@ -449,6 +449,102 @@ def test_evaluate_without_any_checkpoint_says_where_it_looked(tmp_path):
         run(params, track=False, metrics_path=None, report_path=None)
 
 
+# --- the stage's handling of each phase, its model stood in (no training needed) -------------
+
+def _stage_root(root: Path, **evaluate) -> tuple[object, str]:
+    """A storage root with a real (tiny) tokenizer and its manifest, held-out trace records,
+    and the params; returns (params, the tokenizer's sha256)."""
+    import hashlib
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tests.train_fixtures import write_dataset
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "return": 1, "def": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    body = tok.to_str().encode()
+    sha = hashlib.sha256(body).hexdigest()
+    (root / "tokenizer").mkdir(parents=True)
+    (root / "tokenizer" / "tokenizer.json").write_bytes(body)
+    (root / "tokenizer" / "manifest.json").write_text(json.dumps({"sha256": sha}))
+    write_dataset(root, "traces", _program_records(24))
+    params = parse_params({"storage": {"root": str(root)}, "pack": {
+        "heldout_percent": 50.0, "sources": {   # the phases' default blends name these
+            "code": {"dataset": "dedup", "format": "code"},   # none: no perplexity, counted
+            "traces": {"dataset": "traces", "format": "trace"},
+            "sft_trace": {"dataset": "traces", "format": "sft_trace"}}},
+        "evaluate": {"max_programs": 4, **evaluate}}, "p.yaml")
+    return params, sha
+
+
+def _phase(root: Path, name: str, tokenizer_sha256: str | None, iteration: int = 4,
+           fingerprint: str | None = None) -> Path:
+    """A phase directory as training leaves it: iter_N (a shard and the file list it was saved
+    with), latest.json naming it, run.json."""
+    from model import checkpoint
+
+    ckdir = root / "checkpoints" / name
+    it = ckdir / f"iter_{iteration:07d}"
+    it.mkdir(parents=True)
+    (it / "__0_0.distcp").write_bytes(b"w" * 10)
+    (it / "codeworld_files.json").write_text(json.dumps({"__0_0.distcp": 10}))
+    checkpoint.point_latest(ckdir, it)
+    (ckdir / "run.json").write_text(json.dumps({
+        "phase": name, "fingerprint": fingerprint or f"fp-{name}",
+        "tokenizer_sha256": tokenizer_sha256}))
+    return ckdir
+
+
+def _stand_in(monkeypatch) -> list[str]:
+    """evaluate_phase replaced by one that loads nothing; returns the phases it was given."""
+    import stages.evaluate as ev
+    from model.checkpoint import iteration_of
+
+    done = []
+
+    def evaluate_phase(params, phase, iteration_dir, vocab_size, tok, programs, streams):
+        if not iteration_dir.is_dir():
+            raise FileNotFoundError(f"{iteration_dir}: checkpoint directory not found")
+        done.append(phase)
+        return ({"checkpoint": str(iteration_dir), "iteration": iteration_of(iteration_dir),
+                 "programs": len(programs), "valid_format": 0.5, "generated_tokens": 0,
+                 "tokens_per_s": 0.0, "seconds": 0.0},
+                [{"id": p["id"], "metrics": {}} for p in programs])
+
+    monkeypatch.setattr(ev, "evaluate_phase", evaluate_phase)
+    return done
+
+
+def _summary(root: Path) -> dict:
+    return json.loads((root / "evaluate" / "summary.json").read_text())
+
+
+def test_a_phase_trained_with_another_tokenizer_is_left_out_and_named(tmp_path, monkeypatch):
+    """run.json records the tokenizer a phase trained with: evaluated with another (same
+    vocabulary size, other ids) its figures would be noise. Left out like a phase without a
+    checkpoint, with the reason in the summary; the other phases are evaluated."""
+    from stages.evaluate import run
+
+    params, sha = _stage_root(tmp_path)
+    _phase(tmp_path, "pretrain", sha)
+    _phase(tmp_path, "midtrain", "ab" * 32)
+    _phase(tmp_path, "sft", None)   # a run that recorded no tokenizer: nothing to compare
+    done = _stand_in(monkeypatch)
+    run(params, track=False, metrics_path=None, report_path=None)
+    assert done == ["pretrain", "sft"]
+    summary = _summary(tmp_path)
+    assert summary["missing"] == ["midtrain", "rl"] and list(summary["phases"]) == ["pretrain", "sft"]
+    assert summary["unusable"]["midtrain"].startswith(
+        f"{tmp_path / 'checkpoints' / 'midtrain' / 'run.json'}: midtrain was trained with tokenizer "
+        f"sha256 abababababab..., {tmp_path / 'tokenizer'} holds {sha[:12]}...")
+    assert not (tmp_path / "evaluate" / "midtrain.jsonl").exists()
+    # nothing left to evaluate: the stage fails, saying why
+    for name in ("pretrain", "sft"):
+        shutil.rmtree(tmp_path / "checkpoints" / name)
+    with pytest.raises(ConfigError, match="no checkpoint to evaluate: .*midtrain was trained "
+                                          "with tokenizer sha256 abababababab"):
+        run(params, track=False, metrics_path=None, report_path=None)
+
+
 # --- on a tiny trained checkpoint (tokenizer, pack and pretrain stages run for real) ----------
 
 EVAL = {"max_programs": 4, "max_program_tokens": 600, "max_new_tokens": 48,
