@@ -25,7 +25,10 @@ Programs are drawn once (a seeded hash order among the held-out traces whose pro
 `max_program_tokens`), so every phase answers the same questions. Outputs: metrics/evaluate.json
 (DVC), the MLflow run `evaluate`, `evaluate/<phase>.jsonl` (each prediction and its metrics) and
 `evaluate/summary.json` under the storage root, and reports/evaluate.md with its plots. A
-record that cannot be used is counted (`skipped_*`), never fatal.
+record that cannot be used is counted (`skipped_*`), never fatal. The summary names each
+phase's checkpoint by its folder, iteration and run (run.json's fingerprint; a phase retrained
+to the same iteration has the same folder): the export's card takes a phase's figures only
+when all three are those of the checkpoint it exports.
 """
 
 from __future__ import annotations
@@ -270,6 +273,22 @@ def rl_curve(ckdir: Path, metrics_file: Path) -> tuple[list[dict], dict]:
     return curve, final
 
 
+def run_fingerprint(ckdir: Path) -> str:
+    """The fingerprint the phase's run.json records: the params, data and code of the run that
+    made its checkpoints, which with the iteration says which weights a checkpoint holds
+    (retrained to the same iteration, a phase's checkpoint has the same path). ValueError
+    naming the file when it is missing or unreadable."""
+    try:
+        fp = json.loads((ckdir / RUN).read_text())["fingerprint"]
+        if not isinstance(fp, str) or not fp:
+            raise TypeError(f"fingerprint {fp!r} is not a non-empty string")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{ckdir / RUN}: unreadable ({type(err).__name__}: {err}); it records "
+                         f"which run made the checkpoints in {ckdir}, which evaluation names "
+                         f"with them: rerun the {ckdir.name} stage") from None
+    return fp
+
+
 def tokenizer_mismatch(ckdir: Path, storage: Storage, have: str | None = None) -> str | None:
     """What is wrong when the phase at ``ckdir`` recorded (its run.json's tokenizer_sha256)
     training with another tokenizer than the storage root's (``have``: its manifest's sha256,
@@ -310,22 +329,28 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
 
     cfg = params.evaluate
     storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
-    phases = []
+    # A phase that cannot be evaluated is left out, like one without a checkpoint, and said
+    # so (summary.json's `unusable`: why); the others are evaluated.
+    phases, unusable = [], {}
     for name in cfg.phases:
         ckdir = phase_dir(params, name)
         found = checkpoint.latest(ckdir)
-        if found is not None:   # the iteration is fixed here: a rerun of the phase may move it
-            phases.append((name, ckdir, found[1]))
-    if not phases:
+        if found is None:
+            continue
+        try:
+            run_fp = run_fingerprint(ckdir)
+        except ValueError as err:
+            unusable[name] = str(err)
+            continue
+        # the iteration is fixed here: a rerun of the phase may move it
+        phases.append((name, ckdir, found[1], run_fp))
+    if not phases and not unusable:
         raise ConfigError(f"evaluate.phases {cfg.phases}: no checkpoint to evaluate (no "
                           f"latest.json under {phase_dir(params, cfg.phases[0]).parent})")
     # One read of the tokenizer's sha256: the phases are checked against the tokenizer loaded.
     have = tokenizer_stage.recorded_sha256(storage)
     tok = tokenizer_stage.load(storage, have)
-    # A phase that cannot be evaluated is left out, like one without a checkpoint, and said
-    # so (summary.json's `unusable`: why); the others are evaluated.
-    unusable: dict[str, str] = {}
-    for name, ckdir, _ in phases:
+    for name, ckdir, _, _ in phases:
         if (why := tokenizer_mismatch(ckdir, storage, have)) is not None:
             unusable[name] = (f"{why}: its ids are not this tokenizer's; retrain {name}, or "
                               f"evaluate with the params whose storage root has its tokenizer")
@@ -334,7 +359,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
     phases = [p for p in phases if p[0] not in unusable]
     if not phases:
         raise ConfigError(f"evaluate.phases {cfg.phases}: no checkpoint to evaluate: "
-                          + "; ".join(unusable.values()))
+                          + "; ".join(unusable[n] for n in cfg.phases if n in unusable))
     try:
         pack = json.loads((pack_stage.local_dir(params) / pack_stage.MANIFEST).read_text())
         vocab_size = int(pack["vocab_size"])   # what the phases were built with
@@ -353,7 +378,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
         results: dict[str, dict] = {}
         predictions: dict[str, list[dict]] = {}
         out = storage.sub(OUTPUT)
-        for name, ckdir, iteration_dir in phases:
+        for name, ckdir, iteration_dir, run_fp in phases:
             log.info("evaluate: %s (%s)", name, iteration_dir)
             try:
                 with one_thread():
@@ -362,6 +387,9 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
             except FileNotFoundError as err:   # removed since listed: that phase is retraining
                 log.warning("evaluate: %s skipped, its checkpoint is gone: %s", name, err)
                 continue
+            # what the figures are of: with the iteration, the run that made the checkpoint (a
+            # phase retrained to the same iteration has the same path, not the same weights)
+            summary["run_fingerprint"] = run_fp
             if name == "rl":
                 curve, final = rl_curve(ckdir, Path(metrics_path or METRICS_PATH).parent / "rl.json")
                 summary.update({f"rl_{k}": v for k, v in final.items()})
@@ -374,8 +402,9 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
             results[name] = summary
             predictions[name] = rows
             out.write_bytes(f"{name}.jsonl", b"".join(dumps(r) + b"\n" for r in rows))
-        fp = fingerprint(CODE, "evaluate", 1, cfg.model_dump(), {n: str(r["checkpoint"]) for n, r in
-                                                            results.items()})
+        fp = fingerprint(CODE, "evaluate", 1, cfg.model_dump(), {
+            n: [str(r["checkpoint"]), r["iteration"], r["run_fingerprint"]]
+            for n, r in results.items()})
         missing = [n for n in cfg.phases if n not in results]
         for n in missing:   # predictions of an earlier run would pass for this one's
             out.remove(f"{n}.jsonl")

@@ -195,7 +195,12 @@ def lineage(params: Params, phase: str) -> list[dict]:
 
 def evaluation_of(storage: Storage, phase: str, iteration_dir: Path) -> dict | None:
     """The evaluate stage's figures of ``phase`` when they are of the checkpoint at
-    ``iteration_dir`` (a phase retrained since its evaluation has none on record yet)."""
+    ``iteration_dir``: the same folder, iteration and run (the fingerprint of the phase's
+    run.json; a phase retrained to the same iteration has the same folder, other weights). A
+    phase retrained since its evaluation, or a summary that does not say which run it
+    evaluated, has none on record yet."""
+    from model.checkpoint import iteration_of
+
     rel = "evaluate/summary.json"
     if not storage.exists(rel):
         return None
@@ -206,9 +211,22 @@ def evaluation_of(storage: Storage, phase: str, iteration_dir: Path) -> dict | N
                           f"evaluate stage") from None
     if not isinstance(evaluation, dict):
         return None
-    if Path(str(evaluation.get("checkpoint"))).resolve() != Path(iteration_dir).resolve():
-        log.warning("export: %s's evaluation is of %s, not of %s: the card leaves it out",
-                    phase, evaluation.get("checkpoint"), iteration_dir)
+    iteration_dir = Path(iteration_dir)
+    try:
+        run_fp = json.loads((iteration_dir.parent / RUN).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        run_fp = None   # no record of the run: no evaluation can be said to be of it
+    try:
+        iteration = iteration_of(iteration_dir)
+    except ValueError:
+        iteration = None   # not an iter_N folder: no checkpoint the evaluate stage names
+    have = (str(iteration_dir.resolve()), iteration, run_fp)
+    got = (str(Path(str(evaluation.get("checkpoint"))).resolve()), evaluation.get("iteration"),
+           evaluation.get("run_fingerprint"))
+    if None in have or got != have:
+        log.warning("export: %s's evaluation is of %s (iteration %s, run %s), not of %s "
+                    "(iteration %s, run %s): the card leaves it out", phase, got[0], got[1],
+                    str(got[2])[:12], have[0], have[1], str(have[2])[:12])
         return None
     return evaluation
 

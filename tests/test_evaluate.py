@@ -545,6 +545,36 @@ def test_a_phase_trained_with_another_tokenizer_is_left_out_and_named(tmp_path, 
         run(params, track=False, metrics_path=None, report_path=None)
 
 
+def test_the_summary_names_each_checkpoint_by_its_run_and_iteration(tmp_path, monkeypatch):
+    """A phase retrained to the same iteration (the default always ends at iter_0000200) has
+    the same checkpoint path and other weights: the summary and the stage's fingerprint name
+    the run (run.json's fingerprint) and the iteration too, so the export can tell."""
+    from stages.evaluate import run
+
+    params, sha = _stage_root(tmp_path)
+    ckdir = _phase(tmp_path, "pretrain", sha, fingerprint="run-one")
+    _stand_in(monkeypatch)
+    first = run(params, track=False, metrics_path=None, report_path=None)
+    entry = _summary(tmp_path)["phases"]["pretrain"]
+    assert entry["checkpoint"] == str(ckdir / "iter_0000004")
+    assert (entry["iteration"], entry["run_fingerprint"]) == (4, "run-one")
+    (ckdir / "run.json").write_text(json.dumps({"phase": "pretrain", "fingerprint": "run-two",
+                                                "tokenizer_sha256": sha}))
+    second = run(params, track=False, metrics_path=None, report_path=None)
+    assert second["fingerprint"] != first["fingerprint"]
+    assert _summary(tmp_path)["phases"]["pretrain"]["run_fingerprint"] == "run-two"
+    assert _summary(tmp_path)["fingerprint"] == second["fingerprint"]
+    # a run.json that does not say which run made the checkpoint: left out, the file named
+    (tmp_path / "checkpoints" / "midtrain").mkdir()
+    shutil.copytree(ckdir / "iter_0000004", tmp_path / "checkpoints" / "midtrain" / "iter_0000004")
+    (tmp_path / "checkpoints" / "midtrain" / "run.json").write_text("{\"phase\": ")
+    run(params, track=False, metrics_path=None, report_path=None)
+    summary = _summary(tmp_path)
+    assert list(summary["phases"]) == ["pretrain"] and "midtrain" in summary["missing"]
+    assert summary["unusable"]["midtrain"].startswith(
+        f"{tmp_path / 'checkpoints' / 'midtrain' / 'run.json'}: unreadable (JSONDecodeError")
+
+
 # --- on a tiny trained checkpoint (tokenizer, pack and pretrain stages run for real) ----------
 
 EVAL = {"max_programs": 4, "max_program_tokens": 600, "max_new_tokens": 48,
@@ -624,6 +654,9 @@ def test_evaluate_stage_writes_metrics_predictions_and_the_report(root):
     assert metrics["pretrain.state_exact_match"] == metrics["midtrain.state_exact_match"]
     summary = json.loads((root / "evaluate" / "summary.json").read_text())
     assert summary["missing"] == ["sft", "rl"] and len(summary["programs"]) == 4
+    run_fp = json.loads((root / "checkpoints" / "pretrain" / "run.json").read_text())["fingerprint"]
+    assert summary["phases"]["pretrain"]["run_fingerprint"] == run_fp
+    assert summary["phases"]["pretrain"]["iteration"] == 4
     held = {r["provenance"]["corpus_id"] for r in _traces(root)
             if r["id"] in summary["programs"]}
     from codeworld.split import heldout

@@ -328,9 +328,12 @@ def test_the_card_carries_the_evaluation_of_the_exported_checkpoint_only(root, t
     assert exported.is_dir()
     (data / "evaluate").mkdir()
 
+    run_fp = json.loads((exported.parent / "run.json").read_text())["fingerprint"]
+
     def export_with(figure: float, checkpoint: Path) -> tuple[str, str]:
         (data / "evaluate" / "summary.json").write_text(json.dumps({"phases": {"pretrain": {
-            "checkpoint": str(checkpoint), "iteration": 4, "valid_format": figure}}}))
+            "checkpoint": str(checkpoint), "iteration": 4, "run_fingerprint": run_fp,
+            "valid_format": figure}}}))
         proc = subprocess.run([sys.executable, "-m", "codeworld.cli", "stage", "export",
                                "--params", str(params), "--no-track"], cwd=tmp_path,
                               capture_output=True, text=True, timeout=900)
@@ -344,6 +347,35 @@ def test_the_card_carries_the_evaluation_of_the_exported_checkpoint_only(root, t
     err, card = export_with(0.75, exported.parent / "iter_0000002")
     assert "No held-out evaluation of this checkpoint on record" in card
     assert "the card leaves it out" in err
+
+
+def test_figures_of_a_checkpoint_retrained_to_the_same_iteration_are_not_its(tmp_path, caplog):
+    """The default always ends at iter_0000200: a retrained phase has the same checkpoint path
+    and other weights. The evaluation is the checkpoint's only when its folder, iteration and
+    run (run.json's fingerprint) are the ones the summary names."""
+    from codeworld.storage import Storage
+    from stages.export import evaluation_of
+
+    ckdir = tmp_path / "checkpoints" / "pretrain"
+    it = ckdir / "iter_0000200"
+    it.mkdir(parents=True)
+    (tmp_path / "evaluate").mkdir()
+    storage = Storage(str(tmp_path))
+
+    def with_run(fingerprint: str, **entry) -> dict | None:
+        (ckdir / "run.json").write_text(json.dumps({"phase": "pretrain", "fingerprint": fingerprint}))
+        (tmp_path / "evaluate" / "summary.json").write_text(json.dumps({"phases": {"pretrain": {
+            "checkpoint": str(it), "iteration": 200, "run_fingerprint": "run-one",
+            "valid_format": 0.5, **entry}}}))
+        return evaluation_of(storage, "pretrain", it)
+
+    assert with_run("run-one")["valid_format"] == 0.5
+    assert with_run("run-two") is None                        # retrained: same path, other run
+    assert "the card leaves it out" in caplog.text
+    assert with_run("run-one", iteration=100) is None          # another iteration
+    assert with_run("run-one", run_fingerprint=None) is None   # a summary naming no run
+    (ckdir / "run.json").unlink()
+    assert evaluation_of(storage, "pretrain", it) is None      # a checkpoint naming no run
 
 
 def test_an_export_on_s3_is_pinned_where_dvc_looks_for_it(root, tmp_path, s3_endpoint, s3_bucket):
