@@ -22,7 +22,10 @@ than the storage root's (run.json's tokenizer_sha256, as the export checks).
 - rl: its reward curve and success rate, read from the phase's steps log / metrics/rl.json.
 
 Programs are drawn once (a seeded hash order among the held-out traces whose prompt + trace fit
-`max_program_tokens`), so every phase answers the same questions. Outputs: metrics/evaluate.json
+`max_program_tokens` and whose trace fits the generation cap `max_new_tokens`), so every phase
+answers the same questions; an output answer longer than `output_max_new_tokens` is not asked
+(a question the cap leaves no room to answer scores 0 whatever the model; RL's tasks skip them
+alike). Outputs: metrics/evaluate.json
 (DVC), the MLflow run `evaluate`, `evaluate/<phase>.jsonl` (each prediction and its metrics) and
 `evaluate/summary.json` under the storage root, and reports/evaluate.md with its plots. A
 record that cannot be used is counted (`skipped_*`), never fatal. The summary names each
@@ -48,7 +51,7 @@ from codeworld.config import Params
 from codeworld.shards import Dataset, ShardError, dumps, fingerprint
 from codeworld.split import corpus_id, heldout
 from codeworld.storage import Storage
-from codeworld.tokens import EOD_ID, encode_batch
+from codeworld.tokens import EOD_ID, encode, encode_batch
 from codeworld.trace_metrics import frame_metrics, mean_metrics, parse, teacher_forced
 from codeworld.tracking import StageRun
 from stages import tokenizer as tokenizer_stage
@@ -71,8 +74,16 @@ def _order(seed: int, key: str) -> str:
 
 def heldout_programs(params: Params, storage: Storage, tok, counts: dict) -> list[dict]:
     """The held-out trace-prediction tasks: records with a prompt and a complete trace (a call
-    that returned or raised), small enough, drawn in a seeded order, returned sorted by id."""
+    that returned or raised), small enough, drawn in a seeded order, returned sorted by id.
+
+    Only questions the model can answer within its generation caps are asked, as RL's task
+    builder does (stages/rl_tasks.py): a trace longer than max_new_tokens is not drawn
+    (`skipped_answer_too_long`, among the held-out traces); a drawn program whose output
+    answer (repr + end of turn) is longer than output_max_new_tokens keeps its trace task but
+    has no output task (`output_task` False; `skipped_output_too_long`, among the drawn)."""
     cfg = params.evaluate
+    for key in ("skipped_answer_too_long", "skipped_output_too_long"):
+        counts.setdefault(key, 0)
     cands = []
     for record in object_records(Dataset(storage.sub("traces")), counts, "skipped_broken"):
         if not heldout(corpus_id(record), params.pack.heldout_percent, params.pack.seed):
@@ -96,6 +107,9 @@ def heldout_programs(params: Params, storage: Storage, tok, counts: dict) -> lis
         if len(prompt_ids) + answer_len > cfg.max_program_tokens:
             counts["skipped_too_long"] += 1
             continue
+        if answer_len > cfg.max_new_tokens:   # generation stops before the trace could end
+            counts["skipped_answer_too_long"] += 1
+            continue
         result = record.get("result") if prompts.has_output_task(record) else None
         cands.append({"id": str(record["id"]), "prompt_ids": prompt_ids, "answer": answer,
                       "answer_ids": enc.ids, "answer_offsets": enc.offsets,
@@ -104,8 +118,12 @@ def heldout_programs(params: Params, storage: Storage, tok, counts: dict) -> lis
                       "status": record["status"]})
     cands.sort(key=lambda c: _order(cfg.seed, c["id"]))
     chosen = sorted(cands[:cfg.max_programs], key=lambda c: c["id"])
+    for c in chosen:   # the answer the output prompt asks for, as RL counts it
+        c["output_task"] = c["result"] is not None and len(encode(
+            tok, prompts.output_answer(c["result"]))) <= cfg.output_max_new_tokens
+        counts["skipped_output_too_long"] += int(c["result"] is not None and not c["output_task"])
     counts["programs"] = len(chosen)
-    counts["output_tasks"] = sum(1 for c in chosen if c["result"] is not None)
+    counts["output_tasks"] = sum(1 for c in chosen if c["output_task"])
     return chosen
 
 
@@ -229,7 +247,7 @@ def evaluate_phase(params: Params, phase: str, iteration_dir: Path, vocab_size: 
         row = {"id": prog["id"], "predicted": text, "tokens": len(ids), "errors": pred.errors[:3],
                "frames_real": len(prog["real"].frames), "frames_predicted": len(pred.frames)}
         generated += len(ids)
-        if prog["result"] is not None:
+        if prog["output_task"]:
             out_ids = lm.sample(tok.encode(prompts.output_prompt(prog["code"], prog["call"])).ids,
                                 max_new_tokens=cfg.output_max_new_tokens,
                                 stop_ids={end_of_turn, EOD_ID})[0]
@@ -368,7 +386,8 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
     with StageRun("evaluate", params.model_dump(include={"evaluate", "pack", "model"}),
                   params.tracking.experiment, metrics_path, track) as run_:
         counts = {"heldout_traces": 0, "skipped_no_task": 0, "skipped_broken": 0,
-                  "skipped_too_long": 0}
+                  "skipped_too_long": 0, "skipped_answer_too_long": 0,
+                  "skipped_output_too_long": 0}
         with run_.timed("select"):
             programs = heldout_programs(params, storage, tok, counts)
             streams = heldout_streams(params, storage, tok, counts)

@@ -451,7 +451,7 @@ def test_evaluate_without_any_checkpoint_says_where_it_looked(tmp_path):
 
 # --- the stage's handling of each phase, its model stood in (no training needed) -------------
 
-def _stage_root(root: Path, **evaluate) -> tuple[object, str]:
+def _stage_root(root: Path, records: list[dict] | None = None, **evaluate) -> tuple[object, str]:
     """A storage root with a real (tiny) tokenizer and its manifest, held-out trace records,
     and the params; returns (params, the tokenizer's sha256)."""
     import hashlib
@@ -460,13 +460,14 @@ def _stage_root(root: Path, **evaluate) -> tuple[object, str]:
     from tests.train_fixtures import write_dataset
 
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "return": 1, "def": 2}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()   # a token per word and per punctuation run
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
     body = tok.to_str().encode()
     sha = hashlib.sha256(body).hexdigest()
     (root / "tokenizer").mkdir(parents=True)
     (root / "tokenizer" / "tokenizer.json").write_bytes(body)
     (root / "tokenizer" / "manifest.json").write_text(json.dumps({"sha256": sha}))
-    write_dataset(root, "traces", _program_records(24))
+    write_dataset(root, "traces", records if records is not None else _program_records(24))
     params = parse_params({"storage": {"root": str(root)}, "pack": {
         "heldout_percent": 50.0, "sources": {   # the phases' default blends name these
             "code": {"dataset": "dedup", "format": "code"},   # none: no perplexity, counted
@@ -575,9 +576,87 @@ def test_the_summary_names_each_checkpoint_by_its_run_and_iteration(tmp_path, mo
         f"{tmp_path / 'checkpoints' / 'midtrain' / 'run.json'}: unreadable (JSONDecodeError")
 
 
+def _sized_records(n: int) -> list[dict]:
+    """Programs whose trace has i extra line frames and whose result is i words long."""
+    out = []
+    for i in range(n):
+        result = repr(" ".join(["w"] * i))
+        code = f"def f():\n" + "    pass\n" * i + f"    return {result}\n"
+        trace = (f"{LINE}{{}}{ACT}    return f()\n{FRAME}{CALL}{{}}{ACT}def f():\n{FRAME}"
+                 + f"{LINE}{{}}{ACT}    pass\n{FRAME}" * i
+                 + f"{LINE}{{}}{ACT}    return {result}\n{FRAME}"
+                 f"{RET}{ACT}    return {result}\n{ARG}{json.dumps(result)}{FRAME}"
+                 f"{RET}{ACT}    return f()\n{ARG}{json.dumps(result)}{FRAME}")
+        out.append({"id": f"s{i:02d}", "prompt": f"{CTX}{code}\ndef main():\n    return f()\n{FRAME}",
+                    "trace": trace, "status": "ok", "result": result, "code": code, "call": "f()",
+                    "provenance": {"corpus_id": f"sized/{i}.py"}})
+    return out
+
+
+def test_questions_the_generation_caps_cannot_let_the_model_answer_are_not_asked(tmp_path,
+                                                                                 monkeypatch):
+    """A trace longer than max_new_tokens, or an output answer (repr + end of turn) longer than
+    output_max_new_tokens, cannot be answered whole: scored, it is a 0 whatever the model. Not
+    drawn (the trace), not asked (the output task; the program's trace still is), counted;
+    the same rule as RL's task builder."""
+    from codeworld import prompts
+    from codeworld.split import corpus_id, heldout
+    from codeworld.tokens import encode
+    from stages.evaluate import heldout_programs
+    from stages.tokenizer import load
+
+    records = _sized_records(40)
+    params, _ = _stage_root(tmp_path, records, max_programs=100, max_program_tokens=10_000,
+                            max_new_tokens=110, output_max_new_tokens=4)
+    tok = load(Storage(str(tmp_path)))
+    held = [r for r in records if heldout(corpus_id(r), 50.0)]
+    trace_len = {r["id"]: len(tok.encode(prompts.trace_answer(r)).ids) for r in held}
+    output_len = {r["id"]: len(encode(tok, prompts.output_answer(r["result"]))) for r in held}
+    long_traces = {i for i, n in trace_len.items() if n > 110}
+    long_outputs = {i for i, n in output_len.items() if n > 4 and i not in long_traces}
+    assert long_traces and long_outputs and set(trace_len) - long_traces - long_outputs
+    counts = {"heldout_traces": 0, "skipped_no_task": 0, "skipped_broken": 0,
+              "skipped_too_long": 0}
+    programs = heldout_programs(params, Storage(str(tmp_path)), tok, counts)
+    assert {p["id"] for p in programs} == set(trace_len) - long_traces
+    assert counts["skipped_answer_too_long"] == len(long_traces)
+    assert {p["id"] for p in programs if not p["output_task"]} == long_outputs
+    assert counts["skipped_output_too_long"] == len(long_outputs)
+    assert counts["output_tasks"] == len(programs) - len(long_outputs)
+    assert all(p["result"] is not None for p in programs)   # output_from_trace is still scored
+
+    # evaluate_phase asks the output question of those programs only (a model stood in)
+    import torch
+
+    import model.generate
+    from stages.evaluate import evaluate_phase
+
+    asked = []
+
+    class LM:
+        checkpoint, iteration = tmp_path, 4
+
+        def sample(self, ids, max_new_tokens, stop_ids):
+            asked.append(max_new_tokens)
+            return [[0]]
+
+        def logits(self, toks):
+            return torch.zeros(*toks.shape, tok.get_vocab_size())
+
+    (tmp_path / "iter_0000004").mkdir()
+    monkeypatch.setattr(model.generate, "load", lambda *a, **k: LM())
+    summary, rows = evaluate_phase(params, "pretrain", tmp_path / "iter_0000004",
+                                   tok.get_vocab_size(), tok, programs, {})
+    assert asked.count(4) == counts["output_tasks"] and len(asked) == len(programs) + asked.count(4)
+    assert {r["id"] for r in rows if "output_predicted" in r} == \
+        {p["id"] for p in programs if p["output_task"]}
+
+
 # --- on a tiny trained checkpoint (tokenizer, pack and pretrain stages run for real) ----------
 
-EVAL = {"max_programs": 4, "max_program_tokens": 600, "max_new_tokens": 48,
+# The fixture's 6 held-out traces are 106 to 256 tokens: max_new_tokens lets each be answered
+# (a longer trace is not drawn), and generation stops at its length + 25% + 16 anyway.
+EVAL = {"max_programs": 4, "max_program_tokens": 600, "max_new_tokens": 256,
         "output_max_new_tokens": 8, "ppl_seq_length": 32, "ppl_max_tokens": 512}
 
 needs_sandbox = pytest.mark.skipif(shutil.which("bwrap") is None,
