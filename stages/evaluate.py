@@ -5,8 +5,13 @@ source (pack.heldout_percent / seed): no phase has seen these programs or docume
 in `evaluate.phases` whose checkpoint exists (`checkpoints/<phase>/latest.json`) is loaded in
 this process (model/generate.py, KV-cached greedy decoding) and measured on the same set. A
 phase that cannot be evaluated is left out like one without a checkpoint (listed in
-summary.json's `missing`), the reason in its `unusable`: one trained with another tokenizer
-than the storage root's (run.json's tokenizer_sha256, as the export checks).
+summary.json's `missing`), the reason in its `unusable`, the file named, while the others are
+evaluated: one trained with another tokenizer than the storage root's (run.json's
+tokenizer_sha256, as the export checks), a latest.json garbled or naming a folder that is
+gone, a checkpoint missing a file or holding one of another size than it was saved with
+(model/checkpoint.damage) or that torch cannot read, a run.json that does not say which run
+made it. Predictions (`<phase>.jsonl`) of a phase not evaluated are removed with the summary
+they would not belong to.
 
 - trace prediction (CWM Table 9): given the trace prompt (`<|trace_context_start|>` + context
   with the synthetic `main` + `<|frame_sep|>`, codeworld/prompts.trace_prompt), the model writes
@@ -291,6 +296,14 @@ def rl_curve(ckdir: Path, metrics_file: Path) -> tuple[list[dict], dict]:
     return curve, final
 
 
+def _first_failure(err: BaseException) -> str:
+    """The first rank's exception of torch's CheckpointException (a missing shard's
+    FileNotFoundError names the file), one line."""
+    for exc, _ in getattr(err, "failures", {}).values():
+        return f"{type(exc).__name__}: {exc}"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
 def run_fingerprint(ckdir: Path) -> str:
     """The fingerprint the phase's run.json records: the params, data and code of the run that
     made its checkpoints, which with the iteration says which weights a checkpoint holds
@@ -339,6 +352,8 @@ def _finite(obj):
 
 def run(params: Params, *, track: bool = True, metrics_path: str | None = METRICS_PATH,
         report_path: str | None = REPORT) -> dict:
+    from torch.distributed.checkpoint import CheckpointException
+
     from codeworld.config import ConfigError
     from model import checkpoint
     from model.generate import one_thread
@@ -352,12 +367,18 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
     phases, unusable = [], {}
     for name in cfg.phases:
         ckdir = phase_dir(params, name)
-        found = checkpoint.latest(ckdir)
-        if found is None:
-            continue
         try:
+            # a garbled latest.json, or one naming a folder that is gone: ValueError or
+            # FileNotFoundError, each naming the file
+            found = checkpoint.latest(ckdir)
+            if found is None:
+                continue
+            if (bad := checkpoint.damage(found[1])) is not None:
+                raise ValueError(f"{bad}: {name}'s checkpoint {found[1].name} is damaged (a file "
+                                 f"cut or lost since it was saved); rerun the {name} stage (it "
+                                 "trains again from its newest intact checkpoint)")
             run_fp = run_fingerprint(ckdir)
-        except ValueError as err:
+        except (ValueError, FileNotFoundError) as err:
             unusable[name] = str(err)
             continue
         # the iteration is fixed here: a rerun of the phase may move it
@@ -406,6 +427,12 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
             except FileNotFoundError as err:   # removed since listed: that phase is retraining
                 log.warning("evaluate: %s skipped, its checkpoint is gone: %s", name, err)
                 continue
+            except CheckpointException as err:
+                # a file lost that no list of the checkpoint's names (saved before the lists
+                # were kept): torch says which (a BaseException, never a traceback here)
+                unusable[name] = f"{iteration_dir}: unreadable checkpoint: {_first_failure(err)}"
+                log.warning("evaluate: %s left out: %s", name, unusable[name])
+                continue
             # what the figures are of: with the iteration, the run that made the checkpoint (a
             # phase retrained to the same iteration has the same path, not the same weights)
             summary["run_fingerprint"] = run_fp
@@ -425,8 +452,11 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
             n: [str(r["checkpoint"]), r["iteration"], r["run_fingerprint"]]
             for n, r in results.items()})
         missing = [n for n in cfg.phases if n not in results]
-        for n in missing:   # predictions of an earlier run would pass for this one's
-            out.remove(f"{n}.jsonl")
+        # predictions of an earlier run would pass for this one's: those of a phase not
+        # evaluated now go, listed in evaluate.phases or no longer
+        for f in out.list():
+            if f.endswith(".jsonl") and f[:-len(".jsonl")] not in results:
+                out.remove(f)
         doc = _finite({
             "name": OUTPUT, "fingerprint": fp, "counts": counts, "missing": missing,
             "unusable": unusable,

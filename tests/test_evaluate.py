@@ -495,10 +495,13 @@ def _phase(root: Path, name: str, tokenizer_sha256: str | None, iteration: int =
     return ckdir
 
 
-def _stand_in(monkeypatch) -> list[str]:
-    """evaluate_phase replaced by one that loads nothing; returns the phases it was given."""
+def _stand_in(monkeypatch, unreadable: tuple[str, ...] = ()) -> list[str]:
+    """evaluate_phase replaced by one that loads nothing; returns the phases it was given. The
+    phases in `unreadable` fail as torch's loader fails on a lost shard (CheckpointException,
+    a BaseException)."""
     import stages.evaluate as ev
     from model.checkpoint import iteration_of
+    from torch.distributed.checkpoint import CheckpointException
 
     done = []
 
@@ -506,6 +509,9 @@ def _stand_in(monkeypatch) -> list[str]:
         if not iteration_dir.is_dir():
             raise FileNotFoundError(f"{iteration_dir}: checkpoint directory not found")
         done.append(phase)
+        if phase in unreadable:
+            lost = FileNotFoundError(2, "No such file or directory", str(iteration_dir / "__0_1.distcp"))
+            raise CheckpointException("read_data", {0: (lost, None)})
         return ({"checkpoint": str(iteration_dir), "iteration": iteration_of(iteration_dir),
                  "programs": len(programs), "valid_format": 0.5, "generated_tokens": 0,
                  "tokens_per_s": 0.0, "seconds": 0.0},
@@ -574,6 +580,56 @@ def test_the_summary_names_each_checkpoint_by_its_run_and_iteration(tmp_path, mo
     assert list(summary["phases"]) == ["pretrain"] and "midtrain" in summary["missing"]
     assert summary["unusable"]["midtrain"].startswith(
         f"{tmp_path / 'checkpoints' / 'midtrain' / 'run.json'}: unreadable (JSONDecodeError")
+
+
+def test_a_broken_phase_is_left_out_named_and_the_others_evaluated(tmp_path, monkeypatch):
+    """A latest.json naming a folder that is gone, a garbled one, a checkpoint missing a file
+    it was saved with: that phase is left out like one without a checkpoint, the file named
+    in summary.json's `unusable`; the other phases are evaluated (it used to end the stage
+    with a traceback)."""
+    from stages.evaluate import run
+
+    params, sha = _stage_root(tmp_path)
+    ck = {n: _phase(tmp_path, n, sha) for n in ("pretrain", "midtrain", "sft", "rl")}
+    (ck["midtrain"] / "latest.json").write_text('{"iteration": 6, "dir": "iter_0000006"}')
+    (ck["sft"] / "iter_0000004" / "__0_0.distcp").unlink()
+    (ck["rl"] / "latest.json").write_text('{"iteration": ')
+    done = _stand_in(monkeypatch)
+    run(params, track=False, metrics_path=None, report_path=None)
+    assert done == ["pretrain"]
+    summary = _summary(tmp_path)
+    assert list(summary["phases"]) == ["pretrain"] and summary["missing"] == ["midtrain", "sft", "rl"]
+    why = summary["unusable"]
+    assert why["midtrain"] == f"{ck['midtrain'] / 'latest.json'} names iter_0000006, which does not exist"
+    assert why["sft"].startswith(f"{ck['sft'] / 'iter_0000004' / '__0_0.distcp'}: missing: sft's "
+                                 f"checkpoint iter_0000004 is damaged")
+    assert why["rl"].startswith(f"{ck['rl'] / 'latest.json'}: not valid JSON")
+
+    # a checkpoint whose loss no file list records: torch's loader fails, naming the file
+    (ck["rl"] / "latest.json").write_text('{"iteration": 4, "dir": "iter_0000004"}')
+    _stand_in(monkeypatch, unreadable=("rl",))
+    run(params, track=False, metrics_path=None, report_path=None)
+    summary = _summary(tmp_path)
+    assert list(summary["phases"]) == ["pretrain"] and "rl" in summary["missing"]
+    assert summary["unusable"]["rl"] == (
+        f"{ck['rl'] / 'iter_0000004'}: unreadable checkpoint: FileNotFoundError: [Errno 2] No "
+        f"such file or directory: '{ck['rl'] / 'iter_0000004' / '__0_1.distcp'}'")
+    assert sorted(p.name for p in (tmp_path / "evaluate").iterdir()) == ["pretrain.jsonl",
+                                                                        "summary.json"]
+
+    # predictions of a phase evaluate.phases no longer lists go with the summary they were of
+    for name in ("midtrain", "sft", "rl"):
+        shutil.rmtree(ck[name])
+        _phase(tmp_path, name, sha)
+    _stand_in(monkeypatch)
+    run(params, track=False, metrics_path=None, report_path=None)
+    assert len(list((tmp_path / "evaluate").glob("*.jsonl"))) == 4
+    fewer = params.model_copy(update={"evaluate": params.evaluate.model_copy(
+        update={"phases": ["pretrain", "sft"]})})
+    run(fewer, track=False, metrics_path=None, report_path=None)
+    assert sorted(p.name for p in (tmp_path / "evaluate").iterdir()) == [
+        "pretrain.jsonl", "sft.jsonl", "summary.json"]
+    assert list(_summary(tmp_path)["phases"]) == ["pretrain", "sft"]
 
 
 def _sized_records(n: int) -> list[dict]:
