@@ -413,8 +413,9 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
             programs = heldout_programs(params, storage, tok, counts)
             streams = heldout_streams(params, storage, tok, counts)
         if not programs:
-            log.warning("evaluate: no held-out program fits max_program_tokens=%d (%s)",
-                        cfg.max_program_tokens, counts)
+            log.warning("evaluate: no held-out program fits max_program_tokens=%d (prompt + "
+                        "trace) and max_new_tokens=%d (trace) (%s)", cfg.max_program_tokens,
+                        cfg.max_new_tokens, counts)
         results: dict[str, dict] = {}
         predictions: dict[str, list[dict]] = {}
         out = storage.sub(OUTPUT)

@@ -632,6 +632,21 @@ def test_a_broken_phase_is_left_out_named_and_the_others_evaluated(tmp_path, mon
     assert list(_summary(tmp_path)["phases"]) == ["pretrain", "sft"]
 
 
+def test_no_program_drawn_names_both_caps(tmp_path, monkeypatch, caplog):
+    """Traces are not drawn for max_program_tokens or for max_new_tokens: the warning that
+    none was names both (it named max_program_tokens alone)."""
+    from stages.evaluate import run
+
+    params, sha = _stage_root(tmp_path, max_new_tokens=8)
+    _phase(tmp_path, "pretrain", sha)
+    _stand_in(monkeypatch)
+    run(params, track=False, metrics_path=None, report_path=None)
+    counts = _summary(tmp_path)["counts"]
+    assert counts["programs"] == 0 and counts["skipped_answer_too_long"] == counts["heldout_traces"]
+    assert "no held-out program fits max_program_tokens=320 (prompt + trace) and " \
+           "max_new_tokens=8 (trace)" in caplog.text
+
+
 def _sized_records(n: int) -> list[dict]:
     """Programs whose trace has i extra line frames and whose result is i words long."""
     out = []
