@@ -466,6 +466,10 @@ def start(file: str, call: str, params, *, checkpoint: str | None = None, hf: st
                        Style(color))
     phase, ckdir, iteration_dir = _checkpoint(params, checkpoint)
     storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
+    from stages.evaluate import tokenizer_mismatch
+
+    if why := tokenizer_mismatch(ckdir, storage):   # its ids would be other text: nonsense frames
+        raise DebugError(f"{why}: the checkpoint cannot be read with this tokenizer")
     tok = tokenizer_stage.load(storage)
     try:
         pack = json.loads((pack_stage.local_dir(params) / pack_stage.MANIFEST).read_text())

@@ -6,6 +6,7 @@ end with a tiny trained checkpoint."""
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -208,6 +209,15 @@ def test_debug_refuses_a_bad_call_or_checkpoint(root):
     proc = subprocess.run([*base, "--call", "f(1, 2)", "--checkpoint", str(root)], input="",
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 2 and "not a phase checkpoint directory" in proc.stderr
+    # a checkpoint trained with another tokenizer than the storage root's: its frames would be
+    # another text's ids (was: a session of nonsense)
+    other = root / "other" / "pretrain"
+    shutil.copytree(root / "checkpoints" / "pretrain", other, dirs_exist_ok=True)
+    run_json = json.loads((other / "run.json").read_text())
+    (other / "run.json").write_text(json.dumps({**run_json, "tokenizer_sha256": "0" * 64}))
+    proc = subprocess.run([*base, "--call", "f(1, 2)", "--checkpoint", str(other)], input="",
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2 and "was trained with tokenizer sha256 000000000000" in proc.stderr
     # a program that spells a token of the format: the model would read it as the markup
     spelled = root / "spelled.py"
     spelled.write_text("def f(a, b):\n    return '<|frame_sep|>' * a\n")
