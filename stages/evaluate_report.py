@@ -169,10 +169,15 @@ def write_report(path: Path, doc: dict, programs: list[dict],
           f"({c.get('output_tasks', 0)} of which returned, for output prediction), drawn from "
           f"{c.get('heldout_traces', 0)} held-out traces (never in the tokenizer or any training "
           f"source); not drawn: {c.get('skipped_too_long', 0)} too long, "
+          f"{c.get('skipped_answer_too_long', 0)} with a trace longer than the generation cap, "
           f"{c.get('skipped_no_task', 0)} without a trace task, {c.get('skipped_broken', 0)} "
-          f"broken. Greedy decoding.", "",
+          f"broken; {c.get('skipped_output_too_long', 0)} not asked their output (a repr longer "
+          f"than its cap). Greedy decoding.", "",
           f"Phases evaluated: {', '.join(phases)}" + (
-              f"; no checkpoint: {', '.join(doc['missing'])}" if doc["missing"] else "") + ".", ""]
+              f"; not evaluated: {', '.join(doc['missing'])}" if doc["missing"] else "") + ".", ""]
+    # why a phase was left out (summary.json's `unusable`; absent: it has no checkpoint)
+    md += [f"- {name}: {doc.get('unusable', {}).get(name, 'no checkpoint')}"
+           for name in doc["missing"]] + ([""] if doc["missing"] else [])
     md += ["## Trace prediction (CWM Table 9), side by side", ""]
     md += _table([(LABELS[m], [res[p].get(m) for p in phases]) for m in METRICS], phases)
     md += ["", "## Next-frame prediction given the real trace so far (teacher-forced)", "",

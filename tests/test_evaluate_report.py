@@ -62,3 +62,17 @@ def test_the_report_says_which_sources_have_no_perplexity_and_why(tmp_path, draw
     # the mid-training delta of a metric one phase lacks is n/a, not a difference from 0
     assert "valid trace format 0.500 → 0.750 (+0.250)" in md
     assert "state exact match – → 0.500 (n/a)" in md
+
+
+def test_the_report_says_why_each_phase_was_left_out(tmp_path, drawn):
+    # a phase left out for a damaged checkpoint or another tokenizer was called "no checkpoint"
+    doc = _doc()
+    doc["missing"] = ["sft", "rl"]
+    doc["unusable"] = {"sft": "data/checkpoints/sft/iter_0000004/__0_1.distcp: missing"}
+    doc["counts"].update(skipped_answer_too_long=4, skipped_output_too_long=1)
+    write_report(tmp_path / "evaluate.md", doc, [])
+    md = (tmp_path / "evaluate.md").read_text()
+    assert "not evaluated: sft, rl." in md and "no checkpoint: sft" not in md
+    assert "- sft: data/checkpoints/sft/iter_0000004/__0_1.distcp: missing\n- rl: no checkpoint" in md
+    assert "4 with a trace longer than the generation cap" in md
+    assert "1 not asked their output" in md
