@@ -517,3 +517,61 @@ def test_a_request_that_cannot_be_set_up_says_so_and_replaces_the_server(probe, 
         assert res.status == "error" and res.error["type"] == "SandboxSetupError", res
         assert "mount /proc" in res.error["message"], res
         assert server.call({"code": "result = 1"}).server_restarted
+
+
+LEAVE_A_DAEMON = """
+    import signal, time
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:   # double-forked: neither this program's child nor in its session
+            os.closerange(3, 1 << 16)
+            seen = {int(p) for p in os.listdir('/proc') if p.isdigit()}
+            with open('/tmp/daemon.tmp', 'w') as f:
+                f.write(str(os.getpid()))
+            os.rename('/tmp/daemon.tmp', '/tmp/daemon.pid')
+            while True:   # stop every process that shows up (the audit's daemon: it could as
+                for p in os.listdir('/proc'):   # well write their memory, /proc/PID/mem)
+                    if p.isdigit() and int(p) not in seen:
+                        seen.add(int(p))
+                        try:
+                            os.kill(int(p), signal.SIGSTOP)
+                        except OSError:
+                            pass
+                if os.fork() == 0:   # and keep a child of its own, forked anew each round
+                    time.sleep(60)
+                    os._exit(0)
+                time.sleep(0.001)
+        os._exit(0)
+    os.wait()
+    while not os.path.exists('/tmp/daemon.pid'):
+        time.sleep(0.001)
+    result = int(open('/tmp/daemon.pid').read())
+"""
+LOOK_FOR_THE_DAEMON = """
+    daemon = int(open('/tmp/daemon.pid').read())
+    try:
+        with open(f'/proc/{daemon}/stat') as f:
+            state = f.read().rsplit(')', 1)[1].split()[0]
+    except OSError:
+        state = None
+    result = [state, sorted(int(p) for p in os.listdir('/proc') if p.isdigit()), os.getpid()]
+"""
+
+
+def test_a_batch_program_finds_nothing_left_by_the_one_before(probe, sentinel):
+    """``process`` isolation: the programs of a batch share one pid namespace (and /tmp). A
+    double-forked daemon of one program outlived it (2026 audit): it stopped the next
+    programs (a timeout, blamed on them) or rewrote their memory through /proc/PID/mem
+    (forged results). Everything a program leaves is now killed before the next one starts:
+    the later programs see only the request's init, the batch's process and themselves."""
+    with ForkServer(RUN_CODE, HANDLERS, SMALL.replace(wall_seconds=2)) as server:
+        res = server.call_batch([hostile(LEAVE_A_DAEMON), hostile(LOOK_FOR_THE_DAEMON),
+                                 hostile(LOOK_FOR_THE_DAEMON), {"code": "result = 6 * 7"}])
+        assert [r.status for r in res] == ["ok"] * 4, res
+        daemon = res[0].response["result"]
+        for r in res[1:3]:
+            state, pids, me = r.response["result"]
+            assert state is None, f"the daemon ({daemon}) of program 0 is still there: {state}"
+            assert pids == sorted({1, 2, me}), pids
+        assert res[3].response == {"result": 42}
+        _assert_healthy(server, sentinel)

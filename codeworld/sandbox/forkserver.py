@@ -275,7 +275,8 @@ class ForkServer:
         server's fork and its copy-on-write per request (~15 ms, the dominant cost for small
         requests). Each request runs in a process of its own forked from the batch's (~2 ms):
         its module state, environment, working folder and response pipe are its own, its
-        files in /tmp are not (one mount namespace a batch). With ``share_batch`` they all run
+        files in /tmp are not (one mount namespace a batch), and every process it left is
+        killed before the next request starts (one pid namespace a batch). With ``share_batch`` they all run
         in the batch's process (~0.1 ms a request), at the price of isolation between them:
         module state carries over (random is reseeded before each), and a request can write
         its neighbours' responses (untrusted code could forge them). If the batch as a whole

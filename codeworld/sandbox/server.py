@@ -507,8 +507,10 @@ def _each_request(handler, msg, w_resp, seed, lim):
     runs none: every program starts from the same clean state, as alone) with a response
     pipe of its own: a program can neither change its neighbours' module state, environment
     or working folder nor write their responses (files it leaves in /tmp do stay: one mount
-    namespace a batch). A request that does not end with exactly one response (killed,
-    crashed, a newline written) ends the batch there: the host runs the rest one by one.
+    namespace a batch), and no process of it outlives it (``_kill_all_but``: the programs share
+    one pid namespace, and a daemon one left could stop or rewrite the next). A request that
+    does not end with exactly one response (killed, crashed, a newline written) ends the
+    batch there: the host runs the rest one by one.
     A ``shared`` batch (the caller's choice: ~2 ms a request less) runs them all in this
     process instead, random reseeded before each, and trusts each to write only its own line."""
     seed_random = sys.modules["random"].seed
@@ -538,9 +540,32 @@ def _each_request(handler, msg, w_resp, seed, lim):
         body = _read_to_end(r)
         os.close(r)
         _, status = os.waitpid(pid, 0)
-        if not body or b"\n" in body or not os.WIFEXITED(status):
+        # what the program left (a double-forked daemon: it could stop the next programs
+        # or write their memory, same uid, dumpable) dies before its line is written: a
+        # program that signals this process meanwhile stops the batch at its own line
+        left = _kill_all_but((1, os.getpid()), time.monotonic() + 2.0)
+        if left or not body or b"\n" in body or not os.WIFEXITED(status):
             return   # (the batch stops here: the server sees no more lines)
         _write_all(w_resp, body + b"\n")
+
+
+def _kill_all_but(keep, deadline):
+    """SIGKILL every process of this (a request's own) pid namespace but ``keep``, by pid,
+    until none is left or ``deadline`` (monotonic) passes; the pids still there. For a
+    ``process`` batch's process (pid 2, its init pid 1): only the programs' processes are
+    left, whatever they did (setsid, double fork, a namespace of their own: all show in
+    this /proc, the request's own, mounted by its init). Orphans stay the init's, which
+    reaps them as they exit, as in a request of its own."""
+    while True:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in keep]
+        if not pids or time.monotonic() > deadline:
+            return pids
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.0005)
 
 
 def _finish_child():
