@@ -293,3 +293,109 @@ def test_the_agent_cannot_rewrite_a_hidden_test_of_any_name(tmp_path):
     # the package file is still the agent's to fix
     (work / "pkg" / "mod.py").write_text(CHECKED)
     assert evaluate(task, env, buggy, work, wall_seconds=60)["reward"] == 1.0
+
+
+# each run of the test finds what it finds, then leaves a daemon (setsid, double-forked: out
+# of the run's process group), a file in the working copy and one in /tmp
+LEAVES = "def add(a, b):\n    return a + b\n"
+LEAVES_TESTS = '''\
+import os
+import time
+
+from pkg.mod import add
+
+
+def _strangers():
+    """The sandbox's processes that are neither this one nor one of its ancestors."""
+    mine, pid = set(), os.getpid()
+    while pid:
+        mine.add(pid)
+        with open(f"/proc/{pid}/stat") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])
+    return sorted(int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in mine)
+
+
+def test_add():
+    found = [_strangers(), os.path.exists("pkg/left.txt"), os.path.exists("/tmp/left.txt")]
+    open("pkg/left.txt", "w").close()
+    open("/tmp/left.txt", "w").close()
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            os.closerange(0, 1024)
+            while True:
+                time.sleep(1)
+        os._exit(0)
+    os.wait()
+    assert add(1, 2) == 3
+    assert found == [[], False, False]
+'''
+
+
+def test_a_mutants_run_starts_with_nothing_left_by_the_one_before(tmp_path):
+    """Mutants run one after the other in one sandbox, on one working copy (/tmp/w). A daemon
+    of one mutant's tests lived on (only the run's process group was killed) and the working
+    copy kept what the tests wrote (only the mutated file was put back): "mutants" identical
+    to the original passed, then failed (2026 audit: a daemon rewriting the package). Every
+    process a run left is now killed, and the next run gets a fresh copy and /tmp."""
+    from stages.agent.envs import run_mutants
+
+    env = _env(tmp_path / "leaves", "leaves", "mod", LEAVES, LEAVES_TESTS)
+    reqs = [{"id": str(i), "file": "pkg/mod.py", "source": LEAVES,
+             "tests": ["tests/test_mod.py::test_add"]} for i in range(3)]
+    res = run_mutants(env.tree, env, reqs, timeout=30, wall_seconds=120)
+    assert {k: (v["status"], v["outcomes"], v["messages"]) for k, v in res.items()} == {
+        str(i): ("ok", {"tests/test_mod.py::test_add": "pass"}, {}) for i in range(3)}
+
+
+HOLDS_TESTS = '''\
+import os
+import time
+
+from pkg.mod import HOLD
+
+
+def test_hold():
+    if HOLD and os.fork() == 0:   # a daemon that keeps the run's stdout and stderr open
+        os.setsid()
+        if os.fork() == 0:
+            while True:
+                time.sleep(1)
+        os._exit(0)
+'''
+
+
+def test_a_daemon_holding_a_runs_output_times_out_that_mutant_only(tmp_path):
+    """The run's output never ends while a process that left its group holds the pipes: that
+    mutant times out, and the rest go on (after the timeout, reading the rest of its output
+    waited for the daemon: the whole sandbox ran to its wall clock, every mutant lost)."""
+    from stages.agent.envs import run_mutants
+
+    env = _env(tmp_path / "holds", "holds", "mod", "HOLD = False\n", HOLDS_TESTS)
+    reqs = [{"id": str(i), "file": "pkg/mod.py", "source": f"HOLD = {hold}\n",
+             "tests": ["tests/test_mod.py::test_hold"]} for i, hold in enumerate([True, False])]
+    res = run_mutants(env.tree, env, reqs, timeout=3, wall_seconds=30)
+    assert {k: (v["status"], v["outcomes"]) for k, v in res.items()} == {
+        "0": ("timeout", {}), "1": ("ok", {"tests/test_mod.py::test_hold": "pass"})}
+
+
+ORPHANS_TESTS = '''\
+import subprocess
+
+
+def test_background_jobs():
+    for _ in range(48):   # each an orphan once its shell exits; the sandbox allows 32 processes
+        subprocess.run(["sh", "-c", "true &"], check=True)
+'''
+
+
+def test_orphans_of_a_mutants_run_are_reaped_as_they_exit(tmp_path):
+    """The mutants' process is a subreaper (what a run leaves stays its own, to be killed):
+    the orphans it inherits are reaped as they exit, as the sandbox's pid 1 reaps them in a
+    plain run; zombies would count against the sandbox's process limit (max_processes 32)."""
+    from stages.agent.envs import run_mutants
+
+    env = _env(tmp_path / "orphans", "orphans", "mod", "X = 1\n", ORPHANS_TESTS)
+    res = run_mutants(env.tree, env, [{"id": "0", "file": "pkg/mod.py", "source": "X = 2\n",
+                                       "tests": None}], timeout=30, wall_seconds=60)
+    assert res["0"]["outcomes"] == {"tests/test_mod.py::test_background_jobs": "pass"}, res

@@ -13,8 +13,10 @@
    outcome is assumed. FAIL_TO_PASS = the tests that passed on the original tree and fail
    (or error, or are missing) on the buggy one, PASS_TO_PASS = those that pass on both (a
    test skipped on the buggy tree is in neither); a bug is valid when both are non-empty
-   (rejections of this run are counted ``full_suite_*``). Each mutant's tests run with a home
-   and temp folder of their own, so one mutant's leftovers do not change the next's outcomes.
+   (rejections of this run are counted ``full_suite_*``). Each mutant's tests run on a fresh
+   copy of the tree, with a home and temp folder of their own, and every process they leave
+   (daemons too) is killed after them, so one mutant's leftovers do not change the next's
+   outcomes (runner/cwtest.py).
 4. A valid bug is kept (up to ``max_tasks``) only when the reward itself, run as after an
    episode, gives the original tree 1.0 and the buggy tree 0.0 (``reward_check_*`` counts
    the others): hidden tests that depend on one another, or on the suite's order, must not
