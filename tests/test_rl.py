@@ -15,12 +15,14 @@ from types import SimpleNamespace
 
 import pytest
 
+from codeworld import prompts
 from codeworld.config import ConfigError, load_params, parse_params
 from codeworld.split import corpus_id, heldout
 from codeworld.storage import Storage
+from codeworld.tokens import encode
 from model.grpo import FP8_WIDTH, Sample, empty_microbatch, group_advantages, microbatches
 from model.rl import allocate, step_plan
-from stages.rl_tasks import frame_reward, output_reward, prepare_pool, read_pool, split_frames
+from stages.rl_tasks import frame_reward, output_reward, prepare_pool, read_pool, reward, split_frames
 from stages.train_phase import run_in_own_group
 from tests.train_fixtures import (build_rl_root, calc_task, rl_program_records,
                                   write_dataset)
@@ -222,7 +224,8 @@ def test_pool_answers_come_from_the_sandbox(rl_root, tmp_path):
     data["rl"].update(tasks={"output": 1.0, "next_frame": 1.0}, max_new_tokens=48,
                       agent_interval=0)
     local = parse_params(data)
-    stats = prepare_pool(local, _tokenizer(rl_root), tmp_path / "pool.jsonl")
+    tok = _tokenizer(rl_root)
+    stats = prepare_pool(local, tok, tmp_path / "pool.jsonl")
     pool = read_pool(tmp_path / "pool.jsonl")
     assert stats["output_dropped_sandbox_ok"] == 1 and "p3" not in {i["id"] for i in pool["output"]}
     by_id = {r["id"]: r for r in records}
@@ -230,15 +233,16 @@ def test_pool_answers_come_from_the_sandbox(rl_root, tmp_path):
         rec = by_id[item["id"]]
         assert not heldout(corpus_id(rec), params.pack.heldout_percent, params.pack.seed)
         assert item["answer"] == repr(int(rec["call"][2:-1]) % 2)    # what running it gives
-        assert output_reward(item["answer"] + "<|end_of_turn|>", item["answer"]) == 1.0
+        # scored as RL scores a completion: its ids, as SFT taught the answer
+        assert reward(item, tok, encode(tok, prompts.output_answer(item["answer"]))) == 1.0
         wrong = "1" if item["answer"] == "0" else "0"
-        assert output_reward(wrong + "<|end_of_turn|>", item["answer"]) == 0.0
+        assert reward(item, tok, encode(tok, prompts.output_answer(wrong))) == 0.0
     assert pool["next_frame"] and stats["pool_next_frame"] == len(pool["next_frame"])
     for item in pool["next_frame"]:
         frames = split_frames(by_id[item["id"]]["trace"])
         assert item["answer"] == frames[item["frame"]]
         assert item["prompt"].endswith("".join(frames[:item["frame"]]))
-        assert frame_reward(item["answer"], item["answer"]) == 1.0
+        assert reward(item, tok, tok.encode(item["answer"]).ids) == 1.0
 
 
 @needs_bwrap
