@@ -149,20 +149,32 @@ def _kill_descendants(budget=2.0):
     return not pids and not others
 
 
-def _kill_subtree(root, deadline, keep=None):
-    """SIGKILL the descendants of ``root`` by pid until none is left or ``deadline`` passes,
-    reaping our exited children but ``keep``; (descendants left, other pids of the namespace)."""
+def _kill_until_gone(find, deadline):
+    """SIGKILL the pids ``find()`` lists, by pid, until it lists none or ``deadline``
+    (monotonic) passes; the pids it listed last."""
     while True:
-        _reap(keep=keep)
-        pids, others = _scan(root)
+        pids = find()
         if not pids or time.monotonic() > deadline:
-            return pids, others
+            return pids
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
         time.sleep(0.0005)
+
+
+def _kill_subtree(root, deadline, keep=None):
+    """SIGKILL the descendants of ``root`` by pid until none is left or ``deadline`` passes,
+    reaping our exited children but ``keep``; (descendants left, other pids of the namespace)."""
+    others = []
+
+    def descendants():
+        _reap(keep=keep)
+        pids, others[:] = _scan(root)
+        return pids
+
+    return _kill_until_gone(descendants, deadline), others
 
 
 _LIBC = []
@@ -556,16 +568,9 @@ def _kill_all_but(keep, deadline):
     left, whatever they did (setsid, double fork, a namespace of their own: all show in
     this /proc, the request's own, mounted by its init). Orphans stay the init's, which
     reaps them as they exit, as in a request of its own."""
-    while True:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in keep]
-        if not pids or time.monotonic() > deadline:
-            return pids
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        time.sleep(0.0005)
+    return _kill_until_gone(
+        lambda: [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in keep],
+        deadline)
 
 
 def _finish_child():
