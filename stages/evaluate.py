@@ -28,15 +28,15 @@ they would not belong to.
 
 Programs are drawn once (a seeded hash order among the held-out traces whose prompt + trace fit
 `max_program_tokens` and whose trace fits the generation cap `max_new_tokens`), so every phase
-answers the same questions; an output answer longer than `output_max_new_tokens` is not asked
-(a question the cap leaves no room to answer scores 0 whatever the model; RL's tasks skip them
-alike). Outputs: metrics/evaluate.json
-(DVC), the MLflow run `evaluate`, `evaluate/<phase>.jsonl` (each prediction and its metrics) and
-`evaluate/summary.json` under the storage root, and reports/evaluate.md with its plots. A
-record that cannot be used is counted (`skipped_*`), never fatal. The summary names each
-phase's checkpoint by its folder, iteration and run (run.json's fingerprint; a phase retrained
-to the same iteration has the same folder): the export's card takes a phase's figures only
-when all three are those of the checkpoint it exports.
+answers the same questions; an output answer longer than `output_max_new_tokens` is not asked (a
+question the cap leaves no room to answer scores 0 whatever the model; RL's tasks skip them
+alike), nor one whose result repr the tracer cut short (no answer is the cut text). Outputs:
+metrics/evaluate.json (DVC), the MLflow run `evaluate`, `evaluate/<phase>.jsonl` (each
+prediction and its metrics) and `evaluate/summary.json` under the storage root, and
+reports/evaluate.md with its plots. A record that cannot be used is counted (`skipped_*`), never
+fatal. The summary names each phase's checkpoint by its folder, iteration and run (run.json's
+fingerprint; a phase retrained to the same iteration has the same folder): the export's card
+takes a phase's figures only when all three are those of the checkpoint it exports.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from codeworld.tracking import StageRun
 from stages import tokenizer as tokenizer_stage
 from stages.documents import DocumentError, NotATask, object_records, render
 from stages.pack import source_documents
+from stages.tracer.reprs import cut_short
 from stages.train_phase import RUN, phase_dir, read_steps
 
 # model.launch (imported through train_phase) starts training; evaluation never runs it
@@ -85,9 +86,12 @@ def heldout_programs(params: Params, storage: Storage, tok, counts: dict) -> lis
     builder does (stages/rl_tasks.py): a trace longer than max_new_tokens is not drawn
     (`skipped_answer_too_long`, among the held-out traces); a drawn program whose output
     answer (repr + end of turn) is longer than output_max_new_tokens keeps its trace task but
-    has no output task (`output_task` False; `skipped_output_too_long`, among the drawn)."""
+    has no output task (`output_task` False; `skipped_output_too_long`, among the drawn), nor
+    has one whose result the tracer cut short (its mark appended: no answer is that text;
+    `skipped_output_truncated`, among the drawn). Their `result` stays: the trace's return
+    frame holds the same text, which the predicted trace is scored against."""
     cfg = params.evaluate
-    for key in ("skipped_answer_too_long", "skipped_output_too_long"):
+    for key in ("skipped_answer_too_long", "skipped_output_too_long", "skipped_output_truncated"):
         counts.setdefault(key, 0)
     cands = []
     for record in object_records(Dataset(storage.sub("traces")), counts, "skipped_broken"):
@@ -123,10 +127,16 @@ def heldout_programs(params: Params, storage: Storage, tok, counts: dict) -> lis
                       "status": record["status"]})
     cands.sort(key=lambda c: _order(cfg.seed, c["id"]))
     chosen = sorted(cands[:cfg.max_programs], key=lambda c: c["id"])
-    for c in chosen:   # the answer the output prompt asks for, as RL counts it
-        c["output_task"] = c["result"] is not None and len(encode(
-            tok, prompts.output_answer(c["result"]))) <= cfg.output_max_new_tokens
-        counts["skipped_output_too_long"] += int(c["result"] is not None and not c["output_task"])
+    for c in chosen:   # the answer the output prompt asks for, as RL judges and counts it
+        c["output_task"] = False
+        if c["result"] is None:
+            continue
+        if cut_short(c["result"]):
+            counts["skipped_output_truncated"] += 1
+        elif len(encode(tok, prompts.output_answer(c["result"]))) > cfg.output_max_new_tokens:
+            counts["skipped_output_too_long"] += 1
+        else:
+            c["output_task"] = True
     counts["programs"] = len(chosen)
     counts["output_tasks"] = sum(1 for c in chosen if c["output_task"])
     return chosen
@@ -408,7 +418,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
                   params.tracking.experiment, metrics_path, track) as run_:
         counts = {"heldout_traces": 0, "skipped_no_task": 0, "skipped_broken": 0,
                   "skipped_too_long": 0, "skipped_answer_too_long": 0,
-                  "skipped_output_too_long": 0}
+                  "skipped_output_too_long": 0, "skipped_output_truncated": 0}
         with run_.timed("select"):
             programs = heldout_programs(params, storage, tok, counts)
             streams = heldout_streams(params, storage, tok, counts)

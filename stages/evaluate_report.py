@@ -172,7 +172,8 @@ def write_report(path: Path, doc: dict, programs: list[dict],
           f"{c.get('skipped_answer_too_long', 0)} with a trace longer than the generation cap, "
           f"{c.get('skipped_no_task', 0)} without a trace task, {c.get('skipped_broken', 0)} "
           f"broken; {c.get('skipped_output_too_long', 0)} not asked their output (a repr longer "
-          f"than its cap). Greedy decoding.", "",
+          f"than its cap), {c.get('skipped_output_truncated', 0)} not asked it for a repr the "
+          f"tracer cut short (no answer is the cut text). Greedy decoding.", "",
           f"Phases evaluated: {', '.join(phases)}" + (
               f"; not evaluated: {', '.join(doc['missing'])}" if doc["missing"] else "") + ".", ""]
     # why a phase was left out (summary.json's `unusable`; absent: it has no checkpoint)

@@ -34,11 +34,11 @@ from codeworld.shards import Dataset, dumps
 from codeworld.split import corpus_id, heldout
 from codeworld.storage import Storage, filesystem, write_atomic
 from codeworld.tokens import END_OF_TEXT, ROLE_TOKENS, TRACE_TOKENS, Text, encode
+from stages.tracer.reprs import cut_short
 
 FRAME_SEP = TRACE_TOKENS[1]
 END_OF_TURN = ROLE_TOKENS[4]
 KINDS = ("output", "next_frame")
-TRUNCATED = "...<truncated>"   # the tracer's mark on a cut value: not answerable exactly
 
 
 def output_reward(pred: str | None, truth: str) -> float:
@@ -119,7 +119,7 @@ def _candidates(params: Params, tok, records: list[dict], counts: Counter) -> di
 def _output_item(rec: dict, tok, room: int, max_new: int) -> dict | str:
     if not prompts.has_output_task(rec):
         return "no_task"
-    if TRUNCATED in rec["result"]:
+    if cut_short(rec["result"]):
         return "truncated_value"
     prompt = prompts.output_prompt(rec["code"], rec["call"])
     if _count(tok, prompt) > room:
@@ -145,7 +145,7 @@ def _frame_item(rec: dict, tok, room: int, max_new: int, seed: int) -> dict | st
         used += sizes[k - 1]
         if used > room:
             break
-        if sizes[k] <= max_new and TRUNCATED not in frames[k]:
+        if sizes[k] <= max_new and not cut_short(frames[k]):
             fits.append(k)
     if not fits:
         return "prompt_too_long"

@@ -723,6 +723,38 @@ def test_questions_the_generation_caps_cannot_let_the_model_answer_are_not_asked
         {p["id"] for p in programs if p["output_task"]}
 
 
+def test_an_output_the_tracer_cut_short_is_not_asked_and_is_counted(tmp_path):
+    """A result repr over the tracer's limit is kept cut, with its mark: no answer is that
+    text, so the question scored 0 whatever the model (RL's task builder skipped it already).
+    Not asked, counted; the program's trace is still asked, its return frame scored against
+    the cut value the trace itself holds."""
+    from codeworld.split import corpus_id, heldout
+    from stages.evaluate import heldout_programs
+    from stages.tokenizer import load
+    from stages.tracer.reprs import MARKER
+
+    records = _sized_records(12)
+    for r in records[1::2]:   # cut short, in the record's result and its trace's return frames
+        cut = r["result"][:-1] + MARKER
+        r["trace"] = r["trace"].replace(json.dumps(r["result"]), json.dumps(cut))
+        r["result"] = cut
+    params, _ = _stage_root(tmp_path, records, max_programs=100, max_program_tokens=10_000,
+                            max_new_tokens=10_000, output_max_new_tokens=10_000)
+    tok = load(Storage(str(tmp_path)))
+    held = {r["id"]: r for r in records if heldout(corpus_id(r), 50.0)}
+    cut = {i for i, r in held.items() if r["result"].endswith(MARKER)}
+    assert cut and set(held) - cut
+    counts = {"heldout_traces": 0, "skipped_no_task": 0, "skipped_broken": 0,
+              "skipped_too_long": 0}
+    programs = heldout_programs(params, Storage(str(tmp_path)), tok, counts)
+    assert {p["id"] for p in programs} == set(held)
+    assert {p["id"] for p in programs if not p["output_task"]} == cut
+    assert counts["skipped_output_truncated"] == len(cut)
+    assert counts["skipped_output_too_long"] == 0
+    assert counts["output_tasks"] == len(held) - len(cut)
+    assert all(p["result"] == held[p["id"]]["result"] for p in programs)   # output_from_trace
+
+
 # --- on a tiny trained checkpoint (tokenizer, pack and pretrain stages run for real) ----------
 
 # The fixture's 6 held-out traces are 106 to 256 tokens: max_new_tokens lets each be answered

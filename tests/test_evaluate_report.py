@@ -69,10 +69,12 @@ def test_the_report_says_why_each_phase_was_left_out(tmp_path, drawn):
     doc = _doc()
     doc["missing"] = ["sft", "rl"]
     doc["unusable"] = {"sft": "data/checkpoints/sft/iter_0000004/__0_1.distcp: missing"}
-    doc["counts"].update(skipped_answer_too_long=4, skipped_output_too_long=1)
+    doc["counts"].update(skipped_answer_too_long=4, skipped_output_too_long=1,
+                         skipped_output_truncated=2)
     write_report(tmp_path / "evaluate.md", doc, [])
     md = (tmp_path / "evaluate.md").read_text()
     assert "not evaluated: sft, rl." in md and "no checkpoint: sft" not in md
     assert "- sft: data/checkpoints/sft/iter_0000004/__0_1.distcp: missing\n- rl: no checkpoint" in md
     assert "4 with a trace longer than the generation cap" in md
-    assert "1 not asked their output" in md
+    assert "1 not asked their output (a repr longer than its cap), 2 not asked it for a repr " \
+        "the tracer cut short" in md
