@@ -118,13 +118,16 @@ def parent_record(params: Params, phase: str) -> dict | None:
             "fingerprint": parent_fp}
 
 
-def phase_fingerprint(params: Params, phase: str, parent: dict | None = None) -> str:
+def phase_fingerprint(params: Params, phase: str, parent: dict | None = None,
+                      precision: str | None = None) -> str:
+    """`precision`: the one check_machine resolved ("auto" as fp32, bf16 or fp8 on this
+    machine); resolved here when not given (model/launch.py)."""
     cfg = phase_config(params, phase)
     parent = parent if parent is not None else parent_record(params, phase)
     sources = {n: m["fingerprint"] for n, m in pack_sources(params, phase).items()}
     return fingerprint(CODE, "train", 2, phase, params.model.model_dump(), cfg.model_dump(), sources,
                        parent and [parent["fingerprint"], parent["iteration"]],
-                       resolved_precision(cfg))
+                       precision if precision is not None else resolved_precision(cfg))
 
 
 def resolved_precision(cfg) -> str:
@@ -357,14 +360,15 @@ def run_phase(params: Params, phase: str, *, track: bool = True, extra: list[str
 
     # First: a precision, graph mode or backend this machine lacks must fail before
     # open_phase, whose claim clears the phase's checkpoints for a new fingerprint (precision
-    # and cuda_graph are in it), only for torchrun to fail on the same setting.
-    check_machine(params, phase)
+    # and cuda_graph are in it), only for torchrun to fail on the same setting. The precision
+    # it resolves is the fingerprint's (resolved once).
+    precision = check_machine(params, phase).name
     metrics_path = f"metrics/{phase}.json" if metrics_path == "default" else metrics_path
     plot_path = f"metrics/plots/{phase}.json" if plot_path == "default" else plot_path
     cfg = phase_config(params, phase)
     out = phase_dir(params, phase)
     parent = parent_record(params, phase)
-    fp = phase_fingerprint(params, phase, parent)
+    fp = phase_fingerprint(params, phase, parent, precision)
     # The ranks make the same split (model/data.py); this fails before torchrun when no
     # source of the blend can validate, and says which sources train without validating.
     validated, train_only = plan_validation(

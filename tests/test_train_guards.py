@@ -228,6 +228,31 @@ def test_a_checkpoint_of_auto_precision_is_no_resume_point_on_a_machine_that_res
     assert phase_fingerprint(params, "pretrain", parent={}) != on_cpu
 
 
+def test_the_stage_resolves_the_precision_once(root, tmp_path, monkeypatch):
+    """run_phase's check_machine resolved the precision ("auto": fp32 on a CPU, bf16 or fp8 on
+    a GPU) and threw the answer away, then phase_fingerprint resolved it again (as stages/rl.py
+    did): the fingerprint now takes the one check_machine resolved."""
+    from codeworld.config import parse_params
+    from model import build
+    from stages import train_phase
+    from tests.train_fixtures import tiny_params
+
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    params = parse_params(tiny_params(tmp_path))
+    calls = []
+    real = build.resolve_precision
+    monkeypatch.setattr(build, "resolve_precision",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
+    monkeypatch.setattr(train_phase, "check_pack", lambda *a: None)
+    monkeypatch.setattr(train_phase, "torchrun_command", lambda *a: [])
+    monkeypatch.setattr(train_phase, "train", lambda *a, **k: None)   # no torchrun
+    result = train_phase.run_phase(params, "pretrain", track=False, metrics_path=None,
+                                   plot_path=None)
+    assert len(calls) == 1, calls
+    # what a worker node computes (model/launch.finished: resolved there)
+    assert result["fingerprint"] == train_phase.phase_fingerprint(params, "pretrain")
+
+
 def test_a_setup_this_machine_lacks_is_one_error_line_from_the_command(root, tmp_path):
     import yaml
 
