@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import statistics
 import sys
 import time
@@ -201,13 +202,34 @@ def build_samples(groups: list[dict], episodes: list[dict], cfg: RLConfig) -> tu
     return samples, stats
 
 
-def policy_trainer(params: Params):
+def recorded_tokenizer(out: Path) -> str:
+    """The sha256 of the tokenizer the stage read once for this run (stages/rl.py: in its
+    fingerprint, its pool and out/run.json's tokenizer_sha256, written before torchrun).
+    TrainingSetupError naming the file when run.json is unreadable or records none."""
+    from stages.train_phase import RUN
+
+    try:
+        sha = json.loads((out / RUN).read_text()).get("tokenizer_sha256")
+    except (OSError, ValueError, AttributeError) as err:
+        raise TrainingSetupError(f"{out / RUN}: unreadable ({type(err).__name__}: {err}); the "
+                                 f"rl stage writes it before its ranks start: rerun it") from None
+    if not isinstance(sha, str) or not sha:
+        raise TrainingSetupError(f"{out / RUN}: records no tokenizer_sha256 (got {sha!r}); the "
+                                 f"rl stage records the tokenizer its run uses: rerun it")
+    return sha
+
+
+def policy_trainer(params: Params, tokenizer_sha256: str | None = None):
     """(trainer, tokenizer, vocabulary size) of phase rl on this rank: the phase's Trainer with
-    the policy-gradient loss. The process group is up (init_distributed)."""
+    the policy-gradient loss. The process group is up (init_distributed). `tokenizer_sha256`:
+    the one the stage recorded (recorded_tokenizer), so that every rank of the run uses the
+    tokenizer its run.json and fingerprint name, or fails naming the file if it was replaced
+    since; without it (bench/rl_step_check.py, no stage), the one the manifest names now."""
     from codeworld.storage import Storage
     from stages.tokenizer import load as load_tokenizer
 
-    tok = load_tokenizer(Storage(params.storage.root, params.storage.s3_endpoint_url))
+    tok = load_tokenizer(Storage(params.storage.root, params.storage.s3_endpoint_url),
+                         tokenizer_sha256)
     vocab = tok.get_vocab_size()
     trainer = Trainer(params, "rl", vocab)
     trainer.policy = PolicyLoss(vocab, params.rl.temperature, params.rl.kl_coef)
@@ -248,13 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = params.rl
     check_rl_layout(params)
     resolve_precision(cfg)   # a precision this machine lacks fails before the process group
+    out = Path(args.out)
+    tokenizer_sha256 = recorded_tokenizer(out)   # so does a run.json without its tokenizer
     init_distributed(params.parallel.backend)
     from megatron.core import parallel_state as ps
 
     from stages.rl_tasks import read_pool
 
-    trainer, tok, vocab = policy_trainer(params)
-    out = Path(args.out)
+    trainer, tok, vocab = policy_trainer(params, tokenizer_sha256)
     iteration = 0
     start = initial_policy(Path(args.init_from))
     found = checkpoint.latest(out)

@@ -581,3 +581,50 @@ def test_the_pool_is_made_with_the_tokenizer_the_fingerprint_names(tmp_path, mon
     with pytest.raises(ValueError, match="sha256 differs"):
         _run_stage(params, monkeypatch)
     assert not (tmp_path / "checkpoints" / "rl" / "pool.jsonl").exists()
+
+
+def test_the_ranks_train_with_the_tokenizer_the_stage_recorded(tmp_path, monkeypatch):
+    # the stage read the tokenizer's sha256 once (fingerprint, run.json, the pool), but each
+    # rank loaded the storage root's tokenizer as its manifest then said: a tokenizer retrained
+    # while the pool was made (or on another node's view of an S3 root) trained the parent's
+    # weights with other ids, under a run.json naming the first. Now the ranks load the one
+    # run.json records, and a replaced file fails naming it.
+    import hashlib
+
+    from tokenizers import Tokenizer, models
+
+    import model.rl as rank
+
+    params = _stage_root(tmp_path)
+    _run_stage(params, monkeypatch)                       # run.json, as the stage writes it
+    out = tmp_path / "checkpoints" / "rl"
+    recorded = json.loads((out / "run.json").read_text())["tokenizer_sha256"]
+    other = Tokenizer(models.WordLevel({"b": 0, "[UNK]": 1}, unk_token="[UNK]")).to_str()
+    (tmp_path / "tokenizer" / "tokenizer.json").write_text(other)        # retrained since,
+    (tmp_path / "tokenizer" / "manifest.json").write_text(json.dumps(      # its manifest too
+        {"sha256": hashlib.sha256(other.encode()).hexdigest(), "fingerprint": "other"}))
+    assert hashlib.sha256(other.encode()).hexdigest() != recorded
+
+    class Built(Exception):
+        pass
+
+    def trainer(params, phase, vocab):   # how far the rank got: it has a tokenizer by now
+        raise Built(vocab)
+
+    monkeypatch.setattr(rank, "init_distributed", lambda backend: None)
+    monkeypatch.setattr(rank, "Trainer", trainer)
+    (tmp_path / "params.json").write_text(json.dumps(params.model_dump()))
+    args = ["--params", str(tmp_path / "params.json"), "--pool", str(out / "pool.jsonl"),
+            "--out", str(out), "--init-from", str(tmp_path / "checkpoints" / "pretrain"),
+            "--steps-log", str(out / "steps.jsonl")]
+    with pytest.raises(ValueError, match=r"tokenizer\.json: sha256 differs from the recorded "
+                                         + recorded[:12]):
+        rank.main(args)
+    # the file the stage recorded: the rank goes on to build its trainer
+    (tmp_path / "tokenizer" / "tokenizer.json").write_bytes(
+        Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).to_str().encode())
+    with pytest.raises(Built):
+        rank.main(args)
+    (out / "run.json").write_text(json.dumps({"fingerprint": "fp"}))   # no record: refused
+    with pytest.raises(rank.TrainingSetupError, match=r"run\.json: records no tokenizer_sha256"):
+        rank.main(args)
