@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 
 from codeworld import prompts
 from codeworld.tokens import ROLE_TOKENS, Plain, Text, assistant_parts, joined
+from stages.tracer.reprs import cut_short
 
 SYSTEM, USER, ASSISTANT, TOOL_RESULT, END_OF_TURN = ROLE_TOKENS
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT, "tool": TOOL_RESULT,
@@ -92,6 +93,10 @@ def render(record: dict, fmt: str, *, observation_mask: float = 0.0, seed: int =
             raise NotATask(f"no output task: the call did not return (status "
                            f"{record.get('status')!r})" if record.get("status") != "ok" else
                            "no output task: no code and call (a repository trace)")
+        if cut_short(record["result"]):
+            # The tracer cut the repr at its limit: no program prints that text, so it would
+            # teach an answer RL and evaluation never ask for (they skip such tasks too).
+            raise NotATask("no output task: the result repr was cut short by the tracer")
         return [(prompts.output_prompt(record["code"], record["call"]), False),
                 (prompts.output_answer(record["result"]), True)]
     if fmt == "sft_agent":

@@ -239,6 +239,20 @@ def test_an_output_task_with_a_field_of_the_wrong_type_is_broken_not_missing():
         render({"id": "b", "status": "ok", "result": "1"}, "sft_output")
 
 
+def test_an_output_the_tracer_cut_short_is_no_sft_answer():
+    # RL and evaluation never ask for a cut repr (no program prints "'aaa...<truncated>"):
+    # SFT teaching it as the answer would train the model to write the mark instead.
+    from stages.documents import NotATask, render
+    from stages.tracer.reprs import truncate
+
+    cut = truncate(repr("a" * 5000))
+    record = {"id": "a", "status": "ok", "code": "def f():\n    return 'a' * 5000\n",
+              "call": "f()", "result": cut}
+    with pytest.raises(NotATask, match="cut short by the tracer"):
+        render(record, "sft_output")
+    assert render({**record, "result": repr("a" * 10)}, "sft_output")
+
+
 def test_sft_documents_packed_in_windows_make_whole_samples(root, tmp_path):
     # end to end, Megatron cut SFT tasks across samples: ~44% of the default's answer tokens
     # were trained without the start of their prompt. Packed whole into windows of the

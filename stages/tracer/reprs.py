@@ -58,7 +58,8 @@ _BIG = 64  # elements: below this the whole repr is cheap
 def cut_short(text: str) -> bool:
     """Whether text the tracer wrote (a repr, a frame) holds a value cut at its limit (MARKER
     appended): such a text is not the value's repr, so no answer can be checked against it
-    exactly. RL's tasks and evaluation (stages/rl_tasks.py, stages/evaluate.py) do not ask it."""
+    exactly. RL's tasks, evaluation and SFT's output documents (stages/rl_tasks.py,
+    stages/evaluate.py, stages/documents.py) do not ask it."""
     return MARKER in text
 
 
