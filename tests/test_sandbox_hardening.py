@@ -457,6 +457,38 @@ def test_a_command_starts_with_signals_as_from_a_shell(probe):
     assert r.killed_by_signal == signal.SIGXFSZ, r
 
 
+OPEN_PTYS_AND_DEVICES = """
+    import errno
+    ptys, why = [], None
+    try:
+        while len(ptys) < 40:
+            ptys.append(os.openpty())
+    except OSError as e:
+        why = errno.errorcode[e.errno]
+    dev = []
+    for name in ('/dev/null', '/dev/zero', '/dev/urandom'):
+        with open(name, 'rb') as f:
+            dev.append(len(f.read(4)))
+    with open('/dev/null', 'w') as f:
+        f.write('x')
+    with open('/dev/shm/f', 'w') as f:
+        f.write('x')
+    try:
+        open('/dev/pts/f', 'w')
+    except OSError as e:
+        dev.append(errno.errorcode[e.errno])
+    result = [len(ptys), why, dev, os.listdir('/dev/pts')]
+"""
+
+
+def test_a_program_opens_no_pseudo_terminal(probe):
+    """Every devpts but the host's first one draws on one pool of the kernel's (3072 ptys by
+    default, containers' included): a program opened 1000 in one sandbox. None is to be had,
+    and the devices that are used still work."""
+    for got in _in_both(OPEN_PTYS_AND_DEVICES):
+        assert got == [0, "ENOENT", [0, 4, 4, "EROFS"], []], got
+
+
 LEAVE_TMP_ODD = """
     import array, errno, fcntl, struct
     ace = lambda tag, perm: struct.pack('<HHI', tag, perm, 0xFFFFFFFF)

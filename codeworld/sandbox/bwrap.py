@@ -5,10 +5,10 @@ Layout inside every sandbox (both ``run_command`` and the fork server):
   <sys.base_prefix>                               the Python installation, read-only, at
                                                   its own path (its RPATH is absolute)
   explicit binds (code dirs, workdir, extra_ro_binds) at their destinations
-  /proc (new, own pid namespace), /dev (minimal), /tmp and /dev/shm (private tmpfs,
-  size-capped); everything else, / included, is read-only and empty: no /etc, no /root,
-  no $HOME, no repository, no network (own net namespace: only its own loopback, which
-  bwrap brings up). seccomp.py: sockets of AF_UNIX/INET/INET6 only, no io_uring, no keyrings;
+  /proc (new, own pid namespace), /dev (minimal, no ptys: NO_PTYS), /tmp and /dev/shm
+  (private tmpfs, size-capped); everything else, / included, is read-only and empty: no /etc,
+  no /root, no $HOME, no repository, no network (own net namespace: only its own loopback,
+  which bwrap brings up). seccomp.py: sockets of AF_UNIX/INET/INET6 only, no io_uring, no keyrings;
   memcg.py: one memory cap on the whole sandbox.
 
 Privileges. Run as root, bwrap would map the sandbox uid to kernel uid 0, and the kernel
@@ -54,6 +54,17 @@ class Bind:
 # uid), so bwrap must never inherit the host's environment (credentials!): --clearenv only
 # scrubs the program's.
 LAUNCH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+# No pseudo-terminals. bwrap --dev mounts a devpts of the sandbox's own with no cap on its
+# count: the kernel's pool of ptys (kernel/pty/max less kernel/pty/reserve, 3072 by default)
+# is shared by every devpts but the host's first one, containers' included, and one program
+# opened 1000 ptys, all it tried (the default rlimits allow 128 a process, 64 processes).
+# Nothing run here needs one: traced programs may not import pty/tty/termios (programs/
+# scope.py), the agent's bash runs `bash -c` on pipes, test suites run on pipes and the pinned
+# repositories' code opens none. So an empty read-only tmpfs covers that devpts: /dev/ptmx
+# (a link to pts/ptmx) leads nowhere, openpty fails with ENOENT, and the covered devpts can
+# only be reached by unmounting, which no program's capabilities allow.
+NO_PTYS = ("--tmpfs", "/dev/pts", "--remount-ro", "/dev/pts")
 
 
 def host_pidns() -> int:
@@ -193,7 +204,7 @@ def build_argv(command: Sequence[str], *, uid: int | None, binds: Iterable[Bind]
     for dest, nbytes in sized_tmpfs:
         inner += ["--size", str(int(nbytes)), "--tmpfs", _check_dest(dest)]
     size = ["--size", str(int(tmpfs_bytes))] if "--size" in feats else []
-    inner += ["--proc", "/proc", "--dev", "/dev", *size, "--tmpfs", "/tmp",
+    inner += ["--proc", "/proc", "--dev", "/dev", *NO_PTYS, *size, "--tmpfs", "/tmp",
               *size, "--tmpfs", "/dev/shm", "--remount-ro", "/", "--remount-ro", "/dev",
               "--chdir", chdir]
     if status_fd is not None:
