@@ -480,6 +480,27 @@ def test_working_copy_quota_holds_within_one_command(probe, tmp_path):
     assert (repo / "late.txt").read_text() == "late\n"
 
 
+def test_a_copy_the_host_stopped_waiting_for_is_reported(probe, tmp_path, monkeypatch):
+    """The host waits COPY_GRACE_SECONDS past the command's wall time for the copy, then kills
+    the sandbox: what the command wrote is lost, and the caller is told so (it was told only
+    that the command timed out). Measured with the real grace (20 s): a command that left
+    200,000 empty files (wall 30 s) kept its launcher's tar busy past it, and its other file
+    was dropped without a word. Here the grace is 0 s, so the host's clock runs out first."""
+    from codeworld.sandbox import quota
+
+    monkeypatch.setattr(quota, "COPY_GRACE_SECONDS", 0.0)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "kept.txt").write_text("before")
+    r = run_command(["sh", "-c", "echo after > kept.txt; echo new > new.txt; sleep 30"],
+                    workdir=repo, writable_workdir=True, workdir_quota_bytes=1 << 20,
+                    limits=SMALL.replace(wall_seconds=1))
+    assert r.timed_out and r.returncode == -signal.SIGKILL, r
+    assert r.workdir_error and "before its working copy came back" in r.workdir_error, r
+    assert (repo / "kept.txt").read_text() == "before" and not (repo / "new.txt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["repo"]
+
+
 def test_a_command_cannot_forge_the_copy_it_sends_back(probe, tmp_path):
     """Only the launcher holds the pipe the copy goes back through: a command that tries every
     descriptor it can reach (its own, its launcher's, pid 1's, through /proc) writes nowhere,

@@ -106,7 +106,8 @@ class QuotaCopy:
         self.read_fd, self.write_fd = os.pipe()
         self.sink = FrameSink(os.path.join(self.box, "copy.tar"), 2 * self.quota + (1 << 20))
         # the copy's tmpfs pages are the sandbox's memory too: its cap grows by the quota
-        self.limits = limits.replace(wall_seconds=limits.wall_seconds + COPY_GRACE_SECONDS,
+        self.grace = COPY_GRACE_SECONDS
+        self.limits = limits.replace(wall_seconds=limits.wall_seconds + self.grace,
                                      sandbox_memory_bytes=limits.sandbox_memory() + self.quota)
         self.binds = [Bind(wd, SRC)]
         self.tmpfs = [(DEST, self.quota)]
@@ -133,8 +134,12 @@ class QuotaCopy:
             unpack(self.sink.file.name, new, 2 * self.quota)
             exchange(new, self.wd)
         except Exception as err:   # the folder stays as it was
-            if not result.timed_out:   # (killed by the host's clock: nothing came back)
-                result.workdir_error = f"the working copy was not taken back: {err}"[:500]
+            if result.timed_out and not self.sink.complete:
+                # the host's clock ran out (copying in or out took over the grace): the
+                # command's writes are lost, which "timed out" alone does not tell
+                err = (f"the sandbox was killed {self.grace:g} s past the command's "
+                       f"wall time, before its working copy came back")
+            result.workdir_error = f"the working copy was not taken back: {err}"[:500]
             return
         sig = code - 128 if 128 < code < 128 + 65 else None   # bwrap's convention
         result.returncode, result.killed_by_signal = (-sig, sig) if sig else (code, None)
