@@ -64,6 +64,10 @@ STATUSES = ("ok", "exception", "too_long", "invalid")
 # more of its stderr is kept than its tail (all that is used of it: stats["stderr_tail"]).
 READ_SLACK = 1000
 STDERR_TAIL_BYTES = 16 << 10
+# How the runner's json.dumps begins a record ({"test": ...}) and its summary: no other line is
+# parsed, nor counts against the lines that are (a suite's "{" lines before the records took
+# them all, and its records were lost).
+RECORD_START, SUMMARY_START = b'{"test": ', b'{"summary": '
 
 
 @dataclass(frozen=True)
@@ -261,13 +265,14 @@ def _read_output(data: bytes | bytearray, *, cut: bool, max_traces: int,
 
     The suite's own code shares the process that writes these lines and could write lines of
     its own, as many as the output cap holds: a line that does not start with "{" is counted
-    as bad without being decoded or parsed, and so is one longer than any record can be; at
-    most ``max_traces`` + 1 + READ_SLACK lines are parsed, after which only the last line
-    is, for the summary the runner writes last. A line not parsed counts as bad."""
+    as bad without being decoded or parsed, as is one that does not start as the runner's
+    records and summary do (RECORD_START, SUMMARY_START) and one longer than any record can
+    be; at most ``max_traces`` + 1 + READ_SLACK lines are parsed, after which only the last
+    line is, for the summary the runner writes last. A line not parsed counts as bad."""
     # a record's trace is at most max_bytes of UTF-8, up to 6 bytes each in JSON (\u00XX)
-    lines = JsonLines(data, cut=cut, max_line_bytes=6 * limits.max_bytes + (1 << 20))
+    lines = JsonLines(data, cut=cut, max_line_bytes=6 * limits.max_bytes + (1 << 20),
+                      starts=(RECORD_START, SUMMARY_START))
     recs, summary, good, malformed, reserved = [], None, 0, 0, 0
-    budget = max_traces + 1 + READ_SLACK
 
     def take(obj) -> None:
         nonlocal summary, good, malformed, reserved
@@ -286,13 +291,8 @@ def _read_output(data: bytes | bytearray, *, cut: bool, max_traces: int,
             else:
                 recs.append(obj)
 
-    for i, (start, stop) in enumerate(lines.spans()):
-        if i == budget:
-            last = lines.last()
-            if isinstance(last, dict) and set(last) == {"summary"}:
-                take(last)
-            break
-        take(lines.value(start, stop))
+    for obj in lines.read(max_traces + 1 + READ_SLACK, last_starts=(SUMMARY_START,)):
+        take(obj)
     return recs, summary, lines.lines - good, malformed, reserved
 
 

@@ -207,6 +207,27 @@ def test_json_lines_parse_only_lines_that_start_with_a_brace(monkeypatch):
     assert [v for v in cut if v is not None] == [{"a": 1}, {"b": "x" * 100}]
 
 
+def test_json_lines_parse_only_lines_that_start_as_records_do_within_a_budget(monkeypatch):
+    """A line that starts with "{" but not as the runner's records do is passed over unparsed;
+    the lines that do are parsed up to a budget, then only the last line (the summary)."""
+    from codeworld.sandbox.output import JsonLines
+    parses = _Parses(monkeypatch)
+    data = (b"{\n" * 5000 + b'{"r": 1}\n' + b'{"rx": 0}\n' + b'{"s": 0}\n' + b'{"r": \n' * 3
+            + b'{"r": 2}\n' + b'{"s": 9}\n')
+    lines = JsonLines(data, starts=(b'{"r": ', b'{"s": '))
+    assert list(lines) == [{"r": 1}, {"s": 0}, None, None, None, {"r": 2}, {"s": 9}]
+    assert lines.lines == 5008 and len(parses.calls) == 7
+    parses.calls.clear()
+    assert list(lines.read(3, last_starts=(b'{"s": ',))) == [{"r": 1}, {"s": 0}, None, {"s": 9}]
+    assert len(parses.calls) == 4
+    assert list(lines.read(3)) == [{"r": 1}, {"s": 0}, None]
+    assert list(lines.read(3, last_starts=(b'{"r": ',))) == [{"r": 1}, {"s": 0}, None, None]
+    assert list(JsonLines(b'{"r": 1}', starts=(b'{"r": ',))) == [{"r": 1}]   # the first line
+    assert list(JsonLines(b'{"r": 1}\n{"r', cut=True, starts=(b'{"r": ',))) == [{"r": 1}]
+    with pytest.raises(ValueError, match="starts"):
+        JsonLines(b"", starts=(b"",))
+
+
 def test_repo_traces_reads_its_output_lazily_and_parses_no_more_than_its_cap(monkeypatch,
                                                                                tmp_path):
     import stages.repo_traces as rt
@@ -217,7 +238,11 @@ def test_repo_traces_reads_its_output_lazily_and_parses_no_more_than_its_cap(mon
            b'"module": "pkg", "function": "f"}\n')
     summary = b'{"summary": {"tests_run": 1}}\n'
     junk_braces = rt.READ_SLACK + 500
-    out = rec % 0 + b"\xff\n" * 20000 + b"{\n" * junk_braces + rec % 1 + summary
+    # "{" lines do not crowd out the record after them; lines that start as records do do,
+    # past the parse budget
+    forged = rt.READ_SLACK + 500
+    out = (rec % 0 + b"\xff\n" * 20000 + b"{\n" * junk_braces + rec % 1
+           + (rt.RECORD_START + b"\n") * forged + rec % 2 + summary)
     calls = []
 
     def fake_run(argv, **kw):
@@ -229,14 +254,18 @@ def test_repo_traces_reads_its_output_lazily_and_parses_no_more_than_its_cap(mon
     records, stats = rt.trace_repository(tree, max_traces=2)
     # the runner's stderr: only its tail is kept (all that is read of it)
     assert calls[0]["stderr_tail_bytes"] == rt.STDERR_TAIL_BYTES
-    # no line of the \xff flood is parsed; of the "{" lines, max_traces + 1 + READ_SLACK, then
-    # the last (the summary)
-    assert len([c for c in parses.calls if c.startswith("{")]) == 2 + 1 + rt.READ_SLACK + 1
-    assert not [c for c in parses.calls if not c.startswith("{")]
+    # no line of the \xff flood nor of the "{" ones is parsed; of the lines that start as a
+    # record, max_traces + 1 + READ_SLACK, then the last (the summary)
+    assert len(parses.calls) == 2 + 1 + rt.READ_SLACK + 1
+    assert all(c.startswith((rt.RECORD_START.decode(), rt.SUMMARY_START.decode()))
+               for c in parses.calls)
     assert stats["completed"] and stats["tests_run"] == 1
-    assert [r["test"] for r in records] == ["t.T.test_a"]   # (the second: past the cap)
+    ids = [rt._record_id("r", None, {"test": "t.T.test_a", "seq": n, "module": "pkg",
+                                      "function": "f"}) for n in range(3)]
+    assert [r["id"] for r in records] == ids[:2]   # (the third: past the budget)
     # every line not taken is a bad line, parsed or not
-    assert stats["bad_lines"] == 20000 + junk_braces + 1 and stats["malformed_traces"] == 0
+    assert stats["bad_lines"] == 20000 + junk_braces + forged + 1
+    assert stats["malformed_traces"] == 0
 
 
 def test_agent_runs_read_their_output_lazily_and_keep_stderrs_tail(monkeypatch):
@@ -258,7 +287,33 @@ def test_agent_runs_read_their_output_lazily_and_keep_stderrs_tail(monkeypatch):
     assert list(envs.run_mutants(Path("/nonexistent"), env, [], timeout=1, wall_seconds=1)) \
         == ["m1"]
     assert [kw["stderr_tail_bytes"] for kw in calls] == [envs.STDERR_TAIL_BYTES] * 2
-    assert len(parses.calls) == 2 * 3   # the three "{" lines, of each run; none of the flood
+    # of each run, the lines that start as its records do (a test run: its record and
+    # summary; a mutants run: its mutant), none of the flood
+    assert len(parses.calls) == 2 + 1
+
+
+def test_agent_runs_parse_within_a_budget_and_keep_records_after_junk(monkeypatch):
+    """A test run's output: "{" junk before the records is passed over unparsed (8M such
+    lines, the 16 MiB cap, took the host 53 s to parse: bench/junk_output.py --stage agent);
+    lines that start as records do are parsed up to READ_BUDGET, then only the summary."""
+    from types import SimpleNamespace
+    import stages.agent.envs as envs
+    record = b'{"test": "t::%d", "outcome": "pass"}\n'
+    out = (b"{\n" * 50000 + record % 1 + (envs.TEST_START + b"\n") * 20 + record % 2
+           + b'{"summary": {"exit": 0}}\n')
+    monkeypatch.setattr(envs, "run_command", lambda argv, **kw: _fake_result(out))
+    monkeypatch.setattr(envs, "READ_BUDGET", 10)
+    parses = _Parses(monkeypatch)
+    env = SimpleNamespace(pythonpath="/work", sys_path=["/work"], pkg_files=[])
+    run = envs.run_tests(Path("/nonexistent"), env)
+    assert run.outcomes == {"t::1": "pass"} and run.summary == {"exit": 0}
+    assert len(parses.calls) == 10 + 1
+    mutants = b"{\n" * 50000 + b'{"mutant": "m1", "outcomes": {}, "messages": {}}\n'
+    monkeypatch.setattr(envs, "run_command", lambda argv, **kw: _fake_result(mutants))
+    parses.calls.clear()
+    assert list(envs.run_mutants(Path("/nonexistent"), env, [], timeout=1,
+                                 wall_seconds=1)) == ["m1"]
+    assert len(parses.calls) == 1
 
 
 def test_a_suite_flooding_the_runners_output_leaves_its_records_and_summary(tmp_path):

@@ -35,6 +35,13 @@ SANDBOX_SPEC = "/sandbox/spec"
 # a command's stderr kept: its tail, all that is read of it (TestRun.stderr_tail, a tool's
 # observation)
 STDERR_TAIL_BYTES = 16 << 10
+# Reading a run's stdout (the package's code shares the process that writes it): only lines
+# that start as cwtest.py's json.dumps starts its records and summary are parsed, at most
+# READ_BUDGET of a test run (a record per test: the pinned suites have a few thousand) and
+# READ_SLACK more than its mutants of a mutants run, then only the summary on the last line.
+# Without a budget the 16 MiB cap held 8M lines of "{" junk: the host parsed for 53 s.
+TEST_START, SUMMARY_START, MUTANT_START = b'{"test": ', b'{"summary": ', b'{"mutant": '
+READ_BUDGET, READ_SLACK = 100_000, 1000
 # pytest and what it imports at run time (pygments: its terminal writer highlights code).
 PYTEST_MODULES = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "pygments", "py")
 
@@ -209,7 +216,9 @@ def run_tests(tree: Path, env: Env, tests: list[str] | None = None, *, coverage:
     out = TestRun(timed_out=res.timed_out)
     # the package's code runs in the process that prints these lines: take only well-formed
     # ones (a record of another shape must not stop the stage reading it)
-    for rec in JsonLines(res.stdout_bytes, cut=res.stdout_truncated):
+    lines = JsonLines(res.stdout_bytes, cut=res.stdout_truncated,
+                      starts=(TEST_START, SUMMARY_START))
+    for rec in lines.read(READ_BUDGET, last_starts=(SUMMARY_START,)):
         if not isinstance(rec, dict):
             continue
         if isinstance(rec.get("summary"), dict):
@@ -232,7 +241,8 @@ def run_mutants(tree: Path, env: Env, mutants: list[dict], *, timeout: float,
             "timeout": timeout, "mutants": mutants}
     res = sandbox(_runner_argv(), tree, env, wall_seconds=wall_seconds, spec=spec)
     results = {}
-    for rec in JsonLines(res.stdout_bytes, cut=res.stdout_truncated):
+    lines = JsonLines(res.stdout_bytes, cut=res.stdout_truncated, starts=(MUTANT_START,))
+    for rec in lines.read(len(mutants) + READ_SLACK):
         if isinstance(rec, dict) and isinstance(rec.get("mutant"), str) and \
                 isinstance(rec.get("outcomes"), dict) and isinstance(rec.get("messages"), dict):
             results[rec["mutant"]] = rec
