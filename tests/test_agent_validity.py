@@ -399,3 +399,37 @@ def test_orphans_of_a_mutants_run_are_reaped_as_they_exit(tmp_path):
     res = run_mutants(env.tree, env, [{"id": "0", "file": "pkg/mod.py", "source": "X = 2\n",
                                        "tests": None}], timeout=30, wall_seconds=60)
     assert res["0"]["outcomes"] == {"tests/test_mod.py::test_background_jobs": "pass"}, res
+
+
+SIGNALS_TESTS = '''\
+import os
+
+from pkg.mod import SIG
+
+
+def test_signal_the_parent():
+    if SIG:   # the parent: the mutants' runner (the same uid as the tests)
+        os.kill(os.getppid(), SIG)
+'''
+
+
+def test_a_mutant_whose_tests_signal_the_runner_costs_that_mutant_only(tmp_path):
+    """The mutants' runner (cwtest.py) runs as the tests' uid: a test could stop or kill it
+    (SIGTERM, SIGKILL, SIGSTOP to its parent), and every later mutant of the batch was lost
+    without a word. The runner now survives what it can catch (a mutant whose test sent
+    SIGTERM runs to its end); one killed or stopped costs the mutant that ran at the time
+    ("runner_killed"), and the others are run again in a fresh sandbox."""
+    import signal
+
+    from stages.agent.envs import run_mutants
+
+    env = _env(tmp_path / "signals", "signals", "mod", "SIG = 0\n", SIGNALS_TESTS)
+    sigs = [0, signal.SIGTERM, signal.SIGKILL, 0, signal.SIGSTOP, 0]
+    reqs = [{"id": str(i), "file": "pkg/mod.py", "source": f"SIG = {int(sig)}\n",
+             "tests": ["tests/test_mod.py::test_signal_the_parent"]} for i, sig in enumerate(sigs)]
+    res = run_mutants(env.tree, env, reqs, timeout=10, wall_seconds=20)
+    passed = ("ok", {"tests/test_mod.py::test_signal_the_parent": "pass"})
+    assert {k: (v["status"], v["outcomes"]) for k, v in res.items()} == {
+        "0": passed, "1": passed, "2": ("runner_killed", {}), "3": passed,
+        "4": ("runner_killed", {}), "5": passed}, res
+    assert "killed or stopped" in res["2"]["error"] and "timed out" in res["4"]["error"]

@@ -268,6 +268,9 @@ def test_repo_traces_reads_its_output_lazily_and_parses_no_more_than_its_cap(mon
     assert stats["malformed_traces"] == 0
 
 
+M1 = {"id": "m1", "file": "pkg/mod.py", "source": "", "tests": None}   # a mutant to run
+
+
 def test_agent_runs_read_their_output_lazily_and_keep_stderrs_tail(monkeypatch):
     from types import SimpleNamespace
     import stages.agent.envs as envs
@@ -284,7 +287,7 @@ def test_agent_runs_read_their_output_lazily_and_keep_stderrs_tail(monkeypatch):
     env = SimpleNamespace(pythonpath="/work", sys_path=["/work"], pkg_files=[])
     run = envs.run_tests(Path("/nonexistent"), env)
     assert run.outcomes == {"t::a": "pass"} and run.summary == {"exit": 0}
-    assert list(envs.run_mutants(Path("/nonexistent"), env, [], timeout=1, wall_seconds=1)) \
+    assert list(envs.run_mutants(Path("/nonexistent"), env, [M1], timeout=1, wall_seconds=1)) \
         == ["m1"]
     assert [kw["stderr_tail_bytes"] for kw in calls] == [envs.STDERR_TAIL_BYTES] * 2
     # of each run, the lines that start as its records do (a test run: its record and
@@ -311,7 +314,7 @@ def test_agent_runs_parse_within_a_budget_and_keep_records_after_junk(monkeypatc
     mutants = b"{\n" * 50000 + b'{"mutant": "m1", "outcomes": {}, "messages": {}}\n'
     monkeypatch.setattr(envs, "run_command", lambda argv, **kw: _fake_result(mutants))
     parses.calls.clear()
-    assert list(envs.run_mutants(Path("/nonexistent"), env, [], timeout=1,
+    assert list(envs.run_mutants(Path("/nonexistent"), env, [M1], timeout=1,
                                  wall_seconds=1)) == ["m1"]
     assert len(parses.calls) == 1
 

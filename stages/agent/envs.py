@@ -236,10 +236,40 @@ def run_tests(tree: Path, env: Env, tests: list[str] | None = None, *, coverage:
 
 def run_mutants(tree: Path, env: Env, mutants: list[dict], *, timeout: float,
                 wall_seconds: float) -> dict[str, dict]:
-    """Each mutant ``{"id", "file", "source", "tests"}`` run in one sandbox: {id: result}."""
+    """Each mutant ``{"id", "file", "source", "tests"}`` run in one sandbox (more, see below):
+    {id: result}.
+
+    The runner runs as the tests' uid and prints a mutant's result once its run is over, in
+    order: when it ends (or its sandbox times out) with mutants left unprinted, the tests of the
+    first of them killed or stopped it (what it can catch it survives, see cwtest.py). That
+    mutant's result is then ``runner_killed`` and the rest run again in a fresh sandbox (at
+    most one sandbox a mutant). A cut output gives no culprit: its mutants stay missing."""
+    results, todo = {}, list(mutants)
+    while todo:
+        res = _mutants_run(tree, env, todo, timeout=timeout, wall_seconds=wall_seconds)
+        got = _mutant_records(res, todo)
+        results.update(got)
+        left = [m for m in todo if m["id"] not in got]
+        if not left or res.stdout_truncated or (res.returncode == 0 and not res.timed_out):
+            break
+        why = ("the sandbox timed out while it ran" if res.timed_out
+               else f"the runner exited {res.returncode} while it ran")
+        results[left[0]["id"]] = {
+            "mutant": left[0]["id"], "status": "runner_killed", "outcomes": {}, "messages": {},
+            "error": f"its tests killed or stopped the mutants' runner: {why}"}
+        todo = left[1:]
+    return results
+
+
+def _mutants_run(tree: Path, env: Env, mutants: list[dict], *, timeout: float,
+                 wall_seconds: float):
     spec = {"mode": "mutants", "root": "/work", "sys_path": list(env.sys_path),
             "timeout": timeout, "mutants": mutants}
-    res = sandbox(_runner_argv(), tree, env, wall_seconds=wall_seconds, spec=spec)
+    return sandbox(_runner_argv(), tree, env, wall_seconds=wall_seconds, spec=spec)
+
+
+def _mutant_records(res, mutants: list[dict]) -> dict[str, dict]:
+    """The well-formed mutant result lines of a run's output (of ``mutants``), by id."""
     results = {}
     lines = JsonLines(res.stdout_bytes, cut=res.stdout_truncated, starts=(MUTANT_START,))
     for rec in lines.read(len(mutants) + READ_SLACK):

@@ -19,7 +19,8 @@ Modes (``spec["mode"]``):
   process the run left (this process is a child subreaper: a daemon that left the run's
   process group and session is still its descendant); one JSON line per mutant
   ``{"mutant", "status", "outcomes", "messages"}``. Nothing of one mutant's run reaches the
-  next's.
+  next's; a signal its tests send this process is caught and ignored (``_guard_signals``) but
+  SIGKILL and SIGSTOP, after which the host runs the later mutants again.
 
 The tests' own output goes to stderr; only these JSON lines go to stdout.
 """
@@ -237,6 +238,24 @@ def _prctl(option: int, value: int) -> None:
 
 PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 4, 36
 SCRATCH = ("/tmp", "/dev/shm")
+# Signals a mutant's tests (our uid) may send us that we can catch and leave alone: all but
+# SIGKILL and SIGSTOP (those end or stop us: the host sees its mutant's result missing, see
+# envs.run_mutants), SIGCHLD (``_run_group``'s) and those the kernel sends for a fault of our
+# own, whose handler would return to the faulting instruction.
+_NOT_GUARDED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGSEGV, signal.SIGBUS,
+                signal.SIGFPE, signal.SIGILL, signal.SIGABRT, signal.SIGTRAP, signal.SIGSYS}
+
+
+def _guard_signals() -> None:
+    """A handler that does nothing for each signal a test could end or stop us with. A
+    handler, not SIG_IGN: exec resets handlers to the default action but keeps a signal
+    ignored, and the tests' processes must start with the actions they would anywhere."""
+    for sig in signal.valid_signals():
+        if sig not in _NOT_GUARDED:
+            try:
+                signal.signal(sig, lambda *_: None)
+            except (OSError, ValueError):   # (one the C library keeps for itself)
+                pass
 
 
 def _remove(path: str) -> None:
@@ -270,6 +289,7 @@ def mutants(spec: dict) -> None:
     # Not dumpable: the tests (same uid) cannot write our memory or take our stdout.
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     _prctl(PR_SET_DUMPABLE, 0)
+    _guard_signals()
     found = {top: set(os.listdir(top)) for top in SCRATCH if os.path.isdir(top)}
     here = os.path.abspath(__file__)
     for m in spec["mutants"]:
