@@ -14,15 +14,14 @@ import numpy as np
 SENTINEL = np.uint32(0xFFFFFFFF)  # signature value reserved for documents without tokens
 
 _M64 = (1 << 64) - 1
-_WORD = np.zeros(256, dtype=bool)  # [A-Za-z_0-9]; UTF-8 bytes >= 0x80 are separators
-for _c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_0123456789":
-    _WORD[_c] = True
 
 _MUL = np.uint64(0xD6E8FEB86659FD93)  # combines 8-byte chunks / token hashes
 _LEN_K = 0xC2B2AE3D27D4EB4F
 _LONG = 64  # tokens longer than this are hashed one by one (rare: data blobs)
 _SLICE = 1 << 20  # bytes tokenised at once
-_SEP = re.compile(rb"[^A-Za-z_0-9]")
+# A separator byte (near_dedup.TOKEN_SPLIT): ASCII other than [A-Za-z_0-9]. Every byte of a
+# non-ASCII character's UTF-8 is >= 0x80, a word byte: a token never splits a character.
+_SEP = re.compile(rb"[^A-Za-z_0-9\x80-\xff]")
 _TAIL_MASK = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [_M64], dtype=np.uint64)
 
 
@@ -66,6 +65,7 @@ def _word_mask(buf: np.ndarray) -> np.ndarray:
     np.subtract(buf, np.uint8(48), out=low)
     w |= low < 10
     w |= buf == 95
+    w |= buf >= 0x80   # UTF-8 of a non-ASCII character
     return w
 
 

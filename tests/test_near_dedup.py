@@ -86,16 +86,19 @@ def test_exact_jaccard_matches_python_reference(sources):
 def test_separators_and_non_ascii():
     base = shingle_set("def foo(bar, baz): return qux_1 + 2", 5)
     assert np.array_equal(base, shingle_set("def  foo\t(bar ,baz)\n:return qux_1+2", 5))
-    # non-ASCII characters split tokens exactly like the ASCII regex does
-    assert np.array_equal(base, shingle_set("def\u00e9foo\u20acbar\u4e2dbaz return qux_1 \U0001f600 2", 5))
+    # non-ASCII characters are word characters (as TOKEN_SPLIT says): never a separator
+    assert not np.array_equal(base, shingle_set("def\u00e9foo\u20acbar\u4e2dbaz return qux_1 \U0001f600 2", 5))
+    text = "d\u00e9f caf\u00e9(\u4e2d\u6587, x) \U0001f600 \u00e9"
+    assert len(shingle_set(text, 5)) == len(ref_shingles(text)) == 2
     assert not np.array_equal(base, shingle_set("def foo(bar, baz): return qux_2 + 2", 5))
     assert not np.array_equal(base, shingle_set("def Foo(bar, baz): return qux_1 + 2", 5))  # case kept
     assert len(shingle_set("x\udcff y", 5)) == 1  # lone surrogates do not raise
 
 
 def test_short_and_empty_docs():
-    for text in ["", "   \n\t", "+-*/()", "\u00e9\u00e8 \u4e2d\u6587"]:
+    for text in ["", "   \n\t", "+-*/()"]:
         assert len(shingle_set(text, 5)) == 0
+    assert len(shingle_set("\u00e9\u00e8 \u4e2d\u6587", 5)) == 1   # two words, one shingle
     for k in range(1, 5):
         toks = " ".join(f"tok{i}" for i in range(k))
         s = shingle_set(toks, 5)
@@ -105,6 +108,22 @@ def test_short_and_empty_docs():
     assert not np.array_equal(shingle_set("a b", 5), shingle_set("a b c", 5))
     assert len(shingle_set("a b c d e", 5)) == 1 and len(shingle_set("a b c d e f", 5)) == 2
     assert len(shingle_set("a b c d e f", 3)) == 4
+
+
+def test_files_that_differ_only_in_non_ascii_text_are_not_near_duplicates():
+    """Translations (docutils' fa.py and ar.py in the default corpus: the same keys, other
+    words) and code whose identifiers are non-ASCII are different documents; with non-ASCII
+    characters as separators they were the same ASCII skeleton, Jaccard 1.0, and one was
+    removed."""
+    zh = "MESSAGES = {\n" + "".join(f'    "m{i}": "\u4f60\u597d\u4e16\u754c {i}",\n' for i in range(30)) + "}\n"
+    ja = "MESSAGES = {\n" + "".join(f'    "m{i}": "\u3053\u3093\u306b\u3061\u306f {i}",\n' for i in range(30)) + "}\n"
+    ru = 'def \u043f\u0440\u0438\u0432\u0435\u0442(\u0438\u043c\u044f):\n    return "\u0417\u0434\u0440\u0430\u0432\u0441\u0442\u0432\u0443\u0439" + \u0438\u043c\u044f\n'
+    gr = 'def \u03b3\u03b5\u03b9\u03ac(\u03cc\u03bd\u03bf\u03bc\u03b1):\n    return "\u0393\u03b5\u03b9\u03ac" + \u03cc\u03bd\u03bf\u03bc\u03b1\n'
+    for a, b in ((zh, ja), (ru, gr)):
+        got = jaccard(shingle_set(a, 5), shingle_set(b, 5))
+        assert got == pytest.approx(ref_jaccard(a, b)) and got < 0.7
+    assert near_dedup([zh, ja, ru, gr], CFG).removed == 0
+    assert near_dedup([zh, zh.replace("m3", "m33"), ru], CFG).removed == 1   # still found
 
 
 def test_long_tokens_distinct():
