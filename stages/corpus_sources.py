@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Iterator
 
-from codeworld.config import (CorpusConfig, DirSource, GitSource, JsonlSource,
+from codeworld.config import (LANGUAGES, CorpusConfig, DirSource, GitSource, JsonlSource,
                               S3Source, ShardsSource, StdlibSource, source_name)
 from codeworld.jsonl import read_jsonl
 from codeworld.shards import Dataset, dumps
@@ -32,7 +32,11 @@ from codeworld.storage import (UNREADABLE, Storage, StorageError, filesystem, is
 
 log = logging.getLogger(__name__)
 
+# A folder's license file: the first of these it holds, else the first other name that
+# is_license_file takes (LICENSE.rst, LICENSE-MIT, COPYING.LESSER, license.txt), in name order.
 LICENSE_NAMES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "COPYING", "COPYING.txt")
+_LICENSE_FILE = re.compile(r"(?:licen[cs]es?|copying)(?:[-_.][\w.+-]*)?", re.I)
+_TEXT_SUFFIXES = (".txt", ".md", ".rst")
 # The labels a record's license takes: one of LICENSE_RULES' below, or a choice of them
 # ("Apache-2.0 OR MIT", see _CHOICE); "unknown" for a license file none of them recognises; "unreadable" for one that could not be read (counted as a
 # `unreadable_license` entry skipped while listing); None where no license file applies.
@@ -245,6 +249,15 @@ def _choice(text: str) -> tuple[int, str] | None:
     return None
 
 
+def is_license_file(name: str) -> bool:
+    """Whether a file name is a license file's: LICENSE, LICENCE or COPYING in any case, bare
+    or with a suffix naming its format or license (LICENSE.rst, LICENSE-MIT, COPYING.LESSER).
+    A module named license.py is code (a suffix of a code language other than text)."""
+    suffix = PurePosixPath(name).suffix.lower()
+    return (_LICENSE_FILE.fullmatch(name) is not None
+            and (suffix in _TEXT_SUFFIXES or suffix not in LANGUAGES))
+
+
 def _import_names(record: bytes) -> set[str]:
     """The top-level import names a wheel's RECORD installs: a package folder (`yaml/...`),
     a module (`six.py`, `_cffi_backend.cpython-311-x86_64-linux-gnu.so`)."""
@@ -292,6 +305,14 @@ class _LocalTree:
     def files(self, folder: Path) -> list[Path]:
         return sorted((p for p in folder.rglob("*") if self.is_file(p)), key=str)
 
+    def names(self, folder: Path) -> list[str]:
+        """The names of the files directly in `folder` (none when it cannot be listed: the
+        walk reports that folder)."""
+        try:
+            return sorted(n for n in os.listdir(folder) if self.is_file(folder / n))
+        except OSError:
+            return []
+
     def rel(self, p: Path) -> str:
         return Path(os.path.relpath(p, self.root)).as_posix()   # may lead above the root
 
@@ -303,6 +324,9 @@ class _GitTree:
 
     def __init__(self, repo: str, blobs: dict[PurePosixPath, str], links: dict[PurePosixPath, str]):
         self.repo, self.blobs, self.links = repo, blobs, links
+        self.by_folder: dict[PurePosixPath, list[str]] = {}
+        for p in sorted((*blobs, *links)):
+            self.by_folder.setdefault(p.parent, []).append(p.name)
 
     def is_file(self, p: PurePosixPath) -> bool:
         return p in self.blobs or p in self.links
@@ -340,12 +364,15 @@ class _GitTree:
     def files(self, folder: PurePosixPath) -> list[PurePosixPath]:
         return sorted((p for p in (*self.blobs, *self.links) if folder in p.parents), key=str)
 
+    def names(self, folder: PurePosixPath) -> list[str]:
+        return sorted(self.by_folder.get(folder, ()))
+
     def rel(self, p: PurePosixPath) -> str:
         return p.as_posix()
 
 
 class _Licenses:
-    """The license of each file of one source: the nearest license file (LICENSE_NAMES order)
+    """The license of each file of one source: the nearest license file (LICENSE_NAMES, then is_license_file)
     from the file's folder up to the source root. An installed package's license lives in its
     .dist-info, found through the import names the distribution installs (yaml is PyYAML's,
     six.py six's); a site-packages folder is a boundary (the interpreter's own license does
@@ -367,7 +394,7 @@ class _Licenses:
 
     def _folder(self, d: PurePath) -> str | None:
         if d not in self.folders:
-            found = next((d / n for n in LICENSE_NAMES if self.tree.is_file(d / n)), None)
+            found = self._license_file(d)
             if found is not None:
                 self.folders[d] = self._classify(found)
             elif d.parent.name == "site-packages":
@@ -377,6 +404,12 @@ class _Licenses:
             else:
                 self.folders[d] = self._folder(d.parent)
         return self.folders[d]
+
+    def _license_file(self, d: PurePath) -> PurePath | None:
+        found = next((d / n for n in LICENSE_NAMES if self.tree.is_file(d / n)), None)
+        if found is None:
+            found = next((d / n for n in self.tree.names(d) if is_license_file(n)), None)
+        return found
 
     def _classify(self, p: PurePath) -> str:
         if p not in self.labels:
@@ -393,8 +426,7 @@ class _Licenses:
         info = self._site(site).get(_norm(name))
         if info is None:
             return None
-        files = [p for p in self.tree.files(info)
-                 if p.name.upper().startswith(("LICENSE", "LICENCE", "COPYING"))]
+        files = [p for p in self.tree.files(info) if is_license_file(p.name)]
         return self._classify(files[0]) if files else None
 
     def _site(self, site: PurePath) -> dict[str, PurePath]:

@@ -574,3 +574,34 @@ def test_a_license_file_that_is_a_link_is_followed_only_within_the_source(tmp_pa
                        ("dangling/LICENSE", "No such file or directory"),
                        ("site-packages/pkg-1.0.dist-info/LICENSE", outside)}
     assert sorted(s["source"] for s in skipped) == ["d"] * 4 + ["g"] * 4
+
+
+def test_a_license_file_of_another_common_name_is_found_in_its_folder(tmp_path):
+    # LICENSE.rst (Pallets), LICENSE-MIT and LICENSE-APACHE (the Rust convention), license.txt,
+    # COPYING.LESSER: none was looked for, so a vendored package took the license of the tree
+    # above it (GPL for MIT code). A module named license.py is code, not a license file.
+    from codeworld.config import CorpusConfig
+    from stages.corpus_sources import list_candidates
+
+    repo = tmp_path / "repo"
+    files = {"COPYING": GPL, "main.py": "x = 1\n",
+             "vendor/click/LICENSE.rst": MIT, "vendor/click/core.py": "c = 1\n",
+             "vendor/rusty/LICENSE-APACHE": APACHE, "vendor/rusty/lib.py": "r = 1\n",
+             "vendor/lower/license.txt": MIT, "vendor/lower/deep/m.py": "m = 1\n",
+             "vendor/lesser/COPYING.LESSER": GPL.replace("GNU GENERAL", "GNU LESSER GENERAL"),
+             "vendor/lesser/l.py": "l = 1\n",
+             "tools/license.py": "def show():\n    pass\n", "tools/t.py": "t = 1\n"}
+    for rel, text in files.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(text)
+    commit = _commit(repo)
+    cfg = CorpusConfig.model_validate({"sources": [
+        {"kind": "dir", "path": str(repo), "name": "d"},
+        {"kind": "git", "path": str(repo), "commit": commit, "name": "g"}]})
+    listed, _, _ = list_candidates(cfg)
+    by_source = {s: {c.path: c.license for c in listed if c.source == s} for s in ("d", "g")}
+    assert by_source["d"] == {"main.py": "GPL", "vendor/click/core.py": "MIT",
+                              "vendor/rusty/lib.py": "Apache-2.0",
+                              "vendor/lower/deep/m.py": "MIT", "vendor/lesser/l.py": "LGPL",
+                              "tools/license.py": "GPL", "tools/t.py": "GPL"}
+    assert by_source["g"] == by_source["d"]
