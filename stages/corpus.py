@@ -55,7 +55,11 @@ def _skip(counts: Counter, examples: list, reason: str, c: Candidate, detail: st
 
 
 def _language(c: Candidate) -> str | None:
-    return dict(c.extra).get("language") or LANGUAGES.get(PurePosixPath(c.path).suffix)
+    """A record's own language (JSONL, shards) in the stage's spelling, LANGUAGES' lower case:
+    public code datasets write "Python", which was no language of extensions [".py"]; else the
+    language of the file's extension."""
+    own = dict(c.extra).get("language")
+    return own.lower() if own else LANGUAGES.get(PurePosixPath(c.path).suffix)
 
 
 def _record(c: Candidate, text: str, raw: bytes, digest: str) -> dict:

@@ -605,3 +605,15 @@ def test_a_license_file_of_another_common_name_is_found_in_its_folder(tmp_path):
                               "vendor/lower/deep/m.py": "MIT", "vendor/lesser/l.py": "LGPL",
                               "tools/license.py": "GPL", "tools/t.py": "GPL"}
     assert by_source["g"] == by_source["d"]
+
+
+def test_a_records_language_is_matched_whatever_its_case(tmp_path):
+    # Public code datasets label records "Python", "JavaScript": every one was skipped as the
+    # wrong language for extensions [".py"], and kept ones keep the stage's own name.
+    recs = [{"id": f"r{i}", "text": f"def f{i}():\n    return {i}\n", "language": lang}
+            for i, lang in enumerate(["Python", "PYTHON", "python", "JavaScript"])]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    m = run_corpus(tmp_path, [{"kind": "jsonl", "path": str(tmp_path / "in.jsonl"), "name": "j"}])
+    assert m["stats"]["counts"]["skipped_language"] == 1
+    assert [(r["id"], r["language"]) for r in Dataset.open(str(tmp_path / "data" / "corpus"))] == [
+        ("j/r0", "python"), ("j/r1", "python"), ("j/r2", "python")]
