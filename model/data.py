@@ -49,6 +49,11 @@ def _masked_dataset_class():
 
         def __init__(self, indexed_dataset, dataset_path, *args, **kwargs):
             super().__init__(indexed_dataset, dataset_path, *args, **kwargs)
+            # GPTDataset caches the first sample's loss mask, then zeroes that sample's PAD
+            # labels in the cached tensor itself (megatron-core 0.16): every later sample lost
+            # its loss at the positions where the first one was padded (SFT windows: answer
+            # tokens). Masks computed per sample (a vector of ones) are never shared.
+            self.masks_and_position_ids_are_cacheable = False
             mask_prefix = f"{dataset_path}_mask"
             self.mask_dataset = (IndexedDataset(mask_prefix)
                                  if os.path.exists(mask_prefix + ".idx") else None)

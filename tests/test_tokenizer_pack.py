@@ -298,9 +298,21 @@ def test_sft_documents_packed_in_windows_make_whole_samples(root, tmp_path):
     train, _ = build_datasets(work / "pack", {"sft_trace": 1.0}, W, 7, 24, 2,
                               pack_manifest(work)["vocab_size"], work / ".work" / "idx")
     # (Megatron's GPTDataset feeds PAD as token 0, out of the loss)
-    whole = {tuple(0 if t == PAD_ID else t for t in windows[i].tolist())
+    whole = {tuple(0 if t == PAD_ID else t for t in windows[i].tolist()): i
              for i in range(len(windows))}
     assert all(tuple(train[i]["tokens"].tolist()) in whole for i in range(24))
+    # Token by token: label j is token j+1, in the loss exactly when its pack flag is 1 (PAD
+    # never). Megatron's GPTDataset cached the first sample's loss mask after zeroing its PAD
+    # labels in place, so every later sample lost the answer tokens at those positions.
+    wrong = []
+    for i in range(24):
+        sample = train[i]
+        w = whole[tuple(sample["tokens"].tolist())]
+        ids, mask = windows[w].tolist(), masks[w].tolist()
+        want = [float(mask[j + 1] == 1 and ids[j + 1] != PAD_ID) for j in range(W - 1)]
+        got = sample["loss_mask"].tolist()[:W - 1]
+        wrong += [(i, j) for j in range(W - 1) if got[j] != want[j]]
+    assert not wrong, f"{len(wrong)} labels with another loss flag than the pack's: {wrong[:5]}"
 
 
 def test_a_window_that_is_not_the_phases_seq_length_fails_at_load(root):
