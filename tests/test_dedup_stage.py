@@ -127,3 +127,13 @@ def test_an_exact_copy_of_a_near_duplicate_names_the_kept_document(tmp_path):
     assert removed["near-copy"] == {"id": "near-copy", "representative": "enc", "step": "exact",
                                     "via": "near"}
     assert {r["representative"] for r in report["removed"]} <= set(kept)
+
+
+def test_a_copy_saved_with_a_utf8_bom_is_an_exact_duplicate():
+    # An editor's byte order mark (U+FEFF, which Python ignores at a file's start) made a copy
+    # another document: both were kept, the BOM in the training text.
+    from stages.exact_dedup import content_key
+
+    text = (STDLIB / "json" / "scanner.py").read_text()
+    assert content_key("\ufeff" + text) == content_key(text) == content_key("\ufeff" + text.replace("\n", "\r\n"))
+    assert content_key("x = '\ufeff'\n") != content_key("x = ''\n")   # one inside the text is content
