@@ -216,6 +216,29 @@ def test_file_tools_keep_bytes_and_cut_output_says_so(tmp_path):
     assert out.endswith("[exit code 0]")
 
 
+def test_an_edit_written_with_lf_line_ends_applies_to_a_crlf_file(tmp_path):
+    """An observation's lines reach an agent without their \r (the scripted policy splits
+    them, a model writes \n): a SEARCH block of several lines must still find them in a
+    CRLF file, and the edit keep the file's CRLF."""
+    from stages.agent.tools import ToolCall, execute, format_edit
+
+    env = _env(tmp_path / "ordered", "ordered", "core", ORDERED, ORDERED_TESTS)
+    work = tmp_path / "work"
+    shutil.copytree(env.tree, work)
+    (work / "crlf.py").write_bytes(b"def g():\r\n    a = 1\r\n    return a\r\n")
+
+    def run(name, body):
+        return execute(ToolCall(name, body), work, env, wall_seconds=30)
+
+    out = run("edit", format_edit("crlf.py", "    a = 1\n    return a", "    a = 2\n    b = a\n    return b"))
+    assert out == "edited crlf.py: replaced lines 2-3", out
+    assert (work / "crlf.py").read_bytes() == b"def g():\r\n    a = 2\r\n    b = a\r\n    return b\r\n"
+    # an exact match (its \r typed) is taken as it is; text that is not there is still not found
+    assert run("edit", format_edit("crlf.py", "a = 2\r\n    b = a", "a = 3\r\n    b = a")).startswith("edited")
+    assert (work / "crlf.py").read_bytes() == b"def g():\r\n    a = 3\r\n    b = a\r\n    return b\r\n"
+    assert "not found" in run("edit", format_edit("crlf.py", "a = 3\n    c = a", "x"))
+
+
 # a suite whose pytest config collects files not named test_*: its tests live in check_mod.py
 CHECKED = '''\
 def double(x):

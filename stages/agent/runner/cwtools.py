@@ -5,7 +5,9 @@ sandbox's own read-only, empty filesystem: nothing outside the working copy can 
 Prints one line saying what was done, or ``error: ...`` (exit status 1).
 
 Files are read and written with ``newline=""``: line endings stay as they are (a CRLF file
-is not turned into LF by an edit elsewhere in it).
+is not turned into LF by an edit elsewhere in it). A SEARCH block written with LF line ends
+(as an agent writes the lines it read: a model's text, the scripted policy's split lines) that
+is not in a CRLF file as it is, is looked for with CRLF ends, and its replacement written so.
 """
 import json
 import os
@@ -20,6 +22,11 @@ def occurrences(text, search):
         n += 1
         at = text.find(search, at + 1)
     return n
+
+
+def crlf(text):
+    """``text`` with every line end a CRLF."""
+    return text.replace("\r\n", "\n").replace("\n", "\r\n")
 
 
 def main() -> int:
@@ -40,6 +47,9 @@ def main() -> int:
             text = f.read()
         search, replace = spec["search"], spec["replace"]
         count = occurrences(text, search) if search else 0
+        if count == 0 and search and "\r\n" in text and crlf(search) != search:
+            search, replace = crlf(search), crlf(replace)
+            count = occurrences(text, search)
         if count != 1:
             why = "empty SEARCH block" if not search else (
                 "SEARCH text not found" if count == 0 else f"SEARCH text found {count} times (must be unique)")
