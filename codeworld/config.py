@@ -599,6 +599,9 @@ class AgentConfig(Section):
     mutant_batch: int = Field(default=4, ge=1)            # mutants per sandbox run
     mutant_timeout_seconds: float = Field(default=30.0, gt=0)
     test_wall_seconds: float = Field(default=180.0, gt=0)  # a whole suite in the sandbox
+    # whole-suite runs of each original tree: a test whose outcome differs between them is
+    # flaky and never a FAIL_TO_PASS/PASS_TO_PASS label
+    baseline_runs: int = Field(default=3, ge=1)
     policies: list[Literal["scripted", "openai"]] = Field(default_factory=lambda: ["scripted"])
     max_turns: int = Field(default=20, ge=2)
     max_tokens: int = Field(default=32000, ge=256)

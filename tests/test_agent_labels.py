@@ -157,3 +157,38 @@ def test_a_suite_that_stops_half_way_is_no_valid_environment(tmp_path):
     validation, base = baseline(env, 60)
     assert not validation["valid"] and "exit status 2" in validation["reason"], validation
     assert base.outcomes["tests/test_core.py::test_b"] == "error"   # its call never reported
+
+
+UNSTABLE_TESTS = '''\
+import sys
+
+from pkg.core import double, inc
+
+
+def test_double():
+    assert double(2) == 4
+
+
+def test_inc():
+    assert inc(1) == 2
+
+
+def test_inc_traced():
+    # passes in the coverage run only (its tracer is on): an outcome that changes run to run
+    assert inc(2) == 3 and sys.gettrace() is not None
+'''
+
+
+def test_a_test_whose_outcome_changes_between_runs_is_never_a_label(tmp_path):
+    """A flaky test in FAIL_TO_PASS or PASS_TO_PASS makes a task that the right fix passes
+    only sometimes: the baseline runs the suite more than once and sets such tests aside."""
+    src = "def double(x):\n    return x * 2\n\n\ndef inc(x):\n    return x + 1\n"
+    env = _env(tmp_path / "unstable", "unstable", "core", src, UNSTABLE_TESTS)
+    validation, _ = baseline(env, 60)
+    t = "tests/test_core.py::"
+    assert validation["valid"] and validation["flaky"] == [t + "test_inc_traced"], validation
+    tasks, stats = _check(env, "pkg/core.py", [_mutant(src, "change_arith", "return x / 2")])
+    assert len(tasks) == 1, stats
+    assert tasks[0]["FAIL_TO_PASS"] == [t + "test_double"]
+    assert tasks[0]["PASS_TO_PASS"] == [t + "test_inc"]
+    assert reward_check(tasks[0], env, wall_seconds=60) is None

@@ -89,7 +89,8 @@ def build_repo(repo, cfg: AgentConfig) -> tuple[list[dict], list[dict], list[dic
     try:
         syn = synthesize(env, seed=repo_seed(cfg.seed, repo.name), max_mutants=cfg.max_mutants_per_repo,
                          max_tasks=cfg.max_tasks_per_repo, batch=cfg.mutant_batch,
-                         mutant_timeout=cfg.mutant_timeout_seconds, wall_seconds=cfg.test_wall_seconds)
+                         mutant_timeout=cfg.mutant_timeout_seconds, wall_seconds=cfg.test_wall_seconds,
+                         baseline_runs=cfg.baseline_runs)
     except SandboxUnavailable:
         raise
     except Exception as err:  # one broken repository is recorded, never stops the stage

@@ -1,10 +1,13 @@
 """Environment validation and bug synthesis (SWE-smith's mutate-and-validate loop).
 
-1. The environment's whole suite runs once in the sandbox with line coverage of the package
-   files: it must collect tests and pass all of them (skips allowed), else the environment is
-   recorded as invalid and skipped. Every file a collected test lies in is a test file from
-   then on, whatever its name (a config's ``python_files = check_*.py``): no mutation goes
-   there, and the reward never takes the agent's version of it.
+1. The environment's whole suite runs in the sandbox with line coverage of the package
+   files, then ``runs - 1`` times more without: a test whose outcome is not the same in every
+   run is flaky, set aside (never a label: the right fix would earn its reward only
+   sometimes; listed in the validation record). The others must pass (skips allowed), and
+   some must, else the environment is recorded as invalid and skipped. Every file a
+   collected test lies in is a test file from then on, whatever its name (a config's
+   ``python_files = check_*.py``): no mutation goes there, and the reward never takes the
+   agent's version of it.
 2. Mutations (``stages.agent.mutate``) are drawn only on covered lines, operators taking turns.
 3. Each mutant first reruns only the tests that executed its line (a cheap filter: a mutant
    none of them notices is dropped, ``no_fail_to_pass``). A survivor then runs the whole suite,
@@ -93,24 +96,46 @@ def _task_id(env: Env, file: str, m: Mutation) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def baseline(env: Env, wall_seconds: float) -> tuple[dict, object]:
-    """Validate the environment: (validation record, coverage run of the whole suite)."""
+FLAKY = "flaky"  # the baseline's outcome of a test that did not give the same one every run
+BASELINE_RUNS = 3
+
+
+def _stopped(run, which: str) -> str | None:
+    """Why a whole-suite run says nothing about its tests' outcomes, if it does not."""
+    if run.timed_out:
+        return f"suite timed out{which}"
+    if not run.summary:
+        return f"runner gave no summary{which}: {run.stderr_tail[-500:]}"
+    return None
+
+
+def baseline(env: Env, wall_seconds: float, runs: int = BASELINE_RUNS) -> tuple[dict, object]:
+    """Validate the environment: (validation record, coverage run of the whole suite, where
+    the outcome of a test that changed between the ``runs`` runs is FLAKY)."""
     base = run_tests(env.tree, env, coverage=True, wall_seconds=wall_seconds)
+    reason = _stopped(base, "")
+    flaky: set[str] = set()
+    for i in range(2, runs + 1):
+        if reason:
+            break
+        again = run_tests(env.tree, env, wall_seconds=wall_seconds)
+        reason = _stopped(again, f" (run {i} of {runs})")
+        flaky |= {t for t in base.outcomes.keys() | again.outcomes.keys()
+                  if base.outcomes.get(t) != again.outcomes.get(t)}
+    for t in flaky & base.outcomes.keys():
+        base.outcomes[t] = FLAKY
     failing = sorted(t for t, o in base.outcomes.items() if o in ("fail", "error"))
     validation = {"repo": env.name, "tests": len(base.outcomes), "passed": len(base.passed),
                   "failed": failing[:20], "collect_errors": base.summary.get("collect_errors", [])[:5],
+                  "flaky": sorted(flaky)[:20], "flaky_tests": len(flaky),
                   "timed_out": base.timed_out}
-    reason = None
-    if base.timed_out:
-        reason = "suite timed out"
-    elif not base.summary:
-        reason = f"runner gave no summary: {base.stderr_tail[-500:]}"
-    elif not base.passed:
-        reason = "no passing test"
-    elif base.summary.get("exit") not in (0, 1):  # interrupted: its later tests never ran
-        reason = f"pytest stopped before the suite's end (exit status {base.summary.get('exit')})"
-    elif failing or validation["collect_errors"]:
-        reason = f"{len(failing)} failing tests, {len(validation['collect_errors'])} collection errors"
+    if reason is None:
+        if not base.passed:
+            reason = "no passing test"
+        elif base.summary.get("exit") not in (0, 1):  # interrupted: its later tests never ran
+            reason = f"pytest stopped before the suite's end (exit status {base.summary.get('exit')})"
+        elif failing or validation["collect_errors"]:
+            reason = f"{len(failing)} failing tests, {len(validation['collect_errors'])} collection errors"
     validation["valid"] = reason is None
     validation["reason"] = reason
     return validation, base
@@ -267,10 +292,11 @@ def check_mutants(env: Env, base, covering: dict, sources: dict[str, str],
 
 
 def synthesize(env: Env, *, seed: int, max_mutants: int, max_tasks: int, batch: int,
-               mutant_timeout: float, wall_seconds: float) -> Synthesis:
+               mutant_timeout: float, wall_seconds: float,
+               baseline_runs: int = BASELINE_RUNS) -> Synthesis:
     stats = {"tried": Counter(), "valid": Counter(), "kept": Counter(), "rejected": Counter(),
              "pool": 0}
-    stats["validation"], base = baseline(env, wall_seconds)
+    stats["validation"], base = baseline(env, wall_seconds, baseline_runs)
     # every file pytest collected a test from is a test file, whatever its name: never a
     # mutation source, never taken from the agent's working copy by the reward
     env = with_collected_tests(env, base.outcomes)
