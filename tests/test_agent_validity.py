@@ -292,6 +292,23 @@ def test_files_of_collected_tests_are_never_mutated(tmp_path, monkeypatch):
     assert "check_mod.py" in syn.env.test_files and "pkg/mod.py" in syn.env.pkg_files
 
 
+def test_a_suite_with_its_own_test_function_names_gets_its_bugs_checked(tmp_path):
+    """pytest.ini's python_functions = check_*: the reward's canary functions (test_*) must
+    still run, else every bug of such a project is rejected reward_check_original_not_1."""
+    root = tmp_path / "named"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "__init__.py").write_text("")
+    (root / "pkg" / "mod.py").write_text(CHECKED)
+    (root / "tests").mkdir()
+    (root / "tests" / "test_mod.py").write_text(CHECKED_TESTS.replace("def test_", "def check_"))
+    (root / "pytest.ini").write_text("[pytest]\npython_functions = check_*\n")
+    env = build_env(SimpleNamespace(name="named", path=str(root), version=None, sha256=None,
+                                    commit=None), tmp_path / "named-cache")
+    tasks, stats = _check(env, "pkg/mod.py", [_mutant(CHECKED, "change_arith", "return x / 2")])
+    assert len(tasks) == 1 and not stats["rejected"], stats
+    assert tasks[0]["FAIL_TO_PASS"] == ["tests/test_mod.py::check_double"]
+
+
 def test_the_agent_cannot_rewrite_a_hidden_test_of_any_name(tmp_path):
     from stages.agent.reward import evaluate
 

@@ -208,10 +208,12 @@ class TestRun:
 
 
 def run_tests(tree: Path, env: Env, tests: list[str] | None = None, *, coverage: bool = False,
-              wall_seconds: float = 120.0) -> TestRun:
-    """Run ``tests`` (all when None) of the tree at ``tree`` in the sandbox (read-only)."""
+              wall_seconds: float = 120.0, canary_file: str | None = None) -> TestRun:
+    """Run ``tests`` (all when None) of the tree at ``tree`` in the sandbox (read-only).
+    ``canary_file``: the reward's canary tests (relative to the tree), collected whatever
+    names the project's pytest config gives its tests (runner/cwtest.py)."""
     spec = {"mode": "run", "root": "/work", "sys_path": list(env.sys_path), "tests": tests,
-            "coverage": coverage, "pkg_files": list(env.pkg_files)}
+            "coverage": coverage, "pkg_files": list(env.pkg_files), "canary_file": canary_file}
     res = sandbox(_runner_argv(), tree, env, wall_seconds=wall_seconds, spec=spec)
     out = TestRun(timed_out=res.timed_out)
     # the package's code runs in the process that prints these lines: take only well-formed

@@ -11,7 +11,9 @@ link, and under no linked folder (the host reads the working copy, and a link th
 any file of the host). The package code runs in the pytest process that reports the outcomes,
 so it could forge them (write "pass" records itself, or patch pytest): two canary tests the
 host writes for the run, one that must pass and one that must fail, go with the hidden tests;
-a run where either is not reported as it must be is `tampered` and earns nothing.
+a run where either is not reported as it must be is `tampered` and earns nothing. The
+canaries run whatever names the project's pytest config gives its tests (``python_functions
+= check_*``): else they would be missing and no task of that project could earn 1.
 """
 from __future__ import annotations
 
@@ -132,7 +134,8 @@ def evaluate(task: dict, env: Env, buggy: Path, work: Path, *, wall_seconds: flo
     # an earlier one's side effect passes here as it did in the suite
     before, after = canary_order(holds, fails)
     hidden = [*before, *task["test_order"], *after]
-    run = run_tests(fresh, env, hidden, wall_seconds=wall_seconds)
+    run = run_tests(fresh, env, hidden, wall_seconds=wall_seconds,
+                    canary_file=holds[0].split("::", 1)[0])
     f2p_ok = sum(run.outcomes.get(t) == "pass" for t in task["FAIL_TO_PASS"])
     p2p_ok = sum(run.outcomes.get(t) == "pass" for t in task["PASS_TO_PASS"])
     got = {t: run.outcomes.get(t, "missing") for t in holds + fails}

@@ -12,7 +12,9 @@ Modes (``spec["mode"]``):
   one JSON line per test ``{"test", "outcome", "message"[, "lines"]}`` with outcome pass / fail /
   error / skip, then ``{"summary": {...}}``. With ``coverage`` each test's record lists the lines
   of the package files (``pkg_files``) it executed: the bug synthesis mutates only covered lines
-  and reruns only the tests covering a mutated line.
+  and reruns only the tests covering a mutated line. ``canary_file`` (the reward's canary
+  tests, a path under root): its ``test_*`` functions are collected whatever the project's
+  ``python_functions`` says (``check_*``), as its unittest methods are anyway.
 * ``mutants``: for each mutant copy /work afresh to /tmp/w (/tmp and /dev/shm otherwise as
   this process found them), write its source over its file, run its tests in a fresh
   interpreter (``run`` mode, with a timeout: a mutant may loop forever), then kill every
@@ -109,6 +111,22 @@ class _Collector:
             self.collect_errors.append(f"{report.nodeid}: {report.longreprtext[-1500:]}")
 
 
+def _canary_collector(path: str):
+    """A plugin that collects the plain ``test_*`` functions of the file at ``path``."""
+    import inspect
+
+    import pytest
+
+    class Canaries:
+        @pytest.hookimpl(tryfirst=True)
+        def pytest_pycollect_makeitem(self, collector, name, obj):
+            if isinstance(collector, pytest.Module) and str(collector.path) == path \
+                    and name.startswith("test_") and inspect.isfunction(obj):
+                return pytest.Function.from_parent(collector, name=name)
+            return None
+    return Canaries()
+
+
 def run(spec: dict) -> None:
     real_out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # the tests' and pytest's own output go to stderr
@@ -121,7 +139,10 @@ def run(spec: dict) -> None:
     pkg = {os.path.join(root, f) for f in spec.get("pkg_files", [])} if spec.get("coverage") else None
     col = _Collector(pkg)
     t0 = time.perf_counter()
-    code = pytest.main(_pytest_args(spec), plugins=[col, col._protocol_wrapper()])
+    plugins = [col, col._protocol_wrapper()]
+    if spec.get("canary_file"):
+        plugins.append(_canary_collector(os.path.join(root, spec["canary_file"])))
+    code = pytest.main(_pytest_args(spec), plugins=plugins)
     for nid in col.order:
         rec = {"test": nid, "outcome": col.outcome_of(nid), "message": col.message.get(nid, "")}
         if pkg is not None:
