@@ -239,6 +239,31 @@ def test_an_edit_written_with_lf_line_ends_applies_to_a_crlf_file(tmp_path):
     assert "not found" in run("edit", format_edit("crlf.py", "a = 3\n    c = a", "x"))
 
 
+def test_file_tools_refuse_paths_outside_the_copy_and_name_the_lines_replaced(tmp_path):
+    """A file written outside /work (the sandbox's /tmp) is gone after the call: saying
+    "created" there misleads the agent. And a SEARCH text that ends with its line's end
+    replaces that line only."""
+    from stages.agent.tools import ToolCall, execute, format_edit
+
+    env = _env(tmp_path / "ordered", "ordered", "core", ORDERED, ORDERED_TESTS)
+    work = tmp_path / "work"
+    shutil.copytree(env.tree, work)
+
+    def run(name, body):
+        return execute(ToolCall(name, body), work, env, wall_seconds=30)
+
+    for path in ("/tmp/helper.py", "../helper.py", "/work/../tmp/helper.py"):
+        out = run("create", f"{path}\nprint(1)")
+        assert out.startswith(f"error: {path}: outside the working copy"), out
+        out = run("edit", format_edit(path, "a", "b"))
+        assert out.startswith(f"error: {path}: outside the working copy"), out
+    assert run("create", "sub/helper.py\nprint(1)") == "created sub/helper.py (1 line)"
+    (work / "three.py").write_text("a = 1\nb = 2\nc = 3\n")
+    assert run("edit", format_edit("three.py", "b = 2\n", "")) == "edited three.py: replaced lines 2-2"
+    assert run("edit", format_edit("three.py", "a = 1\nc = 3", "x")) == "edited three.py: replaced lines 1-2"
+    assert (work / "three.py").read_text() == "x\n"
+
+
 # a suite whose pytest config collects files not named test_*: its tests live in check_mod.py
 CHECKED = '''\
 def double(x):

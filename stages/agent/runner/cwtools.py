@@ -2,6 +2,8 @@
 run as ``python -I -S cwtools.py /sandbox/spec/spec.json`` with the working copy at /work (the
 cwd, writable). A path is resolved inside the sandbox, so ``../x`` or ``/etc/x`` reach only the
 sandbox's own read-only, empty filesystem: nothing outside the working copy can be changed.
+A path that resolves outside /work (``/tmp/x``, a link out) is refused: the sandbox's /tmp is
+writable but gone after the call.
 Prints one line saying what was done, or ``error: ...`` (exit status 1).
 
 Files are read and written with ``newline=""``: line endings stay as they are (a CRLF file
@@ -33,6 +35,12 @@ def main() -> int:
     with open(sys.argv[1], encoding="utf-8") as f:
         spec = json.load(f)
     path = spec["path"]
+    work = os.getcwd()
+    if os.path.commonpath([os.path.realpath(path), work]) != work:
+        # the sandbox's /tmp is writable but gone after the call: "created" would mislead
+        print(f"error: {path}: outside the working copy ({work}): only files under it are "
+              f"kept between calls; nothing changed")
+        return 1
     try:
         if spec["tool"] == "create":
             parent = os.path.dirname(path)
@@ -59,7 +67,9 @@ def main() -> int:
         first = text.count("\n", 0, at) + 1
         with open(path, "w", encoding="utf-8", newline="") as f:
             f.write(text[:at] + replace + text[at + len(search):])
-        print(f"edited {path}: replaced lines {first}-{first + search.count(chr(10))}")
+        # a SEARCH text that ends with a line end ends on that line, not on the next
+        last = first + (search[:-1] if search.endswith("\n") else search).count("\n")
+        print(f"edited {path}: replaced lines {first}-{last}")
         return 0
     except (OSError, UnicodeDecodeError) as err:
         print(f"error: {path}: {err}")
