@@ -301,6 +301,40 @@ def test_a_killed_runs_failing_trace_folder_is_swept_at_the_next_start(monkeypat
     assert sweep_orphans() == 1 and not made[0].exists()
 
 
+def test_a_killed_runs_sandbox_spec_folder_is_swept_at_the_next_start(monkeypatch, tmp_path):
+    """Each sandbox call's spec folder (a mutants run's holds every mutant's source) is left
+    behind by a kill -9: the next start must find it as a dead run's and remove it."""
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from stages.agent import envs
+    from stages.agent.loop import sweep_orphans
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()   # a pid that no process holds now
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(os, "getpid", lambda: dead.pid)   # as if made by that (killed) run
+    monkeypatch.setattr(envs, "pytest_binds", lambda: [])
+    made = []
+
+    def run_command(argv, *, extra_ro_binds, **kwargs):
+        made.append(Path(dict((b, a) for a, b in extra_ro_binds)[envs.SANDBOX_SPEC]))
+        raise KeyboardInterrupt   # where a kill -9 would stop it
+
+    monkeypatch.setattr(envs, "run_command", run_command)
+    env = envs.Env("calc", tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        envs.run_mutants(tmp_path, env, [{"id": "0", "file": "m.py", "source": "x = 1\n",
+                                          "tests": None}], timeout=1, wall_seconds=1)
+    monkeypatch.undo()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    made[0].mkdir()
+    (made[0] / "spec.json").write_text("{}")   # what -9 leaves (no cleanup ran)
+    assert sweep_orphans() == 1 and not made[0].exists()
+
+
 def test_truncate_keeps_exactly_its_budget():
     assert truncate("abcdef", 6) == "abcdef"
     assert truncate("abcdefghij", 6) == "ab\n[... 4 characters cut ...]\nghij"

@@ -31,6 +31,9 @@ RUNNER_DIR = Path(__file__).resolve().parent / "runner"
 SANDBOX_LIB = "/sandbox/lib/cwagent"
 OUTCOMES = ("pass", "fail", "error", "skip")   # of one test, as runner/cwtest.py reports it
 SANDBOX_PYTEST = "/sandbox/pytest"
+# every temp folder of the stage is `cw-agent-<pid>-...`: what a run killed with -9 leaves is
+# found by its dead pid and removed at the next start (loop.sweep_orphans)
+WORKDIR_PREFIX = "cw-agent-"
 SANDBOX_SPEC = "/sandbox/spec"
 # a command's stderr kept: its tail, all that is read of it (TestRun.stderr_tail, a tool's
 # observation)
@@ -173,7 +176,7 @@ def sandbox(argv: list[str], workdir: Path, env: Env, *, writable: bool = False,
     limits = Limits(wall_seconds=wall_seconds, cpu_seconds=wall_seconds,
                     memory_bytes=memory_mb << 20, output_bytes=output_bytes, max_processes=32)
     binds = [(RUNNER_DIR, SANDBOX_LIB), *pytest_binds()]
-    with tempfile.TemporaryDirectory(prefix="cw-agent-spec-") as spec_dir:
+    with tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-spec-") as spec_dir:
         os.chmod(spec_dir, 0o755)  # readable by the sandbox's unprivileged uid
         if spec is not None:
             p = Path(spec_dir) / "spec.json"

@@ -16,8 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from stages.agent.envs import Env
-from stages.agent.loop import WORKDIR_PREFIX
+from stages.agent.envs import WORKDIR_PREFIX, Env
 from stages.agent.reward import materialise
 from stages.repo_traces import trace_repository
 from stages.tracer import TraceLimits

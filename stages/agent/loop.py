@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from stages.agent.envs import Env
+from stages.agent.envs import WORKDIR_PREFIX, Env
 from stages.agent.policies import SYSTEM_PROMPT, PolicyUnavailable
 from stages.agent.reward import evaluate, materialise
 from stages.agent.tools import Outcome, parse_call, run_tool, truncate
@@ -36,13 +36,12 @@ def user_prompt(task: dict) -> str:
             f"tests), check that the tests pass, then submit.")
 
 
-WORKDIR_PREFIX = "cw-agent-"
-
-
 def sweep_orphans() -> int:
-    """Remove the episode folders (`cw-agent-<pid>-...` in the temp dir) of processes that are
-    gone: a stage killed with -9 cleans up nothing, and each folder may hold a working copy
-    of up to max_workdir_mb. Returns how many were removed."""
+    """Remove the stage's temp folders (`cw-agent-<pid>-...` in the temp dir: episodes,
+    reward checks, failing-test traces, sandbox specs) of processes that are gone: a stage
+    killed with -9 cleans up nothing, and an episode's folder may hold a working copy of up
+    to max_workdir_mb, a mutants run's spec every mutant's source. Returns how many were
+    removed."""
     removed = 0
     tmp = Path(tempfile.gettempdir())
     for d in tmp.glob(f"{WORKDIR_PREFIX}*-*"):

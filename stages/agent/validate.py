@@ -42,8 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from codeworld.sandbox import SandboxError, SandboxUnavailable
-from stages.agent.envs import Env, run_mutants, run_tests, with_collected_tests
-from stages.agent.loop import WORKDIR_PREFIX
+from stages.agent.envs import WORKDIR_PREFIX, Env, run_mutants, run_tests, with_collected_tests
 from stages.agent.mutate import Mutation, mutations, read_source, sample, unified_diff
 from stages.agent.reward import evaluate, materialise
 from stages.agent.tools import normalise
