@@ -264,6 +264,28 @@ def test_file_tools_refuse_paths_outside_the_copy_and_name_the_lines_replaced(tm
     assert (work / "three.py").read_text() == "x\n"
 
 
+def test_an_edit_copied_from_an_observation_with_a_masked_address_applies(tmp_path):
+    """cat shows an address in a file's text as 0x? (observations mask them): a SEARCH text
+    copied from it must still find the line, and the file keep its own address."""
+    from stages.agent.tools import ToolCall, execute, format_edit
+
+    env = _env(tmp_path / "ordered", "ordered", "core", ORDERED, ORDERED_TESTS)
+    work = tmp_path / "work"
+    shutil.copytree(env.tree, work)
+    (work / "box.py").write_text('def make():\n    """>>> make()\n    <box.Box object at 0x7f3a2b1c9d40>\n'
+                                 '    """\n    return Box()\n')
+
+    def run(name, body):
+        return execute(ToolCall(name, body), work, env, wall_seconds=30)
+
+    seen = run("bash", "cat box.py").splitlines()
+    assert seen[2] == "    <box.Box object at 0x?>"
+    out = run("edit", format_edit("box.py", "\n".join(seen[1:3]), ">>> make()  # a Box\n" + seen[2]))
+    assert out == "edited box.py: replaced lines 2-3", out
+    assert (work / "box.py").read_text().splitlines()[1:3] == [
+        ">>> make()  # a Box", "    <box.Box object at 0x7f3a2b1c9d40>"]
+
+
 # a suite whose pytest config collects files not named test_*: its tests live in check_mod.py
 CHECKED = '''\
 def double(x):

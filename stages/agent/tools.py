@@ -15,7 +15,8 @@ read-only filesystem, and no call can write more than the limit. Observations ar
 (head and tail kept). Only what really changes run after run is masked: the duration on the
 summary line of pytest (and unittest) and the address in a repr (``<... at 0x...>``, ``object
 at 0x...``); everything else, a source file's ``cat`` included, is shown as it is, so text
-copied from an observation into an edit matches the file.
+copied from an observation into an edit matches the file (an address masked in a file's own
+text too: the edit tool reads ``0x?`` as any address, runner/cwtools.py).
 
 A call ends at the first ``</tool>`` that starts a line or ends one: ``</tool>`` inside a
 line of a file's content is content (the openai policy's stop sequences are these ends only:

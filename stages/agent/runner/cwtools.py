@@ -10,10 +10,15 @@ Files are read and written with ``newline=""``: line endings stay as they are (a
 is not turned into LF by an edit elsewhere in it). A SEARCH block written with LF line ends
 (as an agent writes the lines it read: a model's text, the scripted policy's split lines) that
 is not in a CRLF file as it is, is looked for with CRLF ends, and its replacement written so.
+Observations show an address as ``0x?`` (tools.normalise), also where a file's own text holds
+one: a SEARCH text copied from them matches with each ``0x?`` standing for an address.
 """
 import json
 import os
+import re
 import sys
+
+ADDRESS_MASK = "0x?"  # how tools.normalise shows an address (host code: not importable here)
 
 
 def occurrences(text, search):
@@ -29,6 +34,20 @@ def occurrences(text, search):
 def crlf(text):
     """``text`` with every line end a CRLF."""
     return text.replace("\r\n", "\n").replace("\n", "\r\n")
+
+
+def unmask(text, search, replace):
+    """(search, replace, count) for a SEARCH text holding masked addresses: each mask stands
+    for any hex address of ``text``. At the one place that matches, ``search`` becomes the
+    file's text there, and the masks of ``replace`` take the addresses found, in order (an
+    address the agent copied along stays the file's)."""
+    parts = search.split(ADDRESS_MASK)
+    found = list(re.finditer("(0x[0-9a-fA-F]+)".join(map(re.escape, parts)), text))
+    if len(found) != 1:
+        return search, replace, len(found)
+    addresses = iter(found[0].groups())
+    new = re.sub(re.escape(ADDRESS_MASK), lambda m: next(addresses, ADDRESS_MASK), replace)
+    return found[0].group(0), new, 1
 
 
 def main() -> int:
@@ -58,6 +77,8 @@ def main() -> int:
         if count == 0 and search and "\r\n" in text and crlf(search) != search:
             search, replace = crlf(search), crlf(replace)
             count = occurrences(text, search)
+        if count == 0 and ADDRESS_MASK in search:
+            search, replace, count = unmask(text, search, replace)
         if count != 1:
             why = "empty SEARCH block" if not search else (
                 "SEARCH text not found" if count == 0 else f"SEARCH text found {count} times (must be unique)")
