@@ -14,6 +14,11 @@ host writes for the run, one that must pass and one that must fail, go with the 
 a run where either is not reported as it must be is `tampered` and earns nothing. The
 canaries run whatever names the project's pytest config gives its tests (``python_functions
 = check_*``): else they would be missing and no task of that project could earn 1.
+
+What the canaries do not catch: a forgery aimed at the FAIL_TO_PASS tests alone (their names are
+in the problem statement; package code patching pytest to pass just those and report the rest
+honestly) earns 1.0 with the bug left in. Nothing run in the tests' own process can tell it from a
+fix; a reward that must rule it out needs the outcomes from outside that process.
 """
 from __future__ import annotations
 
