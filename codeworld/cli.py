@@ -8,6 +8,8 @@
     codeworld debug FILE --call C   the neural debugger: predicted frames beside the real ones
     codeworld export --checkpoint D --out F   ad hoc: a checkpoint as a Hugging Face folder, checked
     codeworld check-params          validate params.yaml and print the resolved config
+    codeworld send-steps [PHASE...] send MLflow the training steps (and run closes) an outage
+                                    kept from it, without running the stages
 """
 
 from __future__ import annotations
@@ -221,6 +223,36 @@ def _debug(args: argparse.Namespace) -> int:
     return 0
 
 
+def _send_steps(args: argparse.Namespace) -> int:
+    """What the tracking server missed of each training phase (its steps.jsonl.unsent): the
+    steps of a torchrun started by hand on the phase's folder, which no stage sends after it,
+    and closes of stage runs. Under the phase's lock: never beside a stage sending the same."""
+    from codeworld.config import PHASES
+    from model.metrics import unsent_path
+    from stages.train_phase import STEPS, phase_dir, phase_lock, send_unsent_steps
+
+    known = (*PHASES, "rl")
+    if bad := [p for p in args.phase if p not in known]:
+        raise ConfigError(f"unknown phase {bad[0]!r} (known: {', '.join(known)})")
+    params = load_params(args.params)
+    targets = [(phase, phase_dir(params, phase)) for phase in args.phase or
+               ([] if args.steps_log else known)]
+    for phase, out in targets:
+        if not unsent_path(out / STEPS).exists():
+            print(f"{phase}: nothing unsent ({out / STEPS})")
+            continue
+        with phase_lock(out):
+            send_unsent_steps(out / STEPS)
+        print(f"{phase}: sent ({out / STEPS})")
+    for steps in map(Path, args.steps_log):   # a hand-run's --steps-log outside a phase folder
+        if not unsent_path(steps).exists():
+            print(f"{steps}: nothing unsent")
+            continue
+        send_unsent_steps(steps)
+        print(f"{steps}: sent")
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     print(json.dumps(load_params(args.params).model_dump(), indent=2))
     return 0
@@ -304,6 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=_positive_int, default=4096, help="cap on predicted tokens")
     s.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     s.set_defaults(fn=_debug)
+
+    s = sub.add_parser("send-steps", help="send MLflow the training steps an outage kept from "
+                       "it (steps.jsonl.unsent): a hand-run torchrun's, without the stage")
+    s.add_argument("phase", nargs="*", help="phases (default: all, unless --steps-log)")
+    s.add_argument("--steps-log", action="append", default=[], metavar="FILE",
+                   help="a torchrun's --steps-log outside the phase folders (repeatable)")
+    s.add_argument("--params", default="params.yaml")
+    s.set_defaults(fn=_send_steps)
 
     s = sub.add_parser("check-params", help="validate params.yaml")
     s.add_argument("--params", default="params.yaml")

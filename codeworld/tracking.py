@@ -13,7 +13,7 @@ import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from codeworld.storage import filesystem, write_atomic
 
@@ -113,18 +113,47 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def log_close(client, run_id: str, close: dict) -> None:
+    """A stage run's closing metrics and tags (`close`, StageRun's) to MLflow; each metric at
+    step 0 and the close's end time, so that sending them twice leaves one point."""
+    from mlflow.entities import Metric, RunTag
+
+    client.log_batch(run_id, metrics=[Metric(k, v, close["end_time"], 0)
+                                      for k, v in close["metrics"].items()],
+                     tags=[RunTag(k, v) for k, v in close["tags"].items()])
+
+
+def close_run(uri: str, run_id: str, close: dict) -> None:
+    """End a run that a tracking server outage kept open (StageRun's on_unclosed) as its stage
+    ended it: its metrics and tags, then its status and end time."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    log_close(client, run_id, close)
+    client.set_terminated(run_id, close["status"], close["end_time"])
+
+
+# (run_id, tracking_uri, close): keeps a close the server could not take for later (close_run)
+Unclosed = Callable[[str, str, dict], None]
+
+
 class StageRun:
-    """One run of a stage. Use as a context manager; metrics written on success and failure."""
+    """One run of a stage. Use as a context manager; metrics written on success and failure.
+    A run that the tracking server's outage keeps from closing stays RUNNING in MLflow unless
+    `on_unclosed` keeps its close for later (the training phases: model/metrics.close_later)."""
 
     def __init__(self, stage: str, params: dict, experiment: str = "codeworld",
-                 metrics_path: str | None = None, track: bool = True):
+                 metrics_path: str | None = None, track: bool = True,
+                 on_unclosed: Unclosed | None = None):
         self.stage = stage
         self.params = params
         self.experiment = experiment
         self.metrics_path = metrics_path
         self.track = track
+        self.on_unclosed = on_unclosed
         self.metrics: dict[str, float | int] = {}
         self.run_id: str | None = None
+        self.uri: str | None = None
         self._t0 = 0.0
 
     def __enter__(self) -> "StageRun":
@@ -136,6 +165,7 @@ class StageRun:
             if parent := os.environ.get(PARENT_ENV):
                 tags["mlflow.parentRunId"] = parent
             self.run_id = start_run(self.stage, self.experiment, tags).info.run_id
+            self.uri = mlflow.get_tracking_uri()
             params = flatten(self.params)
             with tracking_server():
                 # MLflow caps a param value's length; long lists are still in the artifact.
@@ -167,24 +197,42 @@ class StageRun:
             body = json.dumps(self.metrics, indent=2, sort_keys=True).encode() + b"\n"
             write_atomic(filesystem(self.metrics_path), self.metrics_path, body)
         if self.track:
+            close = {"status": "FAILED" if exc is not None else "FINISHED",
+                     "end_time": int(time.time() * 1000),
+                     "metrics": {k: float(v) for k, v in self.metrics.items()
+                                 if isinstance(v, (int, float))},
+                     "tags": {} if exc is None else
+                     {"codeworld.error": f"{exc_type.__name__}: {exc}"[:5000]}}
             try:
-                self._finish_run(exc_type, exc)
+                self._finish_run(close)
             except TrackingUnavailable as err:
+                kept = self._keep_close(close)
                 if exc is None:
                     raise
                 # the stage's own error is what to fix; the server being down is secondary
-                log.warning("%s: run not closed in MLflow: %s", self.stage, err)
+                log.warning("%s: run not closed in MLflow%s: %s", self.stage,
+                            " (its close kept for later)" if kept else "", err)
 
-    def _finish_run(self, exc_type, exc) -> None:
+    def _finish_run(self, close: dict) -> None:
         import mlflow
+        from mlflow.tracking import MlflowClient
 
         with tracking_server():
             try:
-                numeric = {k: float(v) for k, v in self.metrics.items() if isinstance(v, (int, float))}
-                mlflow.log_metrics(numeric)
-                if exc is not None:
-                    mlflow.set_tag("codeworld.error", f"{exc_type.__name__}: {exc}"[:5000])
+                log_close(MlflowClient(self.uri), self.run_id, close)
             finally:
                 # even when logging failed: end_run takes the run off this process's stack
                 # before it calls the server, so no run stays active here
-                mlflow.end_run(status="FAILED" if exc is not None else "FINISHED")
+                mlflow.end_run(status=close["status"])
+
+    def _keep_close(self, close: dict) -> bool:
+        """Hand the close the server missed to on_unclosed; whether it took it. Its failure
+        (a disk error) is a warning: the stage's outcome is what the caller sees."""
+        if self.on_unclosed is None:
+            return False
+        try:
+            self.on_unclosed(self.run_id, self.uri, close)
+        except OSError as err:
+            log.warning("%s: the close of MLflow run %s not kept: %s", self.stage, self.run_id, err)
+            return False
+        return True

@@ -92,9 +92,11 @@ def unsent_path(steps: Path) -> Path:
 
 
 def unsent_runs(steps: Path) -> list[dict]:
-    """The runs with step rows in `steps` that never reached MLflow, oldest first: each
+    """What of the runs logging to `steps` never reached MLflow, oldest first: each
     {"run_id", "tracking_uri", "first", "last"}, its rows those of steps first..last (last
-    None: to the end of the file). A StepLog adds one when the tracking server goes down."""
+    None: to the end of the file), which a StepLog adds when the tracking server goes down;
+    or {"run_id", "tracking_uri", "close"}, the close of a stage run the server missed
+    (close_later: codeworld.tracking.close_run ends the run with it)."""
     try:
         runs = json.loads(unsent_path(steps).read_text())
     except FileNotFoundError:
@@ -109,46 +111,70 @@ def _write_unsent(steps: Path, runs: list[dict]) -> None:
     if not runs:
         path.unlink(missing_ok=True)
         return
+    path.parent.mkdir(parents=True, exist_ok=True)   # a close kept before the first step
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(runs, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 
-def step_metrics(row: dict, timestamp_ms: int) -> list:
-    """A step row's numbers as MLflow metrics at its step."""
-    from mlflow.entities import Metric
+def close_later(steps: Path, run_id: str, uri: str, close: dict) -> None:
+    """Keep the close of MLflow run `run_id` that its tracking server missed (StageRun's
+    on_unclosed) behind the run's unsent steps: send_unsent ends the run with it after them."""
+    try:
+        runs = unsent_runs(steps)
+    except ValueError:
+        runs = []   # unreadable: what it said is lost, as in StepLog
+    _write_unsent(steps, runs + [{"run_id": run_id, "tracking_uri": uri, "close": close}])
 
-    return [Metric(k, float(v), timestamp_ms, row["step"]) for k, v in row.items()
-            if k != "step" and isinstance(v, (int, float))]
+
+# A row's wall-clock time (ms since the epoch) when the logging rank wrote it: the time of
+# its MLflow metrics, sent then or after an outage. A time, not a metric.
+TIME = "timestamp_ms"
 
 
-def send_unsent(steps: Path) -> int:
-    """Send MLflow the step rows unsent_runs names, run by run (each to its own run on its own
-    tracking server), each run's entry dropped once its rows are in; returns the number of
-    steps sent. What the run holds already (a request that landed although its answer was
-    lost, a send cut short) is not sent again: each step of a metric is there once. MLflow's
-    errors are raised (the stage tells an outage from others: codeworld.tracking)."""
+def step_metrics(row: dict) -> list:
+    """A step row's numbers as MLflow metrics at its step and the time it was logged (a row
+    written before rows carried it: now)."""
     import time
 
+    from mlflow.entities import Metric
+
+    stamp = row.get(TIME) or int(time.time() * 1000)
+    return [Metric(k, float(v), stamp, row["step"]) for k, v in row.items()
+            if k not in ("step", TIME) and isinstance(v, (int, float))]
+
+
+def send_unsent(steps: Path) -> tuple[int, list[dict]]:
+    """Send MLflow what unsent_runs names, entry by entry (each to its own run on its own
+    tracking server), each entry dropped once it is in: step rows at their step and time,
+    and closes (codeworld.tracking.close_run); returns the number of steps sent and the
+    closes. What a run holds already (a request that landed although its answer was lost, a
+    send cut short) is not sent again: each step of a metric is there once. MLflow's errors
+    are raised (the stage tells an outage from others: codeworld.tracking)."""
     from mlflow.tracking import MlflowClient
 
-    sent = 0
+    from codeworld.tracking import close_run
+
+    sent, closed = 0, []
     while runs := unsent_runs(steps):
         entry = runs[0]
-        last = entry.get("last")
-        rows = [r for r in read_rows(steps)
-                if r["step"] >= entry["first"] and (last is None or r["step"] <= last)]
-        client = MlflowClient(entry["tracking_uri"])
-        now = int(time.time() * 1000)
-        metrics = [m for r in rows for m in step_metrics(r, now)]
-        there = {(m.key, m.step) for key in {m.key for m in metrics}
-                 for m in client.get_metric_history(entry["run_id"], key)}
-        metrics = [m for m in metrics if (m.key, m.step) not in there]
-        if metrics:
-            client.log_batch(entry["run_id"], metrics=metrics)
-        sent += len({m.step for m in metrics})
+        if "first" in entry:
+            last = entry.get("last")
+            rows = [r for r in read_rows(steps)
+                    if r["step"] >= entry["first"] and (last is None or r["step"] <= last)]
+            client = MlflowClient(entry["tracking_uri"])
+            metrics = [m for r in rows for m in step_metrics(r)]
+            there = {(m.key, m.step) for key in {m.key for m in metrics}
+                     for m in client.get_metric_history(entry["run_id"], key)}
+            metrics = [m for m in metrics if (m.key, m.step) not in there]
+            if metrics:
+                client.log_batch(entry["run_id"], metrics=metrics)
+            sent += len({m.step for m in metrics})
+        if "close" in entry:
+            close_run(entry["tracking_uri"], entry["run_id"], entry["close"])
+            closed.append(entry)
         _write_unsent(steps, runs[1:])
-    return sent
+    return sent, closed
 
 
 class StepLog:
@@ -173,8 +199,10 @@ class StepLog:
             unsent = unsent_runs(path)
         except ValueError:
             unsent = []   # unreadable: what it said is lost, and the file no use to keep
-        capped = [{**u, "last": min(resume_after, u.get("last") or resume_after)}
-                  for u in unsent if u["first"] <= resume_after]
+        # (a run's close stays: it ends the run whatever was trained again)
+        capped = [u if "first" not in u else
+                  {**u, "last": min(resume_after, u.get("last") or resume_after)}
+                  for u in unsent if "first" not in u or u["first"] <= resume_after]
         if capped != unsent:
             _write_unsent(path, capped)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -191,16 +219,16 @@ class StepLog:
     def write(self, row: dict) -> None:
         if not self.active:
             return
-        self.f.write(json.dumps(row, sort_keys=True) + "\n")
-        self.f.flush()
+        import time
+
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in row.items()), flush=True)
+        row = {**row, TIME: int(time.time() * 1000)}
+        self.f.write(json.dumps(row, sort_keys=True) + "\n")
+        self.f.flush()
         if self.client is not None:
-            import time
-
             try:
-                now = int(time.time() * 1000)
-                self.client.log_batch(self.run_id, metrics=step_metrics(row, now))
+                self.client.log_batch(self.run_id, metrics=step_metrics(row))
             except Exception as err:
                 from codeworld.tracking import _outage
 
@@ -218,7 +246,8 @@ class StepLog:
                                           "first": step, "last": None}])
         print(f"warning: MLflow tracking server {self.uri} unreachable at step {step} ({why}); "
               f"training goes on, its steps from {step} on only in {self.path}, for the stage "
-              f"to send to MLflow after training (or at its rerun)", file=sys.stderr, flush=True)
+              f"to send to MLflow after training (or at its next run; or `codeworld "
+              f"send-steps`)", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.active:

@@ -21,12 +21,11 @@ from codeworld.code import Code
 from codeworld.config import ConfigError, Params
 from codeworld.shards import fingerprint
 from codeworld.storage import Storage, filesystem, write_atomic
-from codeworld.tracking import StageRun
 from model import checkpoint
 from stages import train_phase
 from stages.tokenizer import recorded_sha256
-from stages.train_phase import (PARAMS, _set_tags, open_phase, phase_dir, read_steps,
-                                resolved_precision, resume_point, train, write_plot)
+from stages.train_phase import (PARAMS, _set_tags, open_phase, phase_dir, phase_run,
+                                read_steps, resolved_precision, resume_point, train, write_plot)
 
 # As train_phase.CODE, with model.rl as the torchrun entry (its imports: generate, grpo, ...).
 CODE = Code(("stages.rl", "model.rl"), skip=("model.launch",))
@@ -138,34 +137,34 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
     # read once: the fingerprint and run.json name the same tokenizer (rl needs one: no None)
     tokenizer_sha256 = recorded_sha256(Storage(params.storage.root, params.storage.s3_endpoint_url))
     fp = rl_fingerprint(params, parent, tokenizer_sha256, precision)
-    with StageRun("rl", params.model_dump(include={"model", "parallel", "rl"}),
-                  params.tracking.experiment, metrics_path, track) as run_:
+    with phase_run(out, "rl", params.model_dump(include={"model", "parallel", "rl"}),
+                   params.tracking.experiment, metrics_path, track) as (run_, lock_fd):
         _set_tags(run_, {f"codeworld.parent_{k}": str(v) for k, v in parent.items()})
         record = {"phase": "rl", "fingerprint": fp, "parent": parent, "mlflow_run_id": run_.run_id,
                   "tokenizer_sha256": tokenizer_sha256}
-        with open_phase(out, record) as lock_fd:
-            if not (out / POOL).exists():   # written last (atomically): present means complete
-                from stages.tokenizer import load as load_tokenizer
-                from stages.rl_tasks import prepare_pool
+        open_phase(out, record)
+        if not (out / POOL).exists():   # written last (atomically): present means complete
+            from stages.tokenizer import load as load_tokenizer
+            from stages.rl_tasks import prepare_pool
 
-                with run_.timed("pool"):
-                    tok = load_tokenizer(Storage(params.storage.root, params.storage.s3_endpoint_url),
-                                         tokenizer_sha256)   # the one the fingerprint names
-                    stats = prepare_pool(params, tok, out / POOL.replace(".jsonl", ".tmp.jsonl"))
-                write_atomic(filesystem(str(out)), str(out / POOL_STATS),
-                             json.dumps(stats, sort_keys=True).encode() + b"\n")
-                os.replace(out / POOL.replace(".jsonl", ".tmp.jsonl"), out / POOL)
-            stats = json.loads((out / POOL_STATS).read_text())
-            run_.log(**{k: v for k, v in stats.items() if k.startswith(("pool_", "sandbox_"))})
-            done = resume_point(out, "rl")
-            if done is None or done[0] < cfg.steps:
-                train(params, "rl", out, torchrun_command(params, out, parent), run_, lock_fd)
-            rows = read_steps(out)
-            result = summary(rows)
-            run_.log(**{k: v for k, v in result.items() if isinstance(v, (int, float))})
-            if plot_path:
-                write_plot(rows, plot_path)
-            final = checkpoint.latest(out)
-            return {"name": "rl", "fingerprint": fp, "records": result.get("steps", 0),
-                    "checkpoint": str(final[1]) if final else None, "stats": result,
-                    "pool": stats, "parent": parent}
+            with run_.timed("pool"):
+                tok = load_tokenizer(Storage(params.storage.root, params.storage.s3_endpoint_url),
+                                     tokenizer_sha256)   # the one the fingerprint names
+                stats = prepare_pool(params, tok, out / POOL.replace(".jsonl", ".tmp.jsonl"))
+            write_atomic(filesystem(str(out)), str(out / POOL_STATS),
+                         json.dumps(stats, sort_keys=True).encode() + b"\n")
+            os.replace(out / POOL.replace(".jsonl", ".tmp.jsonl"), out / POOL)
+        stats = json.loads((out / POOL_STATS).read_text())
+        run_.log(**{k: v for k, v in stats.items() if k.startswith(("pool_", "sandbox_"))})
+        done = resume_point(out, "rl")
+        if done is None or done[0] < cfg.steps:
+            train(params, "rl", out, torchrun_command(params, out, parent), run_, lock_fd)
+        rows = read_steps(out)
+        result = summary(rows)
+        run_.log(**{k: v for k, v in result.items() if isinstance(v, (int, float))})
+        if plot_path:
+            write_plot(rows, plot_path)
+        final = checkpoint.latest(out)
+        return {"name": "rl", "fingerprint": fp, "records": result.get("steps", 0),
+                "checkpoint": str(final[1]) if final else None, "stats": result,
+                "pool": stats, "parent": parent}

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from codeworld.code import Code
@@ -31,7 +32,7 @@ from codeworld.storage import StorageError, write_atomic, filesystem
 from codeworld.tracking import StageRun, repo_root, tracking_server, tracking_uri
 from model import checkpoint
 from model.data import plan_validation
-from model.metrics import read_rows
+from model.metrics import TIME, close_later, read_rows
 from stages import pack as pack_stage
 
 # The stage and the torchrun entry it launches. model.launch only builds the command line and
@@ -196,19 +197,29 @@ def phase_lock(out: Path):
 
 
 @contextmanager
-def open_phase(out: Path, record: dict):
-    """The phase folder for this run, locked: kept for a resume or cleared (claim), and its
-    run.json written (`record`: phase, fingerprint, parent, MLflow run...). Yields the lock's
-    descriptor for train() to pass on."""
-    with phase_lock(out) as lock_fd:
-        if record.get("mlflow_run_id"):
-            # an earlier run's steps its ranks could not send: before claim may clear them
-            send_unsent_steps(out)
-        claim(out, record["fingerprint"])
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(filesystem(str(out)), str(out / RUN),
-                     json.dumps(record, sort_keys=True).encode() + b"\n")
-        yield lock_fd
+def phase_run(out: Path, stage: str, params: dict, experiment: str, metrics_path: str | None,
+              track: bool):
+    """The phase folder's lock (phase_lock) and, inside it, the phase's StageRun: yields both
+    (the lock's descriptor for train() to pass on). A close of the MLflow run that the
+    tracking server missed waits behind the run's unsent steps (model/metrics.close_later),
+    for the next sending to end the run with; under the lock, as every write of the folder."""
+    with phase_lock(out) as lock_fd, StageRun(
+            stage, params, experiment, metrics_path, track,
+            on_unclosed=partial(close_later, out / STEPS)) as run_:
+        yield run_, lock_fd
+
+
+def open_phase(out: Path, record: dict) -> None:
+    """The phase folder for this run, whose lock the caller holds (phase_run): kept for a
+    resume or cleared (claim), and its run.json written (`record`: phase, fingerprint,
+    parent, MLflow run...)."""
+    if record.get("mlflow_run_id"):
+        # what earlier runs could not send (steps, a run's close): before claim may clear it
+        send_unsent_steps(out / STEPS)
+    claim(out, record["fingerprint"])
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(filesystem(str(out)), str(out / RUN),
+                 json.dumps(record, sort_keys=True).encode() + b"\n")
 
 
 def claim(out: Path, fp: str) -> None:
@@ -293,17 +304,19 @@ def train(params: Params, name: str, out: Path, cmd: list[str], run_: StageRun,
         raise TrainingFailed(f"{name}: torchrun exited with {proc.returncode} "
                              f"(log: {log_path})\n{tail}")
     if run_.run_id:
-        send_unsent_steps(out)
+        send_unsent_steps(out / STEPS)
 
 
-def send_unsent_steps(out: Path) -> None:
-    """Send MLflow the step rows the logging rank kept from it while the tracking server was
-    down (model/metrics.StepLog, send_unsent), after training and before a rerun. A server
-    still down is TrackingUnavailable (exit 75): the rerun sends them, its training done."""
+def send_unsent_steps(steps: Path) -> None:
+    """Send MLflow what it missed while the tracking server was down (model/metrics.send_unsent):
+    the step rows the logging rank kept in `steps` (model/metrics.StepLog) and the closes of
+    runs (close_later); after training, before a rerun, and by `codeworld send-steps`. A
+    server still down is TrackingUnavailable (exit 75): the rerun sends them, its training
+    done."""
     from codeworld.tracking import TrackingUnavailable, _outage
     from model.metrics import send_unsent, unsent_path, unsent_runs
 
-    steps, marker = out / STEPS, unsent_path(out / STEPS)
+    marker = unsent_path(steps)
     try:
         if not unsent_runs(steps):
             return
@@ -311,21 +324,26 @@ def send_unsent_steps(out: Path) -> None:
         raise TrainingFailed(f"{err}: it names the training steps not sent to MLflow yet "
                              f"(their rows are in {steps}); remove it to give them up") from None
     try:
-        sent = send_unsent(steps)
+        sent, closed = send_unsent(steps)
     except Exception as err:
         run = unsent_runs(steps)[0]
         what = (f"steps {run['first']} on of MLflow run {run['run_id']} are not sent yet "
-                f"(their rows are in {steps}, {marker} names them)")
+                f"(their rows are in {steps}, {marker} names them)" if "first" in run else
+                f"MLflow run {run['run_id']} is not closed yet (as {run['close']['status']}: "
+                f"{marker} holds its close)")
         if (root := _outage(err)) is not None:
             raise TrackingUnavailable(
                 f"MLflow tracking server {run['tracking_uri']} unreachable: {root}; training "
-                f"{what}: rerun the stage once the server is back, or remove {marker} to give "
-                "them up") from err
+                f"{what}: once the server is back, rerun the stage (or `codeworld send-steps`), "
+                f"or remove {marker} to give them up") from err
         raise TrainingFailed(f"{what}; MLflow refused them ({type(err).__name__}: {err}): "
                              f"remove {marker} to give them up") from err
     if sent:
-        print(f"{out.name}: sent MLflow the {sent} training steps its tracking server missed",
-              file=sys.stderr)
+        print(f"{steps.parent.name}: sent MLflow the {sent} training steps its tracking "
+              "server missed", file=sys.stderr)
+    for c in closed:
+        print(f"{steps.parent.name}: closed MLflow run {c['run_id']} as {c['close']['status']} "
+              "(its tracking server missed the close)", file=sys.stderr)
 
 
 def read_steps(out: Path) -> list[dict]:
@@ -348,7 +366,9 @@ def summary(rows: list[dict]) -> dict:
 
 
 def write_plot(rows: list[dict], path: str) -> None:
-    """DVC plot source: the per-step rows as one JSON list."""
+    """DVC plot source: the per-step rows as one JSON list, without the time each was logged
+    (MLflow's; the plot is by step)."""
+    rows = [{k: v for k, v in r.items() if k != TIME} for r in rows]
     body = json.dumps(rows, indent=1, sort_keys=True).encode() + b"\n"
     write_atomic(filesystem(path), path, body)
 
@@ -373,8 +393,8 @@ def run_phase(params: Params, phase: str, *, track: bool = True, extra: list[str
     # source of the blend can validate, and says which sources train without validating.
     validated, train_only = plan_validation(
         {n: m["documents"] for n, m in pack_sources(params, phase).items()})
-    with StageRun(phase, params.model_dump(include={"model", "parallel", phase}),
-                  params.tracking.experiment, metrics_path, track) as run_:
+    with phase_run(out, phase, params.model_dump(include={"model", "parallel", phase}),
+                   params.tracking.experiment, metrics_path, track) as (run_, lock_fd):
         tags = {"codeworld.valid_sources": ",".join(validated),
                 "codeworld.train_only_sources": ",".join(train_only) or "-"}
         if parent:
@@ -385,21 +405,21 @@ def run_phase(params: Params, phase: str, *, track: bool = True, extra: list[str
         record = {"phase": phase, "fingerprint": fp, "parent": parent, "mlflow_run_id": run_.run_id,
                   "valid_sources": validated, "train_only_sources": train_only,
                   "tokenizer_sha256": tokenizer_of(params)}
-        with open_phase(out, record) as lock_fd:
-            done = resume_point(out, phase)
-            if done is None or done[0] < cfg.steps:
-                check_pack(params, phase, out)
-                train(params, phase, out, torchrun_command(params, phase, out, list(extra)), run_,
-                      lock_fd)
-            rows = read_steps(out)
-            stats = summary(rows)
-            run_.log(**stats)
-            if plot_path:
-                write_plot(rows, plot_path)
-            final = checkpoint.latest(out)
-            return {"name": phase, "fingerprint": fp, "records": stats.get("steps", 0),
-                    "checkpoint": str(final[1]) if final else None, "stats": stats,
-                    "parent": parent, "train_only_sources": train_only}
+        open_phase(out, record)
+        done = resume_point(out, phase)
+        if done is None or done[0] < cfg.steps:
+            check_pack(params, phase, out)
+            train(params, phase, out, torchrun_command(params, phase, out, list(extra)), run_,
+                  lock_fd)
+        rows = read_steps(out)
+        stats = summary(rows)
+        run_.log(**stats)
+        if plot_path:
+            write_plot(rows, plot_path)
+        final = checkpoint.latest(out)
+        return {"name": phase, "fingerprint": fp, "records": stats.get("steps", 0),
+                "checkpoint": str(final[1]) if final else None, "stats": stats,
+                "parent": parent, "train_only_sources": train_only}
 
 
 def _set_tags(run_: StageRun, tags: dict[str, str]) -> None:

@@ -29,7 +29,8 @@ from tests.train_fixtures import (build_rl_root, calc_task, rl_program_records,
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None and not os.environ.get("CI"),
                                  reason="bubblewrap not installed")
-TIMING = ("sample_seconds", "train_seconds", "step_seconds", "memory_mb", "memory_reserved_mb")
+TIMING = ("sample_seconds", "train_seconds", "step_seconds", "memory_mb", "memory_reserved_mb",
+          "timestamp_ms")
 
 
 def test_group_advantages():

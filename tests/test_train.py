@@ -165,8 +165,11 @@ def test_a_tracking_server_lost_during_training_loses_no_step(root, tmp_path, ml
                                                                monkeypatch):
     """The stage's torchrun with the tracking server cut (tests/fault_proxy.py) from step 4's
     send on: training finishes all the same, with one warning in train.log; the stage then
-    fails as for an outage (TrackingUnavailable, exit 75). Its rerun, the server back, trains
-    nothing and sends the missing steps to the run that trained them, each step once."""
+    fails as for an outage (TrackingUnavailable, exit 75), its run left open. Its rerun, the
+    server back, trains nothing and sends the missing steps to the run that trained them, each
+    step once at the time it was logged, and closes that run as the stage ended it: FAILED."""
+    import time
+
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -183,9 +186,10 @@ def test_a_tracking_server_lost_during_training_loses_no_step(root, tmp_path, ml
     with FaultProxy(mlflow_url) as proxy:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.url)
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        # the steps' sends fail from the one of step 4 on (its row is written before it)
-        proxy.fail("reset", times=None, match=lambda method, key: key.endswith(
-            "runs/log-batch") and len(read_rows(out / "steps.jsonl")) >= 4)
+        # every request fails from step 4's send on (its row is written before it): the
+        # steps', then the stage's own (the steps sent after training, the run's close)
+        proxy.fail("reset", times=None,
+                   match=lambda method, key: len(read_rows(out / "steps.jsonl")) >= 4)
         try:
             with pytest.raises(TrackingUnavailable, match=f"{proxy.url} unreachable: .*steps 4 on"):
                 train_phase.run_phase(params, "pretrain", **run)
@@ -193,15 +197,21 @@ def test_a_tracking_server_lost_during_training_loses_no_step(root, tmp_path, ml
             log = (out / "train.log").read_text()
             assert log.count(f"MLflow tracking server {proxy.url} unreachable at step 4") == 1
             trained = json.loads((out / "run.json").read_text())["mlflow_run_id"]
+            assert MlflowClient(mlflow_url).get_run(trained).info.status == "RUNNING"
             proxy.heal()
+            again_started = int(time.time() * 1000)
             again = train_phase.run_phase(params, "pretrain", **run)
         finally:
             mlflow.set_tracking_uri(None)
         assert "seconds_train" not in again["stats"] and again["stats"]["steps"] == 8
         client = MlflowClient(proxy.url)
+        logged = {r["step"]: r["timestamp_ms"] for r in read_rows(out / "steps.jsonl")}
         for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-            assert sorted(m.step for m in client.get_metric_history(trained, key)) == \
-                list(range(1, 9)), key
+            assert {m.step: m.timestamp for m in client.get_metric_history(trained, key)} == \
+                logged, key
+        info = client.get_run(trained)
+        assert info.info.status == "FAILED" and info.info.end_time < again_started
+        assert info.data.tags["codeworld.error"].startswith("TrackingUnavailable: ")
         rerun = json.loads((out / "run.json").read_text())["mlflow_run_id"]
         assert rerun != trained and client.get_metric_history(rerun, "loss") == []
 

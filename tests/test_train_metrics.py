@@ -118,6 +118,10 @@ def new_run(uri: str) -> str:
     return client.create_run(client.create_experiment(f"steps-{uuid.uuid4().hex[:8]}")).info.run_id
 
 
+def without_time(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "timestamp_ms"}
+
+
 def history(uri: str, run_id: str) -> dict[str, list[int]]:
     from mlflow.tracking import MlflowClient
 
@@ -144,7 +148,7 @@ def test_a_tracking_server_lost_mid_run_costs_training_nothing_and_its_steps_com
     for row in ROWS[3:]:
         log.write(row)
     log.close()
-    assert read_rows(out / "steps.jsonl") == ROWS
+    assert [without_time(r) for r in read_rows(out / "steps.jsonl")] == ROWS
     warnings = [l for l in capsys.readouterr().err.splitlines() if "warning" in l.lower()]
     assert len(warnings) == 1, warnings
     assert f"MLflow tracking server {proxy.url} unreachable at step 4" in warnings[0]
@@ -158,10 +162,10 @@ def test_a_tracking_server_lost_mid_run_costs_training_nothing_and_its_steps_com
     # after training, the server still down: the stage's outage error (exit 75), nothing lost
     with pytest.raises(TrackingUnavailable, match=f"{proxy.url} unreachable: .*steps 4 on of "
                                                    f"MLflow run {run_id} are not sent yet"):
-        send_unsent_steps(out)
+        send_unsent_steps(out / "steps.jsonl")
     assert unsent_path(out / "steps.jsonl").exists()
     proxy.heal()
-    send_unsent_steps(out)
+    send_unsent_steps(out / "steps.jsonl")
     assert history(proxy.url, run_id) == {k: list(range(1, 9)) for k in KEYS}
     assert not unsent_path(out / "steps.jsonl").exists()
     assert "sent MLflow the 5 training steps" in capsys.readouterr().err
@@ -178,7 +182,7 @@ def test_a_rerun_sends_an_earlier_runs_missing_steps_before_anything_else(tracki
 
     from codeworld.tracking import TrackingUnavailable
     from model.metrics import unsent_path
-    from stages.train_phase import open_phase
+    from stages.train_phase import open_phase, phase_lock
 
     proxy = tracking_proxy
     earlier, rerun = new_run(proxy.url), new_run(proxy.url)
@@ -192,15 +196,142 @@ def test_a_rerun_sends_an_earlier_runs_missing_steps_before_anything_else(tracki
         [{"run_id": earlier, "tracking_uri": proxy.url, "first": 4, "last": None}]))
     record = {"fingerprint": "new", "mlflow_run_id": rerun}
     proxy.fail("reset", times=None)
-    with pytest.raises(TrackingUnavailable):
-        with open_phase(out, record):
-            pass
+    with pytest.raises(TrackingUnavailable), phase_lock(out):
+        open_phase(out, record)
     assert json.loads((out / "run.json").read_text())["fingerprint"] == "old"
     proxy.heal()
-    with open_phase(out, record):
-        assert not (out / "steps.jsonl").exists()   # claimed for the new fingerprint
+    with phase_lock(out):
+        open_phase(out, record)
+    assert not (out / "steps.jsonl").exists()   # claimed for the new fingerprint
     assert history(proxy.url, earlier) == {k: list(range(1, 9)) for k in KEYS}
     assert history(proxy.url, rerun) == {k: [] for k in KEYS}
+
+
+def test_backfilled_steps_keep_the_time_they_were_logged(tracking_proxy, tmp_path):
+    """The steps sent after an outage carried the time of their sending: on MLflow's wall-time
+    axis the outage's steps were all at its end. Each row of steps.jsonl now holds the time
+    the logging rank wrote it (timestamp_ms, no metric of its own), which the live send and
+    the backfill both give MLflow."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from model.metrics import StepLog, read_rows
+    from stages.train_phase import send_unsent_steps
+
+    proxy = tracking_proxy
+    run_id = new_run(proxy.url)
+    steps = tmp_path / "steps.jsonl"
+    log = StepLog(steps, True, resume_after=0, run_id=run_id)
+    for row in ROWS[:3]:
+        log.write(row)
+    proxy.fail("reset", times=None)
+    for row in ROWS[3:]:
+        time.sleep(0.01)   # each step its own millisecond
+        log.write(row)
+    log.close()
+    time.sleep(0.05)
+    proxy.heal()
+    sending = int(time.time() * 1000)
+    send_unsent_steps(steps)
+    logged = {r["step"]: r["timestamp_ms"] for r in read_rows(steps)}
+    assert len(set(logged.values())) == len(ROWS) and max(logged.values()) < sending
+    client = MlflowClient(proxy.url)
+    for key in KEYS:
+        assert {m.step: m.timestamp for m in client.get_metric_history(run_id, key)} == logged, key
+    assert "timestamp_ms" not in client.get_run(run_id).data.metrics
+
+
+@pytest.mark.parametrize("error, status", [(None, "FINISHED"),
+                                           (RuntimeError("torchrun exited with 1"), "FAILED")])
+def test_a_phase_run_closed_in_an_outage_is_closed_when_its_steps_are_sent(
+        tracking_proxy, mlflow_url, tmp_path, error, status):
+    """A phase's MLflow run whose close met the outage stayed RUNNING forever: its steps came
+    later, its end never. The close the stage meant (status, end time, its metrics and error
+    tag) waits in steps.jsonl.unsent behind the steps, and ends the run when they are sent."""
+    import time
+    import uuid
+    from functools import partial
+
+    from mlflow.tracking import MlflowClient
+
+    from codeworld.tracking import StageRun, TrackingUnavailable
+    from model.metrics import StepLog, close_later, unsent_path
+    from stages.train_phase import phase_lock, send_unsent_steps
+
+    proxy = tracking_proxy
+    out = tmp_path / "checkpoints" / "pretrain"
+    steps = out / "steps.jsonl"
+    stage = StageRun("pretrain", {"pretrain": {"steps": 8}}, f"close-{uuid.uuid4().hex[:8]}",
+                     track=True, on_unclosed=partial(close_later, steps))
+    with pytest.raises(TrackingUnavailable if error is None else RuntimeError):
+        with phase_lock(out), stage as run_:
+            log = StepLog(steps, True, resume_after=0, run_id=run_.run_id)
+            for row in ROWS[:3]:
+                log.write(row)
+            proxy.fail("reset", times=None)   # down from step 4 to after the stage's end
+            for row in ROWS[3:]:
+                log.write(row)
+            log.close()
+            run_.log(steps=8)
+            closing = int(time.time() * 1000)
+            if error is not None:
+                raise error
+    ended = int(time.time() * 1000)
+    server = MlflowClient(mlflow_url)   # past the proxy: what the server holds meanwhile
+    assert server.get_run(run_.run_id).info.status == "RUNNING"
+    proxy.heal()
+    send_unsent_steps(steps)
+    run = server.get_run(run_.run_id)
+    assert run.info.status == status and closing <= run.info.end_time <= ended
+    assert run.data.metrics["steps"] == 8 and "seconds_total" in run.data.metrics
+    assert run.data.tags.get("codeworld.error") == (error and f"RuntimeError: {error}")
+    assert history(mlflow_url, run_.run_id) == {k: list(range(1, 9)) for k in KEYS}
+    assert not unsent_path(steps).exists()
+
+
+def test_a_hand_run_torchruns_unsent_steps_go_with_codeworld_send_steps(tracking_proxy,
+                                                                        tmp_path, capsys):
+    """A torchrun started by hand on a phase's folder logs to the MLflow run its run.json
+    names (the stage's last, closed) and, the server down, keeps its steps as the stage's
+    ranks do; but no stage follows it to send them (only the stage's next run did).
+    `codeworld send-steps` does, under the phase's lock: exit 75 while the server is down,
+    each step once when it is back."""
+    from mlflow.tracking import MlflowClient
+
+    from codeworld.cli import main
+    from codeworld.config import parse_params
+    from model.metrics import StepLog, tracking_run_id, unsent_path
+    from stages.train_phase import phase_dir, phase_lock
+    from tests.train_fixtures import tiny_params, write_yaml
+
+    proxy = tracking_proxy
+    params = write_yaml(tmp_path / "params.yaml", tiny_params(tmp_path))
+    out = phase_dir(parse_params(tiny_params(tmp_path)), "pretrain")
+    stage_run = new_run(proxy.url)
+    MlflowClient(proxy.url).set_terminated(stage_run)   # the stage's run, ended before
+    out.mkdir(parents=True)
+    (out / "run.json").write_text(json.dumps({"fingerprint": "f", "mlflow_run_id": stage_run}))
+    log = StepLog(out / "steps.jsonl", True, resume_after=0, run_id=tracking_run_id(out))
+    for row in ROWS[:3]:
+        log.write(row)
+    proxy.fail("reset", times=None)
+    for row in ROWS[3:]:
+        log.write(row)
+    log.close()
+    send = ["send-steps", "pretrain", "--params", str(params)]
+    assert main(send) == 75
+    assert f"steps 4 on of MLflow run {stage_run} are not sent yet" in capsys.readouterr().err
+    proxy.heal()
+    with phase_lock(out):   # a stage at work on the phase: not beside it
+        assert main(send) == 1
+    assert "training this phase already" in capsys.readouterr().err
+    assert main(send) == 0
+    assert history(proxy.url, stage_run) == {k: list(range(1, 9)) for k in KEYS}
+    assert not unsent_path(out / "steps.jsonl").exists()
+    assert main(["send-steps", "--params", str(params)]) == 0   # every phase: nothing left
+    assert "pretrain: nothing unsent" in capsys.readouterr().out
+    assert main(["send-steps", "pretrian", "--params", str(params)]) == 2
 
 
 def test_a_resumed_run_keeps_only_the_unsent_steps_it_does_not_train_again(tmp_path):
@@ -209,13 +340,15 @@ def test_a_resumed_run_keeps_only_the_unsent_steps_it_does_not_train_again(tmp_p
     from model.metrics import StepLog, unsent_path, unsent_runs
 
     steps = tmp_path / "steps.jsonl"
+    close = {"run_id": "r1", "tracking_uri": "u",
+             "close": {"status": "FAILED", "end_time": 1, "metrics": {}, "tags": {}}}
     for resume_after, left in ((5, [{"run_id": "r1", "tracking_uri": "u", "first": 4, "last": 5}]),
                                (3, [])):
         steps.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
         unsent_path(steps).write_text(json.dumps(
-            [{"run_id": "r1", "tracking_uri": "u", "first": 4, "last": None}]))
+            [{"run_id": "r1", "tracking_uri": "u", "first": 4, "last": None}, close]))
         StepLog(steps, True, resume_after=resume_after, run_id=None).close()
-        assert unsent_runs(steps) == left
+        assert unsent_runs(steps) == left + [close]   # r1's close, whatever was trained again
 
 
 def test_ranks_wait_briefly_on_mlflow_unless_told_otherwise(tmp_path, monkeypatch):
