@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -167,10 +168,16 @@ class StageRun:
             self.run_id = start_run(self.stage, self.experiment, tags).info.run_id
             self.uri = mlflow.get_tracking_uri()
             params = flatten(self.params)
-            with tracking_server():
-                # MLflow caps a param value's length; long lists are still in the artifact.
-                mlflow.log_params({k: v[:6000] for k, v in params.items()})
-                mlflow.log_dict(self.params, "params.json")
+            try:
+                with tracking_server():
+                    # MLflow caps a param value's length; long lists are still in the artifact.
+                    mlflow.log_params({k: v[:6000] for k, v in params.items()})
+                    mlflow.log_dict(self.params, "params.json")
+            except BaseException:
+                # the run exists: closed as failed (or its close kept), not left RUNNING and
+                # active here, as no `with` body ran to reach __exit__
+                self.__exit__(*sys.exc_info())
+                raise
         return self
 
     def log(self, **metrics: float | int) -> None:

@@ -290,6 +290,37 @@ def test_a_phase_run_closed_in_an_outage_is_closed_when_its_steps_are_sent(
     assert not unsent_path(steps).exists()
 
 
+def test_a_run_the_outage_cuts_off_while_it_starts_is_closed_later(tracking_proxy,
+                                                                  mlflow_url, tmp_path):
+    """The server lost between creating the stage's run and logging its params: StageRun's
+    __enter__ raised, no __exit__ followed, and the run stayed RUNNING (and active in the
+    process). It is closed as a failed stage's, or its close kept for later like any other."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from codeworld.tracking import StageRun, TrackingUnavailable
+    from model.metrics import close_later
+    from stages.train_phase import send_unsent_steps
+
+    proxy = tracking_proxy
+    steps = tmp_path / "steps.jsonl"
+    proxy.fail("reset", times=None, match=lambda method, key: key.endswith(
+        ("runs/log-batch", "runs/update", "artifacts")))   # all but creating the run
+    stage = StageRun("pretrain", {"pretrain": {"steps": 8}}, "starting", track=True,
+                     on_unclosed=lambda *close: close_later(steps, *close))
+    with pytest.raises(TrackingUnavailable):
+        with stage:
+            pass
+    assert mlflow.active_run() is None
+    run_id = MlflowClient(mlflow_url).search_runs(
+        [MlflowClient(mlflow_url).get_experiment_by_name("starting").experiment_id])[0].info.run_id
+    proxy.heal()
+    send_unsent_steps(steps)
+    run = MlflowClient(mlflow_url).get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["codeworld.error"].startswith("TrackingUnavailable: ")
+
+
 def test_a_hand_run_torchruns_unsent_steps_go_with_codeworld_send_steps(tracking_proxy,
                                                                         tmp_path, capsys):
     """A torchrun started by hand on a phase's folder logs to the MLflow run its run.json
