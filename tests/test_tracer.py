@@ -900,3 +900,61 @@ def test_a_value_holding_a_token_of_the_format_is_written_without_it():
     assert r.result == "'<|frame_sep|><|end_of_text|>'"
     parsed = parse(r.text + END_OF_TEXT)
     assert parsed.valid and parsed.frames[-1].value == r.result, parsed
+
+
+# A frame that has returned must not be kept alive by the tracer: its locals would outlive the
+# call, and a finaliser or weakref the program observes right after it would show otherwise
+# than untraced (the recorder held the last entered frame until the next call: result []).
+_FINALISED = """import weakref
+log = []
+class D:
+    def __del__(self):
+        log.append("del")
+class Node:
+    pass
+def make():
+    n = Node()
+    return weakref.ref(n)
+def g():
+    d = D()
+    return 1
+def h():
+    d = D()
+    raise ValueError(len(log))
+def gen():
+    d = D()
+    yield 1
+    yield 2
+def gen2():
+    items = iter([D()])
+    yield 1
+    yield 2
+def f():
+    g()
+    seen = list(log)
+    r = make()
+    try:
+        h()
+    except ValueError:
+        pass
+    seen.append(list(log))
+    it = gen()
+    next(it)
+    del it
+    seen.append(list(log))
+    it = gen2()
+    next(it)
+    del it
+    seen.append(len(log))
+    return seen, r() is None
+"""
+
+
+def test_a_returned_frame_is_not_kept_alive_by_the_tracer():
+    namespace: dict = {}
+    exec(_FINALISED, namespace)
+    untraced = repr(namespace["f"]())
+    assert untraced == "(['del', ['del', 'del'], ['del', 'del', 'del'], 4], True)"
+    for backend in ("settrace", "monitoring") if HAS_MONITORING else ("settrace",):
+        r = trace_call(_FINALISED, "f()", backend=backend)
+        assert (r.status, r.result) == ("ok", untraced), backend

@@ -79,6 +79,12 @@ TOO_DEEP = ("RecursionError: the recursion limit was reached while tracing (wher
              "depends on the tracer's own stack use, so the trace would not be the program's)")
 
 
+def _started(frame, info: CodeInfo | None) -> bool:
+    """Has the frame run past its entry (it is resuming, or being thrown into, after a yield or
+    await), as opposed to a new activation at its first instruction?"""
+    return info is not None and frame.f_lasti > info.entry_offset()
+
+
 def _resumed(frame, info: CodeInfo) -> bool:
     """Is the frame resuming after a yield or await? Entering a scope stops at its first
     ``RESUME`` (oparg 0), resuming at the one after the suspension point (oparg > 0); a frame's
@@ -203,6 +209,22 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int,
     return loc, (unreserved(js) if "<|" in js or "tool" in js else js)   # (inlined check)
 
 
+def _park_cache(reprs: dict[int, dict], scope: int) -> None:
+    """The repr cache a suspended scope keeps: only values that lead to no other object (scalars,
+    tuples and lists of scalars). An iterator's entry, say, would keep what it iterates over
+    alive after the generator itself is gone untraced (see ``Recorder.parked``)."""
+    cache = reprs.get(scope)
+    if cache:
+        for name in [k for k, hit in cache.items() if not _leads_nowhere(hit[0])]:
+            del cache[name]
+
+
+def _leads_nowhere(value) -> bool:
+    t = type(value)
+    return t in _IMMUTABLE or ((t is tuple or t is list)
+                               and set(map(type, value)) <= _SCALARS)
+
+
 _SAME_KEYS: dict[str, str] = {}  # local name -> '"name": ".."'
 
 
@@ -232,8 +254,9 @@ class Recorder:
     """
 
     __slots__ = ("lines", "nlines", "infos", "max_events", "max_bytes", "max_repr", "recs",
-                 "parts", "nbytes", "scopes", "orders", "reprs", "next_scope", "last_scope",
-                 "last_locals", "active", "too_long", "broken", "jump", "mark", "text_from_first")
+                 "parts", "nbytes", "scopes", "parked", "orders", "reprs", "next_scope",
+                 "last_scope", "last_locals", "active", "too_long", "broken", "jump", "mark",
+                 "text_from_first")
 
     def __init__(self, lines: list[str], infos: dict[int, CodeInfo], limits: TraceLimits, *,
                  text_from_first: bool = False) -> None:
@@ -247,7 +270,14 @@ class Recorder:
         self.recs: list[tuple] = []
         self.parts: list[str] = []
         self.nbytes = 0  # UTF-8 size of parts
-        self.scopes: dict[object, int] = {}  # live frame object -> scope id
+        self.scopes: dict[object, int] = {}  # running frame object -> scope id
+        # A suspended generator's frame is known by its id only, with its code: held here, it
+        # would keep the generator's locals alive after the generator itself is gone (finalised
+        # where nothing is traced: inside the tracer's own callback, when reading the caller's
+        # f_locals drops the last reference), and a __del__ or weakref callback the program
+        # waits for would never run while it is traced. (An id may then be reused: a frame
+        # claims a parked scope only if it has the same code and has already started.)
+        self.parked: dict[int, tuple[int, object]] = {}  # id(frame) -> (scope id, its code)
         self.orders: dict[int, tuple] = {}  # scope -> (emulated, slot) order of its locals (3.13+)
         self.reprs: dict[int, dict] = {}  # live scope -> its repr cache (see _snapshot)
         self.next_scope = 0
@@ -257,7 +287,10 @@ class Recorder:
         self.too_long = False
         self.broken: str | None = None  # why the trace cannot be trusted
         self.jump: tuple[object, int] | None = None  # (frame, dest) of the last backward jump
-        self.mark: tuple | None = None  # state before the last scope entry (generator closing)
+        # state before the last scope entry (generator closing), the frame by its id: a frame
+        # held here would keep its locals alive past its return (a __del__ or weakref callback
+        # due there would run late, changing what the program does; see _forget_frame)
+        self.mark: tuple | None = None
 
     def fail(self, reason: str) -> None:
         self.active = False
@@ -305,6 +338,26 @@ class Recorder:
         self.reprs[scope] = {}
         return scope
 
+    def resume_scope(self, frame) -> int | None:
+        """The scope of a suspended generator's frame being resumed (see ``parked``), else
+        None."""
+        parked = self.parked.get(id(frame)) if self.parked else None
+        if parked is None or parked[1] is not frame.f_code or \
+                not _started(frame, self.infos.get(id(frame.f_code))):
+            return None
+        del self.parked[id(frame)]
+        scope = self.scopes[frame] = parked[0]
+        self.reprs.setdefault(scope, {})
+        return scope
+
+    def knows(self, frame) -> bool:
+        """Is ``frame`` one of this recording's scopes (running, or a suspended generator)?"""
+        if frame in self.scopes:
+            return True
+        parked = self.parked.get(id(frame)) if self.parked else None
+        return parked is not None and parked[1] is frame.f_code and \
+            _started(frame, self.infos.get(id(frame.f_code)))
+
     def end_scope(self, frame) -> int:
         scope = self.scopes.pop(frame, -1)
         self.reprs.pop(scope, None)
@@ -328,9 +381,11 @@ class Recorder:
     def enter(self, frame, info) -> None:
         """A scope is entered (call frame at its def line) or a generator resumed (call frame at
         the line it resumes at)."""
-        self.mark = (frame, len(self.recs), len(self.parts), self.nbytes, self.last_scope,
+        self.mark = (id(frame), len(self.recs), len(self.parts), self.nbytes, self.last_scope,
                      self.last_locals, self.next_scope)
         scope = self.scopes.get(frame)
+        if scope is None:
+            scope = self.resume_scope(frame)
         if scope is None:
             # a generator started before tracing (outside main) resumes where it stopped, as
             # one started inside main does
@@ -357,13 +412,18 @@ class Recorder:
     def leave(self, frame, value, yielded: bool) -> None:
         """A return, or a generator's yield (the scope stays alive)."""
         if yielded:
-            scope = self.scopes.get(frame, -1)
+            scope = self.scopes.pop(frame, -1)
+            if scope >= 0:   # suspended: parked by id (see ``parked``)
+                self.parked[id(frame)] = (scope, frame.f_code)
+                _park_cache(self.reprs, scope)
+            self._forget_frame(frame)
             if type(value).__name__ == _WRAPPED:
                 value = _unwrapped(value)
         else:
             scope = self.end_scope(frame)
             if scope == 0:
                 self.active = False  # main returned: nothing after its return frame
+            self._forget_frame(frame)
         self._value_frame(RETURN, RETURN_SEP, scope, frame.f_lineno,
                           safe_repr(value, self.max_repr))
 
@@ -377,13 +437,24 @@ class Recorder:
         self._value_frame(EXCEPTION, EXCEPTION_SEP, scope, frame.f_lineno,
                           exception_repr(exc, self.max_repr))
 
+    def _forget_frame(self, frame) -> None:
+        """The frame has ended or is suspended: the recorder keeps no reference to it (nor
+        ``mark`` its id, which a later frame may reuse). A frame kept alive past its return keeps its locals alive:
+        an object whose ``__del__`` or weakref callback the program sees run there would run
+        late, and the trace would show what the program never does untraced."""
+        if self.jump is not None and self.jump[0] is frame:
+            self.jump = None
+        if self.mark is not None and self.mark[0] == id(frame):
+            self.mark = None
+
     def unwind(self, frame) -> None:
         """The frame is left by an exception (its exception frame was already recorded)."""
         scope = self.end_scope(frame)
         if scope == 0:
             self.active = False
         mark = self.mark
-        if mark is not None and mark[0] is frame and len(self.recs) == mark[1] + 2:
+        self._forget_frame(frame)
+        if mark is not None and mark[0] == id(frame) and len(self.recs) == mark[1] + 2:
             # A generator closed (GeneratorExit thrown in at its yield, or before it started)
             # that ran no line: newer CPythons do not even run such a frame, so drop it.
             rec = self.recs[-1]

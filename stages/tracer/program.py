@@ -39,6 +39,7 @@ ENTRY_HEADER = "def main():  # << START_OF_TRACE\n"
 ITER_NAME = "__codeworld_iter__"  # global bound to builtins.iter when comprehensions are rewritten
 INLINED_COMPREHENSIONS = sys.version_info >= (3, 12)
 _GLOBAL_LOADS = ("LOAD_GLOBAL", "LOAD_NAME")
+_RESUME = dis.opmap["RESUME"]
 _MAIN = re.compile(r"\bmain\b")
 
 
@@ -53,6 +54,14 @@ class CodeInfo:
     _lines: dict[int, int] = field(default_factory=dict)  # instruction offset -> line, lazily
     _table: list[tuple[int, int, int | None]] | None = None
     code: CodeType | None = None
+    _entry: int = -1  # offset of the first RESUME (where a new activation stops first), lazily
+
+    def entry_offset(self) -> int:
+        if self._entry < 0:
+            code = self.code_bytes
+            self._entry = next((i for i in range(0, len(code), 2) if code[i] == _RESUME),
+                               len(code))
+        return self._entry
 
     def line_of(self, offset: int) -> int:
         line = self._lines.get(offset)

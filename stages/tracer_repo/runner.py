@@ -165,7 +165,7 @@ class RepoTracer:
             return None
         cur = self.cur
         if cur is not None:
-            if frame in cur.scopes or self._inside(frame, cur.root):
+            if cur.knows(frame) or self._inside(frame, cur.root):
                 return self._enter(cur, frame)
             return None
         if self.test_id is None:
@@ -298,6 +298,7 @@ class RepoTracer:
                    "error": error, "status": status, "events": len(act.recs)})
         # drop frame references (a suspended generator would keep its locals alive)
         act.scopes.clear()
+        act.parked.clear()
         act.raised.clear()
         act.root = act.value = act.exc = act.mark = act.jump = None
 
