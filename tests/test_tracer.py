@@ -958,3 +958,41 @@ def test_a_returned_frame_is_not_kept_alive_by_the_tracer():
     for backend in ("settrace", "monitoring") if HAS_MONITORING else ("settrace",):
         r = trace_call(_FINALISED, "f()", backend=backend)
         assert (r.status, r.result) == ("ok", untraced), backend
+
+
+def test_keys_a_program_writes_into_locals_are_written_as_json_dumps_would():
+    # locals() is the frame's own dict on 3.11 and a class body's namespace on every version:
+    # a key that is no str made the tracer raise inside its own callback (TypeError), which
+    # ended tracing and reached the program; the trace was called "the program replaced the
+    # tracer"
+    code = ("def f():\n    locals()[5] = 'five'\n    x = 1\n    return x\n\n"
+            "def g():\n    class A:\n        locals()[(1, 2)] = None\n        y = 2\n"
+            "    return A.y\n")
+    r = trace_call(code, "f()")
+    assert (r.status, r.result) == ("ok", "1")
+    if sys.version_info < (3, 13):   # (3.13's locals() is a snapshot: the key goes nowhere)
+        assert '<|line_sep|>{"5": "\'five\'"}<|action_sep|>    x = 1\n' in r.text
+        assert r.frames[5].locals == {"5": "'five'", "x": "1"}
+    r = trace_call(code, "g()")
+    assert (r.status, r.result) == ("ok", "2")
+    body = [fr.locals for fr in r.frames if fr.kind == "line" and fr.source.strip() == "y = 2"]
+    assert len(body) == 1 and body[0]["(1, 2)"] == "None"   # (3.13 adds __firstlineno__)
+    assert body[0]["__qualname__"] == "'g.<locals>.A'"
+    from stages.tracer.frames import name_text
+    assert [name_text(k) for k in (True, False, None, 7, 1.5, float("nan"), -float("inf"))] == \
+        ["true", "false", "null", "7", "1.5", "NaN", "-Infinity"]
+
+
+def test_a_fault_of_the_tracer_is_named_and_never_reaches_the_program(monkeypatch):
+    # an exception raised inside a trace callback ended tracing and surfaced in the program,
+    # at whatever line was running: this one swallowed it and returned "caught"
+    code = "def f():\n    try:\n        x = 1\n    except Exception:\n        return 'caught'\n    return x\n"
+
+    def broken(self, frame, line):
+        raise ValueError("tracer bug")
+
+    monkeypatch.setattr(tracer.Recorder, "line", broken)
+    for backend in ("settrace", "monitoring") if HAS_MONITORING else ("settrace",):
+        r = tracer.trace_call(code, "f()", backend=backend)
+        assert (r.status, r.result) == ("invalid", None), backend
+        assert r.error == "untraceable: tracer error ValueError: tracer bug"

@@ -52,7 +52,7 @@ from operator import is_ as _is
 
 from .frames import (_KEYS, _SAME, ACTION_SEP, ARG_SEP, CALL, CALL_SEP, EXCEPTION, EXCEPTION_SEP,
                      FRAME_SEP, LINE, LINE_SEP, RETURN, RETURN_SEP, TraceLimits, TraceResult,
-                     _enc, _json, _key, prompt_for, unreserved)
+                     _enc, _json, _key, name_text, prompt_for, unreserved)
 from .program import ITER_NAME, CodeInfo, InvalidProgram, Program, compile_program
 from .reprs import (_ADDRESS, _BIG, _MODULE, _PLAIN, _SCALARS, MARKER, NESTED_TYPES,
                     address_ordered_set_repr, error_text, exception_repr, long_sequence_prefix,
@@ -77,6 +77,15 @@ _TOOL_NAME = "codeworld-tracer"
 _EMULATE_ORDER = sys.version_info >= (3, 13)
 TOO_DEEP = ("RecursionError: the recursion limit was reached while tracing (where it is reached "
              "depends on the tracer's own stack use, so the trace would not be the program's)")
+
+
+def _tracer_failure(exc: Exception) -> str:
+    """Why a trace is untraceable when a tracer callback raised: a RecursionError is the stack
+    running out (``TOO_DEEP``); anything else a fault of the tracer's, named. (Uncaught, it
+    would end tracing silently on 3.11 and reach the program as if its own line had raised.)"""
+    if isinstance(exc, RecursionError):
+        return TOO_DEEP
+    return "tracer error " + error_text(exc)
 
 
 def _started(frame, info: CodeInfo | None) -> bool:
@@ -158,6 +167,8 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int,
     nested_types = NESTED_TYPES
     cached = 0  # entries of the cache that belong to present locals
     for name, value in items:
+        if type(name) is not str:  # written into locals() by the program (frames.name_text)
+            name = name_text(name)
         hit = cache.get(name)
         if hit is not None and hit[0] is value and (hit[1] is None or (
                 hit[2] <= len(value) <= hit[3] and all(map(_is, value, hit[1])))):
@@ -501,8 +512,8 @@ def _run_settrace(rec: Recorder, main):
                     return local  # the sub-iterator of a ``yield from``/``await`` finished
                 raised.add(frame)
                 rec.exception(frame, arg[1])
-        except RecursionError:  # no stack left for the tracer itself
-            rec.fail(TOO_DEEP)
+        except Exception as exc:  # (RecursionError: no stack left for the tracer)
+            rec.fail(_tracer_failure(exc))
             return None
         return local
 
@@ -514,8 +525,8 @@ def _run_settrace(rec: Recorder, main):
             return None  # not the program's code: not traced, nor anything it calls directly
         try:
             rec.enter(frame, info)
-        except RecursionError:
-            rec.fail(TOO_DEEP)
+        except Exception as exc:
+            rec.fail(_tracer_failure(exc))
             return None
         return local
 
@@ -560,30 +571,30 @@ def _run_monitoring(rec: Recorder, main, prog: Program, tool: int):
         if rec.active and get_ident() == tid:
             try:
                 rec.enter(getframe(1), infos[id(code)])
-            except RecursionError:
-                rec.fail(TOO_DEEP)
+            except Exception as exc:
+                rec.fail(_tracer_failure(exc))
 
     def on_throw(code, offset, exc):
         info = infos.get(id(code))
         if info is not None and rec.active and get_ident() == tid:
             try:
                 rec.enter(getframe(1), info)
-            except RecursionError:
-                rec.fail(TOO_DEEP)
+            except Exception as exc:
+                rec.fail(_tracer_failure(exc))
 
     def on_return(code, offset, value):
         if rec.active and get_ident() == tid:
             try:
                 rec.leave(getframe(1), value, False)
-            except RecursionError:
-                rec.fail(TOO_DEEP)
+            except Exception as exc:
+                rec.fail(_tracer_failure(exc))
 
     def on_yield(code, offset, value):
         if rec.active and get_ident() == tid:
             try:
                 rec.leave(getframe(1), value, True)
-            except RecursionError:
-                rec.fail(TOO_DEEP)
+            except Exception as exc:
+                rec.fail(_tracer_failure(exc))
 
     def on_line(code, lineno):
         if not rec.active or get_ident() != tid:
@@ -599,8 +610,8 @@ def _run_monitoring(rec: Recorder, main, prog: Program, tool: int):
                 return None  # already recorded for the backward jump that led here
         try:
             line(frame, lineno)
-        except RecursionError:
-            rec.fail(TOO_DEEP)
+        except Exception as exc:
+            rec.fail(_tracer_failure(exc))
 
     def on_jump(code, src, dest):
         if dest > src:
@@ -612,8 +623,8 @@ def _run_monitoring(rec: Recorder, main, prog: Program, tool: int):
             frame = getframe(1)
             try:
                 line(frame, info.line_of(dest))
-            except RecursionError:
-                rec.fail(TOO_DEEP)
+            except Exception as exc:
+                rec.fail(_tracer_failure(exc))
                 return None
             rec.jump = (frame, dest)
         return None
@@ -622,12 +633,15 @@ def _run_monitoring(rec: Recorder, main, prog: Program, tool: int):
         if rec.active and id(code) in infos and get_ident() == tid:
             try:
                 rec.exception(getframe(1), exc)
-            except RecursionError:
-                rec.fail(TOO_DEEP)
+            except Exception as exc:
+                rec.fail(_tracer_failure(exc))
 
     def on_unwind(code, offset, exc):
         if rec.active and id(code) in infos and get_ident() == tid:
-            rec.unwind(getframe(1))
+            try:
+                rec.unwind(getframe(1))
+            except Exception as exc:
+                rec.fail(_tracer_failure(exc))
 
     callbacks = {ev.PY_START: on_start, ev.PY_RESUME: on_start, ev.PY_RETURN: on_return,
                  ev.PY_YIELD: on_yield, ev.LINE: on_line, ev.JUMP: on_jump,

@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii as _json
 
+from .reprs import safe_repr
+
 TRACE_CONTEXT_START = "<|trace_context_start|>"
 FRAME_SEP = "<|frame_sep|>"
 CALL_SEP = "<|call_sep|>"
@@ -102,6 +104,21 @@ class TraceResult:
 
 
 _KEYS: dict[str, str] = {}  # local name -> '"name": ' (names repeat across frames)
+
+
+def name_text(key: object) -> str:
+    """A key of a frame's locals that is not a str (a program can write any key into the dict
+    ``locals()`` returns, which is the frame's own on 3.11, a class body's namespace on every
+    version) as ``json.dumps`` writes it: int and float by their repr, ``true``/``false``/
+    ``null``; any other key (json.dumps would refuse it) by its address-free repr."""
+    if key is True or key is False or key is None:
+        return "true" if key is True else "false" if key is False else "null"
+    if type(key) is int:
+        return int.__repr__(key)
+    if type(key) is float:
+        return ("NaN" if key != key else "Infinity" if key == float("inf")
+                else "-Infinity" if key == -float("inf") else float.__repr__(key))
+    return safe_repr(key)
 
 
 def _key(name: str) -> str:
