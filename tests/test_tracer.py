@@ -996,3 +996,29 @@ def test_a_fault_of_the_tracer_is_named_and_never_reaches_the_program(monkeypatc
         r = tracer.trace_call(code, "f()", backend=backend)
         assert (r.status, r.result) == ("invalid", None), backend
         assert r.error == "untraceable: tracer error ValueError: tracer bug"
+
+
+def test_exceptions_of_any_class_are_the_programs_outcome_or_a_failed_repr():
+    # A class of the program's deriving from BaseException escaped trace_call: the sandbox
+    # reported the program "killed" (dropped), whether the program raised it or only a
+    # __repr__ the tracer called did (the program itself ran fine)
+    code = ("class Stop(BaseException):\n    pass\n\nclass R:\n    def __repr__(self):\n"
+            "        raise Stop('repr')\n\ndef raises():\n    raise Stop('out')\n\n"
+            "def shows():\n    r = R()\n    return 1\n")
+    r = trace_call(code, "raises()")
+    assert (r.status, r.error) == ("exception", "Stop: out")
+    assert r.text.endswith('<|exception_sep|><|action_sep|>    return raises()\n'
+                           '<|arg_sep|>"Stop(\'out\')"<|frame_sep|>')
+    r = trace_call(code, "shows()")
+    assert (r.status, r.result) == ("ok", "1")
+    assert r.frames[-3].locals == {"r": "<repr of R raised Stop>"}
+    assert safe_repr(R_SYSTEM_EXIT()) == "<repr of R_SYSTEM_EXIT raised SystemExit>"
+    r = trace_call("class Stop(BaseException):\n    pass\n\nraise Stop()\n", "len('')")
+    assert (r.status, r.error) == ("invalid", "module body raised Stop")
+    with pytest.raises(KeyboardInterrupt):   # the in-process caller's own, never swallowed
+        trace_call("def f():\n    raise KeyboardInterrupt\n", "f()")
+
+
+class R_SYSTEM_EXIT:
+    def __repr__(self):
+        raise SystemExit(3)

@@ -188,7 +188,9 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int,
                     if t in nested_types and \
                             (ordered := nested_ordered_repr(value, text, limit)) is not None:
                         text = ordered   # the same for sets inside it (any inner "{")
-            except Exception as exc:  # a user __repr__, or an int over the str-conversion limit
+            except BaseException as exc:  # a user __repr__, or an int over the str-conversion
+                if isinstance(exc, KeyboardInterrupt):  # limit (any exception: see repr_failed)
+                    raise
                 text = repr_failed(value, exc)
                 entry = None  # (that limit is a setting the program may change)
             else:
@@ -690,7 +692,9 @@ def trace_call(code: str, call: str, *, entry_filename: str = "<program>",
     try:
         for module in prog.modules:
             exec(module, namespace)
-    except (Exception, SystemExit, GeneratorExit) as exc:
+    except BaseException as exc:  # (a class of the program's may derive from BaseException)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
         result.status, result.error = "invalid", "module body raised " + error_text(exc)
         return result
     main = namespace.get("main")
@@ -710,7 +714,9 @@ def trace_call(code: str, call: str, *, entry_filename: str = "<program>",
         result.result = safe_repr(value, limits.max_repr)
     except TraceStop:
         pass
-    except (Exception, SystemExit, GeneratorExit) as exc:  # (KeyboardInterrupt goes through)
+    except BaseException as exc:  # uncaught, as Python ends a program: any exception class
+        if isinstance(exc, KeyboardInterrupt):   # of the program's too (KeyboardInterrupt goes
+            raise                                # through: it is the caller's, in-process)
         result.status, result.error = "exception", error_text(exc)
     if rec.too_long:
         result.status, result.result = "too_long", None

@@ -99,7 +99,10 @@ def long_sequence_prefix(value: object, limit: int) -> tuple[str, int] | None:
 
 
 def repr_failed(value: object, exc: BaseException) -> str:
-    """Placeholder for a ``__repr__`` that raised (also: an int too long for ``str``)."""
+    """Placeholder for a ``__repr__`` that raised (also: an int too long for ``str``). Any
+    exception counts, a class of the program's deriving from BaseException (or SystemExit) too:
+    the tracer called that ``__repr__``, not the program, so it must not reach the program
+    (only KeyboardInterrupt passes: in-process, it is the caller's)."""
     return f"<repr of {type(value).__qualname__} raised {type(exc).__name__}>"
 
 
@@ -338,7 +341,9 @@ def safe_repr(value: object, limit: int = DEFAULT_MAX_REPR) -> str:
     try:
         text = repr(value)
         ordered = nested_ordered_repr(value, text, limit) if type(value) in NESTED_TYPES else None
-    except Exception as exc:  # a user __repr__ (or int > sys.get_int_max_str_digits()) failed
+    except BaseException as exc:  # a user __repr__ (or int > sys.get_int_max_str_digits())
+        if isinstance(exc, KeyboardInterrupt):   # failed (see repr_failed)
+            raise
         return repr_failed(value, exc)
     if ordered is not None:
         return ordered
@@ -361,7 +366,9 @@ def error_text(exc: BaseException, limit: int = 1000) -> str:
     name = type(exc).__name__
     try:
         msg = str(exc)
-    except Exception:
+    except BaseException as failure:  # (a user __str__: any exception, see repr_failed)
+        if isinstance(failure, KeyboardInterrupt):
+            raise
         msg = ""
     if not msg.isascii():  # no lone surrogates in JSON responses
         msg = msg.encode("utf-8", "backslashreplace").decode("utf-8")
