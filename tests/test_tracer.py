@@ -420,10 +420,23 @@ def test_recursion_error_is_untraceable():
         assert r.result is None and sys.gettrace() is None
 
 
-@pytest.mark.skipif(HAS_MONITORING, reason="only sys.settrace can be removed by the program")
-def test_program_removing_the_tracer_is_untraceable():
-    r = trace_call("import sys\n\ndef f():\n    sys.settrace(None)\n    return 1\n", "f()")
+def test_program_sees_no_tracer_and_cannot_remove_it():
+    # Untraced, gettrace() is None and settrace(None) removes nothing: so while traced. Before,
+    # gettrace() gave the tracer's own function (its name in the trace) and settrace(None)
+    # removed it: lines 5-7 ran unrecorded, and once put back the trace, with its gap, was "ok"
+    code = ("import sys\n\ndef f():\n    old = sys.gettrace()\n    sys.settrace(None)\n"
+            "    x = 1\n    sys.settrace(old)\n    return x, old\n")
+    r = trace_call(code, "f()", backend="settrace")
+    assert (r.status, r.result) == ("ok", "(1, None)")
+    assert [fr.line for fr in r.frames if fr.kind == "line" and fr.scope == 1] == [4, 5, 6, 7, 8]
+    assert "_run_settrace" not in r.text
+    r = trace_call("import sys\n\ndef f():\n    sys.settrace(None)\n    return 1\n", "f()",
+                   backend="settrace")
+    assert (r.status, r.result) == ("ok", "1")
+    r = trace_call("import sys\n\ndef f():\n    sys.settrace(lambda *a: None)\n    return 1\n",
+                   "f()", backend="settrace")
     assert r.status == "invalid" and "sys.settrace" in r.error
+    assert sys.settrace.__module__ == "sys" and sys.gettrace() is None   # put back
 
 
 def test_more_address_free_reprs():

@@ -532,16 +532,36 @@ def _run_settrace(rec: Recorder, main):
             return None
         return local
 
-    previous = sys.gettrace()
-    sys.settrace(glob)
+    # While main runs, the program sees sys.settrace/gettrace as it would untraced: no trace
+    # function (gettrace() is None, not ours, whose name would show in its locals), and
+    # settrace(None) removes nothing. It used to remove the tracer: a program that saved
+    # gettrace(), set None and put it back ran those lines untraced, and its trace, a gap in
+    # it, was kept as "ok". A trace function of the program's own would see (and could
+    # change) the events: that trace is invalid.
+    real_settrace, real_gettrace = sys.settrace, sys.gettrace
+
+    def settrace(function):
+        if function is not None:
+            rec.fail("the program installed a trace function of its own (sys.settrace)")
+            real_settrace(function)
+
+    def gettrace():
+        function = real_gettrace()
+        return None if function is glob else function
+
+    previous = real_gettrace()
+    real_settrace(glob)
+    sys.settrace, sys.gettrace = settrace, gettrace
     try:
         return main()
     finally:
+        sys.settrace, sys.gettrace = real_settrace, real_gettrace
         # CPython drops a trace function that raised (our TraceStop); anything else that
-        # removed it is the program (sys.settrace): the rest of its run went unrecorded.
-        if sys.gettrace() is not glob and not rec.too_long and rec.active:
+        # removed it is the program (C code calling PyEval_SetTrace, not sys.settrace): the
+        # rest of its run went unrecorded.
+        if real_gettrace() is not glob and not rec.too_long and rec.active:
             rec.fail("the program replaced the tracer (sys.settrace)")
-        sys.settrace(previous)
+        real_settrace(previous)
 
 
 # --------------------------------------------------------------------------- sys.monitoring
