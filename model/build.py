@@ -92,9 +92,15 @@ def check_machine(params: Params, phase: str) -> Precision:
     return precision
 
 
-def padded_vocab(vocab_size: int, tensor: int, multiple: int = 64) -> int:
-    """Megatron splits the output layer across TP ranks: pad the vocabulary to a multiple."""
-    step = multiple * tensor
+def padded_vocab(vocab_size: int, model: ModelConfig, multiple: int = 64) -> int:
+    """The embedding's and output layer's rows: the vocabulary padded to a multiple of 64 x the
+    query groups. Megatron splits those rows over the TP ranks, and every TP the model allows
+    divides its query groups, so each rank's share is a multiple of 64 in every layout. Padded
+    per layout (64 x TP), the model itself changed with the layout: its cross-entropy
+    normalises over the padded columns too, and a checkpoint loads with rows cut or added
+    (Megatron allows that mismatch silently): 650 ids were 768 columns under TP=2, 704 under
+    one process, and a TP=2 checkpoint resumed by one process lost 0.086 of loss at once."""
+    step = multiple * model.num_query_groups
     return -(-vocab_size // step) * step
 
 
@@ -183,7 +189,7 @@ def build_chunks(model: ModelConfig, par: ParallelConfig, config, precision: Pre
         vp_stage = vp if par.virtual_pipeline else None
         chunk = GPTModel(
             config=config, transformer_layer_spec=block_spec(spec, config, precision, vp_stage),
-            vocab_size=padded_vocab(vocab_size, par.tensor),
+            vocab_size=padded_vocab(vocab_size, model),
             max_sequence_length=model.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),

@@ -120,6 +120,26 @@ def test_virtual_pipeline_continues_a_single_process_checkpoint(root, tmp_path):
     assert (tmp_path / "vp" / "ck" / "iter_0000004").is_dir()   # and it saves in that layout
 
 
+def test_a_vocabulary_padded_for_tp2_continues_the_same_under_one_process(root, tmp_path):
+    """A 650-id tokenizer (the pack's vocab_size; its ids are the same): the output layer
+    and embedding are padded past it, and Megatron's cross-entropy normalises over every
+    padded column. Padded per layout (to 64 x TP) the model had 768 columns under TP=2 and
+    704 under one process: a TP=2 checkpoint loaded silently with 64 columns cut, and the
+    resumed steps' loss was 0.086 lower than TP=2's own. Padded by the model (64 x its query
+    groups, which every allowed TP divides), a layout change continues the same steps."""
+    vocab = tmp_path / "v650"
+    vocab.mkdir()
+    shutil.copytree(root / "pack", vocab / "pack", ignore=shutil.ignore_patterns(".work"))
+    manifest = json.loads((vocab / "pack" / "manifest.json").read_text())
+    (vocab / "pack" / "manifest.json").write_text(json.dumps({**manifest, "vocab_size": 650}))
+    tp2 = train(vocab, tmp_path / "tp2", nproc=2, parallel={"tensor": 2})
+    resume_copy(tmp_path / "tp2", 2, tmp_path / "one")
+    one = train(vocab, tmp_path / "one")
+    assert sorted(losses(one)) == [3, 4]
+    for step in (3, 4):
+        assert losses(one)[step] == pytest.approx(losses(tp2)[step], abs=TOL)
+
+
 def test_data_parallel_2_with_distributed_optimizer_matches(root, baseline, tmp_path):
     # Same seed, same CPU initialisation: two data-parallel ranks sharding the optimizer
     # state take the same steps as one process (the loss is summed over both ranks' tokens).
@@ -371,3 +391,4 @@ def test_gradient_finalisation_on_the_device_matches_megatrons(root, tmp_path, p
     out = (tmp_path / "log").read_text()
     assert proc.returncode == 0, out[-3000:]
     assert out.count("same gradients") == 2
+
