@@ -189,10 +189,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batches_list: list[list[dict]]) -> float | None:
+        """The loss per token over all the batches, as training's: a mean of each batch's mean
+        weighed a batch of few loss tokens (SFT: long prompts) as much as a full one."""
         for c in self.chunks:
             c.eval()
-        vals = [reduce_loss(self.run_batches(b, forward_only=True)) for b in batches_list]
-        return None if vals[0] is None else sum(vals) / len(vals)
+        losses = [entry for b in batches_list for entry in self.run_batches(b, forward_only=True)]
+        return reduce_loss(losses)
 
 
 def finalize_grads(model: list, num_tokens: torch.Tensor | None, pg_collection=None,

@@ -392,3 +392,50 @@ def test_gradient_finalisation_on_the_device_matches_megatrons(root, tmp_path, p
     assert proc.returncode == 0, out[-3000:]
     assert out.count("same gradients") == 2
 
+
+EVAL_PROBE = '''
+import sys, torch, yaml
+from codeworld.config import parse_params
+from model.trainer import Trainer, init_distributed
+
+params = parse_params(yaml.safe_load(open(sys.argv[1])))
+init_distributed("gloo")
+trainer, cfg = Trainer(params, "pretrain", 600), params.pretrain
+g = torch.Generator().manual_seed(0)
+def batch(share):
+    tokens = torch.randint(2, 600, (cfg.micro_batch_size, cfg.seq_length), generator=g)
+    return {"tokens": tokens, "labels": tokens.roll(-1, 1), "position_ids":
+            torch.arange(cfg.seq_length).expand_as(tokens).contiguous(),
+            "loss_mask": (torch.rand(tokens.shape, generator=g) < share).float()}
+per_step = cfg.global_batch_size // cfg.micro_batch_size
+# two evaluation batches: one with a few answer tokens (an SFT batch of long prompts), one full
+batches = [[batch(0.05) for _ in range(per_step)], [batch(1.0) for _ in range(per_step)]]
+got = trainer.evaluate(batches)
+model, total, tokens = trainer.chunks[0].module, 0.0, 0.0
+with torch.no_grad():
+    for b in sum(batches, []):
+        nll = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+        total += float((nll.float() * b["loss_mask"]).sum())
+        tokens += float(b["loss_mask"].sum())
+print(f"evaluate {got:.6f} per token {total / tokens:.6f}", flush=True)
+assert abs(got - total / tokens) < 1e-5, (got, total / tokens)
+print("per token", flush=True)
+torch.distributed.destroy_process_group()
+'''
+
+
+def test_the_validation_loss_is_per_token_over_all_its_batches(root, tmp_path):
+    """Like the training loss: the masked tokens' loss summed over the eval_iters batches,
+    divided by their count. A mean of each batch's mean weighed a batch of few loss tokens
+    (SFT: long prompts, short answers) as much as a full one."""
+    params = tiny_params(root)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "probe.py").write_text(EVAL_PROBE)
+    with open(tmp_path / "log", "w") as log:
+        proc = run_in_own_group([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc-per-node=1", str(tmp_path / "probe.py"), str(tmp_path / "p.yaml")],
+                                stdout=log, timeout=300, cwd=Path(__file__).resolve().parents[1],
+                                env={**os.environ, "OMP_NUM_THREADS": "1",
+                                     "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    out = (tmp_path / "log").read_text()
+    assert proc.returncode == 0 and "per token\n" in out, out[-3000:]
