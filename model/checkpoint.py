@@ -19,6 +19,8 @@ import torch
 
 LATEST = "latest.json"
 FILES = "codeworld_files.json"   # in each checkpoint: {relative path: bytes} at save time
+# in each checkpoint: {"distributed_optimizer": bool}, the format of its optimizer state
+OPTIMIZER = "codeworld_optimizer.json"
 # The distributed optimizer's default sharding fails in megatron-core 0.16 ("flattened_range is
 # not supported"); the fully reshardable format also loads under another layout.
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -128,6 +130,7 @@ def save(root: Path, iteration: int, chunks, optimizer, scheduler, keep: int = 2
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        (tmp / OPTIMIZER).write_text(json.dumps({"distributed_optimizer": distributed(optimizer)}) + "\n")
     _barrier()
     dist_checkpointing.save(sharded_state_dict(chunks, optimizer, scheduler, iteration), str(tmp))
     _barrier()
@@ -163,6 +166,7 @@ def load(path: Path, chunks, optimizer=None, scheduler=None) -> int:
     from megatron.core import dist_checkpointing
 
     if optimizer is not None:
+        check_optimizer_format(path, optimizer)
         _prepare_optimizer_for_load(optimizer)
     request = sharded_state_dict(chunks, optimizer, scheduler, 0, is_loading=True)
     state = dist_checkpointing.load(request, str(path))
@@ -173,6 +177,31 @@ def load(path: Path, chunks, optimizer=None, scheduler=None) -> int:
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     return int(state["iteration"])
+
+
+def distributed(optimizer) -> bool:
+    """Whether the optimizer shards its state over data parallel (parallel.distributed_optimizer)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer)
+               for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def check_optimizer_format(path: Path, optimizer) -> None:
+    """A distributed optimizer's state and a plain one's are other formats, which Megatron does
+    not convert: its load failed with "KeyError: 'pre_wd_mult'". Checkpoints saved before the
+    format was recorded are not checked."""
+    try:
+        saved = json.loads((path / OPTIMIZER).read_text())["distributed_optimizer"]
+    except FileNotFoundError:
+        return
+    now = distributed(optimizer)
+    if saved != now:
+        raise ValueError(
+            f"{path}: saved with parallel.distributed_optimizer={json.dumps(saved)}; this run has "
+            f"{json.dumps(now)}: the optimizer state is in the other format. Resume with "
+            f"distributed_optimizer={json.dumps(saved)} (the next phase, which starts a fresh "
+            f"optimizer, may change it)")
 
 
 def _prepare_optimizer_for_load(optimizer) -> None:
