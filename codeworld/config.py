@@ -400,6 +400,11 @@ class PackSourceConfig(Section):
     # on such a source must have this seq_length; a longer document is skipped (too_long).
     # sft_agent: one document per assistant turn, its task and the latest messages that fit.
     window: int = Field(default=0, ge=0)
+    # At most this many documents a window. Attention in a sample is causal over the whole
+    # window (no mask at document ends): a task packed after another attends to it, which it
+    # never does at evaluation or in RL, where its prompt is alone. 1: each task alone in its
+    # window (more padding); more: fewer windows, later tasks see their neighbours.
+    window_documents: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _mask(self) -> "PackSourceConfig":
@@ -409,6 +414,9 @@ class PackSourceConfig(Section):
         if self.window and self.format not in SFT_FORMATS:
             raise ValueError(f"window applies to the SFT formats only (format is {self.format!r}: "
                              "text without a loss mask would learn the padding)")
+        if self.window_documents > 1 and not self.window:
+            raise ValueError("window_documents applies to windows only (window is 0: documents "
+                             "end to end)")
         return self
 
 

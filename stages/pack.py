@@ -180,22 +180,25 @@ def agent_turn_documents(segments: list[tuple[str, bool]], pieces: list[list[int
 
 class _Windows:
     """Documents into the indexed dataset(s): as they come, or (``window``) packed whole into
-    windows of exactly ``window`` tokens, each padded to its end with PAD out of the loss."""
+    windows of exactly ``window`` tokens, at most ``per_window`` documents each, each window
+    padded to its end with PAD out of the loss."""
 
-    def __init__(self, builder, mask_builder, window: int, counts: dict):
+    def __init__(self, builder, mask_builder, window: int, counts: dict, per_window: int = 1):
         self.builder, self.mask_builder = builder, mask_builder
-        self.window, self.counts = window, counts
+        self.window, self.counts, self.per_window = window, counts, per_window
         self.ids: list[int] = []
         self.mask: list[int] = []
+        self.documents = 0
 
     def add(self, ids: list[int], mask: list[int]) -> None:
         if not self.window:
             self._write(ids, mask)
             return
-        if len(self.ids) + len(ids) > self.window:
+        if len(self.ids) + len(ids) > self.window or self.documents == self.per_window:
             self.flush()
         self.ids += ids
         self.mask += mask
+        self.documents += 1
 
     def flush(self) -> None:
         if self.ids:
@@ -203,7 +206,7 @@ class _Windows:
             self._write(self.ids + [PAD_ID] * pad, self.mask + [0] * pad)
             self.counts["windows"] += 1
             self.counts["pad_tokens"] += pad
-            self.ids, self.mask = [], []
+            self.ids, self.mask, self.documents = [], [], 0
 
     def _write(self, ids: list[int], mask: list[int]) -> None:
         self.builder.add_document(np.asarray(ids), [len(ids)])
@@ -235,7 +238,7 @@ def pack_source(name: str, src: PackSourceConfig, ds: Dataset, tok, params: Para
               "skipped": 0, "too_long": 0, "truncated_at_cap": 0}
     if src.window:
         counts.update(windows=0, pad_tokens=0)
-    out_docs = _Windows(builder, mask_builder, src.window, counts)
+    out_docs = _Windows(builder, mask_builder, src.window, counts, src.window_documents)
     cap = src.max_tokens or float("inf")
     for ids, mask in _token_documents(ds, src, params, counts, tok):
         if counts["tokens"] + len(ids) > cap:

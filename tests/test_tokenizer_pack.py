@@ -274,7 +274,7 @@ def test_sft_documents_packed_in_windows_make_whole_samples(root, tmp_path):
     params = tiny_params(work, pretrain={"blend": {"sft_trace": 1.0}, "seq_length": W},
                          model={"max_position_embeddings": 512})
     params["pack"]["sources"]["sft_trace"] = {"dataset": "traces", "format": "sft_trace",
-                                              "window": W}
+                                              "window": W, "window_documents": 3}
     path = write_yaml(work / "params.yaml", params)
     subprocess.run([sys.executable, "-m", "codeworld.cli", "stage", "pack", "--params", str(path),
                     "--no-track"], check=True, cwd=work, capture_output=True)
@@ -313,6 +313,37 @@ def test_sft_documents_packed_in_windows_make_whole_samples(root, tmp_path):
         got = sample["loss_mask"].tolist()[:W - 1]
         wrong += [(i, j) for j in range(W - 1) if got[j] != want[j]]
     assert not wrong, f"{len(wrong)} labels with another loss flag than the pack's: {wrong[:5]}"
+
+
+def test_an_sft_task_is_alone_in_its_window_by_default(root, tmp_path):
+    # Megatron's attention here is causal over the whole sample: packed after another task, an
+    # answer attended to it (the default SFT blend: 48.5% of sft_output's answer tokens), which
+    # it never does at evaluation or in RL. By default each window holds one document.
+    import shutil
+    import subprocess
+    import sys
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from tests.train_fixtures import write_yaml
+
+    work = tmp_path / "r"
+    shutil.copytree(root, work, ignore=shutil.ignore_patterns("pack", ".work"))
+    W = 400   # room for two or three of these documents
+    params = tiny_params(work, pretrain={"blend": {"sft_trace": 1.0}, "seq_length": W},
+                         model={"max_position_embeddings": 512})
+    params["pack"]["sources"]["sft_trace"] = {"dataset": "traces", "format": "sft_trace",
+                                              "window": W}
+    subprocess.run([sys.executable, "-m", "codeworld.cli", "stage", "pack", "--params",
+                    str(write_yaml(work / "params.yaml", params)), "--no-track"], check=True,
+                   cwd=work, capture_output=True)
+    meta = pack_manifest(work)["sources"]["sft_trace"]
+    windows = IndexedDataset(str(work / "pack" / "sft_trace"))
+    assert len(windows) == meta["windows"] == meta["documents"] > 1, meta
+    assert all(windows[i].tolist().count(EOD_ID) == 1 for i in range(len(windows)))
+    with pytest.raises(ConfigError, match="window_documents applies to windows only"):
+        parse_params(tiny_params(root, pack={"sources": {"code": {
+            "dataset": "dedup", "format": "code", "window_documents": 2}}}))
 
 
 def test_a_window_that_is_not_the_phases_seq_length_fails_at_load(root):
