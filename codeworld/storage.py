@@ -239,8 +239,11 @@ def filesystem(url: str, endpoint_url: str | None = None) -> fsspec.AbstractFile
         if endpoint:
             opts["client_kwargs"] = {"endpoint_url": endpoint}
         # fsspec caches one instance per distinct options (so per endpoint): creating a client
-        # costs ~0.3 s, reusing it ~0.02 s per call.
-        return fsspec.filesystem("s3", **opts)
+        # costs ~0.3 s, reusing it ~0.02 s per call. That instance would also keep every
+        # folder listing for the life of the process (s3fs's dircache), and answer exists,
+        # reads and lists from it: objects other processes (a stage's workers, a long-lived
+        # Dask worker, another node) wrote or deleted since were missing or still there.
+        return fsspec.filesystem("s3", use_listings_cache=False, **opts)
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     return fsspec.filesystem(protocol)
 

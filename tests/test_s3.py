@@ -87,6 +87,21 @@ def test_storage_write_read_list_remove(s3_endpoint, s3_bucket, s3_client):
     assert st.list() == ["top.json"]
 
 
+def test_storage_sees_what_other_writers_did_after_a_listing(s3_endpoint, s3_bucket, s3_client):
+    """Objects written or deleted by another process (a stage's worker, another node: here
+    boto3) after this process listed their folder are seen at once. s3fs kept every listing
+    for the life of the process (and fsspec keeps one instance per endpoint): after a list(),
+    a new object was missing (exists False, read FileNotFoundError) and a deleted one listed."""
+    st = Storage(f"{s3_bucket}/pre", s3_endpoint)
+    st.write_bytes("ds/a.json", b"1")
+    assert st.list("ds") == ["a.json"]
+    put(s3_client, s3_bucket, "pre/ds/b.json", b"2")
+    s3_client.delete_object(Bucket=s3_bucket[len("s3://"):], Key="pre/ds/a.json")
+    assert st.list("ds") == ["b.json"]
+    assert st.exists("ds/b.json") and not st.exists("ds/a.json")
+    assert st.read_bytes("ds/b.json") == b"2"
+
+
 # --- Shards ------------------------------------------------------------------------------------
 
 def test_dataset_roundtrip_on_s3(s3_endpoint, s3_bucket, s3_client):
