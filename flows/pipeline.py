@@ -10,7 +10,8 @@ fails the flow with the stage's name and the tail of its output.
 
 `overrides` (`SECTION.KEY=VALUE`, like `dvc exp run -S`) are validated with the params first,
 their validated values written into params.yaml for the run (so DVC sees and records them in dvc.lock, as `dvc exp run
--S` does) and params.yaml is put back as it was when the flow ends.
+-S` does) and params.yaml is put back as it was when the flow ends (by the next flow,
+from a journal beside it, when the flow was killed).
 
 After each stage that ran, its MLflow run gets lineage tags read from dvc.lock (md5 of each dep
 and out, and of its params), and every stage leaves Prefect artifacts: its metrics, its lineage
@@ -38,6 +39,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from codeworld import config
 from codeworld.config import ConfigError, load_params
 from codeworld.overrides import apply_overrides, write_overrides
+from codeworld.storage import filesystem, write_atomic
 from codeworld.tracking import PARENT_ENV, repo_root, run_url, start_run, tracking_uri
 
 TRANSIENT_MARKERS = ("Unable to acquire lock", "transient error (retry)", "Connection reset",
@@ -163,18 +165,62 @@ def stage_groups(dvc_yaml: Path) -> dict[str, list[str]]:
     return {g: groups[g] for g in ("data", "train", "evaluate") if g in groups}
 
 
+def overrides_journal(params_file: Path) -> Path:
+    """Where a flow records params.yaml as it was before its overrides, and as it wrote it,
+    while the overrides are in the file: a flow killed meanwhile (SIGKILL, OOM, power loss)
+    never runs its `finally`, and the next run puts the file back from this record."""
+    return params_file.with_name(f".{params_file.name}.overrides.json")
+
+
+def _write_text(path: Path, text: str) -> None:
+    # atomic: a kill mid-write must leave the old file or the new one, never half of one
+    write_atomic(filesystem(str(path)), str(path), text.encode())
+
+
+def undo_killed_overrides(params_file: Path) -> None:
+    """Put back params.yaml as it was before the overrides of a flow that was killed while they
+    were in it (its journal, see overrides_journal), so the stages do not run with values nobody
+    asked for. A file edited since is left as it is, and the overrides it may still hold are
+    named. Call it only under the workspace lock: a running flow's journal is live."""
+    journal = overrides_journal(params_file)
+    try:
+        record = json.loads(journal.read_text())
+        original, written, items = record["original"], record["written"], record["overrides"]
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"warning: {journal}: unreadable record of an earlier run's overrides "
+              f"({type(err).__name__}: {err}); removed, {params_file} left as it is")
+        journal.unlink(missing_ok=True)
+        return
+    current = params_file.read_text()
+    if current == written:
+        _write_text(params_file, original)
+        print(f"warning: {params_file} still held the overrides {items} of a flow run that was "
+              f"killed; put back as it was before them")
+    elif current != original:
+        print(f"warning: {params_file} was edited after a flow run with the overrides {items} "
+              f"was killed, so it is left as it is: check that it holds none of them")
+    journal.unlink()
+
+
 @contextmanager
 def params_overridden(params_file: Path, overrides: list[str]) -> Iterator[None]:
     """params.yaml with `overrides` set to their validated values (comments and order kept,
     see write_overrides), restored on exit unless someone else changed it meanwhile. A bad
-    override is a ConfigError here, before the file is touched."""
+    override is a ConfigError here, before the file is touched. First undoes what a killed
+    earlier run left (undo_killed_overrides): the flow calls this under the workspace lock."""
+    undo_killed_overrides(params_file)
     if not overrides:
         yield
         return
     original = params_file.read_text()
     validated = apply_overrides(load_params(params_file), overrides)
     written = write_overrides(original, validated, overrides)
-    params_file.write_text(written)
+    journal = overrides_journal(params_file)
+    _write_text(journal, json.dumps({"original": original, "written": written,
+                                     "overrides": overrides}))
+    _write_text(params_file, written)
     try:
         # What the stages will read must be what was validated; a difference would be a silent
         # config change recorded in dvc.lock, so it stops the run before any stage.
@@ -184,9 +230,10 @@ def params_overridden(params_file: Path, overrides: list[str]) -> Iterator[None]
         yield
     finally:
         if params_file.read_text() == written:
-            params_file.write_text(original)
+            _write_text(params_file, original)
         else:
             print(f"warning: {params_file} changed during the run; left as it is now")
+        journal.unlink(missing_ok=True)
 
 
 def _dvc() -> str:
@@ -367,6 +414,8 @@ def pipeline(stages: list[str] | None = None, force: bool = False,
     todo = upstream(root / "dvc.yaml", stages) if stages else order
     results: list[dict] = []
     with _workspace_slot(root), workspace_lock(root), params_overridden(root / "params.yaml", overrides):
+        # read again under the lock: what this run's stages read (a killed run's overrides undone)
+        params = load_params(root / "params.yaml")
         parent = _start_parent_run(todo, params.tracking.experiment, overrides)
         status = "FAILED"
         try:

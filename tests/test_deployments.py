@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -131,6 +132,45 @@ def test_params_overridden_keeps_comments_and_restores(tmp_path):
     with params_overridden(f, ["pretrain.steps=70"]):
         f.write_text(text + "# edited by someone\n")
     assert f.read_text().endswith("# edited by someone\n")  # not clobbered
+
+
+def _killed_while_overridden(f, overrides: list[str]) -> None:
+    """A flow process killed (SIGKILL: OOM killer, power loss) while its overrides are in
+    params.yaml: its `finally` never runs."""
+    code = (f"import os, signal, sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r})\n"
+            "from pathlib import Path\nfrom flows.pipeline import params_overridden\n"
+            f"with params_overridden(Path({str(f)!r}), {overrides!r}):\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
+def test_overrides_of_a_killed_flow_are_undone_by_the_next_run(tmp_path, capsys):
+    """The next flow on the workspace puts params.yaml back as it was before the killed run's
+    overrides (which it names), instead of running every later stage, and recording them in
+    dvc.lock, with values nobody asked for (before: pretrain.steps stayed 50 for good)."""
+    f = tmp_path / "params.yaml"
+    text = "# top comment\npretrain:\n  steps: 100  # steps\n"
+    f.write_text(text)
+    _killed_while_overridden(f, ["pretrain.steps=50"])
+    assert yaml.safe_load(f.read_text())["pretrain"]["steps"] == 50   # what the kill left
+    with params_overridden(f, []):
+        assert f.read_text() == text
+    assert "pretrain.steps=50" in capsys.readouterr().out
+    with params_overridden(f, ["pretrain.steps=70"]):   # and with overrides of its own
+        assert yaml.safe_load(f.read_text())["pretrain"]["steps"] == 70
+    assert f.read_text() == text
+    # edited by hand after the kill: the edit stands, and the leftover overrides are named
+    _killed_while_overridden(f, ["pretrain.steps=50"])
+    f.write_text(f.read_text() + "# edited after the kill\n")
+    edited = f.read_text()
+    with params_overridden(f, []):
+        pass
+    assert f.read_text() == edited
+    assert "pretrain.steps=50" in capsys.readouterr().out
+    with params_overridden(f, []):   # said once
+        pass
+    assert "pretrain.steps" not in capsys.readouterr().out
 
 
 def test_closing_the_pipeline_run_with_the_tracking_server_gone_does_not_raise(tmp_path,
