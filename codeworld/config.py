@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from codeworld.storage import storage_root
+from codeworld.storage import endpoint_problem, storage_root
 
 
 class ConfigError(ValueError):
@@ -85,6 +85,13 @@ class StorageConfig(Section):
     def _local_cache(cls, v: str) -> str:
         if not v.strip() or "://" in v:
             raise ValueError(f"{v!r}: must be a local folder (Megatron memory-maps its datasets)")
+        return v
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and (problem := endpoint_problem(v)):
+            raise ValueError(problem)
         return v
 
     @field_validator("root")

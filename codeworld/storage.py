@@ -232,10 +232,29 @@ class Storage:
                 self.fs.rm(full, recursive=True)
 
 
+def endpoint_problem(url: str) -> str | None:
+    """Why botocore could not use `url` as an S3 endpoint (it would raise `Invalid endpoint`
+    at the first request, deep in a stage), else None."""
+    from urllib.parse import urlsplit
+
+    from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+
+    if urlsplit(url).scheme in ("http", "https") and (
+            is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url)):
+        return None
+    return f"{url!r} is not an S3 endpoint: use http://HOST:PORT or https://HOST"
+
+
 def filesystem(url: str, endpoint_url: str | None = None) -> fsspec.AbstractFileSystem:
     if url.startswith("s3://"):
         opts: dict = {}
-        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = endpoint_url
+        if not endpoint:   # (storage.s3_endpoint_url is checked with the params)
+            for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+                if endpoint := os.environ.get(var):
+                    if problem := endpoint_problem(endpoint):
+                        raise StorageError(f"{url}: environment variable {var}: {problem}")
+                    break
         if endpoint:
             opts["client_kwargs"] = {"endpoint_url": endpoint}
         # fsspec caches one instance per distinct options (so per endpoint): creating a client

@@ -158,3 +158,27 @@ def test_a_file_url_root_is_its_local_path(tmp_path):
     for bad in ("memory://x", "s3://"):
         with pytest.raises(StorageError, match="memory://|needs a bucket"):
             Storage(bad)
+
+
+@pytest.mark.parametrize("endpoint", ["localhost:9000", "127.0.0.1:9000", "ftp://127.0.0.1:9000",
+                                      "http://"])
+def test_an_s3_endpoint_botocore_cannot_use_is_refused_naming_the_key(endpoint):
+    """Accepted before, then the stage died in a traceback at its first S3 call
+    (aiobotocore: `ValueError: Invalid endpoint: localhost:9000`)."""
+    with pytest.raises(ConfigError) as err:
+        parse_params({"storage": {"root": "s3://b/p", "s3_endpoint_url": endpoint}}, "p.yaml")
+    assert "storage.s3_endpoint_url" in str(err.value) and "http://HOST:PORT" in str(err.value)
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9000", "https://s3.example.com",
+                                      "http://[::1]:9000", "http://minio:9000/"])
+def test_s3_endpoints_botocore_takes_pass(endpoint):
+    assert parse_params({"storage": {"s3_endpoint_url": endpoint}}).storage.s3_endpoint_url == endpoint
+
+
+def test_an_s3_endpoint_from_the_environment_botocore_cannot_use_is_named(monkeypatch):
+    from codeworld.storage import Storage, StorageError
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "localhost:9000")
+    with pytest.raises(StorageError, match="AWS_ENDPOINT_URL_S3.*localhost:9000.*http://HOST:PORT"):
+        Storage("s3://b/p").exists("x")
