@@ -50,9 +50,21 @@ class StorageError(OSError):
 
 def is_transient(cause: BaseException) -> bool:
     """Whether a failure the storage layer saw may pass on a retry: a dropped connection, an S3
-    5xx or a timeout after botocore's and s3fs's retries may; a wrong path does not."""
-    return not (isinstance(cause, BAD_PATH_ERRORS)
+    5xx or a timeout after botocore's and s3fs's retries may; a wrong path, or credentials
+    missing from this machine, do not."""
+    return not (isinstance(cause, (*BAD_PATH_ERRORS, *_credential_errors()))
                 or getattr(cause, "errno", None) in _BAD_PATH_ERRNOS)
+
+
+@functools.cache
+def _credential_errors() -> tuple[type[BaseException], ...]:
+    """botocore's "no credentials" errors, raised before any request (s3fs turns a refused
+    key into PermissionError itself)."""
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    except ImportError:
+        return ()
+    return NoCredentialsError, PartialCredentialsError
 
 
 @functools.cache

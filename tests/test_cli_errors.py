@@ -131,6 +131,12 @@ STORAGE_CAUSES = [
     (OSError(121, "Remote I/O error"), 75),               # s3fs's S3 InternalError
     (TimeoutError("read timed out"), 75),
 ]
+try:   # no credentials: was exit 75, and the flow retried a run that cannot pass
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    STORAGE_CAUSES += [(NoCredentialsError(), 2),
+                       (PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY"), 2)]
+except ImportError:
+    pass
 
 
 @pytest.mark.parametrize("in_workers", [False, True], ids=["in-process", "in-worker-processes"])
