@@ -23,11 +23,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import threading
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -128,8 +129,20 @@ def workspace_lock(root: Path) -> Iterator[None]:
                 _held[key] -= 1
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    with open(lock, "a+") as fh:   # (not "w": that would wipe the holder's record)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # Said, or a second `codeworld pipeline` looked hung for as long as the first ran.
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            print(f"waiting for the workspace: {holder} holds {lock}", flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"codeworld flow (pid {os.getpid()}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        fh.flush()
         with _held_guard:
             _held[key] = 1
         try:

@@ -464,3 +464,32 @@ def test_serve_stop_stops_only_its_own_processes(tmp_path):
         stop_process(other)
         if ours.is_running():
             ours.kill()
+
+
+def test_a_flow_waiting_for_the_workspace_says_who_holds_it(tmp_path, capsys):
+    """A second `codeworld pipeline` on a workspace waits for the first (one flow at a time),
+    and says so, naming the holder: before, it printed nothing and looked hung for as long as
+    the first one ran (hours of training)."""
+    from flows.pipeline import workspace_lock
+
+    ready = tmp_path / "ready"
+    code = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).parents[1])!r})\n"
+            "from pathlib import Path\nfrom flows.pipeline import workspace_lock\n"
+            f"with workspace_lock(Path({str(tmp_path)!r})):\n"
+            f"    Path({str(ready)!r}).touch(); time.sleep(3)\n"
+            f"    Path({str(ready)!r}).write_text('releasing')\n")
+    holder = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert holder.poll() is None and time.monotonic() < deadline, "holder did not start"
+            time.sleep(0.05)
+        with workspace_lock(tmp_path):
+            assert ready.read_text() == "releasing"   # waited for it
+    finally:
+        stop_process(holder)
+    out = capsys.readouterr().out
+    assert f"waiting for the workspace: codeworld flow (pid {holder.pid}, since" in out, out
+    with workspace_lock(tmp_path):   # free: no message
+        pass
+    assert "waiting" not in capsys.readouterr().out
