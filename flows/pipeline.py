@@ -4,9 +4,9 @@ retries and schedules the runs.
 
 DVC holds a repository lock, so stages run one at a time, and a file lock held for the whole
 flow keeps two flows off one workspace (a run started from a deployment also holds the
-workspace's Prefect global concurrency limit, see flows/deploy.py). A failure that looks
-transient (DVC lock held, connection errors reported by a stage) is retried; any other failure
-fails the flow with the stage's name and the tail of its output.
+workspace's Prefect global concurrency limit, see flows/deploy.py). A stage that exits 75 (a
+transient error by its own verdict, codeworld.cli) or finds DVC's lock held is retried; any
+other failure fails the flow with the stage's name and the tail of its output.
 
 `overrides` (`SECTION.KEY=VALUE`, like `dvc exp run -S`) are validated with the params first,
 their validated values written into params.yaml for the run (so DVC sees and records them in dvc.lock, as `dvc exp run
@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,13 +39,18 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from codeworld import config
+from codeworld.cli import EXIT_TRANSIENT
 from codeworld.config import ConfigError, load_params
 from codeworld.overrides import apply_overrides, write_overrides
 from codeworld.storage import filesystem, write_atomic
 from codeworld.tracking import PARENT_ENV, repo_root, run_url, start_run, tracking_uri
 
-TRANSIENT_MARKERS = ("Unable to acquire lock", "transient error (retry)", "Connection reset",
-                     "Temporary failure in name resolution")
+# What DVC prints when a stage's command failed (its last line) or when it could not take its
+# own lock (the stage never ran). The stage's exit code is its verdict: 75 (EX_TEMPFAIL,
+# codeworld.cli.EXIT_TRANSIENT) may pass on a retry. Words in the log are not: a training
+# failure's log tail holds "Connection reset by peer" from the ranks that saw a crashed one.
+_DVC_STAGE_EXIT = re.compile(r"^ERROR: failed to reproduce .*, exited with (-?\d+)$")
+_DVC_LOCKED = "ERROR: Unable to acquire lock"
 
 
 class StageFailed(config.StageFailed):
@@ -281,7 +287,7 @@ def run_stage(stage: str, root: str, force: bool, parent_run_id: str | None,
         code = proc.wait()
     if code != 0:
         tail = "\n".join(lines[-25:])
-        raise StageFailed(stage, code, tail, any(m in tail for m in TRANSIENT_MARKERS))
+        raise StageFailed(stage, code, tail, dvc_failure_is_transient(lines))
     metrics_file = Path(root) / "metrics" / f"{stage}.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     ran = not any("didn't change, skipping" in ln for ln in lines)
@@ -297,6 +303,15 @@ def run_stage(stage: str, root: str, force: bool, parent_run_id: str | None,
         logger.warning("%s: MLflow lineage not recorded: %s", stage, exc)
     _publish(stage, metrics, ran, lineage, run_id, url)
     return {"stage": stage, "ran": ran, "metrics": metrics, "mlflow_run_id": run_id, "mlflow_url": url}
+
+
+def dvc_failure_is_transient(lines: list[str]) -> bool:
+    """Whether a failed `dvc repro`'s output says a retry may pass: the stage exited 75, or DVC
+    found its lock held."""
+    for line in reversed(lines):
+        if m := _DVC_STAGE_EXIT.match(line.strip()):
+            return int(m.group(1)) == EXIT_TRANSIENT
+    return any(line.startswith(_DVC_LOCKED) for line in lines)
 
 
 def dvc_lineage(lock_file: Path, stage: str) -> dict[str, str]:

@@ -493,3 +493,39 @@ def test_a_flow_waiting_for_the_workspace_says_who_holds_it(tmp_path, capsys):
     with workspace_lock(tmp_path):   # free: no message
         pass
     assert "waiting" not in capsys.readouterr().out
+
+
+GLOO_TAIL = ["[rank1]: RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] "
+             "Read error [127.0.0.1]:29500: Connection reset by peer",
+             "codeworld stage: error: stage 'pretrain': torchrun failed (exit 1): see its log"]
+DVC_FAILED = "ERROR: failed to reproduce 'pretrain': failed to run: codeworld stage pretrain, exited with {}"
+
+
+@pytest.mark.parametrize("output, transient", [
+    # the stage's own verdict: exit 1 (a rank crashed; the other ranks' gloo saw the
+    # connection drop), retried twice before, a whole training rerun each time
+    ([*GLOO_TAIL, DVC_FAILED.format(1)], False),
+    # exit 75 with more than the log tail after its message (worker and library logs at
+    # exit), not retried before
+    (["codeworld stage: transient error (retry): s3://b/x: cannot write: EndpointConnectionError",
+      *[f"distributed.client - WARNING - closing {i}" for i in range(40)], DVC_FAILED.format(75)], True),
+    (["ERROR: Unable to acquire lock. Most likely another DVC process is running or was "
+      "terminated abruptly."], True),                       # DVC's own lock: the stage never ran
+    (["codeworld stage: error: params.yaml: invalid parameters", DVC_FAILED.format(2)], False),
+])
+def test_a_stage_is_retried_when_it_exits_75_or_dvc_is_locked(output, transient, tmp_path, monkeypatch):
+    """The flow retries a stage by the stage's own exit code (75, EX_TEMPFAIL, as DVC reports
+    it) or DVC's lock, not by words anywhere in the last 25 lines of its output."""
+    import logging
+
+    import flows.pipeline as fp
+
+    fake = tmp_path / "dvc"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nprint({chr(10).join(output)!r})\nsys.exit(255)\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(fp, "_dvc", lambda: str(fake))
+    monkeypatch.setattr(fp, "get_run_logger", lambda: logging.getLogger("test"))
+    (tmp_path / ".dvc").mkdir()
+    with pytest.raises(fp.StageFailed) as err:
+        fp.run_stage.fn("pretrain", str(tmp_path), False, None)
+    assert err.value.transient is transient and "stage 'pretrain' failed (exit 255)" in str(err.value)
