@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from codeworld.tracking import repo_root
-from flows.serve import BIN, _free, _running, _start, status_named, stop_named
+from flows.serve import BIN, _free, _running, _start, running_on, status_named, stop_named
 
 RUN_DIR = ".cluster"
 
@@ -38,7 +38,7 @@ def start(root: Path, port: int, workers: int, timeout: float = 120) -> str:
     run_dir.mkdir(exist_ok=True)
     address = f"tcp://127.0.0.1:{port}"
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    if _running(run_dir, "scheduler") is None:
+    if running_on(run_dir, "scheduler", port, "CLUSTER_PORT") is None:
         if not _free(port):
             raise SystemExit(f"scheduler: port {port} on 127.0.0.1 is taken (choose another: "
                              f"make cluster CLUSTER_PORT=...)")

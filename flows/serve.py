@@ -66,6 +66,26 @@ def _running(run_dir: Path, name: str) -> psutil.Process | None:
     return None
 
 
+def running_on(run_dir: Path, name: str, port: int, make: str) -> psutil.Process | None:
+    """The process of NAME.pid if it still runs, on `port`. One started on another port (its
+    recorded argv's --port) is a SystemExit naming it: going on would point what is written
+    and printed now (.serve/env, the UI addresses, a cluster's address) at a port where nothing
+    listens. `make`: the make variable that chooses the port, e.g. SERVE_MLFLOW_PORT."""
+    proc = _running(run_dir, name)
+    if proc is None:
+        return None
+    try:
+        argv = json.loads((run_dir / f"{name}.pid").read_text()).get("argv") or []
+        running = argv[argv.index("--port") + 1]
+    except (OSError, ValueError, IndexError, AttributeError):
+        return proc   # a record without its command line: nothing to compare
+    if running != str(port):
+        stop = "cluster-stop" if make.startswith("CLUSTER") else "serve-stop"
+        raise SystemExit(f"{name}: already running on port {running} (pid {proc.pid}), not {port}: "
+                         f"use {make}={running}, or `make {stop}` first")
+    return proc
+
+
 def _start(run_dir: Path, name: str, argv: list[str], env: dict, cwd: Path) -> psutil.Process:
     with open(run_dir / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -107,7 +127,7 @@ def start(root: Path, prefect_port: int, mlflow_port: int, timeout: float = 300)
     }
     procs = {}
     for name, (argv, port, health) in servers.items():
-        if proc := _running(run_dir, name):
+        if proc := running_on(run_dir, name, port, f"SERVE_{name.upper()}_PORT"):
             print(f"{name}: already running (pid {proc.pid})")
             continue
         if not _free(port):

@@ -529,3 +529,43 @@ def test_a_stage_is_retried_when_it_exits_75_or_dvc_is_locked(output, transient,
     with pytest.raises(fp.StageFailed) as err:
         fp.run_stage.fn("pretrain", str(tmp_path), False, None)
     assert err.value.transient is transient and "stage 'pretrain' failed (exit 255)" in str(err.value)
+
+
+def test_serve_and_cluster_refuse_a_port_other_than_the_running_servers(tmp_path, capsys):
+    """`make serve SERVE_MLFLOW_PORT=5001` while `make serve` runs on 5000: before, it said
+    "already running", then wrote .serve/env and printed the UI at 5001, where nothing
+    listens (the deployments log to 5000); `make cluster CLUSTER_PORT=...` likewise waited
+    120 s for workers at a port no scheduler listens on. Now either names the running port."""
+    from flows import cluster, serve
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    started = []
+    try:
+        run_dir = tmp_path / ".serve"
+        run_dir.mkdir()
+        for name, port in (("mlflow", 5000), ("prefect", 4200)):
+            p = serve._start(run_dir, name, sleeper, dict(os.environ), tmp_path)   # a stand-in
+            started.append(p)
+            rec = json.loads((run_dir / f"{name}.pid").read_text())
+            rec["argv"] = [f"/venv/bin/{name}", "server", "--host", "127.0.0.1", "--port", str(port)]
+            (run_dir / f"{name}.pid").write_text(json.dumps(rec))
+        started.append(serve._start(run_dir, "deployments", sleeper, dict(os.environ), tmp_path))
+        with pytest.raises(SystemExit, match=r"mlflow: already running on port 5000 \(pid \d+\), "
+                                             r"not 5001.*SERVE_MLFLOW_PORT=5000"):
+            serve.start(tmp_path, 4200, 5001, timeout=5)
+        assert not (run_dir / "env").exists()
+        serve.start(tmp_path, 4200, 5000, timeout=5)   # the running ports: as before
+        assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in (run_dir / "env").read_text()
+
+        cdir = tmp_path / ".cluster"
+        cdir.mkdir()
+        started.append(serve._start(cdir, "scheduler", sleeper, dict(os.environ), tmp_path))
+        rec = json.loads((cdir / "scheduler.pid").read_text())
+        rec["argv"] = ["/venv/bin/dask", "scheduler", "--host", "127.0.0.1", "--port", "8786"]
+        (cdir / "scheduler.pid").write_text(json.dumps(rec))
+        with pytest.raises(SystemExit, match=r"scheduler: already running on port 8786 .*not "
+                                             r"8790.*CLUSTER_PORT=8786"):
+            cluster.start(tmp_path, 8790, 0, timeout=5)
+    finally:
+        for p in started:
+            p.kill()
