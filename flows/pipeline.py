@@ -279,12 +279,21 @@ def run_stage(stage: str, root: str, force: bool, parent_run_id: str | None,
     cmd = [_dvc(), "repro", "--single-item", stage] + (["--force"] if force else [])
     lines: list[str] = []
     with workspace_lock(Path(root)):
+        # A session of its own, so that it can be stopped whole (below)
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace")
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            logger.info("%s | %s", stage, line.rstrip())
-        code = proc.wait()
+                                stderr=subprocess.STDOUT, text=True, errors="replace",
+                                start_new_session=True)
+        try:
+            for line in proc.stdout:
+                lines.append(line.rstrip())
+                logger.info("%s | %s", stage, line.rstrip())
+            code = proc.wait()
+        except BaseException:
+            # The flow stopped (Prefect's cancel or serve-stop: SIGTERM, raised here; Ctrl-C):
+            # the stage stops too. Left running, it outlived the lock and the overrides in
+            # params.yaml, and DVC recorded the params put back, not those it ran with.
+            _stop_group(proc)
+            raise
     if code != 0:
         tail = "\n".join(lines[-25:])
         raise StageFailed(stage, code, tail, dvc_failure_is_transient(lines))
@@ -303,6 +312,24 @@ def run_stage(stage: str, root: str, force: bool, parent_run_id: str | None,
         logger.warning("%s: MLflow lineage not recorded: %s", stage, exc)
     _publish(stage, metrics, ran, lineage, run_id, url)
     return {"stage": stage, "ran": ran, "metrics": metrics, "mlflow_run_id": run_id, "mlflow_url": url}
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """Stop `proc`'s process group (DVC and the stage it runs) as Ctrl-C did when they shared
+    the terminal's group: SIGINT (the stage's `finally`s run, its MLflow run is closed), then
+    SIGTERM, then SIGKILL, each after a wait."""
+    import signal
+
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def dvc_failure_is_transient(lines: list[str]) -> bool:

@@ -569,3 +569,51 @@ def test_serve_and_cluster_refuse_a_port_other_than_the_running_servers(tmp_path
     finally:
         for p in started:
             p.kill()
+
+
+def test_a_flow_stopped_mid_stage_stops_the_stage(tmp_path, monkeypatch):
+    """A flow interrupted while a stage runs (Prefect's cancel and `make serve-stop` send
+    SIGTERM, which Prefect raises in the flow; Ctrl-C) stops that stage's `dvc repro` and the
+    stage under it. Before, they ran on unattended: the flow's lock and its overrides in
+    params.yaml were released under them, and DVC then recorded in dvc.lock the params put
+    back, not those the stage had run with."""
+    import logging
+
+    import psutil
+
+    import flows.pipeline as fp
+
+    pids = tmp_path / "pids"
+    fake = tmp_path / "dvc"   # DVC, and the stage it runs, as a child
+    fake.write_text(f"#!{sys.executable}\nimport os, subprocess, sys, time\n"
+                    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+                    f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
+                    "print('Running stage', flush=True)\ntime.sleep(120)\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(fp, "_dvc", lambda: str(fake))
+    monkeypatch.setattr(fp, "get_run_logger", lambda: logging.getLogger("test"))
+    (tmp_path / ".dvc").mkdir()
+
+    class Stopped(BaseException):   # as Prefect's TerminationSignal
+        pass
+
+    def stop(*_):
+        raise Stopped
+
+    old = signal.signal(signal.SIGALRM, stop)
+    procs = []
+    try:
+        signal.alarm(3)
+        with pytest.raises(Stopped):
+            fp.run_stage.fn("corpus", str(tmp_path), False, None)
+        for pid in map(int, pids.read_text().split()):
+            with contextlib.suppress(psutil.NoSuchProcess):   # (already gone)
+                procs.append(psutil.Process(pid))
+        gone, alive = psutil.wait_procs(procs, timeout=10)
+        assert not alive, f"still running: {alive}"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
