@@ -73,5 +73,7 @@ cluster-status:
 serve-mlflow: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
+# data/ holds tracked .gitignore files (they keep the outputs out of git): put back after.
 clean:
 	rm -rf data metrics/*.json mlflow.db mlruns
+	git checkout -- data 2>/dev/null || true
