@@ -10,8 +10,14 @@ resumed run reads exactly what the uninterrupted one would have.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
+import json
 import math
 import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -101,13 +107,119 @@ def plan_validation(documents: dict[str, int]) -> tuple[list[str], list[str]]:
     return validated, train_only
 
 
+class IndexCacheError(RuntimeError):
+    """Megatron's data indices could not be built into or read from their cache folder."""
+
+
+@contextmanager
+def _one_process_group():
+    """A process group of this process alone while Megatron builds indices: its builder asks
+    for the rank (BlendedDataset even with no group) and writes the cache on rank 0 only."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise IndexCacheError("the data indices must be built before the training's process "
+                                  "group exists (Megatron writes them on global rank 0 only, "
+                                  "which another node's ranks cannot read)")
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _cache_complete(cache_dir: Path, record: Path) -> bool:
+    """Whether `record` lists index files that are all in `cache_dir` at their sizes."""
+    try:
+        files = json.loads(record.read_bytes())["files"]
+        return all((cache_dir / n).stat().st_size == size for n, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def ensure_index_cache(cache_dir: Path, key: str, make) -> None:
+    """Make this node's `cache_dir` hold the indices that `make(path_to_cache)` (Megatron's
+    dataset constructors) reads, building them here if it does not.
+
+    Megatron builds its sample and shuffle indices on global rank 0 alone and the other ranks
+    read them from the cache after a barrier, which fails on a node whose cache is a disk of
+    its own (an S3 storage root's storage.local_cache). So every node builds them before the
+    process group exists, with the same seed and code: the same files on every node. The
+    first local rank builds under a lock while the others wait, into a private folder whose
+    files are renamed into place, then `<key>.json` lists them: a killed build, or builders
+    of several nodes sharing one folder, leave no partial file a reader would take."""
+    record = cache_dir / f"{key}.json"
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with open(cache_dir / ".build.lock", "a") as lock:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)   # released when the file closes
+            except OSError as err:
+                # a shared file system without flock (Lustre mounted noflock): ranks may then
+                # build at once, each into its own folder, the same files: only work is lost
+                if err.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+            if _cache_complete(cache_dir, record):
+                return
+            staging = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
+            try:
+                with _one_process_group():
+                    make(staging)
+                names = sorted(os.listdir(staging))
+                if not names:
+                    raise IndexCacheError(f"{cache_dir}: Megatron wrote no index files")
+                for name in names:
+                    os.replace(staging / name, cache_dir / name)
+                files = {n: (cache_dir / n).stat().st_size for n in names}
+                (staging / record.name).write_text(json.dumps({"files": files}, indent=1,
+                                                              sort_keys=True))
+                os.replace(staging / record.name, record)   # last: the files are all in place
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except Exception as err:
+        # Megatron's builder turns a failed write into a bare Exception (its cause the OSError)
+        cause = err if isinstance(err, OSError) else err.__cause__
+        if not isinstance(cause, OSError):
+            raise
+        raise IndexCacheError(f"{cache_dir}: cannot build Megatron's data indices there "
+                              f"({type(cause).__name__}: {cause}); the folder must be writable "
+                              "on every node (storage.local_cache with an S3 root)") from err
+
+
+def _index_key(configs, **inputs) -> str:
+    """What the indices of build_datasets depend on, hashed: its inputs, the Megatron configs
+    (but the cache folder) and Megatron's version."""
+    import dataclasses
+
+    import megatron.core
+
+    def fields(cfg) -> dict:
+        return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                if f.name != "path_to_cache"}
+
+    def identify(obj):   # the tokenizer, as Megatron names it in its own cache keys
+        ids = getattr(obj, "unique_identifiers", None)
+        if ids is None:
+            raise TypeError(f"no cache key for {type(obj).__name__}")
+        return ids
+
+    text = json.dumps({"megatron_core": megatron.core.__version__,
+                       "configs": [fields(c) for c in configs], **inputs},
+                      sort_keys=True, default=identify)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 def build_datasets(pack_dir: Path, blend: dict[str, float], seq_length: int, seed: int,
                    train_samples: int, valid_samples: int, vocab_size: int, cache_dir: Path):
     """(train, valid): Megatron BlendedDatasets over the blend's sources, each
     source cut into train and valid documents as BlendedMegatronDatasetBuilder would cut it
     with split "98,2,0", except that a source too small to validate (plan_validation) trains on
     all its documents and is not in the valid blend. Weights are renormalised over the
-    validated sources for the valid blend."""
+    validated sources for the valid blend. Their indices are built into `cache_dir` on this
+    node if they are not there yet (ensure_index_cache): call it before the process group."""
     from megatron.core.datasets.blended_dataset import BlendedDataset
     from megatron.core.datasets.blended_megatron_dataset_builder import \
         BlendedMegatronDatasetBuilder
@@ -127,40 +239,50 @@ def build_datasets(pack_dir: Path, blend: dict[str, float], seq_length: int, see
         validated, train_only = plan_validation(documents)
     except ValueError as err:
         raise ValueError(f"{pack_dir}: {err}") from None
-    cache_dir.mkdir(parents=True, exist_ok=True)
 
-    def config(split: str) -> GPTDatasetConfig:
+    def config(split: str, path_to_cache: Path) -> GPTDatasetConfig:
         # The split string is part of Megatron's cache key: a train-only source gets its own.
         return GPTDatasetConfig(
             random_seed=seed, sequence_length=seq_length,
             blend=(list(prefixes.values()), [blend[n] for n in prefixes]), split=split,
-            path_to_cache=str(cache_dir), tokenizer=CodeworldTokenizer(vocab_size),
+            path_to_cache=str(path_to_cache), tokenizer=CodeworldTokenizer(vocab_size),
             reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
             create_attention_mask=False, mmap_bin_files=True)
 
-    split_cfg = config(f"{100 - VALID_PERCENT},{VALID_PERCENT},0")
-    whole_cfg = config("100,0,0")
     cls = _masked_dataset_class()
-    # rank 0 builds (and caches the indices) first, then the other ranks read the cache
+    # Each process builds what it is given: ensure_index_cache has made the cache already
+    # (no barrier: no rank waits for another's files).
     build = BlendedMegatronDatasetBuilder.build_generic_dataset
 
-    def source(name: str, split, size: int):
-        cfg = split_cfg if name in validated else whole_cfg
-        low = cls.build_low_level_dataset(prefixes[name], cfg)
-        begin, end = (round(f * documents[name]) for f in cfg.split_matrix[split.value])
-        return build(cls, lambda: True, True, low, prefixes[name],
-                     np.arange(begin, end, dtype=np.int32), size, split, cfg)
+    def make(path_to_cache: Path):
+        split_cfg = config(f"{100 - VALID_PERCENT},{VALID_PERCENT},0", path_to_cache)
+        whole_cfg = config("100,0,0", path_to_cache)
 
-    def blended(split, names: list[str], samples: int):
-        weights = normalize([blend[n] for n in names])
-        # as the builder sizes a blend: each source's share, built with Megatron's surplus
-        targets = [math.ceil(samples * w) for w in weights]
-        parts = [source(n, split, math.ceil(t * (1 + split_cfg.mid_level_dataset_surplus)))
-                 for n, t in zip(names, targets)]
-        return build(BlendedDataset, lambda: True, True, parts, weights, sum(targets), split_cfg)
+        def source(name: str, split, size: int):
+            cfg = split_cfg if name in validated else whole_cfg
+            low = cls.build_low_level_dataset(prefixes[name], cfg)
+            begin, end = (round(f * documents[name]) for f in cfg.split_matrix[split.value])
+            return build(cls, lambda: True, False, low, prefixes[name],
+                         np.arange(begin, end, dtype=np.int32), size, split, cfg)
 
-    return (blended(Split.train, list(prefixes), train_samples),
-            blended(Split.valid, validated, valid_samples))
+        def blended(split, names: list[str], samples: int):
+            weights = normalize([blend[n] for n in names])
+            # as the builder sizes a blend: each source's share, built with Megatron's surplus
+            targets = [math.ceil(samples * w) for w in weights]
+            parts = [source(n, split, math.ceil(t * (1 + split_cfg.mid_level_dataset_surplus)))
+                     for n, t in zip(names, targets)]
+            return build(BlendedDataset, lambda: True, False, parts, weights, sum(targets),
+                         split_cfg)
+
+        return (blended(Split.train, list(prefixes), train_samples),
+                blended(Split.valid, validated, valid_samples))
+
+    key = _index_key([config(s, cache_dir) for s in (f"{100 - VALID_PERCENT},{VALID_PERCENT},0",
+                                                       "100,0,0")],
+                     prefixes=prefixes, documents=documents, validated=validated,
+                     train_samples=train_samples, valid_samples=valid_samples)
+    ensure_index_cache(cache_dir, key, make)
+    return make(cache_dir)
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:

@@ -64,11 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     # With an S3 storage root, --pack is this node's cache: the pack is fetched into it and
     # verified (one local rank downloads, the others wait on its lock) before Megatron maps it.
     materialise(params.storage, Path(args.pack))
+    pack_dir = Path(args.pack)
+    pack = json.loads((pack_dir / "manifest.json").read_text())
+    evals = cfg.steps // cfg.eval_interval + 1
+    # Before the process group: each node builds the indices its ranks read into its own
+    # cache (Megatron would build them on global rank 0 only; see ensure_index_cache).
+    train_ds, valid_ds = build_datasets(
+        pack_dir, cfg.blend, cfg.seq_length, cfg.seed, cfg.steps * cfg.global_batch_size,
+        cfg.eval_iters * evals * cfg.global_batch_size, pack["vocab_size"],
+        # Megatron names its cached indices by paths and params, not file contents: one cache
+        # per pack fingerprint, so a repacked source never reuses stale indices.
+        pack_dir.parent / ".work" / "megatron-index" / pack["fingerprint"][:16])
     init_distributed(params.parallel.backend)
     from megatron.core import parallel_state as ps
 
-    pack_dir = Path(args.pack)
-    pack = json.loads((pack_dir / "manifest.json").read_text())
     trainer = Trainer(params, args.phase, pack["vocab_size"])
     out = Path(args.out)
     iteration = 0
@@ -88,13 +97,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"init from {start[1]} (iteration {start[0]})", flush=True)
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    evals = cfg.steps // cfg.eval_interval + 1
-    train_ds, valid_ds = build_datasets(
-        pack_dir, cfg.blend, cfg.seq_length, cfg.seed, cfg.steps * cfg.global_batch_size,
-        cfg.eval_iters * evals * cfg.global_batch_size, pack["vocab_size"],
-        # Megatron names its cached indices by paths and params, not file contents: one cache
-        # per pack fingerprint, so a repacked source never reuses stale indices.
-        pack_dir.parent / ".work" / "megatron-index" / pack["fingerprint"][:16])
     # the split build_datasets made, from the same document counts
     train_only = plan_validation({n: pack["sources"][n]["documents"] for n in cfg.blend})[1]
     if train_only and torch.distributed.get_rank() == 0:

@@ -370,3 +370,62 @@ def test_the_worked_example_overlays_are_valid_layouts():
     from model.rl import check_rl_layout
 
     check_rl_layout(rl)
+
+
+# --- the data indices on nodes that share no local disk ----------------------------------------
+
+def node_indices(cache: Path) -> list[tuple[str, bytes]]:
+    """The Megatron index files one node's cache holds: (name without Megatron's hash, bytes
+    with the node's own cache path made neutral), sorted. Megatron hashes the pack's path into
+    its file names and descriptions, and each "node" here has its own path."""
+    return sorted((f.name.split("-", 1)[1], f.read_bytes().replace(str(cache).encode(), b"CACHE"))
+                  for f in (cache / ".work").rglob("*") if f.suffix in (".npy", ".txt"))
+
+
+def test_two_nodes_with_node_local_caches_each_have_the_data_indices(root, tmp_path, s3_endpoint):
+    """An S3 storage root: each node fetches the pack into its own storage.local_cache (a
+    local disk, here a folder per "node") and keeps Megatron's sample and shuffle indices
+    there. Megatron builds them on global rank 0 only and the other ranks read them from the
+    cache after a barrier: the ranks of the node without rank 0 would find none. Both nodes
+    must train, hold the same indices, and give the losses of one process on a local root."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    bucket = f"cw-{os.urandom(6).hex()}"
+    client.create_bucket(Bucket=bucket)
+    for f in sorted((root / "pack").iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            client.upload_file(str(f), bucket, f"run/pack/{f.name}")
+    shared = tmp_path / "shared"        # the checkpoints: a file system every node mounts
+    shared.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("CODEWORLD_TRAIN_RUN_ID", None)
+    rdzv = {launch.ENDPOINT: f"127.0.0.1:{free_port()}", launch.RDZV_ID: "idx",
+            launch.TIMEOUT: "120"}
+    cmds = []
+    for node in (0, 1):
+        raw = tiny_params(root, pretrain=RUN, parallel={"nnodes": 2, "nproc": 1})
+        raw["storage"] = {"root": f"s3://{bucket}/run", "s3_endpoint_url": s3_endpoint,
+                          "local_cache": str(tmp_path / f"node{node}" / "cache")}
+        path = write_yaml(tmp_path / f"node{node}.yaml", raw)
+        params = parse_params(raw)
+        node_env = {**rdzv, launch.NODE_RANK: str(node)}
+        cmd = [sys.executable, "-m", "torch.distributed.run",
+               *launch.launcher_args(params, "pretrain", node_env),
+               "-m", "model.train", "--phase", "pretrain", "--params", str(path),
+               "--pack", str(tmp_path / f"node{node}" / "cache" / "pack"),
+               "--out", str(shared / "ck"), "--steps-log", str(shared / "steps.jsonl")]
+        cmds.append((cmd, {**env, **node_env}, tmp_path / f"node{node}.log"))
+    _, one = prepare(root, "one-local")
+    one_cmd = launch.torchrun_command(one, "pretrain", env={})
+    codes = run_all([*cmds, (one_cmd, env, tmp_path / "one.log")])
+    logs = {n: (tmp_path / f"{n}.log").read_text()[-3000:] for n in ("node0", "node1", "one")}
+    assert codes == [0, 0, 0], logs
+    caches = [node_indices(tmp_path / f"node{n}" / "cache") for n in (0, 1)]
+    assert len(caches[0]) > 10 and caches[0] == caches[1], [[n for n, _ in c] for c in caches]
+    rows = [json.loads(l) for l in (shared / "steps.jsonl").read_text().splitlines()]
+    dp = {r["step"]: r["loss"] for r in rows}
+    base = losses(one)
+    assert sorted(dp) == sorted(base) == [1, 2, 3]
+    for step, loss in base.items():
+        assert dp[step] == pytest.approx(loss, abs=TOL), (step, base, dp)

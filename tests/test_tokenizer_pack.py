@@ -142,6 +142,67 @@ def test_masked_dataset_applies_the_pack_mask(root):
     assert sample["tokens"].shape == sample["loss_mask"].shape == torch.Size([32])
 
 
+def test_data_indices_are_built_once_per_cache_and_a_broken_cache_is_rebuilt(root, tmp_path,
+                                                                             monkeypatch):
+    """build_datasets builds Megatron's indices into its cache folder without any process
+    group (as model/train.py calls it, before its own), lists them in a record, reuses them
+    while all are whole, and builds again when one was cut or removed. A folder it cannot
+    write, or a training group of several ranks already started, is a named error."""
+    import torch
+
+    from model import data
+
+    manifest = pack_manifest(root)
+    args = (root / "pack", {"code": 1.0, "traces": 0.5}, 32, 3, 16, 4, manifest["vocab_size"])
+    cache = tmp_path / "idx"
+    if torch.distributed.is_initialized():   # another test's world-1 group: not this path
+        torch.distributed.destroy_process_group()
+    train, valid = data.build_datasets(*args, cache)
+    assert not torch.distributed.is_initialized()   # the builder's own group is gone
+    first = [train[i]["tokens"].tolist() for i in range(16)]
+    (record,) = cache.glob("*.json")
+    files = json.loads(record.read_text())["files"]
+    assert len(files) > 10 and all((cache / n).stat().st_size == size for n, size in files.items())
+    assert sorted(p.name for p in cache.iterdir()) == sorted([*files, record.name, ".build.lock"])
+    stamps = {n: (cache / n).stat().st_mtime_ns for n in files}
+    data.build_datasets(*args, cache)
+    assert {n: (cache / n).stat().st_mtime_ns for n in files} == stamps   # read, not rebuilt
+    shuffle = next(n for n in files if n.endswith("shuffle_index.npy"))
+    (cache / shuffle).write_bytes((cache / shuffle).read_bytes()[:-4])   # a cut file
+    rebuilt, _ = data.build_datasets(*args, cache)
+    assert (cache / shuffle).stat().st_size == files[shuffle]
+    assert [rebuilt[i]["tokens"].tolist() for i in range(16)] == first
+    (cache / shuffle).unlink()
+    data.build_datasets(*args, cache)
+    assert (cache / shuffle).stat().st_size == files[shuffle]
+    assert not [p for p in cache.iterdir() if p.name.startswith(".build-")]
+
+    # the disk fills up while Megatron writes: named, nothing half written is left
+    real_save = np.save
+
+    def full_disk(path, *a, **k):
+        if str(path).endswith("sample_index.npy"):
+            raise OSError(28, "No space left on device")
+        return real_save(path, *a, **k)
+
+    monkeypatch.setattr(np, "save", full_disk)
+    with pytest.raises(data.IndexCacheError, match=rf"{tmp_path}/full: cannot build Megatron's "
+                       r"data indices there \(OSError: \[Errno 28\] No space left on device\)"):
+        data.build_datasets(*args, tmp_path / "full")
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == [".build.lock"]
+    assert not torch.distributed.is_initialized()
+    monkeypatch.undo()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with pytest.raises(data.IndexCacheError,
+                       match=rf"{blocked}/idx: cannot build Megatron's data indices"):
+        data.build_datasets(*args, blocked / "idx")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(data.IndexCacheError, match="before the training's process group"):
+        data.ensure_index_cache(tmp_path / "late", "key", lambda path_to_cache: None)
+
+
 def test_a_blend_or_tokenizer_naming_a_missing_source_fails_at_load(root):
     bad = tiny_params(root, pretrain={"blend": {"nope": 1.0}})
     with pytest.raises(ConfigError, match="pretrain.blend names 'nope'"):
