@@ -54,6 +54,7 @@ from .frames import (_KEYS, _SAME, ACTION_SEP, ARG_SEP, CALL, CALL_SEP, EXCEPTIO
                      FRAME_SEP, LINE, LINE_SEP, RETURN, RETURN_SEP, TraceLimits, TraceResult,
                      _enc, _json, _key, name_text, prompt_for, unreserved)
 from .program import ITER_NAME, CodeInfo, InvalidProgram, Program, compile_program
+from .prefix import BUILT, prefix_repr
 from .reprs import (_ADDRESS, _BIG, _MODULE, _PLAIN, _SCALARS, MARKER, NESTED_TYPES,
                     address_ordered_set_repr, error_text, exception_repr, long_sequence_prefix,
                     nested_ordered_repr, repr_failed, safe_repr)
@@ -132,6 +133,12 @@ def _unwrapped(value):
     return inner[0] if len(inner) == 1 else value
 
 
+# A repr-cache entry for a name whose container's text was cut (prefix.py): never a hit (its
+# length bounds are empty), it tells the next repr of that name to build only what is kept.
+_LONG = ()
+_PREFIX_CUT = ("", 0)   # (prefix_repr's text is final: no scrub, no cut)
+
+
 def _entry(value, t, text: str, shown: int) -> tuple | None:
     """Repr-cache entry ``(value, elements, min_len, max_len, text)``: ``text`` stands for
     ``value`` while it is the same object and, if ``elements`` is not None, its length is within
@@ -165,6 +172,8 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int,
     same = _SAME_KEYS
     plain = _PLAIN
     nested_types = NESTED_TYPES
+    built = BUILT
+    big = _BIG
     cached = 0  # entries of the cache that belong to present locals
     for name, value in items:
         if type(name) is not str:  # written into locals() by the program (frames.name_text)
@@ -183,6 +192,10 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int,
                 elif (t is set or t is frozenset) and (
                         ordered := address_ordered_set_repr(value, limit)) is not None:
                     text = ordered   # address-ordered elements, sorted (reprs.py)
+                elif t in built and (len(value) > big or (hit is not None and hit[1] is _LONG)) \
+                        and (short := prefix_repr(value, limit)) is not None:
+                    text = short   # built only as far as kept (prefix.py): settled, cut
+                    cut = _PREFIX_CUT
                 else:
                     text = repr(value)
                     if t in nested_types and \
@@ -205,6 +218,8 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int,
                     if len(text) > limit:
                         text = text[:limit] + MARKER
                 entry = _entry(value, t, text, cut[1] if cut is not None else 0)
+                if entry is None and t in built and text.endswith(MARKER):
+                    entry = (value, _LONG, 1, 0, None)   # a hint: build this name's next one
             if entry is not None:
                 cache[name] = entry
                 cached += 1

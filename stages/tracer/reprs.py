@@ -18,7 +18,8 @@ machine. Three things in a plain ``repr`` break that or blow up the size:
 * very long values: the first ``limit`` characters are kept and ``...<truncated>`` is
   appended. A long list or tuple of scalars is not repr'd whole: its repr is built element by
   element only until it passes the limit (the same prefix, a fraction of the cost: such a local
-  is repr'd at every frame).
+  is repr'd at every frame); nor is any other long container (dicts, sets, deques, nested
+  ones: prefix.py).
 
 A ``__repr__`` that raises gives ``<repr of TypeName raised ExcName>`` instead of failing the
 trace. A top-level str or bytes is never scrubbed (its text is the user's data); inside a
@@ -82,17 +83,23 @@ def long_sequence_prefix(value: object, limit: int) -> tuple[str, int] | None:
     t = type(value)
     if (t is not list and t is not tuple) or len(value) <= _BIG:
         return None
-    parts, size = [], 1
+    parts, size, texts = [], 1, False
     try:
         for e in value:
-            if type(e) not in _SCALARS:
+            te = type(e)
+            if te not in _SCALARS:
                 return None
             r = repr(e)
             parts.append(r)
+            texts = texts or te is str or te is bytes
             size += len(r) + 2
             if size > limit + 2:  # the whole repr is longer than the limit
-                text = (("[" if t is list else "(") + ", ".join(parts))[:limit] + MARKER
-                return text, len(parts)
+                text = ("[" if t is list else "(") + ", ".join(parts)
+                if texts:   # (text inside a container is scrubbed: see scrub)
+                    text = settled_scrub(text)
+                    if len(text) <= limit:
+                        return None
+                return text[:limit] + MARKER, len(parts)
     except (ValueError, RuntimeError):  # an int over the str-conversion limit; a list resized
         return None
     return None
@@ -191,16 +198,14 @@ def _set_may_follow_addresses(value) -> bool:
 
 # Sets inside lists, tuples, dicts and defaultdicts (at any depth: dict keys and values,
 # nested containers) follow the same rule. A search first finds them, within bounds: this many
-# container levels deep, this many elements in all; past the element bound the text is rebuilt
-# deciding each set as it is reached (only the first ``limit`` characters are rebuilt).
+# container levels deep, this many elements in all; past the element bound (undecided) the
+# text is rebuilt (prefix.py, which decides each set as it reaches it, and writes only the first
+# ``limit`` characters).
 _CONTAINERS = frozenset({list, tuple, dict, defaultdict})
 NESTED_TYPES = _CONTAINERS   # the types nested_ordered_repr may rewrite
 _SETS = frozenset({set, frozenset})
 _SEARCH_DEPTH = 8
 _SEARCH_ELEMENTS = 4096
-_OPEN = {list: "[", tuple: "(", dict: "{", defaultdict: "{"}
-_CLOSE = {list: "]", tuple: ")", dict: "}", defaultdict: "})"}
-_SELF = {list: "[...]", tuple: "(...)", dict: "{...}"}   # CPython's text for a repr cycle
 
 
 def _of_types(objs: list, types: frozenset) -> list:
@@ -236,67 +241,6 @@ def _address_ordered_sets(value: object) -> set[int] | None:
     return found
 
 
-class _Full(Exception):
-    """The text being built has passed its limit: the rest would be truncated away."""
-
-
-class _Builder:
-    """The repr of a container rebuilt the way CPython writes it, except that the sets in
-    ``ordered`` (every set, when it is None) are written as :func:`address_ordered_set_repr`
-    writes them; anything else is its own repr, address-free (a str's too: it is inside a
-    container). Stops (``_Full``) once past ``limit`` characters."""
-
-    __slots__ = ("parts", "size", "limit", "ordered", "path", "reordered")
-
-    def __init__(self, limit: int, ordered: set[int] | None) -> None:
-        self.parts: list[str] = []
-        self.size = 0
-        self.limit = limit
-        self.ordered = ordered
-        self.path: set[int] = set()  # containers being written: a cycle is written "[...]"
-        self.reordered = False       # has a set been written sorted?
-
-    def add(self, text: str) -> None:
-        self.parts.append(text)
-        self.size += len(text)
-        if self.size > self.limit:
-            raise _Full
-
-    def value(self, v: object, depth: int) -> None:
-        t = type(v)
-        if t is set or t is frozenset:
-            if self.ordered is None or id(v) in self.ordered:
-                text = address_ordered_set_repr(v, self.limit)
-                if text is not None:
-                    self.reordered = True
-                    self.add(text)
-                    return
-            self.add(scrub(repr(v)))
-        elif t not in _CONTAINERS or depth >= _SEARCH_DEPTH:  # (no ordered set below that)
-            self.add(scrub(repr(v)))
-        elif id(v) in self.path:
-            self.add(_SELF.get(t) or f"defaultdict({scrub(repr(v.default_factory))}, {{...}})")
-        else:
-            self.path.add(id(v))
-            self.container(v, t, depth + 1)
-            self.path.discard(id(v))
-
-    def container(self, v, t: type, depth: int) -> None:
-        if t is defaultdict:
-            self.add(f"defaultdict({scrub(repr(v.default_factory))}, ")
-        self.add(_OPEN[t])
-        mapping = t is dict or t is defaultdict
-        for i, x in enumerate(v.items() if mapping else v):
-            if i:
-                self.add(", ")
-            if mapping:
-                self.value(x[0], depth)
-                self.add(": ")
-                x = x[1]
-            self.value(x, depth)
-        self.add(",)" if t is tuple and len(v) == 1 else _CLOSE[t])
-
-
 def _may_show_a_set(t: type, text: str) -> bool:
     """Can ``text``, the repr of a ``t``, show a set inside? A set shows as a "{" of its own:
     the common tables and matrices with none skip the search."""
@@ -315,20 +259,69 @@ def nested_ordered_repr(value: object, text: str, limit: int) -> str | None:
         return None
     try:
         ordered = _address_ordered_sets(value)
-        if ordered is not None and not ordered:
-            return None
-        out = _Builder(limit, ordered)
-        full = False
-        try:
-            out.value(value, 0)
-        except _Full:
-            full = True
     except RuntimeError:   # resized while iterating (another thread)
         return None
-    if not out.reordered:   # (undecided, and no set needed it)
+    if ordered is not None and not ordered:
         return None
-    text = scrub("".join(out.parts))
-    return text[:limit] + MARKER if full or len(text) > limit else text
+    return _prefix.prefix_repr(value, limit)   # (writes each such set sorted)
+
+
+def settled_scrub(raw: str) -> str:
+    """The longest prefix of ``scrub(raw + rest)`` that no ``rest`` can change: ``raw`` is the
+    start of a repr being built (prefix.py). Cut before a match that ``rest`` may complete or
+    extend (an address whose hex digits run to the end, a module repr not closed, a name cut
+    short)."""
+    n = len(raw)
+    i = raw.rfind(" at 0x")
+    if i >= 0 and all(c in _HEX for c in raw[i + 6:]):
+        n = i
+    else:
+        n = _before_partial(raw, n, " at 0x")
+    text = _ADDRESS.sub("", raw) if " at 0x" in raw else raw
+    n = len(text) - (len(raw) - n)   # (nothing from n on matched: it is raw's tail, unchanged)
+    if "<module '" in text:
+        pos = 0
+        while (i := text.find("<module '", pos, n)) >= 0:
+            m = _MODULE.match(text, i)
+            if m is not None and m.end() <= n:
+                pos = m.end()
+            elif m is None and not _MODULE_START.fullmatch(text, i, n):
+                pos = i + 1   # (not a module repr, whatever follows)
+            else:
+                n = i
+                break
+    n = _before_partial(text, n, "<module '")
+    text = _MODULE.sub(r"<module '\1'>", text[:n]) if "<module '" in text[:n] else text[:n]
+    text = text[:_before_partial(text, len(text), "str_ascii_iterator")]
+    return text.replace("str_ascii_iterator", "str_iterator") if "str_ascii_iterator" in text \
+        else text
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _start_of(*parts: str) -> str:
+    """A pattern for any start of ``parts`` in sequence, the empty one included."""
+    pattern = ""
+    for part in reversed(parts):
+        pattern = f"(?:{part}{pattern})?"
+    return pattern
+
+
+# The start of a _MODULE match that the rest of the text may complete (without its closing >).
+_MODULE_START = re.compile(r"<module '[^'\\]*" + _start_of("'", " ", "(?:" + "|".join((
+    _start_of("f", "r", "o", "m", " ", "'[^']*", "'"),
+    _start_of(r"\(", "f", "r", "o", "z", "e", "n", r"\)"),
+    _start_of(r"\(", "b", "u", "i", "l", "t", "-", "i", "n", r"\)"),
+    _start_of(r"\(", *"namespace", r"\)", " ", "f", "r", "o", "m", " ", r"\[[^\]]*", r"\]"))) + ")"))
+
+
+def _before_partial(text: str, n: int, word: str) -> int:
+    """``n``, or where ``text[:n]`` ends with the start of ``word`` (which may go on past n)."""
+    for k in range(min(len(word) - 1, n), 0, -1):
+        if text.startswith(word[:k], n - k):
+            return n - k
+    return n
 
 
 def safe_repr(value: object, limit: int = DEFAULT_MAX_REPR) -> str:
@@ -339,6 +332,10 @@ def safe_repr(value: object, limit: int = DEFAULT_MAX_REPR) -> str:
     if ordered is not None:
         return ordered
     try:
+        if type(value) in _prefix.BUILT and _prefix.looks_long(value, limit):
+            short = _prefix.prefix_repr(value, limit)
+            if short is not None:
+                return short
         text = repr(value)
         ordered = nested_ordered_repr(value, text, limit) if type(value) in NESTED_TYPES else None
     except BaseException as exc:  # a user __repr__ (or int > sys.get_int_max_str_digits())
@@ -373,3 +370,6 @@ def error_text(exc: BaseException, limit: int = 1000) -> str:
     if not msg.isascii():  # no lone surrogates in JSON responses
         msg = msg.encode("utf-8", "backslashreplace").decode("utf-8")
     return f"{name}: {truncate(scrub(msg), limit)}" if msg else name
+
+
+from . import prefix as _prefix  # noqa: E402  (it uses this module's helpers; module-level cycle)
