@@ -456,3 +456,57 @@ def test_tests_reading_the_clock_trace_nothing_and_count_towards_no_cap(tmp_path
     assert [(r["test"].rsplit(".", 1)[1], r["function"], r["result"]) for r in records] == \
         [("test_b_plain", "add", "4")]
     assert stats["tests_untraced"] == {"clock": 2, "sleep": 1, "thread": 1, "urandom": 1}
+
+
+def test_tests_see_no_tracer_and_cannot_remove_it(tmp_path):
+    """The repository tracer installed sys.settrace its own way: the code under test saw it
+    through sys.gettrace() (the harness, in the trace's locals) and a sys.settrace(None) ran the
+    next lines untraced (a gap in a trace kept as ok). Now, as in the program tracer, gettrace()
+    is None and settrace(None) removes nothing; a test installing a trace function of its own
+    gives no traces (it would see the events), counted as "settrace"."""
+    tree = tmp_path / "tracey"
+    (tree / "trc").mkdir(parents=True)
+    (tree / "trc" / "__init__.py").write_text(textwrap.dedent("""\
+        import sys
+
+
+        def hide(a, b):
+            t = sys.gettrace()
+            sys.settrace(None)
+            x = a + b
+            sys.settrace(t)
+            return x, t is None
+
+
+        def add(a, b):
+            return a + b
+        """))
+    (tree / "test_trc.py").write_text(textwrap.dedent("""\
+        import sys
+        import unittest
+        import trc
+
+
+        class A(unittest.TestCase):
+            def test_a_hide(self):
+                self.assertEqual(trc.hide(1, 2)[0], 3)
+
+            def test_b_own_tracer(self):
+                sys.settrace(lambda *args: None)
+                try:
+                    self.assertEqual(trc.add(7, 7), 14)
+                finally:
+                    sys.settrace(None)
+
+            def test_c_plain(self):
+                self.assertEqual(trc.add(2, 2), 4)
+        """))
+    for p in [tmp_path, *tmp_path.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    records, stats = trace_repository(tree)
+    assert stats["completed"] and stats["tests_run"] == 3 and stats["tests_failed"] == 0
+    assert [(r["test"].rsplit(".", 1)[1], r["function"], r["result"]) for r in records] == \
+        [("test_a_hide", "hide", "(3, True)"), ("test_c_plain", "add", "4")]
+    hide = records[0]["trace"]
+    assert "x = a + b" in hide and "sys.settrace(t)" in hide and "glob" not in hide
+    assert stats["tests_untraced"] == {"settrace": 1}

@@ -28,7 +28,9 @@ from anywhere but unittest's own machinery) gives no traces: its values, and eve
 calls the repository (e.g. ``time_limited``), may change from run to run. Its activations are
 held back until the test ends and then dropped, and they count towards no cap, so the tests
 after it trace the same calls on every run. Such tests are counted by reason in the summary's
-``tests_untraced``. Still unguarded: ``datetime.now()`` and ``uuid`` (C calls), and
+``tests_untraced``. The code under test sees no tracer (``sys.gettrace()`` is None) and cannot
+remove it (``sys.settrace(None)`` removes nothing); a test installing a trace function of its
+own gives no traces ("settrace": it would see the events). Still unguarded: ``datetime.now()`` and ``uuid`` (C calls), and
 ``random.Random()`` without a seed; the host runs the suite twice and keeps only the traces
 both runs agree on.
 
@@ -102,6 +104,9 @@ def _module_name(path: str) -> str:
     return ".".join(parts)
 
 
+# The interpreter's own: RepoTracer.hide gives the code under test wrappers of them.
+_settrace, _gettrace = sys.settrace, sys.gettrace
+
 class RepoTracer:
     def __init__(self, spec: dict, emit) -> None:
         self.pkg = {os.path.join(ROOT, p) for p in spec["pkg_files"]}
@@ -150,10 +155,14 @@ class RepoTracer:
 
     def install(self) -> None:
         if not self.capped() or self.cur is not None:
-            if sys.gettrace() is not self.glob:
-                sys.settrace(self.glob)
-        elif sys.gettrace() is self.glob:
-            sys.settrace(None)  # nothing more to trace: run the rest of the suite at full speed
+            if not self.is_ours(_gettrace()):
+                _settrace(self.glob)
+        elif self.is_ours(_gettrace()):
+            _settrace(None)  # nothing more to trace: run the rest of the suite at full speed
+
+    def is_ours(self, function) -> bool:
+        return getattr(function, "__func__", None) is RepoTracer.glob and \
+            getattr(function, "__self__", None) is self
 
     # ----------------------------------------------------------------- trace functions
     def glob(self, frame, event, arg):
@@ -343,8 +352,31 @@ class RepoTracer:
                      "thread_time_ns", "localtime", "gmtime", "ctime", "asctime", "strftime"):
             wrap(time, name, "clock")
         wrap(time, "sleep", "sleep")
+        self.hide()
         wrap(threading.Thread, "start", "thread")
         wrap(os, "urandom", "urandom")
+
+
+    def hide(self) -> None:
+        """The code under test sees sys.settrace/gettrace as it would untraced (as the program
+        tracer's, core._run_settrace): gettrace() is None rather than our glob (the harness in
+        its locals), settrace(None) removes nothing (a gap in a trace kept as ok); a trace
+        function of the test's own would see the events: that test gives no traces."""
+
+        def settrace(function):
+            if function is None:
+                if not self.is_ours(_gettrace()):
+                    _settrace(None)   # (the test's own function, installed before)
+                return
+            if self.test_id is not None and self.taint is None:
+                self.taint = "settrace"
+            _settrace(function)
+
+        def gettrace():
+            function = _gettrace()
+            return None if self.is_ours(function) else function
+
+        sys.settrace, sys.gettrace = settrace, gettrace
 
 
 class _FunctionCase(unittest.FunctionTestCase):
@@ -388,7 +420,7 @@ class _Result(unittest.TestResult):
         self.tracer.install()
 
     def stopTest(self, test) -> None:
-        sys.settrace(None)
+        _settrace(None)
         self.tracer.end_test()
         super().stopTest(test)
 
@@ -426,7 +458,7 @@ def main() -> None:
     try:
         suite.run(result)
     finally:
-        sys.settrace(None)
+        _settrace(None)
     emit({"summary": {
         "tests_run": result.testsRun, "tests_passed": result.passed,
         "tests_failed": len(result.failures) + len(result.unexpectedSuccesses),
