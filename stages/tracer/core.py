@@ -209,7 +209,7 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int,
             else:
                 if cut is None:
                     if t not in plain:
-                        if " at 0x" in text:
+                        if " at 0x" in text or " id='" in text:
                             text = _ADDRESS.sub("", text)
                         if "<module '" in text:
                             text = _MODULE.sub(r"<module '\1'>", text)

@@ -6,7 +6,8 @@ machine. Three things in a plain ``repr`` break that or blow up the size:
 * memory addresses (``<foo.Bar object at 0x7f3a...>``): every `` at 0x<hex>`` followed by
   ``>``, ``;``, ``:``, ``,``, ``)`` or a space is removed, giving ``<foo.Bar object>``,
   ``<function f>``, ``<list_iterator object>``, ``<generator object gen>``, ``<weakref; to 'A'>``,
-  ``<weakproxy to A>``, ``<Future state=pending>``;
+  ``<weakproxy to A>``, ``<Future state=pending>``; and unittest.mock's decimal ids, every
+  `` id='<digits>'`` before ``>``: ``<MagicMock name='m.x'>``;
 * where a module was loaded from (``<module 'json' from '/usr/lib/python3.11/json/...'>``, a
   host path) or how (``(frozen)``, ``(built-in)``: how Python was built): ``<module 'json'>``;
 * Python 3.11+'s ``str_ascii_iterator`` (an implementation detail of ASCII strings): written
@@ -42,7 +43,8 @@ DEFAULT_MAX_REPR = 200
 # " at 0x7f3a..." before the end of a repr, a separator or more words: <f at 0x..>,
 # <weakref at 0x..; to ..>, <cell at 0x..: int object at 0x..>, <weakproxy at 0x.. to A>,
 # <Future at 0x.. state=pending>. Not before a quote, so a str ending so inside a list stays.
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+(?=[>;:,) ])")
+# unittest.mock writes its objects' ids in decimal, last: <MagicMock name='m.x' id='1403..'>.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+(?=[>;:,) ])| id='[0-9]+'(?=>)")
 # Where a module was loaded from (a host path: the interpreter's install prefix, which differs
 # between machines) or how (frozen or built-in: how Python was built): <module 'json'> only.
 _MODULE = re.compile(r"<module '([^'\\]*)' (?:from '[^']*'|\((?:frozen|built-in)\)|"
@@ -116,7 +118,7 @@ def repr_failed(value: object, exc: BaseException) -> str:
 def scrub(text: str) -> str:
     """Remove memory addresses, module origins and version-specific iterator names from a
     repr."""
-    if " at 0x" in text:
+    if " at 0x" in text or " id='" in text:
         text = _ADDRESS.sub("", text)
     if "<module '" in text:
         text = _MODULE.sub(r"<module '\1'>", text)
@@ -272,12 +274,13 @@ def settled_scrub(raw: str) -> str:
     extend (an address whose hex digits run to the end, a module repr not closed, a name cut
     short)."""
     n = len(raw)
-    i = raw.rfind(" at 0x")
-    if i >= 0 and all(c in _HEX for c in raw[i + 6:]):
-        n = i
-    else:
-        n = _before_partial(raw, n, " at 0x")
-    text = _ADDRESS.sub("", raw) if " at 0x" in raw else raw
+    for word, tail in _ADDRESS_WORDS:
+        i = raw.rfind(word)
+        if i >= 0 and all(c in tail for c in raw[i + len(word):]):
+            n = min(n, i)
+        else:
+            n = min(n, _before_partial(raw, len(raw), word))
+    text = _ADDRESS.sub("", raw) if " at 0x" in raw or " id='" in raw else raw
     n = len(text) - (len(raw) - n)   # (nothing from n on matched: it is raw's tail, unchanged)
     if "<module '" in text:
         pos = 0
@@ -298,6 +301,8 @@ def settled_scrub(raw: str) -> str:
 
 
 _HEX = frozenset("0123456789abcdefABCDEF")
+# _ADDRESS's words, and the characters a match may have between them and its end
+_ADDRESS_WORDS = ((" at 0x", _HEX), (" id='", frozenset("0123456789'")))
 
 
 def _start_of(*parts: str) -> str:
