@@ -315,10 +315,10 @@ def _start_of(*parts: str) -> str:
 
 # The start of a _MODULE match that the rest of the text may complete (without its closing >).
 _MODULE_START = re.compile(r"<module '[^'\\]*" + _start_of("'", " ", "(?:" + "|".join((
-    _start_of("f", "r", "o", "m", " ", "'[^']*", "'"),
-    _start_of(r"\(", "f", "r", "o", "z", "e", "n", r"\)"),
-    _start_of(r"\(", "b", "u", "i", "l", "t", "-", "i", "n", r"\)"),
-    _start_of(r"\(", *"namespace", r"\)", " ", "f", "r", "o", "m", " ", r"\[[^\]]*", r"\]"))) + ")"))
+    _start_of(*"from", " ", "'[^']*", "'"),
+    _start_of(r"\(", *"frozen", r"\)"),
+    _start_of(r"\(", *"built-in", r"\)"),
+    _start_of(r"\(", *"namespace", r"\)", " ", *"from", " ", r"\[[^\]]*", r"\]"))) + ")"))
 
 
 def _before_partial(text: str, n: int, word: str) -> int:

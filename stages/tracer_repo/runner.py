@@ -30,9 +30,9 @@ held back until the test ends and then dropped, and they count towards no cap, s
 after it trace the same calls on every run. Such tests are counted by reason in the summary's
 ``tests_untraced``. The code under test sees no tracer (``sys.gettrace()`` is None) and cannot
 remove it (``sys.settrace(None)`` removes nothing); a test installing a trace function of its
-own gives no traces ("settrace": it would see the events). Still unguarded: ``datetime.now()`` and ``uuid`` (C calls), and
-``random.Random()`` without a seed; the host runs the suite twice and keeps only the traces
-both runs agree on.
+own gives no traces ("settrace": it would see the events). Still unguarded: ``datetime.now()``
+and ``uuid`` (C calls), and ``random.Random()`` without a seed; the host runs the suite twice
+and keeps only the traces both runs agree on.
 
 Output: one JSON line per activation on the original stdout (the tests' own output goes to
 stderr), then one ``{"summary": ...}`` line. Lines are flushed as they are written, so a run
