@@ -1158,3 +1158,30 @@ def test_mock_ids_are_scrubbed_as_addresses_are():
     from stages.tracer.reprs import settled_scrub
     assert settled_scrub("[<Mock id='12'>, <Mock id='3") == "[<Mock>, <Mock"   # (may go on)
     assert safe_repr("<Mock id='12'>") == "\"<Mock id='12'>\""   # a str is the user's data
+
+
+HANGING_REPR = ("class R:\n    def __repr__(self):\n        while True:\n            pass\n\n"
+                "class Shown:\n    def __repr__(self):\n        return helper(2)\n\n"
+                "def helper(n):\n    return 'S' * n\n\n"
+                "def f():\n    r = R()\n    xs = [1, R()]\n    s = Shown()\n    t = 0\n"
+                "    for k in range(30):\n        t += k\n    return r\n")
+
+
+def test_a_repr_that_never_returns_times_out_within_a_budget_of_events():
+    # untraced the program never reprs r and ends at once; traced, every frame reprs it: the
+    # trace hung until the sandbox killed it (dropped). Now a repr's Python code runs within a
+    # budget of trace events (guard.py): deterministic, the same text on every run
+    script = ("import json, sys\n"
+              f"sys.path[:0] = [{str(Path(__file__).resolve().parents[1])!r}]\n"
+              "from stages.tracer import trace_call\n"
+              f"code = {HANGING_REPR!r}\n"
+              "rs = [trace_call(code, 'f()') for _ in range(2)]\n"
+              "print(json.dumps([[r.status, r.result, r.text] for r in rs]))\n")
+    out = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    (status, result, text), again = json.loads(out.stdout)
+    assert (status, result) == ("ok", "<repr of R timed out>") and again[2] == text
+    assert '"r": "<repr of R timed out>"' in text and '"xs": "<repr of list timed out>"' in text
+    # a __repr__ calling the program's own function: that call is the tracer's, not a frame
+    assert '"s": "SS"' in text and "return 'S' * n" not in text

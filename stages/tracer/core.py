@@ -39,6 +39,9 @@ overflows, and CPython then drops it silently), or a program that removes the tr
 (``sys.settrace``) or frees its ``sys.monitoring`` tool id.
 
 Threads started by the program run untraced (only the calling thread is traced).
+
+Reprs that run the program's code (a ``__repr__`` of its own) run within a budget of trace
+events: one that never returns is written ``<repr of T timed out>`` (guard.py).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from .frames import (_KEYS, _SAME, ACTION_SEP, ARG_SEP, CALL, CALL_SEP, EXCEPTIO
                      FRAME_SEP, LINE, LINE_SEP, RETURN, RETURN_SEP, TraceLimits, TraceResult,
                      _enc, _json, _key, name_text, prompt_for, unreserved)
 from .program import ITER_NAME, CodeInfo, InvalidProgram, Program, compile_program
+from .guard import ReprBudget, ReprTimeout, may_run_python, timed_out
 from .prefix import BUILT, prefix_repr
 from .reprs import (_ADDRESS, _BIG, _MODULE, _PLAIN, _SCALARS, MARKER, NESTED_TYPES,
                     address_ordered_set_repr, error_text, exception_repr, long_sequence_prefix,
@@ -160,7 +164,7 @@ def _entry(value, t, text: str, shown: int) -> tuple | None:
 
 
 def _snapshot(items, prev: dict[str, str] | None, limit: int,
-              cache: dict[str, tuple]) -> tuple[dict[str, str], str]:
+              cache: dict[str, tuple], budget: ReprBudget | None) -> tuple[dict[str, str], str]:
     """Reprs of a frame's locals and their LOCALS text: ``json.dumps({name: repr})`` where a value
     equal to its repr in ``prev`` is written ``".."``. The hot loop of the tracer: the repr
     rules of :func:`.reprs.safe_repr` and the JSON of :func:`.frames.render_locals` are inlined
@@ -185,9 +189,17 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int,
             cached += 1
         else:
             t = type(value)
+            long = False   # (a container whose text was cut: see _LONG)
             try:
                 cut = long_sequence_prefix(value, limit) if t in _SEQS else None
-                if cut is not None:
+                if cut is None and budget is not None and t not in plain and \
+                        may_run_python(value):
+                    try:   # (its reprs run Python code: within a budget, see guard.py)
+                        text = budget.run(safe_repr, value, limit)
+                    except ReprTimeout:
+                        text = timed_out(value)
+                    cut = _PREFIX_CUT
+                elif cut is not None:
                     text = cut[0]
                 elif (t is set or t is frozenset) and (
                         ordered := address_ordered_set_repr(value, limit)) is not None:
@@ -196,6 +208,7 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int,
                         and (short := prefix_repr(value, limit)) is not None:
                     text = short   # built only as far as kept (prefix.py): settled, cut
                     cut = _PREFIX_CUT
+                    long = text.endswith(MARKER)
                 else:
                     text = repr(value)
                     if t in nested_types and \
@@ -217,8 +230,9 @@ def _snapshot(items, prev: dict[str, str] | None, limit: int,
                             text = text.replace("str_ascii_iterator", "str_iterator")
                     if len(text) > limit:
                         text = text[:limit] + MARKER
+                        long = t in built
                 entry = _entry(value, t, text, cut[1] if cut is not None else 0)
-                if entry is None and t in built and text.endswith(MARKER):
+                if entry is None and long:
                     entry = (value, _LONG, 1, 0, None)   # a hint: build this name's next one
             if entry is not None:
                 cache[name] = entry
@@ -281,8 +295,8 @@ class Recorder:
     that cannot be trusted (``broken``); ``recs`` and ``parts`` hold what was recorded.
     """
 
-    __slots__ = ("lines", "nlines", "infos", "max_events", "max_bytes", "max_repr", "recs",
-                 "parts", "nbytes", "scopes", "parked", "orders", "reprs", "next_scope",
+    __slots__ = ("budget", "lines", "nlines", "infos", "max_events", "max_bytes", "max_repr",
+                 "recs", "parts", "nbytes", "scopes", "parked", "orders", "reprs", "next_scope",
                  "last_scope", "last_locals", "active", "too_long", "broken", "jump", "mark",
                  "text_from_first")
 
@@ -312,6 +326,8 @@ class Recorder:
         self.last_scope = -1  # scope of the last record
         self.last_locals: dict[str, str] | None = None  # its locals if a call/line record
         self.active = True  # False once main has finished, a limit was hit or tracing failed
+        # events left to the reprs that run the program's code (None: none can)
+        self.budget: ReprBudget | None = ReprBudget(self)
         self.too_long = False
         self.broken: str | None = None  # why the trace cannot be trusted
         self.jump: tuple[object, int] | None = None  # (frame, dest) of the last backward jump
@@ -399,7 +415,7 @@ class Recorder:
             scope = self.new_scope(frame)
         prev = self.last_locals if self.last_scope == scope else None
         loc, js = _snapshot(self.items(frame, scope) if _EMULATE_ORDER else frame.f_locals.items(),
-                            prev, self.max_repr, self.reprs[scope])
+                            prev, self.max_repr, self.reprs[scope], self.budget)
         self.last_scope = scope
         self.last_locals = loc
         self.push((LINE, scope, line, loc, None),
@@ -422,7 +438,7 @@ class Recorder:
         else:
             line = frame.f_lineno
         loc, js = _snapshot(self.items(frame, scope) if _EMULATE_ORDER else frame.f_locals.items(),
-                            None, self.max_repr, self.reprs[scope])
+                            None, self.max_repr, self.reprs[scope], self.budget)
         self.last_scope = scope
         self.last_locals = loc
         self.push((CALL, scope, line, loc, None),
@@ -452,8 +468,7 @@ class Recorder:
             if scope == 0:
                 self.active = False  # main returned: nothing after its return frame
             self._forget_frame(frame)
-        self._value_frame(RETURN, RETURN_SEP, scope, frame.f_lineno,
-                          safe_repr(value, self.max_repr))
+        self._value_frame(RETURN, RETURN_SEP, scope, frame.f_lineno, self.value_repr(value))
 
     def exception(self, frame, exc) -> None:
         if isinstance(exc, RecursionError):
@@ -463,7 +478,16 @@ class Recorder:
         if scope is None:
             scope = self.new_scope(frame)
         self._value_frame(EXCEPTION, EXCEPTION_SEP, scope, frame.f_lineno,
-                          exception_repr(exc, self.max_repr))
+                          self.value_repr(exc, exception_repr))
+
+    def value_repr(self, value, write=safe_repr) -> str:
+        """``write(value, max_repr)``, within the repr budget if it may run Python code."""
+        if self.budget is None or not may_run_python(value):
+            return write(value, self.max_repr)
+        try:
+            return self.budget.run(write, value, self.max_repr)
+        except ReprTimeout:
+            return timed_out(value)
 
     def _forget_frame(self, frame) -> None:
         """The frame has ended or is suspended: the recorder keeps no reference to it (nor
@@ -707,6 +731,18 @@ def _run_monitoring(rec: Recorder, main, prog: Program, tool: int):
 # --------------------------------------------------------------------------- entry point
 
 
+def _may_hook_reprs(prog: Program) -> bool:
+    """Can a repr the tracer asks for run the program's code? Only through a class of its own
+    (a __repr__, __getattr__, property, __lt__ of counts...): one with a class statement, or
+    one made by a call such as type(name, bases, namespace). (The words anywhere in the text,
+    a comment's too: a false alarm costs time, never text.)"""
+    context = prog.context
+    return any(word in context for word in _CLASS_MAKERS)
+
+
+_CLASS_MAKERS = ("class", "type(", "make_dataclass", "namedtuple", "Enum(")
+
+
 def trace_call(code: str, call: str, *, entry_filename: str = "<program>",
                limits: TraceLimits = TraceLimits(), module_name: str = "__main__",
                backend: str | None = None) -> TraceResult:
@@ -738,6 +774,8 @@ def trace_call(code: str, call: str, *, entry_filename: str = "<program>",
         return result
 
     rec = Recorder(prog.lines, prog.infos, limits)
+    if not _may_hook_reprs(prog):
+        rec.budget = None   # (no repr can run its code: no guard to pay for, see guard.py)
     if backend is None:
         backend = "monitoring" if HAS_MONITORING else "settrace"
     tool = _acquire_tool() if backend == "monitoring" else None
@@ -746,7 +784,7 @@ def trace_call(code: str, call: str, *, entry_filename: str = "<program>",
             value = _run_monitoring(rec, main, prog, tool)
         else:
             value = _run_settrace(rec, main)
-        result.result = safe_repr(value, limits.max_repr)
+        result.result = rec.value_repr(value)
     except TraceStop:
         pass
     except BaseException as exc:  # uncaught, as Python ends a program: any exception class

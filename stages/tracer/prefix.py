@@ -34,8 +34,9 @@ from operator import is_
 from . import reprs
 
 _COUNTER_REPR = Counter.__repr__   # a program may replace it: then the plain repr
-BUILT = frozenset({list, tuple, dict, set, frozenset, OrderedDict, defaultdict, Counter, deque})
+BUILT = reprs.BUILT
 _TEXT = (str, bytes)
+_SHORT = frozenset({int, float, bool, type(None)})   # (an int has at most 4300 digits)
 _LONG_TEXT = 64        # a str/bytes element longer than this is written from a prefix
 _MAX_DEPTH = 24        # containers deeper than this: their plain repr (Python stack use)
 _SLACK = 32            # characters built past the limit before the text is checked
@@ -80,6 +81,9 @@ def looks_long(value, limit: int) -> bool:
     values; a wrong guess costs time, never a different text.)"""
     if len(value) > reprs._BIG:
         return True
+    children = gc.get_referents(value)
+    if set(map(type, children)) <= _SHORT:   # (the common case, first)
+        return False
     level, total = [value], 0
     for _ in range(3):
         children = gc.get_referents(*level)

@@ -35,10 +35,14 @@ import gc
 import math
 import re
 import sys
-from collections import defaultdict
+from collections import Counter, OrderedDict, defaultdict, deque
 from itertools import compress
 
+from .guard import ReprTimeout
+
 DEFAULT_MAX_REPR = 200
+# The containers prefix.py writes as far as kept (their long ones are never repr'd whole).
+BUILT = frozenset({list, tuple, dict, set, frozenset, OrderedDict, defaultdict, Counter, deque})
 
 # " at 0x7f3a..." before the end of a repr, a separator or more words: <f at 0x..>,
 # <weakref at 0x..; to ..>, <cell at 0x..: int object at 0x..>, <weakproxy at 0x.. to A>,
@@ -337,15 +341,15 @@ def safe_repr(value: object, limit: int = DEFAULT_MAX_REPR) -> str:
     if ordered is not None:
         return ordered
     try:
-        if type(value) in _prefix.BUILT and _prefix.looks_long(value, limit):
+        if type(value) in BUILT and _prefix.looks_long(value, limit):
             short = _prefix.prefix_repr(value, limit)
             if short is not None:
                 return short
         text = repr(value)
         ordered = nested_ordered_repr(value, text, limit) if type(value) in NESTED_TYPES else None
     except BaseException as exc:  # a user __repr__ (or int > sys.get_int_max_str_digits())
-        if isinstance(exc, KeyboardInterrupt):   # failed (see repr_failed)
-            raise
+        if isinstance(exc, (KeyboardInterrupt, ReprTimeout)):   # failed (see repr_failed;
+            raise                                              # guard.py)
         return repr_failed(value, exc)
     if ordered is not None:
         return ordered
@@ -369,7 +373,7 @@ def error_text(exc: BaseException, limit: int = 1000) -> str:
     try:
         msg = str(exc)
     except BaseException as failure:  # (a user __str__: any exception, see repr_failed)
-        if isinstance(failure, KeyboardInterrupt):
+        if isinstance(failure, (KeyboardInterrupt, ReprTimeout)):
             raise
         msg = ""
     if not msg.isascii():  # no lone surrogates in JSON responses
