@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from codeworld.storage import StorageError, filesystem, write_atomic
 from flows.pipeline import dag_order, pipeline, stage_groups, workspace_limit_name
 
 FLOW_NAME = "codeworld-pipeline"
@@ -175,7 +176,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{target} is stale: run `python -m flows.deploy prefect-yaml`", file=sys.stderr)
                 return 1
         else:
-            target.write_text(text)
+            # atomic: `prefect deploy --all` must never read half a file (a full disk)
+            try:
+                write_atomic(filesystem(str(target)), str(target), text.encode())
+            except StorageError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
     return 0
 
 

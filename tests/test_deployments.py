@@ -94,6 +94,28 @@ def test_cron_options_are_checked_and_reach_prefect_yaml(tmp_path):
             deploy.main(["list", "--root", str(tmp_path), "--cron", bad])
 
 
+def test_a_failed_prefect_yaml_write_leaves_the_old_file(tmp_path):
+    # write_text truncated prefect.yaml first: a write cut short (here a file-size limit,
+    # as a full disk would) left half a file that `prefect deploy --all` then read.
+    import resource
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    old = "# the deployments of before\n"
+    (tmp_path / "prefect.yaml").write_text(old)
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # EFBIG rather than a kill
+
+    run = subprocess.run([sys.executable, "-m", "flows.deploy", "prefect-yaml", "--root",
+                          str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                         preexec_fn=small_files)
+    assert run.returncode == 1 and "prefect.yaml: cannot write" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+    assert (tmp_path / "prefect.yaml").read_text() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dvc.yaml", "prefect.yaml"]
+
+
 def test_a_named_stage_runs_with_what_it_needs_only(tmp_path):
     dvc_yaml = tmp_path / "dvc.yaml"
     dvc_yaml.write_text(yaml.safe_dump({"stages": {
