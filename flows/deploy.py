@@ -32,8 +32,9 @@ from pathlib import Path
 
 import yaml
 
-from codeworld.storage import StorageError, filesystem, write_atomic
-from flows.pipeline import dag_order, pipeline, stage_groups, workspace_limit_name
+from codeworld.storage import StorageError
+from flows.pipeline import (dag_order, pipeline, stage_groups, workspace_limit_name,
+                            write_text_atomic)
 
 FLOW_NAME = "codeworld-pipeline"
 ENTRYPOINT = "flows/pipeline.py:pipeline"
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             # atomic: `prefect deploy --all` must never read half a file (a full disk)
             try:
-                write_atomic(filesystem(str(target)), str(target), text.encode())
+                write_text_atomic(target, text)
             except StorageError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 1

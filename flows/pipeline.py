@@ -191,7 +191,7 @@ def overrides_journal(params_file: Path) -> Path:
     return params_file.with_name(f".{params_file.name}.overrides.json")
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     # atomic: a kill mid-write must leave the old file or the new one, never half of one
     write_atomic(filesystem(str(path)), str(path), text.encode())
 
@@ -214,7 +214,7 @@ def undo_killed_overrides(params_file: Path) -> None:
         return
     current = params_file.read_text()
     if current == written:
-        _write_text(params_file, original)
+        write_text_atomic(params_file, original)
         print(f"warning: {params_file} still held the overrides {items} of a flow run that was "
               f"killed; put back as it was before them")
     elif current != original:
@@ -237,9 +237,9 @@ def params_overridden(params_file: Path, overrides: list[str]) -> Iterator[None]
     validated = apply_overrides(load_params(params_file), overrides)
     written = write_overrides(original, validated, overrides)
     journal = overrides_journal(params_file)
-    _write_text(journal, json.dumps({"original": original, "written": written,
+    write_text_atomic(journal, json.dumps({"original": original, "written": written,
                                      "overrides": overrides}))
-    _write_text(params_file, written)
+    write_text_atomic(params_file, written)
     try:
         # What the stages will read must be what was validated; a difference would be a silent
         # config change recorded in dvc.lock, so it stops the run before any stage.
@@ -249,7 +249,7 @@ def params_overridden(params_file: Path, overrides: list[str]) -> Iterator[None]
         yield
     finally:
         if params_file.read_text() == written:
-            _write_text(params_file, original)
+            write_text_atomic(params_file, original)
         else:
             print(f"warning: {params_file} changed during the run; left as it is now")
         journal.unlink(missing_ok=True)
