@@ -510,6 +510,11 @@ class PhaseConfig(Section):
     """One training phase (pre-train, mid-train, ...): data blend, schedule, precision."""
 
     blend: dict[str, float] = Field(default_factory=lambda: {"code": 1.0})  # pack source -> weight
+    # What the blend's weights share out: "loss_tokens", the tokens in the loss (a source's
+    # share of the training signal: SFT's answers), or "samples", Megatron's own unit (a
+    # sample is seq_length tokens, in the loss or not). The same where every token is in the
+    # loss; an SFT window of a short answer carries few (model/data.sample_weights).
+    blend_unit: Literal["loss_tokens", "samples"] = "loss_tokens"
     init_from: str | None = None       # the phase whose final checkpoint this one starts from
     steps: int = Field(default=100, ge=1)
     seq_length: int = Field(default=128, ge=8)

@@ -27,6 +27,9 @@ import torch
 from codeworld.tokens import EOD_ID, PAD_ID
 
 VALID_PERCENT = 2   # of each source's documents, for the validation loss
+# What a phase's blend weights share out (PhaseConfig.blend_unit): the loss tokens (answer
+# tokens of SFT) or Megatron's samples (seq_length tokens each, whatever their loss mask).
+BLEND_UNITS = ("loss_tokens", "samples")
 
 
 class CodeworldTokenizer:
@@ -105,6 +108,55 @@ def plan_validation(documents: dict[str, int]) -> tuple[list[str], list[str]]:
                          f"{VALID_PERCENT}% needs at least {math.ceil(50 / VALID_PERCENT)} "
                          f"documents; add a larger source to the blend")
     return validated, train_only
+
+
+def loss_density(name: str, meta: dict) -> float:
+    """Loss tokens per token the pack stored for source `name` (its manifest entry `meta`),
+    window padding counted: a sample of seq_length tokens carries this many per token. 1 for
+    sources whose every token is a label (code, traces), far less for SFT's windows."""
+    try:
+        stored = meta["tokens"] + meta.get("pad_tokens", 0)
+        loss = meta["loss_tokens"]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"pack source {name!r}: its manifest entry has no {err} count (repack "
+                         "it with the pack stage)") from None
+    if not stored:
+        raise ValueError(f"pack source {name!r}: its manifest entry counts no tokens")
+    return loss / stored
+
+
+def sample_weights(blend: dict[str, float], sources: dict[str, dict],
+                   unit: str = "loss_tokens") -> dict[str, float]:
+    """The per-sample weights Megatron's blend is given for `blend` in `unit` (BLEND_UNITS),
+    from the pack manifest's `sources`. Megatron draws samples in proportion to its weights;
+    for the weights to share out loss tokens, each is divided by its source's loss tokens per
+    sample (loss_density: every sample has seq_length tokens). Scaled by the densest source's
+    density, a source as dense as it keeps its weight bit for bit: a blend whose sources all
+    have the same density (pretrain's) gives Megatron exactly the weights it gave before."""
+    if unit not in BLEND_UNITS:
+        raise ValueError(f"blend_unit {unit!r} is not one of {', '.join(BLEND_UNITS)}")
+    if unit == "samples":
+        return dict(blend)
+    missing = sorted(set(blend) - set(sources))
+    if missing:
+        raise ValueError(f"blend source(s) {', '.join(missing)} not in the pack manifest (run "
+                         "the pack stage)")
+    density = {n: loss_density(n, sources[n]) for n in blend}
+    empty = sorted(n for n, d in density.items() if d == 0)
+    if empty:
+        raise ValueError(f"pack source(s) {', '.join(empty)} carry no loss tokens: a blend in "
+                         "loss_tokens (blend_unit) can give them no share of the loss; drop "
+                         "them from the blend or set blend_unit: samples")
+    top = max(density.values())
+    return {n: w if density[n] == top else w * (top / density[n]) for n, w in blend.items()}
+
+
+def loss_token_shares(weights: dict[str, float], sources: dict[str, dict]) -> dict[str, float]:
+    """Each source's expected share of the loss tokens when Megatron draws samples by the
+    per-sample `weights` (sample_weights), from the pack manifest's `sources`."""
+    mass = {n: w * loss_density(n, sources[n]) for n, w in weights.items()}
+    total = sum(mass.values())
+    return {n: m / total for n, m in mass.items()}
 
 
 class IndexCacheError(RuntimeError):
@@ -213,8 +265,10 @@ def _index_key(configs, **inputs) -> str:
 
 
 def build_datasets(pack_dir: Path, blend: dict[str, float], seq_length: int, seed: int,
-                   train_samples: int, valid_samples: int, vocab_size: int, cache_dir: Path):
-    """(train, valid): Megatron BlendedDatasets over the blend's sources, each
+                   train_samples: int, valid_samples: int, vocab_size: int, cache_dir: Path,
+                   blend_unit: str = "loss_tokens"):
+    """(train, valid): Megatron BlendedDatasets over the blend's sources, its weights in
+    `blend_unit` (sample_weights, with the counts of the pack's manifest.json), each
     source cut into train and valid documents as BlendedMegatronDatasetBuilder would cut it
     with split "98,2,0", except that a source too small to validate (plan_validation) trains on
     all its documents and is not in the valid blend. Weights are renormalised over the
@@ -227,6 +281,13 @@ def build_datasets(pack_dir: Path, blend: dict[str, float], seq_length: int, see
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from megatron.core.datasets.utils import Split, normalize
 
+    if blend_unit != "samples":
+        manifest = pack_dir / "manifest.json"
+        try:
+            blend = sample_weights(blend, json.loads(manifest.read_text())["sources"], blend_unit)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{manifest}: the blend's weights in {blend_unit} need each "
+                             f"source's loss tokens from it: {err}") from None
     prefixes, documents = {}, {}
     for name in sorted(blend):
         prefix = pack_dir / name
@@ -283,6 +344,19 @@ def build_datasets(pack_dir: Path, blend: dict[str, float], seq_length: int, see
                      train_samples=train_samples, valid_samples=valid_samples)
     ensure_index_cache(cache_dir, key, make)
     return make(cache_dir)
+
+
+def drawn_loss_tokens(train, samples: int) -> dict[str, tuple[int, int]]:
+    """(samples, loss tokens) per source in the first `samples` samples of a blend that
+    build_datasets made: what training on them reads, each sample's loss mask as the loss
+    sees it. Reads every sample: for measuring a blend (bench/blend_shares.py, tests)."""
+    names = [Path(d.dataset_path).name for d in train.datasets]
+    drawn, loss = [0] * len(names), [0] * len(names)
+    for i in range(samples):
+        k = int(train.dataset_index[i])
+        drawn[k] += 1
+        loss[k] += int(train[i]["loss_mask"].sum())
+    return {n: (drawn[k], loss[k]) for k, n in enumerate(names)}
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:

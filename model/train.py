@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.eval_iters * evals * cfg.global_batch_size, pack["vocab_size"],
         # Megatron names its cached indices by paths and params, not file contents: one cache
         # per pack fingerprint, so a repacked source never reuses stale indices.
-        pack_dir.parent / ".work" / "megatron-index" / pack["fingerprint"][:16])
+        pack_dir.parent / ".work" / "megatron-index" / pack["fingerprint"][:16],
+        blend_unit=cfg.blend_unit)
     init_distributed(params.parallel.backend)
     from megatron.core import parallel_state as ps
 

@@ -75,15 +75,35 @@ def tokenizer_of(params: Params) -> str | None:
         return None
 
 
+def manifest_path(params: Params) -> str:
+    return pack_cache.storage_of(params.storage).sub(pack_stage.OUTPUT).path(pack_stage.MANIFEST)
+
+
 def pack_sources(params: Params, phase: str) -> dict[str, dict]:
     """The pack manifest's entries of the phase's blend sources."""
     sources = pack_stage.read_manifest(params)["sources"]   # on S3 with an S3 root
-    path = pack_cache.storage_of(params.storage).sub(pack_stage.OUTPUT).path(pack_stage.MANIFEST)
+    path = manifest_path(params)
     missing = sorted(set(phase_config(params, phase).blend) - set(sources))
     if missing:
         raise TrainingFailed(f"{path}: {phase}.blend names {', '.join(missing)}, not packed "
                              f"yet (run the pack stage)")
     return {n: sources[n] for n in sorted(phase_config(params, phase).blend)}
+
+
+def blend_shares(cfg: PhaseConfig, sources: dict[str, dict]) -> dict[str, float]:
+    """The phase's metrics on its blend, per source: `blend_weight_` (its share of the weights
+    as given), `sample_weight_` (its share of the samples Megatron draws, the weights converted
+    from cfg.blend_unit), `loss_share_` (the share of the loss tokens those samples carry) and
+    `loss_share_if_samples_` (the share it would get were the weights taken as samples,
+    Megatron's unit: what SFT trained on before blend_unit). From the pack's counts."""
+    from model.data import loss_token_shares, sample_weights
+
+    weights = sample_weights(cfg.blend, sources, cfg.blend_unit)
+    out = {"loss_share": loss_token_shares(weights, sources),
+           "loss_share_if_samples": loss_token_shares(cfg.blend, sources)}
+    for key, w in (("blend_weight", cfg.blend), ("sample_weight", weights)):
+        out[key] = {n: v / sum(w.values()) for n, v in w.items()}
+    return {f"{key}_{n}": round(v, 6) for key, per in out.items() for n, v in per.items()}
 
 
 def parent_record(params: Params, phase: str) -> dict | None:
@@ -391,8 +411,12 @@ def run_phase(params: Params, phase: str, *, track: bool = True, extra: list[str
     fp = phase_fingerprint(params, phase, parent, precision)
     # The ranks make the same split (model/data.py); this fails before torchrun when no
     # source of the blend can validate, and says which sources train without validating.
-    validated, train_only = plan_validation(
-        {n: m["documents"] for n, m in pack_sources(params, phase).items()})
+    sources = pack_sources(params, phase)
+    validated, train_only = plan_validation({n: m["documents"] for n, m in sources.items()})
+    try:   # before torchrun: a source the blend's unit cannot weigh fails here
+        shares = blend_shares(cfg, sources)
+    except ValueError as err:
+        raise TrainingFailed(f"{manifest_path(params)}: {err}") from None
     with phase_run(out, phase, params.model_dump(include={"model", "parallel", phase}),
                    params.tracking.experiment, metrics_path, track) as (run_, lock_fd):
         tags = {"codeworld.valid_sources": ",".join(validated),
@@ -400,7 +424,7 @@ def run_phase(params: Params, phase: str, *, track: bool = True, extra: list[str
         if parent:
             tags.update({f"codeworld.parent_{k}": str(v) for k, v in parent.items()})
         _set_tags(run_, tags)
-        run_.log(valid_sources=len(validated), train_only_sources=len(train_only))
+        run_.log(valid_sources=len(validated), train_only_sources=len(train_only), **shares)
         # mlflow_run_id: the ranks on other nodes read it here (model/metrics.tracking_run_id)
         record = {"phase": phase, "fingerprint": fp, "parent": parent, "mlflow_run_id": run_.run_id,
                   "valid_sources": validated, "train_only_sources": train_only,

@@ -121,6 +121,14 @@ def test_midtrain_starts_from_pretrain_and_trains_on_a_source_too_small_to_valid
     sft, sft_stats = run_phase(root, "sft", tmp_path, track=True)
     assert sft["parent"]["phase"] == "midtrain" and sft_stats["steps"] == 2
     assert sft["train_only_sources"] == []
+    # the blend's shares of the loss tokens, as given (blend_unit loss_tokens) and as they
+    # were when the weights counted samples
+    weights = {"sft_trace": 0.4, "sft_output": 0.4, "sft_agent": 0.2}
+    for n, w in weights.items():
+        assert sft_stats[f"blend_weight_{n}"] == pytest.approx(w)
+        assert sft_stats[f"loss_share_{n}"] == pytest.approx(w, abs=1e-5)
+    assert sft_stats["loss_share_if_samples_sft_output"] < 0.3, sft_stats
+    assert sft_stats["sample_weight_sft_output"] > 0.5, sft_stats
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -130,6 +138,8 @@ def test_midtrain_starts_from_pretrain_and_trains_on_a_source_too_small_to_valid
     assert tags["codeworld.parent_checkpoint"] == mid["checkpoint"]
     assert tags["codeworld.parent_iteration"] == "2"
     assert tags["codeworld.parent_fingerprint"] == mid["fingerprint"]
+    assert tagged.data.metrics["loss_share_sft_output"] == pytest.approx(0.4, abs=1e-5)
+    assert tagged.data.metrics["loss_share_if_samples_sft_output"] < 0.3
 
 
 @pytest.fixture
@@ -162,6 +172,53 @@ def test_small_source_is_in_the_train_blend_only(root, tmp_path, one_process_gro
     with pytest.raises(ValueError, match="no source of the blend .*agent_small: 5 documents.* "
                                          "can give a validation split"):
         build_datasets(root / "pack", {"agent_small": 1.0}, **args)
+
+
+def test_blend_weights_share_out_the_loss_tokens(root, tmp_path, one_process_group):
+    # Megatron draws samples by its weights, and a sample of short answers (sft_output) carries
+    # far fewer loss tokens than one of traces: taken as samples, weights 1:3 gave sft_output
+    # 19% of the loss tokens here, not 75%. Measured on the samples training reads.
+    from model.data import build_datasets, drawn_loss_tokens
+
+    blend = {"sft_trace": 1.0, "sft_output": 3.0}
+    args = dict(seq_length=32, seed=1, train_samples=3000, valid_samples=8, vocab_size=600)
+    train, _ = build_datasets(root / "pack", blend, cache_dir=tmp_path / "a", **args)
+    drawn = drawn_loss_tokens(train, 3000)
+    loss = {n: tokens for n, (_, tokens) in drawn.items()}
+    assert loss["sft_output"] / sum(loss.values()) == pytest.approx(0.75, abs=0.03), drawn
+    # blend_unit samples: Megatron's own unit, the weights as given
+    train, _ = build_datasets(root / "pack", blend, cache_dir=tmp_path / "b",
+                              blend_unit="samples", **args)
+    drawn = drawn_loss_tokens(train, 3000)
+    assert drawn["sft_output"][0] / 3000 == pytest.approx(0.75, abs=0.01), drawn
+    assert drawn["sft_output"][1] / sum(t for _, t in drawn.values()) < 0.6, drawn
+
+
+def test_blend_weights_of_equally_dense_sources_reach_megatron_unchanged():
+    # pretrain's blend (every token in the loss): the same per-sample weights, bit for bit,
+    # so its Megatron indices (named by a hash of the weights) are the ones built before.
+    from model.data import loss_token_shares, sample_weights
+
+    sources = {"code": {"tokens": 300, "loss_tokens": 300},
+               "traces": {"tokens": 7, "loss_tokens": 7},
+               "sft": {"tokens": 90, "pad_tokens": 10, "loss_tokens": 5},
+               "empty": {"tokens": 50, "pad_tokens": 14, "loss_tokens": 0}}
+    blend = {"code": 0.1, "traces": 0.7}
+    assert sample_weights(blend, sources) == blend
+    # 5 loss tokens in 100 stored (padding counted): 20 times the samples of a dense source
+    assert sample_weights({"code": 0.1, "sft": 0.3}, sources) == {"code": 0.1, "sft": 0.3 * 20}
+    shares = loss_token_shares(sample_weights({"code": 0.1, "sft": 0.3}, sources), sources)
+    assert shares == pytest.approx({"code": 0.25, "sft": 0.75})
+    assert sample_weights({"sft": 0.3, "empty": 1.0}, sources, "samples") == {"sft": 0.3,
+                                                                                "empty": 1.0}
+    with pytest.raises(ValueError, match="empty carry no loss tokens"):
+        sample_weights({"sft": 0.3, "empty": 1.0}, sources)
+    with pytest.raises(ValueError, match="'old': its manifest entry has no 'loss_tokens'"):
+        sample_weights({"old": 1.0}, {"old": {"tokens": 3}})
+    with pytest.raises(ValueError, match="nope not in the pack manifest"):
+        sample_weights({"nope": 1.0}, sources)
+    with pytest.raises(ConfigError, match="blend_unit"):
+        parse_params(phase_params(Path("/nonexistent"), sft={"blend_unit": "tokens"}))
 
 
 def test_a_phase_must_start_from_an_earlier_configured_phase(root):
