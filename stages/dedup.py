@@ -33,7 +33,7 @@ from codeworld.storage import Storage
 from codeworld.tracking import StageRun
 from stages.near_dedup import (NearDedupConfig, candidate_pairs, choose_bands, cluster,
                                shingle_set, signatures, verify_pairs)
-from stages.exact_dedup import content_key
+from stages.exact_dedup import RULES, content_key_as
 
 CODE = Code(("stages.dedup",))
 
@@ -74,11 +74,11 @@ def read_signatures(job: ShardJob) -> dict[str, np.ndarray]:
     data = job.work.read_bytes(job.sig_name)  # storage errors stay what they are (transient...)
     try:
         with np.load(io.BytesIO(data)) as z:
-            part = {k: z[k] for k in ("keys", "sigs", "ids")}
+            part = {k: z[k] for k in ("keys", "sigs", "ids", "rules")}
     except Exception as err:  # truncated, garbage, another format: np.load raises many kinds
         raise ValueError(f"{where}: unreadable signatures: {err!r}") from err
     n = job.info.records
-    if not (part["keys"].shape == (n,) and part["ids"].shape == (n,)
+    if not (part["keys"].shape == (n,) and part["ids"].shape == (n,) and part["rules"].shape == (n,)
             and part["sigs"].shape == (n, job.cfg.num_perm)):
         raise ValueError(f"{where}: signatures of {part['sigs'].shape} do not fit the shard's "
                          f"{n} records of {job.cfg.num_perm} permutations")
@@ -96,11 +96,14 @@ def sign_shard(job: ShardJob) -> int:
             log.warning("dedup: %s; recomputing it", err)
     records = Dataset(job.dataset).read_shard(job.info)
     texts = [r["text"] for r in records]
-    keys = np.array([content_key(t) for t in texts], dtype="S32").reshape(-1)
+    # A record without a language (ad-hoc JSONL) is taken as Python: this pipeline's corpus.
+    keyed = [content_key_as(r["text"], r.get("language") or "python") for r in records]
+    keys = np.array([k for k, _ in keyed], dtype="S32").reshape(-1)
+    rules = np.array([RULES.index(rule) for _, rule in keyed], dtype=np.uint8).reshape(-1)
     ids = np.array([str(r["id"]) for r in records], dtype=str).reshape(-1)
     sigs = signatures(texts, job.cfg)
     buf = io.BytesIO()
-    np.savez(buf, keys=keys, sigs=sigs, ids=ids)
+    np.savez(buf, keys=keys, sigs=sigs, ids=ids, rules=rules)
     job.work.write_bytes(name, buf.getvalue())
     return job.index
 
@@ -149,6 +152,7 @@ def dedup_dataset(source: Dataset, writer: DatasetWriter, cfg: DedupConfig,
     sigs = np.concatenate([p["sigs"] for p in parts]) if parts else np.zeros((0, ncfg.num_perm), np.uint32)
     offsets = np.cumsum([0] + [len(p["keys"]) for p in parts])
     ids: list[str] = [i for p in parts for i in p["ids"].tolist()]
+    rules = np.concatenate([p["rules"] for p in parts]) if parts else np.zeros(0, np.uint8)
     n = len(keys)
 
     rep = exact_reps(keys)
@@ -201,6 +205,8 @@ def dedup_dataset(source: Dataset, writer: DatasetWriter, cfg: DedupConfig,
         "kept": int((final_rep == np.arange(n)).sum()),
         "removed_exact": counts["removed_exact"],
         "removed_near": counts["removed_near"],
+        # How each document was normalised for its exact key (stages.exact_dedup.RULES).
+        "normalised": {rule: int((rules == i).sum()) for i, rule in enumerate(RULES)},
         "lsh": {"bands": b, "rows": r_, "candidate_pairs": int(len(pairs)),
                 "verified_pairs": int(len(kept_pairs))},
         "exact_clusters": _cluster_stats(rep, ids, exact_removed),

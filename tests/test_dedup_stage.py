@@ -137,3 +137,45 @@ def test_a_copy_saved_with_a_utf8_bom_is_an_exact_duplicate():
     text = (STDLIB / "json" / "scanner.py").read_text()
     assert content_key("\ufeff" + text) == content_key(text) == content_key("\ufeff" + text.replace("\n", "\r\n"))
     assert content_key("x = '\ufeff'\n") != content_key("x = ''\n")   # one inside the text is content
+
+
+# Two programs that differ only in trailing whitespace inside a triple-quoted string: the
+# strings' values differ (a test's expected output), so they are different programs.
+EXPECTED_A = 'def banner():\n    return """name   \nvalue  \n"""  \n\nprint(banner())\n'
+EXPECTED_B = 'def banner():\n    return """name\nvalue\n"""\n\nprint(banner())\n'
+
+
+def test_trailing_whitespace_inside_a_string_literal_is_content():
+    # The exact key dropped each line's trailing whitespace, inside strings too: the two
+    # programs above had one key and exact dedup removed one of them.
+    from stages.exact_dedup import content_key, content_key_as
+
+    assert content_key(EXPECTED_A) != content_key(EXPECTED_B)
+    # Outside strings it is still layout: after the closing quote, after code, blank lines.
+    assert content_key(EXPECTED_A) == content_key(EXPECTED_A.replace('"""  \n', '"""\n')
+                                                  .replace("print(banner())", "print(banner())   ") + "\n \n")
+    assert content_key_as(EXPECTED_A) == (content_key(EXPECTED_A), "python")
+    # f-strings and single-quoted triple strings are strings too
+    assert content_key("x = f'''a  \n{y}'''\n") != content_key("x = f'''a\n{y}'''\n")
+    assert content_key("x = '''a  \nb'''\n") != content_key("x = '''a\nb'''\n")
+    # A file that does not tokenize (an unterminated string) takes the plain rule, said so.
+    broken = 'x = """never closed   \n'
+    assert content_key_as(broken) == (content_key('x = """never closed\n'), "untokenizable")
+    # Another language: no tokenizer, the plain rule.
+    assert content_key_as("s = `a  \nb`\n", "javascript") == (content_key("s = `a\nb`\n", "javascript"), "plain")
+
+
+def test_dedup_reports_how_documents_were_normalised(tmp_path):
+    from stages.adhoc import dedup_adhoc
+
+    rows = [{"id": "a", "text": EXPECTED_A}, {"id": "b", "text": EXPECTED_B},
+            {"id": "bad1", "text": 'x = """never closed   \n'}, {"id": "bad2", "text": 'x = """never closed\n'}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = dedup_adhoc(str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), workers=1)
+    removed = {r["id"]: r for r in report["removed"]}
+    # Token-identical, so still a near duplicate (Jaccard 1.0: near dedup's own call), but no
+    # longer an exact one: the report said "exact" for two programs of different output.
+    assert removed["b"] == {"id": "b", "representative": "a", "step": "near", "jaccard": 1.0}
+    assert removed["bad2"]["step"] == "exact"   # the fallback's plain rule
+    # bad2 has no trailing whitespace: never tokenized, both rules give its key.
+    assert report["stats"]["normalised"] == {"python": 3, "untokenizable": 1, "plain": 0}
