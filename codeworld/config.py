@@ -256,6 +256,10 @@ class CorpusConfig(Section):
     extensions: list[str] = Field(default_factory=lambda: [".py"])
     # Glob patterns (on the path relative to the source) that are never ingested.
     exclude: list[str] = Field(default_factory=list)
+    # License labels a file may be ingested under (empty: any). A choice ("Apache-2.0 OR MIT")
+    # is admitted by one listed option, a combination ("GPL AND MIT") only by all; "none" admits
+    # files under no license file. Checked against the labels the corpus stage gives.
+    licenses: list[str] = Field(default_factory=list)
     min_bytes: int = Field(default=0, ge=0)
     max_bytes: int = Field(default=1_000_000, gt=0)
     # Candidate files per shard: fixed before filtering so each shard is an independent unit

@@ -27,8 +27,9 @@ from codeworld.parallel import pool_map
 from codeworld.shards import DatasetWriter, ShardInfo, fingerprint
 from codeworld.storage import UNREADABLE, Storage, StorageError
 from codeworld.tracking import StageRun
-from stages.corpus_sources import (Candidate, FileHashes, GitReader, SourceError, identity,
-                                   list_candidates, read_bytes, source_name)
+from stages.corpus_sources import (NO_LICENSE, Candidate, FileHashes, GitReader, SourceError, identity,
+                                   license_admitted, license_filter, list_candidates, read_bytes,
+                                   source_name)
 
 CODE = Code(("stages.corpus",))
 
@@ -46,6 +47,7 @@ class Group:
     max_bytes: int
     endpoint: str | None
     languages: frozenset[str]
+    licenses: frozenset[str] = frozenset()   # the labels admitted (empty: any); license_admitted
 
 
 def _skip(counts: Counter, examples: list, reason: str, c: Candidate, detail: str = "") -> None:
@@ -96,6 +98,9 @@ def ingest_group(g: Group) -> tuple[ShardInfo, dict]:
             if _language(c) not in g.languages:  # records (JSONL, shards) carry their own
                 _skip(counts, examples, "language", c, str(_language(c)))
                 continue
+            if g.licenses and not license_admitted(c.license, g.licenses):
+                _skip(counts, examples, "license", c, c.license or NO_LICENSE)
+                continue
             if c.size > g.max_bytes:  # known from the listing: never read a huge file
                 _skip(counts, examples, "too_large", c, f"{c.size} bytes")
                 continue
@@ -137,6 +142,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
     storage = Storage(params.storage.root, params.storage.s3_endpoint_url)
     with StageRun("corpus", params.model_dump(include={"storage", "corpus"}),
                   params.tracking.experiment, metrics_path, track) as run_:
+        licenses = license_filter(cfg.licenses)   # before listing: a misspelt label fails fast
         with run_.timed("listing"):
             hashes = _file_hashes(storage, output)
             candidates, bad, skipped = list_candidates(cfg, params.storage.s3_endpoint_url, hashes)
@@ -158,7 +164,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
         n = cfg.shard_files
         languages = frozenset(LANGUAGES[e] for e in cfg.extensions)
         groups = [Group(writer, i // n, candidates[i:i + n], cfg.min_bytes, cfg.max_bytes,
-                        params.storage.s3_endpoint_url, languages)
+                        params.storage.s3_endpoint_url, languages, licenses)
                   for i in range(0, len(candidates), n)]
         with run_.timed("ingest"):
             results = _build(groups, cfg.workers, params.executor, storage,

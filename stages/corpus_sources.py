@@ -32,10 +32,12 @@ from codeworld.storage import (UNREADABLE, Storage, StorageError, filesystem, is
 
 log = logging.getLogger(__name__)
 
-# A folder's license file: the first of these it holds, else the first other name that
-# is_license_file takes (LICENSE.rst, LICENSE-MIT, COPYING.LESSER, license.txt), in name order.
-LICENSE_NAMES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "COPYING", "COPYING.txt")
+# A folder's license files: every name is_license_file takes (LICENSE, COPYING.LESSER,
+# LICENSE-MIT, license.txt...), their labels combined (combine_licenses).
 _LICENSE_FILE = re.compile(r"(?:licen[cs]es?|copying)(?:[-_.][\w.+-]*)?", re.I)
+# A license file of code the folder bundles (numpy's LICENSES_bundled.txt, THIRD-PARTY-LICENSES):
+# not the folder's own license while it has another license file.
+_BUNDLED = re.compile(r"bundled|third[-_. ]?party|vendor", re.I)
 _TEXT_SUFFIXES = (".txt", ".md", ".rst")
 # The labels a record's license takes: one of LICENSE_RULES' below, or a choice of them
 # ("Apache-2.0 OR MIT", see _CHOICE); "unknown" for a license file none of them recognises; "unreadable" for one that could not be read (counted as a
@@ -249,6 +251,71 @@ def _choice(text: str) -> tuple[int, str] | None:
     return None
 
 
+def combine_licenses(files: list[tuple[str, str]]) -> str:
+    """The license of a folder holding several license files, from their (name, label)s:
+    - a bundled code's file (_BUNDLED) counts only when the folder has no other;
+    - one file's choice ("Apache-2.0 OR MIT") whose options the other files are (PyPA's LICENSE
+      beside LICENSE.APACHE and LICENSE.BSD) is that choice: the others are its options' texts;
+    - COPYING (GPL) beside COPYING.LESSER (LGPL) is the LGPL, which is the GPL's text plus
+      permissions and ships it (the GNU convention for LGPL-3.0 projects);
+    - files that are each named for their license (LICENSE-MIT, LICENSE.APACHE2) and each
+      recognised, without a file of the plain name, are a choice (the Rust and Python
+      convention of dual licensing: orjson declares its LICENSE-APACHE and LICENSE-MIT
+      `Apache-2.0 OR MIT`);
+    - otherwise every label applies ("BSD AND GPL", a choice in parentheses): a file none of the
+      rules recognises stays as "unknown", so no part of the terms is lost.
+    One label: that label. Order-independent: the same files give the same label."""
+    own = [(n, label) for n, label in files if not _BUNDLED.search(n)] or files
+    labels = sorted({label for _, label in own})
+    if len(labels) == 1:
+        return labels[0]
+    if UNREADABLE_LICENSE in labels:   # terms that could not be read: no combination is known
+        return UNREADABLE_LICENSE
+    for label in labels:
+        options = label.split(" OR ")
+        if len(options) > 1 and all(other in options for other in labels if other != label):
+            return label
+    if labels == ["GPL", "LGPL"]:
+        return "LGPL"
+    if all(_names_a_license(n) for n, _ in own) and UNKNOWN_LICENSE not in labels \
+            and not any(" OR " in label for label in labels):
+        return " OR ".join(labels)
+    return " AND ".join(f"({lb})" if " OR " in lb else lb for lb in labels)
+
+
+NO_LICENSE = "none"   # a license filter's name for a file under no license file (label None)
+
+
+def license_filter(allowed: list[str]) -> frozenset[str]:
+    """The labels of params corpus.licenses, checked: each must be one the stage gives (a
+    misspelt "GPL-3.0" would silently admit nothing)."""
+    known = {label for label, _, _ in LICENSE_RULES} | {UNKNOWN_LICENSE, UNREADABLE_LICENSE, NO_LICENSE}
+    for label in allowed:
+        if label not in known:
+            raise SourceError(f"corpus.licenses: {label!r} is no license label (known: {sorted(known)}; "
+                              "a choice or combination is admitted through its parts)")
+    return frozenset(allowed)
+
+
+def license_admitted(label: str | None, allowed: frozenset[str]) -> bool:
+    """Whether a file of license `label` (combine_licenses' expression) is usable under the
+    `allowed` labels alone: every part of a combination ("A AND (B OR C)"), each through at
+    least one of its options."""
+    if label is None:
+        return NO_LICENSE in allowed
+    return all(any(option.strip("()") in allowed for option in part.split(" OR "))
+               for part in label.split(" AND "))
+
+
+def _names_a_license(name: str) -> bool:
+    """Whether a license file's name says which license it holds (LICENSE-MIT, LICENSE.APACHE2,
+    LICENSE-BSD.txt), not only that it is one (LICENSE, COPYING.md)."""
+    path = PurePosixPath(name)
+    base = path.stem if path.suffix.lower() in _TEXT_SUFFIXES else name
+    base = base.lower()   # COPYING.LESSER names a variant of the COPYING beside it: no choice
+    return base.startswith("licen") and base not in ("license", "licence", "licenses", "licences")
+
+
 def is_license_file(name: str) -> bool:
     """Whether a file name is a license file's: LICENSE, LICENCE or COPYING in any case, bare
     or with a suffix naming its format or license (LICENSE.rst, LICENSE-MIT, COPYING.LESSER).
@@ -372,8 +439,9 @@ class _GitTree:
 
 
 class _Licenses:
-    """The license of each file of one source: the nearest license file (LICENSE_NAMES, then is_license_file)
-    from the file's folder up to the source root. An installed package's license lives in its
+    """The license of each file of one source: that of the nearest folder holding license files
+    (is_license_file; several are combined: combine_licenses), from the file's folder up to the
+    source root. An installed package's license lives in its
     .dist-info, found through the import names the distribution installs (yaml is PyYAML's,
     six.py six's); a site-packages folder is a boundary (the interpreter's own license does
     not cover third-party packages). Folder and git sources share it, so one tree gives the
@@ -394,9 +462,9 @@ class _Licenses:
 
     def _folder(self, d: PurePath) -> str | None:
         if d not in self.folders:
-            found = self._license_file(d)
-            if found is not None:
-                self.folders[d] = self._classify(found)
+            found = [d / n for n in self.tree.names(d) if is_license_file(n)]
+            if found:
+                self.folders[d] = self._license(found)
             elif d.parent.name == "site-packages":
                 self.folders[d] = self._installed(d.parent, d.name)
             elif d == self.root or d.name == "site-packages":
@@ -405,11 +473,11 @@ class _Licenses:
                 self.folders[d] = self._folder(d.parent)
         return self.folders[d]
 
-    def _license_file(self, d: PurePath) -> PurePath | None:
-        found = next((d / n for n in LICENSE_NAMES if self.tree.is_file(d / n)), None)
-        if found is None:
-            found = next((d / n for n in self.tree.names(d) if is_license_file(n)), None)
-        return found
+    def _license(self, files: list[PurePath]) -> str | None:
+        """The combined label (combine_licenses) of a folder's license files; None for none."""
+        if not files:
+            return None
+        return combine_licenses([(f.name, self._classify(f)) for f in files])
 
     def _classify(self, p: PurePath) -> str:
         if p not in self.labels:
@@ -427,7 +495,10 @@ class _Licenses:
         if info is None:
             return None
         files = [p for p in self.tree.files(info) if is_license_file(p.name)]
-        return self._classify(files[0]) if files else None
+        # The shallowest are the distribution's own (PEP 639's licenses/LICENSE); deeper ones
+        # are those of code it bundles, at its path (numpy's licenses/numpy/ma/LICENSE).
+        top = min((len(p.parts) for p in files), default=0)
+        return self._license([p for p in files if len(p.parts) == top])
 
     def _site(self, site: PurePath) -> dict[str, PurePath]:
         """Import name -> its distribution's .dist-info: the names its top_level.txt and RECORD

@@ -469,7 +469,7 @@ def test_a_git_commit_and_its_checkout_give_the_same_licenses(tmp_path):
     from stages.corpus_sources import list_candidates
 
     repo = tmp_path / "repo"
-    for rel, text in {"COPYING": GPL, "LICENSE": MIT, "a.py": "a = 1\n",   # LICENSE before COPYING
+    for rel, text in {"COPYING": GPL, "LICENSE": MIT, "a.py": "a = 1\n",   # both apply
                       "sub/COPYING": GPL, "sub/LICENSE.txt": APACHE, "sub/deep/b.py": "b = 2\n",
                       "other/c.py": "c = 3\n"}.items():
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -480,7 +480,8 @@ def test_a_git_commit_and_its_checkout_give_the_same_licenses(tmp_path):
         {"kind": "git", "path": str(repo), "commit": commit, "name": "g"}]})
     listed, _, _ = list_candidates(cfg)
     by_source = {s: {c.path: c.license for c in listed if c.source == s} for s in ("d", "g")}
-    assert by_source["d"] == {"a.py": "MIT", "sub/deep/b.py": "Apache-2.0", "other/c.py": "MIT"}
+    assert by_source["d"] == {"a.py": "GPL AND MIT", "sub/deep/b.py": "Apache-2.0 AND GPL",
+                              "other/c.py": "GPL AND MIT"}
     assert by_source["g"] == by_source["d"]   # was GPL for all: the first top-level one listed
 
 
@@ -617,3 +618,85 @@ def test_a_records_language_is_matched_whatever_its_case(tmp_path):
     assert m["stats"]["counts"]["skipped_language"] == 1
     assert [(r["id"], r["language"]) for r in Dataset.open(str(tmp_path / "data" / "corpus"))] == [
         ("j/r0", "python"), ("j/r1", "python"), ("j/r2", "python")]
+
+
+BSD = "BSD 3-Clause License\n\nRedistribution and use in source and binary forms, with or without\n"
+LGPL = GPL.replace("GNU GENERAL", "GNU LESSER GENERAL")
+CHOICE = ("This software is made available under the terms of *either* of the licenses\nfound in "
+          "LICENSE.APACHE or LICENSE.BSD. Contributions are made under the terms of\n*both* these licenses.\n")
+
+
+def test_a_folder_with_several_license_files_takes_all_of_them(tmp_path):
+    # The first file by name was the folder's license: LICENSE-APACHE beside LICENSE-MIT (a dual
+    # license) was "Apache-2.0", COPYING beside COPYING.LESSER (an LGPL-3.0 project) "GPL",
+    # and MIT code that also ships the GPL "MIT" (the GPL's terms lost).
+    from codeworld.config import CorpusConfig
+    from stages.corpus_sources import list_candidates
+
+    repo = tmp_path / "repo"
+    files = {"rusty/LICENSE-APACHE": APACHE, "rusty/LICENSE-MIT": MIT, "rusty/r.py": "r = 1\n",
+             "lesser/COPYING": GPL, "lesser/COPYING.LESSER": LGPL, "lesser/l.py": "l = 1\n",
+             "both/LICENSE": MIT, "both/COPYING": GPL, "both/b.py": "b = 1\n",
+             "pypa/LICENSE": CHOICE, "pypa/LICENSE.APACHE": APACHE, "pypa/LICENSE.BSD": BSD,
+             "pypa/p.py": "p = 1\n",
+             "bundles/LICENSE.txt": BSD, "bundles/LICENSES_bundled.txt": GPL, "bundles/n.py": "n = 1\n",
+             "same/LICENSE": MIT, "same/LICENSE.md": MIT, "same/s.py": "s = 1\n",
+             "odd/LICENSE": MIT, "odd/LICENSE-EXTRA": "Some terms of our own.\n", "odd/o.py": "o = 1\n"}
+    for rel, text in files.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(text)
+    commit = _commit(repo)
+    cfg = CorpusConfig.model_validate({"sources": [
+        {"kind": "dir", "path": str(repo), "name": "d"},
+        {"kind": "git", "path": str(repo), "commit": commit, "name": "g"}]})
+    listed, _, _ = list_candidates(cfg)
+    by_source = {s: {c.path: c.license for c in listed if c.source == s} for s in ("d", "g")}
+    assert by_source["d"] == {"rusty/r.py": "Apache-2.0 OR MIT", "lesser/l.py": "LGPL",
+                              "both/b.py": "GPL AND MIT", "pypa/p.py": "Apache-2.0 OR BSD",
+                              "bundles/n.py": "BSD", "same/s.py": "MIT", "odd/o.py": "MIT AND unknown"}
+    assert by_source["g"] == by_source["d"]
+
+
+def test_an_installed_package_takes_its_own_license_files_not_its_bundled_ones(tmp_path):
+    # orjson's dist-info holds license_files/LICENSE-APACHE and LICENSE-MIT (its METADATA:
+    # "Apache-2.0 OR MIT"): it was "Apache-2.0". numpy's holds licenses/LICENSE.txt and, deeper,
+    # the licenses of code it bundles at their paths: those are not numpy's own.
+    tree = {"site-packages/orjson/__init__.py": "o = 1\n",
+            "site-packages/orjson-3.8.3.dist-info/license_files/LICENSE-APACHE": APACHE,
+            "site-packages/orjson-3.8.3.dist-info/license_files/LICENSE-MIT": MIT,
+            "site-packages/numpy/__init__.py": "n = 1\n",
+            "site-packages/numpy-2.4.6.dist-info/licenses/LICENSE.txt": BSD,
+            "site-packages/numpy-2.4.6.dist-info/licenses/numpy/ma/LICENSE": GPL}
+    for rel, text in tree.items():
+        (tmp_path / "lib" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "lib" / rel).write_text(text)
+    run_corpus(tmp_path, [{"kind": "dir", "path": str(tmp_path / "lib"), "name": "s"}])
+    assert {r["path"]: r["license"] for r in Dataset.open(str(tmp_path / "data" / "corpus"))} == {
+        "site-packages/orjson/__init__.py": "Apache-2.0 OR MIT", "site-packages/numpy/__init__.py": "BSD"}
+
+
+def test_a_license_filter_admits_a_choice_by_one_option_and_a_combination_by_all(tmp_path):
+    # A permissive-only corpus: "Apache-2.0 OR MIT" is usable under MIT alone; "GPL AND MIT"
+    # (MIT code shipping the GPL) is not, nor a file under no license file at all.
+    repo = tmp_path / "repo"
+    files = {"rusty/LICENSE-APACHE": APACHE, "rusty/LICENSE-MIT": MIT, "rusty/r.py": "r = 1\n",
+             "both/LICENSE": MIT, "both/COPYING": GPL, "both/b.py": "b = 1\n",
+             "gpl/COPYING": GPL, "gpl/g.py": "g = 1\n", "mit/LICENSE": MIT, "mit/m.py": "m = 1\n",
+             "bare.py": "x = 1\n"}
+    for rel, text in files.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(text)
+    m = run_corpus(tmp_path, [{"kind": "dir", "path": str(repo), "name": "d"}],
+                   corpus={"licenses": ["MIT", "BSD", "PSF-2.0"]})
+    kept = {r["path"]: r["license"] for r in Dataset.open(str(tmp_path / "data" / "corpus"))}
+    assert kept == {"rusty/r.py": "Apache-2.0 OR MIT", "mit/m.py": "MIT"}
+    assert m["stats"]["counts"]["skipped_license"] == 3
+    assert {(e["path"], e["detail"]) for e in m["stats"]["examples"] if e["reason"] == "license"} == {
+        ("both/b.py", "GPL AND MIT"), ("gpl/g.py", "GPL"), ("bare.py", "none")}
+
+
+def test_a_license_filter_naming_no_label_is_refused(tmp_path):
+    (tmp_path / "a.py").write_text("a = 1\n")
+    with pytest.raises(ValueError, match=r"corpus\.licenses: 'GPL-3.0' is no license label"):
+        run_corpus(tmp_path, [{"kind": "dir", "path": str(tmp_path), "name": "d"}],
+                   corpus={"licenses": ["MIT", "GPL-3.0"]})
