@@ -24,7 +24,8 @@ they would not belong to.
   max_document_tokens, window and max_tokens), loss-masked tokens only, in windows of
   `ppl_seq_length` tokens for every phase alike; a source without a held-out document has
   none, and its count (`ppl_documents_<name>` 0) says so;
-- rl: its reward curve and success rate, read from the phase's steps log / metrics/rl.json.
+- rl: its reward curve and success rate up to the evaluated iteration, from the phase's steps
+  log (rl_curve).
 
 Programs are drawn once (a seeded hash order among the held-out traces whose prompt + trace fit
 `max_program_tokens` and whose trace fits the generation cap `max_new_tokens`), so every phase
@@ -62,6 +63,7 @@ from codeworld.tracking import StageRun
 from stages import tokenizer as tokenizer_stage
 from stages.documents import DocumentError, NotATask, object_records, render
 from stages.pack import source_documents
+from stages.rl_figures import summary as rl_summary
 from stages.tracer.reprs import cut_short
 from stages.train_phase import RUN, phase_dir, read_steps
 
@@ -287,22 +289,23 @@ def evaluate_phase(params: Params, phase: str, iteration_dir: Path, vocab_size: 
     return summary, rows
 
 
-def rl_curve(ckdir: Path, metrics_file: Path) -> tuple[list[dict], dict]:
-    """The RL phase's reward curve (its steps log: every numeric reward_* / success_rate per
-    step) and its final figures (metrics/rl.json when there, else the last step)."""
+def rl_curve(ckdir: Path, iteration: int) -> tuple[list[dict], dict]:
+    """The RL phase's reward curve up to the evaluated checkpoint's `iteration` (its steps
+    log: every numeric reward_* / success_rate per step) and its figures over those steps, as
+    the rl stage sums up its run (stages/rl_figures.summary: reward_first/last/mean, success_rate...).
+    Both from the phase's own log, cut at the iteration: steps a run logged after its last
+    save are no part of these weights, and metrics/rl.json (outside the storage root, written
+    when a run ends) may be of another run or length; its figures were taken when present,
+    else the last logged step's under the same names."""
+    rows = [r for r in read_steps(ckdir) if r["step"] <= iteration]
     curve = []
-    for row in read_steps(ckdir):
+    for row in rows:
         point = {k: v for k, v in row.items() if isinstance(v, (int, float)) and
                  (k == "step" or k.startswith("reward") or k == "success_rate")}
-        if "step" in point and len(point) > 1:
+        if len(point) > 1:
             curve.append(point)
-    final: dict = {}
-    try:
-        final = {k: v for k, v in json.loads(metrics_file.read_text()).items()
-                 if isinstance(v, (int, float)) and ("reward" in k or "success" in k)}
-    except (OSError, ValueError):
-        if curve:
-            final = {k: v for k, v in curve[-1].items() if k != "step"}
+    final = {k: v for k, v in rl_summary(rows).items()
+             if isinstance(v, (int, float)) and ("reward" in k or "success" in k)} if curve else {}
     return curve, final
 
 
@@ -448,7 +451,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
             # phase retrained to the same iteration has the same path, not the same weights)
             summary["run_fingerprint"] = run_fp
             if name == "rl":
-                curve, final = rl_curve(ckdir, Path(metrics_path or METRICS_PATH).parent / "rl.json")
+                curve, final = rl_curve(ckdir, summary["iteration"])
                 summary.update({f"rl_{k}": v for k, v in final.items()})
                 summary["rl_curve"] = curve
             summary["loss_curve"] = [{"step": r["step"], "loss": r["loss"]}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 from pathlib import Path
 
 from codeworld.code import Code
@@ -23,6 +22,7 @@ from codeworld.shards import fingerprint
 from codeworld.storage import Storage, filesystem, write_atomic
 from model import checkpoint
 from stages import train_phase
+from stages.rl_figures import summary
 from stages.tokenizer import recorded_sha256
 from stages.train_phase import (PARAMS, _set_tags, open_phase, phase_dir, phase_run,
                                 read_steps, resolved_precision, resume_point, train, write_plot)
@@ -81,35 +81,6 @@ def rl_fingerprint(params: Params, parent: dict, tokenizer_sha256: str | None = 
                        [params.pack.heldout_percent, params.pack.seed],
                        [parent["fingerprint"], parent["iteration"]],
                        precision if precision is not None else resolved_precision(params.rl))
-
-
-def summary(rows: list[dict]) -> dict:
-    """metrics/rl.json: the reward curve's ends (first and last quarter of the steps), the mean
-    success rate, the agent episodes' success, how many steps updated the policy."""
-    out: dict = {"steps": rows[-1]["step"] if rows else 0}
-    rewards = [r["reward_mean"] for r in rows if "reward_mean" in r]
-    if rewards:
-        q = max(1, len(rewards) // 4)
-        out.update(reward_first=round(statistics.fmean(rewards[:q]), 4),
-                   reward_last=round(statistics.fmean(rewards[-q:]), 4),
-                   reward_mean=round(statistics.fmean(rewards), 4),
-                   success_rate=round(statistics.fmean(r["success_rate"] for r in rows
-                                                       if "success_rate" in r), 4))
-    for kind in ("output", "next_frame"):
-        vals = [r[f"reward_{kind}"] for r in rows if f"reward_{kind}" in r]
-        if vals:
-            out[f"reward_{kind}_mean"] = round(statistics.fmean(vals), 4)
-    eps = [(r["agent_episodes"], r.get("agent_reward_mean", 0.0)) for r in rows
-           if r.get("agent_episodes")]
-    out["agent_episodes"] = sum(n for n, _ in eps)
-    out["agent_broken_episodes"] = sum(r.get("agent_broken", 0) for r in rows)
-    if eps:
-        out["agent_success_rate"] = round(sum(n * m for n, m in eps) / out["agent_episodes"], 4)
-    out["updates"] = sum(r.get("updated", 0) for r in rows)
-    secs = [r["step_seconds"] for r in rows if "step_seconds" in r]
-    if secs:
-        out["step_seconds_median"] = sorted(secs)[len(secs) // 2]
-    return out
 
 
 def torchrun_command(params: Params, out: Path, parent: dict) -> list[str]:

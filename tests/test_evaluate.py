@@ -873,3 +873,22 @@ def test_a_prediction_nested_too_deep_is_a_defect_not_a_crash():
                  f'<|return_sep|><|action_sep|>    return x\n<|arg_sep|>{deep}<|frame_sep|>'):
         parsed = parse(text + "<|end_of_text|>")
         assert not parsed.valid and parsed.errors
+
+
+def test_the_rl_figures_are_of_the_evaluated_iteration_from_the_phase_log(tmp_path):
+    # An RL run killed after step 10 with its last save at 6: evaluation of iter 6 took its
+    # curve to step 10 and its figures from metrics/rl.json when that file was beside the
+    # metrics (the mean of another run's or all 10 steps: 0.55), else from step 10 alone under
+    # the same names (reward_mean 1.0): never the figures of the weights it evaluated.
+    from stages.evaluate import rl_curve
+
+    rows = [{"step": s, "loss": 1.0, "reward_mean": s / 10, "success_rate": 0.1 * (s % 3),
+             "reward_output": s / 20} for s in range(1, 11)]
+    (tmp_path / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curve, final = rl_curve(tmp_path, 6)
+    assert [p["step"] for p in curve] == [1, 2, 3, 4, 5, 6]
+    assert curve[-1] == {"step": 6, "reward_mean": 0.6, "success_rate": 0.0, "reward_output": 0.3}
+    # the rl stage's own sums (stages/rl_figures.summary) over steps 1..6
+    assert final == {"reward_first": 0.1, "reward_last": 0.6, "reward_mean": 0.35,
+                     "success_rate": 0.1, "reward_output_mean": 0.175}
+    assert rl_curve(tmp_path / "none", 6) == ([], {})   # no log: no figures
