@@ -103,8 +103,8 @@ def heldout_programs(params: Params, storage: Storage, tok, counts: dict) -> lis
         if not isinstance(record.get("prompt"), str) or record.get("status") not in ("ok", "exception"):
             counts["skipped_no_task"] += 1   # a repository trace (no context) or no full trace
             continue
-        if not isinstance(record.get("trace"), str):
-            counts["skipped_broken"] += 1
+        if not isinstance(record.get("trace"), str) or record.get("id") in (None, ""):
+            counts["skipped_broken"] += 1   # no id: its predictions could name no program
             continue
         answer = prompts.trace_answer(record)
         real = parse(answer)

@@ -892,3 +892,22 @@ def test_the_rl_figures_are_of_the_evaluated_iteration_from_the_phase_log(tmp_pa
     assert final == {"reward_first": 0.1, "reward_last": 0.6, "reward_mean": 0.35,
                      "success_rate": 0.1, "reward_output_mean": 0.175}
     assert rl_curve(tmp_path / "none", 6) == ([], {})   # no log: no figures
+
+
+def test_a_held_out_trace_without_an_id_is_counted_not_fatal(tmp_path):
+    # str(record["id"]): one trace record without an id stopped the evaluate (and export) stage
+    # with a bare KeyError: 'id', after its phases' checkpoints were checked.
+    from codeworld.split import corpus_id, heldout
+    from stages.evaluate import heldout_programs
+    from stages.tokenizer import load
+
+    records = _sized_records(12)
+    held = [r for r in records if heldout(corpus_id(r), 50.0)]
+    del held[0]["id"]   # still held out: its provenance's corpus_id decides
+    params, _ = _stage_root(tmp_path, records, max_programs=100, max_program_tokens=10_000,
+                            max_new_tokens=10_000, output_max_new_tokens=10_000)
+    counts = {"heldout_traces": 0, "skipped_no_task": 0, "skipped_broken": 0,
+              "skipped_too_long": 0}
+    programs = heldout_programs(params, Storage(str(tmp_path)), load(Storage(str(tmp_path))), counts)
+    assert {p["id"] for p in programs} == {r["id"] for r in held[1:]}
+    assert counts["skipped_broken"] == 1 and counts["heldout_traces"] == len(held)
