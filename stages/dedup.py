@@ -33,6 +33,7 @@ from codeworld.storage import Storage
 from codeworld.tracking import StageRun
 from stages.near_dedup import (NearDedupConfig, candidate_pairs, choose_bands, cluster,
                                shingle_set, signatures, verify_pairs)
+from stages import exact_dedup
 from stages.exact_dedup import RULES, content_key_as
 
 CODE = Code(("stages.dedup",))
@@ -43,8 +44,10 @@ log = logging.getLogger(__name__)
 
 
 def output_fingerprint(cfg: DedupConfig, source: Dataset) -> str:
-    """What a dedup output is a function of: its params (not the worker count) and its input."""
-    return fingerprint(CODE, "dedup", 1, cfg.model_dump(exclude={"workers"}), source.manifest["fingerprint"])
+    """What a dedup output is a function of: its params (not the worker count), its input, and
+    the Python whose tokenizer normalises its exact keys (exact_dedup.TOKENIZER)."""
+    return fingerprint(CODE, "dedup", 1, cfg.model_dump(exclude={"workers"}), source.manifest["fingerprint"],
+                       exact_dedup.TOKENIZER)
 
 
 def near_config(cfg: DedupConfig) -> NearDedupConfig:

@@ -17,12 +17,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sys
 import tokenize
 
 # How a file was normalised, as counted in the dedup report: "python", strings kept (or nothing
 # inside a string to keep); "untokenizable", a Python file the tokenizer refused, whose
 # trailing whitespace was dropped everywhere; "plain", a file of another language, likewise.
 RULES = ("python", "untokenizable", "plain")
+
+
+# Whose tokenizer says where strings are: its rules change between Python versions (3.12's is
+# the compiler's own), so a dedup output names it in its fingerprint.
+TOKENIZER = f"python{sys.version_info[0]}.{sys.version_info[1]}"
 
 
 def _lines(text: str) -> list[str]:

@@ -179,3 +179,20 @@ def test_dedup_reports_how_documents_were_normalised(tmp_path):
     assert removed["bad2"]["step"] == "exact"   # the fallback's plain rule
     # bad2 has no trailing whitespace: never tokenized, both rules give its key.
     assert report["stats"]["normalised"] == {"python": 3, "untokenizable": 1, "plain": 0}
+
+
+def test_a_dedup_output_names_the_python_whose_tokenizer_keyed_it(tmp_path, monkeypatch):
+    # Exact keys depend on where the tokenizer finds strings, whose rules change between Python
+    # versions: the same fingerprint on another interpreter could name other bytes.
+    from codeworld.config import DedupConfig
+    from codeworld.shards import DatasetWriter
+    from codeworld.storage import Storage
+    from stages import exact_dedup
+
+    writer = DatasetWriter(Storage(str(tmp_path)), "src", "fp")
+    writer.prepare()
+    writer.finish([writer.write(0, [{"id": "a", "text": "x = 1\n"}])])
+    source = Dataset.open(str(tmp_path / "src"))
+    here = dedup.output_fingerprint(DedupConfig(), source)
+    monkeypatch.setattr(exact_dedup, "TOKENIZER", "python3.99")
+    assert dedup.output_fingerprint(DedupConfig(), source) != here
