@@ -221,7 +221,16 @@ def perplexity(lm, ids: list[int], mask: list[int], window: int, batch: int = 8)
             total += float((nll * m).sum())
             count += int(m.sum())
     nll = total / count if count else float("nan")
-    return {"nll": nll, "ppl": math.exp(nll) if count else float("nan"), "tokens": count}
+    return {"nll": nll, "ppl": _exp(nll), "tokens": count}
+
+
+def _exp(nll: float) -> float:
+    """e**nll; infinite past a float's range (a diverged model's mean NLL of 1000 nats: math.exp
+    raised OverflowError there, and the stage stopped after evaluating), its nll kept finite."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return float("inf")
 
 
 @torch.no_grad()

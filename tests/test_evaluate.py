@@ -911,3 +911,22 @@ def test_a_held_out_trace_without_an_id_is_counted_not_fatal(tmp_path):
     programs = heldout_programs(params, Storage(str(tmp_path)), load(Storage(str(tmp_path))), counts)
     assert {p["id"] for p in programs} == {r["id"] for r in held[1:]}
     assert counts["skipped_broken"] == 1 and counts["heldout_traces"] == len(held)
+
+
+def test_the_perplexity_of_a_diverged_model_is_infinite_not_a_crash():
+    # A checkpoint confidently wrong by 1000 nats per token (a run that blew up): math.exp(1000)
+    # raised OverflowError and the evaluate stage stopped after all its generation.
+    import math
+
+    import torch
+
+    from stages.evaluate import perplexity
+
+    class Diverged:
+        def logits(self, toks):
+            out = torch.zeros(*toks.shape, 8)
+            out[..., 0] = 1000.0
+            return out
+
+    got = perplexity(Diverged(), [1, 2, 3, 4, 5], [1, 1, 1, 1, 1], 4)
+    assert got["tokens"] == 4 and got["nll"] == 1000.0 and math.isinf(got["ppl"])
