@@ -254,8 +254,8 @@ def _choice(text: str) -> tuple[int, str] | None:
 def combine_licenses(files: list[tuple[str, str]]) -> str:
     """The license of a folder holding several license files, from their (name, label)s:
     - a bundled code's file (_BUNDLED) counts only when the folder has no other;
-    - one file's choice ("Apache-2.0 OR MIT") whose options the other files are (PyPA's LICENSE
-      beside LICENSE.APACHE and LICENSE.BSD) is that choice: the others are its options' texts;
+    - one file's choice ("Apache-2.0 OR MIT") takes in the files of its options (PyPA's LICENSE
+      beside LICENSE.APACHE and LICENSE.BSD is "Apache-2.0 OR BSD"): they are its texts;
     - COPYING (GPL) beside COPYING.LESSER (LGPL) is the LGPL, which is the GPL's text plus
       permissions and ships it (the GNU convention for LGPL-3.0 projects);
     - files that are each named for their license (LICENSE-MIT, LICENSE.APACHE2) and each
@@ -271,10 +271,12 @@ def combine_licenses(files: list[tuple[str, str]]) -> str:
         return labels[0]
     if UNREADABLE_LICENSE in labels:   # terms that could not be read: no combination is known
         return UNREADABLE_LICENSE
-    for label in labels:
-        options = label.split(" OR ")
-        if len(options) > 1 and all(other in options for other in labels if other != label):
-            return label
+    # A choice's options' own files (LICENSE.APACHE beside the choice naming it) are its texts,
+    # not terms of their own.
+    options = {o for label in labels if " OR " in label for o in label.split(" OR ")}
+    labels = [label for label in labels if " OR " in label or label not in options]
+    if len(labels) == 1:
+        return labels[0]
     if labels == ["GPL", "LGPL"]:
         return "LGPL"
     if all(_names_a_license(n) for n, _ in own) and UNKNOWN_LICENSE not in labels \

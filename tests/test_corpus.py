@@ -700,3 +700,16 @@ def test_a_license_filter_naming_no_label_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"corpus\.licenses: 'GPL-3.0' is no license label"):
         run_corpus(tmp_path, [{"kind": "dir", "path": str(tmp_path), "name": "d"}],
                    corpus={"licenses": ["MIT", "GPL-3.0"]})
+
+
+def test_a_choice_beside_an_unrelated_license_is_a_combination_with_it():
+    # PyPA's choice file beside a GPL COPYING the choice does not name: both apply, the choice
+    # through one option, the GPL whatever the choice.
+    from stages.corpus_sources import combine_licenses, license_admitted
+
+    label = combine_licenses([("LICENSE", "Apache-2.0 OR BSD"), ("LICENSE.APACHE", "Apache-2.0"),
+                              ("COPYING", "GPL")])
+    assert label == "(Apache-2.0 OR BSD) AND GPL"
+    assert not license_admitted(label, frozenset({"BSD", "Apache-2.0"}))
+    assert license_admitted(label, frozenset({"Apache-2.0", "GPL"}))
+    assert combine_licenses([("COPYING", "GPL"), ("LICENSE", "unreadable")]) == "unreadable"
