@@ -31,6 +31,7 @@ from stages.programs import iter_programs
 from stages.programs.parallel import parallel_harvest
 from stages.trace_runner import trace_requests
 from stages.tracer.frames import pack_frame_dicts
+from stages.tracer.untraced import REPR_SIDE_EFFECT
 
 CODE = Code(("stages.traces",))
 
@@ -154,6 +155,8 @@ def trace_group(cases: list, cfg: TracesConfig, seen: set[str],
         counts[f"generator_{case.provenance.get('input_source')}"] += 1
         if status not in KEEP:
             failures[_failure(res)] += 1
+            if _failure(res) == REPR_SIDE_EFFECT:   # (tracing changed what the program does)
+                counts[REPR_SIDE_EFFECT] += 1
             continue
         if _exposes_harness(res):
             counts["exposes_harness"] += 1

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import re
 import subprocess
@@ -1115,13 +1116,22 @@ def test_large_containers_are_repr_d_only_as_far_as_kept():
         _Counted.calls = 0
         assert safe_repr(value, 200) == expected
         assert _Counted.calls <= 60, type(value)
-    code = ("class C:\n    n = 0\n    def __repr__(self):\n        C.n += 1\n        return 'C'\n\n"
+    # (the count is kept where the program never looks: a count it returned would be a run
+    # that never happens, dropped as repr_side_effect, see untraced.py)
+    code = ("import builtins\n\n"
+            "class C:\n    def __repr__(self):\n        builtins.repr_calls[0] += 1\n"
+            "        return 'C'\n\n"
             "def f():\n    d = {'a': [C() for _ in range(5000)]}\n    t = 0\n"
-            "    for k in range(100):\n        t += 1\n    return C.n\n")
-    r = trace_call(code, "f()")
+            "    for k in range(100):\n        t += 1\n    return t\n")
+    builtins.repr_calls = [0]
+    try:
+        r = trace_call(code, "f()")
+        calls = builtins.repr_calls[0]
+    finally:
+        del builtins.repr_calls
     # d's first frame reprs all 5000 (nothing says it is long yet), the ~200 after it ~80 each
     # (before: 5000 each, 1e6 in all)
-    assert r.status == "ok" and int(r.result) < 5000 + 200 * 100
+    assert (r.status, r.result) == ("ok", "100") and 5000 < calls < 5000 + 200 * 100
     assert '"d": "{\'a\': [C, C, C' in r.text
 
 
@@ -1185,3 +1195,98 @@ def test_a_repr_that_never_returns_times_out_within_a_budget_of_events():
     assert '"r": "<repr of R timed out>"' in text and '"xs": "<repr of list timed out>"' in text
     # a __repr__ calling the program's own function: that call is the tracer's, not a frame
     assert '"s": "SS"' in text and "return 'S' * n" not in text
+
+
+# __repr__s with side effects: the tracer reprs every local at every frame, the program
+# untraced never does (each: the program, its call, what it returns untraced)
+SIDE_EFFECT_REPRS = {
+    "counter": ("class Probe:\n    def __init__(self):\n        self.n = 0\n\n"
+                "    def __repr__(self):\n        self.n += 1\n        return 'Probe()'\n\n"
+                "def f(k):\n    p = Probe()\n    total = 0\n    for i in range(k):\n"
+                "        total += i\n    return p.n\n", "f(3)", "0"),
+    "iterator": ("class Peek:\n    def __init__(self, items):\n        self.it = iter(items)\n\n"
+                 "    def __repr__(self):\n        return f'Peek({next(self.it, None)!r})'\n\n"
+                 "def f(xs):\n    p = Peek(xs)\n    first = next(p.it, None)\n    return first\n",
+                 "f([1, 2, 3, 4])", "1"),
+    "printed": ("class Log:\n    seen = []\n\n    def __repr__(self):\n"
+                "        Log.seen.append(1)\n        return 'Log'\n\n"
+                "def f(k):\n    log = Log()\n    for i in range(k):\n        pass\n"
+                "    print(len(Log.seen))\n    return None\n", "f(2)", "None"),
+    "raised": ("class Once:\n    used = False\n\n    def __repr__(self):\n"
+               "        Once.used = True\n        return 'Once'\n\n"
+               "def f():\n    o = Once()\n    if Once.used:\n        raise ValueError('seen')\n"
+               "    return 1\n", "f()", "1"),
+}
+
+
+def _traced_in_a_fresh_interpreter(cases: list[tuple[str, str]]) -> tuple[list, str]:
+    """[status, result, error] of trace_call(code, call) for each case, traced twice each, in an
+    interpreter whose stdout is fd 1 itself (as in the sandbox; pytest's capture replaces it);
+    and what the programs wrote there."""
+    script = ("import json, sys\n"
+              f"sys.path[:0] = [{str(Path(__file__).resolve().parents[1])!r}]\n"
+              "from stages.tracer import trace_call\n"
+              f"cases = {cases!r}\n"
+              "rs = [[[r.status, r.result, r.error] for r in (trace_call(c, k), trace_call(c, k))]"
+              " for c, k in cases]\n"
+              "print(json.dumps(rs))\n")
+    out = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    *written, last = out.stdout.splitlines()
+    return json.loads(last), "\n".join(written)
+
+
+def test_a_repr_with_side_effects_that_change_the_outcome_drops_the_trace():
+    names = sorted(SIDE_EFFECT_REPRS)
+    for name in names:   # what each program does untraced
+        code, call, untraced = SIDE_EFFECT_REPRS[name]
+        namespace: dict = {"__name__": "__main__"}
+        exec(code, namespace)
+        assert repr(eval(call, namespace)) == untraced, name
+    runs, written = _traced_in_a_fresh_interpreter([SIDE_EFFECT_REPRS[n][:2] for n in names])
+    for name, (first, again) in zip(names, runs):
+        # they used to be "ok" with the traced run's outcome (results 9 for 0, 2 for 1,
+        # ValueError for 1; the count printed 6 for 0): a run that never happens
+        status, result, error = first
+        assert (status, result) == ("invalid", None), (name, first)
+        assert error.startswith("repr_side_effect: ") and "untraced" in error, (name, error)
+        assert again == first   # the same verdict on every run
+    assert "repr_side_effect: the tracer's reprs changed what the program writes" in \
+        runs[names.index("printed")][0][2]
+    assert written.split() == ["6", "6"]   # the traced runs' own output still gets through
+
+
+def test_reprs_that_change_nothing_the_program_sees_keep_the_trace():
+    # pure or caching __repr__s, a program that prints, one that raises: the untraced run ends
+    # the same way, and the program's output reaches stdout once a run
+    code = ("class P:\n    def __init__(self, x):\n        self.x = x\n        self._text = None\n\n"
+            "    def __repr__(self):\n        if self._text is None:\n"
+            "            self._text = f'P({self.x})'\n        return self._text\n\n"
+            "def f(k):\n    ps = [P(i) for i in range(k)]\n    print('made', len(ps))\n"
+            "    return ps\n\n"
+            "def g():\n    p = P(1)\n    raise KeyError(p)\n")
+    runs, written = _traced_in_a_fresh_interpreter([(code, "f(3)"), (code, "g()")])
+    assert runs == [[["ok", "[P(0), P(1), P(2)]", None]] * 2,
+                    [["exception", None, "KeyError: P(1)"]] * 2]
+    assert written.splitlines() == ["made 3", "made 3"]
+
+
+def test_the_untraced_run_forks_only_once_a_repr_runs_python_code(monkeypatch):
+    from stages.tracer import untraced
+    forks = []
+
+    def no_fork():
+        forks.append(1)
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(untraced.os, "fork", no_fork)
+    # objects of the program's class with object's own repr: no Python code runs, no fork
+    plain = "class P:\n    pass\n\ndef f(k):\n    ps = [P() for _ in range(k)]\n    return len(ps)\n"
+    assert (trace_call(plain, "f(2)").status, forks) == ("ok", [])
+    # a __repr__ of its own: the trace cannot be checked without the fork, so it is not kept
+    code, call, _ = SIDE_EFFECT_REPRS["counter"]
+    r = trace_call(code, call)
+    assert (r.status, forks) == ("invalid", [1])
+    assert r.error == ("untraceable: no untraced run to compare with (fork failed: [Errno 11] "
+                       "Resource temporarily unavailable)")

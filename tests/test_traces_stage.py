@@ -175,6 +175,26 @@ def test_a_value_showing_the_harness_is_dropped():
     assert meta["counts"]["exposes_harness"] == 1 and meta["counts"]["status_ok"] == 2
 
 
+def test_a_trace_whose_reprs_change_the_program_is_dropped_and_counted():
+    """A __repr__ with a side effect: the tracer reprs the local at every frame, the program
+    untraced never does. The traced run returned 9 where the program returns 0; the trace was
+    kept (its second run agrees). Now its untraced reference run tells (tracer/untraced.py)."""
+    from types import SimpleNamespace
+
+    from tests.test_tracer import SIDE_EFFECT_REPRS
+
+    cfg = load_params("params.yaml").traces
+    prov = {"corpus_id": "lib/m.py", "input_source": "annotation"}
+    code, call, _ = SIDE_EFFECT_REPRS["counter"]
+    pure = code.replace("        self.n += 1\n", "")
+    cases = [SimpleNamespace(id="changed", code=code, call=call, provenance={**prov, "qualname": "f"}),
+             SimpleNamespace(id="pure", code=pure, call=call, provenance={**prov, "qualname": "f"})]
+    kept, meta = traces.trace_group(cases, cfg, set())
+    assert [(r["id"], r["result"]) for r in kept] == [("pure", "0")]
+    assert meta["counts"]["repr_side_effect"] == 1 and meta["counts"]["status_invalid"] == 1
+    assert meta["failures"] == {"repr_side_effect": 1}
+
+
 def test_frames_of_a_trace_within_the_text_limits_come_back_whole():
     # every local repeated at every frame used to pass the response cap (6 MB of frames for
     # 0.9 MB of text): such a trace came back too_long with frames, ok without

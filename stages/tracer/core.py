@@ -41,7 +41,10 @@ overflows, and CPython then drops it silently), or a program that removes the tr
 Threads started by the program run untraced (only the calling thread is traced).
 
 Reprs that run the program's code (a ``__repr__`` of its own) run within a budget of trace
-events: one that never returns is written ``<repr of T timed out>`` (guard.py).
+events: one that never returns is written ``<repr of T timed out>`` (guard.py). Such a repr
+can change what the program does (it counts, appends, advances an iterator): the first one
+forks the untraced run the trace must agree with (untraced.py), else it is invalid
+(``repr_side_effect: ...``).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from .frames import (_KEYS, _SAME, ACTION_SEP, ARG_SEP, CALL, CALL_SEP, EXCEPTIO
 from .program import ITER_NAME, CodeInfo, InvalidProgram, Program, compile_program
 from .guard import ReprBudget, ReprTimeout, may_run_python, timed_out
 from .prefix import BUILT, prefix_repr
+from . import untraced
 from .reprs import (_ADDRESS, _BIG, _MODULE, _PLAIN, _SCALARS, MARKER, NESTED_TYPES,
                     address_ordered_set_repr, error_text, exception_repr, long_sequence_prefix,
                     nested_ordered_repr, repr_failed, safe_repr)
@@ -743,6 +747,38 @@ def _may_hook_reprs(prog: Program) -> bool:
 _CLASS_MAKERS = ("class", "type(", "make_dataclass", "namedtuple", "Enum(")
 
 
+def _go_on_untraced(rec: Recorder, reference: untraced.Reference) -> bool:
+    """Fork the untraced reference run (untraced.py); in the fork, stop recording: the program
+    goes on untraced (True: no repr runs there until it ends)."""
+    if not reference.fork():
+        return False
+    rec.active = False
+    rec.max_events = rec.max_bytes = sys.maxsize   # (the frame being recorded: no TraceStop)
+    return True
+
+
+def _outcome(rec: Recorder, run) -> tuple[str, str | None, str | None, bool]:
+    """How ``run()`` (main) ends: ("ok", its value's repr, None) or ("exception", None, its
+    text) (a TraceStop: "ok", None, None, the trace is too_long); and whether a repr the tracer
+    asked for ran Python code meanwhile (the result's own repr runs once the program has ended:
+    it changes nothing the program does)."""
+    budget = rec.budget
+    try:
+        value = run()
+    except TraceStop:
+        return "ok", None, None, False
+    except BaseException as exc:  # uncaught, as Python ends a program: any exception class
+        if isinstance(exc, KeyboardInterrupt):   # of the program's too (KeyboardInterrupt goes
+            raise                                # through: it is the caller's, in-process)
+        if budget is not None:
+            budget.program_ended()
+        return "exception", None, error_text(exc), budget is not None and budget.ran
+    if budget is None:
+        return "ok", rec.value_repr(value), None, False
+    budget.program_ended()
+    return "ok", rec.value_repr(value), None, budget.ran
+
+
 def trace_call(code: str, call: str, *, entry_filename: str = "<program>",
                limits: TraceLimits = TraceLimits(), module_name: str = "__main__",
                backend: str | None = None) -> TraceResult:
@@ -774,23 +810,32 @@ def trace_call(code: str, call: str, *, entry_filename: str = "<program>",
         return result
 
     rec = Recorder(prog.lines, prog.infos, limits)
+    reference = None   # the untraced run, from the first repr that runs Python code
     if not _may_hook_reprs(prog):
         rec.budget = None   # (no repr can run its code: no guard to pay for, see guard.py)
+    else:
+        reference = untraced.Reference()
+        rec.budget.before_first = lambda: _go_on_untraced(rec, reference)
     if backend is None:
         backend = "monitoring" if HAS_MONITORING else "settrace"
     tool = _acquire_tool() if backend == "monitoring" else None
+    ending = None
+    compare = False   # with the untraced run (a repr ran Python code, the trace is whole)
     try:
         if tool is not None:
-            value = _run_monitoring(rec, main, prog, tool)
+            ending = _outcome(rec, lambda: _run_monitoring(rec, main, prog, tool))
         else:
-            value = _run_settrace(rec, main)
-        result.result = rec.value_repr(value)
-    except TraceStop:
-        pass
-    except BaseException as exc:  # uncaught, as Python ends a program: any exception class
-        if isinstance(exc, KeyboardInterrupt):   # of the program's too (KeyboardInterrupt goes
-            raise                                # through: it is the caller's, in-process)
-        result.status, result.error = "exception", error_text(exc)
+            ending = _outcome(rec, lambda: _run_settrace(rec, main))
+    finally:
+        if reference is not None:
+            if reference.in_fork:   # the untraced run: it ends here, never back to the caller
+                reference.report(ending[:3] if ending is not None else None)
+            written = reference.written()
+            compare = ending is not None and ending[3] and not rec.too_long and \
+                rec.broken is None
+            if not compare:
+                reference.close()
+    result.status, result.result, result.error = ending[:3]
     if rec.too_long:
         result.status, result.result = "too_long", None
         result.error = (f"trace over its limits (max_events={limits.max_events}, "
@@ -798,6 +843,8 @@ def trace_call(code: str, call: str, *, entry_filename: str = "<program>",
     elif rec.broken is not None:
         result.status, result.result = "invalid", None
         result.error = "untraceable: " + rec.broken
+    elif compare and (wrong := reference.verdict([*ending[:3], written])):
+        result.status, result.result, result.error = "invalid", None, wrong
     result._records = rec.recs
     result._lines = rec.lines
     result.events = len(rec.recs)

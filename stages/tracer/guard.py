@@ -75,15 +75,31 @@ class ReprBudget:
     ``recorder``: its events are off while a repr runs (``sys.call_tracing`` turns the
     sys.monitoring callbacks back on for the program's code a ``__repr__`` calls)."""
 
-    __slots__ = ("left", "recorder")
+    __slots__ = ("left", "recorder", "ran", "before_first", "skip")
 
     def __init__(self, recorder) -> None:
         self.left = TRACE_EVENTS
         self.recorder = recorder
+        # Has a repr run Python code (a trace event counted)? Only then can tracing have
+        # changed what the program does (untraced.py).
+        self.ran = False
+        # Called once, as Python code is about to run for a repr for the first time: the run
+        # is still the untraced one's. True where the untraced run goes on from there (the
+        # reference's fork, untraced.py), which runs no repr (``skip``) until the program ends.
+        self.before_first = None
+        self.skip = False
+
+    def program_ended(self) -> None:
+        """Reprs run from now on (the result's) change nothing the program does."""
+        self.before_first = None
+        self.skip = False
 
     def run(self, fn, *args):
         """``fn(*args)``, the Python code it runs (but the tracer's) counted: ReprTimeout
-        raised in that code past the budget."""
+        raised in that code past the budget. (In the untraced reference run: ReprTimeout at
+        its first event, before any of it runs.)"""
+        if self.skip:
+            return ""
         budget = min(REPR_EVENTS, self.left)
         count = budget
 
@@ -91,6 +107,11 @@ class ReprBudget:
             nonlocal count
             if event == "call" and frame.f_code.co_filename.startswith(_HERE):
                 return None   # the tracer's own repr code
+            if self.before_first is not None:
+                first, self.before_first = self.before_first, None
+                self.skip = first()
+            if self.skip:
+                raise ReprTimeout
             count -= 1
             if count < 0:
                 raise ReprTimeout
@@ -110,5 +131,8 @@ class ReprBudget:
         try:
             return sys.call_tracing(call, ())
         finally:
-            rec.active = active
-            self.left -= budget - max(count, 0)
+            rec.active = active and not self.skip
+            spent = budget - max(count, 0)
+            if spent:
+                self.ran = True
+                self.left -= spent
