@@ -231,7 +231,7 @@ class _Builder:
                 items = v.most_common()
             except TypeError:   # counts that do not compare: insertion order (as Counter does)
                 items = v.items()
-            self.pairs(items, "Counter({", "})", False, depth)
+            self.joined(items, "Counter({", "})", False, depth, True)
 
     def text_prefix(self, s, t) -> None:
         """The start of a long str's (bytes') repr, enough characters to pass the goal: the
@@ -254,15 +254,7 @@ class _Builder:
                 self.add(cycle)
                 return
         try:
-            self.add(open_)
-            first = True
-            for x in v:
-                if first:
-                    first = False
-                else:
-                    self.add(", ")
-                self.value(x, zone, depth + 1)
-            self.add(close)
+            self.joined(v, open_, close, zone, depth, False)
         finally:
             if cycle is not None:
                 self.leave(v)
@@ -275,21 +267,27 @@ class _Builder:
             self.add(cycle)
             return
         try:
-            self.pairs(v.items(), open_, close, zone, depth)
+            self.joined(v.items(), open_, close, zone, depth, True)
         finally:
             self.leave(v)
 
-    def pairs(self, items, open_: str, close: str, zone: bool, depth: int) -> None:
+    def joined(self, items, open_: str, close: str, zone: bool, depth: int,
+               pairs: bool) -> None:
+        """``open_``, the items joined by ", ", ``close``: each item a value, or (``pairs``) a
+        (key, value) pair written ``key: value``."""
         self.add(open_)
         first = True
-        for k, x in items:
+        for item in items:
             if first:
                 first = False
             else:
                 self.add(", ")
-            self.value(k, zone, depth + 1)
-            self.add(": ")
-            self.value(x, zone, depth + 1)
+            if pairs:
+                self.value(item[0], zone, depth + 1)
+                self.add(": ")
+                self.value(item[1], zone, depth + 1)
+            else:
+                self.value(item, zone, depth + 1)
         self.add(close)
 
     def default_dict(self, v, zone: bool, depth: int) -> None:
@@ -317,7 +315,7 @@ class _Builder:
             return
         try:
             if not _OD_PAIRS:
-                self.pairs(v.items(), "OrderedDict({", "})", False, depth)
+                self.joined(v.items(), "OrderedDict({", "})", False, depth, True)
                 return
             self.add("OrderedDict([")
             first = True
