@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 import re
 import subprocess
 import sys
@@ -1281,6 +1282,7 @@ def test_the_untraced_run_forks_only_once_a_repr_runs_python_code(monkeypatch):
         raise OSError(11, "Resource temporarily unavailable")
 
     monkeypatch.setattr(untraced.os, "fork", no_fork)
+    stdout = [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)]
     # objects of the program's class with object's own repr: no Python code runs, no fork
     plain = "class P:\n    pass\n\ndef f(k):\n    ps = [P() for _ in range(k)]\n    return len(ps)\n"
     assert (trace_call(plain, "f(2)").status, forks) == ("ok", [])
@@ -1290,3 +1292,14 @@ def test_the_untraced_run_forks_only_once_a_repr_runs_python_code(monkeypatch):
     assert (r.status, forks) == ("invalid", [1])
     assert r.error == ("untraceable: no untraced run to compare with (fork failed: [Errno 11] "
                        "Resource temporarily unavailable)")
+    # forked, but no memory file for the output: the fork is ended, the fds are as they were
+    monkeypatch.undo()
+
+    def no_memfd(name, flags=0):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(untraced.os, "memfd_create", no_memfd)
+    r = trace_call(code, call)
+    assert r.error == ("untraceable: no untraced run to compare with (output not captured: "
+                       "[Errno 24] Too many open files)")
+    assert [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)] == stdout

@@ -56,14 +56,22 @@ class Output:
 
     def __init__(self) -> None:
         _flush_std()
-        self.files: list[tuple[int, int | None, int]] = []   # (fd, its saved copy, memory file)
+        self.files: list[tuple[int, int, int]] = []   # (fd, its saved copy, memory file)
         for fd in _FDS:
             try:
                 saved = os.dup(fd)
             except OSError:   # (closed: written output fails, as it would untraced)
                 continue
-            mem = os.memfd_create("cwtrace-output", os.MFD_CLOEXEC)
-            os.dup2(mem, fd)
+            mem = -1
+            try:
+                mem = os.memfd_create("cwtrace-output", os.MFD_CLOEXEC)
+                os.dup2(mem, fd)
+            except OSError:   # (no fd or memory left: the fds as they were)
+                for own in (saved, mem):
+                    if own >= 0:
+                        os.close(own)
+                self.stop(replay=False)
+                raise
             self.files.append((fd, saved, mem))
 
     def stop(self, replay: bool) -> str:
@@ -139,7 +147,11 @@ class Reference:
         os.close(go_r)
         os.close(answer_w)
         self.pid, self.go, self.answer = pid, go_w, answer_r
-        self.output = Output()
+        try:
+            self.output = Output()
+        except OSError as exc:   # (the fork would have nothing to compare with)
+            self.close()
+            self.failed = f"output not captured: {exc}"
         return False
 
     def report(self, ending: tuple | None) -> None:
