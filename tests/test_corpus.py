@@ -464,22 +464,32 @@ def _commit(repo: Path) -> str:
     return subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
-def test_a_git_commit_and_its_checkout_give_the_same_licenses(tmp_path):
+def _write_tree(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+def _licenses_of_checkout_and_commit(repo: Path):
+    """({"d": {path: license}, "g": ...}, skipped): `repo` listed as a folder and as its git
+    commit (made here), which must label every file alike."""
     from codeworld.config import CorpusConfig
     from stages.corpus_sources import list_candidates
 
-    repo = tmp_path / "repo"
-    for rel, text in {"COPYING": GPL, "LICENSE": MIT, "a.py": "a = 1\n",   # both apply
-                      "sub/COPYING": GPL, "sub/LICENSE.txt": APACHE, "sub/deep/b.py": "b = 2\n",
-                      "other/c.py": "c = 3\n"}.items():
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        (repo / rel).write_text(text)
     commit = _commit(repo)
     cfg = CorpusConfig.model_validate({"sources": [
         {"kind": "dir", "path": str(repo), "name": "d"},
         {"kind": "git", "path": str(repo), "commit": commit, "name": "g"}]})
-    listed, _, _ = list_candidates(cfg)
-    by_source = {s: {c.path: c.license for c in listed if c.source == s} for s in ("d", "g")}
+    listed, _, skipped = list_candidates(cfg)
+    return {s: {c.path: c.license for c in listed if c.source == s} for s in ("d", "g")}, skipped
+
+
+def test_a_git_commit_and_its_checkout_give_the_same_licenses(tmp_path):
+    repo = tmp_path / "repo"
+    _write_tree(repo, {"COPYING": GPL, "LICENSE": MIT, "a.py": "a = 1\n",   # both apply
+                       "sub/COPYING": GPL, "sub/LICENSE.txt": APACHE, "sub/deep/b.py": "b = 2\n",
+                       "other/c.py": "c = 3\n"})
+    by_source, _ = _licenses_of_checkout_and_commit(repo)
     assert by_source["d"] == {"a.py": "GPL AND MIT", "sub/deep/b.py": "Apache-2.0 AND GPL",
                               "other/c.py": "GPL AND MIT"}
     assert by_source["g"] == by_source["d"]   # was GPL for all: the first top-level one listed
@@ -540,8 +550,6 @@ def test_a_license_file_that_is_a_link_is_followed_only_within_the_source(tmp_pa
     # A LICENSE link leading out of the tree was read (a file of this machine, no part of the
     # source, classified into its files' license); in git sources every LICENSE link was passed
     # over (its folder took its parent's license) where a checkout followed it.
-    from codeworld.config import CorpusConfig
-    from stages.corpus_sources import list_candidates
 
     (tmp_path / "outside").mkdir()
     (tmp_path / "outside" / "LICENSE").write_text(GPL)
@@ -553,18 +561,11 @@ def test_a_license_file_that_is_a_link_is_followed_only_within_the_source(tmp_pa
              "escape/c.py": "", "abs/d.py": "", "dangling/e.py": "",
              "site-packages/pkg/__init__.py": "",
              "site-packages/pkg-1.0.dist-info/RECORD": "pkg/__init__.py,,\n"}
-    for rel, text in files.items():
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        (repo / rel).write_text(text)
+    _write_tree(repo, files)
     for rel, target in links.items():
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).symlink_to(target)
-    commit = _commit(repo)
-    cfg = CorpusConfig.model_validate({"sources": [
-        {"kind": "dir", "path": str(repo), "name": "d"},
-        {"kind": "git", "path": str(repo), "commit": commit, "name": "g"}]})
-    listed, _, skipped = list_candidates(cfg)
-    by_source = {s: {c.path: c.license for c in listed if c.source == s} for s in ("d", "g")}
+    by_source, skipped = _licenses_of_checkout_and_commit(repo)
     assert by_source["d"] == {"a.py": "Apache-2.0", "inside/b.py": "MIT", "escape/c.py": "unreadable",
                               "abs/d.py": "unreadable", "dangling/e.py": "unreadable",
                               "site-packages/pkg/__init__.py": "unreadable"}
@@ -581,8 +582,6 @@ def test_a_license_file_of_another_common_name_is_found_in_its_folder(tmp_path):
     # LICENSE.rst (Pallets), LICENSE-MIT and LICENSE-APACHE (the Rust convention), license.txt,
     # COPYING.LESSER: none was looked for, so a vendored package took the license of the tree
     # above it (GPL for MIT code). A module named license.py is code, not a license file.
-    from codeworld.config import CorpusConfig
-    from stages.corpus_sources import list_candidates
 
     repo = tmp_path / "repo"
     files = {"COPYING": GPL, "main.py": "x = 1\n",
@@ -592,15 +591,8 @@ def test_a_license_file_of_another_common_name_is_found_in_its_folder(tmp_path):
              "vendor/lesser/COPYING.LESSER": GPL.replace("GNU GENERAL", "GNU LESSER GENERAL"),
              "vendor/lesser/l.py": "l = 1\n",
              "tools/license.py": "def show():\n    pass\n", "tools/t.py": "t = 1\n"}
-    for rel, text in files.items():
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        (repo / rel).write_text(text)
-    commit = _commit(repo)
-    cfg = CorpusConfig.model_validate({"sources": [
-        {"kind": "dir", "path": str(repo), "name": "d"},
-        {"kind": "git", "path": str(repo), "commit": commit, "name": "g"}]})
-    listed, _, _ = list_candidates(cfg)
-    by_source = {s: {c.path: c.license for c in listed if c.source == s} for s in ("d", "g")}
+    _write_tree(repo, files)
+    by_source, _ = _licenses_of_checkout_and_commit(repo)
     assert by_source["d"] == {"main.py": "GPL", "vendor/click/core.py": "MIT",
                               "vendor/rusty/lib.py": "Apache-2.0",
                               "vendor/lower/deep/m.py": "MIT", "vendor/lesser/l.py": "LGPL",
@@ -630,8 +622,6 @@ def test_a_folder_with_several_license_files_takes_all_of_them(tmp_path):
     # The first file by name was the folder's license: LICENSE-APACHE beside LICENSE-MIT (a dual
     # license) was "Apache-2.0", COPYING beside COPYING.LESSER (an LGPL-3.0 project) "GPL",
     # and MIT code that also ships the GPL "MIT" (the GPL's terms lost).
-    from codeworld.config import CorpusConfig
-    from stages.corpus_sources import list_candidates
 
     repo = tmp_path / "repo"
     files = {"rusty/LICENSE-APACHE": APACHE, "rusty/LICENSE-MIT": MIT, "rusty/r.py": "r = 1\n",
@@ -642,15 +632,8 @@ def test_a_folder_with_several_license_files_takes_all_of_them(tmp_path):
              "bundles/LICENSE.txt": BSD, "bundles/LICENSES_bundled.txt": GPL, "bundles/n.py": "n = 1\n",
              "same/LICENSE": MIT, "same/LICENSE.md": MIT, "same/s.py": "s = 1\n",
              "odd/LICENSE": MIT, "odd/LICENSE-EXTRA": "Some terms of our own.\n", "odd/o.py": "o = 1\n"}
-    for rel, text in files.items():
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        (repo / rel).write_text(text)
-    commit = _commit(repo)
-    cfg = CorpusConfig.model_validate({"sources": [
-        {"kind": "dir", "path": str(repo), "name": "d"},
-        {"kind": "git", "path": str(repo), "commit": commit, "name": "g"}]})
-    listed, _, _ = list_candidates(cfg)
-    by_source = {s: {c.path: c.license for c in listed if c.source == s} for s in ("d", "g")}
+    _write_tree(repo, files)
+    by_source, _ = _licenses_of_checkout_and_commit(repo)
     assert by_source["d"] == {"rusty/r.py": "Apache-2.0 OR MIT", "lesser/l.py": "LGPL",
                               "both/b.py": "GPL AND MIT", "pypa/p.py": "Apache-2.0 OR BSD",
                               "bundles/n.py": "BSD", "same/s.py": "MIT", "odd/o.py": "MIT AND unknown"}
@@ -683,9 +666,7 @@ def test_a_license_filter_admits_a_choice_by_one_option_and_a_combination_by_all
              "both/LICENSE": MIT, "both/COPYING": GPL, "both/b.py": "b = 1\n",
              "gpl/COPYING": GPL, "gpl/g.py": "g = 1\n", "mit/LICENSE": MIT, "mit/m.py": "m = 1\n",
              "bare.py": "x = 1\n"}
-    for rel, text in files.items():
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        (repo / rel).write_text(text)
+    _write_tree(repo, files)
     m = run_corpus(tmp_path, [{"kind": "dir", "path": str(repo), "name": "d"}],
                    corpus={"licenses": ["MIT", "BSD", "PSF-2.0"]})
     kept = {r["path"]: r["license"] for r in Dataset.open(str(tmp_path / "data" / "corpus"))}
