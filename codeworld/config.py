@@ -6,6 +6,7 @@ before any stage does work.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, Union, get_args
@@ -951,6 +952,52 @@ def read_yaml(path: Path, what: str) -> object:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
 
 
+# Where dvc.yaml names the storage root's datasets: data/NAME (the data itself, or with the root
+# elsewhere a pinned copy of its manifest, shards.pin_manifest).
+DVC_DATA = "data"
+
+
+def _dvc_deps(dvc_yaml: Path, stages: object, stage: str) -> list[str] | None:
+    """The deps of `stage` as normalised relative paths; None when dvc.yaml has no such stage."""
+    spec = stages.get(stage) if isinstance(stages, dict) else None
+    if spec is None:
+        return None
+    deps = spec.get("deps") if isinstance(spec, dict) else None
+    if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+        raise ConfigError(f"{dvc_yaml}: stages.{stage}.deps must be a list of paths")
+    return [posixpath.normpath(d) for d in deps]
+
+
+def check_dvc_deps(params: Params, dvc_yaml: Path, origin: str = "params") -> None:
+    """Every dataset pack (and the tokenizer) reads must be a dep of its stage in dvc.yaml
+    (data/DATASET or a folder above it): a misspelt dataset then fails here rather than after
+    the stages before pack ran, and a dataset missing from the deps would be read without DVC
+    tracking it (`dvc repro` would not rerun the stage when that data changes)."""
+    stages = (read_yaml(dvc_yaml, "pipeline file") or {})
+    stages = stages.get("stages") if isinstance(stages, dict) else None
+    readers = {"pack": list(params.pack.sources), "tokenizer": list(params.tokenizer.sources)}
+    for stage, names in readers.items():
+        deps = _dvc_deps(dvc_yaml, stages, stage)
+        if deps is None:   # a pipeline without this stage: nothing runs it under DVC
+            continue
+        for name in names:
+            dataset = params.pack.sources[name].dataset
+            wanted = posixpath.normpath(posixpath.join(DVC_DATA, dataset))
+            covered = [d for d in deps if wanted == d or wanted.startswith(d.rstrip("/") + "/")]
+            if not covered:
+                data_deps = [d for d in deps if d == DVC_DATA or d.startswith(DVC_DATA + "/")]
+                raise ConfigError(
+                    f"{origin}: pack.sources.{name}.dataset {dataset!r}: {wanted} is not a dep "
+                    f"of stage {stage} in {dvc_yaml} (its data deps: {', '.join(data_deps) or 'none'}): "
+                    f"a misspelt dataset, or add {wanted} to the stage's deps so that dvc repro "
+                    f"reruns {stage} when it changes")
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
+    """params.yaml validated; with a dvc.yaml beside it (the pipeline's), also checked against
+    that pipeline's deps (check_dvc_deps)."""
     path = Path(path)
-    return parse_params(read_yaml(path, "params file"), str(path))
+    params = parse_params(read_yaml(path, "params file"), str(path))
+    if (dvc_yaml := path.parent / "dvc.yaml").exists():
+        check_dvc_deps(params, dvc_yaml, str(path))
+    return params

@@ -326,3 +326,18 @@ def test_tagging_a_training_run_during_an_outage_is_an_outage(tracking_down):
 
     with pytest.raises(TrackingUnavailable, match=f"MLflow tracking server {tracking_down} unreachable"):
         _set_tags(SimpleNamespace(run_id="0" * 32), {"codeworld.parent_iteration": "4"})
+
+
+def test_check_params_names_a_pack_dataset_that_is_no_dep_of_pack(tmp_path, capsys):
+    """One error line, exit 2: the dataset's field and value, and dvc.yaml's missing dep."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "dvc.yaml").write_text((root / "dvc.yaml").read_text())
+    params = tmp_path / "params.yaml"
+    params.write_text((root / "params.yaml").read_text().replace(
+        "code: {dataset: dedup,", "code: {dataset: dedupe,"))
+    rc, err = run(capsys, "check-params", "--params", params)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert (f"codeworld check-params: error: {params}: pack.sources.code.dataset 'dedupe': "
+            f"data/dedupe is not a dep of stage pack in {tmp_path / 'dvc.yaml'}") in err

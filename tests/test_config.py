@@ -182,3 +182,51 @@ def test_an_s3_endpoint_from_the_environment_botocore_cannot_use_is_named(monkey
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "localhost:9000")
     with pytest.raises(StorageError, match="AWS_ENDPOINT_URL_S3.*localhost:9000.*http://HOST:PORT"):
         Storage("s3://b/p").exists("x")
+
+
+def _pipeline_copy(tmp_path, params_edit=None, dvc_edit=None):
+    """The repository's params.yaml and dvc.yaml side by side in tmp_path, each optionally
+    edited as text; the params file's path."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    params, dvc = (root / "params.yaml").read_text(), (root / "dvc.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(params_edit(params) if params_edit else params)
+    (tmp_path / "dvc.yaml").write_text(dvc_edit(dvc) if dvc_edit else dvc)
+    return tmp_path / "params.yaml"
+
+
+def test_the_repository_pack_datasets_are_deps_of_pack_and_tokenizer(tmp_path):
+    p = load_params(_pipeline_copy(tmp_path))
+    assert p.pack.sources["agent"].dataset == "agent/trajectories"   # covered by data/agent
+
+
+def test_a_misspelt_pack_dataset_fails_at_load_naming_field_value_and_dep(tmp_path):
+    path = _pipeline_copy(tmp_path, params_edit=lambda t: t.replace(
+        "traces_short: {dataset: traces,", "traces_short: {dataset: tarces,"))
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    msg = str(err.value)
+    assert "pack.sources.traces_short.dataset 'tarces'" in msg
+    assert f"data/tarces is not a dep of stage pack in {tmp_path / 'dvc.yaml'}" in msg
+
+
+def test_a_pack_dataset_missing_from_the_stage_deps_fails_at_load(tmp_path):
+    """pack reads data/agent's datasets: without data/agent in its deps, DVC would not rerun
+    pack when the agent stage's output changes."""
+    path = _pipeline_copy(tmp_path, dvc_edit=lambda t: t.replace(
+        "      - data/traces\n      - data/agent\n", "      - data/traces\n", 1))
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    msg = str(err.value)
+    assert "pack.sources.agent.dataset 'agent/trajectories': data/agent/trajectories is not a " \
+           "dep of stage pack" in msg
+    assert "data deps: data/tokenizer, data/dedup, data/traces)" in msg
+
+
+def test_a_tokenizer_source_whose_dataset_is_not_a_tokenizer_dep_fails_at_load(tmp_path):
+    path = _pipeline_copy(tmp_path, params_edit=lambda t: t.replace(
+        "sources: [code, traces]   #", "sources: [code, traces, agent]   #"))
+    with pytest.raises(ConfigError, match=r"pack.sources.agent.dataset 'agent/trajectories': "
+                                          r"data/agent/trajectories is not a dep of stage tokenizer"):
+        load_params(path)
