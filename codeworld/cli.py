@@ -8,8 +8,8 @@
     codeworld debug FILE --call C   the neural debugger: predicted frames beside the real ones
     codeworld export --checkpoint D --out F   ad hoc: a checkpoint as a Hugging Face folder, checked
     codeworld check-params          validate params.yaml and print the resolved config
-    codeworld send-steps [PHASE...] send MLflow the training steps (and run closes) an outage
-                                    kept from it, without running the stages
+    codeworld send-steps [PHASE...] send MLflow the training steps (and run closes, of every
+                                    stage) an outage kept from it, without running the stages
 """
 
 from __future__ import annotations
@@ -250,7 +250,22 @@ def _send_steps(args: argparse.Namespace) -> int:
             continue
         send_unsent_steps(steps)
         print(f"{steps}: sent")
+    if not args.phase and not args.steps_log:   # and the other stages' runs left open
+        _send_stage_closes()
     return 0
+
+
+def _send_stage_closes() -> None:
+    """End the runs of the non-training stages whose close an outage kept (tracking.StageRun):
+    a server still down is TrackingUnavailable (exit 75)."""
+    from codeworld.tracking import send_stage_closes, stage_closes_path, tracking_server
+
+    if not stage_closes_path().exists():
+        print(f"stages: nothing unsent ({stage_closes_path()})")
+        return
+    with tracking_server():
+        closed = send_stage_closes()
+    print(f"stages: closed {len(closed)} MLflow runs ({stage_closes_path()})")
 
 
 def _check(args: argparse.Namespace) -> int:

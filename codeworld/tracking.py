@@ -134,18 +134,121 @@ def close_run(uri: str, run_id: str, close: dict) -> None:
     client.set_terminated(run_id, close["status"], close["end_time"])
 
 
+# What the tracking server missed, kept in a JSON file for later, oldest first: entries
+# {"run_id", "tracking_uri", "close"} (a run's close, close_run ends the run with it), and in a
+# training phase's file also {"run_id", "tracking_uri", "first", "last"} (step rows,
+# model/metrics). One file format and one sending loop (send_pending) for every stage.
+
+def read_pending(path: Path) -> list[dict]:
+    """The entries kept in `path`; none when it does not exist. ValueError naming it when it
+    cannot be read as such."""
+    try:
+        entries = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except ValueError as err:
+        raise ValueError(f"{path}: unreadable ({err})") from None
+    return entries if isinstance(entries, list) else []
+
+
+def write_pending(path: Path, entries: list[dict]) -> None:
+    """`entries` to `path` atomically; no entries: no file."""
+    if not entries:
+        path.unlink(missing_ok=True)
+        return
+    write_atomic(filesystem(str(path)), str(path),
+                 (json.dumps(entries, sort_keys=True) + "\n").encode())
+
+
+def keep_close(path: Path, run_id: str, uri: str, close: dict) -> None:
+    """Keep the close of MLflow run `run_id` that its tracking server missed (StageRun's
+    on_unclosed) after what `path` holds already: send_pending ends the run with it."""
+    try:
+        entries = read_pending(path)
+    except ValueError:
+        entries = []   # unreadable: what it said is lost, and the close still worth keeping
+    write_pending(path, entries + [{"run_id": run_id, "tracking_uri": uri, "close": close}])
+
+
+def send_pending(path: Path, send_steps: Callable[[dict], None] | None = None,
+                 uri: str | None = None) -> list[dict]:
+    """Send MLflow the entries of `path` in order (only those of tracking server `uri` when
+    given), each dropped from the file once it is in: step entries through `send_steps`,
+    closes through close_run. Returns the closes sent. MLflow's errors are raised, the entry
+    kept (tracking_server tells an outage from others)."""
+    closed = []
+    while todo := [e for e in read_pending(path) if uri is None or e.get("tracking_uri") == uri]:
+        entry = todo[0]
+        if "first" in entry:
+            if send_steps is None:
+                raise ValueError(f"{path}: holds training steps (run {entry['run_id']}): send "
+                                 "them with the phase's steps file (codeworld send-steps)")
+            send_steps(entry)
+        if "close" in entry:
+            close_run(entry["tracking_uri"], entry["run_id"], entry["close"])
+            closed.append(entry)
+        left = read_pending(path)
+        left.remove(entry)   # (the first such: two equal entries are sent twice)
+        write_pending(path, left)
+    return closed
+
+
+# The closes of the stages' runs other than the training phases' (whose wait behind their
+# unsent steps, in the phase's folder): beside the default sqlite store, at the repository
+# root where the stages run (dvc.yaml's wdir).
+STAGE_CLOSES = "mlflow.unclosed.json"
+
+
+def stage_closes_path() -> Path:
+    return repo_root() / STAGE_CLOSES
+
+
+@contextmanager
+def _stage_closes_locked() -> Iterator[Path]:
+    """The stage closes file, locked: two stages (two `codeworld stage` processes) never read
+    and rewrite it at once, nor send one close twice."""
+    import fcntl
+
+    path = stage_closes_path()
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield path
+
+
+def keep_stage_close(run_id: str, uri: str, close: dict) -> None:
+    """StageRun's default on_unclosed: the close waits in stage_closes_path() for the next
+    stage run on that tracking server (StageRun.__enter__) or `codeworld send-steps`."""
+    with _stage_closes_locked() as path:
+        keep_close(path, run_id, uri, close)
+
+
+def send_stage_closes(uri: str | None = None) -> list[dict]:
+    """End the runs whose closes keep_stage_close kept (of tracking server `uri` when given);
+    the closes sent. Raised as send_pending's."""
+    with _stage_closes_locked() as path:
+        if not path.exists():
+            return []
+        closed = send_pending(path, uri=uri)
+    for c in closed:
+        log.warning("%s: closed MLflow run %s as %s (its tracking server missed the close)",
+                    path.name, c["run_id"], c["close"]["status"])
+    return closed
+
+
 # (run_id, tracking_uri, close): keeps a close the server could not take for later (close_run)
 Unclosed = Callable[[str, str, dict], None]
 
 
 class StageRun:
     """One run of a stage. Use as a context manager; metrics written on success and failure.
-    A run that the tracking server's outage keeps from closing stays RUNNING in MLflow unless
-    `on_unclosed` keeps its close for later (the training phases: model/metrics.close_later)."""
+    A run that the tracking server's outage keeps from closing has its close kept for later
+    by `on_unclosed`: by default in stage_closes_path(), sent when the next stage run starts
+    on that server (the training phases keep theirs behind their unsent steps:
+    model/metrics.close_later). None: the run stays RUNNING in MLflow."""
 
     def __init__(self, stage: str, params: dict, experiment: str = "codeworld",
                  metrics_path: str | None = None, track: bool = True,
-                 on_unclosed: Unclosed | None = None):
+                 on_unclosed: Unclosed | None = keep_stage_close):
         self.stage = stage
         self.params = params
         self.experiment = experiment
@@ -167,6 +270,7 @@ class StageRun:
                 tags["mlflow.parentRunId"] = parent
             self.run_id = start_run(self.stage, self.experiment, tags).info.run_id
             self.uri = mlflow.get_tracking_uri()
+            self._send_kept_closes()
             params = flatten(self.params)
             try:
                 with tracking_server():
@@ -179,6 +283,19 @@ class StageRun:
                 self.__exit__(*sys.exc_info())
                 raise
         return self
+
+    def _send_kept_closes(self) -> None:
+        """The server answers again: end the runs of earlier stages whose close it missed.
+        Never this stage's failure: a close it cannot take yet stays kept, with a warning."""
+        try:
+            with tracking_server():
+                send_stage_closes(self.uri)
+        except (TrackingUnavailable, ValueError, OSError) as err:
+            log.warning("%s: earlier runs' closes not sent yet: %s", self.stage, err)
+        except Exception as err:   # MLflow refused one (a run deleted since): said, kept
+            log.warning("%s: MLflow refused an earlier run's kept close (%s: %s); remove %s "
+                        "to give the kept closes up", self.stage, type(err).__name__, err,
+                        stage_closes_path())
 
     def log(self, **metrics: float | int) -> None:
         self.metrics.update(metrics)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from codeworld.tracking import keep_close, read_pending, send_pending, write_pending
+
 # Peak dense tensor FLOP/s per GPU for the MFU estimate (none on CPU or unknown GPUs), from
 # NVIDIA's datasheets. The first entry whose name is in the device's name is used, so the
 # PCIe and NVL H100s (lower clocks) come before the SXM one ("NVIDIA H100 80GB HBM3").
@@ -92,39 +94,22 @@ def unsent_path(steps: Path) -> Path:
 
 
 def unsent_runs(steps: Path) -> list[dict]:
-    """What of the runs logging to `steps` never reached MLflow, oldest first: each
-    {"run_id", "tracking_uri", "first", "last"}, its rows those of steps first..last (last
-    None: to the end of the file), which a StepLog adds when the tracking server goes down;
-    or {"run_id", "tracking_uri", "close"}, the close of a stage run the server missed
-    (close_later: codeworld.tracking.close_run ends the run with it)."""
-    try:
-        runs = json.loads(unsent_path(steps).read_text())
-    except FileNotFoundError:
-        return []
-    except ValueError as err:
-        raise ValueError(f"{unsent_path(steps)}: unreadable ({err})") from None
-    return runs if isinstance(runs, list) else []
+    """What of the runs logging to `steps` never reached MLflow, oldest first
+    (codeworld.tracking.read_pending): each {"run_id", "tracking_uri", "first", "last"}, its
+    rows those of steps first..last (last None: to the end of the file), which a StepLog adds
+    when the tracking server goes down; or {"run_id", "tracking_uri", "close"}, the close of a
+    stage run the server missed (close_later)."""
+    return read_pending(unsent_path(steps))
 
 
 def _write_unsent(steps: Path, runs: list[dict]) -> None:
-    path = unsent_path(steps)
-    if not runs:
-        path.unlink(missing_ok=True)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)   # a close kept before the first step
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(runs, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_pending(unsent_path(steps), runs)   # (its folder made: a close kept before any step)
 
 
 def close_later(steps: Path, run_id: str, uri: str, close: dict) -> None:
     """Keep the close of MLflow run `run_id` that its tracking server missed (StageRun's
     on_unclosed) behind the run's unsent steps: send_unsent ends the run with it after them."""
-    try:
-        runs = unsent_runs(steps)
-    except ValueError:
-        runs = []   # unreadable: what it said is lost, as in StepLog
-    _write_unsent(steps, runs + [{"run_id": run_id, "tracking_uri": uri, "close": close}])
+    keep_close(unsent_path(steps), run_id, uri, close)
 
 
 # A row's wall-clock time (ms since the epoch) when the logging rank wrote it: the time of
@@ -146,34 +131,30 @@ def step_metrics(row: dict) -> list:
 
 def send_unsent(steps: Path) -> tuple[int, list[dict]]:
     """Send MLflow what unsent_runs names, entry by entry (each to its own run on its own
-    tracking server), each entry dropped once it is in: step rows at their step and time,
-    and closes (codeworld.tracking.close_run); returns the number of steps sent and the
-    closes. What a run holds already (a request that landed although its answer was lost, a
-    send cut short) is not sent again: each step of a metric is there once. MLflow's errors
-    are raised (the stage tells an outage from others: codeworld.tracking)."""
+    tracking server; codeworld.tracking.send_pending), each entry dropped once it is in: step
+    rows at their step and time, and closes; returns the number of steps sent and the closes.
+    What a run holds already (a request that landed although its answer was lost, a send cut
+    short) is not sent again: each step of a metric is there once. MLflow's errors are raised
+    (the stage tells an outage from others: codeworld.tracking)."""
     from mlflow.tracking import MlflowClient
 
-    from codeworld.tracking import close_run
+    sent = 0
 
-    sent, closed = 0, []
-    while runs := unsent_runs(steps):
-        entry = runs[0]
-        if "first" in entry:
-            last = entry.get("last")
-            rows = [r for r in read_rows(steps)
-                    if r["step"] >= entry["first"] and (last is None or r["step"] <= last)]
-            client = MlflowClient(entry["tracking_uri"])
-            metrics = [m for r in rows for m in step_metrics(r)]
-            there = {(m.key, m.step) for key in {m.key for m in metrics}
-                     for m in client.get_metric_history(entry["run_id"], key)}
-            metrics = [m for m in metrics if (m.key, m.step) not in there]
-            if metrics:
-                client.log_batch(entry["run_id"], metrics=metrics)
-            sent += len({m.step for m in metrics})
-        if "close" in entry:
-            close_run(entry["tracking_uri"], entry["run_id"], entry["close"])
-            closed.append(entry)
-        _write_unsent(steps, runs[1:])
+    def send_steps(entry: dict) -> None:
+        nonlocal sent
+        last = entry.get("last")
+        rows = [r for r in read_rows(steps)
+                if r["step"] >= entry["first"] and (last is None or r["step"] <= last)]
+        client = MlflowClient(entry["tracking_uri"])
+        metrics = [m for r in rows for m in step_metrics(r)]
+        there = {(m.key, m.step) for key in {m.key for m in metrics}
+                 for m in client.get_metric_history(entry["run_id"], key)}
+        metrics = [m for m in metrics if (m.key, m.step) not in there]
+        if metrics:
+            client.log_batch(entry["run_id"], metrics=metrics)
+        sent += len({m.step for m in metrics})
+
+    closed = send_pending(unsent_path(steps), send_steps)
     return sent, closed
 
 

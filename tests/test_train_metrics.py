@@ -92,23 +92,6 @@ ROWS = [{"step": s, "loss": round(10.0 / s, 4), "lr": 1e-3 * s, "tokens_per_s": 
 KEYS = ("loss", "lr", "tokens_per_s")
 
 
-@pytest.fixture
-def tracking_proxy(mlflow_url, monkeypatch):
-    """The real MLflow server behind tests/fault_proxy.py, which can cut it off (every request
-    reset unanswered: a server gone down) and bring it back; MLFLOW_TRACKING_URI at the proxy,
-    MLflow's HTTP retries off so that a failure comes at once."""
-    import mlflow
-
-    from tests.fault_proxy import FaultProxy
-
-    with FaultProxy(mlflow_url) as proxy:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.url)
-        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        mlflow.set_tracking_uri(None)   # the environment's, as in a rank
-        yield proxy
-    mlflow.set_tracking_uri(None)
-
-
 def new_run(uri: str) -> str:
     import uuid
 
