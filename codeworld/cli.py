@@ -353,8 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_debug)
 
     s = sub.add_parser("send-steps", help="send MLflow the training steps an outage kept from "
-                       "it (steps.jsonl.unsent): a hand-run torchrun's, without the stage")
-    s.add_argument("phase", nargs="*", help="phases (default: all, unless --steps-log)")
+                       "it (steps.jsonl.unsent): a hand-run torchrun's, without the stage; and "
+                       "the run closes it missed (mlflow.unclosed.json)")
+    s.add_argument("phase", nargs="*", help="phases (default: all, and the other stages' run "
+                   "closes, unless --steps-log)")
     s.add_argument("--steps-log", action="append", default=[], metavar="FILE",
                    help="a torchrun's --steps-log outside the phase folders (repeatable)")
     s.add_argument("--params", default="params.yaml")
