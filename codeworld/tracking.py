@@ -225,9 +225,9 @@ def keep_stage_close(run_id: str, uri: str, close: dict) -> None:
 def send_stage_closes(uri: str | None = None) -> list[dict]:
     """End the runs whose closes keep_stage_close kept (of tracking server `uri` when given);
     the closes sent. Raised as send_pending's."""
+    if not stage_closes_path().exists():   # (the common case: no lock file made)
+        return []
     with _stage_closes_locked() as path:
-        if not path.exists():
-            return []
         closed = send_pending(path, uri=uri)
     for c in closed:
         log.warning("%s: closed MLflow run %s as %s (its tracking server missed the close)",
