@@ -163,7 +163,7 @@ def markdown(cols: list[Column], rows: list[str]) -> str:
 def write_csv(cols: list[Column], rows: list[str], path: Path) -> None:
     import csv
 
-    from codeworld.storage import filesystem, write_atomic
+    from codeworld.storage import write_file_atomic
     import io
 
     buf = io.StringIO()
@@ -171,7 +171,7 @@ def write_csv(cols: list[Column], rows: list[str], path: Path) -> None:
     w.writerow(["metric", *[c.name for c in cols]])
     for r in rows:
         w.writerow([r, *[c.metrics.get(r, "") for c in cols]])
-    write_atomic(filesystem(str(path)), str(path), buf.getvalue().encode())
+    write_file_atomic(path, buf.getvalue().encode())
 
 
 def plot_format(path: Path) -> str:

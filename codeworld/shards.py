@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 import webdataset as wds
 
 from codeworld.code import Code
-from codeworld.storage import Storage, filesystem, write_atomic
+from codeworld.storage import Storage, write_file_atomic
 
 FORMAT = "codeworld-shards/1"
 MANIFEST = "manifest.json"
@@ -258,4 +258,4 @@ def pin_manifest(storage: Storage, name: str, manifest: dict, local_root: str = 
     if not storage.is_s3 and same_local_path(storage.path(name), local):
         return   # the dataset itself lies there: a pin would overwrite its own manifest
     pinned = {**manifest, "location": storage.path(name)}
-    write_atomic(filesystem(local), os.path.join(local, MANIFEST), dumps(pinned) + b"\n")
+    write_file_atomic(os.path.join(local, MANIFEST), dumps(pinned) + b"\n")

@@ -304,6 +304,14 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             fs.pipe_file(path, data)
 
 
+def write_file_atomic(path: str | os.PathLike, data: bytes,
+                      endpoint_url: str | None = None) -> None:
+    """`data` to the local file or the s3:// object `path` (write_atomic on the filesystem its
+    scheme names): a reader sees the old bytes or the new, never part of them."""
+    path = os.fspath(path)
+    write_atomic(filesystem(path, endpoint_url), path, data)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a local file, read in 1 MiB blocks."""
     h = hashlib.sha256()

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from codeworld.storage import filesystem, write_atomic
+from codeworld.storage import write_file_atomic
 
 PARENT_ENV = "CODEWORLD_PARENT_RUN_ID"
 log = logging.getLogger(__name__)
@@ -156,8 +156,7 @@ def write_pending(path: Path, entries: list[dict]) -> None:
     if not entries:
         path.unlink(missing_ok=True)
         return
-    write_atomic(filesystem(str(path)), str(path),
-                 (json.dumps(entries, sort_keys=True) + "\n").encode())
+    write_file_atomic(path, (json.dumps(entries, sort_keys=True) + "\n").encode())
 
 
 def keep_close(path: Path, run_id: str, uri: str, close: dict) -> None:
@@ -319,7 +318,7 @@ class StageRun:
         self.metrics["seconds_total"] = round(time.perf_counter() - self._t0, 3)
         if self.metrics_path and exc is None:
             body = json.dumps(self.metrics, indent=2, sort_keys=True).encode() + b"\n"
-            write_atomic(filesystem(self.metrics_path), self.metrics_path, body)
+            write_file_atomic(self.metrics_path, body)
         if self.track:
             close = {"status": "FAILED" if exc is not None else "FINISHED",
                      "end_time": int(time.time() * 1000),

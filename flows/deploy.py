@@ -32,9 +32,8 @@ from pathlib import Path
 
 import yaml
 
-from codeworld.storage import StorageError
-from flows.pipeline import (dag_order, pipeline, stage_groups, workspace_limit_name,
-                            write_text_atomic)
+from codeworld.storage import StorageError, write_file_atomic
+from flows.pipeline import dag_order, pipeline, stage_groups, workspace_limit_name
 
 FLOW_NAME = "codeworld-pipeline"
 ENTRYPOINT = "flows/pipeline.py:pipeline"
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             # atomic: `prefect deploy --all` must never read half a file (a full disk)
             try:
-                write_text_atomic(target, text)
+                write_file_atomic(target, text.encode())
             except StorageError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 1

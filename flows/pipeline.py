@@ -42,7 +42,7 @@ from codeworld import config
 from codeworld.cli import EXIT_TRANSIENT
 from codeworld.config import ConfigError, load_params
 from codeworld.overrides import apply_overrides, write_overrides
-from codeworld.storage import filesystem, write_atomic
+from codeworld.storage import write_file_atomic
 from codeworld.tracking import PARENT_ENV, repo_root, run_url, start_run, tracking_uri
 
 # What DVC prints when a stage's command failed (its last line) or when it could not take its
@@ -191,11 +191,6 @@ def overrides_journal(params_file: Path) -> Path:
     return params_file.with_name(f".{params_file.name}.overrides.json")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    # atomic: a kill mid-write must leave the old file or the new one, never half of one
-    write_atomic(filesystem(str(path)), str(path), text.encode())
-
-
 def undo_killed_overrides(params_file: Path) -> None:
     """Put back params.yaml as it was before the overrides of a flow that was killed while they
     were in it (its journal, see overrides_journal), so the stages do not run with values nobody
@@ -214,7 +209,7 @@ def undo_killed_overrides(params_file: Path) -> None:
         return
     current = params_file.read_text()
     if current == written:
-        write_text_atomic(params_file, original)
+        write_file_atomic(params_file, original.encode())
         print(f"warning: {params_file} still held the overrides {items} of a flow run that was "
               f"killed; put back as it was before them")
     elif current != original:
@@ -237,9 +232,9 @@ def params_overridden(params_file: Path, overrides: list[str]) -> Iterator[None]
     validated = apply_overrides(load_params(params_file), overrides)
     written = write_overrides(original, validated, overrides)
     journal = overrides_journal(params_file)
-    write_text_atomic(journal, json.dumps({"original": original, "written": written,
-                                     "overrides": overrides}))
-    write_text_atomic(params_file, written)
+    write_file_atomic(journal, json.dumps({"original": original, "written": written,
+                                           "overrides": overrides}).encode())
+    write_file_atomic(params_file, written.encode())
     try:
         # What the stages will read must be what was validated; a difference would be a silent
         # config change recorded in dvc.lock, so it stops the run before any stage.
@@ -249,7 +244,7 @@ def params_overridden(params_file: Path, overrides: list[str]) -> Iterator[None]
         yield
     finally:
         if params_file.read_text() == written:
-            write_text_atomic(params_file, original)
+            write_file_atomic(params_file, original.encode())
         else:
             print(f"warning: {params_file} changed during the run; left as it is now")
         journal.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from codeworld.code import Code
 from codeworld.config import ConfigError, CorpusConfig, DedupConfig, Params, StorageConfig
 from codeworld.jsonl import read_jsonl
 from codeworld.shards import MANIFEST, Dataset, DatasetWriter, ShardError, dumps, fingerprint
-from codeworld.storage import Storage, filesystem, write_atomic
+from codeworld.storage import Storage, filesystem, write_file_atomic
 from stages import corpus, dedup
 from stages.corpus_sources import printable
 
@@ -151,12 +151,12 @@ def dedup_adhoc(inp: str, out: str, *, report_path: str | None = None, threshold
             dedup.dedup_dataset(source, DatasetWriter(Storage(tmp), "output", dedup.output_fingerprint(cfg, source)), cfg)
             kept = Dataset(Storage(tmp).sub("output"))
             body = b"".join(dumps(r) + b"\n" for r in kept)
-            write_atomic(filesystem(out), out, body)
+            write_file_atomic(out, body)
             report = json.loads(Storage(tmp).sub("output").read_bytes(dedup.REPORT))
     report["bad_records"] = bad
     report["input"] = inp
     report["output"] = out
-    write_atomic(filesystem(report_path), report_path, json.dumps(report, indent=1).encode() + b"\n")
+    write_file_atomic(report_path, json.dumps(report, indent=1).encode() + b"\n")
     report["path"] = report_path
     return report
 
@@ -183,7 +183,7 @@ def trace_adhoc(inp: str, out: str, *, workers: int = 0, wall_seconds: float = 2
     rows = [{k: (r.get(k) if k != "trace" or r["status"] in ("ok", "exception") else None)
              for k in fields} for r in results]
     body = b"".join(dumps(row) + b"\n" for row in rows)
-    write_atomic(filesystem(out), out, body)
+    write_file_atomic(out, body)
     counts = Counter(r["status"] for r in results)
     return {"records": len(results), "statuses": dict(sorted(counts.items())), "output": out}
 

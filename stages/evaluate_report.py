@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from codeworld.storage import filesystem, write_atomic
+from codeworld.storage import write_file_atomic
 from codeworld.trace_metrics import METRICS, TEACHER_METRICS, parse
 
 LABELS = {"valid_format": "valid trace format", "action_exact_match": "action exact match",
@@ -21,11 +21,6 @@ LABELS = {"valid_format": "valid trace format", "action_exact_match": "action ex
           "trace_token_accuracy": "trace token accuracy", "trace_nll": "trace NLL per token"}
 OUTPUT_METRICS = ("output_exact_match", "output_from_trace")
 EXAMPLE_FRAMES = 6
-
-
-def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(filesystem(str(path)), str(path), data)
 
 
 def _fmt(v) -> str:
@@ -129,7 +124,7 @@ def _without_perplexity(counts: dict) -> list[tuple[str, str]]:
 def _save(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})
-    _write(path, buf.getvalue())
+    write_file_atomic(path, buf.getvalue())
     return path
 
 
@@ -222,5 +217,5 @@ def write_report(path: Path, doc: dict, programs: list[dict],
         example = next((row for row in (rows or {}).get(phase, []) if row["id"] in by_id), None)
         if example is not None:
             md += ["", "Example: "] + _example(example, by_id[example["id"]])
-    _write(path, ("\n".join(md) + "\n").encode())
+    write_file_atomic(path, ("\n".join(md) + "\n").encode())
     return [path, *files]

@@ -19,7 +19,7 @@ from pathlib import Path
 from codeworld.code import Code
 from codeworld.config import ConfigError, Params
 from codeworld.shards import fingerprint
-from codeworld.storage import Storage, filesystem, write_atomic
+from codeworld.storage import Storage, write_file_atomic
 from model import checkpoint
 from stages import train_phase
 from stages.rl_figures import summary
@@ -84,7 +84,7 @@ def rl_fingerprint(params: Params, parent: dict, tokenizer_sha256: str | None = 
 
 
 def torchrun_command(params: Params, out: Path, parent: dict) -> list[str]:
-    write_atomic(filesystem(str(out)), str(out / PARAMS), json.dumps(params.model_dump()).encode())
+    write_file_atomic(out / PARAMS, json.dumps(params.model_dump()).encode())
     from model import launch
 
     # one node or several (rendezvous from the environment): model/launch.py decides
@@ -122,8 +122,7 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = "metri
                 tok = load_tokenizer(Storage(params.storage.root, params.storage.s3_endpoint_url),
                                      tokenizer_sha256)   # the one the fingerprint names
                 stats = prepare_pool(params, tok, out / POOL.replace(".jsonl", ".tmp.jsonl"))
-            write_atomic(filesystem(str(out)), str(out / POOL_STATS),
-                         json.dumps(stats, sort_keys=True).encode() + b"\n")
+            write_file_atomic(out / POOL_STATS, json.dumps(stats, sort_keys=True).encode() + b"\n")
             os.replace(out / POOL.replace(".jsonl", ".tmp.jsonl"), out / POOL)
         stats = json.loads((out / POOL_STATS).read_text())
         run_.log(**{k: v for k, v in stats.items() if k.startswith(("pool_", "sandbox_"))})

@@ -32,7 +32,7 @@ from codeworld import prompts
 from codeworld.config import Params
 from codeworld.shards import Dataset, dumps
 from codeworld.split import corpus_id, heldout
-from codeworld.storage import Storage, filesystem, write_atomic
+from codeworld.storage import Storage, write_file_atomic
 from codeworld.tokens import END_OF_TEXT, ROLE_TOKENS, TRACE_TOKENS, Text, encode
 from stages.tracer.reprs import cut_short
 
@@ -266,7 +266,7 @@ def prepare_pool(params: Params, tok, path: Path) -> dict:
                              f"({dict(sorted(counts.items()))}); check data/traces and "
                              f"rl.seq_length / rl.max_new_tokens")
     body = b"".join(dumps(it) + b"\n" for it in kept)
-    write_atomic(filesystem(str(path)), str(path), body)
+    write_file_atomic(path, body)
     return dict(sorted(counts.items()))
 
 

@@ -28,7 +28,7 @@ from codeworld.code import Code
 from codeworld import pack_cache
 from codeworld.config import PHASES, ConfigError, Params, PhaseConfig, StageFailed
 from codeworld.shards import fingerprint
-from codeworld.storage import StorageError, write_atomic, filesystem
+from codeworld.storage import StorageError, write_file_atomic
 from codeworld.tracking import StageRun, repo_root, tracking_server, tracking_uri
 from model import checkpoint
 from model.data import plan_validation
@@ -163,7 +163,7 @@ def resolved_precision(cfg) -> str:
 def torchrun_command(params: Params, phase: str, out: Path, extra: list[str] = ()) -> list[str]:
     # The ranks read exactly the params this stage was given (overrides included); on several
     # nodes all of them read this file, written before this node's torchrun joins.
-    write_atomic(filesystem(str(out)), str(out / PARAMS), json.dumps(params.model_dump()).encode())
+    write_file_atomic(out / PARAMS, json.dumps(params.model_dump()).encode())
     from model import launch
 
     return launch.torchrun_command(params, phase, extra=list(extra))   # out == phase_dir(params, phase)
@@ -238,8 +238,7 @@ def open_phase(out: Path, record: dict) -> None:
         send_unsent_steps(out / STEPS)
     claim(out, record["fingerprint"])
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(filesystem(str(out)), str(out / RUN),
-                 json.dumps(record, sort_keys=True).encode() + b"\n")
+    write_file_atomic(out / RUN, json.dumps(record, sort_keys=True).encode() + b"\n")
 
 
 def claim(out: Path, fp: str) -> None:
@@ -390,7 +389,7 @@ def write_plot(rows: list[dict], path: str) -> None:
     (MLflow's; the plot is by step)."""
     rows = [{k: v for k, v in r.items() if k != TIME} for r in rows]
     body = json.dumps(rows, indent=1, sort_keys=True).encode() + b"\n"
-    write_atomic(filesystem(path), path, body)
+    write_file_atomic(path, body)
 
 
 def run_phase(params: Params, phase: str, *, track: bool = True, extra: list[str] = (),

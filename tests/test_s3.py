@@ -166,6 +166,24 @@ def test_failed_write_leaves_no_partial_object(s3_endpoint, s3_bucket, s3_client
     assert not [k for k in keys(s3_client, s3_bucket) if "/.work/" in k]
 
 
+def test_write_file_atomic_takes_a_local_path_or_an_s3_url(s3_endpoint, s3_bucket, s3_client,
+                                                          tmp_path):
+    """storage.write_file_atomic: a Path or str to a local file (its folder made, no temp file
+    left), an s3:// URL to the object; a path it cannot write is a StorageError naming it."""
+    from codeworld.storage import StorageError, write_file_atomic
+
+    local = tmp_path / "new" / "folder" / "a.json"
+    write_file_atomic(local, b"one")
+    write_file_atomic(str(local), b"two")
+    assert local.read_bytes() == b"two" and os.listdir(local.parent) == ["a.json"]
+    write_file_atomic(f"{s3_bucket}/p/a.json", b"three", s3_endpoint)
+    bucket = s3_bucket[len("s3://"):]
+    assert s3_client.get_object(Bucket=bucket, Key="p/a.json")["Body"].read() == b"three"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StorageError, match=f"{tmp_path / 'file' / 'b.json'}: cannot write"):
+        write_file_atomic(tmp_path / "file" / "b.json", b"x")   # a file where a folder belongs
+
+
 def test_killed_upload_leaves_no_object(s3_endpoint, s3_bucket, s3_client):
     """A writer killed (SIGKILL) in the middle of a large, multipart upload: the key never
     becomes visible, to Storage or to a plain S3 client."""
