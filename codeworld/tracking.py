@@ -187,7 +187,7 @@ def send_pending(path: Path, send_steps: Callable[[dict], None] | None = None,
             close_run(entry["tracking_uri"], entry["run_id"], entry["close"])
             closed.append(entry)
         left = read_pending(path)
-        left.remove(entry)   # (the first such: two equal entries are sent twice)
+        left.remove(entry)   # this one only: an equal entry after it is sent in its turn
         write_pending(path, left)
     return closed
 
