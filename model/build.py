@@ -147,21 +147,28 @@ def transformer_config(model: ModelConfig, par: ParallelConfig, phase: PhaseConf
     )
 
 
-def layer_spec(precision: Precision):
+def layer_spec(precision: Precision, init_seed: int):
+    """Megatron's layer spec, its layer seeding its own initial weights from `init_seed` and
+    its global number (model/initial_weights.py)."""
+    import dataclasses
+
     from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                            get_gpt_layer_with_transformer_engine_spec)
+    from model.initial_weights import LayerSeededTransformerLayer
 
     if precision.use_te:
-        return get_gpt_layer_with_transformer_engine_spec()
-    from model.attention import SDPAttention
-    from model.norm import RMSNorm
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        from model.attention import SDPAttention
+        from model.norm import RMSNorm
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    # Megatron's specs exist to swap submodules: its unfused core attention for SDPA (which
-    # also does context parallel), its torch norms for one that allows sequence parallel.
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
-    return spec
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        # Megatron's specs exist to swap submodules: its unfused core attention for SDPA (which
+        # also does context parallel), its torch norms for one that allows sequence parallel.
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
+    return dataclasses.replace(spec, module=LayerSeededTransformerLayer,
+                               params={**spec.params, "init_seed": init_seed})
 
 
 def block_spec(layer, config, precision: Precision, vp_stage: int | None):
@@ -178,15 +185,20 @@ def block_spec(layer, config, precision: Precision, vp_stage: int | None):
 
 
 def build_chunks(model: ModelConfig, par: ParallelConfig, config, precision: Precision,
-                 vocab_size: int, seq_length: int) -> list:
-    """This rank's model chunks (one, or one per virtual pipeline stage)."""
+                 vocab_size: int, seq_length: int, seed: int) -> list:
+    """This rank's model chunks (one, or one per virtual pipeline stage), their initial weights
+    a function of `seed` alone, whatever the layout (model/initial_weights.py). The RNGs are
+    left seeded with `seed`, as Megatron's training seeds them."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
+    from model.initial_weights import seed_rngs, seed_stream
 
-    spec = layer_spec(precision)
+    spec = layer_spec(precision, seed)
     chunks = []
     for vp in range(par.virtual_pipeline or 1):
         vp_stage = vp if par.virtual_pipeline else None
+        # the embedding, built first by the chunk that has it; each layer seeds its own
+        seed_stream(config, seed, "embedding")
         chunk = GPTModel(
             config=config, transformer_layer_spec=block_spec(spec, config, precision, vp_stage),
             vocab_size=padded_vocab(vocab_size, model),
@@ -205,6 +217,7 @@ def build_chunks(model: ModelConfig, par: ParallelConfig, config, precision: Pre
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
+    seed_rngs(config, seed)
     return chunks
 
 

@@ -227,7 +227,9 @@ def load(params: Params, checkpoint_dir: Path, vocab_size: int, phase: str = "pr
 
         precision = Precision("bf16", use_te=precision.use_te)
     tcfg = transformer_config(params.model, par, cfg, precision)
-    model = build_chunks(params.model, par, tcfg, precision, vocab_size, cfg.seq_length)[0]
+    # its weights are the checkpoint's: the initial ones are drawn from seed 0, which
+    # init_single_process seeded
+    model = build_chunks(params.model, par, tcfg, precision, vocab_size, cfg.seq_length, 0)[0]
     if iteration_dir is None:
         found = checkpoint.latest(Path(checkpoint_dir))
         if found is None:

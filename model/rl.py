@@ -23,7 +23,6 @@ bit (the prompts and sampling seeds of a step depend on the step only).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
@@ -39,6 +38,7 @@ from model.build import TrainingSetupError, resolve_precision
 from model.generate import sample
 from model.grpo import FP8_WIDTH, Sample, empty_microbatch, group_advantages, microbatches
 from model.metrics import StepLog, memory_over_ranks, tracking_run_id
+from model.seeds import seed_of
 from model.trainer import PolicyLoss, Trainer, finish_step, init_distributed, policy_nll, shutdown
 
 END_OF_TURN_ID = SPECIAL_TOKENS.index(ROLE_TOKENS[4])
@@ -55,10 +55,6 @@ def check_rl_layout(params: Params) -> None:
             f"context = 1 and no virtual_pipeline (got tensor={par.tensor}, pipeline="
             f"{par.pipeline}, context={par.context}, virtual_pipeline={par.virtual_pipeline}); "
             f"use data parallel (parallel.nproc) for rl")
-
-
-def seed_of(seed: int, step: int, what: str) -> int:
-    return int(hashlib.sha256(f"{seed}\0{step}\0{what}".encode()).hexdigest()[:15], 16)
 
 
 def allocate(n: int, weights: dict[str, float]) -> dict[str, int]:
@@ -291,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         from model.generate import _Wrapped
 
         reference = build_chunks(params.model, params.parallel, trainer.tcfg, trainer.precision,
-                                 vocab, cfg.seq_length)[0]
+                                 vocab, cfg.seq_length, cfg.seed)[0]
         checkpoint.load(start[1], [_Wrapped(reference)])
         reference.eval()
 

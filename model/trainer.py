@@ -104,7 +104,6 @@ class Trainer:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from megatron.core.pipeline_parallel import get_forward_backward_func
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
         self.params, self.phase_name = params, phase
         self.cfg = cfg = getattr(params, phase)
@@ -119,11 +118,10 @@ class Trainer:
                 virtual_pipeline_model_parallel_size=par.virtual_pipeline,
                 context_parallel_size=par.context)
         self.tcfg = transformer_config(mcfg, par, cfg, self.precision, graph)
-        model_parallel_cuda_manual_seed(cfg.seed, te_rng_tracker=self.tcfg.use_te_rng_tracker,
-                                        use_cudagraphable_rng=graph != "none")
-        torch.manual_seed(cfg.seed)  # the same initial weights on every layout (CPU init)
         self.vocab_size = vocab_size
-        chunks = build_chunks(mcfg, par, self.tcfg, self.precision, vocab_size, cfg.seq_length)
+        # the same initial weights from the same seed on every layout (model/initial_weights.py)
+        chunks = build_chunks(mcfg, par, self.tcfg, self.precision, vocab_size, cfg.seq_length,
+                              cfg.seed)
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=par.distributed_optimizer,

@@ -95,9 +95,19 @@ def test_tensor_parallel_2_matches_a_single_process(root, baseline, tmp_path):
         assert losses(tp2)[step] == pytest.approx(loss, abs=TOL)
 
 
+def test_pipeline_parallel_2_from_scratch_matches_a_single_process(root, baseline, tmp_path):
+    """Same seed, same initial weights: each layer draws from the seed and its global number,
+    so the second stage's first layer is layer 1, not a copy of layer 0's draws (as when
+    each stage seeded its RNG with the bare seed: step 1's loss differed by 0.0048)."""
+    _, base = baseline
+    pp2 = train(root, tmp_path, nproc=2, parallel={"pipeline": 2})
+    assert sorted(losses(pp2)) == [1, 2, 3, 4]
+    for step, loss in losses(base).items():
+        assert losses(pp2)[step] == pytest.approx(loss, abs=TOL)
+
+
 def test_pipeline_parallel_2_continues_a_single_process_checkpoint(root, baseline, tmp_path):
-    # Pipeline stages seed their layers differently from one process, so PP=2 starts from the
-    # single process's checkpoint: this also loads a checkpoint under another layout.
+    # A checkpoint loaded under another layout takes the same steps.
     src, base = baseline
     resume_copy(src, 2, tmp_path)
     pp2 = train(root, tmp_path, nproc=2, parallel={"pipeline": 2})
@@ -106,11 +116,17 @@ def test_pipeline_parallel_2_continues_a_single_process_checkpoint(root, baselin
         assert losses(pp2)[step] == pytest.approx(losses(base)[step], abs=TOL)
 
 
-def test_virtual_pipeline_continues_a_single_process_checkpoint(root, tmp_path):
+def test_virtual_pipeline_matches_a_single_process(root, tmp_path):
     # PP=2 x VP=2 (each rank holds two interleaved model chunks, numbered from layer 0 each):
-    # loads a 4-layer single-process checkpoint and takes the same steps.
+    # from scratch, the same initial weights as one process (rank 0 holds layers 0 and 2);
+    # then it loads a 4-layer single-process checkpoint and takes the same steps.
     four = {"num_layers": 4}
     base = train(root, tmp_path / "one", model=four)
+    scratch = train(root, tmp_path / "scratch", nproc=2, model=four,
+                    parallel={"pipeline": 2, "virtual_pipeline": 2})
+    assert sorted(losses(scratch)) == [1, 2, 3, 4]
+    for step, loss in losses(base).items():
+        assert losses(scratch)[step] == pytest.approx(loss, abs=TOL)
     resume_copy(tmp_path / "one", 2, tmp_path / "vp")
     vp = train(root, tmp_path / "vp", nproc=2, model=four,
                parallel={"pipeline": 2, "virtual_pipeline": 2})
