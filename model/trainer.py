@@ -78,6 +78,10 @@ def policy_loss_func(loss_mask: torch.Tensor, advantage: torch.Tensor,
     per_token = advantage.reshape(-1).float() * nll
     if ref_logprob is not None and kl_coef > 0:
         delta = ref_logprob.reshape(-1).float() + nll     # log ref - log pi
+        # zeroed out of the mask before exp: a prompt or pad label the policy finds 89+ nats
+        # less likely than the reference overflows exp to inf, and inf x 0 (the mask, or
+        # torch.where's unused branch in backward) is a NaN loss and gradient
+        delta = torch.where(mask > 0, delta, torch.zeros_like(delta))
         per_token = per_token + kl_coef * (torch.exp(delta) - delta - 1)
     loss = torch.sum(per_token * mask)
     tokens = mask.sum().to(torch.int)

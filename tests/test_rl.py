@@ -629,3 +629,24 @@ def test_the_ranks_train_with_the_tokenizer_the_stage_recorded(tmp_path, monkeyp
     (out / "run.json").write_text(json.dumps({"fingerprint": "fp"}))   # no record: refused
     with pytest.raises(rank.TrainingSetupError, match=r"run\.json: records no tokenizer_sha256"):
         rank.main(args)
+
+
+def test_kl_out_of_the_mask_never_reaches_the_loss_or_its_gradient():
+    """The k3 term exp(log ref - log pi) overflows float32 past 88 nats. Where the mask is 0
+    (prompt tokens, pads: tokens no one sampled) it must count for nothing, neither as an
+    inf x 0 = NaN in the loss nor in the gradient (Megatron's NaN check then stops the run)."""
+    import torch
+
+    from model.trainer import policy_loss_func
+
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])     # prompt label, two completion labels, pad
+    adv = torch.full((1, 4), 0.5)
+    ref = torch.tensor([[-1.0, -2.0, -1.5, -0.5]])
+    nll = torch.tensor([[95.0, 2.5, 1.0, 120.0]], requires_grad=True)   # -log pi per label
+    loss, tokens, _ = policy_loss_func(mask, adv, ref, 0.1, nll)
+    loss.backward()
+    d = ref[0, 1:3] + nll.detach()[0, 1:3]
+    want = float((0.5 * nll.detach()[0, 1:3] + 0.1 * (torch.exp(d) - d - 1)).sum())
+    assert int(tokens) == 2
+    assert torch.isfinite(loss) and float(loss.detach()) == pytest.approx(want, rel=1e-6)
+    assert torch.isfinite(nll.grad).all() and nll.grad[0, 0] == 0 and nll.grad[0, 3] == 0
