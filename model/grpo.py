@@ -31,6 +31,10 @@ def group_advantages(rewards: list[float], eps: float) -> list[float]:
     n = len(rewards)
     if n == 0:
         return []
+    if max(rewards) == min(rewards):
+        # said so, not computed: the float mean of equal rewards may miss them by a rounding
+        # residue, and residue / (residue-sized std + eps) is a nonzero advantage
+        return [0.0] * n
     mean = sum(rewards) / n
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / n)
     return [(r - mean) / (std + eps) for r in rewards]

@@ -41,6 +41,22 @@ def test_group_advantages():
     assert group_advantages([0.5, 0.0], eps=1e-6) == pytest.approx([1.0, -1.0], rel=1e-5)
 
 
+def test_a_group_of_equal_rewards_has_no_signal_whatever_their_value():
+    """The mean of equal floats need not be that float ((0.1 + 0.1 + 0.1) / 3 is not 0.1): the
+    rounding residue over a residue-sized std came out as advantages of 1e-11, and
+    build_samples took the group as informative and trained on it."""
+    from model.rl import build_samples
+
+    for value in (0.1, 0.7, 0.9):
+        for n in (2, 3, 8):
+            assert group_advantages([value] * n, eps=1e-6) == [0.0] * n, (value, n)
+    cfg = parse_params({"pretrain": {}, "rl": {"init_from": "pretrain"}}).rl
+    group = {"index": 0, "kind": "output", "id": "a", "prompt": [5, 6], "completions": [[7]] * 3,
+             "rewards": [0.1] * 3, "finished": [True] * 3}
+    samples, stats = build_samples([group], [], cfg)
+    assert samples == [] and stats["informative_groups"] == 0
+
+
 def test_microbatches_put_the_loss_on_completions_only():
     b, = microbatches([Sample([5, 6, 7], [8, 9], 2.0), Sample([5], [4], -1.0)], 4)
     assert b["tokens"].tolist() == [[5, 6, 7, 8], [5, 1, 1, 1]]        # right-padded with pad
