@@ -69,14 +69,20 @@ def allocate(n: int, weights: dict[str, float]) -> dict[str, int]:
 
 
 def step_plan(cfg: RLConfig, pool: dict[str, list[dict]], step: int) -> list[dict]:
-    """The prompts of step `step` (1-based): each kind's pool taken in turn."""
+    """The prompts of step `step` (1-based): each kind's pool taken in turn. The run's prompts
+    up to this step are shared by weight (allocate on the running total), and this step gets
+    the difference: a kind with under half a prompt a step still comes every few steps, where
+    rounding each step alone never gave it one. (With KINDS' two kinds the running shares
+    never shrink, so the differences are counts.)"""
     from stages.rl_tasks import KINDS
 
     weights = {k: cfg.tasks[k] for k in KINDS if cfg.tasks.get(k, 0) > 0 and pool.get(k)}
+    n = cfg.prompts_per_step
+    before, upto = allocate((step - 1) * n, weights), allocate(step * n, weights)
     plan = []
-    for kind, count in allocate(cfg.prompts_per_step, weights).items():
+    for kind in upto:
         items = pool[kind]
-        plan += [items[((step - 1) * count + j) % len(items)] for j in range(count)]
+        plan += [items[(before[kind] + j) % len(items)] for j in range(upto[kind] - before[kind])]
     return plan
 
 

@@ -117,6 +117,32 @@ def test_step_plan_is_a_function_of_the_step():
     assert [x["id"] for x in step_plan(cfg, pool, 3)] == ["o4", "o0", "n0"]   # pools wrap
 
 
+def test_the_task_mix_holds_over_the_run_when_a_step_has_too_few_prompts_for_it():
+    """Each step's prompts were shared out by rl.tasks rounded on their own: a kind whose
+    share is under half a prompt a step never came (75/25 at 2 prompts a step: 0 next_frame
+    prompts in 100 steps; 50/50 at 1: none either), and 75/25 at 3 gave 33% next_frame."""
+    from collections import Counter
+
+    pool = {"output": [{"id": f"o{i}", "kind": "output"} for i in range(7)],
+            "next_frame": [{"id": f"n{i}", "kind": "next_frame"} for i in range(5)]}
+    for n, tasks in [(1, {"output": 0.5, "next_frame": 0.5}), (2, {"output": 0.75, "next_frame": 0.25}),
+                     (3, {"output": 0.75, "next_frame": 0.25}), (4, {"output": 0.75, "next_frame": 0.25}),
+                     (5, {"output": 0.3, "next_frame": 0.7})]:
+        cfg = parse_params({"pretrain": {}, "rl": {"init_from": "pretrain", "prompts_per_step": n,
+                                                   "tasks": tasks}}).rl
+        plans = [step_plan(cfg, pool, s) for s in range(1, 101)]
+        assert all(len(p) == n for p in plans)
+        assert plans[41] == step_plan(cfg, pool, 42)      # still a function of the step
+        for upto in range(1, 101):                        # the shares of every run prefix
+            seen = Counter(x["kind"] for p in plans[:upto] for x in p)
+            for kind, w in tasks.items():
+                assert abs(seen[kind] - upto * n * w) <= 1, (n, tasks, upto, dict(seen))
+        # each kind's pool still taken in turn across steps
+        for kind, items in pool.items():
+            ids = [x["id"] for p in plans for x in p if x["kind"] == kind]
+            assert ids == [items[i % len(items)]["id"] for i in range(len(ids))], (n, kind)
+
+
 def test_rl_params_are_checked_at_load():
     with pytest.raises(ConfigError, match="rl.init_from 'sft'"):
         parse_params({"rl": {}})            # the default parent, not in this params file
