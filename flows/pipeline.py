@@ -532,16 +532,32 @@ def _start_parent_run(stages: list[str], experiment: str, overrides: list[str] |
 def _end_parent_run(status: str) -> None:
     """Close the flow's MLflow run. It runs in a `finally`: an error here (the tracking server
     gone meanwhile) is logged, never raised, or it would replace the stage's own error, or fail
-    a flow whose stages all succeeded."""
+    a flow whose stages all succeeded. A close the server missed waits as a stage's does
+    (codeworld.tracking.keep_stage_close), or the run stayed RUNNING forever: the next stage run
+    on that server, or `codeworld send-steps`, ends it as this flow meant."""
     import mlflow
 
+    from codeworld.tracking import TrackingUnavailable, keep_stage_close, tracking_server
+
+    active = mlflow.active_run()   # (this process's own record: no request)
+    close = {"status": status, "end_time": int(time.time() * 1000), "metrics": {}, "tags": {}}
     try:
-        mlflow.end_run(status=status)
+        with tracking_server():
+            mlflow.end_run(status=status)
+    except TrackingUnavailable as err:
+        kept = ""
+        if active is not None:
+            try:
+                keep_stage_close(active.info.run_id, mlflow.get_tracking_uri(), close)
+                kept = " (its close kept for the next stage run or `codeworld send-steps`)"
+            except OSError as disk:
+                kept = f" (its close not kept: {disk})"
+        print(f"warning: MLflow pipeline run not closed at {mlflow.get_tracking_uri()} yet (left "
+              f"RUNNING, not {status}{kept}): {err}")
     except Exception as err:  # noqa: BLE001 - see above
         # (printed: the flow logs prints, and this works outside a flow run too)
         print(f"warning: MLflow pipeline run not closed at {tracking_uri()} (left RUNNING, "
               f"not {status}): {type(err).__name__}: {err}")
-
 
 if __name__ == "__main__":
     pipeline()

@@ -104,3 +104,27 @@ def test_a_failed_stage_runs_kept_close_goes_with_codeworld_send_steps(
     assert run.info.status == "FAILED"
     assert run.data.tags["codeworld.error"] == "RuntimeError: disk full"
     assert not (tmp_path / KEPT).exists()
+
+
+def test_the_flows_own_run_closed_in_an_outage_is_closed_by_the_next_stage_run(
+        tracking_proxy, mlflow_url, workspace, tmp_path):
+    """The flow's parent run (flows/pipeline._start_parent_run) with the server gone before the
+    flow ends it: _end_parent_run warned and the run stayed RUNNING in MLflow forever. Its close
+    now waits in mlflow.unclosed.json like a stage's, and the next stage run, once the server is
+    back, ends it as the flow meant (FINISHED, at the flow's end)."""
+    from flows.pipeline import _end_parent_run, _start_parent_run
+
+    experiment = workspace.tracking.experiment
+    parent = _start_parent_run(["corpus"], experiment)
+    tracking_proxy.fail("reset", times=None)           # the server goes down mid-flow
+    _end_parent_run("FINISHED")                         # a warning, never the flow's failure
+    ended = int(time.time() * 1000)
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(mlflow_url).get_run(parent).info.status == "RUNNING"
+    assert (tmp_path / KEPT).exists()
+    tracking_proxy.heal()
+    corpus.run(workspace, track=True, metrics_path=None)   # the next stage run
+    run = MlflowClient(mlflow_url).get_run(parent)
+    assert run.info.status == "FINISHED" and run.info.start_time < run.info.end_time <= ended
+    assert not (tmp_path / KEPT).exists()
