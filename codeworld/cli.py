@@ -269,6 +269,13 @@ def _send_stage_closes() -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
+    if args.undo_killed_overrides:
+        import contextlib
+
+        from codeworld.overrides import undo_overrides_outside_a_flow
+
+        with contextlib.redirect_stdout(sys.stderr):   # what it did: stdout is the JSON
+            undo_overrides_outside_a_flow(Path(args.params))
     print(json.dumps(load_params(args.params).model_dump(), indent=2))
     return 0
 
@@ -364,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("check-params", help="validate params.yaml")
     s.add_argument("--params", default="params.yaml")
+    s.add_argument("--undo-killed-overrides", action="store_true",
+                   help="first put params.yaml back as it was before the overrides of a flow "
+                        "run that was killed (as the next `codeworld pipeline` does)")
     s.set_defaults(fn=_check)
     return p
 
@@ -396,6 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     from stages.corpus_sources import SourceError
 
     try:
+        # A killed flow's overrides still in params.yaml are no values of this run's: refused
+        # (the flow itself puts them back, under its lock; check-params can, when asked).
+        if getattr(args, "params", None) and args.cmd != "pipeline" and \
+                not getattr(args, "undo_killed_overrides", False):
+            from codeworld.overrides import refuse_killed_overrides
+
+            refuse_killed_overrides(Path(args.params))
         return args.fn(args)
     except (ConfigError, ShardError, SourceError, SandboxUnavailable) as err:
         print(f"codeworld {args.cmd}: error: {err}", file=sys.stderr)

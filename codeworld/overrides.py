@@ -4,13 +4,17 @@ then writes the validated values into params.yaml (write_overrides) for the stag
 
 from __future__ import annotations
 
+import fcntl
 import json
+from contextlib import contextmanager
+from pathlib import Path
 from types import UnionType
 from typing import Union, get_args, get_origin
 
 from pydantic import BaseModel
 
 from codeworld.config import ConfigError, Params, parse_params
+from codeworld.storage import write_file_atomic
 
 
 def split_assignment(item: str) -> tuple[str, object]:
@@ -152,3 +156,105 @@ def write_overrides(text: str, validated: Params, items: list[str]) -> str:
     buf = io.StringIO()
     rt.dump(data, buf)
     return buf.getvalue()
+
+
+# --- a flow's overrides in params.yaml, and the record that undoes them (flows/pipeline) ------
+
+def flow_lock_path(root: Path) -> Path:
+    """The file a flow holds locked (flows.pipeline.workspace_lock) while it runs in `root`."""
+    return root / ".dvc" / "tmp" / "codeworld-flow.lock"
+
+
+def overrides_journal(params_file: Path) -> Path:
+    """Where a flow records params.yaml as it was before its overrides, and as it wrote it,
+    while the overrides are in the file: a flow killed meanwhile (SIGKILL, OOM, power loss)
+    never runs its `finally`, and the next run puts the file back from this record."""
+    return params_file.with_name(f".{params_file.name}.overrides.json")
+
+
+def undo_killed_overrides(params_file: Path) -> None:
+    """Put back params.yaml as it was before the overrides of a flow that was killed while they
+    were in it (its journal, see overrides_journal), so the stages do not run with values nobody
+    asked for. A file edited since is left as it is, and the overrides it may still hold are
+    named. Call it only under the workspace lock: a running flow's journal is live."""
+    journal = overrides_journal(params_file)
+    try:
+        record = json.loads(journal.read_text())
+        original, written, items = record["original"], record["written"], record["overrides"]
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"warning: {journal}: unreadable record of an earlier run's overrides "
+              f"({type(err).__name__}: {err}); removed, {params_file} left as it is")
+        journal.unlink(missing_ok=True)
+        return
+    current = params_file.read_text()
+    if current == written:
+        write_file_atomic(params_file, original.encode())
+        print(f"warning: {params_file} still held the overrides {items} of a flow run that was "
+              f"killed; put back as it was before them")
+    elif current != original:
+        print(f"warning: {params_file} was edited after a flow run with the overrides {items} "
+              f"was killed, so it is left as it is: check that it holds none of them")
+    journal.unlink()
+
+
+def killed_overrides(params_file: Path) -> list[str] | None:
+    """The overrides a killed flow left in `params_file` (its journal is there and the file is
+    as that flow wrote it), when no flow holds the workspace: a live flow's journal is its
+    own, and its stages read the overrides as meant. Else None."""
+    journal = overrides_journal(params_file)
+    try:
+        record = json.loads(journal.read_text())
+        written, items = record["written"], record["overrides"]
+        held = params_file.read_text() == written
+    except (OSError, ValueError, KeyError, TypeError):
+        return None   # no record, or none to read (the next flow removes it, said)
+    if not held:
+        return None   # put back, or edited by hand since: the user's file
+    with _flow_lock(params_file) as free:
+        return list(items) if free else None
+
+
+def refuse_killed_overrides(params_file: Path) -> None:
+    """ConfigError naming the overrides and their record when a killed flow left them in
+    `params_file` (killed_overrides): what `codeworld stage` (so `dvc repro`) and
+    `codeworld check-params` would read are values nobody asked for this run."""
+    items = killed_overrides(params_file)
+    if items is not None:
+        raise ConfigError(
+            f"{params_file} still holds the overrides {items} of a flow run that was killed "
+            f"(its record: {overrides_journal(params_file)}); put it back as it was with "
+            f"`codeworld check-params --undo-killed-overrides --params {params_file}` "
+            "(the next `codeworld pipeline` does so too), or edit it")
+
+
+def undo_overrides_outside_a_flow(params_file: Path) -> None:
+    """undo_killed_overrides with the workspace's flow lock held, so that no flow starts or
+    runs meanwhile; ConfigError naming the lock when a flow holds it (its overrides are its
+    own, put back when it ends)."""
+    with _flow_lock(params_file) as free:
+        if not free:
+            raise ConfigError(f"a flow holds {flow_lock_path(params_file.resolve().parent)}: "
+                              f"the overrides in {params_file} are its own, put back when it ends")
+        undo_killed_overrides(params_file)
+
+
+@contextmanager
+def _flow_lock(params_file: Path):
+    """The flow lock of the workspace of `params_file`, held for the `with` when free; yields
+    whether it was (False: a flow, maybe this process's own, holds it)."""
+    lock = flow_lock_path(params_file.resolve().parent)
+    if not lock.parent.is_dir():   # no flow ever ran here, so none runs: nothing to lock
+        yield True
+        return
+    with open(lock, "a+") as fh:   # (not "w": that would wipe the holder's record)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -11,7 +11,8 @@ other failure fails the flow with the stage's name and the tail of its output.
 `overrides` (`SECTION.KEY=VALUE`, like `dvc exp run -S`) are validated with the params first,
 their validated values written into params.yaml for the run (so DVC sees and records them in dvc.lock, as `dvc exp run
 -S` does) and params.yaml is put back as it was when the flow ends (by the next flow,
-from a journal beside it, when the flow was killed).
+from a journal beside it, when the flow was killed; until then the other entry points refuse
+the file: codeworld.overrides.refuse_killed_overrides).
 
 After each stage that ran, its MLflow run gets lineage tags read from dvc.lock (md5 of each dep
 and out, and of its params), and every stage leaves Prefect artifacts: its metrics, its lineage
@@ -41,7 +42,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from codeworld import config
 from codeworld.cli import EXIT_TRANSIENT
 from codeworld.config import ConfigError, load_params
-from codeworld.overrides import apply_overrides, write_overrides
+from codeworld.overrides import (apply_overrides, flow_lock_path, overrides_journal,
+                                 undo_killed_overrides, write_overrides)
 from codeworld.storage import write_file_atomic
 from codeworld.tracking import PARENT_ENV, repo_root, run_url, start_run, tracking_uri
 
@@ -119,7 +121,7 @@ _held_guard = threading.Lock()
 def workspace_lock(root: Path) -> Iterator[None]:
     """An exclusive lock on the workspace, reentrant within this process (the flow holds it
     for its whole run and each stage task takes it again)."""
-    lock = root / ".dvc" / "tmp" / "codeworld-flow.lock"
+    lock = flow_lock_path(root)
     key = str(lock.resolve())
     with _held_guard:
         if _held.get(key):
@@ -182,40 +184,6 @@ def stage_groups(dvc_yaml: Path) -> dict[str, list[str]]:
             group = "data"
         groups.setdefault(group, []).append(name)
     return {g: groups[g] for g in ("data", "train", "evaluate") if g in groups}
-
-
-def overrides_journal(params_file: Path) -> Path:
-    """Where a flow records params.yaml as it was before its overrides, and as it wrote it,
-    while the overrides are in the file: a flow killed meanwhile (SIGKILL, OOM, power loss)
-    never runs its `finally`, and the next run puts the file back from this record."""
-    return params_file.with_name(f".{params_file.name}.overrides.json")
-
-
-def undo_killed_overrides(params_file: Path) -> None:
-    """Put back params.yaml as it was before the overrides of a flow that was killed while they
-    were in it (its journal, see overrides_journal), so the stages do not run with values nobody
-    asked for. A file edited since is left as it is, and the overrides it may still hold are
-    named. Call it only under the workspace lock: a running flow's journal is live."""
-    journal = overrides_journal(params_file)
-    try:
-        record = json.loads(journal.read_text())
-        original, written, items = record["original"], record["written"], record["overrides"]
-    except FileNotFoundError:
-        return
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        print(f"warning: {journal}: unreadable record of an earlier run's overrides "
-              f"({type(err).__name__}: {err}); removed, {params_file} left as it is")
-        journal.unlink(missing_ok=True)
-        return
-    current = params_file.read_text()
-    if current == written:
-        write_file_atomic(params_file, original.encode())
-        print(f"warning: {params_file} still held the overrides {items} of a flow run that was "
-              f"killed; put back as it was before them")
-    elif current != original:
-        print(f"warning: {params_file} was edited after a flow run with the overrides {items} "
-              f"was killed, so it is left as it is: check that it holds none of them")
-    journal.unlink()
 
 
 @contextmanager

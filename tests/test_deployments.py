@@ -639,3 +639,34 @@ def test_a_flow_stopped_mid_stage_stops_the_stage(tmp_path, monkeypatch):
         for p in procs:
             with contextlib.suppress(psutil.Error):
                 p.kill()
+
+
+def test_a_killed_flows_overrides_are_refused_outside_a_flow_until_undone(tmp_path, capsys):
+    """After a flow was killed with its overrides in params.yaml, only the next flow put the
+    file back: `codeworld check-params`, `codeworld stage X` and `dvc repro` (which runs
+    `codeworld stage X`) read pretrain.steps=50 as if the user had set it. They now refuse,
+    naming the overrides and the record, until `codeworld check-params --undo-killed-overrides`
+    (or the next flow) puts the file back; a live flow's own stages read them as meant."""
+    from codeworld import cli
+    from flows.pipeline import overrides_journal, workspace_lock
+
+    f = tmp_path / "params.yaml"
+    text = "# top comment\npretrain:\n  steps: 100  # steps\n"
+    f.write_text(text)
+    _killed_while_overridden(f, ["pretrain.steps=50"])
+    for argv in (["check-params"], ["stage", "corpus", "--no-track"]):
+        assert cli.main([*argv, "--params", str(f)]) == cli.EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert "pretrain.steps=50" in err and str(overrides_journal(f)) in err, err
+        assert "--undo-killed-overrides" in err
+    with workspace_lock(tmp_path):   # a running flow's journal is live: its stages read it
+        assert cli.main(["check-params", "--params", str(f)]) == 0
+        assert json.loads(capsys.readouterr().out)["pretrain"]["steps"] == 50
+        # and it is not undone under the flow's feet
+        assert cli.main(["check-params", "--undo-killed-overrides", "--params", str(f)]) == \
+            cli.EXIT_BAD_INPUT
+        assert "a flow holds" in capsys.readouterr().err
+    assert cli.main(["check-params", "--undo-killed-overrides", "--params", str(f)]) == 0
+    assert f.read_text() == text and not overrides_journal(f).exists()
+    said = capsys.readouterr()
+    assert json.loads(said.out)["pretrain"]["steps"] == 100 and "put back" in said.err
