@@ -21,6 +21,9 @@ LATEST = "latest.json"
 FILES = "codeworld_files.json"   # in each checkpoint: {relative path: bytes} at save time
 # in each checkpoint: {"distributed_optimizer": bool}, the format of its optimizer state
 OPTIMIZER = "codeworld_optimizer.json"
+# A phase's own figures at the saved step that its step log cannot rebuild (rows are written
+# every log_interval steps only): RL's running totals. Resumed with the weights.
+RUN_STATE = "codeworld_run_state.json"
 # The distributed optimizer's default sharding fails in megatron-core 0.16 ("flattened_range is
 # not supported"); the fully reshardable format also loads under another layout.
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -121,7 +124,9 @@ def point_latest(root: Path, path: Path) -> None:
     os.replace(root / f".{LATEST}.tmp", root / LATEST)
 
 
-def save(root: Path, iteration: int, chunks, optimizer, scheduler, keep: int = 2) -> Path:
+def save(root: Path, iteration: int, chunks, optimizer, scheduler, keep: int = 2,
+         run_state: dict | None = None) -> Path:
+    """The checkpoint of `iteration`; `run_state` (JSON) saved beside the weights, see RUN_STATE."""
     from megatron.core import dist_checkpointing
 
     final = root / f"iter_{iteration:07d}"
@@ -131,6 +136,8 @@ def save(root: Path, iteration: int, chunks, optimizer, scheduler, keep: int = 2
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         (tmp / OPTIMIZER).write_text(json.dumps({"distributed_optimizer": distributed(optimizer)}) + "\n")
+        if run_state is not None:
+            (tmp / RUN_STATE).write_text(json.dumps(run_state, sort_keys=True) + "\n")
     _barrier()
     dist_checkpointing.save(sharded_state_dict(chunks, optimizer, scheduler, iteration), str(tmp))
     _barrier()
@@ -177,6 +184,16 @@ def load(path: Path, chunks, optimizer=None, scheduler=None) -> int:
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     return int(state["iteration"])
+
+
+def run_state(path: Path) -> dict | None:
+    """What save's `run_state` held for checkpoint `path`; None when it was saved without."""
+    try:
+        return json.loads((path / RUN_STATE).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as err:
+        raise ValueError(f"{path / RUN_STATE}: not valid JSON ({err})") from None
 
 
 def distributed(optimizer) -> bool:

@@ -37,9 +37,10 @@ from model import checkpoint
 from model.build import TrainingSetupError, resolve_precision
 from model.generate import sample
 from model.grpo import FP8_WIDTH, Sample, empty_microbatch, group_advantages, microbatches
-from model.metrics import StepLog, memory_over_ranks, tracking_run_id
+from model.metrics import StepLog, memory_over_ranks, read_rows, tracking_run_id
 from model.seeds import seed_of
 from model.trainer import PolicyLoss, Trainer, finish_step, init_distributed, policy_nll, shutdown
+from stages.rl_figures import add_step, run_totals
 
 END_OF_TURN_ID = SPECIAL_TOKENS.index(ROLE_TOKENS[4])
 FRAME_SEP_ID = SPECIAL_TOKENS.index(TRACE_TOKENS[1])
@@ -299,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pool = read_pool(Path(args.pool))
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    totals = resumed_totals(found, Path(args.steps_log))   # (before StepLog drops rows past it)
     log = StepLog(Path(args.steps_log), dp_rank == 0, resume_after=iteration,
                   run_id=tracking_run_id(Path(args.out)))
     roll = Rollouts(params, trainer.chunks[0].module, tok, vocab)   # samples without FP8
@@ -328,13 +330,26 @@ def main(argv: list[str] | None = None) -> int:
         iteration = step
         logged = iteration % cfg.log_interval == 0 or iteration == cfg.steps
         row = step_row(row, stats, step, t0, t1, logged)
+        totals = add_step(totals, row)
         if task is not None:
             row["agent_task"] = task["id"]
         if logged:
-            log.write({k: v for k, v in row.items() if v is not None})
-        finish_step(trainer, out, iteration, cfg.steps, cfg.save_interval)
+            log.write({k: v for k, v in {**row, **totals}.items() if v is not None})
+        finish_step(trainer, out, iteration, cfg.steps, cfg.save_interval, run_state=totals)
     shutdown(log)
     return 0
+
+
+def resumed_totals(found: tuple[int, Path] | None, steps_log: Path) -> dict:
+    """The run's totals (stages/rl_figures.TOTALS) at the checkpoint it resumes from: saved
+    with it; for a checkpoint saved before they were, its log's rows up to it (every step's
+    when each was logged, the default). {} for a run from its start."""
+    if found is None:
+        return {}
+    saved = checkpoint.run_state(found[1])
+    if saved is not None:
+        return saved
+    return run_totals([r for r in read_rows(steps_log) if r["step"] <= found[0]])
 
 
 def step_row(row: dict, stats: dict, step: int, t0: float, t1: float, logged: bool) -> dict:

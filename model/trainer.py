@@ -243,13 +243,15 @@ def reduce_loss(losses: list[dict]) -> float | None:
 KILL_AFTER = "CODEWORLD_FAULT_KILL_AFTER_STEP"  # SIGKILL this rank after that step (tests)
 
 
-def finish_step(trainer: Trainer, out, iteration: int, steps: int, save_interval: int) -> None:
-    """After a step of any phase: checkpoint on the interval and at the end, then the fault
-    injection the resume tests use."""
+def finish_step(trainer: Trainer, out, iteration: int, steps: int, save_interval: int,
+                run_state: dict | None = None) -> None:
+    """After a step of any phase: checkpoint on the interval and at the end (with the phase's
+    `run_state`, checkpoint.RUN_STATE), then the fault injection the resume tests use."""
     from model import checkpoint
 
     if iteration % save_interval == 0 or iteration == steps:
-        checkpoint.save(out, iteration, trainer.chunks, trainer.optimizer, trainer.scheduler)
+        checkpoint.save(out, iteration, trainer.chunks, trainer.optimizer, trainer.scheduler,
+                        run_state=run_state)
     if os.environ.get(KILL_AFTER) == str(iteration):
         os.kill(os.getpid(), signal.SIGKILL)
 

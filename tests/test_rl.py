@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from codeworld import prompts
 from codeworld.config import ConfigError, load_params, parse_params
@@ -692,3 +693,58 @@ def test_kl_out_of_the_mask_never_reaches_the_loss_or_its_gradient():
     assert int(tokens) == 2
     assert torch.isfinite(loss) and float(loss.detach()) == pytest.approx(want, rel=1e-6)
     assert torch.isfinite(nll.grad).all() and nll.grad[0, 0] == 0 and nll.grad[0, 3] == 0
+
+
+@needs_bwrap
+def test_rl_figures_count_every_step_whatever_the_log_interval(rl_root):
+    """rl.log_interval 3 logs steps 3 and 4 only: the figures summed the logged rows, so the
+    agent episodes of step 2 and the updates of steps 1-2 were missing from metrics/rl.json.
+    The run's totals ride in each logged row and in each checkpoint (a run killed after step 2,
+    before any row was logged, resumes them), so its figures are the log_interval 1 run's."""
+    _stage(rl_root, "pretrain")
+    params_file = rl_root / "params.yaml"
+    original = params_file.read_text()
+    counts = ("steps", "updates", "agent_episodes", "agent_broken_episodes", "agent_success_rate")
+    try:
+        _stage(rl_root, "rl")                          # every step logged (the default)
+        every = json.loads((rl_root / "metrics" / "rl.json").read_text())
+        every_rows = _rows(rl_root)
+        assert every["agent_episodes"] == 4 and every["updates"] == sum(r["updated"] for r in every_rows)
+        data = yaml.safe_load(original)
+        data["rl"]["log_interval"] = 3
+        params_file.write_text(yaml.safe_dump(data, sort_keys=False))
+        proc = _stage(rl_root, "rl", env={"CODEWORLD_FAULT_KILL_AFTER_STEP": "2"}, check=False)
+        assert proc.returncode != 0
+        out = rl_root / "checkpoints" / "rl"
+        assert json.loads((out / "latest.json").read_text())["iteration"] == 2
+        assert not (out / "steps.jsonl").exists() or _rows(rl_root) == []   # none logged yet
+        _stage(rl_root, "rl")                          # resumes at step 3
+        sparse = json.loads((rl_root / "metrics" / "rl.json").read_text())
+        rows = _rows(rl_root)
+        assert [r["step"] for r in rows] == [3, 4]
+        assert {k: sparse.get(k) for k in counts} == {k: every.get(k) for k in counts}
+        # the logged steps themselves are the default run's, bit for bit
+        assert [{k: v for k, v in r.items() if not k.startswith("total_")} for r in rows] == \
+            [{k: v for k, v in r.items() if not k.startswith("total_")} for r in every_rows[2:]]
+    finally:
+        params_file.write_text(original)
+
+
+def test_the_figures_of_a_sparse_log_are_its_totals_and_an_old_log_sums_its_rows():
+    """The figures from rows that carry the run's totals (log_interval 3: steps 3, 6) are the
+    every-step log's; a log written before rows carried them sums its rows, as before."""
+    from stages.rl_figures import add_step, summary
+
+    steps = [{"step": s, "updated": s % 2, "agent_episodes": 2 if s % 2 == 0 else None,
+              "agent_broken": s // 5, "agent_reward_mean": 0.5 if s % 4 else 1.0}
+             for s in range(1, 7)]
+    every = [{k: v for k, v in r.items() if v is not None} for r in steps]
+    old = summary(every)
+    assert (old["updates"], old["agent_episodes"], old["agent_broken_episodes"],
+            old["agent_success_rate"]) == (3, 6, 2, 0.6667)
+    totals, sparse = {}, []
+    for r in every:
+        totals = add_step(totals, r)
+        if r["step"] % 3 == 0:
+            sparse.append({**r, **totals})
+    assert summary(sparse) == {**old, "steps": 6}
