@@ -25,7 +25,7 @@ they would not belong to.
   `ppl_seq_length` tokens for every phase alike; a source without a held-out document has
   none, and its count (`ppl_documents_<name>` 0) says so;
 - rl: its reward curve and success rate up to the evaluated iteration, from the phase's steps
-  log (rl_curve).
+  log, the agent's success from the checkpoint's run totals when it has them (rl_curve).
 
 Programs are drawn once (a seeded hash order among the held-out traces whose prompt + trace fit
 `max_program_tokens` and whose trace fits the generation cap `max_new_tokens`), so every phase
@@ -63,7 +63,7 @@ from codeworld.tracking import StageRun
 from stages import tokenizer as tokenizer_stage
 from stages.documents import DocumentError, NotATask, object_records, render
 from stages.pack import source_documents
-from stages.rl_figures import summary as rl_summary
+from stages.rl_figures import TOTALS, summary as rl_summary
 from stages.tracer.reprs import cut_short
 from stages.train_phase import RUN, phase_dir, read_steps
 
@@ -298,23 +298,30 @@ def evaluate_phase(params: Params, phase: str, iteration_dir: Path, vocab_size: 
     return summary, rows
 
 
-def rl_curve(ckdir: Path, iteration: int) -> tuple[list[dict], dict]:
+def rl_curve(ckdir: Path, iteration: int, run_state: dict | None = None) -> tuple[list[dict], dict]:
     """The RL phase's reward curve up to the evaluated checkpoint's `iteration` (its steps
     log: every numeric reward_* / success_rate per step) and its figures over those steps, as
     the rl stage sums up its run (stages/rl_figures.summary: reward_first/last/mean, success_rate...).
     Both from the phase's own log, cut at the iteration: steps a run logged after its last
     save are no part of these weights, and metrics/rl.json (outside the storage root, written
     when a run ends) may be of another run or length; its figures were taken when present,
-    else the last logged step's under the same names."""
+    else the last logged step's under the same names. The counts behind the agent's success
+    are the checkpoint's `run_state` totals when it has them: with rl.log_interval > 1 the
+    last row at or before the iteration can be of an earlier step (its totals were taken)."""
     rows = [r for r in read_steps(ckdir) if r["step"] <= iteration]
+    # the checkpoint's totals are those a row of its step carries: summary takes the last row's
+    # (rl_figures.run_totals), and this row has no reward or success of its own to count
+    own = [{"step": iteration, **{k: run_state[k] for k in TOTALS}}] \
+        if isinstance(run_state, dict) and all(k in run_state for k in TOTALS) else []
     curve = []
     for row in rows:
         point = {k: v for k, v in row.items() if isinstance(v, (int, float)) and
                  (k == "step" or k.startswith("reward") or k == "success_rate")}
         if len(point) > 1:
             curve.append(point)
-    final = {k: v for k, v in rl_summary(rows).items()
-             if isinstance(v, (int, float)) and ("reward" in k or "success" in k)} if curve else {}
+    final = {k: v for k, v in rl_summary(rows + own).items()
+             if isinstance(v, (int, float)) and ("reward" in k or "success" in k)} \
+        if curve or own else {}
     return curve, final
 
 
@@ -460,7 +467,13 @@ def run(params: Params, *, track: bool = True, metrics_path: str | None = METRIC
             # phase retrained to the same iteration has the same path, not the same weights)
             summary["run_fingerprint"] = run_fp
             if name == "rl":
-                curve, final = rl_curve(ckdir, summary["iteration"])
+                try:
+                    state = checkpoint.run_state(iteration_dir)
+                except ValueError as err:   # garbled: the figures of a checkpoint without one
+                    log.warning("evaluate: rl's run totals unreadable, its agent figures are "
+                                "the last logged step's: %s", err)
+                    state = None
+                curve, final = rl_curve(ckdir, summary["iteration"], state)
                 summary.update({f"rl_{k}": v for k, v in final.items()})
                 summary["rl_curve"] = curve
             summary["loss_curve"] = [{"step": r["step"], "loss": r["loss"]}

@@ -930,3 +930,66 @@ def test_the_perplexity_of_a_diverged_model_is_infinite_not_a_crash():
 
     got = perplexity(Diverged(), [1, 2, 3, 4, 5], [1, 1, 1, 1, 1], 4)
     assert got["tokens"] == 4 and got["nll"] == 1000.0 and math.isinf(got["ppl"])
+
+
+def test_the_rl_counts_of_a_checkpoint_between_logged_steps_are_its_own(tmp_path, monkeypatch,
+                                                                        caplog):
+    """rl.log_interval 3, a save at step 4 and the run killed at step 5: the steps log holds
+    step 3 only, and evaluation of iter 4 took the agent figures from step 3's totals (the
+    agent's success 0.5 of 2 episodes where the weights saw 4, 0.75). The checkpoint's own
+    run_state (checkpoint.RUN_STATE: the totals at its step) gives them; a checkpoint saved
+    without one keeps the rows' figures. With every step logged both agree, as before."""
+    from model import checkpoint
+    from stages.evaluate import rl_curve, run
+    from stages.rl_figures import add_step, summary
+
+    params, sha = _stage_root(tmp_path)
+    ckdir = _phase(tmp_path, "rl", sha, iteration=4)
+    # agent episodes on even steps (rl.agent_interval 2): 2 at step 2 (success 0.5), 2 at 4 (1.0)
+    steps = [{"step": s, "updated": 1, "reward_mean": s / 10, "success_rate": 0.25,
+              **({"agent_episodes": 2, "agent_broken": 0, "agent_reward_mean": s / 4}
+                 if s % 2 == 0 else {})} for s in (1, 2, 3, 4, 5)]
+    totals, logged, at = {}, [], {}
+    for r in steps:
+        totals = add_step(totals, r)
+        at[r["step"]] = totals
+        if r["step"] % 3 == 0:
+            logged.append({**r, **totals})
+    (ckdir / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
+    it = ckdir / "iter_0000004"
+    (it / checkpoint.RUN_STATE).write_text(json.dumps(at[4], sort_keys=True) + "\n")
+    (it / "codeworld_files.json").write_text(json.dumps(
+        {"__0_0.distcp": 10, checkpoint.RUN_STATE: (it / checkpoint.RUN_STATE).stat().st_size}))
+    _stand_in(monkeypatch)
+
+    def evaluated() -> dict:
+        run(params, track=False, metrics_path=None, report_path=None)
+        return _summary(tmp_path)["phases"]["rl"]
+
+    got = evaluated()
+    want = summary(steps[:4])["agent_success_rate"]
+    assert want == 0.75 and summary(logged)["agent_success_rate"] == 0.5
+    assert got["rl_agent_success_rate"] == want
+    assert [p["step"] for p in got["rl_curve"]] == [3] and got["rl_reward_mean"] == 0.3
+    # a checkpoint before any logged step (iter 2): no curve, its own agent figures
+    assert rl_curve(ckdir, 2, at[2]) == ([], {"agent_success_rate": 0.5})
+    assert rl_curve(ckdir, 2, None) == ([], {})
+    # a run_state that is not JSON (of its saved size: damage() passes it): said, the file
+    # named, the rows' figures, the stage goes on
+    size = (it / checkpoint.RUN_STATE).stat().st_size
+    (it / checkpoint.RUN_STATE).write_text("{" + " " * (size - 1))
+    with caplog.at_level("WARNING", logger="stages.evaluate"):
+        assert evaluated()["rl_agent_success_rate"] == 0.5
+    assert f"{it / checkpoint.RUN_STATE}: not valid JSON" in caplog.text
+    # saved before checkpoints carried the totals: the last logged row's, as before
+    (it / checkpoint.RUN_STATE).unlink()
+    (it / "codeworld_files.json").write_text(json.dumps({"__0_0.distcp": 10}))
+    assert evaluated()["rl_agent_success_rate"] == 0.5
+    # every step logged (the default): the row at the checkpoint and its run_state agree,
+    # the figures the same bytes with or without the run_state
+    every = [{**r, **at[r["step"]]} for r in steps[:4]]
+    (ckdir / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in every))
+    without = evaluated()
+    (it / checkpoint.RUN_STATE).write_text(json.dumps(at[4], sort_keys=True) + "\n")
+    assert json.dumps(evaluated(), sort_keys=True) == json.dumps(without, sort_keys=True)
+    assert without["rl_agent_success_rate"] == want
