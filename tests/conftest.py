@@ -82,8 +82,10 @@ def tracking_proxy(mlflow_url, monkeypatch):
     from tests.fault_proxy import FaultProxy
 
     with FaultProxy(mlflow_url) as proxy:
+        # the environment's URI, as in a rank; first, because dropping a URI an earlier test's
+        # in-process run set (StageRun sets it) also unsets MLFLOW_TRACKING_URI (MLflow 3)
+        mlflow.set_tracking_uri(None)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.url)
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        mlflow.set_tracking_uri(None)   # the environment's, as in a rank
         yield proxy
     mlflow.set_tracking_uri(None)
