@@ -196,19 +196,19 @@ class _Builder:
                 return
         inner = zone and t in reprs.NESTED_TYPES and depth < reprs._SEARCH_DEPTH
         if t is list:
-            self.sequence(v, "[", "]", "[...]", inner, depth)
+            self.container(v, "[", "]", "[...]", inner, depth)
         elif t is tuple:
-            self.sequence(v, "(", ",)" if len(v) == 1 else ")", "(...)", inner, depth)
+            self.container(v, "(", ",)" if len(v) == 1 else ")", "(...)", inner, depth)
         elif t is dict:
-            self.mapping(v, "{", "}", "{...}", inner, depth)
+            self.container(v, "{", "}", "{...}", inner, depth, pairs=True)
         elif t is set or t is frozenset:
             name = t.__name__
             if not v:
                 self.add(name + "()")
             elif t is set:
-                self.sequence(v, "{", "}", "set(...)", False, depth)
+                self.container(v, "{", "}", "set(...)", False, depth)
             else:
-                self.sequence(v, "frozenset({", "})", "frozenset(...)", False, depth)
+                self.container(v, "frozenset({", "})", "frozenset(...)", False, depth)
         elif t is defaultdict:
             self.default_dict(v, inner, depth)
         elif t is deque:
@@ -218,7 +218,7 @@ class _Builder:
                 return
             try:
                 self.add("deque(")
-                self.sequence(v, "[", "]" + tail, None, False, depth)
+                self.container(v, "[", "]" + tail, None, False, depth)
             finally:
                 self.leave(v)
         elif t is OrderedDict:
@@ -244,8 +244,10 @@ class _Builder:
         self.cut = True
         self.add(head[:-2])   # (past the goal: settled past the limit, _Full, or _Unsettled)
 
-    def sequence(self, v, open_: str, close: str, cycle: str | None, zone: bool,
-                 depth: int) -> None:
+    def container(self, v, open_: str, close: str, cycle: str | None, zone: bool, depth: int,
+                  pairs: bool = False) -> None:
+        """v's items (its key: value pairs when `pairs`) between open_ and close; `cycle` is
+        what repr writes for v met inside itself (None: a type that cannot hold itself)."""
         if cycle is not None:
             if not v:
                 self.add(open_ + close)
@@ -254,22 +256,10 @@ class _Builder:
                 self.add(cycle)
                 return
         try:
-            self.joined(v, open_, close, zone, depth, False)
+            self.joined(v.items() if pairs else v, open_, close, zone, depth, pairs)
         finally:
             if cycle is not None:
                 self.leave(v)
-
-    def mapping(self, v, open_: str, close: str, cycle: str, zone: bool, depth: int) -> None:
-        if not v:
-            self.add(open_ + close)
-            return
-        if self.entered(v):
-            self.add(cycle)
-            return
-        try:
-            self.joined(v.items(), open_, close, zone, depth, True)
-        finally:
-            self.leave(v)
 
     def joined(self, items, open_: str, close: str, zone: bool, depth: int,
                pairs: bool) -> None:
@@ -304,7 +294,7 @@ class _Builder:
             finally:
                 self.leave(factory)
         self.add(f"defaultdict({head}, ")
-        self.mapping(v, "{", "})", "{...})", zone, depth)
+        self.container(v, "{", "})", "{...})", zone, depth, pairs=True)
 
     def ordered_dict(self, v, depth: int) -> None:
         if not v:
